@@ -1,0 +1,62 @@
+"""The one exception tree of duogen-agents.
+
+::
+
+    DuogenError                 base: every error this package raises on purpose
+    ├── ConfigError             bad preset, bad option, bad prompt
+    ├── InputImageError         an input image that cannot be read or is too large
+    ├── ModelLoadError          a checkpoint that is missing or fails to load
+    ├── GenerationError         a model call that failed (out of memory included)
+    ├── StorageError            the image store or the output folder failed
+    └── SessionBusyError        another process is writing the same session
+
+Every error carries a one-line message that says what went wrong and how to fix it;
+the CLI prints exactly that line, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class DuogenError(Exception):
+    """Base of every error raised on purpose by duogen-agents."""
+
+    code: str = "duogen_error"
+
+    def __str__(self) -> str:
+        # Keep the contract of "one line": collapse any newline a wrapped library put in.
+        return " ".join(super().__str__().split())
+
+
+class ConfigError(DuogenError):
+    code = "config"
+
+
+class InputImageError(DuogenError):
+    code = "input_image"
+
+
+class ModelLoadError(DuogenError):
+    code = "model_load"
+
+
+class GenerationError(DuogenError):
+    code = "generation"
+
+
+class StorageError(DuogenError):
+    code = "storage"
+
+
+class SessionBusyError(DuogenError):
+    code = "session_busy"
+
+
+__all__ = [
+    "ConfigError",
+    "DuogenError",
+    "GenerationError",
+    "InputImageError",
+    "ModelLoadError",
+    "SessionBusyError",
+    "StorageError",
+]
