@@ -1,0 +1,1 @@
+"""The two model roles behind small protocols: ``Planner`` (MLLM) and ``ImageTool`` (DiT)."""

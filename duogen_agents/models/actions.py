@@ -1,0 +1,241 @@
+"""What the planner may write, as JSON schemas compiled into decoding grammars.
+
+Each planner call is constrained by one of these schemas (xgrammar), so even a random-weight model
+yields a well-formed action. Strings use a ``pattern`` with a bounded repeat rather than
+``maxLength``: xgrammar 0.2.8 lets control characters through ``maxLength`` strings. The pattern
+admits printable characters and the JSON escapes ``\\n``, ``\\t``, ``\\"``, ``\\\\`` and ``\\/``.
+
+Image references are an ``enum`` of the short ids of images that exist in the conversation, so the
+planner cannot reference an image that does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from duogen_agents.errors import GenerationError
+
+ImageKind = Literal["generate", "edit", "continue"]
+KINDS_WITH_REFERENCES = ["edit", "continue"]
+
+# A JSON-string body: printable characters (no C0/C1 controls, quote or backslash) or a simple escape.
+_CHAR = r'(?:[^"\\\x00-\x1f\x7f-\x9f]|\\[nt"\\/])'
+_LINE_CHAR = r'(?:[^"\\\x00-\x1f\x7f-\x9f]|\\["\\/])'
+
+
+def text_schema(max_chars: int, multiline: bool = True) -> dict[str, Any]:
+    char = _CHAR if multiline else _LINE_CHAR
+    return {"type": "string", "pattern": f"^{char}{{1,{max_chars}}}$"}
+
+
+# ---- parsed actions ---------------------------------------------------------------------------
+
+
+class ImageRequest(BaseModel):
+    prompt: str
+    references: list[str] = Field(default_factory=list, description="short ids of earlier images")
+    kind: ImageKind = "generate"
+
+
+class TextAction(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageAction(ImageRequest):
+    type: Literal["image"]
+
+
+class DoneAction(BaseModel):
+    type: Literal["done"]
+
+
+class PlanStep(BaseModel):
+    title: str
+
+
+class Plan(BaseModel):
+    title: str
+    steps: list[PlanStep]
+
+
+class StepAction(BaseModel):
+    text: str
+    image: ImageRequest
+
+
+class DraftAction(ImageRequest):
+    type: Literal["draft"]
+
+
+class AnswerAction(BaseModel):
+    type: Literal["answer"]
+    text: str
+
+
+class CheckVerdict(BaseModel):
+    verdict: Literal["ok", "redraw"]
+    note: str = ""
+
+
+# ---- schema builders ---------------------------------------------------------------------------
+
+
+def _image_request_variants(
+    refs: list[str], max_prompt: int, max_refs: int, type_const: str | None
+) -> list[dict[str, Any]]:
+    """One object schema per allowed (kind, references) shape."""
+    head: dict[str, Any] = {"type": {"const": type_const}} if type_const else {}
+    required = (["type"] if type_const else []) + ["prompt", "references", "kind"]
+    prompt = text_schema(max_prompt, multiline=False)
+    variants: list[dict[str, Any]] = [
+        {
+            "type": "object",
+            "properties": {
+                **head,
+                "prompt": prompt,
+                "references": (
+                    {"type": "array", "items": {"enum": refs}, "maxItems": min(max_refs, len(refs))}
+                    if refs
+                    else {"type": "array", "maxItems": 0}
+                ),
+                "kind": {"const": "generate"},
+            },
+            "required": required,
+            "additionalProperties": False,
+        }
+    ]
+    if refs:
+        variants.append(
+            {
+                "type": "object",
+                "properties": {
+                    **head,
+                    "prompt": prompt,
+                    "references": {
+                        "type": "array",
+                        "items": {"enum": refs},
+                        "minItems": 1,
+                        "maxItems": min(max_refs, len(refs)),
+                    },
+                    "kind": {"enum": KINDS_WITH_REFERENCES},
+                },
+                "required": required,
+                "additionalProperties": False,
+            }
+        )
+    return variants
+
+
+def _const_object(type_name: str, **props: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"type": {"const": type_name}, **props},
+        "required": ["type", *props],
+        "additionalProperties": False,
+    }
+
+
+def next_action_schema(
+    refs: list[str],
+    *,
+    max_text: int,
+    max_prompt: int,
+    max_refs: int,
+    allow_image: bool,
+    allow_done: bool,
+) -> dict[str, Any]:
+    """Interleaved mode: a text chunk, an image request, or done."""
+    options = [_const_object("text", text=text_schema(max_text))]
+    if allow_image:
+        options += _image_request_variants(refs, max_prompt, max_refs, "image")
+    if allow_done:
+        options.append(_const_object("done"))
+    return {"anyOf": options} if len(options) > 1 else options[0]
+
+
+def plan_schema(*, min_steps: int, max_steps: int, max_title: int) -> dict[str, Any]:
+    """Visual-plan mode: commit to a title and 2..N step titles first."""
+    title = text_schema(max_title, multiline=False)
+    return {
+        "type": "object",
+        "properties": {
+            "title": title,
+            "steps": {
+                "type": "array",
+                "minItems": min_steps,
+                "maxItems": max_steps,
+                "items": {
+                    "type": "object",
+                    "properties": {"title": title},
+                    "required": ["title"],
+                    "additionalProperties": False,
+                },
+            },
+        },
+        "required": ["title", "steps"],
+        "additionalProperties": False,
+    }
+
+
+def step_schema(refs: list[str], *, max_text: int, max_prompt: int, max_refs: int) -> dict[str, Any]:
+    """Visual-plan mode: one step's text and its (mandatory) image."""
+    return {
+        "type": "object",
+        "properties": {
+            "text": text_schema(max_text),
+            "image": {"anyOf": _image_request_variants(refs, max_prompt, max_refs, None)},
+        },
+        "required": ["text", "image"],
+        "additionalProperties": False,
+    }
+
+
+def draft_schema(
+    refs: list[str], *, max_text: int, max_prompt: int, max_refs: int, allow_draft: bool, allow_answer: bool
+) -> dict[str, Any]:
+    """Draft mode: sketch (again), or answer in text having looked at the sketches."""
+    options: list[dict[str, Any]] = []
+    if allow_draft:
+        options += _image_request_variants(refs, max_prompt, max_refs, "draft")
+    if allow_answer:
+        options.append(_const_object("answer", text=text_schema(max_text)))
+    return {"anyOf": options} if len(options) > 1 else options[0]
+
+
+def check_schema(*, max_note: int = 120) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"verdict": {"enum": ["ok", "redraw"]}, "note": text_schema(max_note, multiline=False)},
+        "required": ["verdict", "note"],
+        "additionalProperties": False,
+    }
+
+
+# ---- parsing -----------------------------------------------------------------------------------
+
+NextAction = TextAction | ImageAction | DoneAction
+DraftOrAnswer = DraftAction | AnswerAction
+
+
+def parse_json(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise GenerationError(
+            f"planner output is not complete JSON ({e.msg}); raise planner.max_new_tokens in the preset"
+        ) from e
+
+
+def parse_action(raw: str, model: Any) -> Any:
+    """Parse ``raw`` into ``model`` (a pydantic class or a union of them)."""
+    from pydantic import TypeAdapter
+
+    data = parse_json(raw)
+    try:
+        return TypeAdapter(model).validate_python(data)
+    except ValidationError as e:
+        raise GenerationError(f"planner output does not match the action schema: {e.errors()[0]['msg']}") from e

@@ -1,0 +1,206 @@
+"""Presets: named, validated bundles of models, devices, resolution and limits.
+
+A preset is a built-in name (``duogen_agents.presets.BUILTIN``) or a TOML / JSON file with the same
+fields. The ``tiny`` preset uses random-weight checkpoints built locally (no download): its text and
+pictures are noise, useful only to run the real code end to end.
+
+>>> load_preset("tiny").planner.model
+'tiny:qwen2_5_vl'
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from duogen_agents.errors import ConfigError
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PlannerSpec(_Strict):
+    """The multimodal LLM. ``model`` is a hub id, a local folder, or ``tiny:<family>``."""
+
+    model: str
+    dtype: Dtype = "auto"
+    device: str = "auto"
+    max_new_tokens: int = Field(1024, ge=16, le=32768, description="cap for one planner call")
+    max_text_chars: int = Field(800, ge=8, le=8000, description="longest text chunk per action")
+    max_prompt_chars: int = Field(300, ge=8, le=2000, description="longest image prompt")
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    min_pixels: int | None = Field(None, ge=1, description="vision input size floor, in pixels")
+    max_pixels: int | None = Field(None, ge=1, description="vision input size cap, in pixels")
+
+
+class ImageSpec(_Strict):
+    """The image tool: a Cosmos-Predict2 Text2Image pipeline and its Video2World sibling."""
+
+    text2image: str
+    video2world: str
+    dtype: Dtype = "auto"
+    device: str = "auto"
+    height: int = Field(704, ge=16, le=4096, multiple_of=16)
+    width: int = Field(1280, ge=16, le=4096, multiple_of=16)
+    steps: int = Field(35, ge=1, le=200)
+    guidance: float = Field(7.0, ge=0.0, le=30.0)
+    negative_prompt: str | None = None
+    max_sequence_length: int = Field(512, ge=8, le=1024)
+    fps: int = Field(16, ge=1, le=60)
+    safety_checker: Literal["guardrail", "none"] = Field(
+        "guardrail", description="'guardrail' needs the cosmos_guardrail package; 'none' passes all"
+    )
+
+
+class Limits(_Strict):
+    """Bounds that make every turn finish, whatever the planner writes."""
+
+    max_images: int = Field(8, ge=0, le=64)
+    max_actions: int = Field(24, ge=1, le=256, description="planner actions per turn")
+    max_turn_tokens: int = Field(8192, ge=64, description="planner tokens per turn, all calls together")
+    redraw_budget: int = Field(1, ge=0, le=8, description="redraws per image after a failed check")
+    check: bool = True
+    plan_min_steps: int = Field(2, ge=1, le=32)
+    plan_max_steps: int = Field(8, ge=1, le=32)
+    max_drafts: int = Field(2, ge=1, le=8)
+    max_references: int = Field(4, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _steps_order(self) -> Limits:
+        if self.plan_min_steps > self.plan_max_steps:
+            raise ValueError("plan_min_steps must not exceed plan_max_steps")
+        return self
+
+
+class Preset(_Strict):
+    name: str
+    description: str = ""
+    planner: PlannerSpec
+    image: ImageSpec
+    limits: Limits = Field(default_factory=Limits)
+    seed: int = 0
+    gpu_memory_gb: float | None = Field(None, description="approximate GPU memory the preset needs")
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.planner.model.startswith("tiny:") or self.image.text2image.startswith("tiny:")
+
+
+_COSMOS_T2I = "nvidia/Cosmos-Predict2-2B-Text2Image"
+_COSMOS_V2W = "nvidia/Cosmos-Predict2-2B-Video2World"
+
+BUILTIN: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny",
+        description="random-weight Qwen2.5-VL + Cosmos-Predict2 built locally; output is noise",
+        planner=PlannerSpec(
+            model="tiny:qwen2_5_vl", device="cpu", dtype="float32", max_new_tokens=512,
+            max_text_chars=48, max_prompt_chars=32, temperature=1.0, top_p=1.0,
+        ),
+        image=ImageSpec(
+            text2image="tiny:text2image", video2world="tiny:video2world", device="cpu", dtype="float32",
+            height=64, width=64, steps=4, guidance=3.0, negative_prompt="blurry", max_sequence_length=32,
+            safety_checker="none",
+        ),
+        limits=Limits(max_images=4, max_actions=8, max_turn_tokens=2048, plan_max_steps=4),
+    ),
+    "tiny-qwen3": Preset(
+        name="tiny-qwen3",
+        description="random-weight Qwen3-VL + Cosmos-Predict2 built locally; output is noise",
+        planner=PlannerSpec(
+            model="tiny:qwen3_vl", device="cpu", dtype="float32", max_new_tokens=512,
+            max_text_chars=48, max_prompt_chars=32, temperature=1.0, top_p=1.0,
+        ),
+        image=ImageSpec(
+            text2image="tiny:text2image", video2world="tiny:video2world", device="cpu", dtype="float32",
+            height=64, width=64, steps=4, guidance=3.0, negative_prompt="blurry", max_sequence_length=32,
+            safety_checker="none",
+        ),
+        limits=Limits(max_images=4, max_actions=8, max_turn_tokens=2048, plan_max_steps=4),
+    ),
+    "qwen2.5-vl-7b+cosmos2-2b": Preset(
+        name="qwen2.5-vl-7b+cosmos2-2b",
+        description="Qwen2.5-VL-7B-Instruct planner, Cosmos-Predict2-2B image tool (704x1280)",
+        planner=PlannerSpec(model="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", max_pixels=512 * 28 * 28),
+        image=ImageSpec(text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16"),
+        gpu_memory_gb=48,
+    ),
+    "qwen3-vl-8b+cosmos2-2b": Preset(
+        name="qwen3-vl-8b+cosmos2-2b",
+        description="Qwen3-VL-8B-Instruct planner, Cosmos-Predict2-2B image tool (704x1280)",
+        planner=PlannerSpec(model="Qwen/Qwen3-VL-8B-Instruct", dtype="bfloat16", max_pixels=512 * 32 * 32),
+        image=ImageSpec(text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16"),
+        gpu_memory_gb=50,
+    ),
+    "qwen2.5-vl-3b+cosmos2-2b-fast": Preset(
+        name="qwen2.5-vl-3b+cosmos2-2b-fast",
+        description="Qwen2.5-VL-3B planner, Cosmos-Predict2-2B at 480x848 with 20 steps, for 24-40 GB cards",
+        planner=PlannerSpec(model="Qwen/Qwen2.5-VL-3B-Instruct", dtype="bfloat16", max_pixels=256 * 28 * 28),
+        image=ImageSpec(
+            text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16", height=480, width=848, steps=20
+        ),
+        gpu_memory_gb=38,
+    ),
+}
+
+
+def _read_file(path: Path) -> dict[str, object]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read preset file {path}: {e.strerror}") from e
+    try:
+        if path.suffix.lower() == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        data = json.loads(text)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"preset file {path} is not valid {path.suffix.lstrip('.').upper()}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset file {path} must hold an object/table at the top level")
+    return data
+
+
+def load_preset(name_or_path: str | Path | Preset) -> Preset:
+    """Return a built-in preset by name, or load and validate a ``.toml`` / ``.json`` preset file.
+
+    A file may name a built-in preset in ``base`` and override only some fields.
+    """
+    if isinstance(name_or_path, Preset):
+        return name_or_path
+    key = str(name_or_path)
+    if key in BUILTIN:
+        return BUILTIN[key].model_copy(deep=True)
+    path = Path(key).expanduser()
+    if path.suffix.lower() not in (".toml", ".json"):
+        known = ", ".join(BUILTIN)
+        raise ConfigError(f"unknown preset {key!r}; choose one of: {known}, or give a .toml/.json preset file")
+    if not path.exists():
+        raise ConfigError(f"preset file not found: {path}")
+    data = _read_file(path)
+    base = data.pop("base", None)
+    if base is not None:
+        if base not in BUILTIN:
+            raise ConfigError(f"preset file {path}: unknown base preset {base!r}")
+        merged = BUILTIN[str(base)].model_dump()
+        for k, v in data.items():
+            if isinstance(v, dict) and isinstance(merged.get(k), dict):
+                merged[k] = {**merged[k], **v}
+            else:
+                merged[k] = v
+        data = merged
+    data.setdefault("name", path.stem)
+    try:
+        return Preset.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"preset file {path}: {where}: {first['msg']}") from e

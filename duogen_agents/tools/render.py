@@ -1,0 +1,77 @@
+"""Rendering an image request: resolve references, draw, store, return an ``ImageRef``.
+
+``Renderer`` is what the graph's render node calls; ``Renderer.as_langchain_tool()`` exposes the same
+operation to other agents as a LangChain ``StructuredTool`` that returns image ids, never pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from duogen_agents.document import ImageRef
+from duogen_agents.errors import GenerationError
+from duogen_agents.models.image_tool import ImageTool, StepCallback
+from duogen_agents.storage.images import ImageStore
+
+
+class RenderImageArgs(BaseModel):
+    """Arguments of the image tool as other agents call it."""
+
+    prompt: str = Field(min_length=1, max_length=2000, description="what to draw")
+    references: list[str] = Field(
+        default_factory=list, max_length=16, description="ids (full or short) of earlier images to keep consistent with"
+    )
+    kind: Literal["generate", "edit", "continue"] = "generate"
+    seed: int = 0
+
+
+class Renderer:
+    def __init__(self, tool: ImageTool, store: ImageStore) -> None:
+        self.tool = tool
+        self.store = store
+
+    @staticmethod
+    def resolve(references: Sequence[str], known: Mapping[str, ImageRef]) -> list[ImageRef]:
+        """Map full or short ids to known ``ImageRef``s, in order, without duplicates."""
+        out: list[ImageRef] = []
+        for r in references:
+            match = known.get(r[:12])
+            if match is None or not match.id.startswith(r):
+                raise GenerationError(f"image reference {r!r} names no earlier image of this conversation")
+            if match not in out:
+                out.append(match)
+        return out
+
+    def render(
+        self,
+        prompt: str,
+        references: Sequence[ImageRef] = (),
+        *,
+        seed: int = 0,
+        on_step: StepCallback | None = None,
+    ) -> ImageRef:
+        frames = [self.store.open(r) for r in references]
+        image = self.tool.draw(prompt, references=frames, seed=seed, on_step=on_step)
+        return self.store.put(image)
+
+    def as_langchain_tool(self, known: Mapping[str, ImageRef] | None = None) -> Any:
+        """A ``StructuredTool`` named ``draw_image`` that returns the new image's id and size."""
+        from langchain_core.tools import StructuredTool
+
+        images: dict[str, ImageRef] = dict(known or {})
+
+        def draw_image(prompt: str, references: list[str] | None = None, kind: str = "generate", seed: int = 0) -> dict[str, Any]:
+            refs = self.resolve(references or [], images)
+            ref = self.render(prompt, refs, seed=seed)
+            images[ref.short] = ref
+            return {"id": ref.id, "short_id": ref.short, "width": ref.width, "height": ref.height, "kind": kind}
+
+        return StructuredTool.from_function(
+            func=draw_image,
+            name="draw_image",
+            description="Draw an image from a prompt; pass earlier image ids as references to keep them consistent.",
+            args_schema=RenderImageArgs,
+        )
