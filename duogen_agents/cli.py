@@ -62,8 +62,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from duogen_agents.presets import load_preset
 
+    from duogen_agents.errors import ConfigError
+    from duogen_agents.storage.inputs import load_input_image
+
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    preset = load_preset(args.preset)  # validate before loading anything heavy
+    # Validate everything cheap before loading any model.
+    if not prompt.strip():
+        raise ConfigError('the prompt is empty; say what you want, e.g. duogen run "How do I repot a plant?"')
+    preset = load_preset(args.preset)
+    for path in args.image:
+        load_input_image(path)
     out = Console()
     err = Console(stderr=True)
     if preset.is_tiny:

@@ -187,6 +187,7 @@ def load_preset(name_or_path: str | Path | Preset) -> Preset:
         raise ConfigError(f"preset file not found: {path}")
     data = _read_file(path)
     base = data.pop("base", None)
+    data.setdefault("name", path.stem)
     if base is not None:
         if base not in BUILTIN:
             raise ConfigError(f"preset file {path}: unknown base preset {base!r}")
@@ -197,7 +198,6 @@ def load_preset(name_or_path: str | Path | Preset) -> Preset:
             else:
                 merged[k] = v
         data = merged
-    data.setdefault("name", path.stem)
     try:
         return Preset.model_validate(data)
     except ValidationError as e:

@@ -73,7 +73,7 @@ def load_input_image(path: Path | str) -> Image.Image:
             with Image.open(p) as im:
                 if im.width * im.height > MAX_PIXELS:
                     raise InputImageError(
-                        f"image {name} is {im.width}x{im.height} pixels, over the limit of {MAX_PIXELS:,}"
+                        f"image {name} is {im.width}x{im.height} pixels: too large (the limit is {MAX_PIXELS:,} pixels)"
                     )
                 if getattr(im, "is_animated", False):
                     im.seek(0)

@@ -1,0 +1,124 @@
+"""Graph logic with a scripted planner; references reach the real conditioning pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from duogen_agents import Agent, GenerationError
+from duogen_agents.models.image_tool import CosmosImageTool, conditioning_frames
+from duogen_agents.presets import load_preset
+from tests.fakes import ScriptedPlanner, SolidImageTool
+
+
+def _agent(home, script, tool=None, **limits):
+    preset = load_preset("tiny")
+    preset.limits = preset.limits.model_copy(update=limits)
+    return Agent(preset, planner=ScriptedPlanner(script), image_tool=tool or SolidImageTool(), home=home)
+
+
+def _upload(tmp_path, color=(250, 10, 10), size=(64, 64)):
+    p = tmp_path / f"up-{color[0]}.png"
+    Image.new("RGB", size, color).save(p)
+    return p
+
+
+def test_reference_reaches_the_video_pipeline_with_exactly_those_images(tmp_path, models_dir, monkeypatch) -> None:
+    """A real Cosmos Video2World pipeline gets the referenced upload as its conditioning frames."""
+    from diffusers import Cosmos2VideoToWorldPipeline
+
+    preset = load_preset("tiny")
+    tool = CosmosImageTool.from_spec(preset.image, models_dir)
+    seen: list[dict] = []
+    original = Cosmos2VideoToWorldPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append({"video": [np.asarray(f) for f in kwargs["video"]], "num_frames": kwargs["num_frames"]})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Cosmos2VideoToWorldPipeline, "__call__", spy)
+    up_a, up_b = _upload(tmp_path, (250, 10, 10)), _upload(tmp_path, (10, 10, 250))
+    agent = _agent(tmp_path / "home", [], tool=tool, check=False)
+
+    def request_refs(conversation, schema):
+        labels = [p["text"] for t in conversation for p in t["content"] if p["type"] == "text" and p["text"].startswith("[image ")]
+        ids = [lbl[len("[image "):-1] for lbl in labels]
+        assert len(ids) == 2 and set(ids) <= set(json.dumps(schema).split('"'))  # both ids are in the grammar
+        return {"type": "image", "prompt": "the same pot, blue", "references": [ids[1]], "kind": "edit"}
+
+    agent.planner.script = [request_refs, {"type": "done"}]
+    doc = agent.run("Make the second one blue", images=[up_a, up_b], seed=0)
+    assert len(seen) == 1, "exactly one conditioned draw"
+    frames = seen[0]["video"]
+    expected = np.asarray(ImageOps.fit(Image.open(up_b).convert("RGB"), (64, 64)))
+    # One reference, padded to a whole latent frame group; every frame is the referenced image.
+    assert all(np.array_equal(f, expected) for f in frames)
+    assert tool.calls[-1] == {"pipeline": "video2world", "frames": 1, "num_frames": seen[0]["num_frames"]}
+    block = doc.images[0]
+    assert block.kind == "edit" and block.references == [doc.inputs[1].id]
+
+
+def test_conditioning_frames_fill_whole_latent_groups() -> None:
+    a, b, c = (Image.new("RGB", (8, 8), (i, 0, 0)) for i in (1, 2, 3))
+    frames, n = conditioning_frames([a], 4)
+    assert frames == [a] and n == 5
+    frames, n = conditioning_frames([a, b, c], 4)
+    assert frames == [a, b, c, c, c] and n == 9
+
+
+def test_redraw_budget_is_respected(tmp_path) -> None:
+    tool = SolidImageTool()
+    redraw = {"verdict": "redraw", "note": "wrong"}
+    agent = _agent(tmp_path, [{"type": "image", "prompt": "a pot", "references": [], "kind": "generate"},
+                              redraw, redraw, {"type": "done"}], tool=tool, redraw_budget=1)
+    doc = agent.run("draw a pot")
+    assert len(tool.requests) == 2, "one draw plus one redraw, then the second is kept"
+    assert len(doc.images) == 1 and doc.images[0].attempts == 2
+    assert tool.requests[0]["seed"] != tool.requests[1]["seed"]
+
+
+def test_limits_end_the_turn(tmp_path) -> None:
+    agent = _agent(tmp_path, [{"type": "text", "text": f"chunk {i}"} for i in range(3)], max_actions=3)
+    doc = agent.run("talk")
+    assert [b.text for b in doc.blocks] == ["chunk 0", "chunk 1", "chunk 2"]
+
+
+def test_image_limit_removes_images_from_the_grammar(tmp_path) -> None:
+    agent = _agent(tmp_path, [{"type": "image", "prompt": "p", "references": [], "kind": "generate"},
+                              {"type": "done"}], max_images=1, check=False)
+    agent.run("x")
+    schemas = [json.dumps(s) for _, s in agent.planner.calls]
+    assert '"image"' in schemas[0] and '"const": "image"' not in schemas[1]
+
+
+def test_unknown_reference_is_a_generation_error(tmp_path) -> None:
+    agent = _agent(tmp_path, [{"type": "image", "prompt": "p", "references": ["ffffffffffff"], "kind": "edit"}])
+    with pytest.raises(GenerationError, match="names no earlier image"):
+        agent.run("x")
+
+
+def test_state_and_checkpoints_hold_no_pixels(tiny_agent) -> None:
+    """Every checkpoint of a real tiny run is small and holds ids, never image bytes."""
+    tiny_agent.run("Plan a picnic", mode="visual-plan", seed=4)
+    saver = tiny_agent.checkpointer
+    checked = 0
+    for tup in saver.list(None):
+        type_, blob = saver.serde.dumps_typed(tup.checkpoint)
+        assert b"\x89PNG" not in blob and b"iVBORw0KGgo" not in blob  # PNG bytes, raw or base64
+        assert len(blob) < 64 * 1024
+
+        def walk(v):
+            assert not isinstance(v, (bytes, bytearray, Image.Image)), type(v)
+            if isinstance(v, dict):
+                for x in v.values():
+                    walk(x)
+            elif isinstance(v, (list, tuple)):
+                for x in v:
+                    walk(x)
+
+        walk(tup.checkpoint["channel_values"])
+        checked += 1
+    assert checked > 5

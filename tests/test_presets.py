@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import pytest
+
+from duogen_agents import ConfigError, load_preset
+from duogen_agents.presets import BUILTIN
+
+
+def test_builtin_presets_validate_and_name_public_checkpoints() -> None:
+    real = [p for p in BUILTIN.values() if not p.is_tiny]
+    assert len(real) >= 2
+    for p in real:
+        assert "/" in p.planner.model and p.image.text2image.startswith("nvidia/Cosmos-Predict2")
+        assert p.gpu_memory_gb
+
+
+def test_toml_preset_with_base(tmp_path) -> None:
+    f = tmp_path / "mine.toml"
+    f.write_text('base = "tiny"\n[image]\nsteps = 2\n[limits]\nmax_images = 1\n')
+    p = load_preset(f)
+    assert p.name == "mine" and p.image.steps == 2 and p.limits.max_images == 1
+    assert p.planner.model == "tiny:qwen2_5_vl"
+
+
+def test_json_preset(tmp_path) -> None:
+    f = tmp_path / "p.json"
+    f.write_text(BUILTIN["tiny"].model_dump_json())
+    assert load_preset(f) == BUILTIN["tiny"]
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ('base = "tiny"\n[image]\nheight = 30\n', "image.height: .*multiple of 16"),
+        ('base = "tiny"\n[planner]\nbogus = 1\n', "planner.bogus"),
+        ("not = [valid", "not valid TOML"),
+        ('base = "nope"\n', "unknown base preset"),
+    ],
+)
+def test_bad_preset_files(tmp_path, content, match) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(content)
+    with pytest.raises(ConfigError, match=match):
+        load_preset(f)
+
+
+def test_unknown_preset_name() -> None:
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; choose one of: tiny"):
+        load_preset("nope")
