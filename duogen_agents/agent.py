@@ -82,7 +82,7 @@ class Agent:
         from langchain_core.messages import HumanMessage
 
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ConfigError("the prompt is empty; say what you want, e.g. duogen run \"How do I repot a plant?\"")
+            raise ConfigError('the prompt is empty; say what you want, e.g. duogen run "How do I repot a plant?"')
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ConfigError(f"the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
         if mode not in MODES:

@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--image", action="append", default=[], metavar="FILE", help="attach an input image (repeatable)")
     run.add_argument("--out", type=Path, metavar="DIR", help="write document.md/.html/.json and images/ here")
     run.add_argument("--seed", type=int, default=None, help="seed for reproducible output")
-    run.add_argument("--home", type=Path, default=None, help="data directory (default: $DUOGEN_HOME or ~/.local/share/duogen)")
+    run.add_argument(
+        "--home", type=Path, default=None, help="data directory (default: $DUOGEN_HOME or ~/.local/share/duogen)"
+    )
     run.add_argument("--no-preview", action="store_true", help="print image paths without half-block previews")
     sub.add_parser("presets", help="list the built-in presets")
     return p
@@ -60,9 +62,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rich.markdown import Markdown
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from duogen_agents.presets import load_preset
-
     from duogen_agents.errors import ConfigError
+    from duogen_agents.presets import load_preset
     from duogen_agents.storage.inputs import load_input_image
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -96,8 +97,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 out.print(Markdown(event["text"]))
             elif kind == "image_start":
                 label = "draft" if event["origin"] == "draft" else "image"
-                progress = Progress(TextColumn(f"{label} {event['index']}"), BarColumn(), MofNCompleteColumn(),
-                                    TextColumn("steps"), TimeElapsedColumn(), console=err, transient=True)
+                progress = Progress(
+                    TextColumn(f"{label} {event['index']}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("steps"),
+                    TimeElapsedColumn(),
+                    console=err,
+                    transient=True,
+                )
                 progress.start()
                 task = progress.add_task("render", total=agent.preset.image.steps)
             elif kind == "image_progress" and progress is not None and task is not None:
@@ -144,7 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("DUOGEN_DEBUG"):
             raise
         first = (str(e).strip().splitlines() or [""])[0]
-        print(f"duogen: internal error: {type(e).__name__}: {first} (set DUOGEN_DEBUG=1 for a traceback)", file=sys.stderr)
+        print(
+            f"duogen: internal error: {type(e).__name__}: {first} (set DUOGEN_DEBUG=1 for a traceback)", file=sys.stderr
+        )
         return EXIT_ERROR
 
 

@@ -32,7 +32,12 @@ class HalfBlockImage:
         for y in range(0, im.height, 2):
             for x in range(im.width):
                 top, bottom = px[x, y], px[x, y + 1]
-                yield Segment("▀", Style(color=f"rgb({top[0]},{top[1]},{top[2]})", bgcolor=f"rgb({bottom[0]},{bottom[1]},{bottom[2]})"))
+                yield Segment(
+                    "▀",
+                    Style(
+                        color=f"rgb({top[0]},{top[1]},{top[2]})", bgcolor=f"rgb({bottom[0]},{bottom[1]},{bottom[2]})"
+                    ),
+                )
             yield Segment.line()
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Any:

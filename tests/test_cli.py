@@ -38,8 +38,23 @@ def test_help_does_not_import_the_heavy_libraries() -> None:
 def test_duogen_run_writes_the_document(home, tmp_path) -> None:
     out_dir = tmp_path / "out"
     proc = subprocess.run(
-        ["duogen", "run", "How do I repot a plant?", "--mode", "visual-plan", "--preset", "tiny", "--out", str(out_dir), "--seed", "1"],
-        capture_output=True, text=True, env={**os.environ, "DUOGEN_HOME": str(home)}, timeout=600,
+        [
+            "duogen",
+            "run",
+            "How do I repot a plant?",
+            "--mode",
+            "visual-plan",
+            "--preset",
+            "tiny",
+            "--out",
+            str(out_dir),
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DUOGEN_HOME": str(home)},
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     assert "noise" in proc.stderr

@@ -21,7 +21,7 @@ def test_html_shows_images_in_document_order(tiny_agent, tmp_path) -> None:
     # Text and images interleave in the page exactly as in the document.
     order = re.findall(r'<(section class="text"|figure class="(?:image|draft)")', page)
     assert ["text" if o.startswith("section") else "image" for o in order] == [b.type for b in doc.blocks]
-    assert "src=\"http" not in page, "self-contained: no external resources"
+    assert 'src="http' not in page, "self-contained: no external resources"
     md = (tmp_path / "out" / "document.md").read_text()
     assert re.findall(r"images/([0-9a-f]{64})\.png", md) == ids
     assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == sorted({f"{i}.png" for i in ids})
@@ -32,8 +32,12 @@ def test_model_html_is_escaped(tiny_agent, tmp_path) -> None:
     from duogen_agents import InterleavedDocument
     from duogen_agents.export import to_html
 
-    doc = InterleavedDocument(prompt="<script>", mode="interleaved", preset="x",
-                              blocks=[{"type": "text", "text": "<img src=x onerror=alert(1)> **bold**"}])
+    doc = InterleavedDocument(
+        prompt="<script>",
+        mode="interleaved",
+        preset="x",
+        blocks=[{"type": "text", "text": "<img src=x onerror=alert(1)> **bold**"}],
+    )
     page = to_html(doc, tiny_agent.store)
     assert "<img src=x" not in page and "&lt;img" in page and "<strong>bold</strong>" in page
     assert "<script>" not in page

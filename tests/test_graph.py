@@ -44,8 +44,13 @@ def test_reference_reaches_the_video_pipeline_with_exactly_those_images(tmp_path
     agent = _agent(tmp_path / "home", [], tool=tool, check=False)
 
     def request_refs(conversation, schema):
-        labels = [p["text"] for t in conversation for p in t["content"] if p["type"] == "text" and p["text"].startswith("[image ")]
-        ids = [lbl[len("[image "):-1] for lbl in labels]
+        labels = [
+            p["text"]
+            for t in conversation
+            for p in t["content"]
+            if p["type"] == "text" and p["text"].startswith("[image ")
+        ]
+        ids = [lbl[len("[image ") : -1] for lbl in labels]
         assert len(ids) == 2 and set(ids) <= set(json.dumps(schema).split('"'))  # both ids are in the grammar
         return {"type": "image", "prompt": "the same pot, blue", "references": [ids[1]], "kind": "edit"}
 
@@ -72,8 +77,12 @@ def test_conditioning_frames_fill_whole_latent_groups() -> None:
 def test_redraw_budget_is_respected(tmp_path) -> None:
     tool = SolidImageTool()
     redraw = {"verdict": "redraw", "note": "wrong"}
-    agent = _agent(tmp_path, [{"type": "image", "prompt": "a pot", "references": [], "kind": "generate"},
-                              redraw, redraw, {"type": "done"}], tool=tool, redraw_budget=1)
+    agent = _agent(
+        tmp_path,
+        [{"type": "image", "prompt": "a pot", "references": [], "kind": "generate"}, redraw, redraw, {"type": "done"}],
+        tool=tool,
+        redraw_budget=1,
+    )
     doc = agent.run("draw a pot")
     assert len(tool.requests) == 2, "one draw plus one redraw, then the second is kept"
     assert len(doc.images) == 1 and doc.images[0].attempts == 2
@@ -87,8 +96,12 @@ def test_limits_end_the_turn(tmp_path) -> None:
 
 
 def test_image_limit_removes_images_from_the_grammar(tmp_path) -> None:
-    agent = _agent(tmp_path, [{"type": "image", "prompt": "p", "references": [], "kind": "generate"},
-                              {"type": "done"}], max_images=1, check=False)
+    agent = _agent(
+        tmp_path,
+        [{"type": "image", "prompt": "p", "references": [], "kind": "generate"}, {"type": "done"}],
+        max_images=1,
+        check=False,
+    )
     agent.run("x")
     schemas = [json.dumps(s) for _, s in agent.planner.calls]
     assert '"image"' in schemas[0] and '"const": "image"' not in schemas[1]

@@ -27,16 +27,27 @@ def planner(request, tmp_path_factory):
 def _conv(text: str = "How do I repot a plant?"):
     return [
         {"role": "system", "content": [{"type": "text", "text": "You plan."}]},
-        {"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (40, 30), (200, 0, 0))},
-                                     {"type": "text", "text": text}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.new("RGB", (40, 30), (200, 0, 0))},
+                {"type": "text", "text": text},
+            ],
+        },
     ]
 
 
 SCHEMAS = {
-    "next": (A.next_action_schema(REFS, max_text=48, max_prompt=32, max_refs=2, allow_image=True, allow_done=True), A.NextAction),
+    "next": (
+        A.next_action_schema(REFS, max_text=48, max_prompt=32, max_refs=2, allow_image=True, allow_done=True),
+        A.NextAction,
+    ),
     "plan": (A.plan_schema(min_steps=2, max_steps=4, max_title=32), A.Plan),
     "step": (A.step_schema(REFS, max_text=48, max_prompt=32, max_refs=2), A.StepAction),
-    "draft": (A.draft_schema(REFS, max_text=48, max_prompt=32, max_refs=2, allow_draft=True, allow_answer=True), A.DraftOrAnswer),
+    "draft": (
+        A.draft_schema(REFS, max_text=48, max_prompt=32, max_refs=2, allow_draft=True, allow_answer=True),
+        A.DraftOrAnswer,
+    ),
     "check": (A.check_schema(max_note=40), A.CheckVerdict),
 }
 

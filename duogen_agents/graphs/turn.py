@@ -84,7 +84,11 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
     spec = deps.planner_spec
 
     def call_planner(
-        state: TurnState, config: RunnableConfig, schema: dict[str, Any], instruction: str | None, images: list[str] = ()  # type: ignore[assignment]
+        state: TurnState,
+        config: RunnableConfig,
+        schema: dict[str, Any],
+        instruction: str | None,
+        images: list[str] = (),  # type: ignore[assignment]
     ) -> tuple[str, int]:
         mode = state.get("mode", "interleaved")
         msgs: list[BaseMessage] = [SystemMessage(content=SYSTEM_PROMPTS[mode]), *state.get("messages", [])]
@@ -233,8 +237,16 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
         write = _writer()
         seed = state.get("seed", 0) * 1_000_003 + state.get("images", 0) * 101 + pending["attempt"]
         index = state.get("images", 0) + 1
-        write({"event": "image_start", "index": index, "prompt": pending["prompt"], "origin": pending["origin"],
-               "attempt": pending["attempt"], "references": pending["references"]})
+        write(
+            {
+                "event": "image_start",
+                "index": index,
+                "prompt": pending["prompt"],
+                "origin": pending["origin"],
+                "attempt": pending["attempt"],
+                "references": pending["references"],
+            }
+        )
 
         def on_step(step: int, total: int) -> None:
             write({"event": "image_progress", "index": index, "step": step, "total": total})
@@ -260,14 +272,24 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
         )
         known = dict(state.get("known_images") or {})
         known[ref.short] = ref.model_dump()
-        _writer()({"event": "image_ready", "index": state.get("images", 0) + 1, "image": ref.model_dump(),
-                   "path": str(deps.store.path(ref.id)), "prompt": pending["prompt"], "origin": pending["origin"],
-                   "step": pending["step"]})
+        _writer()(
+            {
+                "event": "image_ready",
+                "index": state.get("images", 0) + 1,
+                "image": ref.model_dump(),
+                "path": str(deps.store.path(ref.id)),
+                "prompt": pending["prompt"],
+                "origin": pending["origin"],
+                "step": pending["step"],
+            }
+        )
         note = "Draft sketch" if pending["origin"] == "draft" else "Image"
-        message = AIMessage(content=[
-            {"type": "text", "text": f"{note}: {pending['prompt']}"},
-            {"type": "image", "file_id": ref.id, "mime_type": ref.mime},
-        ])
+        message = AIMessage(
+            content=[
+                {"type": "text", "text": f"{note}: {pending['prompt']}"},
+                {"type": "image", "file_id": ref.id, "mime_type": ref.mime},
+            ]
+        )
         return {
             "blocks": [block.model_dump()],
             "messages": [message],
@@ -289,8 +311,14 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
         verdict = A.parse_action(raw, A.CheckVerdict)
         upd: dict[str, Any] = {"calls": state.get("calls", 0) + 1, "tokens": state.get("tokens", 0) + n}
         if verdict.verdict == "redraw" and pending["attempt"] <= limits.redraw_budget:
-            _writer()({"event": "image_rejected", "image": candidate.model_dump(), "note": verdict.note,
-                       "attempt": pending["attempt"]})
+            _writer()(
+                {
+                    "event": "image_rejected",
+                    "image": candidate.model_dump(),
+                    "note": verdict.note,
+                    "attempt": pending["attempt"],
+                }
+            )
             return {**upd, "candidate": None, "pending": {**pending, "attempt": pending["attempt"] + 1}}
         return {**upd, **accept(state, pending, candidate)}
 

@@ -108,7 +108,9 @@ class TransformersPlanner:
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         self.stop_token_ids = sorted({*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id})
         vocab_size = model.config.get_text_config().vocab_size
-        info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids)
+        info = xgr.TokenizerInfo.from_huggingface(
+            self.tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids
+        )
         self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
         self.image_token = getattr(processor, "image_token", "<|image_pad|>")
 
@@ -138,8 +140,10 @@ class TransformersPlanner:
             model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
             model.to(device)
             model.eval()
-            if getattr(processor, "tokenizer", None) is None or processor.tokenizer.chat_template is None and (
-                getattr(processor, "chat_template", None) is None
+            if (
+                getattr(processor, "tokenizer", None) is None
+                or processor.tokenizer.chat_template is None
+                and (getattr(processor, "chat_template", None) is None)
             ):
                 raise ValueError("the checkpoint has no chat template")
         return cls(model, processor, spec, source)

@@ -1,5 +1,5 @@
 """Graph-facing and LangChain-facing image tools."""
 
-from duogen_agents.tools.render import RenderImageArgs, Renderer
+from duogen_agents.tools.render import Renderer, RenderImageArgs
 
 __all__ = ["RenderImageArgs", "Renderer"]

@@ -63,7 +63,9 @@ class Renderer:
 
         images: dict[str, ImageRef] = dict(known or {})
 
-        def draw_image(prompt: str, references: list[str] | None = None, kind: str = "generate", seed: int = 0) -> dict[str, Any]:
+        def draw_image(
+            prompt: str, references: list[str] | None = None, kind: str = "generate", seed: int = 0
+        ) -> dict[str, Any]:
             refs = self.resolve(references or [], images)
             ref = self.render(prompt, refs, seed=seed)
             images[ref.short] = ref
