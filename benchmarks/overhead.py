@@ -81,7 +81,14 @@ def real_shape_components(home: Path) -> tuple[TransformersPlanner, CosmosImageT
     preset = load_preset("qwen2.5-vl-7b+cosmos2-2b")
     preset.image.steps = int(os.environ.get("BENCH_STEPS", "20"))
     preset.image.safety_checker = "none"
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    # BENCH_SHRINK=1: one layer per stack and a small picture, to dry-run this path on a CPU.
+    shrink = os.environ.get("BENCH_SHRINK") == "1"
+    if shrink:
+        preset.image.height, preset.image.width, preset.image.steps = 64, 112, 2
+        preset.planner.max_text_chars, preset.planner.max_prompt_chars = 32, 16
+    else:  # bound a random model's output so the planner row measures ~300 tokens, not 800+
+        preset.planner.max_text_chars, preset.planner.max_prompt_chars = 200, 80
     tok = _planner_tokenizer()
     ids = {
         t: tok.convert_tokens_to_ids(t)
@@ -92,7 +99,7 @@ def real_shape_components(home: Path) -> tuple[TransformersPlanner, CosmosImageT
             vocab_size=152064,
             hidden_size=3584,
             intermediate_size=18944,
-            num_hidden_layers=28,
+            num_hidden_layers=1 if shrink else 28,
             num_attention_heads=28,
             num_key_value_heads=4,
             max_position_embeddings=128000,
@@ -102,7 +109,7 @@ def real_shape_components(home: Path) -> tuple[TransformersPlanner, CosmosImageT
             bos_token_id=ids["<|endoftext|>"],
         ),
         vision_config=dict(
-            depth=32,
+            depth=1 if shrink else 32,
             hidden_size=1280,
             intermediate_size=3420,
             num_heads=16,
@@ -111,7 +118,7 @@ def real_shape_components(home: Path) -> tuple[TransformersPlanner, CosmosImageT
             temporal_patch_size=2,
             window_size=112,
             out_hidden_size=3584,
-            fullatt_block_indexes=[7, 15, 23, 31],
+            fullatt_block_indexes=[0] if shrink else [7, 15, 23, 31],
         ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -136,10 +143,10 @@ def real_shape_components(home: Path) -> tuple[TransformersPlanner, CosmosImageT
                 T5Config(
                     vocab_size=32128,
                     d_model=1024,
-                    d_ff=65536,
+                    d_ff=1024 if shrink else 65536,
                     d_kv=128,
                     num_heads=128,
-                    num_layers=24,
+                    num_layers=1 if shrink else 24,
                     feed_forward_proj="relu",
                 )
             )
@@ -157,7 +164,7 @@ def real_shape_components(home: Path) -> tuple[TransformersPlanner, CosmosImageT
         out_channels=16,
         num_attention_heads=16,
         attention_head_dim=128,
-        num_layers=28,
+        num_layers=1 if shrink else 28,
         mlp_ratio=4.0,
         text_embed_dim=1024,
         adaln_lora_dim=256,
