@@ -107,3 +107,18 @@ def test_text_escapes_decode_to_newlines() -> None:
     assert re.fullmatch(pattern, r"line one\nline two")
     assert not re.fullmatch(pattern, "raw\x01control")
     assert not re.fullmatch(pattern, "x" * 21)
+
+
+@pytest.mark.parametrize(("max_text", "max_prompt"), [(200, 80), (800, 300), (48, 32)])
+def test_grammars_compile_at_real_preset_sizes(planner, max_text, max_prompt) -> None:
+    """xgrammar 0.2.8's compiler cache fails on some of these; ours must not."""
+    refs = ["0123456789ab", "ba9876543210", "aaaaaaaaaaaa"]
+    for schema in (
+        A.step_schema(refs, max_text=max_text, max_prompt=max_prompt, max_refs=4),
+        A.next_action_schema(
+            refs, max_text=max_text, max_prompt=max_prompt, max_refs=4, allow_image=True, allow_done=True
+        ),
+        A.draft_schema(refs, max_text=max_text, max_prompt=max_prompt, max_refs=4, allow_draft=True, allow_answer=True),
+        A.plan_schema(min_steps=2, max_steps=8, max_title=max_prompt),
+    ):
+        assert planner.compile(schema) is planner.compile(schema)  # compiled once, then cached

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +112,10 @@ class TransformersPlanner:
         info = xgr.TokenizerInfo.from_huggingface(
             self.tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids
         )
-        self._compiler = xgr.GrammarCompiler(info, cache_enabled=True)
+        # xgrammar 0.2.8's own cache fails some schemas ("per_rule_fsm_hashes" check), e.g. a step
+        # schema with 200-char text and 80-char prompts; compile uncached and keep our own cache.
+        self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+        self._grammars: OrderedDict[str, Any] = OrderedDict()
         self.image_token = getattr(processor, "image_token", "<|image_pad|>")
 
     @classmethod
@@ -211,7 +215,18 @@ class TransformersPlanner:
     # ---- decoding ------------------------------------------------------------------------------
 
     def compile(self, schema: dict[str, Any]) -> Any:
-        return self._compiler.compile_json_schema(json.dumps(schema, sort_keys=True), any_whitespace=False)
+        key = json.dumps(schema, sort_keys=True)
+        if key in self._grammars:
+            self._grammars.move_to_end(key)
+            return self._grammars[key]
+        try:
+            grammar = self._compiler.compile_json_schema(key, any_whitespace=False)
+        except RuntimeError as e:
+            raise GenerationError(f"cannot compile the planner grammar: {str(e).strip().splitlines()[0]}") from e
+        self._grammars[key] = grammar
+        if len(self._grammars) > 64:
+            self._grammars.popitem(last=False)
+        return grammar
 
     def generate(
         self,
