@@ -158,14 +158,14 @@ BUILTIN: dict[str, Preset] = {
         description="Qwen2.5-VL-7B-Instruct planner, Cosmos-Predict2-2B image tool (704x1280)",
         planner=PlannerSpec(model="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", max_pixels=512 * 28 * 28),
         image=ImageSpec(text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16"),
-        gpu_memory_gb=48,
+        gpu_memory_gb=44,
     ),
     "qwen3-vl-8b+cosmos2-2b": Preset(
         name="qwen3-vl-8b+cosmos2-2b",
         description="Qwen3-VL-8B-Instruct planner, Cosmos-Predict2-2B image tool (704x1280)",
         planner=PlannerSpec(model="Qwen/Qwen3-VL-8B-Instruct", dtype="bfloat16", max_pixels=512 * 32 * 32),
         image=ImageSpec(text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16"),
-        gpu_memory_gb=50,
+        gpu_memory_gb=46,
     ),
     "qwen2.5-vl-3b+cosmos2-2b-fast": Preset(
         name="qwen2.5-vl-3b+cosmos2-2b-fast",
@@ -174,7 +174,7 @@ BUILTIN: dict[str, Preset] = {
         image=ImageSpec(
             text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16", height=480, width=848, steps=20
         ),
-        gpu_memory_gb=38,
+        gpu_memory_gb=34,
     ),
 }
 
