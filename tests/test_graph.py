@@ -135,3 +135,16 @@ def test_state_and_checkpoints_hold_no_pixels(tiny_agent) -> None:
         walk(tup.checkpoint["channel_values"])
         checked += 1
     assert checked > 5
+
+
+def test_renderer_as_langchain_tool_returns_ids_not_pixels(tmp_path) -> None:
+    from duogen_agents.storage.images import ImageStore
+    from duogen_agents.tools.render import Renderer
+
+    tool = SolidImageTool()
+    lc_tool = Renderer(tool, ImageStore(tmp_path)).as_langchain_tool()
+    first = lc_tool.invoke({"prompt": "a pot"})
+    second = lc_tool.invoke({"prompt": "the pot, blue", "references": [first["short_id"]], "kind": "edit"})
+    assert len(first["id"]) == 64 and second["kind"] == "edit"
+    assert len(tool.requests[1]["references"]) == 1  # the first image reached the draw as a reference
+    assert ImageStore(tmp_path).exists(second["id"])
