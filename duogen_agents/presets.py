@@ -96,63 +96,43 @@ class Preset(_Strict):
 _COSMOS_T2I = "nvidia/Cosmos-Predict2-2B-Text2Image"
 _COSMOS_V2W = "nvidia/Cosmos-Predict2-2B-Video2World"
 
+
+def _tiny(name: str, family: str) -> Preset:
+    """Random-weight models of the real classes, built locally: the real code path on a CPU."""
+    family_name = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}[family]
+    return Preset(
+        name=name,
+        description=f"random-weight {family_name} + Cosmos-Predict2 built locally; output is noise",
+        planner=PlannerSpec(
+            model=f"tiny:{family}",
+            device="cpu",
+            dtype="float32",
+            max_new_tokens=512,
+            max_text_chars=48,
+            max_prompt_chars=32,
+            temperature=1.0,
+            top_p=1.0,
+        ),
+        image=ImageSpec(
+            text2image="tiny:text2image",
+            video2world="tiny:video2world",
+            device="cpu",
+            dtype="float32",
+            height=64,
+            width=64,
+            steps=4,
+            guidance=3.0,
+            negative_prompt="blurry",
+            max_sequence_length=32,
+            safety_checker="none",
+        ),
+        limits=Limits(max_images=4, max_actions=8, max_turn_tokens=2048, plan_max_steps=4),
+    )
+
+
 BUILTIN: dict[str, Preset] = {
-    "tiny": Preset(
-        name="tiny",
-        description="random-weight Qwen2.5-VL + Cosmos-Predict2 built locally; output is noise",
-        planner=PlannerSpec(
-            model="tiny:qwen2_5_vl",
-            device="cpu",
-            dtype="float32",
-            max_new_tokens=512,
-            max_text_chars=48,
-            max_prompt_chars=32,
-            temperature=1.0,
-            top_p=1.0,
-        ),
-        image=ImageSpec(
-            text2image="tiny:text2image",
-            video2world="tiny:video2world",
-            device="cpu",
-            dtype="float32",
-            height=64,
-            width=64,
-            steps=4,
-            guidance=3.0,
-            negative_prompt="blurry",
-            max_sequence_length=32,
-            safety_checker="none",
-        ),
-        limits=Limits(max_images=4, max_actions=8, max_turn_tokens=2048, plan_max_steps=4),
-    ),
-    "tiny-qwen3": Preset(
-        name="tiny-qwen3",
-        description="random-weight Qwen3-VL + Cosmos-Predict2 built locally; output is noise",
-        planner=PlannerSpec(
-            model="tiny:qwen3_vl",
-            device="cpu",
-            dtype="float32",
-            max_new_tokens=512,
-            max_text_chars=48,
-            max_prompt_chars=32,
-            temperature=1.0,
-            top_p=1.0,
-        ),
-        image=ImageSpec(
-            text2image="tiny:text2image",
-            video2world="tiny:video2world",
-            device="cpu",
-            dtype="float32",
-            height=64,
-            width=64,
-            steps=4,
-            guidance=3.0,
-            negative_prompt="blurry",
-            max_sequence_length=32,
-            safety_checker="none",
-        ),
-        limits=Limits(max_images=4, max_actions=8, max_turn_tokens=2048, plan_max_steps=4),
-    ),
+    "tiny": _tiny("tiny", "qwen2_5_vl"),
+    "tiny-qwen3": _tiny("tiny-qwen3", "qwen3_vl"),
     "qwen2.5-vl-7b+cosmos2-2b": Preset(
         name="qwen2.5-vl-7b+cosmos2-2b",
         description="Qwen2.5-VL-7B-Instruct planner, Cosmos-Predict2-2B image tool (704x1280)",
