@@ -6,7 +6,6 @@ block (foreground = top pixel, background = bottom pixel) in truecolor.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 from PIL import Image
@@ -45,7 +44,3 @@ class HalfBlockImage:
 
         w = min(options.max_width, self.max_width, self.image.width)
         return Measurement(w, w)
-
-
-def iter_lines(text: str) -> Iterator[str]:
-    yield from text.splitlines()

@@ -16,11 +16,11 @@ REFS = ["0123456789ab", "ba9876543210"]
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-qwen3"])
 def planner(request, tmp_path_factory):
-    from duogen_agents.models.tiny import ensure_tiny_checkpoints
+    from duogen_agents.models.tiny import ensure_tiny_planner
 
     root = tmp_path_factory.mktemp("planner-models")
     family = "qwen3_vl" if request.param == "tiny-qwen3" else "qwen2_5_vl"
-    ensure_tiny_checkpoints(root, family)
+    ensure_tiny_planner(root, family)
     return TransformersPlanner.from_spec(load_preset(request.param).planner, root)
 
 

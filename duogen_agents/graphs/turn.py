@@ -17,6 +17,7 @@ its tokens) and the ``Renderer``, and write custom stream events (``stream_mode=
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,7 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
         config: RunnableConfig,
         schema: dict[str, Any],
         instruction: str | None,
-        images: list[str] = (),  # type: ignore[assignment]
+        images: Sequence[str] = (),
     ) -> tuple[str, int]:
         mode = state.get("mode", "interleaved")
         msgs: list[BaseMessage] = [SystemMessage(content=SYSTEM_PROMPTS[mode]), *state.get("messages", [])]
@@ -252,7 +253,7 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
             write({"event": "image_progress", "index": index, "step": step, "total": total})
 
         known = _refs(state)
-        refs = [known[r[:12]] for r in pending["references"]]
+        refs = Renderer.resolve(pending["references"], known)
         ref = deps.renderer.render(pending["prompt"], refs, seed=seed, on_step=on_step)
         pending = {**pending, "seed": seed}
         if limits.check:

@@ -12,13 +12,14 @@ planner can reference it by id. Pass the decoding grammar as the ``schema`` keyw
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict
+from pydantic import ConfigDict, PrivateAttr
 
 from duogen_agents.document import SHORT_ID_LENGTH
 from duogen_agents.models.planner import ChatTurn, Planner
@@ -59,6 +60,19 @@ class PlannerChatModel(BaseChatModel):
 
     planner: Any
     store: Any
+    # Decoded history images by id. Ids are content hashes, so an entry can never go stale; without
+    # this every planner call of a turn would decode every earlier PNG again.
+    _decoded: OrderedDict[str, Any] = PrivateAttr(default_factory=OrderedDict)
+
+    def _load_image(self, image_id: str) -> Any:
+        if image_id in self._decoded:
+            self._decoded.move_to_end(image_id)
+            return self._decoded[image_id]
+        image = self.store.open(image_id)
+        self._decoded[image_id] = image
+        if len(self._decoded) > 64:
+            self._decoded.popitem(last=False)
+        return image
 
     @property
     def _llm_type(self) -> str:
@@ -81,7 +95,7 @@ class PlannerChatModel(BaseChatModel):
                 run_manager.on_llm_new_token(token, chunk=ChatGenerationChunk(message=AIMessageChunk(content=token)))
 
         out = planner.generate(
-            to_chat_turns(messages, self.store.open),
+            to_chat_turns(messages, self._load_image),
             schema,
             max_new_tokens=kwargs.get("max_new_tokens"),
             seed=kwargs.get("seed"),

@@ -93,12 +93,12 @@ class CosmosImageTool:
     @staticmethod
     def _source(name: str, models_dir: Path | None) -> str:
         if name.startswith("tiny:"):
-            from duogen_agents.models.tiny import ensure_tiny_checkpoints
+            from duogen_agents.models.tiny import ensure_tiny_image_pipelines
 
             if models_dir is None:
                 raise ModelLoadError("the tiny image tool needs a models cache directory")
             with loading("tiny image tool", name):
-                paths = ensure_tiny_checkpoints(models_dir)
+                paths = ensure_tiny_image_pipelines(models_dir)
             return str(paths[name.split(":", 1)[1]])
         return resolve_source(name, "image model")
 

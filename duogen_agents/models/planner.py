@@ -123,13 +123,13 @@ class TransformersPlanner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         if spec.model.startswith("tiny:"):
-            from duogen_agents.models.tiny import ensure_tiny_checkpoints
+            from duogen_agents.models.tiny import ensure_tiny_planner
 
             if models_dir is None:
                 raise GenerationError("the tiny planner needs a models cache directory")
             family = spec.model.split(":", 1)[1]
             with loading("tiny planner", spec.model):
-                source = str(ensure_tiny_checkpoints(models_dir, family)["planner"])
+                source = str(ensure_tiny_planner(models_dir, family))
         else:
             source = resolve_source(spec.model, "planner")
         device = resolve_device(spec.device)
@@ -141,15 +141,12 @@ class TransformersPlanner:
             if spec.max_pixels:
                 proc_kwargs["max_pixels"] = spec.max_pixels
             processor = AutoProcessor.from_pretrained(source, **proc_kwargs)
+            tokenizer = getattr(processor, "tokenizer", None)
+            if getattr(processor, "chat_template", None) is None and getattr(tokenizer, "chat_template", None) is None:
+                raise ValueError("the checkpoint has no chat template")  # checked before loading the weights
             model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
             model.to(device)
             model.eval()
-            if (
-                getattr(processor, "tokenizer", None) is None
-                or processor.tokenizer.chat_template is None
-                and (getattr(processor, "chat_template", None) is None)
-            ):
-                raise ValueError("the checkpoint has no chat template")
         return cls(model, processor, spec, source)
 
     # ---- prompt building -----------------------------------------------------------------------

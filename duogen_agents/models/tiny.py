@@ -317,16 +317,24 @@ def _atomic_build(target: Path, build: Any) -> Path:
     return target
 
 
-def ensure_tiny_checkpoints(cache_dir: Path, planner_family: str = "qwen2_5_vl") -> dict[str, Path]:
-    """Build (once) and return the paths of the tiny planner and image pipelines under ``cache_dir``."""
-    root = cache_dir / f"tiny-v{TINY_VERSION}"
-    planner = _atomic_build(
-        root / f"planner-{planner_family}",
-        lambda p: build_tiny_planner(p, planner_family),  # type: ignore[arg-type]
+def ensure_tiny_planner(cache_dir: Path, family: str = "qwen2_5_vl") -> Path:
+    """Build (once) and return the tiny planner checkpoint of ``family`` under ``cache_dir``."""
+    return _atomic_build(
+        cache_dir / f"tiny-v{TINY_VERSION}" / f"planner-{family}",
+        lambda p: build_tiny_planner(p, family),  # type: ignore[arg-type]
     )
+
+
+def ensure_tiny_image_pipelines(cache_dir: Path) -> dict[str, Path]:
+    """Build (once) and return the tiny Text2Image and Video2World pipeline folders."""
 
     def _images(p: Path) -> None:
         build_tiny_image_pipelines(p / "text2image", p / "video2world")
 
-    images = _atomic_build(root / "image", _images)
-    return {"planner": planner, "text2image": images / "text2image", "video2world": images / "video2world"}
+    images = _atomic_build(cache_dir / f"tiny-v{TINY_VERSION}" / "image", _images)
+    return {"text2image": images / "text2image", "video2world": images / "video2world"}
+
+
+def ensure_tiny_checkpoints(cache_dir: Path, planner_family: str = "qwen2_5_vl") -> dict[str, Path]:
+    """Build (once) and return the paths of the tiny planner and image pipelines under ``cache_dir``."""
+    return {"planner": ensure_tiny_planner(cache_dir, planner_family), **ensure_tiny_image_pipelines(cache_dir)}
