@@ -129,7 +129,7 @@ class Agent:
                 "mode": mode,
                 "preset": self.preset.name,
                 "title": values.get("title"),
-                "blocks": values.get("blocks", [])[values.get("turn_start", 0) :],
+                "blocks": values.get("blocks", []),
                 "inputs": [r.model_dump() for r in refs],
             }
         )

@@ -1,19 +1,51 @@
 """Graph state. It holds ``ImageRef`` dicts and image ids only: no bytes, no base64, no PIL objects.
 
-Checkpoints are full snapshots per step, so pixels in state would grow them without bound.
+Checkpoints are full snapshots per step, so pixels in state would grow them without bound. The two
+channels that grow with a session (``messages`` and ``known_images``) are LangGraph ``DeltaChannel``s:
+a checkpoint stores only what a step wrote, and the value is rebuilt from the writes, so the bytes
+per checkpoint stay flat however many turns and images a session holds. ``blocks`` holds the
+current turn only (the session records keep earlier turns).
 """
 
 from __future__ import annotations
 
-import operator
 from typing import Annotated, Any, Literal
 
+from collections.abc import Sequence
+
 from langchain_core.messages import AnyMessage
+from langgraph.channels.delta import DeltaChannel
 from langgraph.graph.message import add_messages
 from typing_extensions import TypedDict
 
 Mode = Literal["interleaved", "visual-plan", "draft"]
 MODES: tuple[str, ...] = ("interleaved", "visual-plan", "draft")
+
+
+RESET_BLOCKS: dict[str, Any] = {"type": "reset"}
+
+
+def fold_messages(state: list[AnyMessage] | None, writes: Sequence[Any]) -> list[AnyMessage]:
+    """``add_messages`` over a batch of writes (what ``DeltaChannel`` replays)."""
+    out: list[AnyMessage] = list(state or [])
+    for w in writes:
+        out = add_messages(out, w)  # type: ignore[assignment]
+    return out
+
+
+def merge_images(state: dict[str, Any] | None, writes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Images are only ever added: a new turn's uploads never hide earlier images."""
+    out = dict(state or {})
+    for w in writes:
+        out.update(w or {})
+    return out
+
+
+def turn_blocks(left: list[dict[str, Any]] | None, right: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Append blocks; a write that starts with ``RESET_BLOCKS`` starts a new turn's list."""
+    if right and right[0] == RESET_BLOCKS:
+        return list(right[1:])
+    return [*(left or []), *right]
 
 
 class PendingImage(TypedDict):
@@ -28,15 +60,14 @@ class PendingImage(TypedDict):
 
 class TurnState(TypedDict, total=False):
     # Conversation: langchain messages; images are {"type": "image", "file_id": <sha256>} blocks.
-    messages: Annotated[list[AnyMessage], add_messages]
-    # Document blocks (InterleavedDocument block dicts) of every turn in this thread, in order.
-    blocks: Annotated[list[dict[str, Any]], operator.add]
+    messages: Annotated[list[AnyMessage], DeltaChannel(fold_messages)]
+    # Document blocks (InterleavedDocument block dicts) of the current turn, in order.
+    blocks: Annotated[list[dict[str, Any]], turn_blocks]
     # Every image of the conversation by short id -> ImageRef dict (uploads, drafts, generated).
-    known_images: dict[str, dict[str, Any]]
+    known_images: Annotated[dict[str, dict[str, Any]], DeltaChannel(merge_images)]
     mode: Mode
     seed: int
     # Per-turn bookkeeping, reset by the start node.
-    turn_start: int  # index in ``blocks`` where this turn's blocks begin
     title: str | None
     plan: dict[str, Any] | None
     step: int

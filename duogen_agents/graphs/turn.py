@@ -27,7 +27,7 @@ from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 
 from duogen_agents.document import ImageBlock, ImageRef, TextBlock
-from duogen_agents.graphs.state import PendingImage, TurnState
+from duogen_agents.graphs.state import RESET_BLOCKS, PendingImage, TurnState
 from duogen_agents.models import actions as A
 from duogen_agents.models.chat_model import PlannerChatModel
 from duogen_agents.presets import Limits, PlannerSpec
@@ -138,7 +138,7 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
 
     def start(state: TurnState) -> dict[str, Any]:
         return {
-            "turn_start": len(state.get("blocks") or []),
+            "blocks": [RESET_BLOCKS],
             "title": None,
             "plan": None,
             "step": 0,
@@ -271,8 +271,7 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
             seed=pending["seed"],
             attempts=pending["attempt"],
         )
-        known = dict(state.get("known_images") or {})
-        known[ref.short] = ref.model_dump()
+        known = {ref.short: ref.model_dump()}
         _writer()(
             {
                 "event": "image_ready",
@@ -324,7 +323,7 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
         return {**upd, **accept(state, pending, candidate)}
 
     def finish(state: TurnState) -> dict[str, Any]:
-        blocks = (state.get("blocks") or [])[state.get("turn_start", 0) :]
+        blocks = state.get("blocks") or []
         _writer()({"event": "finish", "stop_reason": state.get("stop_reason"), "blocks": len(blocks)})
         return {"finished": True}
 
