@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from duogen_agents.document import ImageRef, InterleavedDocument
 from duogen_agents.errors import ConfigError
@@ -22,6 +22,9 @@ from duogen_agents.graphs.state import MODES
 from duogen_agents.presets import Preset, load_preset
 from duogen_agents.storage.images import ImageStore, default_home
 from duogen_agents.storage.inputs import load_input_image
+
+if TYPE_CHECKING:
+    from duogen_agents.sessions import Session
 
 MAX_PROMPT_CHARS = 20_000
 
@@ -78,26 +81,61 @@ class Agent:
         per_image = 2 + 2 * lim.redraw_budget
         return 10 + 2 * lim.max_actions + lim.plan_max_steps * 2 + (lim.max_images + lim.max_drafts) * per_image
 
-    def _inputs(self, prompt: str, mode: str, images: Sequence[str | Path]) -> tuple[dict[str, Any], list[ImageRef]]:
-        from langchain_core.messages import HumanMessage
-
+    def store_inputs(self, prompt: str, mode: str, images: Sequence[str | Path]) -> list[ImageRef]:
+        """Check the prompt and mode, load every image, then store them (one bad file stores nothing)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError('the prompt is empty; say what you want, e.g. duogen run "How do I repot a plant?"')
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ConfigError(f"the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
-        # Load every image before storing any, so one bad file stores nothing.
         pixels = [load_input_image(p) for p in images]
-        refs = [self.store.put(im) for im in pixels]
+        return [self.store.put(im) for im in pixels]
+
+    @staticmethod
+    def input_state(prompt: str, mode: str, refs: Sequence[ImageRef], seed: int) -> dict[str, Any]:
+        """The graph input of one turn: the user's message with its images as ``file_id`` blocks."""
+        from langchain_core.messages import HumanMessage
+
         content: list[dict[str, Any]] = [{"type": "image", "file_id": r.id, "mime_type": r.mime} for r in refs]
         content.append({"type": "text", "text": prompt})
-        state = {
+        return {
             "messages": [HumanMessage(content=content)],
             "mode": mode,
+            "seed": seed,
             "known_images": {r.short: r.model_dump() for r in refs},
         }
-        return state, refs
+
+    def graph_events(self, graph: Any, graph_input: Any, config: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Run ``graph`` (``graph_input=None`` resumes from the last checkpoint), yielding token and custom events."""
+        # durability="sync": each step's checkpoint is on disk before the next step starts (crash safety).
+        for mode_name, payload in graph.stream(
+            graph_input, config, stream_mode=["messages", "custom"], durability="sync"
+        ):
+            if mode_name == "messages":
+                chunk, meta = payload
+                if isinstance(chunk.content, str) and chunk.content and meta.get("langgraph_node") != "finish":
+                    yield {"event": "token", "text": chunk.content, "node": meta.get("langgraph_node")}
+            else:
+                yield payload
+
+    def document(
+        self, values: dict[str, Any], prompt: str, mode: str, refs: Sequence[ImageRef | dict[str, Any]]
+    ) -> InterleavedDocument:
+        """The turn's ``InterleavedDocument`` from the final graph state."""
+        return InterleavedDocument.model_validate(
+            {
+                "prompt": prompt,
+                "mode": mode,
+                "preset": self.preset.name,
+                "title": values.get("title"),
+                "blocks": values.get("blocks", []),
+                "inputs": [r.model_dump() if isinstance(r, ImageRef) else r for r in refs],
+            }
+        )
+
+    def config(self, thread_id: str) -> dict[str, Any]:
+        return {"configurable": {"thread_id": thread_id}, "recursion_limit": self.recursion_limit}
 
     def stream(
         self,
@@ -108,32 +146,31 @@ class Agent:
         seed: int | None = None,
         thread_id: str | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Run one turn, yielding events; the last event carries the ``InterleavedDocument``."""
-        state, refs = self._inputs(prompt, mode, images)
-        state["seed"] = self.preset.seed if seed is None else seed
-        config: dict[str, Any] = {
-            "configurable": {"thread_id": thread_id or uuid.uuid4().hex},
-            "recursion_limit": self.recursion_limit,
-        }
-        for mode_name, payload in self.graph.stream(state, config, stream_mode=["messages", "custom"]):
-            if mode_name == "messages":
-                chunk, meta = payload
-                if isinstance(chunk.content, str) and chunk.content and meta.get("langgraph_node") != "finish":
-                    yield {"event": "token", "text": chunk.content, "node": meta.get("langgraph_node")}
-            else:
-                yield payload
-        values = self.graph.get_state(config).values
-        doc = InterleavedDocument.model_validate(
-            {
-                "prompt": prompt,
-                "mode": mode,
-                "preset": self.preset.name,
-                "title": values.get("title"),
-                "blocks": values.get("blocks", []),
-                "inputs": [r.model_dump() for r in refs],
-            }
-        )
+        """Run one turn, yielding events; the last event carries the ``InterleavedDocument``.
+
+        Without a session the turn lives in this agent's checkpointer (in memory by default); use
+        ``agent.session(...)`` for a persisted, resumable conversation.
+        """
+        refs = self.store_inputs(prompt, mode, images)
+        state = self.input_state(prompt, mode, refs, self.preset.seed if seed is None else seed)
+        config = self.config(thread_id or uuid.uuid4().hex)
+        yield from self.graph_events(self.graph, state, config)
+        doc = self.document(self.graph.get_state(config).values, prompt, mode, refs)
         yield {"event": "document", "document": doc, "thread_id": config["configurable"]["thread_id"]}
+
+    def session(self, session_id: str | None = None, *, database: Any = None, wait: float | None = None) -> Session:
+        """Open (or create on the first turn) a persisted session in ``database`` (a ``Database``, a URL,
+        or ``None`` for ``$DUOGEN_DATABASE_URL`` / SQLite in the data directory).
+
+        >>> s = agent.session("balcony")                          # doctest: +SKIP
+        >>> s.send("Plan a small balcony garden", mode="visual-plan")  # doctest: +SKIP
+        >>> s.send("Redraw step 2 with a blue pot")                # doctest: +SKIP
+        """
+        from duogen_agents.sessions import Session, Sessions
+        from duogen_agents.storage.database import Database
+
+        db = database if isinstance(database, Database) else Database.open(database, home=self.home)
+        return Session(self, Sessions(db, self.store), session_id, wait=wait)
 
     def run(
         self,

@@ -8,7 +8,9 @@
     ├── ModelLoadError          a checkpoint that is missing or fails to load
     ├── GenerationError         a model call that failed (out of memory included)
     ├── StorageError            the image store or the output folder failed
-    └── SessionBusyError        another process is writing the same session
+    ├── SessionBusyError        another process is writing the same session
+    ├── SessionNotFoundError    no session has that id
+    └── SessionStateError       the session cannot do that now (an unfinished turn, nothing to resume)
 
 Every error carries a one-line message that says what went wrong and how to fix it;
 the CLI prints exactly that line, never a traceback.
@@ -51,6 +53,14 @@ class SessionBusyError(DuogenError):
     code = "session_busy"
 
 
+class SessionNotFoundError(DuogenError):
+    code = "session_not_found"
+
+
+class SessionStateError(DuogenError):
+    code = "session_state"
+
+
 __all__ = [
     "ConfigError",
     "DuogenError",
@@ -58,5 +68,7 @@ __all__ = [
     "InputImageError",
     "ModelLoadError",
     "SessionBusyError",
+    "SessionNotFoundError",
+    "SessionStateError",
     "StorageError",
 ]

@@ -12,9 +12,10 @@ import html
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from duogen_agents.document import ImageBlock, InterleavedDocument, TextBlock
+from duogen_agents.document import ImageBlock, ImageRef, InterleavedDocument, TextBlock
 from duogen_agents.errors import StorageError
 from duogen_agents.storage.images import ImageStore
 
@@ -30,7 +31,10 @@ def _caption(block: ImageBlock) -> str:
     return f"{label}: {block.prompt}"
 
 
-def to_markdown(doc: InterleavedDocument, image_dir: str = "images") -> str:
+def to_markdown(
+    doc: InterleavedDocument, image_dir: str = "images", *, link: Callable[[ImageRef], str] | None = None
+) -> str:
+    """Markdown with images linked as ``image_dir/<id>.png`` (or whatever ``link(ref)`` returns)."""
     lines: list[str] = []
     if doc.title:
         lines += [f"# {doc.title}", ""]
@@ -41,7 +45,8 @@ def to_markdown(doc: InterleavedDocument, image_dir: str = "images") -> str:
             lines += [block.text, ""]
         else:
             alt = _caption(block).replace("[", "(").replace("]", ")").replace("\n", " ")
-            lines += [f"![{alt}]({image_dir}/{block.image.filename})", ""]
+            target = link(block.image) if link is not None else f"{image_dir}/{block.image.filename}"
+            lines += [f"![{alt}]({target})", ""]
             if block.draft:
                 lines += ["*Draft sketch: the agent drew this to think, not as part of the answer.*", ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -131,3 +136,21 @@ def write_document(doc: InterleavedDocument, store: ImageStore, out_dir: Path | 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return written
+
+
+def write_atomic(path: Path | str, data: bytes) -> Path:
+    """Write one file atomically (temporary file in the same folder, then ``os.replace``)."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".duogen-tmp-", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise StorageError(f"cannot write {target}: {e.strerror or e}") from e
+    return target

@@ -9,9 +9,8 @@ current turn only (the session records keep earlier turns).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
-
 from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
 from langchain_core.messages import AnyMessage
 from langgraph.channels.delta import DeltaChannel
@@ -73,6 +72,8 @@ class TurnState(TypedDict, total=False):
     step: int
     pending: PendingImage | None
     candidate: dict[str, Any] | None  # ImageRef dict drawn, awaiting the check
+    # Images the check rejected this turn (kept: the session records every image it drew).
+    rejected: Annotated[list[dict[str, Any]], turn_blocks]
     actions: int
     calls: int
     tokens: int

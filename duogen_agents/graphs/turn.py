@@ -139,6 +139,7 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
     def start(state: TurnState) -> dict[str, Any]:
         return {
             "blocks": [RESET_BLOCKS],
+            "rejected": [RESET_BLOCKS],
             "title": None,
             "plan": None,
             "step": 0,
@@ -319,7 +320,13 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
                     "attempt": pending["attempt"],
                 }
             )
-            return {**upd, "candidate": None, "pending": {**pending, "attempt": pending["attempt"] + 1}}
+            rejected = {**pending, "image": candidate.model_dump(), "note": verdict.note}
+            return {
+                **upd,
+                "candidate": None,
+                "rejected": [rejected],
+                "pending": {**pending, "attempt": pending["attempt"] + 1},
+            }
         return {**upd, **accept(state, pending, candidate)}
 
     def finish(state: TurnState) -> dict[str, Any]:
@@ -361,4 +368,16 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
     graph.add_edge("finish", END)
     if not compile:
         return graph
+    return graph.compile(checkpointer=checkpointer)
+
+
+def build_state_graph(checkpointer: Any) -> Any:
+    """A model-free graph over the same state: read, copy or restore a session's state without loading
+    a planner or an image tool (``get_state``, ``update_state(..., as_node="finish")``)."""
+    graph = StateGraph(TurnState)
+    graph.add_node("start", lambda state: {})
+    graph.add_node("finish", lambda state: {})
+    graph.add_edge(START, "start")
+    graph.add_edge("start", "finish")
+    graph.add_edge("finish", END)
     return graph.compile(checkpointer=checkpointer)

@@ -92,3 +92,28 @@ class ImageStore:
 
     def exists(self, image_id: str) -> bool:
         return self.path(image_id).exists()
+
+    def iter_files(self) -> list[tuple[str, Path]]:
+        """Every stored image as (id, path), and leftover temporary files as ("", path)."""
+        out: list[tuple[str, Path]] = []
+        if not self.images_dir.is_dir():
+            return out
+        for sub in sorted(self.images_dir.iterdir()):
+            if not sub.is_dir():
+                continue
+            for f in sorted(sub.iterdir()):
+                if f.name.startswith(".tmp-"):
+                    out.append(("", f))
+                elif f.suffix == ".png" and len(f.stem) == 64:
+                    out.append((f.stem, f))
+        return out
+
+    def remove(self, image_id: str) -> int:
+        """Delete one image file; returns the bytes freed (0 if it was not there)."""
+        p = self.path(image_id)
+        try:
+            size = p.stat().st_size
+            p.unlink()
+        except FileNotFoundError:
+            return 0
+        return size

@@ -1,0 +1,332 @@
+"""One database for session records (SQLAlchemy + Alembic) and graph checkpoints (LangGraph saver).
+
+SQLite by default (``<home>/duogen.db``), PostgreSQL by URL (``DUOGEN_DATABASE_URL`` or ``--db``,
+psycopg 3). Opening a database checks that it is ours (a corrupt file or another application's
+database is refused, never written) and applies pending migrations.
+
+>>> db = Database.open()                                   # doctest: +SKIP
+>>> with db.lock("balcony"):                               # doctest: +SKIP
+...     saver = db.saver                                   # LangGraph SqliteSaver / PostgresSaver
+
+Locks are per session and die with their process: ``flock`` on a file beside the SQLite database,
+a session-level advisory lock on PostgreSQL. A second writer gets ``SessionBusyError`` or waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
+from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.orm import sessionmaker
+
+from duogen_agents.errors import ConfigError, SessionBusyError, StorageError
+
+VERSION_TABLE = "duogen_schema_version"
+OUR_TABLES = frozenset({"duogen_sessions", "duogen_turns", "duogen_blocks", "duogen_artifacts", VERSION_TABLE})
+# Tables the LangGraph savers create in the same database.
+SAVER_TABLES = frozenset({"checkpoints", "writes", "checkpoint_blobs", "checkpoint_writes", "checkpoint_migrations"})
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_MIGRATION_LOCK_KEY = 0x6475_6F67  # "duog"
+
+
+def check_session_id(session_id: str) -> str:
+    if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+        raise ConfigError(
+            f"invalid session id {session_id!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return session_id
+
+
+def database_url(url: str | None, home: Path) -> str:
+    """``url``, else ``$DUOGEN_DATABASE_URL``, else SQLite in the data directory."""
+    if url:
+        return url
+    if env := os.environ.get("DUOGEN_DATABASE_URL"):
+        return env
+    return f"sqlite:///{home / 'duogen.db'}"
+
+
+def _redact(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+class Database:
+    """Session records and checkpoints in one SQLite file or PostgreSQL database."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            u = make_url(url)
+        except ArgumentError:
+            raise ConfigError(
+                f"cannot parse database URL {url!r}; use sqlite:///path/to/duogen.db or postgresql://user@host/db"
+            ) from None
+        backend = u.get_backend_name()
+        if backend in ("postgresql", "postgres"):
+            self.backend = "postgresql"
+            u = u.set(drivername="postgresql+psycopg")
+            self.path: Path | None = None
+        elif backend == "sqlite":
+            self.backend = "sqlite"
+            if not u.database or u.database == ":memory:" or u.database.startswith("file:"):
+                raise ConfigError("sessions need a SQLite file: use sqlite:///path/to/duogen.db")
+            self.path = Path(u.database).expanduser().resolve()
+            u = u.set(drivername="sqlite", database=str(self.path))
+        else:
+            raise ConfigError(f"unsupported database {backend!r}: use sqlite:///path or postgresql://user@host/db")
+        self.url = u.render_as_string(hide_password=False)
+        self.display = _redact(self.url)
+        self.engine: Engine = self._create_engine()
+        self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        self._saver: Any = None
+        self._saver_conn: Any = None
+
+    # ---- opening --------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, url: str | None = None, *, home: Path | str | None = None) -> Database:
+        """Open (creating if needed) and migrate the database named by ``url`` / the environment."""
+        from duogen_agents.storage.images import default_home
+
+        root = Path(home) if home is not None else default_home()
+        db = cls(database_url(url, root))
+        try:
+            db.migrate()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _create_engine(self) -> Engine:
+        if self.backend == "postgresql":
+            return create_engine(self.url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+        assert self.path is not None
+        if self.path.exists() and not self.path.is_file():
+            raise StorageError(f"{self.path} is not a file; point --db at a SQLite file")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot create {self.path.parent}: {e.strerror or e}") from e
+        engine = create_engine(self.url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy, not the sqlite3 module, begin transactions, so DDL is transactional too.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Connection) -> None:
+            conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
+
+        return engine
+
+    def _where(self) -> str:
+        return str(self.path) if self.path is not None else self.display
+
+    def migrate(self) -> str:
+        """Refuse a foreign or corrupt database; apply pending migrations. Returns the revision."""
+        from alembic import command
+        from alembic.script import ScriptDirectory
+
+        cfg = _alembic_config()
+        known = {s.revision for s in ScriptDirectory.from_config(cfg).walk_revisions()}
+        try:
+            conn = self.engine.connect()
+        except OperationalError as e:
+            raise StorageError(f"cannot connect to {self.display}: {_first_line(e)}") from None
+        try:
+            if self.backend == "sqlite":
+                conn = conn.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+            with conn.begin():
+                if self.backend == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+                else:
+                    conn.exec_driver_sql("PRAGMA journal_mode")  # touches the header: fails on a non-database
+                tables = set(inspect(conn).get_table_names())
+                if VERSION_TABLE not in tables:
+                    foreign = sorted(tables - OUR_TABLES - SAVER_TABLES)
+                    if foreign:
+                        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+                        raise StorageError(
+                            f"{self._where()} holds tables that are not duogen's ({shown}); it was left untouched. "
+                            "Give duogen its own database with --db or DUOGEN_DATABASE_URL"
+                        )
+                else:
+                    current = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+                    if current is not None and current not in known:
+                        raise StorageError(
+                            f"{self._where()} has schema revision {current}, made by a newer duogen-agents; upgrade "
+                            "duogen-agents to open it"
+                        )
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+                revision = conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar_one()
+            if self.backend == "sqlite":
+                with contextlib.suppress(DatabaseError):
+                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            return str(revision)
+        except DatabaseError as e:
+            if self.backend == "sqlite":
+                raise StorageError(
+                    f"{self._where()} is not a usable SQLite database ({_first_line(e)}); it was left untouched. "
+                    "Move it aside or point --db elsewhere"
+                ) from None
+            raise StorageError(f"cannot open {self.display}: {_first_line(e)}") from None
+        finally:
+            conn.close()
+
+    def revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            if VERSION_TABLE not in inspect(conn).get_table_names():
+                return None
+            return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+
+    # ---- records and checkpoints -----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[OrmSession]:
+        """An ORM session in one transaction: committed on success, rolled back on any error."""
+        with self.sessionmaker() as s, s.begin():
+            yield s
+
+    @property
+    def saver(self) -> Any:
+        """The LangGraph checkpoint saver for this database (tables created on first use)."""
+        if self._saver is None:
+            if self.backend == "sqlite":
+                from langgraph.checkpoint.sqlite import SqliteSaver
+
+                assert self.path is not None
+                conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
+                conn.execute("PRAGMA busy_timeout=30000")
+                saver = SqliteSaver(conn)
+                saver.setup()
+            else:
+                import psycopg
+                from langgraph.checkpoint.postgres import PostgresSaver
+                from psycopg.rows import dict_row
+
+                conn = psycopg.connect(
+                    _psycopg_conninfo(self.url), autocommit=True, prepare_threshold=0, row_factory=dict_row
+                )
+                saver = PostgresSaver(conn)
+                # Several processes may open a fresh database at once; the saver's own setup is not atomic.
+                conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_KEY + 1,))
+                try:
+                    saver.setup()
+                finally:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_KEY + 1,))
+            self._saver, self._saver_conn = saver, conn
+        return self._saver
+
+    # ---- locks ----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, session_id: str, *, wait: float | None = None) -> Iterator[None]:
+        """Hold the write lock of one session. ``wait``: seconds to wait for it (``None``: fail at once)."""
+        check_session_id(session_id)
+        deadline = None if wait is None else time.monotonic() + wait
+        if self.backend == "sqlite":
+            with self._file_lock(session_id, deadline):
+                yield
+        else:
+            with self._advisory_lock(session_id, deadline):
+                yield
+
+    def _busy(self, session_id: str, holder: str = "") -> SessionBusyError:
+        who = f" ({holder})" if holder else ""
+        return SessionBusyError(
+            f"session {session_id!r} is busy: another process is writing it{who}; wait for it with --wait, "
+            "or try again when it finishes"
+        )
+
+    @contextlib.contextmanager
+    def _file_lock(self, session_id: str, deadline: float | None) -> Iterator[None]:
+        import fcntl
+
+        assert self.path is not None
+        lock_dir = self.path.with_name(self.path.name + ".locks")
+        lock_dir.mkdir(exist_ok=True)
+        fd = os.open(lock_dir / f"{session_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline is None or time.monotonic() >= deadline:
+                        holder = os.pread(fd, 100, 0).decode(errors="replace").strip()
+                        raise self._busy(session_id, holder) from None
+                    time.sleep(0.1)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _advisory_lock(self, session_id: str, deadline: float | None) -> Iterator[None]:
+        key = int.from_bytes(hashlib.sha256(f"duogen-session:{session_id}".encode()).digest()[:8], "big", signed=True)
+        conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            while not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+                if deadline is None or time.monotonic() >= deadline:
+                    raise self._busy(session_id)
+                time.sleep(0.1)
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        if self._saver_conn is not None:
+            with contextlib.suppress(Exception):
+                self._saver_conn.close()
+            self._saver = self._saver_conn = None
+        self.engine.dispose()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _alembic_config() -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    return cfg
+
+
+def _psycopg_conninfo(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _first_line(e: BaseException) -> str:
+    orig = getattr(e, "orig", None) or e
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
