@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from duogen_agents.errors import DuogenError
 
@@ -29,8 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version="duogen-agents 0.1.0")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="answer one prompt with text and images", description="Answer one prompt.")
-    run.add_argument("prompt", help="what to answer; use - to read it from stdin")
-    run.add_argument("--mode", default="interleaved", choices=["interleaved", "visual-plan", "draft"])
+    run.add_argument("prompt", nargs="?", help="what to answer; use - to read it from stdin")
+    run.add_argument(
+        "--mode",
+        default=None,
+        choices=["interleaved", "visual-plan", "draft"],
+        help="default: the session's mode, else interleaved",
+    )
     run.add_argument("--preset", default="tiny", help=f"built-in ({', '.join(BUILTIN)}) or a .toml/.json file")
     run.add_argument("--image", action="append", default=[], metavar="FILE", help="attach an input image (repeatable)")
     run.add_argument("--out", type=Path, metavar="DIR", help="write document.md/.html/.json and images/ here")
@@ -39,8 +45,57 @@ def _parser() -> argparse.ArgumentParser:
         "--home", type=Path, default=None, help="data directory (default: $DUOGEN_HOME or ~/.local/share/duogen)"
     )
     run.add_argument("--no-preview", action="store_true", help="print image paths without half-block previews")
+    run.add_argument("--session", metavar="ID", help="keep the conversation in session ID (created on first use)")
+    run.add_argument("--resume", action="store_true", help="continue the session's interrupted turn")
+    run.add_argument("--discard", action="store_true", help="drop the session's interrupted turn, then send")
+    _db_args(run)
     sub.add_parser("presets", help="list the built-in presets")
+
+    ses = sub.add_parser("sessions", help="list, show, export, fork or delete sessions; gc the image store")
+    ssub = ses.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _db_args(ssub.add_parser("list", help="list the sessions"))
+    show = ssub.add_parser("show", help="print a session's turns")
+    show.add_argument("id")
+    _db_args(show)
+    exp = ssub.add_parser("export", help="export a session as html, md or json")
+    exp.add_argument("id")
+    exp.add_argument("--format", default="html", choices=["html", "md", "json"])
+    exp.add_argument("--out", type=Path, metavar="FILE", help="write here (default: print to stdout)")
+    _db_args(exp)
+    fork = ssub.add_parser("fork", help="copy a session to a new id")
+    fork.add_argument("id")
+    fork.add_argument("--as", dest="new_id", metavar="NEW_ID", help="the new session's id")
+    _db_args(fork)
+    delete = ssub.add_parser("delete", help="delete a session, its checkpoints and images no other session uses")
+    delete.add_argument("id")
+    _db_args(delete)
+    gc = ssub.add_parser("gc", help="remove image files that no session references")
+    gc.add_argument(
+        "--grace", type=float, default=3600.0, metavar="SECONDS", help="keep files younger than this (default 3600)"
+    )
+    _db_args(gc)
     return p
+
+
+def _db_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--db",
+        metavar="URL",
+        help="sqlite:///file or postgresql://... (default: $DUOGEN_DATABASE_URL, else SQLite in the data directory)",
+    )
+    if not any(a.dest == "home" for a in p._actions):
+        p.add_argument(
+            "--home", type=Path, default=None, help="data directory (default: $DUOGEN_HOME or ~/.local/share/duogen)"
+        )
+    p.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=float("inf"),
+        default=None,
+        metavar="SECONDS",
+        help="if another process is writing the session, wait for it (for ever, or SECONDS)",
+    )
 
 
 def _cmd_presets() -> int:
@@ -59,37 +114,98 @@ def _cmd_presets() -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.markdown import Markdown
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from duogen_agents.errors import ConfigError
     from duogen_agents.presets import load_preset
     from duogen_agents.storage.inputs import load_input_image
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    # Validate everything cheap before loading any model.
-    if not prompt.strip():
-        raise ConfigError('the prompt is empty; say what you want, e.g. duogen run "How do I repot a plant?"')
+    if args.resume and not args.session:
+        raise ConfigError("--resume needs --session ID")
+    if args.resume and (args.prompt or args.image):
+        raise ConfigError("--resume continues the interrupted turn; give no prompt or images with it")
+    if args.discard and not args.session:
+        raise ConfigError("--discard needs --session ID")
+    prompt = ""
+    if not args.resume:
+        if args.prompt is None:
+            raise ConfigError('give a prompt, e.g. duogen run "How do I repot a plant?" (or - to read stdin)')
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        # Validate everything cheap before loading any model.
+        if not prompt.strip():
+            raise ConfigError('the prompt is empty; say what you want, e.g. duogen run "How do I repot a plant?"')
     preset = load_preset(args.preset)
     for path in args.image:
         load_input_image(path)
     out = Console()
     err = Console(stderr=True)
-    if preset.is_tiny:
-        err.print(f"[yellow]note:[/] preset {preset.name!r} uses random weights: its words and pictures are noise.")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise DuogenError(f"--out {args.out} exists and is not a folder")
 
+    session = None
+    db = None
+    if args.session:
+        from duogen_agents.sessions import Sessions
+        from duogen_agents.storage.database import check_session_id
+
+        check_session_id(args.session)
+        sessions = Sessions.open(args.db, home=args.home)
+        db = sessions.db
+        pending = sessions.last_turn(args.session)
+        if args.resume:
+            if not sessions.exists(args.session):
+                from duogen_agents.errors import SessionNotFoundError
+
+                raise SessionNotFoundError(f"no session {args.session!r}; `duogen sessions list` shows the sessions")
+            if pending is None or pending.status not in ("running", "interrupted"):
+                err.print(f"session {args.session!r} has nothing to resume: its last turn finished.")
+                return 0
+        with db.lock(args.session, wait=args.wait):  # fail fast, before loading the models
+            pass
+
+    if preset.is_tiny:
+        err.print(f"[yellow]note:[/] preset {preset.name!r} uses random weights: its words and pictures are noise.")
     from duogen_agents.agent import Agent
-    from duogen_agents.render_terminal import HalfBlockImage
 
     with err.status(f"loading preset {preset.name}..."):
         agent = Agent.from_preset(preset, home=args.home)
+    if args.session:
+        session = agent.session(args.session, database=db, wait=args.wait)
+        if args.discard and session.cancel():
+            err.print(f"dropped the interrupted turn of session {args.session!r}")
+        if args.resume:
+            events = session.resume()
+        else:
+            events = session.stream(prompt, mode=args.mode, images=args.image, seed=args.seed)
+    else:
+        events = agent.stream(prompt, mode=args.mode or "interleaved", images=args.image, seed=args.seed)
+    try:
+        doc = print_events(events, agent, out, err, preview=not args.no_preview)
+    except KeyboardInterrupt:
+        if args.session:
+            print(
+                f"duogen: interrupted; the turn is kept: continue it with duogen run --session {args.session} --resume",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
+        raise
+    if args.out is not None:
+        agent.save(doc, args.out)
+        err.print(f"wrote {args.out}/document.md, document.html, document.json and {len(doc.images)} image(s)")
+    return 0
+
+
+def print_events(events: Any, agent: Any, out: Any, err: Any, *, preview: bool = True) -> Any:
+    """Print a turn's events (Markdown text, a progress bar per image, previews and paths); return its document."""
+    from rich.markdown import Markdown
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from duogen_agents.render_terminal import HalfBlockImage
+
     progress: Progress | None = None
     task = None
     doc = None
     try:
-        for event in agent.stream(prompt, mode=args.mode, images=args.image, seed=args.seed):
+        for event in events:
             kind = event["event"]
             if kind == "plan":
                 out.print(Markdown(f"# {event['title']}"))
@@ -115,7 +231,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 progress = None
                 if kind == "image_ready":
                     label = "Draft sketch" if event["origin"] == "draft" else "Image"
-                    if not args.no_preview and out.is_terminal:
+                    if preview and out.is_terminal:
                         out.print(HalfBlockImage(agent.store.open(event["image"]["id"]), max_width=min(48, out.width)))
                     out.print(f"[dim]{label} {event['index']}: {event['path']}[/]", highlight=False, soft_wrap=True)
                 else:
@@ -126,9 +242,69 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.stop()
     assert doc is not None
-    if args.out is not None:
-        agent.save(doc, args.out)
-        err.print(f"wrote {args.out}/document.md, document.html, document.json and {len(doc.images)} image(s)")
+    return doc
+
+
+def _cmd_sessions(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from duogen_agents.sessions import Sessions
+
+    out = Console()
+    err = Console(stderr=True)
+    sessions = Sessions.open(args.db, home=args.home)
+    try:
+        if args.action == "list":
+            items = sessions.list()
+            if not items:
+                err.print('no sessions yet: start one with duogen run --session NAME "..."')
+                return 0
+            t = Table("id", "title", "turns", "images", "mode", "preset", "updated", "state")
+            for i in items:
+                state = "unfinished turn" if i.pending else "ok"
+                t.add_row(
+                    i.id, i.title or "", str(i.turns), str(i.images), i.mode, i.preset,
+                    i.updated_at.strftime("%Y-%m-%d %H:%M"), state,
+                )  # fmt: skip
+            out.print(t)
+        elif args.action == "show":
+            info = sessions.get(args.id)
+            fork = f", forked from {info.parent_id}" if info.parent_id else ""
+            out.print(f"[bold]{info.id}[/]: {info.title or ''} ({info.turns} turns, {info.images} images{fork})")
+            for turn in sessions.turns(args.id):
+                status = "" if turn.status == "complete" else f" [yellow]({turn.status})[/]"
+                out.print(f"\n[bold]#{turn.number} you:[/] {turn.prompt}{status}", highlight=False)
+                for b in turn.document.blocks:
+                    if b.type == "text":
+                        out.print(b.text, highlight=False)
+                    else:
+                        label = "draft" if b.draft else "image"
+                        ref = f" (edit of {b.references[0][:12]})" if b.kind == "edit" and b.references else ""
+                        out.print(
+                            f"[dim][{label} {b.image.short}{ref}] {b.prompt} -> {sessions.store.path(b.image.id)}[/]",
+                            highlight=False,
+                            soft_wrap=True,
+                        )
+        elif args.action == "export":
+            text = sessions.export(args.id, args.format, args.out)
+            if text is not None:
+                sys.stdout.write(text)
+            else:
+                err.print(f"wrote {args.out}")
+        elif args.action == "fork":
+            info = sessions.fork(args.id, args.new_id)
+            out.print(f"forked {args.id} -> {info.id}")
+        elif args.action == "delete":
+            removed = sessions.delete(args.id, wait=args.wait)
+            out.print(f"deleted session {args.id} and {removed} image file(s) no other session uses")
+        elif args.action == "gc":
+            report = sessions.gc(grace_seconds=args.grace)
+            out.print(
+                f"removed {report.removed} unreferenced image file(s), {report.freed_bytes:,} bytes; kept {report.kept}"
+            )
+    finally:
+        sessions.close()
     return 0
 
 
@@ -141,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "presets":
             return _cmd_presets()
+        if args.command == "sessions":
+            return _cmd_sessions(args)
         return _cmd_run(args)
     except DuogenError as e:
         print(f"duogen: error: {e}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +32,21 @@ class ScriptedPlanner:
         return PlannerOutput(text=text, num_tokens=max(1, len(text) // 4))
 
 
+class FailingImageTool:
+    """Raises on the ``fail_on``-th draw (1-based), to interrupt a turn mid-way."""
+
+    def __init__(self, fail_on: int, inner: SolidImageTool | None = None) -> None:
+        self.fail_on = fail_on
+        self.inner = inner or SolidImageTool()
+        self.calls = 0
+
+    def draw(self, prompt: str, **kwargs: Any):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("the GPU fell over (simulated)")
+        return self.inner.draw(prompt, **kwargs)
+
+
 class SolidImageTool:
     """Draws a solid colour per call and records what it was given."""
 
@@ -41,5 +57,6 @@ class SolidImageTool:
         self.requests.append({"prompt": prompt, "references": list(references), "seed": seed})
         if on_step:
             on_step(1, 1)
-        n = len(self.requests)
-        return Image.new("RGB", (16, 16), (n * 40 % 256, 80, 160))
+        # The colour depends on the request, so different requests give different images (and ids).
+        h = hashlib.sha256(f"{prompt}|{seed}|{len(self.requests)}".encode()).digest()
+        return Image.new("RGB", (16, 16), (h[0], h[1], h[2]))

@@ -1,0 +1,264 @@
+"""Persisted sessions: one suite, run against SQLite and against PostgreSQL (the ``db_url`` fixture)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from duogen_agents import Agent
+from duogen_agents.errors import SessionBusyError, SessionNotFoundError, SessionStateError
+from duogen_agents.presets import load_preset
+from duogen_agents.sessions import Sessions
+from duogen_agents.storage.database import Database
+from tests.fakes import FailingImageTool, ScriptedPlanner, SolidImageTool
+
+TEXT = {"type": "text", "text": "Water the pots in the morning."}
+DONE = {"type": "done"}
+OK = {"verdict": "ok"}
+
+
+def _image(prompt, refs=(), kind="generate"):
+    return {"type": "image", "prompt": prompt, "references": list(refs), "kind": kind}
+
+
+def _agent(home, script, tool=None, **limits):
+    preset = load_preset("tiny")
+    preset.limits = preset.limits.model_copy(update=limits)
+    return Agent(preset, planner=ScriptedPlanner(script), image_tool=tool or SolidImageTool(), home=home)
+
+
+@pytest.fixture
+def db(db_url, tmp_path):
+    d = Database.open(db_url, home=tmp_path)
+    yield d
+    d.close()
+
+
+def test_follow_up_edit_reaches_the_image_tool_with_the_earlier_image(db, tmp_path) -> None:
+    a1 = _agent(tmp_path, [TEXT, _image("a terracotta pot"), OK, DONE])
+    doc1 = a1.session("balcony", database=db).send("Plan a small balcony garden")
+    pot = doc1.images[0].image
+
+    tool = SolidImageTool()
+    a2 = _agent(tmp_path, [_image("the same pot, blue", [pot.short], "edit"), OK, DONE], tool=tool)
+    s2 = a2.session("balcony", database=db)
+    doc2 = s2.send("Redraw the pot in blue")
+
+    # The planner of turn 2 saw turn 1's message and its image.
+    conversation = a2.planner.calls[0][0]
+    texts = [p.get("text", "") for t in conversation for p in t["content"]]
+    assert any("Plan a small balcony garden" in t for t in texts)
+    assert sum(p["type"] == "image" for t in conversation for p in t["content"]) >= 1
+    # The image tool got the earlier image's pixels as its reference.
+    (frame,) = tool.requests[0]["references"]
+    assert np.array_equal(np.asarray(frame), np.asarray(a1.store.open(pot)))
+    # The edit is a new image; the earlier version is kept, and the record names its parent.
+    edit = doc2.images[0]
+    assert edit.kind == "edit" and edit.references == [pot.id] and edit.image.id != pot.id
+    arts = {a["sha256"]: a for a in s2.sessions.image_artifacts("balcony")}
+    assert arts[edit.image.id]["parent_sha256"] == pot.id
+    assert arts[edit.image.id]["request"]["prompt"] == "the same pot, blue"
+    assert a1.store.exists(pot.id) and a1.store.exists(edit.image.id)
+    history = s2.history()
+    assert [t.prompt for t in history] == ["Plan a small balcony garden", "Redraw the pot in blue"]
+    assert [t.status for t in history] == ["complete", "complete"]
+    assert history[0].document.images[0].image == pot
+
+
+def test_records_and_listing(db, tmp_path) -> None:
+    sessions = Sessions(db, _agent(tmp_path, []).store)
+    assert sessions.list() == []
+    a = _agent(tmp_path, [TEXT, _image("a", []), OK, DONE, TEXT, DONE])
+    s = a.session("garden", database=db)
+    s.send("first", mode="interleaved")
+    s.send("second")
+    (info,) = sessions.list()
+    assert (info.id, info.turns, info.images, info.mode, info.last_status) == ("garden", 2, 1, "interleaved", "complete")
+    assert info.title == "first"
+    with pytest.raises(SessionNotFoundError):
+        sessions.get("nope")
+    doc = sessions.document("garden")
+    assert [b.type for b in doc.blocks] == ["text", "text", "image", "text", "text"]
+    html = sessions.export("garden", "html", None)
+    assert "data:image/png;base64," in html and "second" in html
+    sessions.export("garden", "md", tmp_path / "out" / "g.md")
+    md = (tmp_path / "out" / "g.md").read_text()
+    name = doc.images[0].image.filename
+    assert f"(g.images/{name})" in md and (tmp_path / "out" / "g.images" / name).exists()
+
+
+def test_exception_mid_turn_then_resume_completes_without_duplicates(db, tmp_path) -> None:
+    script = [TEXT, _image("one"), OK, _image("two"), OK, DONE]
+    a = _agent(tmp_path, list(script), tool=FailingImageTool(fail_on=2))
+    s = a.session("s1", database=db)
+    with pytest.raises(RuntimeError, match="fell over"):
+        s.send("draw two things")
+    pending = s.pending_turn()
+    assert pending is not None and pending.status == "interrupted" and "fell over" in (pending.error or "")
+    # A new message is refused until the turn is resumed or dropped; nothing is lost.
+    with pytest.raises(SessionStateError, match="unfinished turn"):
+        s.send("something else")
+    # Resume with a working tool: the planner continues where the turn stopped (image two is redrawn).
+    b = _agent(tmp_path, [OK, DONE])
+    b2 = b.session("s1", database=db)
+    events = list(b2.resume())
+    doc = events[-1]["document"]
+    assert [blk.type for blk in doc.blocks] == ["text", "image", "image"]
+    assert [blk.prompt for blk in doc.images] == ["one", "two"]
+    (turn,) = b2.history()
+    assert turn.status == "complete" and turn.error is None
+    shas = [x["sha256"] for x in b2.sessions.image_artifacts("s1")]
+    assert len(shas) == len(set(shas)) == 2
+    assert b2.pending_turn() is None
+    with pytest.raises(SessionStateError, match="nothing to resume"):
+        list(b2.resume())
+
+
+def test_cancel_restores_the_state_before_the_turn(db, tmp_path) -> None:
+    a = _agent(tmp_path, [TEXT, DONE])
+    s = a.session("c1", database=db)
+    s.send("turn one")
+    before = s.graph.get_state(s._config()).values
+    broken = _agent(tmp_path, [_image("x"), OK, _image("y")], tool=FailingImageTool(fail_on=2))
+    sb = broken.session("c1", database=db)
+    with pytest.raises(RuntimeError):
+        sb.send("turn two")
+    assert sb.cancel() is True
+    after = sb.graph.get_state(sb._config()).values
+    assert [m.content for m in after["messages"]] == [m.content for m in before["messages"]]
+    assert after["known_images"] == before["known_images"]
+    c = _agent(tmp_path, [TEXT, DONE])
+    doc = c.session("c1", database=db).send("turn three")
+    assert doc.text == TEXT["text"]
+    turns = c.session("c1", database=db).history()
+    assert [t.status for t in turns] == ["complete", "cancelled", "complete"]
+    # The cancelled turn's images are no longer referenced by the session's records.
+    assert c.session("c1", database=db).sessions.image_artifacts("c1") == []
+    # A cancelled first turn leaves no state at all.
+    d = _agent(tmp_path, [_image("x")], tool=FailingImageTool(fail_on=1))
+    sd = d.session("c2", database=db)
+    with pytest.raises(RuntimeError):
+        sd.send("first")
+    assert sd.cancel() is True
+    assert not sd.graph.get_state(sd._config()).values
+
+
+def test_second_writer_is_busy_or_waits(db_url, tmp_path) -> None:
+    db1 = Database.open(db_url, home=tmp_path)
+    db2 = Database.open(db_url, home=tmp_path)
+    try:
+        with db1.lock("shared"):
+            with pytest.raises(SessionBusyError, match="busy"):
+                with db2.lock("shared"):
+                    pass
+            t0 = time.monotonic()
+            with pytest.raises(SessionBusyError):
+                with db2.lock("shared", wait=0.3):
+                    pass
+            assert time.monotonic() - t0 >= 0.3
+            with db2.lock("other"):  # another session proceeds
+                pass
+            a = _agent(tmp_path, [TEXT, DONE])
+            with pytest.raises(SessionBusyError):
+                a.session("shared", database=db2).send("hello")
+        # Waiting: the first holder releases after a moment, the waiter then gets the lock.
+        got = threading.Event()
+        with db1.lock("shared"):
+
+            def waiter() -> None:
+                with db2.lock("shared", wait=30):
+                    got.set()
+
+            th = threading.Thread(target=waiter)
+            th.start()
+            time.sleep(0.3)
+            assert not got.is_set()
+        th.join(10)
+        assert got.is_set()
+    finally:
+        db1.close()
+        db2.close()
+
+
+def test_fork_delete_and_gc(db, tmp_path) -> None:
+    a = _agent(tmp_path, [_image("shared pot"), OK, DONE])
+    a.session("orig", database=db).send("draw a pot")
+    sessions = Sessions(db, a.store)
+    info = sessions.fork("orig", "copy")
+    assert info.parent_id == "orig" and info.turns == 1
+    pot = sessions.document("orig").images[0].image
+    # The fork continues on its own: its planner sees the copied history.
+    b = _agent(tmp_path, [_image("pot, forked", [pot.short], "edit"), OK, DONE])
+    b.session("copy", database=db).send("make it green")
+    seen = [p.get("text", "") for t in b.planner.calls[0][0] for p in t["content"]]
+    assert any("draw a pot" in t for t in seen) and any("make it green" in t for t in seen)
+    assert len(sessions.turns("copy")) == 2 and len(sessions.turns("orig")) == 1
+    forked_only = sessions.document("copy").images[-1].image
+    # An orphan file (no record) and a fresh orphan (inside the grace period).
+    orphan = a.store.put(Image.new("RGB", (4, 4), (1, 2, 3)))
+    old = time.time() - 7200
+    os.utime(a.store.path(orphan.id), (old, old))
+    fresh = a.store.put(Image.new("RGB", (4, 4), (3, 2, 1)))
+    report = sessions.gc(grace_seconds=3600)
+    assert report.removed == 1 and not a.store.exists(orphan.id) and a.store.exists(fresh.id)
+    # Deleting the original keeps the pot (the fork references it).
+    assert sessions.delete("orig") == 0
+    assert a.store.exists(pot.id)
+    assert not db.saver.get_tuple({"configurable": {"thread_id": "orig"}})
+    # Deleting the fork removes both images: nobody references them any more.
+    assert sessions.delete("copy") == 2
+    assert not a.store.exists(pot.id) and not a.store.exists(forked_only.id)
+    assert sessions.list() == []
+    with pytest.raises(SessionNotFoundError):
+        sessions.delete("copy")
+
+
+def _checkpoint_bytes(db: Database) -> tuple[int, int]:
+    """(bytes stored for checkpoints and their writes, number of checkpoints)."""
+    from sqlalchemy import text
+
+    with db.engine.connect() as c:
+        if db.backend == "sqlite":
+            b = c.execute(
+                text(
+                    "SELECT (SELECT COALESCE(SUM(LENGTH(checkpoint) + LENGTH(metadata)), 0) FROM checkpoints)"
+                    " + (SELECT COALESCE(SUM(LENGTH(value)), 0) FROM writes)"
+                )
+            ).scalar()
+        else:
+            b = c.execute(
+                text(
+                    "SELECT (SELECT COALESCE(SUM(pg_column_size(checkpoint) + pg_column_size(metadata)), 0)"
+                    " FROM checkpoints) + (SELECT COALESCE(SUM(pg_column_size(blob)), 0) FROM checkpoint_blobs)"
+                    " + (SELECT COALESCE(SUM(pg_column_size(blob)), 0) FROM checkpoint_writes)"
+                )
+            ).scalar()
+        n = c.execute(text("SELECT COUNT(*) FROM checkpoints")).scalar()
+    return int(b), int(n)
+
+
+def test_checkpoint_bytes_do_not_grow_with_the_images_of_a_session(db, tmp_path, capsys) -> None:
+    """One image per turn: a turn's checkpoints cost the same bytes with 1 or 20 earlier images."""
+    per_turn: list[float] = []
+    agent = _agent(tmp_path, [], check=False)
+    s = agent.session("big", database=db)
+    for i in range(21):
+        agent.planner.script = [_image(f"picture {i}"), DONE]
+        b0, n0 = _checkpoint_bytes(db)
+        s.send(f"turn {i}")
+        b1, n1 = _checkpoint_bytes(db)
+        per_turn.append((b1 - b0) / (n1 - n0))
+    assert len(s.graph.get_state(s._config()).values["known_images"]) == 21
+    with capsys.disabled():
+        print(
+            f"\n[{db.backend}] bytes per checkpoint: first turn {per_turn[0]:.0f}, "
+            f"with 1 earlier image {per_turn[1]:.0f}, with 20 earlier images {per_turn[20]:.0f}"
+        )
+    # messages and known_images are DeltaChannels: a checkpoint stores what its step wrote, not the
+    # history, so 19 more images (and their messages) add nothing per checkpoint.
+    assert per_turn[20] < per_turn[1] * 1.05 + 32
