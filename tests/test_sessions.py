@@ -78,7 +78,13 @@ def test_records_and_listing(db, tmp_path) -> None:
     s.send("first", mode="interleaved")
     s.send("second")
     (info,) = sessions.list()
-    assert (info.id, info.turns, info.images, info.mode, info.last_status) == ("garden", 2, 1, "interleaved", "complete")
+    assert (info.id, info.turns, info.images, info.mode, info.last_status) == (
+        "garden",
+        2,
+        1,
+        "interleaved",
+        "complete",
+    )
     assert info.title == "first"
     with pytest.raises(SessionNotFoundError):
         sessions.get("nope")
