@@ -260,13 +260,19 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
             if not items:
                 err.print('no sessions yet: start one with duogen run --session NAME "..."')
                 return 0
-            t = Table("id", "title", "turns", "images", "mode", "preset", "updated", "state")
-            for i in items:
-                state = "unfinished turn" if i.pending else "ok"
-                t.add_row(
-                    i.id, i.title or "", str(i.turns), str(i.images), i.mode, i.preset,
-                    i.updated_at.strftime("%Y-%m-%d %H:%M"), state,
-                )  # fmt: skip
+            rows = [
+                (
+                    i.id, str(i.turns), str(i.images), i.mode, i.preset,
+                    i.updated_at.strftime("%Y-%m-%d %H:%M"), "unfinished turn" if i.pending else "ok",
+                )
+                for i in items
+            ]  # fmt: skip
+            t = Table(box=None, pad_edge=False)
+            for k, name in enumerate(("id", "turns", "images", "mode", "preset", "updated", "state")):
+                t.add_column(name, no_wrap=True, min_width=max(len(name), *(len(r[k]) for r in rows)))
+            t.add_column("title", no_wrap=True, overflow="ellipsis")
+            for i, row in zip(items, rows):
+                t.add_row(*row, i.title or "")
             out.print(t)
         elif args.action == "show":
             info = sessions.get(args.id)
