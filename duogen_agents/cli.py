@@ -271,7 +271,7 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
             for k, name in enumerate(("id", "turns", "images", "mode", "preset", "updated", "state")):
                 t.add_column(name, no_wrap=True, min_width=max(len(name), *(len(r[k]) for r in rows)))
             t.add_column("title", no_wrap=True, overflow="ellipsis")
-            for i, row in zip(items, rows):
+            for i, row in zip(items, rows, strict=True):
                 t.add_row(*row, i.title or "")
             out.print(t)
         elif args.action == "show":
