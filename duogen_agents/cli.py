@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     _db_args(run)
     sub.add_parser("presets", help="list the built-in presets")
 
+    chat = sub.add_parser("chat", help="a terminal chat that streams interleaved answers")
+    chat.add_argument("--session", metavar="ID", help="continue session ID (default: a new session)")
+    chat.add_argument("--preset", default="tiny", help="built-in preset or a .toml/.json file")
+    chat.add_argument("--mode", default=None, choices=["interleaved", "visual-plan", "draft"])
+    chat.add_argument("--images", default="auto", choices=["auto", "sixel", "kitty", "halfcell", "off"])
+    _db_args(chat)
+
     ses = sub.add_parser("sessions", help="list, show, export, fork or delete sessions; gc the image store")
     ssub = ses.add_subparsers(dest="action", metavar="ACTION", required=True)
     _db_args(ssub.add_parser("list", help="list the sessions"))
@@ -247,7 +254,6 @@ def print_events(events: Any, agent: Any, out: Any, err: Any, *, preview: bool =
 
 def _cmd_sessions(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from duogen_agents.sessions import Sessions
 
@@ -260,19 +266,9 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
             if not items:
                 err.print('no sessions yet: start one with duogen run --session NAME "..."')
                 return 0
-            rows = [
-                (
-                    i.id, str(i.turns), str(i.images), i.mode, i.preset,
-                    i.updated_at.strftime("%Y-%m-%d %H:%M"), "unfinished turn" if i.pending else "ok",
-                )
-                for i in items
-            ]  # fmt: skip
-            t = Table(box=None, pad_edge=False)
-            for k, name in enumerate(("id", "turns", "images", "mode", "preset", "updated", "state")):
-                t.add_column(name, no_wrap=True, min_width=max(len(name), *(len(r[k]) for r in rows)))
-            t.add_column("title", no_wrap=True, overflow="ellipsis")
-            for i, row in zip(items, rows, strict=True):
-                t.add_row(*row, i.title or "")
+            from duogen_agents.render_terminal import sessions_table
+
+            t = sessions_table(items)
             out.print(t)
         elif args.action == "show":
             info = sessions.get(args.id)
@@ -325,6 +321,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_presets()
         if args.command == "sessions":
             return _cmd_sessions(args)
+        if args.command == "chat":
+            from duogen_agents.chat import ChatApp
+
+            return ChatApp(
+                preset=args.preset, mode=args.mode, session_id=args.session, db=args.db, home=args.home,
+                images=args.images, wait=args.wait,
+            ).run()  # fmt: skip
         return _cmd_run(args)
     except DuogenError as e:
         print(f"duogen: error: {e}", file=sys.stderr)

@@ -6,6 +6,11 @@ block (foreground = top pixel, background = bottom pixel) in truecolor.
 
 from __future__ import annotations
 
+import base64
+import io
+import os
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from PIL import Image
@@ -44,3 +49,157 @@ class HalfBlockImage:
 
         w = min(options.max_width, self.max_width, self.image.width)
         return Measurement(w, w)
+
+
+IMAGE_MODES = ("auto", "sixel", "kitty", "halfcell", "off")
+
+
+def detect_image_mode(console: Console, env: Mapping[str, str] | None = None) -> str:
+    """The best inline-image protocol this terminal is known to speak, from its environment.
+
+    kitty graphics for kitty, Ghostty and WezTerm; sixel for foot, mlterm, Windows Terminal and
+    terminals that say so in ``$TERM``; truecolor half-blocks otherwise; ``off`` when not a terminal.
+    (No escape-sequence query: it would need raw-mode reads and can hang behind tmux or ssh.)
+    """
+    env = os.environ if env is None else env
+    if not console.is_terminal:
+        return "off"
+    term = env.get("TERM", "")
+    program = env.get("TERM_PROGRAM", "")
+    if env.get("TMUX"):
+        return "halfcell"  # tmux passes neither protocol through by default
+    if term == "xterm-kitty" or env.get("KITTY_WINDOW_ID") or program in ("ghostty", "WezTerm"):
+        return "kitty"
+    if "sixel" in term or term.startswith(("foot", "mlterm")) or env.get("WT_SESSION"):
+        return "sixel"
+    return "halfcell"
+
+
+class KittyImage:
+    """The image as a kitty graphics-protocol escape (PNG, sent in 4096-byte chunks)."""
+
+    def __init__(self, image: Image.Image, columns: int = 48) -> None:
+        self.image = image.convert("RGB")
+        self.columns = columns
+
+    def escape(self, columns: int) -> str:
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG")
+        data = base64.standard_b64encode(buf.getvalue()).decode()
+        chunks = [data[i : i + 4096] for i in range(0, len(data), 4096)] or [""]
+        out = []
+        for i, chunk in enumerate(chunks):
+            more = 1 if i < len(chunks) - 1 else 0
+            head = f"a=T,f=100,c={columns},m={more}" if i == 0 else f"m={more}"
+            out.append(f"\x1b_G{head};{chunk}\x1b\\")
+        return "".join(out)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield Segment(self.escape(min(self.columns, options.max_width)), control=[])  # type: ignore[arg-type]
+        yield Segment.line()
+
+
+class SixelImage:
+    """The image as DEC sixel graphics (quantized to 256 colours)."""
+
+    def __init__(self, image: Image.Image, max_pixels_wide: int = 512) -> None:
+        im = image.convert("RGB")
+        if im.width > max_pixels_wide:
+            im = im.resize((max_pixels_wide, max(1, round(im.height * max_pixels_wide / im.width))))
+        self.image = im
+
+    def escape(self) -> str:
+        q = self.image.quantize(colors=256)
+        palette = q.getpalette() or []
+        w, h = q.size
+        px: Any = q.load()
+        used = sorted({px[x, y] for y in range(h) for x in range(w)})
+        parts = ['\x1bPq"1;1;' + f"{w};{h}"]
+        for c in used:
+            r, g, b = palette[3 * c : 3 * c + 3]
+            parts.append(f"#{c};2;{r * 100 // 255};{g * 100 // 255};{b * 100 // 255}")
+        for band in range(0, h, 6):
+            rows = range(band, min(band + 6, h))
+            colours = sorted({px[x, y] for y in rows for x in range(w)})
+            for n, c in enumerate(colours):
+                line = []
+                for x in range(w):
+                    bits = sum(1 << (y - band) for y in rows if px[x, y] == c)
+                    line.append(chr(63 + bits))
+                parts.append(f"#{c}" + "".join(line) + ("$" if n < len(colours) - 1 else ""))
+            parts.append("-")
+        parts.append("\x1b\\")
+        return "".join(parts)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield Segment(self.escape(), control=[])  # type: ignore[arg-type]
+        yield Segment.line()
+
+
+def image_view(image: Image.Image, mode: str, max_width: int = 48) -> Any | None:
+    """The renderable for ``mode`` (``sixel``, ``kitty``, ``halfcell``), or ``None`` for ``off``."""
+    if mode == "kitty":
+        return KittyImage(image, columns=max_width)
+    if mode == "sixel":
+        return SixelImage(image)
+    if mode == "halfcell":
+        return HalfBlockImage(image, max_width=max_width)
+    return None
+
+
+class StepProgress:
+    """One image's progress: ``image 2  ━━━━━━━╸━━━━━━  3/8 steps  0:00:04``."""
+
+    def __init__(self, label: str, total: int, started: float | None = None) -> None:
+        self.label = label
+        self.total = max(1, total)
+        self.step = 0
+        self.started = time.monotonic() if started is None else started
+        self.elapsed: float | None = None  # frozen when done
+
+    def update(self, step: int, total: int | None = None) -> None:
+        self.step = step
+        if total:
+            self.total = max(1, total)
+
+    def done(self) -> None:
+        self.step = self.total
+        self.elapsed = time.monotonic() - self.started
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        secs = int(self.elapsed if self.elapsed is not None else time.monotonic() - self.started)
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True)
+        grid.add_column(width=24)
+        grid.add_column(no_wrap=True)
+        grid.add_column(no_wrap=True)
+        grid.add_row(
+            self.label,
+            ProgressBar(total=self.total, completed=self.step, width=24),
+            f"{self.step}/{self.total} steps",
+            f"{secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}",
+        )
+        yield grid
+
+
+def sessions_table(items: Any, current: str | None = None) -> Any:
+    """The sessions as a borderless table; the title column takes what width is left."""
+    from rich.table import Table
+
+    rows = [
+        (
+            ("* " if i.id == current else "") + i.id, str(i.turns), str(i.images), i.mode, i.preset,
+            i.updated_at.strftime("%Y-%m-%d %H:%M"), "unfinished turn" if i.pending else "ok",
+        )
+        for i in items
+    ]  # fmt: skip
+    t = Table(box=None, pad_edge=False)
+    for k, name in enumerate(("id", "turns", "images", "mode", "preset", "updated", "state")):
+        t.add_column(name, no_wrap=True, min_width=max(len(name), *(len(r[k]) for r in rows)))
+    t.add_column("title", no_wrap=True, overflow="ellipsis")
+    for i, row in zip(items, rows, strict=True):
+        t.add_row(*row, i.title or "")
+    return t

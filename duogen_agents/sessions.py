@@ -618,6 +618,42 @@ class Session:
         doc = self.agent.document(values, prompt, mode, refs)
         yield {"event": "document", "document": doc, "thread_id": self.id, "session_id": self.id}
 
+    def redraw(self, number: int, *, seed: int | None = None) -> Iterator[dict[str, Any]]:
+        """Draw image ``number`` (1-based, over the session's images in order) again: the same prompt
+        and references with a new seed, as a turn of its own; the new image joins the conversation."""
+        from langchain_core.messages import HumanMessage
+
+        with self.db.lock(self.id, wait=self.wait):
+            if self.sessions.unfinished_turn(self.id) is not None:
+                raise SessionStateError(f"session {self.id!r} has an unfinished turn; resume or cancel it first")
+            images = [b for t in self.history() if t.status == "complete" for b in t.document.images]
+            if not 1 <= number <= len(images):
+                raise ConfigError(f"no image {number}: this session has {len(images)} image(s)")
+            old = images[number - 1]
+            seed = secrets.randbelow(2**31) if seed is None else seed
+            prompt = f"Draw image {number} again: {old.prompt}"
+            mode = self.sessions.get(self.id).mode
+            base = self.graph.get_state(self._config()).config["configurable"].get("checkpoint_id")
+            turn_id = self.sessions.begin_turn(
+                self.id, prompt=prompt, mode=mode, preset=self.agent.preset.name, seed=seed, inputs=[],
+                base_checkpoint_id=base,
+            )  # fmt: skip
+            state = {
+                "messages": [HumanMessage(content=[{"type": "text", "text": prompt}])],
+                "mode": mode,
+                "seed": seed,
+                "request": {
+                    "prompt": old.prompt,
+                    "references": list(old.references),
+                    "kind": old.kind,
+                    "origin": "draft" if old.origin == "draft" else "generated",
+                    "step": old.step,
+                    "attempt": 1,
+                    "seed": 0,
+                },
+            }
+            yield from self._drive(turn_id, state, prompt, mode, [])
+
     def resume(self) -> Iterator[dict[str, Any]]:
         """Continue the unfinished last turn from its last checkpoint, yielding its events.
         Raises ``SessionStateError`` when nothing is pending."""

@@ -66,6 +66,9 @@ class TurnState(TypedDict, total=False):
     known_images: Annotated[dict[str, dict[str, Any]], DeltaChannel(merge_images)]
     mode: Mode
     seed: int
+    # Input only: an image request to draw directly (a redraw), without asking the planner.
+    request: PendingImage | None
+    direct: bool
     # Per-turn bookkeeping, reset by the start node.
     title: str | None
     plan: dict[str, Any] | None

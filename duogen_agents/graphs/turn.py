@@ -4,6 +4,7 @@
 
     START -> start -+-> outline (visual-plan) -> plan
                     +-> plan
+                    +-> render (a direct request: redraw an image; then finish)
     plan  -> render (an image is due) | plan (text written) | finish (done or a limit reached)
     render -> check (checks on) | plan
     check  -> render (redraw, within the budget) | plan
@@ -137,13 +138,16 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
     # ---- nodes ---------------------------------------------------------------------------------
 
     def start(state: TurnState) -> dict[str, Any]:
+        request = state.get("request")
         return {
+            "request": None,
+            "direct": request is not None,
             "blocks": [RESET_BLOCKS],
             "rejected": [RESET_BLOCKS],
             "title": None,
             "plan": None,
             "step": 0,
-            "pending": None,
+            "pending": request,
             "candidate": None,
             "actions": 0,
             "calls": 0,
@@ -337,7 +341,12 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
     # ---- routing -------------------------------------------------------------------------------
 
     def after_start(state: TurnState) -> str:
+        if state.get("pending"):
+            return "render"
         return "outline" if state.get("mode") == "visual-plan" else "plan"
+
+    def next_after_image(state: TurnState) -> str:
+        return "finish" if state.get("direct") else "plan"
 
     def after_plan(state: TurnState) -> str:
         if state.get("pending"):
@@ -347,10 +356,10 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
         return "plan"
 
     def after_render(state: TurnState) -> str:
-        return "check" if state.get("candidate") else "plan"
+        return "check" if state.get("candidate") else next_after_image(state)
 
     def after_check(state: TurnState) -> str:
-        return "render" if state.get("pending") else "plan"
+        return "render" if state.get("pending") else next_after_image(state)
 
     graph = StateGraph(TurnState)
     graph.add_node("start", start)
@@ -360,11 +369,11 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
     graph.add_node("check", check)
     graph.add_node("finish", finish)
     graph.add_edge(START, "start")
-    graph.add_conditional_edges("start", after_start, ["outline", "plan"])
+    graph.add_conditional_edges("start", after_start, ["outline", "plan", "render"])
     graph.add_edge("outline", "plan")
     graph.add_conditional_edges("plan", after_plan, ["render", "plan", "finish"])
-    graph.add_conditional_edges("render", after_render, ["check", "plan"])
-    graph.add_conditional_edges("check", after_check, ["render", "plan"])
+    graph.add_conditional_edges("render", after_render, ["check", "plan", "finish"])
+    graph.add_conditional_edges("check", after_check, ["render", "plan", "finish"])
     graph.add_edge("finish", END)
     if not compile:
         return graph
