@@ -128,7 +128,9 @@ class ChatApp:
         key = self.preset.name
         if key not in self._agents:
             if self.preset.is_tiny:
-                self.err.print(f"[yellow]note:[/] preset {key!r} uses random weights: its words and pictures are noise.")
+                self.err.print(
+                    f"[yellow]note:[/] preset {key!r} uses random weights: its words and pictures are noise."
+                )
             with self.err.status(f"loading preset {key}..."):
                 self._agents[key] = Agent.from_preset(self.preset, home=self.home)
         return self._agents[key]

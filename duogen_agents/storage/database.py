@@ -133,7 +133,9 @@ class Database:
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Connection) -> None:
-            conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
+            # IMMEDIATE: take the write lock up front. A deferred transaction that reads, then writes,
+            # fails at once with "database is locked" when another process wrote in between.
+            conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN IMMEDIATE"))
 
         return engine
 
@@ -217,7 +219,10 @@ class Database:
                 conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
                 conn.execute("PRAGMA busy_timeout=30000")
                 saver = SqliteSaver(conn)
-                saver.setup()
+                # The saver's setup switches the journal mode, which fails at once ("database is
+                # locked") while another process does the same: serialise it across processes.
+                with self._file_lock("_setup", time.monotonic() + 60):
+                    saver.setup()
             else:
                 import psycopg
                 from langgraph.checkpoint.postgres import PostgresSaver
@@ -228,7 +233,15 @@ class Database:
                 )
                 saver = PostgresSaver(conn)
                 # Several processes may open a fresh database at once; the saver's own setup is not atomic.
-                conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_KEY + 1,))
+                # Poll, never block: a blocked lock call is an open transaction, which the saver's
+                # CREATE INDEX CONCURRENTLY in the process holding the lock would wait for (deadlock).
+                deadline = time.monotonic() + 120
+                while not conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (_MIGRATION_LOCK_KEY + 1,)).fetchone()[
+                    "ok"
+                ]:
+                    if time.monotonic() > deadline:
+                        raise StorageError(f"timed out preparing the checkpoint tables in {self.display}")
+                    time.sleep(0.05)
                 try:
                     saver.setup()
                 finally:
