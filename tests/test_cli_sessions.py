@@ -18,7 +18,9 @@ def _run(capsys, *argv):
 @pytest.mark.slow
 def test_session_commands_end_to_end(db_url, home, tmp_path, capsys) -> None:
     db = ("--db", db_url)
-    code, out, err = _run(capsys, "run", "--session", "balcony", "Plan a small balcony garden", "--mode", "visual-plan", *db)
+    code, out, err = _run(
+        capsys, "run", "--session", "balcony", "Plan a small balcony garden", "--mode", "visual-plan", *db
+    )
     assert code == 0, err
     code, out, err = _run(capsys, "run", "--session", "balcony", "Redraw step 2 with a blue pot", *db)
     assert code == 0, err
