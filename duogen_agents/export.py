@@ -17,7 +17,7 @@ from pathlib import Path
 
 from duogen_agents.document import ImageBlock, ImageRef, InterleavedDocument, TextBlock
 from duogen_agents.errors import StorageError
-from duogen_agents.storage.images import ImageStore
+from duogen_agents.storage.images import ImageStore, write_atomic  # noqa: F401 (re-exported)
 
 NOISE_NOTE = "Made with the tiny preset: random weights, so its words and pictures are noise."
 
@@ -136,21 +136,3 @@ def write_document(doc: InterleavedDocument, store: ImageStore, out_dir: Path | 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return written
-
-
-def write_atomic(path: Path | str, data: bytes) -> Path:
-    """Write one file atomically (temporary file in the same folder, then ``os.replace``)."""
-    target = Path(path)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".duogen-tmp-", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as e:
-        raise StorageError(f"cannot write {target}: {e.strerror or e}") from e
-    return target

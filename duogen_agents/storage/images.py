@@ -36,6 +36,27 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def write_atomic(path: Path | str, data: bytes) -> Path:
+    """Write one file atomically (temporary file in the same folder, fsync, then ``os.replace``), so a
+    crash never leaves a half-written file under its final name."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise StorageError(f"cannot write {target}: {e.strerror or e}") from e
+    return target
+
+
 class ImageStore:
     """Images by sha256 under ``root/images``.
 
@@ -57,20 +78,7 @@ class ImageStore:
         image_id = hashlib.sha256(data).hexdigest()
         target = self.path(image_id)
         if not target.exists():
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=target.parent)
-                try:
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, target)
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
-            except OSError as e:
-                raise StorageError(f"cannot write image to {target.parent}: {e.strerror or e}") from e
+            write_atomic(target, data)
         return ImageRef(id=image_id, width=image.width, height=image.height)
 
     def open(self, ref: ImageRef | str) -> Image.Image:
