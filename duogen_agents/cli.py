@@ -167,7 +167,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 err.print(f"session {args.session!r} has nothing to resume: its last turn finished.")
                 return 0
         with db.lock(args.session, wait=args.wait):  # fail fast, before loading the models
-            pass
+            if sessions.exists(args.session):
+                sessions.state(args.session)  # a tampered checkpoint is refused here, not after the load
 
     if preset.is_tiny:
         err.print(f"[yellow]note:[/] preset {preset.name!r} uses random weights: its words and pictures are noise.")

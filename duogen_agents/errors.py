@@ -7,7 +7,8 @@
     ├── InputImageError         an input image that cannot be read or is too large
     ├── ModelLoadError          a checkpoint that is missing or fails to load
     ├── GenerationError         a model call that failed (out of memory included)
-    ├── StorageError            the image store or the output folder failed
+    ├── StorageError            the image store, the database or the output folder failed
+    │   └── UnsafeCheckpointError   a stored checkpoint holds a type duogen never writes (refused)
     ├── SessionBusyError        another process is writing the same session
     ├── SessionNotFoundError    no session has that id
     └── SessionStateError       the session cannot do that now (an unfinished turn, nothing to resume)
@@ -49,6 +50,12 @@ class StorageError(DuogenError):
     code = "storage"
 
 
+class UnsafeCheckpointError(StorageError):
+    """A checkpoint read back from storage holds something outside the allow-list: refused, never loaded."""
+
+    code = "unsafe_checkpoint"
+
+
 class SessionBusyError(DuogenError):
     code = "session_busy"
 
@@ -71,4 +78,5 @@ __all__ = [
     "SessionNotFoundError",
     "SessionStateError",
     "StorageError",
+    "UnsafeCheckpointError",
 ]

@@ -18,6 +18,7 @@ until then the turn is ``running`` (or ``interrupted``) and its progress lives i
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections.abc import Iterator, Sequence
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from duogen_agents.document import ImageRef, InterleavedDocument, TextBlock
-from duogen_agents.errors import ConfigError, SessionNotFoundError, SessionStateError
+from duogen_agents.errors import ConfigError, SessionNotFoundError, SessionStateError, UnsafeCheckpointError
 from duogen_agents.storage.database import Database, check_session_id
 from duogen_agents.storage.images import ImageStore
 from duogen_agents.storage.records import ArtifactRecord, BlockRecord, SessionRecord, TurnRecord, utcnow
@@ -78,6 +79,19 @@ class GcReport:
     removed: int
     freed_bytes: int
     kept: int
+
+
+@contextlib.contextmanager
+def _naming(session_id: str) -> Iterator[None]:
+    """Say which session a refused checkpoint belongs to (the serializer cannot know)."""
+    try:
+        yield
+    except UnsafeCheckpointError as e:
+        if str(e).startswith("session "):
+            raise
+        raise UnsafeCheckpointError(
+            f"session {session_id!r}: {e}. Its stored state was changed outside duogen; export or delete it"
+        ) from None
 
 
 def _turn_info(t: TurnRecord) -> TurnInfo:
@@ -133,6 +147,13 @@ class Sessions:
 
             self._reader = build_state_graph(self.db.saver)
         return self._reader
+
+    def state(self, session_id: str) -> dict[str, Any]:
+        """The session's graph state as the last checkpoint holds it (``{}`` for none). Raises
+        ``UnsafeCheckpointError`` naming the session when a checkpoint holds a type outside the
+        allow-list, so a command can check a session before it loads any model."""
+        with _naming(session_id):
+            return dict(self.state_reader.get_state({"configurable": {"thread_id": session_id}}).values or {})
 
     def _info(self, s: Any, rec: SessionRecord) -> SessionInfo:
         turns = s.scalar(select(func.count()).select_from(TurnRecord).where(TurnRecord.session_id == rec.id)) or 0
@@ -272,10 +293,10 @@ class Sessions:
                     raise ConfigError(f"a session {new_id!r} exists already; choose another id")
                 self._copy_records(session_id, new_id)
                 try:
-                    snapshot = self.state_reader.get_state({"configurable": {"thread_id": session_id}})
-                    if snapshot.values:
+                    values = self.state(session_id)
+                    if values:
                         self.state_reader.update_state(
-                            {"configurable": {"thread_id": new_id}}, dict(snapshot.values), as_node="finish"
+                            {"configurable": {"thread_id": new_id}}, values, as_node="finish"
                         )
                 except BaseException:
                     self._delete_records(new_id)
@@ -370,7 +391,7 @@ class Sessions:
             referenced = set(s.scalars(select(ArtifactRecord.sha256)))
             pending = [t.session_id for t in s.scalars(select(TurnRecord).where(TurnRecord.status.in_(UNFINISHED)))]
         for sid in pending:
-            values = self.state_reader.get_state({"configurable": {"thread_id": sid}}).values or {}
+            values = self.state(sid)
             referenced.update(v["id"] for v in (values.get("known_images") or {}).values())
             if values.get("candidate"):
                 referenced.add(values["candidate"]["id"])
@@ -551,6 +572,12 @@ class Session:
     def db(self) -> Database:
         return self.sessions.db
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the session's write lock; a refused checkpoint names this session."""
+        with self.db.lock(self.id, wait=self.wait), _naming(self.id):
+            yield
+
     def _config(self, checkpoint_id: str | None = None) -> dict[str, Any]:
         config = self.agent.config(self.id)
         if checkpoint_id:
@@ -584,7 +611,7 @@ class Session:
         if mode is None:
             mode = self.sessions.get(self.id).mode if self.sessions.exists(self.id) else "interleaved"
         refs = self.agent.store_inputs(prompt, mode, images)
-        with self.db.lock(self.id, wait=self.wait):
+        with self._writing():
             if self.sessions.unfinished_turn(self.id) is not None:
                 raise SessionStateError(
                     f"session {self.id!r} has an unfinished turn; resume it (duogen run --session {self.id} "
@@ -623,7 +650,7 @@ class Session:
         and references with a new seed, as a turn of its own; the new image joins the conversation."""
         from langchain_core.messages import HumanMessage
 
-        with self.db.lock(self.id, wait=self.wait):
+        with self._writing():
             if self.sessions.unfinished_turn(self.id) is not None:
                 raise SessionStateError(f"session {self.id!r} has an unfinished turn; resume or cancel it first")
             images = [b for t in self.history() if t.status == "complete" for b in t.document.images]
@@ -657,7 +684,7 @@ class Session:
     def resume(self) -> Iterator[dict[str, Any]]:
         """Continue the unfinished last turn from its last checkpoint, yielding its events.
         Raises ``SessionStateError`` when nothing is pending."""
-        with self.db.lock(self.id, wait=self.wait):
+        with self._writing():
             turn = self.sessions.unfinished_turn(self.id)
             if turn is None:
                 raise SessionStateError(f"session {self.id!r} has no unfinished turn; nothing to resume")
@@ -673,7 +700,7 @@ class Session:
     def cancel(self) -> bool:
         """Drop the unfinished last turn: the graph state goes back to where the turn began and the
         turn is marked ``cancelled``. Returns whether there was one."""
-        with self.db.lock(self.id, wait=self.wait):
+        with self._writing():
             turn = self.sessions.unfinished_turn(self.id)
             if turn is None:
                 return False

@@ -33,6 +33,7 @@ from duogen_agents.models import actions as A
 from duogen_agents.models.chat_model import PlannerChatModel
 from duogen_agents.presets import Limits, PlannerSpec
 from duogen_agents.storage.images import ImageStore
+from duogen_agents.storage.serde import harden
 from duogen_agents.tools.render import Renderer
 
 SYSTEM_PROMPTS = {
@@ -377,7 +378,7 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
     graph.add_edge("finish", END)
     if not compile:
         return graph
-    return graph.compile(checkpointer=checkpointer)
+    return graph.compile(checkpointer=harden(checkpointer))
 
 
 def build_state_graph(checkpointer: Any) -> Any:
@@ -389,4 +390,4 @@ def build_state_graph(checkpointer: Any) -> Any:
     graph.add_edge(START, "start")
     graph.add_edge("start", "finish")
     graph.add_edge("finish", END)
-    return graph.compile(checkpointer=checkpointer)
+    return graph.compile(checkpointer=harden(checkpointer))

@@ -212,13 +212,15 @@ class Database:
     def saver(self) -> Any:
         """The LangGraph checkpoint saver for this database (tables created on first use)."""
         if self._saver is None:
+            from duogen_agents.storage.serde import CheckpointSerializer
+
             if self.backend == "sqlite":
                 from langgraph.checkpoint.sqlite import SqliteSaver
 
                 assert self.path is not None
                 conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
                 conn.execute("PRAGMA busy_timeout=30000")
-                saver = SqliteSaver(conn)
+                saver = SqliteSaver(conn, serde=CheckpointSerializer())
                 # The saver's setup switches the journal mode, which fails at once ("database is
                 # locked") while another process does the same: serialise it across processes.
                 with self._file_lock("_setup", time.monotonic() + 60):
@@ -231,7 +233,7 @@ class Database:
                 conn = psycopg.connect(
                     _psycopg_conninfo(self.url), autocommit=True, prepare_threshold=0, row_factory=dict_row
                 )
-                saver = PostgresSaver(conn)
+                saver = PostgresSaver(conn, serde=CheckpointSerializer())
                 # Several processes may open a fresh database at once; the saver's own setup is not atomic.
                 # Poll, never block: a blocked lock call is an open transaction, which the saver's
                 # CREATE INDEX CONCURRENTLY in the process holding the lock would wait for (deadlock).
