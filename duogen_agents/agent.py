@@ -22,11 +22,10 @@ from duogen_agents.graphs.state import MODES
 from duogen_agents.presets import Preset, load_preset
 from duogen_agents.storage.images import ImageStore, default_home
 from duogen_agents.storage.inputs import load_input_image
+from duogen_agents.validation import check_prompt, check_seed
 
 if TYPE_CHECKING:
     from duogen_agents.sessions import Session
-
-MAX_PROMPT_CHARS = 20_000
 
 
 class Agent:
@@ -71,8 +70,9 @@ class Agent:
         spec = load_preset(preset)
         root = Path(home) if home is not None else default_home()
         quiet_libraries()
-        planner = TransformersPlanner.from_spec(spec.planner, root / "models")
-        image_tool = CosmosImageTool.from_spec(spec.image, root / "models")
+        models = spec.models_path(root)
+        planner = TransformersPlanner.from_spec(spec.planner, models)
+        image_tool = CosmosImageTool.from_spec(spec.image, models)
         return cls(spec, planner=planner, image_tool=image_tool, home=root)
 
     @property
@@ -83,10 +83,7 @@ class Agent:
 
     def store_inputs(self, prompt: str, mode: str, images: Sequence[str | Path]) -> list[ImageRef]:
         """Check the prompt and mode, load every image, then store them (one bad file stores nothing)."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ConfigError('the prompt is empty; say what you want, e.g. duogen run "How do I repot a plant?"')
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise ConfigError(f"the prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+        check_prompt(prompt)
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
         pixels = [load_input_image(p) for p in images]
@@ -151,11 +148,13 @@ class Agent:
         Without a session the turn lives in this agent's checkpointer (in memory by default); use
         ``agent.session(...)`` for a persisted, resumable conversation.
         """
-        refs = self.store_inputs(prompt, mode, images)
-        state = self.input_state(prompt, mode, refs, self.preset.seed if seed is None else seed)
-        config = self.config(thread_id or uuid.uuid4().hex)
-        yield from self.graph_events(self.graph, state, config)
-        doc = self.document(self.graph.get_state(config).values, prompt, mode, refs)
+        check_seed(seed)
+        with self.store.lease():  # `duogen sessions gc` keeps what this turn writes
+            refs = self.store_inputs(prompt, mode, images)
+            state = self.input_state(prompt, mode, refs, self.preset.seed if seed is None else seed)
+            config = self.config(thread_id or uuid.uuid4().hex)
+            yield from self.graph_events(self.graph, state, config)
+            doc = self.document(self.graph.get_state(config).values, prompt, mode, refs)
         yield {"event": "document", "document": doc, "thread_id": config["configurable"]["thread_id"]}
 
     def session(self, session_id: str | None = None, *, database: Any = None, wait: float | None = None) -> Session:

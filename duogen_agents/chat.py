@@ -24,6 +24,7 @@ from rich.live import Live
 from rich.markdown import Markdown
 from rich.table import Table
 
+from duogen_agents import interrupts
 from duogen_agents.errors import ConfigError, DuogenError
 from duogen_agents.render_terminal import StepProgress, detect_image_mode, image_view, sessions_table
 
@@ -109,7 +110,7 @@ class ChatApp:
         self.home = home
         self.wait = wait
         self.sessions = Sessions.open(db, home=home)
-        self.session_id = check_session_id(session_id) if session_id else self._new_id()
+        self.session_id = check_session_id(session_id) if session_id is not None else self._new_id()
         self.image_mode = detect_image_mode(self.console) if images == "auto" else images
         self.attachments: list[str] = []
         self._agents: dict[str, Any] = {}
@@ -179,6 +180,7 @@ class ChatApp:
             except (EOFError, KeyboardInterrupt):
                 self.console.print()
                 break
+            interrupts.handled()  # a Ctrl-C of an earlier answer is dealt with
             if not text.strip():
                 continue
             if not self.handle(text):
@@ -241,6 +243,7 @@ class ChatApp:
                 self.err.print("[yellow]cancelled[/]: the session is as it was before this message")
             else:
                 self.err.print("[yellow]cancelled[/] after the answer was stored")
+            interrupts.handled()
 
     def show(self, events: Iterator[dict[str, Any]]) -> Any:
         """Render one turn's events; returns its document."""

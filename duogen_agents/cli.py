@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from duogen_agents.errors import DuogenError
+from duogen_agents.interrupts import EXIT_INTERRUPTED, ctrl_c_twice_exits
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     exp = ssub.add_parser("export", help="export a session as html, md or json")
     exp.add_argument("id")
     exp.add_argument("--format", default="html", choices=["html", "md", "json"])
-    exp.add_argument("--out", type=Path, metavar="FILE", help="write here (default: print to stdout)")
+    exp.add_argument(
+        "--out", metavar="FILE", help="write here; a folder (or a path ending in /) gets ID.FORMAT (default: stdout)"
+    )
     _db_args(exp)
     fork = ssub.add_parser("fork", help="copy a session to a new id")
     fork.add_argument("id")
@@ -125,36 +127,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from duogen_agents.errors import ConfigError
     from duogen_agents.presets import load_preset
     from duogen_agents.storage.inputs import load_input_image
+    from duogen_agents.validation import check_out_dir, check_prompt, check_seed
 
-    if args.resume and not args.session:
+    # Validate everything cheap before loading any model.
+    if args.resume and args.session is None:
         raise ConfigError("--resume needs --session ID")
     if args.resume and (args.prompt or args.image):
         raise ConfigError("--resume continues the interrupted turn; give no prompt or images with it")
-    if args.discard and not args.session:
+    if args.discard and args.session is None:
         raise ConfigError("--discard needs --session ID")
+    if args.session is not None:
+        from duogen_agents.storage.database import check_session_id
+
+        check_session_id(args.session)
+    check_seed(args.seed)
     prompt = ""
     if not args.resume:
         if args.prompt is None:
             raise ConfigError('give a prompt, e.g. duogen run "How do I repot a plant?" (or - to read stdin)')
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-        # Validate everything cheap before loading any model.
-        if not prompt.strip():
-            raise ConfigError('the prompt is empty; say what you want, e.g. duogen run "How do I repot a plant?"')
+        prompt = check_prompt(sys.stdin.read() if args.prompt == "-" else args.prompt)
     preset = load_preset(args.preset)
     for path in args.image:
         load_input_image(path)
+    if args.out is not None:
+        check_out_dir(args.out)
     out = Console()
     err = Console(stderr=True)
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise DuogenError(f"--out {args.out} exists and is not a folder")
 
     session = None
     db = None
-    if args.session:
+    if args.session is not None:
         from duogen_agents.sessions import Sessions
-        from duogen_agents.storage.database import check_session_id
 
-        check_session_id(args.session)
         sessions = Sessions.open(args.db, home=args.home)
         db = sessions.db
         pending = sessions.last_turn(args.session)
@@ -176,7 +180,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     with err.status(f"loading preset {preset.name}..."):
         agent = Agent.from_preset(preset, home=args.home)
-    if args.session:
+    if args.session is not None:
         session = agent.session(args.session, database=db, wait=args.wait)
         if args.discard and session.cancel():
             err.print(f"dropped the interrupted turn of session {args.session!r}")
@@ -189,7 +193,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         doc = print_events(events, agent, out, err, preview=not args.no_preview)
     except KeyboardInterrupt:
-        if args.session:
+        if args.session is not None:
             print(
                 f"duogen: interrupted; the turn is kept: continue it with duogen run --session {args.session} --resume",
                 file=sys.stderr,
@@ -290,11 +294,11 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
                             soft_wrap=True,
                         )
         elif args.action == "export":
-            text = sessions.export(args.id, args.format, args.out)
-            if text is not None:
-                sys.stdout.write(text)
+            result = sessions.export(args.id, args.format, args.out)
+            if args.out is None:
+                sys.stdout.write(str(result))
             else:
-                err.print(f"wrote {args.out}")
+                err.print(f"wrote {result}", highlight=False)
         elif args.action == "fork":
             info = sessions.fork(args.id, args.new_id)
             out.print(f"forked {args.id} -> {info.id}")
@@ -317,6 +321,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    with ctrl_c_twice_exits():
+        return _main(args)
+
+
+def _storage_where(args: argparse.Namespace) -> str:
+    db = getattr(args, "db", None) or os.environ.get("DUOGEN_DATABASE_URL") or ""
+    if db.startswith("sqlite:///"):
+        return str(Path(db.removeprefix("sqlite:///")).expanduser().parent)
+    from duogen_agents.storage.images import default_home
+
+    return str(args.home or default_home())
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "presets":
             return _cmd_presets()
@@ -336,9 +354,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("duogen: interrupted; no output was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as e:  # a bug: still one line, with a way to see more
+    except Exception as e:  # a bug, or a library's storage failure: still one line
         if os.environ.get("DUOGEN_DEBUG"):
             raise
+        from duogen_agents.storage.database import describe_failure
+
+        if (line := describe_failure(e, _storage_where(args))) is not None:
+            print(f"duogen: error: {line}", file=sys.stderr)
+            return EXIT_ERROR
         first = (str(e).strip().splitlines() or [""])[0]
         print(
             f"duogen: internal error: {type(e).__name__}: {first} (set DUOGEN_DEBUG=1 for a traceback)", file=sys.stderr

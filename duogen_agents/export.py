@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from duogen_agents.document import ImageBlock, ImageRef, InterleavedDocument, TextBlock
 from duogen_agents.errors import StorageError
-from duogen_agents.storage.images import ImageStore, write_atomic  # noqa: F401 (re-exported)
+from duogen_agents.storage.images import ImageStore, replaceable, write_atomic  # noqa: F401 (re-exported)
 
 NOISE_NOTE = "Made with the tiny preset: random weights, so its words and pictures are noise."
 
@@ -31,20 +32,32 @@ def _caption(block: ImageBlock) -> str:
     return f"{label}: {block.prompt}"
 
 
+# Link schemes that run code or smuggle content when a viewer follows them. A destination cannot
+# hold spaces, so "javascript :" is no longer a link; ``&`` is escaped, so no entity spells a colon.
+_UNSAFE_SCHEME = re.compile(r"(?i)\b(javascript|vbscript|data|file)\s*(\\?:)(?=\S)")
+
+
+def safe_markdown(text: str) -> str:
+    """Model or user text made safe for any Markdown viewer, keeping its Markdown: raw HTML is
+    escaped (it shows as text), and links cannot use a script or data scheme."""
+    return _UNSAFE_SCHEME.sub(lambda m: f"{m.group(1)} {m.group(2)}", html.escape(text, quote=False))
+
+
 def to_markdown(
     doc: InterleavedDocument, image_dir: str = "images", *, link: Callable[[ImageRef], str] | None = None
 ) -> str:
-    """Markdown with images linked as ``image_dir/<id>.png`` (or whatever ``link(ref)`` returns)."""
+    """Markdown with images linked as ``image_dir/<id>.png`` (or whatever ``link(ref)`` returns).
+    Titles, prompts and model text go through ``safe_markdown``: no raw HTML, no script links."""
     lines: list[str] = []
     if doc.title:
-        lines += [f"# {doc.title}", ""]
+        lines += [f"# {safe_markdown(' '.join(doc.title.split()))}", ""]
     if _is_noise(doc):
         lines += [f"> {NOISE_NOTE}", ""]
     for block in doc.blocks:
         if isinstance(block, TextBlock):
-            lines += [block.text, ""]
+            lines += [safe_markdown(block.text), ""]
         else:
-            alt = _caption(block).replace("[", "(").replace("]", ")").replace("\n", " ")
+            alt = safe_markdown(_caption(block)).replace("[", "(").replace("]", ")").replace("\n", " ")
             target = link(block.image) if link is not None else f"{image_dir}/{block.image.filename}"
             lines += [f"![{alt}]({target})", ""]
             if block.draft:
@@ -101,6 +114,8 @@ def to_json(doc: InterleavedDocument) -> str:
 def write_document(doc: InterleavedDocument, store: ImageStore, out_dir: Path | str) -> list[Path]:
     """Write the three exports and the images into ``out_dir``; return the written paths."""
     out = Path(out_dir)
+    for name in ("document.md", "document.html", "document.json"):
+        replaceable(out / name)  # never replace a symlink, FIFO or device with our file
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -11,18 +11,21 @@ pictures are noise, useful only to run the real code end to end.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from duogen_agents.errors import ConfigError
+from duogen_agents.validation import MAX_SEED
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a preset file's ``steps = true`` or ``steps = 4.0`` is an error, not 1 or 4.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class PlannerSpec(_Strict):
@@ -85,8 +88,19 @@ class Preset(_Strict):
     planner: PlannerSpec
     image: ImageSpec
     limits: Limits = Field(default_factory=Limits)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     gpu_memory_gb: float | None = Field(None, description="approximate GPU memory the preset needs")
+    models_dir: str | None = Field(
+        None, description="where built and downloaded model files live (default: $DUOGEN_MODELS, else <home>/models)"
+    )
+
+    def models_path(self, home: Path) -> Path:
+        """Model files may live outside the data directory, so a small data disk is workable."""
+        if self.models_dir:
+            return Path(self.models_dir).expanduser()
+        if env := os.environ.get("DUOGEN_MODELS"):
+            return Path(env).expanduser()
+        return home / "models"
 
     @property
     def is_tiny(self) -> bool:
@@ -164,12 +178,20 @@ def _read_file(path: Path) -> dict[str, object]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read preset file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"preset file {path} is not UTF-8 text (byte {e.start})") from None
     try:
         if path.suffix.lower() == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
 
-            return tomllib.loads(text)
-        data = json.loads(text)
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"preset file {path} is nested too deeply") from None
     except (ValueError, TypeError) as e:
         raise ConfigError(f"preset file {path} is not valid {path.suffix.lstrip('.').upper()}: {e}") from e
     if not isinstance(data, dict):
@@ -197,6 +219,8 @@ def load_preset(name_or_path: str | Path | Preset) -> Preset:
     base = data.pop("base", None)
     data.setdefault("name", path.stem)
     if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"preset file {path}: base must be a preset name in quotes, e.g. base = \"tiny\"")
         if base not in BUILTIN:
             raise ConfigError(f"preset file {path}: unknown base preset {base!r}")
         merged = BUILTIN[str(base)].model_dump()
@@ -208,6 +232,8 @@ def load_preset(name_or_path: str | Path | Preset) -> Preset:
         data = merged
     try:
         return Preset.model_validate(data)
+    except RecursionError:
+        raise ConfigError(f"preset file {path} is nested too deeply") from None
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"

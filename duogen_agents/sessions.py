@@ -19,21 +19,30 @@ until then the turn is ``running`` (or ``interrupted``) and its progress lives i
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from duogen_agents.document import ImageRef, InterleavedDocument, TextBlock
-from duogen_agents.errors import ConfigError, SessionNotFoundError, SessionStateError, UnsafeCheckpointError
+from duogen_agents.errors import (
+    ConfigError,
+    SessionBusyError,
+    SessionNotFoundError,
+    SessionStateError,
+    StorageError,
+    UnsafeCheckpointError,
+)
 from duogen_agents.storage.database import Database, check_session_id
-from duogen_agents.storage.images import ImageStore
+from duogen_agents.storage.images import ImageStore, is_image_id, replaceable
 from duogen_agents.storage.records import ArtifactRecord, BlockRecord, SessionRecord, TurnRecord, utcnow
+from duogen_agents.validation import MAX_SEED, check_seed
 
 if TYPE_CHECKING:
     from duogen_agents.agent import Agent
@@ -95,16 +104,24 @@ def _naming(session_id: str) -> Iterator[None]:
 
 
 def _turn_info(t: TurnRecord) -> TurnInfo:
-    doc = InterleavedDocument.model_validate(
-        {
-            "prompt": t.prompt,
-            "mode": t.mode,
-            "preset": t.preset,
-            "title": t.title,
-            "blocks": [b.data for b in t.blocks],
-            "inputs": t.inputs or [],
-        }
-    )
+    try:
+        doc = InterleavedDocument.model_validate(
+            {
+                "prompt": t.prompt,
+                "mode": t.mode,
+                "preset": t.preset,
+                "title": t.title,
+                "blocks": [b.data for b in t.blocks],
+                "inputs": t.inputs or [],
+            }
+        )
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise StorageError(
+            f"session {t.session_id!r} turn {t.number}: the stored record is malformed at {where} ({first['msg']}); "
+            "it was changed outside duogen"
+        ) from None
     return TurnInfo(
         number=t.number,
         prompt=t.prompt,
@@ -252,13 +269,19 @@ class Sessions:
                 for a in recs
             ]
 
-    def export(self, session_id: str, fmt: str, out: Path | None) -> str | None:
+    def export(self, session_id: str, fmt: str, out: Path | str | None) -> str | Path:
         """Export as ``html`` (self-contained), ``md`` (images copied beside it) or ``json``.
-        With ``out=None`` returns the text instead of writing a file."""
+        With ``out=None`` returns the text instead of writing a file, else the path written. ``out`` may be a folder (an
+        existing one, or any path ending in ``/``): the file is then ``<out>/<session_id>.<fmt>``.
+        Only a regular file is ever replaced, keeping its mode."""
         from duogen_agents.export import to_html, to_json, to_markdown, write_atomic
 
         if fmt not in ("html", "md", "json"):
             raise ConfigError(f"unknown export format {fmt!r}; choose html, md or json")
+        if out is not None:
+            folder = str(out).endswith(("/", os.sep)) or Path(out).is_dir()
+            out = Path(out) / f"{session_id}.{fmt}" if folder else Path(out)
+            replaceable(out)  # refuse a FIFO, device or symlink before doing the work
         doc = self.document(session_id)
         if fmt == "html":
             body = to_html(doc, self.store)
@@ -274,15 +297,14 @@ class Sessions:
                     write_atomic(out.parent / image_dir / b.image.filename, self.store.read_bytes(b.image))
         if out is None:
             return body
-        write_atomic(out, body.encode())
-        return None
+        return write_atomic(out, body.encode())
 
     # ---- changing -------------------------------------------------------------------------------
 
     def fork(self, session_id: str, new_id: str | None = None) -> SessionInfo:
         """Copy a session (records and graph state) under a new id; the two then diverge."""
         src = self.get(session_id)
-        new_id = check_session_id(new_id) if new_id else f"{session_id[:50]}-{secrets.token_hex(3)}"
+        new_id = check_session_id(new_id) if new_id is not None else f"{session_id[:50]}-{secrets.token_hex(3)}"
         with self.db.lock(session_id):
             if src.pending:
                 raise SessionStateError(
@@ -376,43 +398,59 @@ class Sessions:
             shas = self._delete_records(session_id)
             self.db.saver.delete_thread(session_id)
             removed = 0
-            with self.db.transaction() as s:
-                still = set(s.scalars(select(ArtifactRecord.sha256).where(ArtifactRecord.sha256.in_(shas))))
-            for sha in set(shas) - still:
-                if self.store.remove(sha):
-                    removed += 1
+            with self.store.collecting(0.0) as cutoff:
+                with self.db.transaction() as s:
+                    still = set(s.scalars(select(ArtifactRecord.sha256).where(ArtifactRecord.sha256.in_(shas))))
+                # Only well-formed ids name a file of the store; a tampered row names nothing to remove.
+                for sha in {sha for sha in shas if is_image_id(sha)} - still:
+                    if self.store.remove(sha, older_than=cutoff):
+                        removed += 1
             return removed
 
     def gc(self, *, grace_seconds: float = 3600.0) -> GcReport:
-        """Remove image files that no session references. Files younger than ``grace_seconds`` are
-        kept (another process may be drawing them right now), and so are the images an unfinished
-        turn holds in its checkpoints, so that it can still be resumed."""
-        with self.db.transaction() as s:
-            referenced = set(s.scalars(select(ArtifactRecord.sha256)))
-            pending = [t.session_id for t in s.scalars(select(TurnRecord).where(TurnRecord.status.in_(UNFINISHED)))]
-        for sid in pending:
-            values = self.state(sid)
-            referenced.update(v["id"] for v in (values.get("known_images") or {}).values())
-            if values.get("candidate"):
-                referenced.add(values["candidate"]["id"])
-            referenced.update(r["image"]["id"] for r in values.get("rejected") or [])
-        cutoff = time.time() - grace_seconds
+        """Remove image files that no session references.
+
+        Kept: files younger than ``grace_seconds`` (a tool call outside any session may be drawing
+        them), every file written since the oldest turn still running in any process began (turns
+        hold a lease on the store), and the images an unfinished turn's checkpoints refer to, so that
+        it can still be resumed. The store is held still while gc decides and deletes."""
         removed = freed = kept = 0
-        for image_id, path in self.store.iter_files():
-            if image_id in referenced:
-                kept += 1
-                continue
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                continue
-            if st.st_mtime > cutoff:
-                kept += 1
-                continue
-            path.unlink(missing_ok=True)
-            removed += 1
-            freed += st.st_size
+        with self.store.collecting(grace_seconds) as cutoff:
+            with self.db.transaction() as s:
+                referenced = set(s.scalars(select(ArtifactRecord.sha256)))
+                pending = list(s.scalars(select(TurnRecord.session_id).where(TurnRecord.status.in_(UNFINISHED))))
+            for sid in pending:
+                referenced |= self._images_in_state(sid)
+            for image_id, path in self.store.iter_files():
+                if image_id in referenced:
+                    kept += 1
+                    continue
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                if st.st_mtime > cutoff:
+                    kept += 1
+                    continue
+                path.unlink(missing_ok=True)
+                removed += 1
+                freed += st.st_size
         return GcReport(removed=removed, freed_bytes=freed, kept=kept)
+
+    def _images_in_state(self, session_id: str) -> set[str]:
+        """The image ids an unfinished turn's checkpoints hold. Read under the session's lock where it
+        is free; a session busy in another process is read as it stands (its new files are newer
+        than its lease, so the cut-off keeps them)."""
+        try:
+            with self.db.lock(session_id):
+                values = self.state(session_id)
+        except SessionBusyError:
+            values = self.state(session_id)
+        ids = {v.get("id") for v in (values.get("known_images") or {}).values() if isinstance(v, dict)}
+        if isinstance(values.get("candidate"), dict):
+            ids.add(values["candidate"].get("id"))
+        ids.update(r["image"].get("id") for r in values.get("rejected") or [] if isinstance(r.get("image"), dict))
+        return {i for i in ids if is_image_id(i)}
 
     # ---- turn records (used by Session) ---------------------------------------------------------
 
@@ -564,7 +602,7 @@ class Session:
 
         self.agent = agent
         self.sessions = sessions
-        self.id = check_session_id(session_id) if session_id else secrets.token_hex(4)
+        self.id = check_session_id(session_id) if session_id is not None else secrets.token_hex(4)
         self.wait = wait
         self.graph = build_graph(agent.deps, checkpointer=sessions.db.saver)
 
@@ -608,8 +646,15 @@ class Session:
     ) -> Iterator[dict[str, Any]]:
         """Send one message and yield the turn's events (as ``Agent.stream``); the session's earlier
         turns and their images are the planner's context. ``mode=None`` keeps the session's mode."""
+        check_seed(seed)
         if mode is None:
             mode = self.sessions.get(self.id).mode if self.sessions.exists(self.id) else "interleaved"
+        with self.agent.store.lease():  # gc keeps what this turn writes, from its uploads on
+            yield from self._send(prompt, mode, images, seed)
+
+    def _send(
+        self, prompt: str, mode: str, images: Sequence[str | Path], seed: int | None
+    ) -> Iterator[dict[str, Any]]:
         refs = self.agent.store_inputs(prompt, mode, images)
         with self._writing():
             if self.sessions.unfinished_turn(self.id) is not None:
@@ -650,14 +695,14 @@ class Session:
         and references with a new seed, as a turn of its own; the new image joins the conversation."""
         from langchain_core.messages import HumanMessage
 
-        with self._writing():
+        with self._writing(), self.agent.store.lease():
             if self.sessions.unfinished_turn(self.id) is not None:
                 raise SessionStateError(f"session {self.id!r} has an unfinished turn; resume or cancel it first")
             images = [b for t in self.history() if t.status == "complete" for b in t.document.images]
             if not 1 <= number <= len(images):
                 raise ConfigError(f"no image {number}: this session has {len(images)} image(s)")
             old = images[number - 1]
-            seed = secrets.randbelow(2**31) if seed is None else seed
+            seed = secrets.randbelow(MAX_SEED + 1) if check_seed(seed) is None else seed
             prompt = f"Draw image {number} again: {old.prompt}"
             mode = self.sessions.get(self.id).mode
             base = self.graph.get_state(self._config()).config["configurable"].get("checkpoint_id")
@@ -684,7 +729,7 @@ class Session:
     def resume(self) -> Iterator[dict[str, Any]]:
         """Continue the unfinished last turn from its last checkpoint, yielding its events.
         Raises ``SessionStateError`` when nothing is pending."""
-        with self._writing():
+        with self._writing(), self.agent.store.lease():
             turn = self.sessions.unfinished_turn(self.id)
             if turn is None:
                 raise SessionStateError(f"session {self.id!r} has no unfinished turn; nothing to resume")

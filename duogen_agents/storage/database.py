@@ -15,6 +15,7 @@ a session-level advisory lock on PostgreSQL. A second writer gets ``SessionBusyE
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -31,17 +32,18 @@ from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
 from duogen_agents.errors import ConfigError, SessionBusyError, StorageError
+from duogen_agents.storage.locks import open_lock_file
 
 VERSION_TABLE = "duogen_schema_version"
 OUR_TABLES = frozenset({"duogen_sessions", "duogen_turns", "duogen_blocks", "duogen_artifacts", VERSION_TABLE})
 # Tables the LangGraph savers create in the same database.
 SAVER_TABLES = frozenset({"checkpoints", "writes", "checkpoint_blobs", "checkpoint_writes", "checkpoint_migrations"})
-SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MIGRATION_LOCK_KEY = 0x6475_6F67  # "duog"
 
 
 def check_session_id(session_id: str) -> str:
-    if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+    if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
         raise ConfigError(
             f"invalid session id {session_id!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -103,10 +105,13 @@ class Database:
 
         root = Path(home) if home is not None else default_home()
         db = cls(database_url(url, root))
+        fresh = db.path is not None and (not db.path.exists() or db.path.stat().st_size == 0)
         try:
             db.migrate()
-        except BaseException:
+        except BaseException as e:
             db.close()
+            if fresh and (isinstance(e, StorageError) and NO_SPACE in str(e) or _is_empty(db.path)):
+                _remove_sqlite_files(db.path)  # leave no empty database behind
             raise
         return db
 
@@ -149,6 +154,8 @@ class Database:
 
         cfg = _alembic_config()
         known = {s.revision for s in ScriptDirectory.from_config(cfg).walk_revisions()}
+        if self.backend == "sqlite":
+            self._check_sqlite_file()
         try:
             conn = self.engine.connect()
         except OperationalError as e:
@@ -185,6 +192,8 @@ class Database:
                     conn.exec_driver_sql("PRAGMA journal_mode=WAL")
             return str(revision)
         except DatabaseError as e:
+            if is_disk_full(e):
+                raise StorageError(self.no_space()) from None
             if self.backend == "sqlite":
                 raise StorageError(
                     f"{self._where()} is not a usable SQLite database ({_first_line(e)}); it was left untouched. "
@@ -193,6 +202,44 @@ class Database:
             raise StorageError(f"cannot open {self.display}: {_first_line(e)}") from None
         finally:
             conn.close()
+
+    def _check_sqlite_file(self) -> None:
+        """Refuse a damaged file before anything writes to it: the header, then ``quick_check`` on a
+        read-only connection. A damaged database is reported in one line and left byte-for-byte as it was."""
+        assert self.path is not None
+        try:
+            with open(self.path, "rb") as f:
+                header = f.read(len(SQLITE_HEADER))
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StorageError(f"cannot read {self.path}: {e.strerror or e}") from None
+        if not header:
+            return  # an empty file: a new database
+        problem = None
+        if header != SQLITE_HEADER:
+            problem = "no SQLite header"
+        else:
+            try:
+                conn = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, timeout=30)
+                try:
+                    rows = conn.execute("PRAGMA quick_check(1)").fetchall()
+                finally:
+                    conn.close()
+                if rows != [("ok",)]:
+                    problem = str(rows[0][0]) if rows else "quick_check failed"
+            except sqlite3.DatabaseError as e:
+                problem = _first_line(e)
+        if problem:
+            raise StorageError(
+                f"{self.path} is not a usable SQLite database ({problem}); it was left untouched. "
+                "Move it aside or point --db elsewhere"
+            )
+
+    def no_space(self) -> str:
+        from duogen_agents.storage.images import no_space_message
+
+        return no_space_message(self.path.parent if self.path is not None else self.display)
 
     def revision(self) -> str | None:
         with self.engine.connect() as conn:
@@ -205,8 +252,15 @@ class Database:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[OrmSession]:
         """An ORM session in one transaction: committed on success, rolled back on any error."""
-        with self.sessionmaker() as s, s.begin():
-            yield s
+        try:
+            with self.sessionmaker() as s, s.begin():
+                yield s
+        except DatabaseError as e:
+            if is_disk_full(e):
+                raise StorageError(self.no_space()) from None
+            if _is_damaged(e):
+                raise StorageError(f"{self._where()} is damaged ({_first_line(e)}); nothing was changed") from None
+            raise
 
     @property
     def saver(self) -> Any:
@@ -272,14 +326,15 @@ class Database:
             "or try again when it finishes"
         )
 
+    def _open_lock_file(self, name: str) -> int:
+        assert self.path is not None
+        return open_lock_file(self.path.with_name(self.path.name + ".locks") / f"{name}.lock")
+
     @contextlib.contextmanager
     def _file_lock(self, session_id: str, deadline: float | None) -> Iterator[None]:
         import fcntl
 
-        assert self.path is not None
-        lock_dir = self.path.with_name(self.path.name + ".locks")
-        lock_dir.mkdir(exist_ok=True)
-        fd = os.open(lock_dir / f"{session_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock_file(session_id)
         try:
             while True:
                 try:
@@ -328,6 +383,51 @@ class Database:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+NO_SPACE = "no space left on the device"
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """SQLite's SQLITE_FULL, PostgreSQL's disk-full (53100) or an ``ENOSPC`` from the OS."""
+    orig = getattr(e, "orig", None) or e
+    if isinstance(orig, OSError) and orig.errno == errno.ENOSPC:
+        return True
+    if getattr(orig, "sqlstate", None) == "53100":
+        return True
+    return "database or disk is full" in str(orig)
+
+
+def _is_damaged(e: BaseException) -> bool:
+    text_ = str(getattr(e, "orig", None) or e)
+    return "malformed" in text_ or "file is not a database" in text_
+
+
+def describe_failure(e: BaseException, where: str) -> str | None:
+    """One line for a storage failure that surfaced from a library call (a saver write, say), or None."""
+    if is_disk_full(e):
+        from duogen_agents.storage.images import no_space_message
+
+        return no_space_message(where)
+    if isinstance(e, (sqlite3.DatabaseError, DatabaseError)) and _is_damaged(e):
+        return f"the session database is damaged ({_first_line(e)})"
+    return None
+
+
+def _is_empty(path: Path | None) -> bool:
+    try:
+        return path is not None and path.stat().st_size == 0
+    except OSError:
+        return False
+
+
+def _remove_sqlite_files(path: Path | None) -> None:
+    if path is None:
+        return
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            path.with_name(path.name + suffix).unlink()
 
 
 def _alembic_config() -> Any:

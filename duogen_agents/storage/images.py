@@ -6,16 +6,33 @@ under its final name, and storing the same pixels twice is free.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import io
 import os
+import re
+import secrets
+import stat
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
 
 from duogen_agents.document import SHORT_ID_LENGTH, ImageRef
 from duogen_agents.errors import StorageError
+from duogen_agents.storage.locks import flocked, open_lock_file, try_flock
+
+LEASE_MARGIN_S = 2.0
+IMAGE_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def is_image_id(value: object) -> bool:
+    """Whether ``value`` is a full image id (64 lowercase hex digits), the only form that becomes a path."""
+    return isinstance(value, str) and IMAGE_ID.fullmatch(value) is not None
 
 
 def default_home() -> Path:
@@ -36,15 +53,64 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+)
+
+
+def replaceable(path: Path) -> os.stat_result | None:
+    """The ``lstat`` of ``path`` if it is a regular file, ``None`` if nothing is there; anything else
+    (a symlink, a FIFO, a device, a folder) raises ``StorageError``: an export never replaces it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
+    if stat.S_ISREG(st.st_mode):
+        return st
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+    raise StorageError(f"{path} is {kind}; refusing to replace it with a regular file")
+
+
+def no_space_message(path: Path | str) -> str:
+    return f"no space left on the device holding {path}; free some space and try again"
+
+
 def write_atomic(path: Path | str, data: bytes) -> Path:
     """Write one file atomically (temporary file in the same folder, fsync, then ``os.replace``), so a
-    crash never leaves a half-written file under its final name."""
+    crash never leaves a half-written file under its final name.
+
+    Only a regular file is ever replaced (see ``replaceable``); a new file gets the mode the umask
+    gives (0644 under the usual 022), a replaced one keeps its mode."""
     target = Path(path)
+    old = replaceable(target)
+    mode = stat.S_IMODE(old.st_mode) if old is not None else 0o666 & ~current_umask()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), mode)
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -53,6 +119,8 @@ def write_atomic(path: Path | str, data: bytes) -> Path:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise StorageError(no_space_message(target.parent)) from e
         raise StorageError(f"cannot write {target}: {e.strerror or e}") from e
     return target
 
@@ -71,15 +139,93 @@ class ImageStore:
         self.images_dir = self.root / "images"
 
     def path(self, image_id: str) -> Path:
-        return self.images_dir / image_id[:2] / f"{image_id}.png"
+        """The file of one image. Ids come from storage, which is untrusted: anything but a sha256,
+        or a path that leads out of the store (a symlinked subfolder), raises ``StorageError``."""
+        if not is_image_id(image_id):
+            shown = repr(image_id)[:80]
+            raise StorageError(f"invalid image id {shown}: not a sha256 (a stored record was changed outside duogen)")
+        p = self.images_dir / image_id[:2] / f"{image_id}.png"
+        if p.parent.is_symlink() or p.is_symlink():
+            if not p.resolve().is_relative_to(self.images_dir.resolve()):
+                raise StorageError(f"{p} leads outside the image store {self.images_dir}; refusing to use it")
+        return p
 
     def put(self, image: Image.Image) -> ImageRef:
         data = encode_png(image)
         image_id = hashlib.sha256(data).hexdigest()
         target = self.path(image_id)
-        if not target.exists():
-            write_atomic(target, data)
+        # Under the store's shared lock, so that ``gc`` (exclusive) never deletes a file between our
+        # check and its use. A file that is there already is touched: a running turn just used it.
+        with flocked(self._store_lock, shared=True):
+            try:
+                os.utime(target)
+            except FileNotFoundError:
+                write_atomic(target, data)
         return ImageRef(id=image_id, width=image.width, height=image.height)
+
+    # ---- what garbage collection must keep ------------------------------------------------------
+
+    @property
+    def _store_lock(self) -> Path:
+        return self.images_dir / ".locks" / "store.lock"
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[None]:
+        """Declare that this process is writing images from now until the block ends (a turn):
+        ``collectable`` keeps every file at least as new as the oldest live lease. The lease is a
+        locked file, so a crashed process's lease is recognised as stale and dropped."""
+        leases = self.images_dir / ".locks" / "leases"
+        path = leases / f"{os.getpid()}-{secrets.token_hex(6)}.lease"
+        fd = open_lock_file(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # Timestamps of files lag the clock by up to a tick: start the lease a little early.
+            os.write(fd, repr(time.time() - LEASE_MARGIN_S).encode())
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            os.close(fd)
+
+    def _oldest_lease(self) -> float | None:
+        """Start time of the oldest live lease; stale ones (their process died) are removed."""
+        leases = self.images_dir / ".locks" / "leases"
+        oldest: float | None = None
+        if not leases.is_dir():
+            return None
+        for f in leases.glob("*.lease"):
+            try:
+                fd = open_lock_file(f, create=False)
+            except StorageError:
+                continue
+            try:
+                if try_flock(fd, fcntl.LOCK_SH):
+                    with contextlib.suppress(OSError):
+                        f.unlink()
+                    continue
+                try:
+                    started = float(os.pread(fd, 64, 0).decode() or "nan")
+                except ValueError:
+                    started = float("nan")
+                if started != started:  # written a moment ago, content not there yet
+                    started = time.time() - LEASE_MARGIN_S
+                oldest = started if oldest is None else min(oldest, started)
+            finally:
+                os.close(fd)
+        return oldest
+
+    @contextlib.contextmanager
+    def collecting(self, grace_seconds: float) -> Iterator[float]:
+        """Hold the store still (no ``put`` runs) and yield the cut-off time: files modified after it
+        must be kept. It is the earliest of now minus ``grace_seconds``, this moment (so that a turn
+        starting while we look is safe), and the start of the oldest live lease."""
+        with flocked(self._store_lock):
+            now = time.time()
+            cutoff = min(now - max(0.0, grace_seconds), now)
+            oldest = self._oldest_lease()
+            if oldest is not None:
+                cutoff = min(cutoff, oldest)
+            yield cutoff
 
     def open(self, ref: ImageRef | str) -> Image.Image:
         image_id = ref.id if isinstance(ref, ImageRef) else ref
@@ -107,21 +253,27 @@ class ImageStore:
         if not self.images_dir.is_dir():
             return out
         for sub in sorted(self.images_dir.iterdir()):
-            if not sub.is_dir():
+            # Only the store's own two-hex-digit folders (not .locks, not a symlink to elsewhere).
+            if len(sub.name) != 2 or sub.is_symlink() or not sub.is_dir():
                 continue
             for f in sorted(sub.iterdir()):
+                if f.is_symlink():
+                    continue
                 if f.name.startswith(".tmp-"):
                     out.append(("", f))
-                elif f.suffix == ".png" and len(f.stem) == 64:
+                elif f.suffix == ".png" and is_image_id(f.stem) and f.stem[:2] == sub.name:
                     out.append((f.stem, f))
         return out
 
-    def remove(self, image_id: str) -> int:
-        """Delete one image file; returns the bytes freed (0 if it was not there)."""
+    def remove(self, image_id: str, *, older_than: float | None = None) -> int:
+        """Delete one image file; returns the bytes freed (0 if it was not there, or, with
+        ``older_than``, if it was modified after that time: a running turn may be using it)."""
         p = self.path(image_id)
         try:
-            size = p.stat().st_size
+            st = p.stat()
+            if older_than is not None and st.st_mtime > older_than:
+                return 0
             p.unlink()
         except FileNotFoundError:
             return 0
-        return size
+        return st.st_size

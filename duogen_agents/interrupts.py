@@ -1,0 +1,55 @@
+"""Ctrl-C in the terminal: the first one interrupts, a second one leaves at once, quietly.
+
+The first Ctrl-C raises ``KeyboardInterrupt`` as usual, so the turn is marked interrupted, its lock
+released and a line printed. A second Ctrl-C while that clean-up (or the interpreter's shutdown)
+runs would otherwise land in library code and print tracebacks; instead the process exits with 130
+at once. Nothing is lost by that: checkpoints are written per step, and the turn resumes with
+``duogen run --session ID --resume`` as after a crash.
+
+>>> with ctrl_c_twice_exits():     # doctest: +SKIP
+...     run_the_command()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+EXIT_INTERRUPTED = 130
+_state = {"pending": False}
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    if _state["pending"]:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(EXIT_INTERRUPTED)
+    _state["pending"] = True
+    raise KeyboardInterrupt
+
+
+def handled() -> None:
+    """The first Ctrl-C has been dealt with (the chat cancelled a turn and goes on): the next one
+    interrupts again instead of exiting."""
+    _state["pending"] = False
+
+
+@contextlib.contextmanager
+def ctrl_c_twice_exits() -> Iterator[None]:
+    """Install the handler for the ``with`` block (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    _state["pending"] = False
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _state["pending"] = False
