@@ -220,7 +220,7 @@ def load_preset(name_or_path: str | Path | Preset) -> Preset:
     data.setdefault("name", path.stem)
     if base is not None:
         if not isinstance(base, str):
-            raise ConfigError(f"preset file {path}: base must be a preset name in quotes, e.g. base = \"tiny\"")
+            raise ConfigError(f'preset file {path}: base must be a preset name in quotes, e.g. base = "tiny"')
         if base not in BUILTIN:
             raise ConfigError(f"preset file {path}: unknown base preset {base!r}")
         merged = BUILTIN[str(base)].model_dump()

@@ -652,9 +652,7 @@ class Session:
         with self.agent.store.lease():  # gc keeps what this turn writes, from its uploads on
             yield from self._send(prompt, mode, images, seed)
 
-    def _send(
-        self, prompt: str, mode: str, images: Sequence[str | Path], seed: int | None
-    ) -> Iterator[dict[str, Any]]:
+    def _send(self, prompt: str, mode: str, images: Sequence[str | Path], seed: int | None) -> Iterator[dict[str, Any]]:
         refs = self.agent.store_inputs(prompt, mode, images)
         with self._writing():
             if self.sessions.unfinished_turn(self.id) is not None:

@@ -19,7 +19,9 @@ def image(prompt: str, refs=(), kind: str = "generate") -> dict:
 
 
 def scripted_agent(home: Path, script, tool=None) -> Agent:
-    return Agent(load_preset("tiny"), planner=ScriptedPlanner(list(script)), image_tool=tool or SolidImageTool(), home=home)
+    return Agent(
+        load_preset("tiny"), planner=ScriptedPlanner(list(script)), image_tool=tool or SolidImageTool(), home=home
+    )
 
 
 def make_session(db_url: str, home: Path, session_id: str, script=None):

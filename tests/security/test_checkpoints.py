@@ -38,7 +38,9 @@ def plant(db_url: str, session_id: str, marker) -> None:
         ck = ormsgpack.unpackb(row[1], ext_hook=lambda code, data: ormsgpack.Ext(code, data), option=opts)
         ck["channel_values"]["title"] = evil(marker)
         ck["channel_values"]["mode"] = evil(marker)
-        conn.execute("UPDATE checkpoints SET checkpoint=? WHERE checkpoint_id=?", (ormsgpack.packb(ck, option=opts), row[0]))
+        conn.execute(
+            "UPDATE checkpoints SET checkpoint=? WHERE checkpoint_id=?", (ormsgpack.packb(ck, option=opts), row[0])
+        )
         conn.commit()
         conn.close()
     else:
@@ -113,11 +115,29 @@ def test_planted_pending_write_is_refused(db_url, tmp_path) -> None:
     [
         (("pickle", b"cos\nsystem\n(S'true'\ntR."), "'pickle'"),
         (("json", b'{"lc": 2, "type": "constructor", "id": ["os", "system"], "args": ["true"]}'), "'json'"),
-        (("msgpack", ormsgpack.packb({"a": [ormsgpack.Ext(3, ormsgpack.packb(["os", "system", "x", "y"]))]})), "os.system"),
+        (
+            ("msgpack", ormsgpack.packb({"a": [ormsgpack.Ext(3, ormsgpack.packb(["os", "system", "x", "y"]))]})),
+            "os.system",
+        ),
         (("msgpack", ormsgpack.packb([ormsgpack.Ext(99, b"\x90")])), "extension 99"),
-        (("msgpack", ormsgpack.packb(ormsgpack.Ext(jsonplus.EXT_DELTA_SNAPSHOT, ormsgpack.packb([
-            ormsgpack.Ext(jsonplus.EXT_PYDANTIC_V2, ormsgpack.packb(["subprocess", "Popen", {"args": "true"}]))
-        ])))), "subprocess.Popen"),
+        (
+            (
+                "msgpack",
+                ormsgpack.packb(
+                    ormsgpack.Ext(
+                        jsonplus.EXT_DELTA_SNAPSHOT,
+                        ormsgpack.packb(
+                            [
+                                ormsgpack.Ext(
+                                    jsonplus.EXT_PYDANTIC_V2, ormsgpack.packb(["subprocess", "Popen", {"args": "true"}])
+                                )
+                            ]
+                        ),
+                    )
+                ),
+            ),
+            "subprocess.Popen",
+        ),
         (("msgpack", b"\xc1\xc1"), "not valid msgpack"),
     ],
 )
