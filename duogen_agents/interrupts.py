@@ -51,5 +51,7 @@ def ctrl_c_twice_exits() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        _state["pending"] = False
+        # After a Ctrl-C the process is on its way out (exit code 130): a second one during the
+        # interpreter's shutdown is ignored (a Python handler would be reset to the default there,
+        # and the default kills the process with a signal instead of 130).
+        signal.signal(signal.SIGINT, signal.SIG_IGN if _state["pending"] else previous)

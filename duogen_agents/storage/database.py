@@ -149,13 +149,21 @@ class Database:
 
     def migrate(self) -> str:
         """Refuse a foreign or corrupt database; apply pending migrations. Returns the revision."""
-        from alembic import command
         from alembic.script import ScriptDirectory
 
         cfg = _alembic_config()
         known = {s.revision for s in ScriptDirectory.from_config(cfg).walk_revisions()}
-        if self.backend == "sqlite":
+        if self.backend == "postgresql":
+            return self._migrate(cfg, known)
+        # One opener at a time (threads and processes): the check's read transaction, the migration
+        # and the switch to WAL must not collide ("database is locked" is immediate for the latter).
+        with self._file_lock("_setup", time.monotonic() + 60):
             self._check_sqlite_file()
+            return self._migrate(cfg, known)
+
+    def _migrate(self, cfg: Any, known: set[str]) -> str:
+        from alembic import command
+
         try:
             conn = self.engine.connect()
         except OperationalError as e:
