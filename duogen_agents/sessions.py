@@ -33,7 +33,6 @@ from sqlalchemy import func, select
 from duogen_agents.document import ImageRef, InterleavedDocument, TextBlock
 from duogen_agents.errors import (
     ConfigError,
-    SessionBusyError,
     SessionNotFoundError,
     SessionStateError,
     StorageError,
@@ -438,14 +437,10 @@ class Sessions:
         return GcReport(removed=removed, freed_bytes=freed, kept=kept)
 
     def _images_in_state(self, session_id: str) -> set[str]:
-        """The image ids an unfinished turn's checkpoints hold. Read under the session's lock where it
-        is free; a session busy in another process is read as it stands (its new files are newer
-        than its lease, so the cut-off keeps them)."""
-        try:
-            with self.db.lock(session_id):
-                values = self.state(session_id)
-        except SessionBusyError:
-            values = self.state(session_id)
+        """The image ids an unfinished turn's checkpoints hold. Read without the session's lock: gc
+        must never make a writer fail as busy, and it need not: the read is one consistent snapshot,
+        and anything the turn writes after it is newer than the turn's lease, so the cut-off keeps it."""
+        values = self.state(session_id)
         ids = {v.get("id") for v in (values.get("known_images") or {}).values() if isinstance(v, dict)}
         if isinstance(values.get("candidate"), dict):
             ids.add(values["candidate"].get("id"))
