@@ -86,6 +86,8 @@ class Agent:
         check_prompt(prompt)
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        if problem := self.preset.mode_problem(mode):
+            raise ConfigError(problem)
         pixels = [load_input_image(p) for p in images]
         return [self.store.put(im) for im in pixels]
 

@@ -147,6 +147,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError('give a prompt, e.g. duogen run "How do I repot a plant?" (or - to read stdin)')
         prompt = check_prompt(sys.stdin.read() if args.prompt == "-" else args.prompt)
     preset = load_preset(args.preset)
+    if args.mode is not None and (problem := preset.mode_problem(args.mode)):
+        raise ConfigError(problem)
     for path in args.image:
         load_input_image(path)
     if args.out is not None:

@@ -43,6 +43,14 @@ class TextBlock(BaseModel):
     step: int | None = Field(default=None, description="visual-plan step index (0-based)")
 
 
+class RejectedImage(BaseModel):
+    """A drawing the check turned down; the next attempt was revised from its note."""
+
+    image: ImageRef
+    prompt: str
+    note: str = ""
+
+
 class ImageBlock(BaseModel):
     type: Literal["image"] = "image"
     image: ImageRef
@@ -53,6 +61,7 @@ class ImageBlock(BaseModel):
     step: int | None = None
     seed: int | None = None
     attempts: int = 1
+    rejected: list[RejectedImage] = Field(default_factory=list, description="earlier attempts the check rejected")
 
     @property
     def draft(self) -> bool:

@@ -34,7 +34,9 @@ class PlannerSpec(_Strict):
     model: str
     dtype: Dtype = "auto"
     device: str = "auto"
-    max_new_tokens: int = Field(1024, ge=16, le=32768, description="cap for one planner call")
+    max_new_tokens: int = Field(
+        4096, ge=16, le=32768, description="cap for one planner call; must hold the largest action"
+    )
     max_text_chars: int = Field(800, ge=8, le=8000, description="longest text chunk per action")
     max_prompt_chars: int = Field(300, ge=8, le=2000, description="longest image prompt")
     temperature: float = Field(0.7, ge=0.0, le=2.0)
@@ -101,6 +103,52 @@ class Preset(_Strict):
         if env := os.environ.get("DUOGEN_MODELS"):
             return Path(env).expanduser()
         return home / "models"
+
+    def action_tokens(self) -> dict[str, int]:
+        """Tokens each kind of planner action can take at most (see ``actions.max_json_chars``)."""
+        from duogen_agents.models.actions import max_action_tokens, worst_case_schemas
+
+        p, lim = self.planner, self.limits
+        schemas = worst_case_schemas(
+            max_text=p.max_text_chars,
+            max_prompt=p.max_prompt_chars,
+            max_refs=lim.max_references,
+            plan_max_steps=min(lim.plan_max_steps, max(1, lim.max_images)),
+            plan_min_steps=min(lim.plan_min_steps, lim.plan_max_steps, max(1, lim.max_images)),
+        )
+        return {name: max_action_tokens(schema) for name, schema in schemas.items()}
+
+    @model_validator(mode="after")
+    def _limits_hold_an_action(self) -> Preset:
+        """Refuse limits that would cut a planner call mid-action, or leave no room for one action."""
+        need = self.action_tokens()
+        largest = max(v for k, v in need.items() if k != "plan_min")
+        sizes = f"max_text_chars = {self.planner.max_text_chars}, max_prompt_chars = {self.planner.max_prompt_chars}"
+        if self.planner.max_new_tokens < largest:
+            raise ValueError(
+                f"planner.max_new_tokens = {self.planner.max_new_tokens} cannot hold the largest action (up to "
+                f"{largest} tokens with {sizes}); raise it to {largest} or lower those"
+            )
+        if self.limits.max_turn_tokens < need["interleaved"]:
+            raise ValueError(
+                f"limits.max_turn_tokens = {self.limits.max_turn_tokens} cannot hold one whole action (up to "
+                f"{need['interleaved']} tokens with {sizes}); raise it or lower those"
+            )
+        return self
+
+    def mode_problem(self, mode: str) -> str | None:
+        """Why this preset's limits cannot produce an answer in ``mode``, or None."""
+        lim = self.limits
+        if mode in ("visual-plan", "draft") and lim.max_images < 1:
+            return f"preset {self.name!r} allows no images (limits.max_images = 0), and {mode} draws at least one"
+        need = self.action_tokens()
+        least = {"visual-plan": need["plan_min"] + need["step"], "draft": 2 * need["draft"]}.get(mode, 0)
+        if lim.max_turn_tokens < least:
+            return (
+                f"preset {self.name!r}: limits.max_turn_tokens = {lim.max_turn_tokens} cannot hold a {mode} answer "
+                f"(its first actions take up to {least} tokens); raise it or lower planner.max_text_chars"
+            )
+        return None
 
     @property
     def is_tiny(self) -> bool:

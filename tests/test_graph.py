@@ -13,6 +13,8 @@ from duogen_agents.models.image_tool import CosmosImageTool, conditioning_frames
 from duogen_agents.presets import load_preset
 from tests.fakes import ScriptedPlanner, SolidImageTool
 
+DONE = {"type": "done"}
+
 
 def _agent(home, script, tool=None, **limits):
     preset = load_preset("tiny")
@@ -74,19 +76,30 @@ def test_conditioning_frames_fill_whole_latent_groups() -> None:
     assert frames == [a, b, c, c, c] and n == 9
 
 
-def test_redraw_budget_is_respected(tmp_path) -> None:
+def test_rejected_image_is_revised_by_the_planner_within_the_budget(tmp_path) -> None:
     tool = SolidImageTool()
-    redraw = {"verdict": "redraw", "note": "wrong"}
+    redraw = {"verdict": "redraw", "note": "the pot should be red"}
+    revised = {"prompt": "a red terracotta pot", "references": [], "kind": "generate"}
     agent = _agent(
         tmp_path,
-        [{"type": "image", "prompt": "a pot", "references": [], "kind": "generate"}, redraw, redraw, {"type": "done"}],
+        [{"type": "image", "prompt": "a pot", "references": [], "kind": "generate"}, redraw, revised, redraw, DONE],
         tool=tool,
         redraw_budget=1,
     )
     doc = agent.run("draw a pot")
-    assert len(tool.requests) == 2, "one draw plus one redraw, then the second is kept"
-    assert len(doc.images) == 1 and doc.images[0].attempts == 2
-    assert tool.requests[0]["seed"] != tool.requests[1]["seed"]
+    # One draw, then the planner's revised request (not the same prompt with another seed); the second
+    # rejection is over the budget, so that drawing is kept.
+    assert [r["prompt"] for r in tool.requests] == ["a pot", "a red terracotta pot"]
+    (block,) = doc.images
+    assert block.attempts == 2 and block.prompt == "a red terracotta pot"
+    assert [(r.prompt, r.note) for r in block.rejected] == [("a pot", "the pot should be red")]
+    assert block.rejected[0].image.id != block.image.id
+    # The revision call saw the rejected image and the check's note.
+    conversation, schema = agent.planner.calls[2]
+    last = conversation[-1]["content"]
+    assert any(p["type"] == "image" for p in last)
+    assert any("the pot should be red" in p.get("text", "") for p in last)
+    assert '"prompt"' in json.dumps(schema) and '"done"' not in json.dumps(schema)
 
 
 def test_limits_end_the_turn(tmp_path) -> None:

@@ -47,7 +47,13 @@ def turn_blocks(left: list[dict[str, Any]] | None, right: list[dict[str, Any]]) 
     return [*(left or []), *right]
 
 
-class PendingImage(TypedDict):
+class Rejection(TypedDict):
+    image: dict[str, Any]  # ImageRef dict of the rejected drawing
+    prompt: str  # the request it was drawn for
+    note: str  # why the check rejected it
+
+
+class PendingImage(TypedDict, total=False):
     prompt: str
     references: list[str]  # full image ids
     kind: Literal["generate", "edit", "continue"]
@@ -55,6 +61,9 @@ class PendingImage(TypedDict):
     step: int | None
     attempt: int
     seed: int
+    # Earlier attempts of this request the check rejected, oldest first; the revision is written
+    # from the last one's note.
+    rejections: list[Rejection]
 
 
 class TurnState(TypedDict, total=False):
@@ -75,6 +84,7 @@ class TurnState(TypedDict, total=False):
     step: int
     pending: PendingImage | None
     candidate: dict[str, Any] | None  # ImageRef dict drawn, awaiting the check
+    revising: bool  # the check rejected the candidate: the planner writes the revised request next
     # Images the check rejected this turn (kept: the session records every image it drew).
     rejected: Annotated[list[dict[str, Any]], turn_blocks]
     actions: int

@@ -2,12 +2,13 @@
 
 ::
 
-    START -> start -+-> outline (visual-plan) -> plan
+    START -> start -+-> outline (visual-plan) -> plan | finish (no budget)
                     +-> plan
                     +-> render (a direct request: redraw an image; then finish)
     plan  -> render (an image is due) | plan (text written) | finish (done or a limit reached)
     render -> check (checks on) | plan
-    check  -> render (redraw, within the budget) | plan
+    check  -> revise (rejected, within the redraw budget) | plan
+    revise -> render (the planner's revised request, from the check's note)
     finish -> END
 
 Nodes are thin: they call the planner (as a LangChain chat model, so ``stream_mode="messages"`` yields
@@ -86,11 +87,20 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
     limits = deps.limits
     spec = deps.planner_spec
 
+    def budget(state: TurnState, schema: dict[str, Any]) -> int | None:
+        """``max_new_tokens`` for a call under ``schema``, or None when what is left of the turn's
+        token budget cannot hold a whole action (the turn then ends; a call is never cut mid-action)."""
+        remaining = limits.max_turn_tokens - state.get("tokens", 0)
+        if remaining < A.max_action_tokens(schema):
+            return None
+        return min(spec.max_new_tokens, remaining)
+
     def call_planner(
         state: TurnState,
         config: RunnableConfig,
         schema: dict[str, Any],
         instruction: str | None,
+        max_new_tokens: int,
         images: Sequence[str] = (),
     ) -> tuple[str, int]:
         mode = state.get("mode", "interleaved")
@@ -100,23 +110,14 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
             content.append({"type": "text", "text": instruction})
             msgs.append(HumanMessage(content=content))
         calls = state.get("calls", 0)
-        remaining = max(16, limits.max_turn_tokens - state.get("tokens", 0))
         response = deps.chat.invoke(
-            msgs,
-            config,
-            schema=schema,
-            seed=state.get("seed", 0) * 7919 + calls,
-            max_new_tokens=min(spec.max_new_tokens, remaining),
+            msgs, config, schema=schema, seed=state.get("seed", 0) * 7919 + calls, max_new_tokens=max_new_tokens
         )
         usage = response.usage_metadata or {}
         return str(response.content), int(usage.get("output_tokens", 0))
 
-    def over_budget(state: TurnState) -> str | None:
-        if state.get("tokens", 0) >= limits.max_turn_tokens:
-            return "max_turn_tokens"
-        if state.get("actions", 0) >= limits.max_actions:
-            return "max_actions"
-        return None
+    def stop(reason: str) -> dict[str, Any]:
+        return {"finished": True, "stop_reason": reason}
 
     def text_update(state: TurnState, text: str, step: int | None = None) -> dict[str, Any]:
         block = TextBlock(text=text, step=step)
@@ -134,6 +135,7 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
             "step": step,
             "attempt": 1,
             "seed": 0,
+            "rejections": [],
         }
 
     # ---- nodes ---------------------------------------------------------------------------------
@@ -150,6 +152,7 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
             "step": 0,
             "pending": request,
             "candidate": None,
+            "revising": False,
             "actions": 0,
             "calls": 0,
             "tokens": 0,
@@ -161,10 +164,16 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
         }
 
     def outline(state: TurnState, config: RunnableConfig) -> dict[str, Any]:
+        # One image per step: a plan never has more steps than the turn may draw images.
+        max_steps = min(limits.plan_max_steps, limits.max_images)
         schema = A.plan_schema(
-            min_steps=limits.plan_min_steps, max_steps=limits.plan_max_steps, max_title=spec.max_prompt_chars
+            min_steps=min(limits.plan_min_steps, max_steps),
+            max_steps=max_steps,
+            max_title=A.plan_title_chars(spec.max_prompt_chars),
         )
-        raw, n = call_planner(state, config, schema, "Write the plan: a title and the step titles.")
+        if (max_new := budget(state, schema)) is None:
+            return stop("max_turn_tokens")
+        raw, n = call_planner(state, config, schema, "Write the plan: a title and the step titles.", max_new)
         plan = A.parse_action(raw, A.Plan)
         _writer()({"event": "plan", "title": plan.title, "steps": [s.title for s in plan.steps]})
         summary = plan.title + "\n" + "\n".join(f"{i + 1}. {s.title}" for i, s in enumerate(plan.steps))
@@ -181,17 +190,21 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
         known = _refs(state)
         refs = _pick_refs(known, limits.max_references)
         base = {"calls": state.get("calls", 0) + 1, "actions": state.get("actions", 0) + 1}
-        if reason := over_budget(state):
-            return {"finished": True, "stop_reason": reason}
+        if state.get("actions", 0) >= limits.max_actions:
+            return stop("max_actions")
         if mode == "visual-plan":
             steps = (state.get("plan") or {}).get("steps", [])
             i = state.get("step", 0)
             if i >= len(steps):
-                return {"finished": True, "stop_reason": "plan_complete"}
+                return stop("plan_complete")
+            if state.get("images", 0) >= limits.max_images:
+                return stop("max_images")
             schema = A.step_schema(
                 refs, max_text=spec.max_text_chars, max_prompt=spec.max_prompt_chars, max_refs=limits.max_references
             )
-            raw, n = call_planner(state, config, schema, f"Write step {i + 1}: {steps[i]['title']}")
+            if (max_new := budget(state, schema)) is None:
+                return stop("max_turn_tokens")
+            raw, n = call_planner(state, config, schema, f"Write step {i + 1}: {steps[i]['title']}", max_new)
             action = A.parse_action(raw, A.StepAction)
             heading = f"### Step {i + 1}: {steps[i]['title']}\n\n"
             return {
@@ -203,18 +216,23 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
             }
         if mode == "draft":
             if state.get("answered"):
-                return {"finished": True, "stop_reason": "answered"}
+                return stop("answered")
             drafts = state.get("drafts", 0)
+            allow_draft = drafts < limits.max_drafts and state.get("images", 0) < limits.max_images
+            if not allow_draft and drafts == 0:
+                return stop("max_images")
             schema = A.draft_schema(
                 refs,
                 max_text=spec.max_text_chars,
                 max_prompt=spec.max_prompt_chars,
                 max_refs=limits.max_references,
-                allow_draft=drafts < limits.max_drafts and state.get("images", 0) < max(1, limits.max_images),
+                allow_draft=allow_draft,
                 allow_answer=drafts >= 1,
             )
+            if (max_new := budget(state, schema)) is None:
+                return stop("max_turn_tokens")
             instruction = "Sketch a draft." if drafts == 0 else "Look at your draft: sketch again, or answer."
-            raw, n = call_planner(state, config, schema, instruction)
+            raw, n = call_planner(state, config, schema, instruction, max_new)
             draft_action = A.parse_action(raw, A.DraftOrAnswer)
             upd: dict[str, Any] = {**base, "tokens": state.get("tokens", 0) + n}
             if isinstance(draft_action, A.AnswerAction):
@@ -229,14 +247,16 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
             allow_image=state.get("images", 0) < limits.max_images,
             allow_done=state.get("actions", 0) > 0,
         )
-        raw, n = call_planner(state, config, schema, None)
+        if (max_new := budget(state, schema)) is None:
+            return stop("max_turn_tokens")
+        raw, n = call_planner(state, config, schema, None, max_new)
         action = A.parse_action(raw, A.NextAction)
         upd = {**base, "tokens": state.get("tokens", 0) + n}
         if isinstance(action, A.TextAction):
             return {**upd, **text_update(state, action.text)}
         if isinstance(action, A.ImageAction):
             return {**upd, "pending": pending_from(state, action, "generated", None)}
-        return {**upd, "finished": True, "stop_reason": "done"}
+        return {**upd, **stop("done")}
 
     def render(state: TurnState) -> dict[str, Any]:
         pending = state["pending"]
@@ -276,6 +296,9 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
             step=pending["step"],
             seed=pending["seed"],
             attempts=pending["attempt"],
+            rejected=[
+                {"image": r["image"], "prompt": r["prompt"], "note": r["note"]} for r in pending.get("rejections") or []
+            ],
         )
         known = {ref.short: ref.model_dump()}
         _writer()(
@@ -309,11 +332,14 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
         pending = state["pending"]
         candidate = ImageRef.model_validate(state["candidate"])
         assert pending is not None
+        schema = A.check_schema()
+        if (max_new := budget(state, schema)) is None:
+            return accept(state, pending, candidate)  # no budget left to look: keep it unchecked
         instruction = (
             f"This image was drawn for the request: {pending['prompt']!r}. "
-            "Does it match? Answer ok, or redraw with a short note."
+            "Does it match? Answer ok, or redraw with a short note saying what is wrong."
         )
-        raw, n = call_planner(state, config, A.check_schema(), instruction, images=[candidate.id])
+        raw, n = call_planner(state, config, schema, instruction, max_new, images=[candidate.id])
         verdict = A.parse_action(raw, A.CheckVerdict)
         upd: dict[str, Any] = {"calls": state.get("calls", 0) + 1, "tokens": state.get("tokens", 0) + n}
         if verdict.verdict == "redraw" and pending["attempt"] <= limits.redraw_budget:
@@ -325,14 +351,43 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
                     "attempt": pending["attempt"],
                 }
             )
+            rejection = {"image": candidate.model_dump(), "prompt": pending["prompt"], "note": verdict.note}
             rejected = {**pending, "image": candidate.model_dump(), "note": verdict.note}
             return {
                 **upd,
-                "candidate": None,
                 "rejected": [rejected],
-                "pending": {**pending, "attempt": pending["attempt"] + 1},
+                "pending": {**pending, "rejections": [*(pending.get("rejections") or []), rejection]},
+                "revising": True,
             }
         return {**upd, **accept(state, pending, candidate)}
+
+    def revise(state: TurnState, config: RunnableConfig) -> dict[str, Any]:
+        """The planner sees the rejected image and the check's note and writes the revised request:
+        a new prompt and/or other references and kind (not the same request with another seed)."""
+        pending = state["pending"]
+        assert pending is not None
+        candidate = ImageRef.model_validate(state["candidate"])
+        last = (pending.get("rejections") or [{}])[-1]
+        known = _refs(state)
+        schema = A.revise_schema(
+            _pick_refs(known, limits.max_references), max_prompt=spec.max_prompt_chars, max_refs=limits.max_references
+        )
+        if (max_new := budget(state, schema)) is None:
+            return {"revising": False, **accept(state, pending, candidate)}
+        instruction = (
+            f"This image, drawn for {pending['prompt']!r}, was rejected: {last.get('note') or 'it does not match'}. "
+            "Write the revised image request: change the prompt, and the references or kind if they were wrong."
+        )
+        raw, n = call_planner(state, config, schema, instruction, max_new, images=[candidate.id])
+        request = A.parse_action(raw, A.ImageRequest)
+        revised = pending_from(state, request, pending["origin"], pending["step"])
+        return {
+            "calls": state.get("calls", 0) + 1,
+            "tokens": state.get("tokens", 0) + n,
+            "revising": False,
+            "candidate": None,
+            "pending": {**revised, "attempt": pending["attempt"] + 1, "rejections": pending.get("rejections") or []},
+        }
 
     def finish(state: TurnState) -> dict[str, Any]:
         blocks = state.get("blocks") or []
@@ -360,7 +415,13 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
         return "check" if state.get("candidate") else next_after_image(state)
 
     def after_check(state: TurnState) -> str:
+        return "revise" if state.get("revising") else next_after_image(state)
+
+    def after_revise(state: TurnState) -> str:
         return "render" if state.get("pending") else next_after_image(state)
+
+    def after_outline(state: TurnState) -> str:
+        return "finish" if state.get("finished") else "plan"
 
     graph = StateGraph(TurnState)
     graph.add_node("start", start)
@@ -368,13 +429,15 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
     graph.add_node("plan", plan)
     graph.add_node("render", render)
     graph.add_node("check", check)
+    graph.add_node("revise", revise)
     graph.add_node("finish", finish)
     graph.add_edge(START, "start")
     graph.add_conditional_edges("start", after_start, ["outline", "plan", "render"])
-    graph.add_edge("outline", "plan")
+    graph.add_conditional_edges("outline", after_outline, ["plan", "finish"])
     graph.add_conditional_edges("plan", after_plan, ["render", "plan", "finish"])
     graph.add_conditional_edges("render", after_render, ["check", "plan", "finish"])
-    graph.add_conditional_edges("check", after_check, ["render", "plan", "finish"])
+    graph.add_conditional_edges("check", after_check, ["revise", "plan", "finish"])
+    graph.add_conditional_edges("revise", after_revise, ["render", "plan", "finish"])
     graph.add_edge("finish", END)
     if not compile:
         return graph

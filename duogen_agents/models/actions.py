@@ -12,6 +12,7 @@ planner cannot reference an image that does not exist.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
@@ -206,12 +207,88 @@ def draft_schema(
     return {"anyOf": options} if len(options) > 1 else options[0]
 
 
-def check_schema(*, max_note: int = 120) -> dict[str, Any]:
+def revise_schema(refs: list[str], *, max_prompt: int, max_refs: int) -> dict[str, Any]:
+    """After a rejected image: the revised request (a new prompt and/or other references and kind)."""
+    return {"anyOf": _image_request_variants(refs, max_prompt, max_refs, None)}
+
+
+CHECK_NOTE_CHARS = 120
+PLAN_TITLE_CHARS = 80
+
+
+def plan_title_chars(max_prompt: int) -> int:
+    """Plan and step titles are headings: at most ``PLAN_TITLE_CHARS``, and no longer than a prompt."""
+    return min(max_prompt, PLAN_TITLE_CHARS)
+
+
+def check_schema(*, max_note: int = CHECK_NOTE_CHARS) -> dict[str, Any]:
     return {
         "type": "object",
         "properties": {"verdict": {"enum": ["ok", "redraw"]}, "note": text_schema(max_note, multiline=False)},
         "required": ["verdict", "note"],
         "additionalProperties": False,
+    }
+
+
+# ---- how many tokens an action can take ---------------------------------------------------------
+
+_BOUNDED = re.compile(r"\{1,(\d+)\}\$$")
+# Separators as xgrammar may emit them without free whitespace: ", " and ": " at most.
+_SEP = 2
+
+
+def max_json_chars(schema: dict[str, Any]) -> int:
+    """The longest JSON text (in characters) that ``schema`` admits. A token is at least one
+    character, so this bounds the tokens a planner call under the schema's grammar can take: a call
+    given this many new tokens (plus one for the end token) always completes its action."""
+    if "anyOf" in schema:
+        return max(max_json_chars(s) for s in schema["anyOf"])
+    if "const" in schema:
+        return len(json.dumps(schema["const"]))
+    if "enum" in schema:
+        return max(len(json.dumps(v)) for v in schema["enum"])
+    kind = schema.get("type")
+    if kind == "string":
+        m = _BOUNDED.search(schema.get("pattern", ""))
+        if m is None:
+            raise ValueError(f"unbounded string schema: {schema}")
+        return 2 * int(m.group(1)) + 2  # every character may be a two-character escape
+    if kind == "array":
+        n = int(schema.get("maxItems", 0))
+        item = max_json_chars(schema["items"]) if n else 0
+        return 2 + n * item + max(0, n - 1) * _SEP
+    if kind == "object":
+        props = schema.get("properties", {})
+        body = sum(len(json.dumps(k)) + _SEP + max_json_chars(v) for k, v in props.items())
+        return 2 + body + max(0, len(props) - 1) * _SEP
+    raise ValueError(f"cannot bound schema {schema}")
+
+
+def max_action_tokens(schema: dict[str, Any]) -> int:
+    """Tokens to reserve for one planner call under ``schema``: the whole action and its end token."""
+    return max_json_chars(schema) + 1
+
+
+def worst_case_schemas(
+    *, max_text: int, max_prompt: int, max_refs: int, plan_max_steps: int, plan_min_steps: int = 1
+) -> dict[str, Any]:
+    """Every action schema at its largest (as many references as allowed), for checking limits;
+    ``plan_min`` is the shortest plan a visual plan may commit to."""
+    refs = ["0" * 12] * max(1, max_refs)
+    return {
+        "interleaved": next_action_schema(
+            refs, max_text=max_text, max_prompt=max_prompt, max_refs=max_refs, allow_image=True, allow_done=True
+        ),
+        "plan": plan_schema(min_steps=1, max_steps=plan_max_steps, max_title=plan_title_chars(max_prompt)),
+        "plan_min": plan_schema(
+            min_steps=plan_min_steps, max_steps=plan_min_steps, max_title=plan_title_chars(max_prompt)
+        ),
+        "step": step_schema(refs, max_text=max_text, max_prompt=max_prompt, max_refs=max_refs),
+        "draft": draft_schema(
+            refs, max_text=max_text, max_prompt=max_prompt, max_refs=max_refs, allow_draft=True, allow_answer=True
+        ),
+        "check": check_schema(),
+        "revise": revise_schema(refs, max_prompt=max_prompt, max_refs=max_refs),
     }
 
 
