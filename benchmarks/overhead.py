@@ -31,9 +31,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from duogen_agents.models import actions as A  # noqa: E402
+from duogen_agents.graphs import actions as A  # noqa: E402
 from duogen_agents.models.chat_model import PlannerChatModel  # noqa: E402
-from duogen_agents.models.image_tool import CosmosImageTool, PassThroughSafetyChecker, conditioning_frames  # noqa: E402
+from duogen_agents.models.images.cosmos2 import CosmosImageTool, PassThroughSafetyChecker, conditioning_frames  # noqa: E402
 from duogen_agents.models.loading import quiet_libraries  # noqa: E402
 from duogen_agents.models.planner import TransformersPlanner  # noqa: E402
 from duogen_agents.presets import load_preset  # noqa: E402

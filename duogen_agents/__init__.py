@@ -21,13 +21,17 @@ from duogen_agents.errors import (
     InputImageError,
     ModelLoadError,
     SessionBusyError,
+    SessionNotFoundError,
+    SessionStateError,
     StorageError,
+    UnsafeCheckpointError,
 )
 from duogen_agents.presets import Preset, load_preset
 
 if TYPE_CHECKING:
     from duogen_agents.agent import Agent
     from duogen_agents.graphs.turn import build_graph
+    from duogen_agents.sessions import Session, Sessions
 
 __version__ = "0.1.0"
 
@@ -42,22 +46,30 @@ __all__ = [
     "InterleavedDocument",
     "ModelLoadError",
     "Preset",
+    "Session",
     "SessionBusyError",
+    "SessionNotFoundError",
+    "SessionStateError",
+    "Sessions",
     "StorageError",
     "TextBlock",
+    "UnsafeCheckpointError",
     "build_graph",
     "load_preset",
 ]
 
+_LAZY = {
+    "Agent": "duogen_agents.agent",
+    "build_graph": "duogen_agents.graphs.turn",
+    "Session": "duogen_agents.sessions",
+    "Sessions": "duogen_agents.sessions",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # Lazy: importing the graph pulls in langgraph; the CLI's --help must stay instant.
-    if name == "Agent":
-        from duogen_agents.agent import Agent
+    # Lazy: the graph pulls in langgraph, the models torch/transformers/diffusers (only when built).
+    if name in _LAZY:
+        import importlib
 
-        return Agent
-    if name == "build_graph":
-        from duogen_agents.graphs.turn import build_graph
-
-        return build_graph
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'duogen_agents' has no attribute {name!r}")

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from duogen_agents.document import ImageRef, InterleavedDocument
 from duogen_agents.errors import ConfigError
-from duogen_agents.graphs.state import MODES
+from duogen_agents.inputs import load_input_image
 from duogen_agents.presets import Preset, load_preset
 from duogen_agents.storage.images import ImageStore, default_home
-from duogen_agents.storage.inputs import load_input_image
 from duogen_agents.validation import check_prompt, check_seed
 
 if TYPE_CHECKING:
@@ -37,10 +36,12 @@ class Agent:
         image_tool: Any,
         home: Path | str | None = None,
         checkpointer: Any = None,
+        critic: Any = None,
     ) -> None:
         from langgraph.checkpoint.memory import InMemorySaver
 
-        from duogen_agents.graphs.turn import GraphDeps, build_graph
+        from duogen_agents.graphs.deps import GraphDeps
+        from duogen_agents.graphs.turn import build_graph
         from duogen_agents.models.chat_model import PlannerChatModel
         from duogen_agents.tools.render import Renderer
 
@@ -56,6 +57,7 @@ class Agent:
             store=self.store,
             planner_spec=preset.planner,
             limits=preset.limits,
+            critic=PlannerChatModel(planner=critic, store=self.store) if critic is not None else None,
         )
         self.checkpointer = checkpointer if checkpointer is not None else InMemorySaver()
         self.graph = build_graph(self.deps, checkpointer=self.checkpointer)
@@ -63,7 +65,7 @@ class Agent:
     @classmethod
     def from_preset(cls, preset: str | Path | Preset = "tiny", *, home: Path | str | None = None) -> Agent:
         """Load the preset's planner and image tool (building the tiny checkpoints on first use)."""
-        from duogen_agents.models.image_tool import CosmosImageTool
+        from duogen_agents.models.images import build_image_tool
         from duogen_agents.models.loading import quiet_libraries
         from duogen_agents.models.planner import TransformersPlanner
 
@@ -72,8 +74,9 @@ class Agent:
         quiet_libraries()
         models = spec.models_path(root)
         planner = TransformersPlanner.from_spec(spec.planner, models)
-        image_tool = CosmosImageTool.from_spec(spec.image, models)
-        return cls(spec, planner=planner, image_tool=image_tool, home=root)
+        critic = TransformersPlanner.from_spec(spec.critic, models) if spec.critic is not None else None
+        image_tool = build_image_tool(spec.image, models)
+        return cls(spec, planner=planner, image_tool=image_tool, home=root, critic=critic)
 
     @property
     def recursion_limit(self) -> int:
@@ -84,6 +87,8 @@ class Agent:
     def store_inputs(self, prompt: str, mode: str, images: Sequence[str | Path]) -> list[ImageRef]:
         """Check the prompt and mode, load every image, then store them (one bad file stores nothing)."""
         check_prompt(prompt)
+        from duogen_agents.graphs.state import MODES
+
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
         if problem := self.preset.mode_problem(mode):

@@ -116,7 +116,7 @@ def _cmd_presets() -> int:
     t = Table("preset", "planner", "image tool", "GPU memory", "description")
     for name, p in BUILTIN.items():
         mem = f"~{p.gpu_memory_gb:.0f} GB" if p.gpu_memory_gb else "CPU"
-        t.add_row(name, p.planner.model, p.image.text2image, mem, p.description)
+        t.add_row(name, p.planner.model, p.image.describe(), mem, p.description)
     Console().print(t)
     return 0
 
@@ -125,8 +125,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from duogen_agents.errors import ConfigError
+    from duogen_agents.inputs import load_input_image
     from duogen_agents.presets import load_preset
-    from duogen_agents.storage.inputs import load_input_image
     from duogen_agents.validation import check_out_dir, check_prompt, check_seed
 
     # Validate everything cheap before loading any model.
@@ -213,7 +213,7 @@ def print_events(events: Any, agent: Any, out: Any, err: Any, *, preview: bool =
     from rich.markdown import Markdown
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from duogen_agents.render_terminal import HalfBlockImage
+    from duogen_agents.terminal.render import HalfBlockImage
 
     progress: Progress | None = None
     task = None
@@ -273,7 +273,7 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
             if not items:
                 err.print('no sessions yet: start one with duogen run --session NAME "..."')
                 return 0
-            from duogen_agents.render_terminal import sessions_table
+            from duogen_agents.terminal.render import sessions_table
 
             t = sessions_table(items)
             out.print(t)
@@ -343,7 +343,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.command == "sessions":
             return _cmd_sessions(args)
         if args.command == "chat":
-            from duogen_agents.chat import ChatApp
+            from duogen_agents.terminal.chat import ChatApp
 
             return ChatApp(
                 preset=args.preset, mode=args.mode, session_id=args.session, db=args.db, home=args.home,

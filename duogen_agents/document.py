@@ -62,6 +62,10 @@ class ImageBlock(BaseModel):
     seed: int | None = None
     attempts: int = 1
     rejected: list[RejectedImage] = Field(default_factory=list, description="earlier attempts the check rejected")
+    family: str | None = Field(default=None, description="image family that drew it (cosmos2, flux2-klein, ...)")
+    pipeline: str | None = Field(default=None, description="the pipeline within the family (text2image, ...)")
+    frames: int | None = Field(default=None, description="conditioning frames the pipeline received")
+    horizon: int | None = Field(default=None, description="continue: frames between the last reference and it")
 
     @property
     def draft(self) -> bool:

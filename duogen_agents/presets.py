@@ -45,11 +45,30 @@ class PlannerSpec(_Strict):
     max_pixels: int | None = Field(None, ge=1, description="vision input size cap, in pixels")
 
 
-class ImageSpec(_Strict):
-    """The image tool: a Cosmos-Predict2 Text2Image pipeline and its Video2World sibling."""
+ImageFamily = Literal["cosmos2", "flux2-klein"]
+# Frames between the last reference and the image ``continue`` returns, at 16 fps: 28 frames is
+# 1.75 s, far enough for "the next step" to have happened while the scene still holds (the model is
+# trained on 93-frame clips; 4 frames, 0.25 s, gives back a near-copy of the last reference).
+DEFAULT_HORIZON_FRAMES = 28
 
-    text2image: str
-    video2world: str
+
+class ImageSpec(_Strict):
+    """An image family and its settings.
+
+    - ``cosmos2``: Cosmos-Predict2 ``text2image`` (generate) and ``video2world`` (continue, 1..5
+      references, the new image ``horizon_frames`` after the last one).
+    - ``flux2-klein``: FLUX.2 [klein] ``model`` (generate, and generate/edit with up to
+      ``max_references`` reference images in one call).
+
+    ``references`` names the family that draws ``generate``/``edit`` with references when this one
+    cannot (Cosmos): it draws on this spec's canvas (height, width). Without one, the planner is never
+    offered those kinds.
+    """
+
+    family: ImageFamily = "cosmos2"
+    model: str | None = Field(None, description="flux2-klein: hub id, local folder or tiny:flux2-klein")
+    text2image: str | None = Field(None, description="cosmos2: the Text2Image checkpoint")
+    video2world: str | None = Field(None, description="cosmos2: the Video2World checkpoint")
     dtype: Dtype = "auto"
     device: str = "auto"
     height: int = Field(704, ge=16, le=4096, multiple_of=16)
@@ -59,9 +78,27 @@ class ImageSpec(_Strict):
     negative_prompt: str | None = None
     max_sequence_length: int = Field(512, ge=8, le=1024)
     fps: int = Field(16, ge=1, le=60)
+    horizon_frames: int = Field(DEFAULT_HORIZON_FRAMES, ge=1, le=88, description="cosmos2 continue: frames ahead")
+    max_references: int = Field(4, ge=1, le=10, description="flux2-klein: reference images per call")
     safety_checker: Literal["guardrail", "none"] = Field(
-        "guardrail", description="'guardrail' needs the cosmos_guardrail package; 'none' passes all"
+        "guardrail", description="cosmos2: 'guardrail' needs the cosmos_guardrail package; 'none' passes all"
     )
+    references: ImageSpec | None = None
+
+    @model_validator(mode="after")
+    def _family_models(self) -> ImageSpec:
+        if self.family == "cosmos2" and not (self.text2image and self.video2world):
+            raise ValueError("the cosmos2 family needs text2image and video2world checkpoints")
+        if self.family == "flux2-klein" and not self.model:
+            raise ValueError("the flux2-klein family needs a model checkpoint")
+        if self.references is not None and self.references.references is not None:
+            raise ValueError("image.references cannot have references of its own")
+        return self
+
+    def describe(self) -> str:
+        main = self.model if self.family == "flux2-klein" else self.text2image
+        extra = f" + {self.references.describe()} for references" if self.references else ""
+        return f"{main}{extra}"
 
 
 class Limits(_Strict):
@@ -89,6 +126,9 @@ class Preset(_Strict):
     description: str = ""
     planner: PlannerSpec
     image: ImageSpec
+    critic: PlannerSpec | None = Field(
+        None, description="a separate model that checks each image (default: the planner checks its own)"
+    )
     limits: Limits = Field(default_factory=Limits)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     gpu_memory_gb: float | None = Field(None, description="approximate GPU memory the preset needs")
@@ -106,7 +146,7 @@ class Preset(_Strict):
 
     def action_tokens(self) -> dict[str, int]:
         """Tokens each kind of planner action can take at most (see ``actions.max_json_chars``)."""
-        from duogen_agents.models.actions import max_action_tokens, worst_case_schemas
+        from duogen_agents.graphs.actions import max_action_tokens, worst_case_schemas
 
         p, lim = self.planner, self.limits
         schemas = worst_case_schemas(
@@ -152,19 +192,54 @@ class Preset(_Strict):
 
     @property
     def is_tiny(self) -> bool:
-        return self.planner.model.startswith("tiny:") or self.image.text2image.startswith("tiny:")
+        image = self.image
+        names = [self.planner.model, image.model, image.text2image, image.references and image.references.model]
+        return any(isinstance(n, str) and n.startswith("tiny:") for n in names)
 
 
 _COSMOS_T2I = "nvidia/Cosmos-Predict2-2B-Text2Image"
 _COSMOS_V2W = "nvidia/Cosmos-Predict2-2B-Video2World"
 
 
-def _tiny(name: str, family: str) -> Preset:
+_TINY_CANVAS = {"device": "cpu", "dtype": "float32", "height": 64, "width": 64}
+
+
+def _tiny_flux2(**overrides: object) -> ImageSpec:
+    return ImageSpec(
+        family="flux2-klein",
+        model="tiny:flux2-klein",
+        **_TINY_CANVAS,  # type: ignore[arg-type]
+        steps=2,
+        guidance=1.0,
+        max_sequence_length=32,
+        max_references=4,
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+def _tiny(name: str, family: str, image_family: str = "cosmos2") -> Preset:
     """Random-weight models of the real classes, built locally: the real code path on a CPU."""
     family_name = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}[family]
+    if image_family == "cosmos2":
+        image = ImageSpec(
+            text2image="tiny:text2image",
+            video2world="tiny:video2world",
+            **_TINY_CANVAS,  # type: ignore[arg-type]
+            steps=4,
+            guidance=3.0,
+            negative_prompt="blurry",
+            max_sequence_length=32,
+            horizon_frames=8,  # the tiny DiT holds at most 8 latent frames
+            safety_checker="none",
+            references=_tiny_flux2(),
+        )
+        images = "Cosmos-Predict2 (+ FLUX.2 klein for references)"
+    else:
+        image = _tiny_flux2()
+        images = "FLUX.2 klein"
     return Preset(
         name=name,
-        description=f"random-weight {family_name} + Cosmos-Predict2 built locally; output is noise",
+        description=f"random-weight {family_name} + {images} built locally; output is noise",
         planner=PlannerSpec(
             model=f"tiny:{family}",
             device="cpu",
@@ -175,26 +250,33 @@ def _tiny(name: str, family: str) -> Preset:
             temperature=1.0,
             top_p=1.0,
         ),
-        image=ImageSpec(
-            text2image="tiny:text2image",
-            video2world="tiny:video2world",
-            device="cpu",
-            dtype="float32",
-            height=64,
-            width=64,
-            steps=4,
-            guidance=3.0,
-            negative_prompt="blurry",
-            max_sequence_length=32,
-            safety_checker="none",
-        ),
+        image=image,
         limits=Limits(max_images=4, max_actions=8, max_turn_tokens=2048, plan_max_steps=4),
+    )
+
+
+_FLUX2_KLEIN_4B = "black-forest-labs/FLUX.2-klein-4B"
+
+
+def _flux2_klein_4b(**overrides: object) -> ImageSpec:
+    # The 4B model is step-distilled: 4 steps, no classifier-free guidance.
+    return ImageSpec(
+        family="flux2-klein",
+        model=_FLUX2_KLEIN_4B,
+        dtype="bfloat16",
+        height=1024,
+        width=1024,
+        steps=4,
+        guidance=1.0,
+        max_references=4,
+        **overrides,  # type: ignore[arg-type]
     )
 
 
 BUILTIN: dict[str, Preset] = {
     "tiny": _tiny("tiny", "qwen2_5_vl"),
     "tiny-qwen3": _tiny("tiny-qwen3", "qwen3_vl"),
+    "tiny-flux2": _tiny("tiny-flux2", "qwen2_5_vl", "flux2-klein"),
     "qwen2.5-vl-7b+cosmos2-2b": Preset(
         name="qwen2.5-vl-7b+cosmos2-2b",
         description="Qwen2.5-VL-7B-Instruct planner, Cosmos-Predict2-2B image tool (704x1280)",
@@ -217,6 +299,23 @@ BUILTIN: dict[str, Preset] = {
             text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16", height=480, width=848, steps=20
         ),
         gpu_memory_gb=34,
+    ),
+    # Memory from sizes, not measured: bf16 weights of Qwen2.5-VL-3B (7.5 GB) + FLUX.2 klein 4B
+    # (transformer 7.8 GB, Qwen3-4B text encoder 8.0 GB, VAE 0.2 GB), plus activations at 1024x1024.
+    "qwen2.5-vl-3b+flux2-klein-4b": Preset(
+        name="qwen2.5-vl-3b+flux2-klein-4b",
+        description="Qwen2.5-VL-3B planner, FLUX.2 klein 4B (Apache-2.0) with multi-reference generate/edit, 1024x1024",
+        planner=PlannerSpec(model="Qwen/Qwen2.5-VL-3B-Instruct", dtype="bfloat16", max_pixels=256 * 28 * 28),
+        image=_flux2_klein_4b(),
+        gpu_memory_gb=28,
+    ),
+    # Qwen3-VL-8B is 17.5 GB in bf16; with FLUX.2 klein 4B about 34 GB of weights.
+    "qwen3-vl-8b+flux2-klein-4b": Preset(
+        name="qwen3-vl-8b+flux2-klein-4b",
+        description="Qwen3-VL-8B planner, FLUX.2 klein 4B (Apache-2.0) with multi-reference generate/edit, 1024x1024",
+        planner=PlannerSpec(model="Qwen/Qwen3-VL-8B-Instruct", dtype="bfloat16", max_pixels=512 * 32 * 32),
+        image=_flux2_klein_4b(),
+        gpu_memory_gb=38,
     ),
 }
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image
 
-from duogen_agents.models.planner import ChatTurn, PlannerOutput
+from duogen_agents.models.protocols import ChatTurn, PlannerOutput
 
 
 class ScriptedPlanner:
@@ -53,8 +53,16 @@ class SolidImageTool:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
 
-    def draw(self, prompt: str, *, references=(), seed: int = 0, on_step: Callable[[int, int], None] | None = None):
-        self.requests.append({"prompt": prompt, "references": list(references), "seed": seed})
+    def draw(
+        self,
+        prompt: str,
+        *,
+        kind: str = "generate",
+        references=(),
+        seed: int = 0,
+        on_step: Callable[[int, int], None] | None = None,
+    ):
+        self.requests.append({"prompt": prompt, "kind": kind, "references": list(references), "seed": seed})
         if on_step:
             on_step(1, 1)
         # The colour depends on the request, so different requests give different images (and ids).

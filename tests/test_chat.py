@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from duogen_agents.chat import partial_text, piped_messages
-from duogen_agents.render_terminal import (
+from duogen_agents.sessions import SessionInfo
+from duogen_agents.terminal.chat import partial_text, piped_messages
+from duogen_agents.terminal.render import (
     HalfBlockImage,
     KittyImage,
     SixelImage,
@@ -26,7 +27,6 @@ from duogen_agents.render_terminal import (
     image_view,
     sessions_table,
 )
-from duogen_agents.sessions import SessionInfo
 
 
 def _render(renderable, width=80) -> str:

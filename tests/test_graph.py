@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image
 
 from duogen_agents import Agent, GenerationError
-from duogen_agents.models.image_tool import CosmosImageTool, conditioning_frames
 from duogen_agents.presets import load_preset
 from tests.fakes import ScriptedPlanner, SolidImageTool
 
@@ -26,54 +24,6 @@ def _upload(tmp_path, color=(250, 10, 10), size=(64, 64)):
     p = tmp_path / f"up-{color[0]}.png"
     Image.new("RGB", size, color).save(p)
     return p
-
-
-def test_reference_reaches_the_video_pipeline_with_exactly_those_images(tmp_path, models_dir, monkeypatch) -> None:
-    """A real Cosmos Video2World pipeline gets the referenced upload as its conditioning frames."""
-    from diffusers import Cosmos2VideoToWorldPipeline
-
-    preset = load_preset("tiny")
-    tool = CosmosImageTool.from_spec(preset.image, models_dir)
-    seen: list[dict] = []
-    original = Cosmos2VideoToWorldPipeline.__call__
-
-    def spy(self, *args, **kwargs):
-        seen.append({"video": [np.asarray(f) for f in kwargs["video"]], "num_frames": kwargs["num_frames"]})
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Cosmos2VideoToWorldPipeline, "__call__", spy)
-    up_a, up_b = _upload(tmp_path, (250, 10, 10)), _upload(tmp_path, (10, 10, 250))
-    agent = _agent(tmp_path / "home", [], tool=tool, check=False)
-
-    def request_refs(conversation, schema):
-        labels = [
-            p["text"]
-            for t in conversation
-            for p in t["content"]
-            if p["type"] == "text" and p["text"].startswith("[image ")
-        ]
-        ids = [lbl[len("[image ") : -1] for lbl in labels]
-        assert len(ids) == 2 and set(ids) <= set(json.dumps(schema).split('"'))  # both ids are in the grammar
-        return {"type": "image", "prompt": "the same pot, blue", "references": [ids[1]], "kind": "edit"}
-
-    agent.planner.script = [request_refs, {"type": "done"}]
-    doc = agent.run("Make the second one blue", images=[up_a, up_b], seed=0)
-    assert len(seen) == 1, "exactly one conditioned draw"
-    frames = seen[0]["video"]
-    expected = np.asarray(ImageOps.fit(Image.open(up_b).convert("RGB"), (64, 64)))
-    # One reference, padded to a whole latent frame group; every frame is the referenced image.
-    assert all(np.array_equal(f, expected) for f in frames)
-    assert tool.calls[-1] == {"pipeline": "video2world", "frames": 1, "num_frames": seen[0]["num_frames"]}
-    block = doc.images[0]
-    assert block.kind == "edit" and block.references == [doc.inputs[1].id]
-
-
-def test_conditioning_frames_fill_whole_latent_groups() -> None:
-    a, b, c = (Image.new("RGB", (8, 8), (i, 0, 0)) for i in (1, 2, 3))
-    frames, n = conditioning_frames([a], 4)
-    assert frames == [a] and n == 5
-    frames, n = conditioning_frames([a, b, c], 4)
-    assert frames == [a, b, c, c, c] and n == 9
 
 
 def test_rejected_image_is_revised_by_the_planner_within_the_budget(tmp_path) -> None:

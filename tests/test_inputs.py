@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from duogen_agents import InputImageError
-from duogen_agents.storage.inputs import MAX_ASPECT, load_input_image
+from duogen_agents.inputs import MAX_ASPECT, load_input_image
 
 
 def _save(tmp_path, name, im, **kw):

@@ -11,7 +11,7 @@ import pytest
 
 from duogen_agents import Agent
 from duogen_agents.errors import ConfigError
-from duogen_agents.models import actions as A
+from duogen_agents.graphs import actions as A
 from duogen_agents.presets import Preset, load_preset
 
 SEEDS = (0, 1, 2)

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from duogen_agents.models import actions as A
+from duogen_agents.graphs import actions as A
 from duogen_agents.models.planner import TransformersPlanner
 from duogen_agents.presets import load_preset
 

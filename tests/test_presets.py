@@ -9,9 +9,26 @@ from duogen_agents.presets import BUILTIN
 def test_builtin_presets_validate_and_name_public_checkpoints() -> None:
     real = [p for p in BUILTIN.values() if not p.is_tiny]
     assert len(real) >= 2
+    families = set()
     for p in real:
-        assert "/" in p.planner.model and p.image.text2image.startswith("nvidia/Cosmos-Predict2")
-        assert p.gpu_memory_gb
+        assert "/" in p.planner.model and p.gpu_memory_gb
+        families.add(p.image.family)
+        if p.image.family == "cosmos2":
+            assert p.image.text2image.startswith("nvidia/Cosmos-Predict2")
+            assert p.image.video2world.startswith("nvidia/Cosmos-Predict2")
+        else:
+            assert p.image.model == "black-forest-labs/FLUX.2-klein-4B"
+    assert families == {"cosmos2", "flux2-klein"}
+
+
+def test_image_spec_needs_its_familys_checkpoints(tmp_path) -> None:
+    f = tmp_path / "p.toml"
+    f.write_text('base = "tiny"\n[image]\nfamily = "flux2-klein"\nmodel = ""\n')
+    with pytest.raises(ConfigError, match="flux2-klein family needs a model"):
+        load_preset(f)
+    f.write_text('base = "tiny-flux2"\n[image]\nfamily = "cosmos2"\n')
+    with pytest.raises(ConfigError, match="cosmos2 family needs text2image and video2world"):
+        load_preset(f)
 
 
 def test_toml_preset_with_base(tmp_path) -> None:

@@ -5,7 +5,7 @@ import io
 from PIL import Image
 from rich.console import Console
 
-from duogen_agents.render_terminal import HalfBlockImage
+from duogen_agents.terminal.render import HalfBlockImage
 
 
 def test_half_block_image_renders_two_pixels_per_cell() -> None:

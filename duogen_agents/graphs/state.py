@@ -64,6 +64,8 @@ class PendingImage(TypedDict, total=False):
     # Earlier attempts of this request the check rejected, oldest first; the revision is written
     # from the last one's note.
     rejections: list[Rejection]
+    # How the candidate was drawn (family, pipeline, frames, horizon), for its image block.
+    drawn: dict[str, Any]
 
 
 class TurnState(TypedDict, total=False):

@@ -22,7 +22,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict, PrivateAttr
 
 from duogen_agents.document import SHORT_ID_LENGTH
-from duogen_agents.models.planner import ChatTurn, Planner
+from duogen_agents.models.protocols import ChatTurn, Planner
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system"}
 

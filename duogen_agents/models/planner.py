@@ -12,56 +12,17 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypedDict
+from typing import Any
 
 from PIL import Image
 
 from duogen_agents.errors import GenerationError
 from duogen_agents.models.loading import generating, loading, resolve_device, resolve_dtype, resolve_source
+from duogen_agents.models.protocols import ChatTurn, PlannerOutput, TokenCallback
 from duogen_agents.presets import PlannerSpec
-
-
-class TextPart(TypedDict):
-    type: Literal["text"]
-    text: str
-
-
-class ImagePart(TypedDict):
-    type: Literal["image"]
-    image: Image.Image
-
-
-class ChatTurn(TypedDict):
-    role: Literal["system", "user", "assistant"]
-    content: list[TextPart | ImagePart]
-
-
-@dataclass
-class PlannerOutput:
-    text: str
-    num_tokens: int
-    prompt_tokens: int = 0
-
-
-TokenCallback = Callable[[str], None]
-
-
-class Planner(Protocol):
-    """Anything that continues a conversation under a JSON-schema grammar."""
-
-    def generate(
-        self,
-        conversation: Sequence[ChatTurn],
-        schema: dict[str, Any],
-        *,
-        max_new_tokens: int | None = None,
-        seed: int | None = None,
-        on_token: TokenCallback | None = None,
-    ) -> PlannerOutput: ...
-
 
 _PLACEHOLDER = "\ue000{}\ue001"
 _PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")

@@ -272,7 +272,7 @@ def build_tiny_image_pipelines(t2i_path: Path, v2w_path: Path) -> tuple[Path, Pa
         FlowMatchEulerDiscreteScheduler,
     )
 
-    from duogen_agents.models.image_tool import PassThroughSafetyChecker
+    from duogen_agents.models.images.safety import PassThroughSafetyChecker
 
     text_encoder, tokenizer = _tiny_text_encoder()
     torch.manual_seed(0)
@@ -338,3 +338,74 @@ def ensure_tiny_image_pipelines(cache_dir: Path) -> dict[str, Path]:
 def ensure_tiny_checkpoints(cache_dir: Path, planner_family: str = "qwen2_5_vl") -> dict[str, Path]:
     """Build (once) and return the paths of the tiny planner and image pipelines under ``cache_dir``."""
     return {"planner": ensure_tiny_planner(cache_dir, planner_family), **ensure_tiny_image_pipelines(cache_dir)}
+
+
+def build_tiny_flux2_klein(path: Path) -> Path:
+    """Write a random-weight FLUX.2 [klein] pipeline (Qwen3 text encoder, Flux2 DiT, Flux2 VAE)."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = _planner_tokenizer()
+    torch.manual_seed(0)
+    # 28 layers: the pipeline stacks the hidden states of layers 9, 18 and 27, as for the real 4B encoder.
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=_vocab_size(tokenizer),
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=28,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    torch.manual_seed(3)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * 16,
+        timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4],
+        guidance_embeds=False,
+    )
+    torch.manual_seed(4)
+    vae = AutoencoderKLFlux2(
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=2,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    pipe = Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=True,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def ensure_tiny_flux2_klein(cache_dir: Path) -> Path:
+    """Build (once) and return the tiny FLUX.2 [klein] pipeline folder."""
+    return _atomic_build(cache_dir / f"tiny-v{TINY_VERSION}" / "flux2-klein", build_tiny_flux2_klein)

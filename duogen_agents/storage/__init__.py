@@ -1,6 +1,5 @@
-"""Storage layer: the content-addressed image store and safe loading of user images."""
+"""Storage layer: the database (records and checkpoints), the content-addressed image store, locks."""
 
 from duogen_agents.storage.images import ImageStore, default_home
-from duogen_agents.storage.inputs import load_input_image
 
-__all__ = ["ImageStore", "default_home", "load_input_image"]
+__all__ = ["ImageStore", "default_home"]

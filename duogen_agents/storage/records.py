@@ -33,6 +33,8 @@ class Base(DeclarativeBase):
 
 
 TURN_STATUSES = ("running", "complete", "interrupted", "cancelled")
+# A turn in one of these did not finish: ``resume`` continues it, ``cancel`` drops it.
+UNFINISHED = ("running", "interrupted")
 
 
 class SessionRecord(Base):

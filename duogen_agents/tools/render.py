@@ -7,14 +7,30 @@ operation to other agents as a LangChain ``StructuredTool`` that returns image i
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from PIL import Image
 from pydantic import BaseModel, Field
 
 from duogen_agents.document import ImageRef
 from duogen_agents.errors import GenerationError
-from duogen_agents.models.image_tool import ImageTool, StepCallback
+from duogen_agents.graphs.actions import ANY_KIND
+from duogen_agents.models.protocols import Drawing, ImageKind, ImageTool, StepCallback, refusal
 from duogen_agents.storage.images import ImageStore
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A stored drawing and how it was made."""
+
+    ref: ImageRef
+    drawing: Drawing
+
+    def record(self) -> dict[str, Any]:
+        """The fields an image block records about its drawing."""
+        d = self.drawing
+        return {"family": d.family, "pipeline": d.pipeline, "frames": d.frames, "horizon": d.horizon}
 
 
 class RenderImageArgs(BaseModel):
@@ -45,17 +61,33 @@ class Renderer:
                 out.append(match)
         return out
 
+    @property
+    def capabilities(self) -> Mapping[str, int]:
+        """Kinds the tool draws with references, and how many (every kind if it does not say)."""
+        return getattr(self.tool, "capabilities", ANY_KIND)
+
     def render(
         self,
         prompt: str,
         references: Sequence[ImageRef] = (),
         *,
+        kind: ImageKind = "generate",
         seed: int = 0,
         on_step: StepCallback | None = None,
-    ) -> ImageRef:
+    ) -> Rendered:
+        """Draw and store one image; references are given oldest first. A kind or a number of
+        references the tool cannot take raises ``GenerationError`` (the planner's grammar never
+        offers them; other callers get the reason)."""
+        if problem := refusal(self.capabilities, kind, len(references)):
+            raise GenerationError(problem)
         frames = [self.store.open(r) for r in references]
-        image = self.tool.draw(prompt, references=frames, seed=seed, on_step=on_step)
-        return self.store.put(image)
+        out = self.tool.draw(prompt, kind=kind, references=frames, seed=seed, on_step=on_step)
+        drawing = (
+            out if isinstance(out, Drawing) else Drawing(image=out, family="custom", pipeline=type(self.tool).__name__)
+        )
+        if not isinstance(drawing.image, Image.Image):
+            raise GenerationError(f"the image tool returned {type(drawing.image).__name__}, not an image")
+        return Rendered(self.store.put(drawing.image), drawing)
 
     def as_langchain_tool(self, known: Mapping[str, ImageRef] | None = None) -> Any:
         """A ``StructuredTool`` named ``draw_image`` that returns the new image's id and size."""
@@ -67,7 +99,7 @@ class Renderer:
             prompt: str, references: list[str] | None = None, kind: str = "generate", seed: int = 0
         ) -> dict[str, Any]:
             refs = self.resolve(references or [], images)
-            ref = self.render(prompt, refs, seed=seed)
+            ref = self.render(prompt, refs, kind=kind, seed=seed).ref  # type: ignore[arg-type]
             images[ref.short] = ref
             return {"id": ref.id, "short_id": ref.short, "width": ref.width, "height": ref.height, "kind": kind}
 

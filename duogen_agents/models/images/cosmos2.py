@@ -1,58 +1,30 @@
-"""The image tool: diffusers Cosmos-Predict2 pipelines.
+"""Cosmos-Predict2 (diffusers): Text2Image for ``generate`` without references, Video2World for ``continue``.
 
-Without references an image is drawn by the Text2Image DiT. With references (``edit`` or ``continue``,
-or ``generate`` that names earlier images) the Video2World DiT is used: the referenced images become
-the first frames of a short clip and the frame it predicts after them is the new image. This is
-DuoGen's consistency mechanism: the video prior carries identity, layout and style from the earlier
-frames into the new one. Both pipelines share the VAE and the T5 text encoder (loaded once).
+``continue`` is what a video model is for: the references (oldest first, letterboxed to the canvas)
+become the first frames of a clip, and the new image is the frame ``image.horizon_frames`` after the
+last of them. Cosmos-Predict2 Video2World was trained with 1 or 5 conditioning frames (one or two
+latent frames: its VAE packs four pixel frames into one), so one reference is one frame, and two to
+five are padded to five by repeating the newest; more are refused. ``generate`` and ``edit`` with
+references are not a video's next moment: a preset routes them to another family
+(``image.references``, e.g. FLUX.2 klein) or the planner is never offered them. Both pipelines share
+the VAE and the T5 text encoder (loaded once).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from diffusers import ConfigMixin, ModelMixin
-from diffusers.configuration_utils import register_to_config
-from PIL import Image, ImageOps
+from PIL import Image
 
-from duogen_agents.errors import ModelLoadError
+from duogen_agents.errors import GenerationError, ModelLoadError
+from duogen_agents.models.images.safety import PassThroughSafetyChecker
 from duogen_agents.models.loading import generating, loading, resolve_device, resolve_dtype, resolve_source
+from duogen_agents.models.protocols import Drawing, ImageKind, StepCallback, letterbox, refusal
 from duogen_agents.presets import ImageSpec
-
-StepCallback = Callable[[int, int], None]
-
-
-class ImageTool(Protocol):
-    """Draws one image; ``references`` are earlier images used as conditioning frames, in order."""
-
-    def draw(
-        self,
-        prompt: str,
-        *,
-        references: Sequence[Image.Image] = (),
-        seed: int = 0,
-        on_step: StepCallback | None = None,
-    ) -> Image.Image: ...
-
-
-class PassThroughSafetyChecker(ModelMixin, ConfigMixin):
-    """Accepts every prompt and frame. For random-weight tests and for users who opt out explicitly."""
-
-    @register_to_config
-    def __init__(self) -> None:
-        super().__init__()
-        # One parameter so that ``.to(device)`` and dtype queries work like on the real checker.
-        self._probe = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
-
-    def check_text_safety(self, prompt: str) -> bool:
-        return True
-
-    def check_video_safety(self, frames: Any) -> Any:
-        return frames
 
 
 def _safety_checker(kind: str) -> Any:
@@ -68,19 +40,34 @@ def _safety_checker(kind: str) -> Any:
     return CosmosSafetyChecker()
 
 
-def conditioning_frames(references: Sequence[Image.Image], temporal_factor: int) -> tuple[list[Image.Image], int]:
-    """Pad ``references`` to ``1 + k * temporal_factor`` frames (repeating the last one) so that every
-    reference lands in a conditioning latent frame, and return them with the clip length to sample:
-    one latent frame more than the conditioning."""
-    frames = list(references)
-    k = math.ceil((len(frames) - 1) / temporal_factor)
-    padded = 1 + k * temporal_factor
-    frames += [frames[-1]] * (padded - len(frames))
-    return frames, padded + temporal_factor
+# Video2World was trained on 1 or 5 conditioning frames.
+CONDITIONING_FRAMES = (1, 5)
+MAX_REFERENCES = CONDITIONING_FRAMES[-1]
+
+
+def conditioning_frames(
+    references: Sequence[Image.Image], horizon: int, temporal_factor: int
+) -> tuple[list[Image.Image], int, int]:
+    """The clip to condition on and where the new image is in the output.
+
+    Returns (frames, num_frames, index): ``frames`` is 1 or 5 frames (references oldest first, the
+    newest repeated to fill), ``num_frames`` the clip length to sample (``1 + k * temporal_factor``,
+    at least the conditioning plus the horizon), and ``index`` the output frame that is ``horizon``
+    frames after the last conditioning frame."""
+    if not 1 <= len(references) <= MAX_REFERENCES:
+        raise ValueError(f"Video2World takes 1 to {MAX_REFERENCES} reference frames, not {len(references)}")
+    cond = next(n for n in CONDITIONING_FRAMES if n >= len(references))
+    frames = list(references) + [references[-1]] * (cond - len(references))
+    wanted = cond + horizon
+    num_frames = 1 + math.ceil((wanted - 1) / temporal_factor) * temporal_factor
+    return frames, num_frames, cond - 1 + horizon
 
 
 class CosmosImageTool:
     """Cosmos-Predict2 Text2Image + Video2World. Build it with ``from_spec``."""
+
+    family = "cosmos2"
+    capabilities: Mapping[str, int] = {"continue": MAX_REFERENCES}
 
     def __init__(self, text2image: Any, spec: ImageSpec, video2world_source: str, safety_checker: Any) -> None:
         self.text2image = text2image
@@ -88,7 +75,6 @@ class CosmosImageTool:
         self._video2world: Any = None
         self._video2world_source = video2world_source
         self._safety_checker = safety_checker
-        self.calls: list[dict[str, Any]] = []  # what each draw sent to a pipeline (kind, frame count)
 
     @staticmethod
     def _source(name: str, models_dir: Path | None) -> str:
@@ -163,19 +149,30 @@ class CosmosImageTool:
         self,
         prompt: str,
         *,
+        kind: ImageKind = "generate",
         references: Sequence[Image.Image] = (),
         seed: int = 0,
         on_step: StepCallback | None = None,
-    ) -> Image.Image:
+    ) -> Drawing:
+        if problem := refusal(self.capabilities, kind, len(references)):
+            raise GenerationError(problem)
         size = (self.spec.width, self.spec.height)
         with generating("image model"):
             if not references:
-                self.calls.append({"pipeline": "text2image", "frames": 0})
                 out = self.text2image(**self._common(prompt, seed, on_step))
-                return out.images[0].convert("RGB")
+                return Drawing(out.images[0].convert("RGB"), self.family, "text2image")
             pipe = self.video2world
-            fitted = [ImageOps.fit(im.convert("RGB"), size, Image.Resampling.LANCZOS) for im in references]
-            frames, num_frames = conditioning_frames(fitted, pipe.vae_scale_factor_temporal)
-            self.calls.append({"pipeline": "video2world", "frames": len(references), "num_frames": num_frames})
+            fitted = [letterbox(im, size) for im in references]
+            frames, num_frames, index = conditioning_frames(
+                fitted, self.spec.horizon_frames, pipe.vae_scale_factor_temporal
+            )
             out = pipe(video=frames, num_frames=num_frames, fps=self.spec.fps, **self._common(prompt, seed, on_step))
-            return out.frames[0][-1].convert("RGB")
+            video = out.frames[0]
+            return Drawing(
+                video[index].convert("RGB"),
+                self.family,
+                "video2world",
+                frames=len(frames),
+                horizon=index - (len(frames) - 1),
+                details={"num_frames": num_frames, "fps": self.spec.fps},
+            )

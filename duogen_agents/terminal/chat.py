@@ -26,7 +26,7 @@ from rich.table import Table
 
 from duogen_agents import interrupts
 from duogen_agents.errors import ConfigError, DuogenError
-from duogen_agents.render_terminal import StepProgress, detect_image_mode, image_view, sessions_table
+from duogen_agents.terminal.render import StepProgress, detect_image_mode, image_view, sessions_table
 
 PROMPT = "you> "
 MORE = "...> "
@@ -328,9 +328,9 @@ class ChatApp:
 
     def command(self, text: str) -> bool:
         from duogen_agents.graphs.state import MODES
+        from duogen_agents.inputs import load_input_image
         from duogen_agents.presets import load_preset
         from duogen_agents.storage.database import check_session_id
-        from duogen_agents.storage.inputs import load_input_image
 
         name, _, arg = text.partition(" ")
         arg = arg.strip()

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
 from duogen_agents.errors import GenerationError
-
-ImageKind = Literal["generate", "edit", "continue"]
-KINDS_WITH_REFERENCES = ["edit", "continue"]
+from duogen_agents.models.protocols import ImageKind
 
 # A JSON-string body: printable characters (no C0/C1 controls, quote or backslash) or a simple escape.
 _CHAR = r'(?:[^"\\\x00-\x1f\x7f-\x9f]|\\[nt"\\/])'
@@ -85,49 +84,37 @@ class CheckVerdict(BaseModel):
 # ---- schema builders ---------------------------------------------------------------------------
 
 
+Capabilities = Mapping[str, int]
+# A tool that does not say what it can do is offered every kind (up to the preset's max_references).
+ANY_KIND: dict[str, int] = {"generate": 16, "edit": 16, "continue": 16}
+
+
 def _image_request_variants(
-    refs: list[str], max_prompt: int, max_refs: int, type_const: str | None
+    refs: list[str], max_prompt: int, max_refs: int, type_const: str | None, capabilities: Capabilities
 ) -> list[dict[str, Any]]:
-    """One object schema per allowed (kind, references) shape."""
+    """One object schema per allowed (kinds, number of references) shape: ``generate`` without
+    references always, and each kind the image tool can draw with references, up to its maximum."""
     head: dict[str, Any] = {"type": {"const": type_const}} if type_const else {}
     required = (["type"] if type_const else []) + ["prompt", "references", "kind"]
     prompt = text_schema(max_prompt, multiline=False)
-    variants: list[dict[str, Any]] = [
-        {
+
+    def variant(references: dict[str, Any], kind: dict[str, Any]) -> dict[str, Any]:
+        return {
             "type": "object",
-            "properties": {
-                **head,
-                "prompt": prompt,
-                "references": (
-                    {"type": "array", "items": {"enum": refs}, "maxItems": min(max_refs, len(refs))}
-                    if refs
-                    else {"type": "array", "maxItems": 0}
-                ),
-                "kind": {"const": "generate"},
-            },
+            "properties": {**head, "prompt": prompt, "references": references, "kind": kind},
             "required": required,
             "additionalProperties": False,
         }
-    ]
-    if refs:
-        variants.append(
-            {
-                "type": "object",
-                "properties": {
-                    **head,
-                    "prompt": prompt,
-                    "references": {
-                        "type": "array",
-                        "items": {"enum": refs},
-                        "minItems": 1,
-                        "maxItems": min(max_refs, len(refs)),
-                    },
-                    "kind": {"enum": KINDS_WITH_REFERENCES},
-                },
-                "required": required,
-                "additionalProperties": False,
-            }
-        )
+
+    variants = [variant({"type": "array", "maxItems": 0}, {"const": "generate"})]
+    by_max: dict[int, list[str]] = {}
+    for kind in ("generate", "edit", "continue"):
+        most = min(capabilities.get(kind, 0), max_refs, len(refs))
+        if most > 0:
+            by_max.setdefault(most, []).append(kind)
+    for most, kinds in sorted(by_max.items()):
+        references = {"type": "array", "items": {"enum": refs}, "minItems": 1, "maxItems": most}
+        variants.append(variant(references, {"enum": kinds} if len(kinds) > 1 else {"const": kinds[0]}))
     return variants
 
 
@@ -148,11 +135,12 @@ def next_action_schema(
     max_refs: int,
     allow_image: bool,
     allow_done: bool,
+    capabilities: Capabilities = ANY_KIND,
 ) -> dict[str, Any]:
     """Interleaved mode: a text chunk, an image request, or done."""
     options = [_const_object("text", text=text_schema(max_text))]
     if allow_image:
-        options += _image_request_variants(refs, max_prompt, max_refs, "image")
+        options += _image_request_variants(refs, max_prompt, max_refs, "image", capabilities)
     if allow_done:
         options.append(_const_object("done"))
     return {"anyOf": options} if len(options) > 1 else options[0]
@@ -182,13 +170,15 @@ def plan_schema(*, min_steps: int, max_steps: int, max_title: int) -> dict[str, 
     }
 
 
-def step_schema(refs: list[str], *, max_text: int, max_prompt: int, max_refs: int) -> dict[str, Any]:
+def step_schema(
+    refs: list[str], *, max_text: int, max_prompt: int, max_refs: int, capabilities: Capabilities = ANY_KIND
+) -> dict[str, Any]:
     """Visual-plan mode: one step's text and its (mandatory) image."""
     return {
         "type": "object",
         "properties": {
             "text": text_schema(max_text),
-            "image": {"anyOf": _image_request_variants(refs, max_prompt, max_refs, None)},
+            "image": {"anyOf": _image_request_variants(refs, max_prompt, max_refs, None, capabilities)},
         },
         "required": ["text", "image"],
         "additionalProperties": False,
@@ -196,20 +186,29 @@ def step_schema(refs: list[str], *, max_text: int, max_prompt: int, max_refs: in
 
 
 def draft_schema(
-    refs: list[str], *, max_text: int, max_prompt: int, max_refs: int, allow_draft: bool, allow_answer: bool
+    refs: list[str],
+    *,
+    max_text: int,
+    max_prompt: int,
+    max_refs: int,
+    allow_draft: bool,
+    allow_answer: bool,
+    capabilities: Capabilities = ANY_KIND,
 ) -> dict[str, Any]:
     """Draft mode: sketch (again), or answer in text having looked at the sketches."""
     options: list[dict[str, Any]] = []
     if allow_draft:
-        options += _image_request_variants(refs, max_prompt, max_refs, "draft")
+        options += _image_request_variants(refs, max_prompt, max_refs, "draft", capabilities)
     if allow_answer:
         options.append(_const_object("answer", text=text_schema(max_text)))
     return {"anyOf": options} if len(options) > 1 else options[0]
 
 
-def revise_schema(refs: list[str], *, max_prompt: int, max_refs: int) -> dict[str, Any]:
+def revise_schema(
+    refs: list[str], *, max_prompt: int, max_refs: int, capabilities: Capabilities = ANY_KIND
+) -> dict[str, Any]:
     """After a rejected image: the revised request (a new prompt and/or other references and kind)."""
-    return {"anyOf": _image_request_variants(refs, max_prompt, max_refs, None)}
+    return {"anyOf": _image_request_variants(refs, max_prompt, max_refs, None, capabilities)}
 
 
 CHECK_NOTE_CHARS = 120

@@ -1,0 +1,30 @@
+"""What the turn graph's nodes call, handed to each node by ``build_graph``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from duogen_agents.presets import Limits, PlannerSpec
+    from duogen_agents.storage.images import ImageStore
+    from duogen_agents.tools.render import Renderer
+
+
+@dataclass
+class GraphDeps:
+    """The planner (as a LangChain chat model), the renderer, the image store and the limits.
+
+    ``critic`` is the chat model that checks images (a separate model named in the preset, as
+    InterleaveThinker's critic); ``None`` means the planner checks its own images."""
+
+    chat: Any  # PlannerChatModel
+    renderer: Renderer
+    store: ImageStore
+    planner_spec: PlannerSpec
+    limits: Limits
+    critic: Any = None  # PlannerChatModel | None
+
+    @property
+    def checker(self) -> Any:
+        return self.critic if self.critic is not None else self.chat

@@ -1,0 +1,103 @@
+"""What the nodes share: the stream writer, image lookups, the token budget and the planner call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.config import get_stream_writer
+
+from duogen_agents.document import ImageRef, TextBlock
+from duogen_agents.graphs import actions as A
+from duogen_agents.graphs.deps import GraphDeps
+from duogen_agents.graphs.prompts import SYSTEM_PROMPTS
+from duogen_agents.graphs.state import PendingImage, TurnState
+from duogen_agents.tools.render import Renderer
+
+# The planner may reference the most recent images only: this many per allowed reference.
+RECENT_IMAGES_PER_REFERENCE = 4
+# Spreads the per-call seeds of one turn apart.
+CALL_SEED_STRIDE = 7919
+
+
+def writer() -> Any:
+    try:
+        return get_stream_writer()
+    except Exception:  # called outside a graph run (a node under test)
+        return lambda _event: None
+
+
+def known_refs(state: TurnState) -> dict[str, ImageRef]:
+    return {k: ImageRef.model_validate(v) for k, v in (state.get("known_images") or {}).items()}
+
+
+def referable(state: TurnState, deps: GraphDeps) -> list[str]:
+    """The short ids the planner may reference: the most recent images, oldest first."""
+    return list(known_refs(state))[-deps.limits.max_references * RECENT_IMAGES_PER_REFERENCE :]
+
+
+def stop(reason: str) -> dict[str, Any]:
+    return {"finished": True, "stop_reason": reason}
+
+
+def budget(state: TurnState, schema: dict[str, Any], deps: GraphDeps) -> int | None:
+    """``max_new_tokens`` for a call under ``schema``, or None when what is left of the turn's
+    token budget cannot hold a whole action (the turn then ends: a call is never cut mid-action)."""
+    remaining = deps.limits.max_turn_tokens - state.get("tokens", 0)
+    if remaining < A.max_action_tokens(schema):
+        return None
+    return min(deps.planner_spec.max_new_tokens, remaining)
+
+
+def call_planner(
+    state: TurnState,
+    config: RunnableConfig,
+    deps: GraphDeps,
+    schema: dict[str, Any],
+    instruction: str | None,
+    max_new_tokens: int,
+    *,
+    images: Sequence[str] = (),
+    chat: Any = None,
+) -> tuple[str, int]:
+    """One grammar-constrained call over the conversation (plus ``instruction`` with ``images``)."""
+    mode = state.get("mode", "interleaved")
+    msgs: list[BaseMessage] = [SystemMessage(content=SYSTEM_PROMPTS[mode]), *state.get("messages", [])]
+    if instruction is not None:
+        content: list[Any] = [{"type": "image", "file_id": i} for i in images]
+        content.append({"type": "text", "text": instruction})
+        msgs.append(HumanMessage(content=content))
+    seed = state.get("seed", 0) * CALL_SEED_STRIDE + state.get("calls", 0)
+    response = (chat or deps.chat).invoke(msgs, config, schema=schema, seed=seed, max_new_tokens=max_new_tokens)
+    usage = response.usage_metadata or {}
+    return str(response.content), int(usage.get("output_tokens", 0))
+
+
+def text_update(text: str, step: int | None = None) -> dict[str, Any]:
+    block = TextBlock(text=text, step=step)
+    writer()({"event": "text", "text": text, "step": step})
+    return {"blocks": [block.model_dump()], "messages": [AIMessage(content=[{"type": "text", "text": text}])]}
+
+
+def pending_from(state: TurnState, req: A.ImageRequest, origin: str, step: int | None) -> PendingImage:
+    """An image request as the render node takes it; references resolved to full ids, oldest first
+    (the order the images were made, whatever order the planner wrote them in)."""
+    known = known_refs(state)
+    order = {ref.id: i for i, ref in enumerate(known.values())}
+    full = sorted((r.id for r in Renderer.resolve(req.references, known)), key=order.__getitem__)
+    return {
+        "prompt": req.prompt,
+        "references": full,
+        "kind": req.kind,
+        "origin": origin,  # type: ignore[typeddict-item]
+        "step": step,
+        "attempt": 1,
+        "seed": 0,
+        "rejections": [],
+    }
+
+
+def capabilities(deps: GraphDeps) -> dict[str, int]:
+    return dict(deps.renderer.capabilities)

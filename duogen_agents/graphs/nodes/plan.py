@@ -1,0 +1,142 @@
+"""``start`` resets a turn; ``outline`` commits a visual plan; ``plan`` writes the next action."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.messages import AIMessage
+from langchain_core.runnables import RunnableConfig
+
+from duogen_agents.graphs import actions as A
+from duogen_agents.graphs import prompts
+from duogen_agents.graphs.deps import GraphDeps
+from duogen_agents.graphs.nodes.common import (
+    budget,
+    call_planner,
+    capabilities,
+    pending_from,
+    referable,
+    stop,
+    text_update,
+    writer,
+)
+from duogen_agents.graphs.state import RESET_BLOCKS, TurnState
+
+
+def start(state: TurnState) -> dict[str, Any]:
+    """Reset the per-turn bookkeeping; a direct request (a redraw) goes straight to ``render``."""
+    request = state.get("request")
+    return {
+        "request": None,
+        "direct": request is not None,
+        "blocks": [RESET_BLOCKS],
+        "rejected": [RESET_BLOCKS],
+        "title": None,
+        "plan": None,
+        "step": 0,
+        "pending": request,
+        "candidate": None,
+        "revising": False,
+        "actions": 0,
+        "calls": 0,
+        "tokens": 0,
+        "images": 0,
+        "drafts": 0,
+        "answered": False,
+        "finished": False,
+        "stop_reason": None,
+    }
+
+
+def outline(state: TurnState, config: RunnableConfig, *, deps: GraphDeps) -> dict[str, Any]:
+    """Visual plans: a title and the step titles, at most one step per image the turn may draw."""
+    limits, spec = deps.limits, deps.planner_spec
+    max_steps = min(limits.plan_max_steps, limits.max_images)
+    schema = A.plan_schema(
+        min_steps=min(limits.plan_min_steps, max_steps),
+        max_steps=max_steps,
+        max_title=A.plan_title_chars(spec.max_prompt_chars),
+    )
+    if (max_new := budget(state, schema, deps)) is None:
+        return stop("max_turn_tokens")
+    raw, n = call_planner(state, config, deps, schema, prompts.OUTLINE, max_new)
+    plan_ = A.parse_action(raw, A.Plan)
+    writer()({"event": "plan", "title": plan_.title, "steps": [s.title for s in plan_.steps]})
+    summary = plan_.title + "\n" + "\n".join(f"{i + 1}. {s.title}" for i, s in enumerate(plan_.steps))
+    return {
+        "plan": plan_.model_dump(),
+        "title": plan_.title,
+        "calls": state.get("calls", 0) + 1,
+        "tokens": state.get("tokens", 0) + n,
+        "messages": [AIMessage(content=[{"type": "text", "text": summary}])],
+    }
+
+
+def plan(state: TurnState, config: RunnableConfig, *, deps: GraphDeps) -> dict[str, Any]:
+    """The next action of the answer, under the mode's grammar; every limit ends the turn here."""
+    limits, spec = deps.limits, deps.planner_spec
+    mode = state.get("mode", "interleaved")
+    refs = referable(state, deps)
+    caps = capabilities(deps)
+    sizes = {"max_prompt": spec.max_prompt_chars, "max_refs": limits.max_references, "capabilities": caps}
+    base = {"calls": state.get("calls", 0) + 1, "actions": state.get("actions", 0) + 1}
+    if state.get("actions", 0) >= limits.max_actions:
+        return stop("max_actions")
+    if mode == "visual-plan":
+        steps = (state.get("plan") or {}).get("steps", [])
+        i = state.get("step", 0)
+        if i >= len(steps):
+            return stop("plan_complete")
+        if state.get("images", 0) >= limits.max_images:
+            return stop("max_images")
+        schema = A.step_schema(refs, max_text=spec.max_text_chars, **sizes)
+        if (max_new := budget(state, schema, deps)) is None:
+            return stop("max_turn_tokens")
+        instruction = prompts.STEP.format(number=i + 1, title=steps[i]["title"])
+        raw, n = call_planner(state, config, deps, schema, instruction, max_new)
+        action = A.parse_action(raw, A.StepAction)
+        heading = f"### Step {i + 1}: {steps[i]['title']}\n\n"
+        return {
+            **base,
+            **text_update(heading + action.text, step=i),
+            "tokens": state.get("tokens", 0) + n,
+            "step": i + 1,
+            "pending": pending_from(state, action.image, "generated", i),
+        }
+    if mode == "draft":
+        if state.get("answered"):
+            return stop("answered")
+        drafts = state.get("drafts", 0)
+        allow_draft = drafts < limits.max_drafts and state.get("images", 0) < limits.max_images
+        if not allow_draft and drafts == 0:
+            return stop("max_images")
+        schema = A.draft_schema(
+            refs, max_text=spec.max_text_chars, allow_draft=allow_draft, allow_answer=drafts >= 1, **sizes
+        )
+        if (max_new := budget(state, schema, deps)) is None:
+            return stop("max_turn_tokens")
+        instruction = prompts.FIRST_DRAFT if drafts == 0 else prompts.NEXT_DRAFT
+        raw, n = call_planner(state, config, deps, schema, instruction, max_new)
+        draft_action = A.parse_action(raw, A.DraftOrAnswer)
+        upd: dict[str, Any] = {**base, "tokens": state.get("tokens", 0) + n}
+        if isinstance(draft_action, A.AnswerAction):
+            return {**upd, **text_update(draft_action.text), "answered": True}
+        return {**upd, "drafts": drafts + 1, "pending": pending_from(state, draft_action, "draft", None)}
+    # interleaved
+    schema = A.next_action_schema(
+        refs,
+        max_text=spec.max_text_chars,
+        allow_image=state.get("images", 0) < limits.max_images,
+        allow_done=state.get("actions", 0) > 0,
+        **sizes,
+    )
+    if (max_new := budget(state, schema, deps)) is None:
+        return stop("max_turn_tokens")
+    raw, n = call_planner(state, config, deps, schema, None, max_new)
+    action = A.parse_action(raw, A.NextAction)
+    upd = {**base, "tokens": state.get("tokens", 0) + n}
+    if isinstance(action, A.TextAction):
+        return {**upd, **text_update(action.text)}
+    if isinstance(action, A.ImageAction):
+        return {**upd, "pending": pending_from(state, action, "generated", None)}
+    return {**upd, **stop("done")}

@@ -1,0 +1,68 @@
+"""Image families behind the ``ImageTool`` protocol, and the tool a preset asks for.
+
+``build_image_tool(spec)`` loads the family named by ``spec.family`` (Cosmos-Predict2, FLUX.2
+[klein]); with ``spec.references`` it routes the kinds the first cannot draw with references to the
+second (``RoutedImageTool``). Importing this package imports no model library; building a tool does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from duogen_agents.errors import GenerationError
+from duogen_agents.models.protocols import Drawing, ImageKind, StepCallback, refusal
+from duogen_agents.presets import ImageSpec
+
+
+def build_family(spec: ImageSpec, models_dir: Path | None) -> Any:
+    if spec.family == "flux2-klein":
+        from duogen_agents.models.images.flux2_klein import Flux2KleinImageTool
+
+        return Flux2KleinImageTool.from_spec(spec, models_dir)
+    from duogen_agents.models.images.cosmos2 import CosmosImageTool
+
+    return CosmosImageTool.from_spec(spec, models_dir)
+
+
+class RoutedImageTool:
+    """A main family plus the family that draws what the main one cannot do with references."""
+
+    def __init__(self, main: Any, references: Any) -> None:
+        self.main = main
+        self.references = references
+        caps = dict(references.capabilities)
+        caps.update({k: v for k, v in main.capabilities.items() if v})
+        self.capabilities: Mapping[str, int] = caps
+
+    def route(self, kind: str, n_refs: int) -> Any:
+        """The family that draws ``kind`` with ``n_refs`` references."""
+        if n_refs == 0 or refusal(self.main.capabilities, kind, n_refs) is None:
+            return self.main
+        return self.references
+
+    def draw(
+        self,
+        prompt: str,
+        *,
+        kind: ImageKind = "generate",
+        references: Sequence[Image.Image] = (),
+        seed: int = 0,
+        on_step: StepCallback | None = None,
+    ) -> Drawing | Image.Image:
+        if problem := refusal(self.capabilities, kind, len(references)):
+            raise GenerationError(problem)
+        tool = self.route(kind, len(references))
+        return tool.draw(prompt, kind=kind, references=references, seed=seed, on_step=on_step)
+
+
+def build_image_tool(spec: ImageSpec, models_dir: Path | None = None) -> Any:
+    """The preset's image tool; the references family draws on the main family's canvas."""
+    main = build_family(spec, models_dir)
+    if spec.references is None:
+        return main
+    canvas = {"height": spec.height, "width": spec.width}
+    return RoutedImageTool(main, build_family(spec.references.model_copy(update=canvas), models_dir))

@@ -1,0 +1,208 @@
+"""Persisted multi-turn sessions.
+
+``Sessions`` reads and manages the sessions of one database without loading a model (list, show,
+export, fork, delete, garbage-collect the image store). ``Session`` binds one conversation to an
+``Agent``: each turn runs the turn graph with the database's LangGraph saver (thread id = session id),
+so the planner sees every earlier turn with its images, references to earlier images resolve across
+turns, and a turn cut short by a crash, Ctrl-C or an error continues with ``resume()``.
+
+>>> agent = Agent.from_preset("tiny")                                  # doctest: +SKIP
+>>> s = agent.session("balcony")                                       # doctest: +SKIP
+>>> s.send("Plan a small balcony garden", mode="visual-plan")          # doctest: +SKIP
+>>> s.send("Redraw step 2 with a blue pot")                            # doctest: +SKIP
+>>> [t.prompt for t in s.history()]                                    # doctest: +SKIP
+
+A turn's records (its blocks and image artifacts) are written in one transaction when it finishes;
+until then the turn is ``running`` (or ``interrupted``) and its progress lives in the checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from duogen_agents.document import ImageRef, InterleavedDocument
+from duogen_agents.errors import (
+    ConfigError,
+    SessionStateError,
+)
+from duogen_agents.sessions.repository import UNFINISHED, SessionInfo, Sessions, TurnInfo, _naming
+from duogen_agents.storage.database import Database, check_session_id
+from duogen_agents.validation import MAX_SEED, check_seed
+
+if TYPE_CHECKING:
+    from duogen_agents.agent import Agent
+
+
+class Session:
+    """One persisted conversation, driven by an ``Agent``. Created in the database by its first turn."""
+
+    def __init__(self, agent: Agent, sessions: Sessions, session_id: str | None = None, *, wait: float | None = None):
+        from duogen_agents.graphs.turn import build_graph
+
+        self.agent = agent
+        self.sessions = sessions
+        self.id = check_session_id(session_id) if session_id is not None else secrets.token_hex(4)
+        self.wait = wait
+        self.graph = build_graph(agent.deps, checkpointer=sessions.db.saver)
+
+    @property
+    def db(self) -> Database:
+        return self.sessions.db
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the session's write lock; a refused checkpoint names this session."""
+        with self.db.lock(self.id, wait=self.wait), _naming(self.id):
+            yield
+
+    def _config(self, checkpoint_id: str | None = None) -> dict[str, Any]:
+        config = self.agent.config(self.id)
+        if checkpoint_id:
+            config["configurable"]["checkpoint_id"] = checkpoint_id
+        return config
+
+    def info(self) -> SessionInfo:
+        return self.sessions.get(self.id)
+
+    def history(self) -> list[TurnInfo]:
+        """Every turn so far, each with its document (empty for a session not yet created)."""
+        return self.sessions.turns(self.id) if self.sessions.exists(self.id) else []
+
+    def pending_turn(self) -> TurnInfo | None:
+        """The last turn if it did not finish (``resume()`` continues it), else ``None``."""
+        last = self.sessions.last_turn(self.id)
+        return last if last is not None and last.status in UNFINISHED else None
+
+    # ---- turns ----------------------------------------------------------------------------------
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        mode: str | None = None,
+        images: Sequence[str | Path] = (),
+        seed: int | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Send one message and yield the turn's events (as ``Agent.stream``); the session's earlier
+        turns and their images are the planner's context. ``mode=None`` keeps the session's mode."""
+        check_seed(seed)
+        if mode is None:
+            mode = self.sessions.get(self.id).mode if self.sessions.exists(self.id) else "interleaved"
+        with self.agent.store.lease():  # gc keeps what this turn writes, from its uploads on
+            yield from self._send(prompt, mode, images, seed)
+
+    def _send(self, prompt: str, mode: str, images: Sequence[str | Path], seed: int | None) -> Iterator[dict[str, Any]]:
+        refs = self.agent.store_inputs(prompt, mode, images)
+        with self._writing():
+            if self.sessions.unfinished_turn(self.id) is not None:
+                raise SessionStateError(
+                    f"session {self.id!r} has an unfinished turn; resume it (duogen run --session {self.id} "
+                    "--resume) or cancel it first"
+                )
+            seed = self.agent.preset.seed if seed is None else seed
+            base = self.graph.get_state(self._config()).config["configurable"].get("checkpoint_id")
+            turn_id = self.sessions.begin_turn(
+                self.id, prompt=prompt, mode=mode, preset=self.agent.preset.name, seed=seed, inputs=refs,
+                base_checkpoint_id=base,
+            )  # fmt: skip
+            state = self.agent.input_state(prompt, mode, refs, seed)
+            yield from self._drive(turn_id, state, prompt, mode, refs)
+
+    def send(self, prompt: str, **kwargs: Any) -> InterleavedDocument:
+        """Send one message; returns the turn's document."""
+        return _last_document(self.stream(prompt, **kwargs))
+
+    def _drive(
+        self, turn_id: int, graph_input: Any, prompt: str, mode: str, refs: Sequence[Any]
+    ) -> Iterator[dict[str, Any]]:
+        try:
+            if graph_input is not None or self.graph.get_state(self._config()).next:
+                yield from self.agent.graph_events(self.graph, graph_input, self._config())
+            values = dict(self.graph.get_state(self._config()).values)
+            self.sessions.commit_turn(turn_id, values)
+        except BaseException as e:  # Ctrl-C, an error, or the caller closing the stream
+            error = None if isinstance(e, (KeyboardInterrupt, GeneratorExit)) else f"{type(e).__name__}: {e}"
+            self.sessions.set_turn_status(turn_id, "interrupted", error)
+            raise
+        doc = self.agent.document(values, prompt, mode, refs)
+        yield {"event": "document", "document": doc, "thread_id": self.id, "session_id": self.id}
+
+    def redraw(self, number: int, *, seed: int | None = None) -> Iterator[dict[str, Any]]:
+        """Draw image ``number`` (1-based, over the session's images in order) again: the same prompt
+        and references with a new seed, as a turn of its own; the new image joins the conversation."""
+        from langchain_core.messages import HumanMessage
+
+        with self._writing(), self.agent.store.lease():
+            if self.sessions.unfinished_turn(self.id) is not None:
+                raise SessionStateError(f"session {self.id!r} has an unfinished turn; resume or cancel it first")
+            images = [b for t in self.history() if t.status == "complete" for b in t.document.images]
+            if not 1 <= number <= len(images):
+                raise ConfigError(f"no image {number}: this session has {len(images)} image(s)")
+            old = images[number - 1]
+            seed = secrets.randbelow(MAX_SEED + 1) if check_seed(seed) is None else seed
+            prompt = f"Draw image {number} again: {old.prompt}"
+            mode = self.sessions.get(self.id).mode
+            base = self.graph.get_state(self._config()).config["configurable"].get("checkpoint_id")
+            turn_id = self.sessions.begin_turn(
+                self.id, prompt=prompt, mode=mode, preset=self.agent.preset.name, seed=seed, inputs=[],
+                base_checkpoint_id=base,
+            )  # fmt: skip
+            state = {
+                "messages": [HumanMessage(content=[{"type": "text", "text": prompt}])],
+                "mode": mode,
+                "seed": seed,
+                "request": {
+                    "prompt": old.prompt,
+                    "references": list(old.references),
+                    "kind": old.kind,
+                    "origin": "draft" if old.origin == "draft" else "generated",
+                    "step": old.step,
+                    "attempt": 1,
+                    "seed": 0,
+                },
+            }
+            yield from self._drive(turn_id, state, prompt, mode, [])
+
+    def resume(self) -> Iterator[dict[str, Any]]:
+        """Continue the unfinished last turn from its last checkpoint, yielding its events.
+        Raises ``SessionStateError`` when nothing is pending."""
+        with self._writing(), self.agent.store.lease():
+            turn = self.sessions.unfinished_turn(self.id)
+            if turn is None:
+                raise SessionStateError(f"session {self.id!r} has no unfinished turn; nothing to resume")
+            self.sessions.set_turn_status(turn.id, "running")
+            refs = [ImageRef.model_validate(r) for r in turn.inputs or []]
+            current = self.graph.get_state(self._config()).config["configurable"].get("checkpoint_id")
+            graph_input = None
+            if current == turn.base_checkpoint_id:
+                # Interrupted before its first checkpoint: start the turn again from its message.
+                graph_input = self.agent.input_state(turn.prompt, turn.mode, refs, turn.seed)
+            yield from self._drive(turn.id, graph_input, turn.prompt, turn.mode, refs)
+
+    def cancel(self) -> bool:
+        """Drop the unfinished last turn: the graph state goes back to where the turn began and the
+        turn is marked ``cancelled``. Returns whether there was one."""
+        with self._writing():
+            turn = self.sessions.unfinished_turn(self.id)
+            if turn is None:
+                return False
+            if turn.base_checkpoint_id:
+                base = {"configurable": {"thread_id": self.id, "checkpoint_id": turn.base_checkpoint_id}}
+                self.graph.update_state(base, None, as_node="__copy__")
+            else:
+                self.db.saver.delete_thread(self.id)
+            self.sessions.set_turn_status(turn.id, "cancelled")
+            return True
+
+
+def _last_document(events: Iterator[dict[str, Any]]) -> InterleavedDocument:
+    doc: InterleavedDocument | None = None
+    for event in events:
+        if event.get("event") == "document":
+            doc = event["document"]
+    assert doc is not None
+    return doc

@@ -1,0 +1,217 @@
+"""Image requests mean what they say, for every family: spies on the real tiny pipelines check what
+each received (frames, order, sizes, no crop, horizon), and every kind with references is drawn."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from duogen_agents import Agent
+from duogen_agents.errors import GenerationError
+from duogen_agents.models.images import build_image_tool
+from duogen_agents.models.images.cosmos2 import CosmosImageTool, conditioning_frames
+from duogen_agents.models.protocols import letterbox, refusal
+from duogen_agents.presets import load_preset
+from duogen_agents.storage.images import ImageStore
+from duogen_agents.tools.render import Renderer
+from tests.fakes import ScriptedPlanner
+
+DONE = {"type": "done"}
+
+
+@pytest.fixture(scope="module")
+def tools(models_dir):
+    """The real tiny image tools: Cosmos + FLUX.2 klein for references (``tiny``), FLUX alone (``tiny-flux2``)."""
+    return {
+        "tiny": build_image_tool(load_preset("tiny").image, models_dir),
+        "tiny-flux2": build_image_tool(load_preset("tiny-flux2").image, models_dir),
+    }
+
+
+class Spy:
+    """Records the keyword arguments of every call of a pipeline class, then calls it."""
+
+    def __init__(self, monkeypatch, cls) -> None:
+        self.calls: list[dict] = []
+        original = cls.__call__
+
+        def spy(pipe, *args, **kwargs):
+            self.calls.append(kwargs)
+            return original(pipe, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "__call__", spy)
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    from diffusers import Cosmos2TextToImagePipeline, Cosmos2VideoToWorldPipeline, Flux2KleinPipeline
+
+    return {
+        "text2image": Spy(monkeypatch, Cosmos2TextToImagePipeline),
+        "video2world": Spy(monkeypatch, Cosmos2VideoToWorldPipeline),
+        "flux2": Spy(monkeypatch, Flux2KleinPipeline),
+    }
+
+
+def _uploads(tmp_path):
+    """A wide red image and a tall blue one: letterboxing (not cropping) is visible in their bars."""
+    wide, tall = tmp_path / "wide.png", tmp_path / "tall.png"
+    Image.new("RGB", (128, 64), (250, 10, 10)).save(wide)
+    Image.new("RGB", (32, 64), (10, 10, 250)).save(tall)
+    return wide, tall
+
+
+def _agent(tool, home, script, preset="tiny"):
+    p = load_preset(preset)
+    p.limits = p.limits.model_copy(update={"check": False})
+    return Agent(p, planner=ScriptedPlanner(script), image_tool=tool, home=home)
+
+
+def _ids_in_order(conversation) -> list[str]:
+    labels = [p["text"] for t in conversation for p in t["content"] if p["type"] == "text"]
+    return [x[len("[image ") : -1] for x in labels if x.startswith("[image ")]
+
+
+def _request(kind, pick, prompt="the pot"):
+    """A scripted planner step that references the uploads by id, newest first (the wrong order)."""
+
+    def step(conversation, schema):
+        ids = _ids_in_order(conversation)
+        refs = [ids[i] for i in pick]
+        assert set(refs) <= set(json.dumps(schema).split('"'))  # offered by the grammar
+        return {"type": "image", "prompt": prompt, "references": refs, "kind": kind}
+
+    return step
+
+
+def _letterboxed(path):
+    return np.asarray(letterbox(Image.open(path), (64, 64)))
+
+
+def test_letterbox_never_crops() -> None:
+    wide = Image.new("RGB", (128, 64), (250, 10, 10))
+    out = np.asarray(letterbox(wide, (64, 64)))
+    assert out.shape == (64, 64, 3)
+    assert (out[16:48] == (250, 10, 10)).all()  # the whole picture, scaled
+    assert (out[:16] == 0).all() and (out[48:] == 0).all()  # bars, not a crop
+
+
+def test_conditioning_frames_are_one_or_five_with_the_horizon_ahead() -> None:
+    a, b, c = (Image.new("RGB", (8, 8), (i, 0, 0)) for i in (1, 2, 3))
+    frames, n, index = conditioning_frames([a], horizon=8, temporal_factor=4)
+    assert frames == [a] and n == 9 and index == 8
+    frames, n, index = conditioning_frames([a, b, c], horizon=8, temporal_factor=4)
+    assert frames == [a, b, c, c, c] and n == 13 and index == 12
+    frames, n, index = conditioning_frames([a], horizon=28, temporal_factor=4)
+    assert n == 29 and index == 28
+    with pytest.raises(ValueError, match="1 to 5"):
+        conditioning_frames([a] * 6, horizon=8, temporal_factor=4)
+
+
+def test_continue_goes_to_video2world_oldest_first_letterboxed_with_the_horizon(tools, spies, tmp_path) -> None:
+    wide, tall = _uploads(tmp_path)
+    agent = _agent(tools["tiny"], tmp_path / "home", [_request("continue", [1, 0]), DONE])
+    doc = agent.run("what happens next", images=[wide, tall], seed=0)
+    (call,) = spies["video2world"].calls
+    assert not spies["flux2"].calls and not spies["text2image"].calls
+    frames = [np.asarray(f) for f in call["video"]]
+    # Oldest first (the planner wrote them newest first), padded to Video2World's five frames.
+    assert len(frames) == 5
+    assert np.array_equal(frames[0], _letterboxed(wide)) and np.array_equal(frames[1], _letterboxed(tall))
+    assert all(np.array_equal(f, _letterboxed(tall)) for f in frames[2:])
+    horizon = load_preset("tiny").image.horizon_frames
+    assert call["num_frames"] >= 5 + horizon and (call["num_frames"] - 1) % 4 == 0
+    (block,) = doc.images
+    assert block.kind == "continue" and block.references == [r.id for r in doc.inputs]
+    assert (block.family, block.pipeline, block.frames, block.horizon) == ("cosmos2", "video2world", 5, horizon)
+
+
+def test_generate_without_references_is_text_to_image(tools, spies, tmp_path) -> None:
+    agent = _agent(
+        tools["tiny"],
+        tmp_path / "home",
+        [{"type": "image", "prompt": "a pot", "references": [], "kind": "generate"}, DONE],
+    )
+    doc = agent.run("draw a pot")
+    assert len(spies["text2image"].calls) == 1 and not spies["video2world"].calls and not spies["flux2"].calls
+    assert (doc.images[0].family, doc.images[0].pipeline, doc.images[0].frames) == ("cosmos2", "text2image", 0)
+
+
+@pytest.mark.parametrize("kind", ["edit", "generate"])
+def test_edit_and_generate_with_references_go_to_the_references_family(tools, spies, tmp_path, kind) -> None:
+    wide, tall = _uploads(tmp_path)
+    agent = _agent(tools["tiny"], tmp_path / "home", [_request(kind, [1, 0], "make it blue"), DONE])
+    doc = agent.run("change it", images=[wide, tall], seed=0)
+    (call,) = spies["flux2"].calls
+    assert not spies["video2world"].calls
+    images = [np.asarray(i) for i in call["image"]]
+    assert [i.shape for i in images] == [(64, 64, 3)] * 2
+    assert np.array_equal(images[0], _letterboxed(wide)) and np.array_equal(images[1], _letterboxed(tall))
+    assert call["prompt"] == "make it blue" and (call["height"], call["width"]) == (64, 64)
+    (block,) = doc.images
+    assert (block.kind, block.family, block.pipeline, block.frames) == (
+        kind,
+        "flux2-klein",
+        "flux2-klein-references",
+        2,
+    )
+
+
+@pytest.mark.parametrize("kind", ["generate", "edit", "continue"])
+def test_tiny_flux2_draws_every_kind_with_references(tools, spies, tmp_path, kind) -> None:
+    wide, tall = _uploads(tmp_path)
+    agent = _agent(tools["tiny-flux2"], tmp_path / "home", [_request(kind, [0]), DONE], preset="tiny-flux2")
+    doc = agent.run("go on", images=[wide, tall], seed=0)
+    (call,) = spies["flux2"].calls
+    assert len(call["image"]) == 1 and np.array_equal(np.asarray(call["image"][0]), _letterboxed(wide))
+    assert ("next moment" in call["prompt"]) == (kind == "continue")
+    assert doc.images[0].kind == kind and doc.images[0].family == "flux2-klein"
+
+
+def test_a_family_without_references_is_never_offered_them_and_refuses_them(models_dir, tmp_path) -> None:
+    spec = load_preset("tiny").image.model_copy(update={"references": None})
+    cosmos = CosmosImageTool.from_spec(spec, models_dir)
+    assert dict(cosmos.capabilities) == {"continue": 5}
+    wide, tall = _uploads(tmp_path)
+
+    def look(conversation, schema):
+        text = json.dumps(schema)
+        assert '"edit"' not in text and '"continue"' in text  # only what the family can do
+        return DONE
+
+    agent = _agent(cosmos, tmp_path / "home", [{"type": "text", "text": "hi"}, look])
+    agent.run("x", images=[wide, tall])
+    renderer = Renderer(cosmos, ImageStore(tmp_path / "home"))
+    ref = renderer.store.put(Image.new("RGB", (64, 64)))
+    with pytest.raises(GenerationError, match="cannot edit with references"):
+        renderer.render("p", [ref], kind="edit")
+    with pytest.raises(GenerationError, match="at most 5"):
+        renderer.render("p", [ref] * 6, kind="continue")
+
+
+def test_refusal_rules() -> None:
+    caps = {"continue": 5}
+    assert refusal(caps, "generate", 0) is None
+    assert "needs at least one reference" in (refusal(caps, "edit", 0) or "")
+    assert "cannot generate with references" in (refusal(caps, "generate", 1) or "")
+    assert refusal(caps, "continue", 5) is None
+    assert refusal({"generate": 4, "edit": 4, "continue": 5}, "edit", 5) is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny", "tiny-flux2"])
+def test_duogen_run_with_each_tiny_preset(preset, home, tmp_path, capsys) -> None:
+    from duogen_agents.cli import main
+
+    wide, tall = _uploads(tmp_path)
+    out = tmp_path / "out"
+    code = main(["run", "Plan a picnic", "--preset", preset, "--mode", "visual-plan", "--image", str(wide),
+                 "--image", str(tall), "--out", str(out), "--seed", "1"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    doc = json.loads((out / "document.json").read_text())
+    images = [b for b in doc["blocks"] if b["type"] == "image"]
+    assert images and all(b["family"] in ("cosmos2", "flux2-klein") for b in images)
+    assert all(b["pipeline"] and b["seed"] is not None for b in images)
