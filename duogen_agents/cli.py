@@ -209,54 +209,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def print_events(events: Any, agent: Any, out: Any, err: Any, *, preview: bool = True) -> Any:
-    """Print a turn's events (Markdown text, a progress bar per image, previews and paths); return its document."""
-    from rich.markdown import Markdown
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Print a turn's events (the chat's renderer: Markdown text, a progress bar per image on stderr,
+    previews and paths); return its document."""
+    from duogen_agents.terminal.events import EventRenderer
 
-    from duogen_agents.terminal.render import HalfBlockImage
-
-    progress: Progress | None = None
-    task = None
-    doc = None
-    try:
-        for event in events:
-            kind = event["event"]
-            if kind == "plan":
-                out.print(Markdown(f"# {event['title']}"))
-            elif kind == "text":
-                out.print(Markdown(event["text"]))
-            elif kind == "image_start":
-                label = "draft" if event["origin"] == "draft" else "image"
-                progress = Progress(
-                    TextColumn(f"{label} {event['index']}"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TextColumn("steps"),
-                    TimeElapsedColumn(),
-                    console=err,
-                    transient=True,
-                )
-                progress.start()
-                task = progress.add_task("render", total=agent.preset.image.steps)
-            elif kind == "image_progress" and progress is not None and task is not None:
-                progress.update(task, completed=event["step"], total=event["total"])
-            elif kind in ("image_ready", "image_rejected") and progress is not None:
-                progress.stop()
-                progress = None
-                if kind == "image_ready":
-                    label = "Draft sketch" if event["origin"] == "draft" else "Image"
-                    if preview and out.is_terminal:
-                        out.print(HalfBlockImage(agent.store.open(event["image"]["id"]), max_width=min(48, out.width)))
-                    out.print(f"[dim]{label} {event['index']}: {event['path']}[/]", highlight=False, soft_wrap=True)
-                else:
-                    err.print(f"[dim]redrawing: the check said {event['note']!r}[/]", highlight=False)
-            elif kind == "document":
-                doc = event["document"]
-    finally:
-        if progress is not None:
-            progress.stop()
-    assert doc is not None
-    return doc
+    mode = "halfcell" if preview and out.is_terminal else "off"
+    return EventRenderer(
+        out, status=err, open_image=agent.store.open, image_mode=mode, steps=agent.preset.image.steps
+    ).render(events)
 
 
 def _cmd_sessions(args: argparse.Namespace) -> int:

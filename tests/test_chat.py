@@ -17,7 +17,8 @@ from PIL import Image
 from rich.console import Console
 
 from duogen_agents.sessions import SessionInfo
-from duogen_agents.terminal.chat import partial_text, piped_messages
+from duogen_agents.terminal.chat import piped_messages
+from duogen_agents.terminal.events import partial_text
 from duogen_agents.terminal.render import (
     HalfBlockImage,
     KittyImage,

@@ -40,6 +40,8 @@ OUR_TABLES = frozenset({"duogen_sessions", "duogen_turns", "duogen_blocks", "duo
 SAVER_TABLES = frozenset({"checkpoints", "writes", "checkpoint_blobs", "checkpoint_writes", "checkpoint_migrations"})
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MIGRATION_LOCK_KEY = 0x6475_6F67  # "duog"
+SETUP_TIMEOUT_S = 60.0
+LOCKED_RETRY_S = 0.05
 
 
 def check_session_id(session_id: str) -> str:
@@ -157,7 +159,7 @@ class Database:
             return self._migrate(cfg, known)
         # One opener at a time (threads and processes): the check's read transaction, the migration
         # and the switch to WAL must not collide ("database is locked" is immediate for the latter).
-        with self._file_lock("_setup", time.monotonic() + 60):
+        with self._file_lock("_setup", time.monotonic() + SETUP_TIMEOUT_S):
             self._check_sqlite_file()
             return self._migrate(cfg, known)
 
@@ -284,9 +286,11 @@ class Database:
                 conn.execute("PRAGMA busy_timeout=30000")
                 saver = SqliteSaver(conn, serde=CheckpointSerializer())
                 # The saver's setup switches the journal mode, which fails at once ("database is
-                # locked") while another process does the same: serialise it across processes.
-                with self._file_lock("_setup", time.monotonic() + 60):
-                    saver.setup()
+                # locked") while another process does the same: serialise it across processes, and
+                # retry while other connections' transactions are in the way (it is idempotent).
+                deadline = time.monotonic() + SETUP_TIMEOUT_S
+                with self._file_lock("_setup", deadline):
+                    _retry_locked(saver.setup, deadline)
             else:
                 import psycopg
                 from langgraph.checkpoint.postgres import PostgresSaver
@@ -436,6 +440,18 @@ def _remove_sqlite_files(path: Path | None) -> None:
     for suffix in ("", "-journal", "-wal", "-shm"):
         with contextlib.suppress(OSError):
             path.with_name(path.name + suffix).unlink()
+
+
+def _retry_locked(call: Any, deadline: float) -> Any:
+    """``call()``, again while SQLite answers "database is locked" at once (a busy handler does not
+    help a statement that would deadlock with another connection's transaction), until ``deadline``."""
+    while True:
+        try:
+            return call()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(LOCKED_RETRY_S)
 
 
 def _alembic_config() -> Any:

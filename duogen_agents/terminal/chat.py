@@ -11,8 +11,6 @@ every message was answered.
 
 from __future__ import annotations
 
-import json
-import re
 import secrets
 import sys
 from collections.abc import Iterable, Iterator
@@ -20,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.live import Live
-from rich.markdown import Markdown
 from rich.table import Table
 
 from duogen_agents import interrupts
 from duogen_agents.errors import ConfigError, DuogenError
-from duogen_agents.terminal.render import StepProgress, detect_image_mode, image_view, sessions_table
+from duogen_agents.terminal.events import EventRenderer
+from duogen_agents.terminal.render import detect_image_mode, sessions_table
 
 PROMPT = "you> "
 MORE = "...> "
@@ -43,22 +40,6 @@ COMMANDS = {
     "/help": "this list",
     "/quit": "leave (Ctrl-D and Ctrl-C at the prompt do too)",
 }
-
-_TEXT_FIELD = re.compile(r'"text"\s*:\s*"((?:[^"\\]|\\.)*)')
-
-
-def partial_text(raw: str) -> str:
-    """The ``text`` field of a planner action still being written (JSON prefix), decoded so far."""
-    m = _TEXT_FIELD.search(raw)
-    if not m:
-        return ""
-    body = m.group(1)
-    for cut in range(len(body), max(len(body) - 6, -1), -1):  # drop a half-written escape
-        try:
-            return str(json.loads(f'"{body[:cut]}"'))
-        except json.JSONDecodeError:
-            continue
-    return ""
 
 
 def piped_messages(text: str) -> list[str]:
@@ -247,82 +228,14 @@ class ChatApp:
 
     def show(self, events: Iterator[dict[str, Any]]) -> Any:
         """Render one turn's events; returns its document."""
-        first = self.image_count()
-        live_ok = self.console.is_terminal
-        raw = ""
-        text_live: Live | None = None  # the text being written (transient: replaced by the final Markdown)
-        image_live: Live | None = None  # the progress bar of the image being drawn (stays, finished)
-        progress: StepProgress | None = None
-        doc = None
-
-        def stop_text() -> None:
-            nonlocal text_live
-            if text_live is not None:
-                text_live.stop()
-                text_live = None
-
-        def stop_image() -> None:
-            nonlocal image_live
-            if image_live is not None:
-                image_live.stop()
-                image_live = None
-
-        try:
-            for event in events:
-                kind = event["event"]
-                if kind == "token":
-                    raw += event["text"]
-                    partial = partial_text(raw)
-                    if partial and live_ok:
-                        if text_live is None:
-                            text_live = Live(console=self.console, transient=True, refresh_per_second=12)
-                            text_live.start()
-                        text_live.update(Markdown(partial))
-                    continue
-                raw = ""
-                stop_text()
-                if kind == "plan":
-                    self.console.print(Markdown(f"# {event['title']}"))
-                elif kind == "text":
-                    self.console.print(Markdown(event["text"]))
-                elif kind == "image_start":
-                    stop_image()
-                    label = "draft" if event["origin"] == "draft" else "image"
-                    progress = StepProgress(f"{label} {first + event['index']}", self.agent().preset.image.steps)
-                    if live_ok:
-                        image_live = Live(progress, console=self.console, refresh_per_second=8)
-                        image_live.start()
-                elif kind == "image_progress" and progress is not None:
-                    progress.update(event["step"], event["total"])
-                    if image_live is not None:
-                        image_live.update(progress, refresh=True)
-                elif kind == "image_ready":
-                    n = first + event["index"]
-                    label = "Draft sketch" if event["origin"] == "draft" else "Image"
-                    if progress is not None:
-                        progress.done()
-                        if image_live is not None:
-                            image_live.update(progress, refresh=True)
-                        else:  # a log gets the finished bar, once
-                            self.console.print(progress)
-                    stop_image()
-                    progress = None
-                    view = image_view(
-                        self.sessions.store.open(event["image"]["id"]), self.image_mode, min(48, self.console.width)
-                    )
-                    if view is not None:
-                        self.console.print(view)
-                    self.console.print(f"[dim]{label} {n}: {event['path']}[/]", highlight=False, soft_wrap=True)
-                elif kind == "image_rejected":
-                    stop_image()
-                    progress = None
-                    self.err.print(f"[dim]redrawing: the check said {event['note']!r}[/]", highlight=False)
-                elif kind == "document":
-                    doc = event["document"]
-        finally:
-            stop_text()
-            stop_image()
-        return doc
+        return EventRenderer(
+            self.console,
+            status=self.console,
+            open_image=self.sessions.store.open,
+            image_mode=self.image_mode,
+            steps=self.agent().preset.image.steps,
+            first=self.image_count(),
+        ).render(events)
 
     # ---- commands -------------------------------------------------------------------------------
 
