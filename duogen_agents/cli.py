@@ -37,7 +37,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=["interleaved", "visual-plan", "draft"],
         help="default: the session's mode, else interleaved",
     )
-    run.add_argument("--preset", default="tiny", help=f"built-in ({', '.join(BUILTIN)}) or a .toml/.json file")
+    run.add_argument(
+        "--preset",
+        default=None,
+        help=f"built-in ({', '.join(BUILTIN)}) or a .toml/.json file (default: $DUOGEN_PRESET, else tiny: noise)",
+    )
     run.add_argument("--image", action="append", default=[], metavar="FILE", help="attach an input image (repeatable)")
     run.add_argument("--out", type=Path, metavar="DIR", help="write document.md/.html/.json and images/ here")
     run.add_argument("--seed", type=int, default=None, help="seed for reproducible output")
@@ -53,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="a terminal chat that streams interleaved answers")
     chat.add_argument("--session", metavar="ID", help="continue session ID (default: a new session)")
-    chat.add_argument("--preset", default="tiny", help="built-in preset or a .toml/.json file")
+    chat.add_argument(
+        "--preset", default=None, help="built-in preset or a .toml/.json file (default: $DUOGEN_PRESET, else tiny)"
+    )
     chat.add_argument("--mode", default=None, choices=["interleaved", "visual-plan", "draft"])
     chat.add_argument("--images", default="auto", choices=["auto", "sixel", "kitty", "halfcell", "off"])
     _db_args(chat)
@@ -277,9 +283,14 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_PRESET = "tiny"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "preset", "unset") is None:
+        args.preset = os.environ.get("DUOGEN_PRESET") or DEFAULT_PRESET
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

@@ -111,3 +111,36 @@ def test_renderer_as_langchain_tool_returns_ids_not_pixels(tmp_path) -> None:
     assert len(first["id"]) == 64 and second["kind"] == "edit"
     assert len(tool.requests[1]["references"]) == 1  # the first image reached the draw as a reference
     assert ImageStore(tmp_path).exists(second["id"])
+
+
+def test_the_check_runs_on_the_critic_when_the_preset_names_one(tmp_path) -> None:
+    preset = load_preset("tiny")
+    planner = ScriptedPlanner([{"type": "image", "prompt": "a pot", "references": [], "kind": "generate"}, DONE])
+    critic = ScriptedPlanner([{"verdict": "ok", "note": ""}])
+    agent = Agent(preset, planner=planner, image_tool=SolidImageTool(), home=tmp_path, critic=critic)
+    doc = agent.run("draw a pot")
+    assert len(doc.images) == 1
+    (call,) = critic.calls  # the critic looked at the image; the planner only planned
+    assert any(p["type"] == "image" for p in call[0][-1]["content"])
+    assert len(planner.calls) == 2 and "verdict" not in json.dumps(planner.calls[1][1])
+
+
+@pytest.mark.slow
+def test_a_critic_model_loads_from_the_preset(tmp_path, home) -> None:
+    f = tmp_path / "critic.toml"
+    f.write_text(
+        'base = "tiny"\n[critic]\nmodel = "tiny:qwen3_vl"\ndevice = "cpu"\ndtype = "float32"\n'
+        "max_new_tokens = 512\nmax_text_chars = 48\nmax_prompt_chars = 32\n"
+    )
+    agent = Agent.from_preset(f, home=home)
+    assert agent.deps.critic is not None and agent.deps.critic.planner is not agent.planner
+    doc = agent.run("Plan a picnic", mode="visual-plan", seed=2)
+    assert doc.images
+
+
+def test_default_preset_comes_from_the_environment(monkeypatch, capsys) -> None:
+    from duogen_agents.cli import main
+
+    monkeypatch.setenv("DUOGEN_PRESET", "no-such-preset")
+    assert main(["run", "hello"]) == 1
+    assert "unknown preset 'no-such-preset'" in capsys.readouterr().err
