@@ -67,16 +67,13 @@ def after_revise(state: TurnState) -> str:
     return "render" if state.get("pending") else after_image(state)
 
 
-def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = True) -> Any:
-    """Build the turn graph. ``compile=False`` returns the uncompiled ``StateGraph`` to compose."""
+NODES = ("start", "outline", "plan", "render", "check", "revise", "finish")
+
+
+def _wire(node: dict[str, Any]) -> StateGraph:
     graph = StateGraph(TurnState)
-    graph.add_node("start", nodes.start)
-    graph.add_node("outline", partial(nodes.outline, deps=deps))
-    graph.add_node("plan", partial(nodes.plan, deps=deps))
-    graph.add_node("render", partial(nodes.render, deps=deps))
-    graph.add_node("check", partial(nodes.check, deps=deps))
-    graph.add_node("revise", partial(nodes.revise, deps=deps))
-    graph.add_node("finish", nodes.finish)
+    for name in NODES:
+        graph.add_node(name, node[name])
     graph.add_edge(START, "start")
     graph.add_conditional_edges("start", after_start, ["outline", "plan", "render"])
     graph.add_conditional_edges("outline", after_outline, ["plan", "finish"])
@@ -85,18 +82,33 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
     graph.add_conditional_edges("check", after_check, ["revise", "plan", "finish"])
     graph.add_conditional_edges("revise", after_revise, ["render", "plan", "finish"])
     graph.add_edge("finish", END)
+    return graph
+
+
+def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = True) -> Any:
+    """Build the turn graph. ``compile=False`` returns the uncompiled ``StateGraph`` to compose."""
+    graph = _wire(
+        {
+            "start": nodes.start,
+            "outline": partial(nodes.outline, deps=deps),
+            "plan": partial(nodes.plan, deps=deps),
+            "render": partial(nodes.render, deps=deps),
+            "check": partial(nodes.check, deps=deps),
+            "revise": partial(nodes.revise, deps=deps),
+            "finish": nodes.finish,
+        }
+    )
     if not compile:
         return graph
     return graph.compile(checkpointer=harden(checkpointer))
 
 
+def _unused(state: TurnState) -> dict[str, Any]:
+    return {}
+
+
 def build_state_graph(checkpointer: Any) -> Any:
-    """A model-free graph over the same state: read, copy or restore a session's state without loading
-    a planner or an image tool (``get_state``, ``update_state(..., as_node="finish")``)."""
-    graph = StateGraph(TurnState)
-    graph.add_node("start", lambda state: {})
-    graph.add_node("finish", lambda state: {})
-    graph.add_edge(START, "start")
-    graph.add_edge("start", "finish")
-    graph.add_edge("finish", END)
-    return graph.compile(checkpointer=harden(checkpointer))
+    """A model-free graph over the same state and channels: read, copy or restore a session's state
+    without loading a planner or an image tool (``get_state``, ``update_state(..., as_node="finish")``).
+    Its nodes do nothing; it is never run."""
+    return _wire(dict.fromkeys(NODES, _unused)).compile(checkpointer=harden(checkpointer))

@@ -184,7 +184,11 @@ def test_stale_lease_of_a_dead_process_is_dropped(home) -> None:
     code = "from duogen_agents.storage.images import ImageStore; import os, sys\n" + (
         f"s = ImageStore({str(home)!r}); l = s.lease(); l.__enter__(); os._exit(0)"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
     assert len(list((store.images_dir / ".locks" / "leases").iterdir())) == 1
     with store.collecting(0.0) as cutoff:
         assert cutoff > old  # the dead process's lease does not hold the cut-off back
