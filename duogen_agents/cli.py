@@ -64,6 +64,36 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--images", default="auto", choices=["auto", "sixel", "kitty", "halfcell", "off"])
     _db_args(chat)
 
+    ev = sub.add_parser(
+        "eval",
+        help="score presets on a bench (shapes or a JSONL file); compare runs; import published benches",
+        description="Answer every task of a bench with each preset and score the answers: structure always; "
+        "the shapes world exactly (detectors); other benches with --judge. Writes OUT/results.json and "
+        "OUT/report.html.",
+    )
+    ev.add_argument("--bench", default="shapes", help="shapes (built in) or a .jsonl file of tasks")
+    ev.add_argument("--preset", action="append", default=[], help="a preset to run (repeatable; default: tiny)")
+    ev.add_argument("--limit", type=int, default=None, metavar="N", help="the first N tasks")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", type=Path, default=Path("eval-out"), metavar="DIR")
+    ev.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR")
+    ev.add_argument("--reference", action="store_true", help="also score the ground truth as an answer")
+    ev.add_argument("--judge", default=None, help="a preset (its planner judges) or an OpenAI-compatible URL")
+    ev.add_argument("--judge-model", default=None, help="the model name at the judge URL")
+    ev.add_argument("--judge-key-env", default=None, metavar="VAR", help="environment variable holding the API key")
+    ev.add_argument(
+        "--home", type=Path, default=None, help="data directory (default: $DUOGEN_HOME or ~/.local/share/duogen)"
+    )
+    evsub = ev.add_subparsers(dest="eval_action", metavar="ACTION")
+    cmp_ = evsub.add_parser("compare", help="put runs side by side: DIR/compare.html")
+    cmp_.add_argument("dirs", nargs="+", type=Path)
+    cmp_.add_argument("--out", type=Path, default=Path("eval-compare"), metavar="DIR")
+    imp = evsub.add_parser("import", help="convert ISG-Bench, OpenING or UEval task files to the bench format")
+    imp.add_argument("kind", choices=["isg", "opening", "ueval"])
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--out", type=Path, required=True, metavar="FILE")
+    imp.add_argument("--images-root", type=Path, default=None, metavar="DIR")
+
     ses = sub.add_parser("sessions", help="list, show, export, fork or delete sessions; gc the image store")
     ssub = ses.add_subparsers(dest="action", metavar="ACTION", required=True)
     _db_args(ssub.add_parser("list", help="list the sessions"))
@@ -225,6 +255,87 @@ def print_events(events: Any, agent: Any, out: Any, err: Any, *, preview: bool =
     ).render(events)
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from duogen_agents.errors import ConfigError
+
+    err = Console(stderr=True)
+    if args.eval_action == "import":
+        from duogen_agents.eval.importers import import_tasks, write_jsonl
+
+        tasks, errors = import_tasks(args.kind, args.file, args.images_root)
+        for e in errors:
+            err.print(f"line {e.line}: {e.message}", highlight=False)
+        write_jsonl(tasks, args.out)
+        err.print(f"wrote {len(tasks)} task(s) to {args.out}" + (f"; {len(errors)} malformed" if errors else ""))
+        return 0
+    if args.eval_action == "compare":
+        from duogen_agents.eval import compare
+
+        merged = compare(args.dirs, args.out)
+        _print_summary(merged, Console())
+        err.print(f"wrote {args.out}/compare.html")
+        return 0
+    from duogen_agents.eval import run_eval
+    from duogen_agents.eval.judge import make_judge
+    from duogen_agents.presets import load_preset
+    from duogen_agents.validation import check_out_dir, check_seed
+
+    # Everything cheap first: no model loads for a bad option.
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    check_seed(args.seed)
+    out = args.resume or args.out
+    check_out_dir(out)
+    presets = args.preset or [os.environ.get("DUOGEN_PRESET") or DEFAULT_PRESET]
+    for p in presets:
+        load_preset(p)
+    judge = make_judge(args.judge, model=args.judge_model, api_key_env=args.judge_key_env, home=args.home)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    )
+    ids: dict[str, Any] = {}
+
+    def progress(run: str, done: int, total: int) -> None:
+        if run not in ids:
+            ids[run] = bars.add_task(run, total=total)
+        bars.update(ids[run], completed=done)
+
+    try:
+        with bars:
+            results = run_eval(
+                args.bench, presets, limit=args.limit, seed=args.seed, out=out, judge=judge,
+                reference=args.reference, resume=args.resume is not None, home=args.home, progress=progress,
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        print(f"duogen: interrupted; the finished tasks are in {out}/results.json and {out}/report.html (partial)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+    for e in results["bench_errors"]:
+        err.print(f"[yellow]skipped[/] line {e['line']}: {e['message']}", highlight=False)
+    _print_summary(results, Console())
+    err.print(f"wrote {out}/results.json and {out}/report.html")
+    return 0
+
+
+def _print_summary(results: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    from duogen_agents.eval.scoring import AXES
+
+    t = Table("run", *AXES, "tasks", "failed")
+    for run in results["runs"]:
+        s = run.get("summary") or {}
+        t.add_row(
+            run["preset"], *("-" if s.get(a) is None else f"{s[a]:.2f}" for a in AXES),
+            str(len(run["tasks"])), str(run.get("errors", 0)),
+        )  # fmt: skip
+    console.print(t)
+
+
 def _cmd_sessions(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -313,6 +424,8 @@ def _main(args: argparse.Namespace) -> int:
             return _cmd_presets()
         if args.command == "sessions":
             return _cmd_sessions(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
         if args.command == "chat":
             from duogen_agents.terminal.chat import ChatApp
 

@@ -51,7 +51,7 @@ class Flux2KleinImageTool:
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
         with loading("image model", source):
-            pipe = Flux2KleinPipeline.from_pretrained(source, torch_dtype=dtype)
+            pipe = Flux2KleinPipeline.from_pretrained(source, dtype=dtype)
             pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
         return cls(pipe, spec)

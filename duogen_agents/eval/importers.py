@@ -1,0 +1,139 @@
+"""Importers: published interleaved-generation benchmarks converted to the bench format.
+
+- **ISG-Bench** (``Dongping-Chen/ISG``, ``ISG_eval/ISG-Bench.jsonl``): ``id``, ``Category``,
+  ``Query`` and ``Golden`` as lists of ``{"type": "text"|"image", "content": ...}``; the prompt is the
+  query's text, its images are attached, and the answer should have as many images as ``Golden``.
+- **OpenING** (``LanceZPF/OpenING``, ``OpenING-benchmark/test_data.jsonl``): ``total_uid``,
+  ``meta_task_name``, ``subtask_name`` and ``conversations`` ``[{"input": [steps]}, {"output":
+  [steps]}]`` with steps ``{"image": path|null, "text": ...}``; ``<BEGIN>`` and ``<image>`` markers are
+  dropped, input images attached, and the answer should have ``len(output)`` images.
+- **UEval** (Hugging Face ``primerL/UEval``; save it with ``datasets``' ``to_json``): ``id``,
+  ``prompt``, ``task_type``, ``image_ref`` (the gold images), ``text_ref``; text-only prompts, and the
+  answer should have as many images as ``image_ref``.
+
+Image paths are resolved against ``images_root`` (default: the task file's folder). A malformed line
+is reported with its number and the others are converted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from duogen_agents.errors import ConfigError
+from duogen_agents.eval.tasks import BenchError, Task
+
+_MARKERS = re.compile(r"<BEGIN>|<image>")
+
+
+def _records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, record) for JSONL, or (index + 1, record) for a JSON list."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        yield from enumerate(data, 1)
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except ValueError as e:
+                yield number, e
+
+
+def _isg(record: dict[str, Any], root: Path) -> Task:
+    query = record["Query"]
+    text = "\n".join(i["content"] for i in query if i["type"] == "text").strip()
+    images = [str(root / i["content"]) for i in query if i["type"] == "image"]
+    golden = record.get("Golden") or []
+    return Task(
+        id=f"isg-{record['id']}-{_slug(record.get('Category', ''))}",
+        mode="interleaved",
+        turns=[{"prompt": text, "images": images}],
+        expect={
+            "images": sum(i["type"] == "image" for i in golden),
+            "category": record.get("Category"),
+            "structure": ["text" if i["type"] == "text" else "image" for i in golden],
+        },
+        source="ISG-Bench",
+    )
+
+
+def _opening(record: dict[str, Any], root: Path) -> Task:
+    conv = record["conversations"]
+    steps_in = conv[0]["input"]
+    steps_out = conv[1]["output"]
+    text = "\n".join(_MARKERS.sub("", s.get("text") or "").strip() for s in steps_in).strip()
+    images = [str((root / s["image"]).resolve()) for s in steps_in if s.get("image")]
+    return Task(
+        id=f"opening-{record['total_uid']}",
+        mode="interleaved",
+        turns=[{"prompt": text, "images": images}],
+        expect={"images": len(steps_out), "category": f"{record.get('meta_task_name')} / {record.get('subtask_name')}"},
+        source="OpenING",
+    )
+
+
+def _ueval(record: dict[str, Any], root: Path) -> Task:
+    refs = record.get("image_ref") or []
+    kind = record.get("task_type") or record.get("domain") or "task"
+    return Task(
+        id=f"ueval-{_slug(kind)}-{record['id']}",
+        mode="interleaved",
+        turns=[{"prompt": record["prompt"], "images": []}],
+        expect={"images": len(refs), "category": kind, "question_type": record.get("question_type")},
+        source="UEval",
+    )
+
+
+IMPORTERS: dict[str, Callable[[dict[str, Any], Path], Task]] = {"isg": _isg, "opening": _opening, "ueval": _ueval}
+
+
+def _slug(value: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", str(value)).strip("-").lower()[:40] or "task"
+
+
+def import_tasks(
+    kind: str, path: Path | str, images_root: Path | str | None = None
+) -> tuple[list[Task], list[BenchError]]:
+    """Convert a published task file; returns the tasks and the malformed records (with line numbers)."""
+    if kind not in IMPORTERS:
+        raise ConfigError(f"unknown benchmark {kind!r}; choose one of: {', '.join(IMPORTERS)}")
+    p = Path(path)
+    root = Path(images_root) if images_root is not None else p.parent
+    convert = IMPORTERS[kind]
+    tasks: list[Task] = []
+    errors: list[BenchError] = []
+    seen: set[str] = set()
+    for number, record in _records(p):
+        try:
+            if isinstance(record, Exception):
+                raise ValueError(f"not JSON: {record}")
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+            task = convert(record, root)
+            if task.id in seen:
+                raise ValueError(f"duplicate task id {task.id!r}")
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            message = f"missing field {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:200]
+            errors.append(BenchError(line=number, message=message))
+            continue
+        seen.add(task.id)
+        tasks.append(task)
+    return tasks, errors
+
+
+def write_jsonl(tasks: list[Task], out: Path | str) -> Path:
+    from duogen_agents.storage.images import write_atomic
+
+    body = "".join(t.model_dump_json(exclude_none=True) + "\n" for t in tasks)
+    return write_atomic(Path(out), body.encode())

@@ -1,0 +1,264 @@
+"""Running a bench: each preset answers each task, and every answer is scored.
+
+>>> results = run_eval("shapes", ["tiny"], limit=6, out="eval-out")          # doctest: +SKIP
+>>> results["runs"][0]["summary"]                                            # doctest: +SKIP
+
+Results go to ``OUT/results.json`` (versions, preset, seed, timings, per task the answer, scores and
+reasons) and ``OUT/report.html``; images are copied to ``OUT/images``. One preset's models are loaded
+at a time. ``resume=True`` keeps the tasks ``OUT/results.json`` already holds. Ctrl-C keeps what
+finished and writes a partial report marked so, then raises ``KeyboardInterrupt``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from duogen_agents.document import ImageBlock, InterleavedDocument, TextBlock
+from duogen_agents.errors import ConfigError, DuogenError
+from duogen_agents.eval import prompts
+from duogen_agents.eval.scoring import AXES, shapes_scores, structure
+from duogen_agents.eval.tasks import Task, load_bench
+from duogen_agents.storage.images import ImageStore, default_home, write_atomic
+
+RESULTS_FORMAT = 1
+REFERENCE = "reference"
+
+Progress = Callable[[str, int, int], None]  # (run name, tasks done, tasks in all)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("duogen-agents", "torch", "transformers", "diffusers", "langgraph"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def reference_answer(task: Task, store: ImageStore) -> list[InterleavedDocument]:
+    """The ground truth as an answer (shapes tasks): each expected scene drawn, the facts stated."""
+    from duogen_agents.eval.scoring import _turn_expect
+    from duogen_agents.worlds.shapes import render, scene_from_json
+
+    if task.expect.get("world") != "shapes":
+        raise ConfigError(f"task {task.id!r} has no ground truth to answer with (only shapes tasks do)")
+    docs = []
+    for turn, t in enumerate(task.turns):
+        exp = _turn_expect(task, turn)
+        blocks: list[Any] = []
+        scenes = exp.get("scenes", [])
+        facts = " ".join(str(f) for f in exp.get("facts", []))
+        for k, scene in enumerate(scenes):
+            ref = store.put(render(scene_from_json(scene)))
+            step = k if task.mode == "visual-plan" else None
+            blocks.append(
+                TextBlock(text=f"Step {k + 1}: {facts}" if step is not None else facts or "Here it is.", step=step)
+            )
+            blocks.append(
+                ImageBlock(
+                    image=ref,
+                    prompt=f"scene {k + 1}",
+                    step=step,
+                    origin="draft" if task.mode == "draft" else "generated",
+                )
+            )
+        if task.mode == "draft" or not scenes:
+            blocks.append(TextBlock(text=facts or "Done."))
+        docs.append(InterleavedDocument(prompt=t.prompt, mode=task.mode, preset=REFERENCE, blocks=blocks))
+    return docs
+
+
+def _answer(agent: Any, task: Task, seed: int) -> list[InterleavedDocument]:
+    docs = []
+    thread = f"eval-{task.id}-{seed}"
+    for t in task.turns:
+        doc = None
+        for event in agent.stream(t.prompt, mode=task.mode, images=t.images, seed=seed, thread_id=thread):
+            if event.get("event") == "document":
+                doc = event["document"]
+        assert doc is not None
+        docs.append(doc)
+    return docs
+
+
+def score(task: Task, docs: Sequence[InterleavedDocument], store: ImageStore, judge: Any) -> dict[str, Any]:
+    """Scores in [0, 1] with reasons: structure always; the shapes detectors for shapes tasks; the
+    judge (raw 1-10 kept) for the other axes of other tasks when one is given."""
+    scores: dict[str, float] = {}
+    reasons: dict[str, str] = {}
+    scores["structure"], reasons["structure"] = structure(task, docs)
+    raw: dict[str, int] = {}
+    if task.expect.get("world") == "shapes":
+        for axis, (value, reason) in shapes_scores(task, docs, store).items():
+            scores[axis], reasons[axis] = value, f"detectors: {reason}"
+    elif judge is not None:
+        request = "\n\n".join(t.prompt for t in task.turns)
+        for axis, (value, reason) in judge.judge(request, docs, store).items():
+            raw[axis] = value
+            scores[axis], reasons[axis] = (value - 1) / 9, f"judge {value}/10: {reason}"
+    return {"scores": scores, "reasons": reasons, "judge_raw": raw}
+
+
+def _summary(tasks: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Mean per axis over the tasks it applies to; a failed task counts 0 on every axis."""
+    out: dict[str, float | None] = {}
+    for axis in AXES:
+        values = [t["scores"][axis] for t in tasks if t["status"] == "ok" and axis in t["scores"]]
+        values += [0.0 for t in tasks if t["status"] != "ok"]
+        out[axis] = sum(values) / len(values) if values else None
+    return out
+
+
+def _copy_images(docs: Sequence[InterleavedDocument], store: ImageStore, out: Path) -> None:
+    for doc in docs:
+        for block in doc.images:
+            target = out / "images" / block.image.filename
+            if not target.exists():
+                write_atomic(target, store.read_bytes(block.image))
+
+
+def run_eval(
+    bench: str,
+    presets: Sequence[str],
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    out: Path | str = "eval-out",
+    judge: Any = None,
+    reference: bool = False,
+    resume: bool = False,
+    home: Path | str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run ``bench`` with each preset (and the ground truth with ``reference``); see the module doc."""
+    from duogen_agents.eval.report import write_report
+
+    name, tasks, errors = load_bench(bench, limit=limit, seed=seed)
+    if not tasks:
+        raise ConfigError(
+            f"bench {bench!r} has no runnable task" + (f" ({len(errors)} malformed lines)" if errors else "")
+        )
+    out_dir = Path(out)
+    root = Path(home) if home is not None else default_home()
+    store = ImageStore(root)
+    previous: dict[str, dict[str, Any]] = {}
+    results_file = out_dir / "results.json"
+    if resume and results_file.exists():
+        try:
+            old = json.loads(results_file.read_text())
+            previous = {r["preset"]: r for r in old.get("runs", [])}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"cannot resume from {results_file}: {e}") from None
+    results: dict[str, Any] = {
+        "format": RESULTS_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "bench": name,
+        "seed": seed,
+        "limit": limit,
+        "partial": False,
+        "judge": getattr(judge, "name", None),
+        "bench_errors": [e.model_dump() for e in errors],
+        "prompts": {"system": prompts.JUDGE_SYSTEM, "request": prompts.JUDGE_REQUEST, "axes": prompts.JUDGE_AXES},
+        "runs": [],
+    }
+    runs = ([REFERENCE] if reference else []) + list(presets)
+    try:
+        for run_name in runs:
+            run = _run_one(run_name, tasks, previous.get(run_name), seed, judge, store, root, out_dir, progress)
+            results["runs"].append(run)
+            if run.get("partial"):
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        results["partial"] = True
+        _write(results, out_dir, write_report)
+        raise
+    _write(results, out_dir, write_report)
+    return results
+
+
+def _run_one(
+    run_name: str,
+    tasks: list[Task],
+    previous: dict[str, Any] | None,
+    seed: int,
+    judge: Any,
+    store: ImageStore,
+    root: Path,
+    out_dir: Path,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    done = {t["id"]: t for t in (previous or {}).get("tasks", []) if t.get("status") == "ok"}
+    run: dict[str, Any] = {"preset": run_name, "reference": run_name == REFERENCE, "tasks": [], "seconds": 0.0}
+    agent = None
+    started = time.perf_counter()
+    try:
+        for i, task in enumerate(tasks):
+            if progress:
+                progress(run_name, i, len(tasks))
+            if task.id in done:
+                run["tasks"].append(done[task.id])
+                continue
+            if agent is None and run_name != REFERENCE:
+                from duogen_agents.agent import Agent
+
+                agent = Agent.from_preset(run_name, home=root)
+                run["preset_name"] = agent.preset.name
+            t0 = time.perf_counter()
+            entry: dict[str, Any] = {"id": task.id, "mode": task.mode, "prompts": [t.prompt for t in task.turns]}
+            try:
+                docs = reference_answer(task, store) if agent is None else _answer(agent, task, seed)
+                entry.update(score(task, docs, store, judge))
+                entry["documents"] = [d.model_dump(mode="json") for d in docs]
+                entry["status"] = "ok"
+                _copy_images(docs, store, out_dir)
+            except DuogenError as e:
+                entry.update(status="error", error=str(e), scores={}, reasons={})
+            entry["seconds"] = round(time.perf_counter() - t0, 3)
+            entry["expect"] = task.expect
+            run["tasks"].append(entry)
+        if progress:
+            progress(run_name, len(tasks), len(tasks))
+    except KeyboardInterrupt:
+        run["partial"] = True
+    finally:
+        del agent
+        gc.collect()  # one preset's models at a time
+    run["seconds"] = round(time.perf_counter() - started, 3)
+    run["summary"] = _summary(run["tasks"])
+    run["errors"] = sum(t["status"] != "ok" for t in run["tasks"])
+    return run
+
+
+def _write(results: dict[str, Any], out_dir: Path, write_report: Callable[[dict[str, Any], Path], Path]) -> None:
+    write_atomic(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    write_report(results, out_dir)
+
+
+def compare(dirs: Sequence[Path | str], out: Path | str | None = None) -> dict[str, Any]:
+    """Runs from several result folders side by side (one report: table and chart)."""
+    from duogen_agents.eval.report import write_report
+
+    runs = []
+    for d in dirs:
+        f = Path(d) / "results.json"
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {f}: {getattr(e, 'strerror', None) or e}") from None
+        for run in data.get("runs", []):
+            runs.append({**run, "preset": f"{run['preset']} ({Path(d).name})", "images_dir": str(Path(d) / "images")})
+    merged = {"format": RESULTS_FORMAT, "compare": [str(d) for d in dirs], "runs": runs, "partial": False}
+    if out is not None:
+        write_report(merged, Path(out), name="compare.html")
+    return merged

@@ -1,0 +1,111 @@
+"""The bench format: one task per JSONL line.
+
+::
+
+    {"id": "picnic-1", "mode": "visual-plan",
+     "turns": [{"prompt": "Plan a picnic in the park", "images": []}],
+     "expect": {"steps": 3, "images": 3}}
+
+``mode`` is ``interleaved``, ``visual-plan`` or ``draft``; ``turns`` are the user's messages in order
+(``images`` are paths, relative to the bench file, attached to that message); ``expect`` is optional
+and task-specific: ``images`` (how many the answer should have), ``steps`` (of a plan), and for the
+shapes world ``world: "shapes"`` with ``scenes`` (the ground truth of each expected image), ``facts``
+(what the text must state) and, for follow-ups, ``turns`` with the same per turn.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from duogen_agents.errors import ConfigError
+
+MAX_TASK_LINE_CHARS = 1_000_000
+
+
+class Turn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=20_000)
+    images: list[str] = Field(default_factory=list)
+
+
+class Task(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=200)
+    mode: Literal["interleaved", "visual-plan", "draft"] = "interleaved"
+    turns: list[Turn] = Field(min_length=1)
+    expect: dict[str, Any] = Field(default_factory=dict)
+    source: str | None = Field(default=None, description="where the task came from (an importer's bench name)")
+
+
+class BenchError(BaseModel):
+    line: int
+    message: str
+
+
+def parse_lines(lines: list[str], base: Path | None = None) -> tuple[list[Task], list[BenchError]]:
+    """Tasks from JSONL lines; a malformed line becomes a ``BenchError`` with its number (1-based)
+    and the rest still load. Image paths are made relative to ``base``."""
+    tasks: list[Task] = []
+    errors: list[BenchError] = []
+    seen: set[str] = set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            if len(line) > MAX_TASK_LINE_CHARS:
+                raise ValueError(f"line is longer than {MAX_TASK_LINE_CHARS:,} characters")
+            task = Task.model_validate(json.loads(line))
+            if task.id in seen:
+                raise ValueError(f"duplicate task id {task.id!r}")
+        except (ValueError, ValidationError, RecursionError) as e:
+            errors.append(BenchError(line=number, message=_one_line(e)))
+            continue
+        if base is not None:
+            for turn in task.turns:
+                turn.images = [str((base / p).resolve()) if not Path(p).is_absolute() else p for p in turn.images]
+        seen.add(task.id)
+        tasks.append(task)
+    return tasks, errors
+
+
+def load_jsonl(path: Path | str) -> tuple[list[Task], list[BenchError]]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read bench file {p}: {getattr(e, 'strerror', None) or e}") from None
+    return parse_lines(text.splitlines(), p.parent)
+
+
+def load_bench(bench: str, *, limit: int | None = None, seed: int = 0) -> tuple[str, list[Task], list[BenchError]]:
+    """``shapes`` (the built-in evaluation split) or a JSONL file; returns (name, tasks, errors)."""
+    if bench == "shapes":
+        from duogen_agents.worlds.shapes import tasks
+
+        n = limit if limit is not None else SHAPES_EVAL_TASKS
+        return "shapes", [Task.model_validate(t) for t in tasks(n, split="eval", seed=seed)], []
+    path = Path(bench)
+    if path.suffix.lower() not in (".jsonl", ".json") or not path.exists():
+        raise ConfigError(f"unknown bench {bench!r}: use shapes or a .jsonl file of tasks")
+    tasks_, errors = load_jsonl(path)
+    return path.stem, tasks_[:limit] if limit is not None else tasks_, errors
+
+
+# The fixed evaluation split of the shapes world (``--limit`` takes its first N).
+SHAPES_EVAL_TASKS = 48
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, ValidationError):
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "(task)"
+        return f"{where}: {first['msg']}"
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return " ".join(str(e).split())[:200]

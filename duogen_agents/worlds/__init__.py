@@ -1,0 +1,1 @@
+"""Synthetic worlds whose answers can be checked exactly (``shapes``)."""

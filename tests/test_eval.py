@@ -1,0 +1,285 @@
+"""``duogen eval``: the shapes world's detectors and calibration, the harness, judges, importers."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import ImageChops, ImageFilter
+
+from duogen_agents.cli import main
+from duogen_agents.document import ImageBlock, InterleavedDocument, TextBlock
+from duogen_agents.eval import load_bench, run_eval
+from duogen_agents.eval.importers import import_tasks
+from duogen_agents.eval.runner import reference_answer, score
+from duogen_agents.eval.tasks import load_jsonl
+from duogen_agents.storage.images import ImageStore
+from duogen_agents.worlds import shapes as W
+
+DATA = Path(__file__).parent / "data"
+
+
+# ---- the world ----------------------------------------------------------------------------------
+
+
+def test_detectors_read_generated_images_back(tmp_path) -> None:
+    """Accuracy on 300 generated scenes each: clean, blurred, shifted, and small (stated in the README)."""
+    rng = random.Random(0)
+    accuracy = {}
+    for variant in ("clean", "blur", "shift", "small"):
+        ok = 0
+        for _ in range(300):
+            scene = W._random_scene(rng, "eval", rng.randint(1, 6))
+            image = W.render(scene, size=rng.choice([64, 96, 192, 256]))
+            if variant == "blur":
+                image = image.filter(ImageFilter.GaussianBlur(1.0))
+            elif variant == "shift":
+                image = ImageChops.offset(image, rng.randint(-4, 4), rng.randint(-4, 4))
+            elif variant == "small":
+                image = image.resize((48, 48))
+            ok += W.detect(image).scene == scene
+        accuracy[variant] = ok / 300
+    assert accuracy["clean"] == 1.0 and accuracy["small"] >= 0.99
+    assert accuracy["blur"] >= 0.97 and accuracy["shift"] >= 0.98, accuracy
+
+
+def test_split_by_composition() -> None:
+    train = list(W.tasks(60, split="train", seed=1))
+    evals = list(W.tasks(60, split="eval", seed=1))
+
+    def objects(task):
+        exp = task["expect"]
+        scenes = list(exp.get("scenes", [])) + [s for t in exp.get("turns", []) for s in t["scenes"]]
+        return {tuple(o) for s in scenes for o in s.values()}
+
+    assert not any(objects(t) & W.HELD_OUT for t in train)
+    assert all(objects(t) & W.HELD_OUT for t in evals)
+    assert {t["mode"] for t in evals} == {"visual-plan", "interleaved", "draft"}
+    assert any(len(t["turns"]) == 2 for t in evals)  # follow-ups
+
+
+def _doc(task, store, scenes, facts="", mode=None):
+    blocks = [TextBlock(text=facts)]
+    for k, scene in enumerate(scenes):
+        blocks.append(ImageBlock(image=store.put(W.render(scene)), prompt="x", step=k if task.mode == "visual-plan" else None))
+        blocks.append(TextBlock(text=facts, step=k if task.mode == "visual-plan" else None))
+    return InterleavedDocument(prompt="p", mode=mode or task.mode, preset="t", blocks=blocks)
+
+
+def test_calibration_reference_perturbed_and_noise(tmp_path) -> None:
+    """Ground truth scores >= 0.95 on every axis; one object changed scores clearly lower on
+    alignment; noise scores near 0 (the three rows in the README)."""
+    from PIL import Image
+
+    store = ImageStore(tmp_path)
+    _, tasks, _ = load_bench("shapes", limit=24)
+    rng = random.Random(3)
+    rows: dict[str, list[dict]] = {"reference": [], "perturbed": [], "noise": []}
+    for task in tasks:
+        rows["reference"].append(score(task, reference_answer(task, store), store, None)["scores"])
+        perturbed = []
+        for doc in reference_answer(task, store):
+            blocks = list(doc.blocks)
+            images = [i for i, b in enumerate(blocks) if b.type == "image"]
+            if images:
+                i = rng.choice(images)
+                scene = W.detect(store.open(blocks[i].image)).scene
+                cell = rng.choice(sorted(scene))
+                shape, color = scene[cell]
+                scene[cell] = (shape, next(c for c in W.COLORS if c != color))
+                blocks[i] = blocks[i].model_copy(update={"image": store.put(W.render(scene))})
+            perturbed.append(doc.model_copy(update={"blocks": blocks}))
+        rows["perturbed"].append(score(task, perturbed, store, None)["scores"])
+        noisy = []
+        for doc in reference_answer(task, store):
+            blocks = [
+                b.model_copy(update={"image": store.put(Image.effect_noise((64, 64), 60).convert("RGB"))})
+                if b.type == "image"
+                else b.model_copy(update={"text": "lorem ipsum"})
+                for b in doc.blocks
+            ]
+            noisy.append(doc.model_copy(update={"blocks": blocks}))
+        rows["noise"].append(score(task, noisy, store, None)["scores"])
+
+    def mean(name, axis):
+        xs = [r[axis] for r in rows[name] if axis in r]
+        return sum(xs) / len(xs)
+
+    for axis in ("structure", "text", "fidelity", "alignment", "consistency"):
+        assert mean("reference", axis) >= 0.95, axis
+    assert mean("perturbed", "alignment") <= mean("reference", "alignment") - 0.05
+    for axis in ("text", "fidelity", "alignment", "consistency"):
+        assert mean("noise", axis) <= 0.1, (axis, mean("noise", axis))
+
+
+# ---- the harness --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_duogen_eval_shapes_reference_and_compare(home, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    code = main(["eval", "--bench", "shapes", "--preset", "tiny", "--limit", "6", "--out", str(out), "--reference"])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    results = json.loads((out / "results.json").read_text())
+    ref, tiny = results["runs"]
+    assert ref["preset"] == "reference" and all(v >= 0.95 for v in ref["summary"].values() if v is not None)
+    assert tiny["preset"] == "tiny" and len(tiny["tasks"]) == 6 and tiny["summary"]["alignment"] < 0.5
+    assert results["versions"]["python"] and results["seed"] == 0 and not results["partial"]
+    assert all(t["seconds"] >= 0 and t["documents"] for t in tiny["tasks"])
+    page = (out / "report.html").read_text()
+    assert "<svg" in page and page.count("data:image/png;base64,") >= 12 and "Ground truth" in page
+    assert "reference" in cap.out and "tiny" in cap.out
+    code = main(["eval", "compare", str(out), str(out), "--out", str(tmp_path / "cmp")])
+    assert code == 0
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert page.count("reference (run)") >= 2 and "tiny (run)" in page and "<svg" in page
+
+
+def test_resume_keeps_finished_tasks_and_ctrl_c_writes_a_partial_report(home, tmp_path) -> None:
+    out = tmp_path / "run"
+    first = run_eval("shapes", [], limit=2, out=out, reference=True, home=home)
+    assert len(first["runs"][0]["tasks"]) == 2
+
+    def stop_at_third(run, done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_eval("shapes", [], limit=5, out=out, reference=True, resume=True, home=home, progress=stop_at_third)
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["partial"] and len(partial["runs"][0]["tasks"]) == 3
+    assert partial["runs"][0]["tasks"][:2] == first["runs"][0]["tasks"]  # kept, not run again
+    assert "Partial: the run was interrupted" in (out / "report.html").read_text()
+    done = run_eval("shapes", [], limit=5, out=out, reference=True, resume=True, home=home)
+    assert not done["partial"] and len(done["runs"][0]["tasks"]) == 5
+
+
+def test_jsonl_bench_reports_malformed_lines_and_runs_the_rest() -> None:
+    tasks, errors = load_jsonl(DATA / "bench.jsonl")
+    assert [t.id for t in tasks] == ["picnic", "pot", "garden"]
+    assert [e.line for e in errors] == [3, 4]
+    assert errors[0].message.startswith("mode:") and "Expecting value" in errors[1].message
+    assert tasks[1].turns[0].images == [str((DATA / "pot.png").resolve())]
+
+
+@pytest.mark.slow
+def test_jsonl_bench_with_the_tiny_presets_planner_as_judge(home, tmp_path, capsys) -> None:
+    out = tmp_path / "judged"
+    code = main(["eval", "--bench", str(DATA / "bench.jsonl"), "--preset", "tiny", "--judge", "tiny", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    assert "skipped line 3" in cap.err and "skipped line 4" in cap.err
+    results = json.loads((out / "results.json").read_text())
+    (run,) = results["runs"]
+    assert results["judge"] == "preset:tiny" and [t["id"] for t in run["tasks"]] == ["picnic", "pot", "garden"]
+    for t in run["tasks"]:
+        assert t["status"] == "ok", t.get("error")
+        assert set(t["judge_raw"]) == {"text", "fidelity", "alignment", "consistency"}
+        assert all(1 <= v <= 10 for v in t["judge_raw"].values())
+        assert all(t["reasons"][a].startswith("judge ") for a in t["judge_raw"])
+    page = (out / "report.html").read_text()
+    assert "Judge prompts" in page and "strict judge of illustrated answers" in page
+
+
+class _JudgeServer(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).received.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        verdict = {a: {"score": 7, "reason": f"{a} looks fine"} for a in ("text", "fidelity", "alignment", "consistency")}
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": json.dumps(verdict)}}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(payload.encode())
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def judge_server():
+    server = HTTPServer(("127.0.0.1", 0), _JudgeServer)
+    _JudgeServer.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_compatible_judge(judge_server, home, tmp_path, monkeypatch) -> None:
+    """A bench judged by an OpenAI-compatible endpoint on 127.0.0.1 (answers from a scripted planner)."""
+    from duogen_agents.eval.judge import make_judge
+    from tests.security.helpers import DONE, OK, TEXT, image, scripted_agent
+
+    monkeypatch.setenv("JUDGE_KEY", "sekrit")
+    judge = make_judge(judge_server, model="judge-1", api_key_env="JUDGE_KEY")
+    agent = scripted_agent(home, [TEXT, image("a pot"), OK, DONE])
+    _, tasks, _ = load_bench(str(DATA / "bench.jsonl"))
+    doc = agent.run(tasks[1].turns[0].prompt, images=tasks[1].turns[0].images)
+    result = score(tasks[1], [doc], agent.store, judge)
+    assert result["judge_raw"] == dict.fromkeys(("text", "fidelity", "alignment", "consistency"), 7)
+    assert result["scores"]["fidelity"] == pytest.approx(6 / 9)
+    (req,) = _JudgeServer.received
+    assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sekrit"
+    body = req["body"]
+    assert body["model"] == "judge-1" and body["response_format"]["type"] == "json_schema"
+    parts = body["messages"][1]["content"]
+    assert sum(p["type"] == "image_url" and p["image_url"]["url"].startswith("data:image/png;base64,") for p in parts) == 1
+
+
+def test_judge_errors_are_one_line(home, tmp_path, capsys) -> None:
+    code = main(["eval", "--bench", "shapes", "--judge", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "x")])
+    assert code == 1 and "--judge-model" in capsys.readouterr().err
+    code = main(["eval", "--bench", "nope.txt", "--out", str(tmp_path / "x")])
+    assert code == 1 and "unknown bench" in capsys.readouterr().err
+    code = main(["eval", "--limit", "0", "--out", str(tmp_path / "x")])
+    assert code == 1 and "--limit" in capsys.readouterr().err
+
+
+# ---- importers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, file, ids, images, bad",
+    [
+        ("isg", "isg.jsonl", ["isg-0001-prediction", "isg-0002-howto"], [2, 3], [3]),
+        ("opening", "opening.jsonl", ["opening-0101001", "opening-0101002"], [2, 1], [3]),
+        ("ueval", "ueval.json", ["ueval-art-7", "ueval-space-7"], [3, 1], [3]),
+    ],
+)
+def test_importers(kind, file, ids, images, bad, tmp_path, capsys) -> None:
+    tasks, errors = import_tasks(kind, DATA / file)
+    assert [t.id for t in tasks] == ids and [t.expect["images"] for t in tasks] == images
+    assert [e.line for e in errors] == bad
+    assert all("<image>" not in t.turns[0].prompt and "<BEGIN>" not in t.turns[0].prompt for t in tasks)
+    out = tmp_path / f"{kind}.jsonl"
+    assert main(["eval", "import", kind, str(DATA / file), "--out", str(out)]) == 0
+    assert f"line {bad[0]}:" in capsys.readouterr().err
+    loaded, load_errors = load_jsonl(out)
+    assert [t.id for t in loaded] == ids and not load_errors
+
+
+def test_isg_and_opening_attach_the_input_images() -> None:
+    (isg, _), _ = import_tasks("isg", DATA / "isg.jsonl")
+    assert isg.turns[0].images == [str(DATA / "pot.png")]
+    (first, second), _ = import_tasks("opening", DATA / "opening.jsonl")
+    assert first.turns[0].images == [] and second.turns[0].images == [str((DATA / "pot.png").resolve())]
+
+
+def test_training_data_has_answers_and_images(tmp_path) -> None:
+    path = W.write_dataset(tmp_path / "train", 8, split="train", seed=0)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(lines) == 8
+    for task in lines:
+        for turn in task["expect"]["answer"]:
+            for block in turn:
+                if block["type"] == "image":
+                    assert (tmp_path / "train" / block["path"]).is_file()
