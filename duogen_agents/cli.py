@@ -259,6 +259,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from duogen_agents.errors import ConfigError
+    from duogen_agents.terminal.render import safe_text
 
     err = Console(stderr=True)
     if args.eval_action == "import":
@@ -266,7 +267,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         tasks, errors = import_tasks(args.kind, args.file, args.images_root)
         for e in errors:
-            err.print(f"line {e.line}: {e.message}", highlight=False)
+            err.print(f"line {e.line}: {safe_text(e.message)}", highlight=False)
         write_jsonl(tasks, args.out)
         err.print(f"wrote {len(tasks)} task(s) to {args.out}" + (f"; {len(errors)} malformed" if errors else ""))
         return 0
@@ -315,22 +316,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return EXIT_INTERRUPTED
     for e in results["bench_errors"]:
-        err.print(f"[yellow]skipped[/] line {e['line']}: {e['message']}", highlight=False)
+        err.print(f"[yellow]skipped[/] line {e['line']}: {safe_text(e['message'])}", highlight=False)
     _print_summary(results, Console())
     err.print(f"wrote {out}/results.json and {out}/report.html")
     return 0
 
 
 def _print_summary(results: dict[str, Any], console: Any) -> None:
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from duogen_agents.eval.scoring import AXES
+    from duogen_agents.terminal.render import safe_text
 
-    t = Table("run", *AXES, "tasks", "failed")
+    t = Table(Column("run", no_wrap=True, min_width=12), *AXES, "tasks", "failed")
     for run in results["runs"]:
         s = run.get("summary") or {}
         t.add_row(
-            run["preset"], *("-" if s.get(a) is None else f"{s[a]:.2f}" for a in AXES),
+            safe_text(run["preset"]), *("-" if s.get(a) is None else f"{s[a]:.2f}" for a in AXES),
             str(len(run["tasks"])), str(run.get("errors", 0)),
         )  # fmt: skip
     console.print(t)
@@ -340,6 +342,7 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from duogen_agents.sessions import Sessions
+    from duogen_agents.terminal.render import safe_text
 
     out = Console()
     err = Console(stderr=True)
@@ -357,18 +360,22 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
         elif args.action == "show":
             info = sessions.get(args.id)
             fork = f", forked from {info.parent_id}" if info.parent_id else ""
-            out.print(f"[bold]{info.id}[/]: {info.title or ''} ({info.turns} turns, {info.images} images{fork})")
+            out.print(
+                f"[bold]{info.id}[/]: {safe_text(info.title or '')} ({info.turns} turns, {info.images} images"
+                f"{safe_text(fork)})"
+            )
             for turn in sessions.turns(args.id):
                 status = "" if turn.status == "complete" else f" [yellow]({turn.status})[/]"
-                out.print(f"\n[bold]#{turn.number} you:[/] {turn.prompt}{status}", highlight=False)
+                out.print(f"\n[bold]#{turn.number} you:[/] {safe_text(turn.prompt)}{status}", highlight=False)
                 for b in turn.document.blocks:
                     if b.type == "text":
-                        out.print(b.text, highlight=False)
+                        out.print(safe_text(b.text), highlight=False)
                     else:
                         label = "draft" if b.draft else "image"
                         ref = f" (edit of {b.references[0][:12]})" if b.kind == "edit" and b.references else ""
                         out.print(
-                            f"[dim][{label} {b.image.short}{ref}] {b.prompt} -> {sessions.store.path(b.image.id)}[/]",
+                            f"[dim]\\[{label} {b.image.short}{ref}] {safe_text(b.prompt)} -> "
+                            f"{safe_text(sessions.store.path(b.image.id))}[/]",
                             highlight=False,
                             soft_wrap=True,
                         )
@@ -397,7 +404,8 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
 DEFAULT_PRESET = "tiny"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, process_exits: bool = False) -> int:
+    """Run one ``duogen`` command; returns its exit code (0, 1 on an error, 2 on usage, 130 on Ctrl-C)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if getattr(args, "preset", "unset") is None:
@@ -405,8 +413,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    with ctrl_c_twice_exits():
+    with ctrl_c_twice_exits(process_exits=process_exits):
         return _main(args)
+
+
+def console_main() -> None:
+    """The ``duogen`` command: ``main`` in a process that exits right after."""
+    sys.exit(main(process_exits=True))
 
 
 def _storage_where(args: argparse.Namespace) -> str:
@@ -456,4 +469,4 @@ def _main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()

@@ -41,8 +41,12 @@ def handled() -> None:
 
 
 @contextlib.contextmanager
-def ctrl_c_twice_exits() -> Iterator[None]:
-    """Install the handler for the ``with`` block (main thread only; elsewhere a no-op)."""
+def ctrl_c_twice_exits(*, process_exits: bool = False) -> Iterator[None]:
+    """Install the handler for the ``with`` block (main thread only; elsewhere a no-op).
+
+    ``process_exits``: the process ends after the block (the ``duogen`` command), so after a Ctrl-C
+    further ones are ignored through the interpreter's shutdown; otherwise (``cli.main`` called from
+    other code) the previous handler is always restored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -54,4 +58,5 @@ def ctrl_c_twice_exits() -> Iterator[None]:
         # After a Ctrl-C the process is on its way out (exit code 130): a second one during the
         # interpreter's shutdown is ignored (a Python handler would be reset to the default there,
         # and the default kills the process with a signal instead of 130).
-        signal.signal(signal.SIGINT, signal.SIG_IGN if _state["pending"] else previous)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if _state["pending"] and process_exits else previous)
+        _state["pending"] = False

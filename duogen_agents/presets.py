@@ -35,7 +35,7 @@ class PlannerSpec(_Strict):
     dtype: Dtype = "auto"
     device: str = "auto"
     max_new_tokens: int = Field(
-        4096, ge=16, le=32768, description="cap for one planner call; must hold the largest action"
+        8192, ge=16, le=32768, description="cap for one planner call; must hold the largest action"
     )
     max_text_chars: int = Field(800, ge=8, le=8000, description="longest text chunk per action")
     max_prompt_chars: int = Field(300, ge=8, le=2000, description="longest image prompt")
@@ -106,7 +106,7 @@ class Limits(_Strict):
 
     max_images: int = Field(8, ge=0, le=64)
     max_actions: int = Field(24, ge=1, le=256, description="planner actions per turn")
-    max_turn_tokens: int = Field(8192, ge=64, description="planner tokens per turn, all calls together")
+    max_turn_tokens: int = Field(16384, ge=64, description="planner tokens per turn, all calls together")
     redraw_budget: int = Field(1, ge=0, le=8, description="redraws per image after a failed check")
     check: bool = True
     plan_min_steps: int = Field(2, ge=1, le=32)
@@ -244,14 +244,14 @@ def _tiny(name: str, family: str, image_family: str = "cosmos2") -> Preset:
             model=f"tiny:{family}",
             device="cpu",
             dtype="float32",
-            max_new_tokens=512,
+            max_new_tokens=1024,
             max_text_chars=48,
             max_prompt_chars=32,
             temperature=1.0,
             top_p=1.0,
         ),
         image=image,
-        limits=Limits(max_images=4, max_actions=8, max_turn_tokens=2048, plan_max_steps=4),
+        limits=Limits(max_images=4, max_actions=8, max_turn_tokens=4096, plan_max_steps=4),
     )
 
 

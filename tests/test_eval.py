@@ -65,7 +65,9 @@ def test_split_by_composition() -> None:
 def _doc(task, store, scenes, facts="", mode=None):
     blocks = [TextBlock(text=facts)]
     for k, scene in enumerate(scenes):
-        blocks.append(ImageBlock(image=store.put(W.render(scene)), prompt="x", step=k if task.mode == "visual-plan" else None))
+        blocks.append(
+            ImageBlock(image=store.put(W.render(scene)), prompt="x", step=k if task.mode == "visual-plan" else None)
+        )
         blocks.append(TextBlock(text=facts, step=k if task.mode == "visual-plan" else None))
     return InterleavedDocument(prompt="p", mode=mode or task.mode, preset="t", blocks=blocks)
 
@@ -170,7 +172,9 @@ def test_jsonl_bench_reports_malformed_lines_and_runs_the_rest() -> None:
 @pytest.mark.slow
 def test_jsonl_bench_with_the_tiny_presets_planner_as_judge(home, tmp_path, capsys) -> None:
     out = tmp_path / "judged"
-    code = main(["eval", "--bench", str(DATA / "bench.jsonl"), "--preset", "tiny", "--judge", "tiny", "--out", str(out)])
+    code = main(
+        ["eval", "--bench", str(DATA / "bench.jsonl"), "--preset", "tiny", "--judge", "tiny", "--out", str(out)]
+    )
     cap = capsys.readouterr()
     assert code == 0, cap.err
     assert "skipped line 3" in cap.err and "skipped line 4" in cap.err
@@ -192,7 +196,9 @@ class _JudgeServer(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).received.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-        verdict = {a: {"score": 7, "reason": f"{a} looks fine"} for a in ("text", "fidelity", "alignment", "consistency")}
+        verdict = {
+            a: {"score": 7, "reason": f"{a} looks fine"} for a in ("text", "fidelity", "alignment", "consistency")
+        }
         payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": json.dumps(verdict)}}]})
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -232,7 +238,9 @@ def test_openai_compatible_judge(judge_server, home, tmp_path, monkeypatch) -> N
     body = req["body"]
     assert body["model"] == "judge-1" and body["response_format"]["type"] == "json_schema"
     parts = body["messages"][1]["content"]
-    assert sum(p["type"] == "image_url" and p["image_url"]["url"].startswith("data:image/png;base64,") for p in parts) == 1
+    assert (
+        sum(p["type"] == "image_url" and p["image_url"]["url"].startswith("data:image/png;base64,") for p in parts) == 1
+    )
 
 
 def test_judge_errors_are_one_line(home, tmp_path, capsys) -> None:

@@ -149,7 +149,10 @@ def test_edit_and_generate_with_references_go_to_the_references_family(tools, sp
     assert not spies["video2world"].calls
     images = [np.asarray(i) for i in call["image"]]
     assert [i.shape for i in images] == [(64, 64, 3)] * 2
-    assert np.array_equal(images[0], _letterboxed(wide)) and np.array_equal(images[1], _letterboxed(tall))
+    # generate: oldest first, whatever order the planner wrote; edit: the image to change (the
+    # planner's first reference, the newer one here) first.
+    first, second = (tall, wide) if kind == "edit" else (wide, tall)
+    assert np.array_equal(images[0], _letterboxed(first)) and np.array_equal(images[1], _letterboxed(second))
     assert call["prompt"] == "make it blue" and (call["height"], call["width"]) == (64, 64)
     (block,) = doc.images
     assert (block.kind, block.family, block.pipeline, block.frames) == (

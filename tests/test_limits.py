@@ -45,7 +45,7 @@ def _run(agent: Agent, mode: str, seed: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("max_turn_tokens", [196, 300, 400, 700])
+@pytest.mark.parametrize("max_turn_tokens", [260, 410, 800, 1200])
 @pytest.mark.parametrize("mode", ["interleaved", "draft", "visual-plan"])
 def test_turn_token_budget_ends_the_turn(tiny_agent, tmp_path, mode, max_turn_tokens) -> None:
     agent = _agent(tiny_agent, tmp_path, max_turn_tokens=max_turn_tokens)
@@ -126,3 +126,22 @@ def test_max_json_chars_bounds_the_longest_output() -> None:
     )  # fmt: skip
     assert json.loads(worst)["text"] == '"' * 5
     assert len(worst) <= A.max_json_chars(schema) < len(worst) + 16
+
+
+def test_the_bound_holds_for_text_that_costs_several_tokens_per_character(models_dir) -> None:
+    """Byte-level BPE spends up to one token per UTF-8 byte: emoji and rare CJK are the worst case."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from duogen_agents.models.tiny import ensure_tiny_planner
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_planner(models_dir))
+    spec = load_preset("tiny").planner
+    schema = A.next_action_schema(
+        [], max_text=spec.max_text_chars, max_prompt=spec.max_prompt_chars, max_refs=4, allow_image=False,
+        allow_done=True,
+    )  # fmt: skip
+    for char in ("\U0001f600", "\u9f98", "\u00e9", '"'):
+        text = json.dumps({"type": "text", "text": char * spec.max_text_chars}, ensure_ascii=False)
+        assert len(tokenizer(text)["input_ids"]) <= A.max_action_tokens(schema), char

@@ -20,9 +20,9 @@ from typing import Any, Protocol
 from duogen_agents.document import InterleavedDocument
 from duogen_agents.errors import ConfigError, GenerationError
 from duogen_agents.eval import prompts
+from duogen_agents.graphs.actions import max_action_tokens
 from duogen_agents.storage.images import ImageStore
 
-JUDGE_MAX_NEW_TOKENS = 1024
 HTTP_TIMEOUT_S = 120.0
 
 
@@ -84,7 +84,8 @@ class PlannerJudge:
             {"role": "system", "content": [{"type": "text", "text": prompts.JUDGE_SYSTEM}]},
             {"role": "user", "content": content},
         ]
-        out = self.planner.generate(conversation, prompts.judge_schema(), max_new_tokens=JUDGE_MAX_NEW_TOKENS, seed=0)
+        schema = prompts.judge_schema()
+        out = self.planner.generate(conversation, schema, max_new_tokens=max_action_tokens(schema), seed=0)
         return _parse(out.text, self.name)
 
 

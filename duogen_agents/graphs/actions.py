@@ -234,12 +234,15 @@ def check_schema(*, max_note: int = CHECK_NOTE_CHARS) -> dict[str, Any]:
 _BOUNDED = re.compile(r"\{1,(\d+)\}\$$")
 # Separators as xgrammar may emit them without free whitespace: ", " and ": " at most.
 _SEP = 2
+# One character of a string body is at most four tokens: a byte-level BPE may spend a token per
+# UTF-8 byte of an emoji or a rare CJK character (an escape such as \" is two ASCII characters).
+TOKENS_PER_CHAR = 4
 
 
 def max_json_chars(schema: dict[str, Any]) -> int:
-    """The longest JSON text (in characters) that ``schema`` admits. A token is at least one
-    character, so this bounds the tokens a planner call under the schema's grammar can take: a call
-    given this many new tokens (plus one for the end token) always completes its action."""
+    """The most tokens the JSON text ``schema`` admits can take: structure and keys count one token
+    per character (ASCII), each string character ``TOKENS_PER_CHAR``. A call given this many new
+    tokens (plus one for the end token) always completes its action."""
     if "anyOf" in schema:
         return max(max_json_chars(s) for s in schema["anyOf"])
     if "const" in schema:
@@ -251,7 +254,7 @@ def max_json_chars(schema: dict[str, Any]) -> int:
         m = _BOUNDED.search(schema.get("pattern", ""))
         if m is None:
             raise ValueError(f"unbounded string schema: {schema}")
-        return 2 * int(m.group(1)) + 2  # every character may be a two-character escape
+        return TOKENS_PER_CHAR * int(m.group(1)) + 2
     if kind == "array":
         n = int(schema.get("maxItems", 0))
         item = max_json_chars(schema["items"]) if n else 0

@@ -58,10 +58,10 @@ def export(sessions: Sessions, session_id: str, fmt: str, out: Path | str | None
 
 def fork(sessions: Sessions, session_id: str, new_id: str | None = None) -> SessionInfo:
     """Copy a session (records and graph state) under a new id; the two then diverge."""
-    src = sessions.get(session_id)
+    sessions.get(session_id)
     new_id = check_session_id(new_id) if new_id is not None else f"{session_id[:50]}-{secrets.token_hex(3)}"
     with sessions.db.lock(session_id):
-        if src.pending:
+        if sessions.get(session_id).pending:  # read under the lock: a turn may have started or died
             raise SessionStateError(
                 f"session {session_id!r} has an unfinished turn; resume or cancel it before forking"
             )
@@ -159,6 +159,11 @@ def delete(sessions: Sessions, session_id: str, *, wait: float | None = None) ->
         with sessions.store.collecting(0.0) as cutoff:
             with sessions.db.transaction() as s:
                 still = set(s.scalars(select(ArtifactRecord.sha256).where(ArtifactRecord.sha256.in_(shas))))
+                pending = list(s.scalars(select(TurnRecord.session_id).where(TurnRecord.status.in_(UNFINISHED))))
+            # Images are shared by content: another session's unfinished turn may hold one in its
+            # checkpoints only (not yet in its records); it must still resume.
+            for sid in pending:
+                still |= _images_in_state(sessions, sid)
             # Only well-formed ids name a file of the store; a tampered row names nothing to remove.
             for sha in {sha for sha in shas if is_image_id(sha)} - still:
                 if sessions.store.remove(sha, older_than=cutoff):
@@ -202,13 +207,18 @@ def gc(sessions: Sessions, *, grace_seconds: float = 3600.0) -> GcReport:
 def _images_in_state(sessions: Sessions, session_id: str) -> set[str]:
     """The image ids an unfinished turn's checkpoints hold. Read without the session's lock: gc
     must never make a writer fail as busy, and it need not: the read is one consistent snapshot,
-    and anything the turn writes after it is newer than the turn's lease, so the cut-off keeps it."""
+    and anything the turn writes after it is newer than the turn's lease, so the cut-off keeps it.
+    Stored state is untrusted: anything but the expected shapes is ignored."""
     values = sessions.state(session_id)
-    ids = {v.get("id") for v in (values.get("known_images") or {}).values() if isinstance(v, dict)}
-    if isinstance(values.get("candidate"), dict):
-        ids.add(values["candidate"].get("id"))
-    ids.update(r["image"].get("id") for r in values.get("rejected") or [] if isinstance(r.get("image"), dict))
-    return {i for i in ids if is_image_id(i)}
-
-
-# ---- turn records (used by Session) ---------------------------------------------------------
+    ids: set[object] = set()
+    known = values.get("known_images")
+    if isinstance(known, dict):
+        ids.update(v.get("id") for v in known.values() if isinstance(v, dict))
+    candidate = values.get("candidate")
+    if isinstance(candidate, dict):
+        ids.add(candidate.get("id"))
+    rejected = values.get("rejected")
+    for r in rejected if isinstance(rejected, list) else []:
+        if isinstance(r, dict) and isinstance(r.get("image"), dict):
+            ids.add(r["image"].get("id"))
+    return {i for i in ids if is_image_id(i)}  # type: ignore[misc]

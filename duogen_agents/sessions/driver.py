@@ -24,11 +24,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from duogen_agents.document import ImageRef, InterleavedDocument
-from duogen_agents.errors import (
-    ConfigError,
-    SessionStateError,
-)
+from duogen_agents.errors import ConfigError, SessionStateError, StorageError
 from duogen_agents.sessions.repository import UNFINISHED, SessionInfo, Sessions, TurnInfo, _naming
 from duogen_agents.storage.database import Database, check_session_id
 from duogen_agents.validation import MAX_SEED, check_seed
@@ -175,7 +174,13 @@ class Session:
             if turn is None:
                 raise SessionStateError(f"session {self.id!r} has no unfinished turn; nothing to resume")
             self.sessions.set_turn_status(turn.id, "running")
-            refs = [ImageRef.model_validate(r) for r in turn.inputs or []]
+            try:
+                refs = [ImageRef.model_validate(r) for r in turn.inputs or []]
+            except ValidationError:
+                raise StorageError(
+                    f"session {self.id!r} turn {turn.number}: its stored uploads are malformed; it was changed "
+                    "outside duogen (cancel the turn with --discard)"
+                ) from None
             current = self.graph.get_state(self._config()).config["configurable"].get("checkpoint_id")
             graph_input = None
             if current == turn.base_checkpoint_id:

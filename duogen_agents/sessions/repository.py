@@ -220,14 +220,20 @@ class Sessions:
             blocks.append(TextBlock(text=f"**You:** {t.prompt}"))
             blocks.extend(t.document.blocks)
             inputs.extend(r for r in t.document.inputs if r not in inputs)
-        return InterleavedDocument(
-            prompt=turns[0].prompt if turns else "",
-            mode=turns[-1].mode if turns else info.mode,  # type: ignore[arg-type]
-            preset=info.preset,
-            title=info.title or info.id,
-            blocks=blocks,
-            inputs=inputs,
-        )
+        try:
+            return InterleavedDocument(
+                prompt=turns[0].prompt if turns else "",
+                mode=turns[-1].mode if turns else info.mode,  # type: ignore[arg-type]
+                preset=info.preset,
+                title=info.title or info.id,
+                blocks=blocks,
+                inputs=inputs,
+            )
+        except ValidationError as e:
+            raise StorageError(
+                f"session {session_id!r}: the stored record is malformed ({e.errors()[0]['msg']}); "
+                "it was changed outside duogen"
+            ) from None
 
     def image_artifacts(self, session_id: str) -> list[dict[str, Any]]:
         """The session's image records (uploads, generated, drafts, rejected), oldest first."""

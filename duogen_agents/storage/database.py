@@ -41,6 +41,7 @@ SAVER_TABLES = frozenset({"checkpoints", "writes", "checkpoint_blobs", "checkpoi
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MIGRATION_LOCK_KEY = 0x6475_6F67  # "duog"
 SETUP_TIMEOUT_S = 60.0
+QUICK_CHECK_MAX_BYTES = 256 * 2**20
 LOCKED_RETRY_S = 0.05
 
 
@@ -230,10 +231,17 @@ class Database:
         if header != SQLITE_HEADER:
             problem = "no SQLite header"
         else:
+            # quick_check reads every page: on a very large file only the schema is read (still
+            # read-only), so opening stays fast; a damaged page elsewhere is reported when read.
+            check = "PRAGMA quick_check(1)" if self.path.stat().st_size <= QUICK_CHECK_MAX_BYTES else None
             try:
                 conn = sqlite3.connect(f"{self.path.as_uri()}?mode=ro", uri=True, timeout=30)
                 try:
-                    rows = conn.execute("PRAGMA quick_check(1)").fetchall()
+                    if check is None:
+                        conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+                        rows = [("ok",)]
+                    else:
+                        rows = conn.execute(check).fetchall()
                 finally:
                     conn.close()
                 if rows != [("ok",)]:
@@ -276,46 +284,57 @@ class Database:
     def saver(self) -> Any:
         """The LangGraph checkpoint saver for this database (tables created on first use)."""
         if self._saver is None:
-            from duogen_agents.storage.serde import CheckpointSerializer
-
-            if self.backend == "sqlite":
-                from langgraph.checkpoint.sqlite import SqliteSaver
-
-                assert self.path is not None
-                conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
-                conn.execute("PRAGMA busy_timeout=30000")
-                saver = SqliteSaver(conn, serde=CheckpointSerializer())
-                # The saver's setup switches the journal mode, which fails at once ("database is
-                # locked") while another process does the same: serialise it across processes, and
-                # retry while other connections' transactions are in the way (it is idempotent).
-                deadline = time.monotonic() + SETUP_TIMEOUT_S
-                with self._file_lock("_setup", deadline):
-                    _retry_locked(saver.setup, deadline)
-            else:
-                import psycopg
-                from langgraph.checkpoint.postgres import PostgresSaver
-                from psycopg.rows import dict_row
-
-                conn = psycopg.connect(
-                    _psycopg_conninfo(self.url), autocommit=True, prepare_threshold=0, row_factory=dict_row
-                )
-                saver = PostgresSaver(conn, serde=CheckpointSerializer())
-                # Several processes may open a fresh database at once; the saver's own setup is not atomic.
-                # Poll, never block: a blocked lock call is an open transaction, which the saver's
-                # CREATE INDEX CONCURRENTLY in the process holding the lock would wait for (deadlock).
-                deadline = time.monotonic() + 120
-                while not conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (_MIGRATION_LOCK_KEY + 1,)).fetchone()[
-                    "ok"
-                ]:
-                    if time.monotonic() > deadline:
-                        raise StorageError(f"timed out preparing the checkpoint tables in {self.display}")
-                    time.sleep(0.05)
-                try:
-                    saver.setup()
-                finally:
-                    conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_KEY + 1,))
+            conn = self._connect_saver_db()
+            try:
+                saver = self._setup_saver(conn)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                raise
             self._saver, self._saver_conn = saver, conn
         return self._saver
+
+    def _connect_saver_db(self) -> Any:
+        if self.backend == "sqlite":
+            assert self.path is not None
+            conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
+            conn.execute("PRAGMA busy_timeout=30000")
+            return conn
+        import psycopg
+        from psycopg.rows import dict_row
+
+        return psycopg.connect(_psycopg_conninfo(self.url), autocommit=True, prepare_threshold=0, row_factory=dict_row)
+
+    def _setup_saver(self, conn: Any) -> Any:
+        from duogen_agents.storage.serde import CheckpointSerializer
+
+        if self.backend == "sqlite":
+            from langgraph.checkpoint.sqlite import SqliteSaver
+
+            saver = SqliteSaver(conn, serde=CheckpointSerializer())
+            # The saver's setup switches the journal mode, which fails at once ("database is
+            # locked") while another process does the same: serialise it across processes, and
+            # retry while other connections' transactions are in the way (it is idempotent).
+            deadline = time.monotonic() + SETUP_TIMEOUT_S
+            with self._file_lock("_setup", deadline):
+                _retry_locked(saver.setup, deadline)
+            return saver
+        from langgraph.checkpoint.postgres import PostgresSaver
+
+        saver = PostgresSaver(conn, serde=CheckpointSerializer())
+        # Several processes may open a fresh database at once; the saver's own setup is not atomic.
+        # Poll, never block: a blocked lock call is an open transaction, which the saver's
+        # CREATE INDEX CONCURRENTLY in the process holding the lock would wait for (deadlock).
+        deadline = time.monotonic() + 120
+        while not conn.execute("SELECT pg_try_advisory_lock(%s) AS ok", (_MIGRATION_LOCK_KEY + 1,)).fetchone()["ok"]:
+            if time.monotonic() > deadline:
+                raise StorageError(f"timed out preparing the checkpoint tables in {self.display}")
+            time.sleep(0.05)
+        try:
+            saver.setup()
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_KEY + 1,))
+        return saver
 
     # ---- locks ----------------------------------------------------------------------------------
 

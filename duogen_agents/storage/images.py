@@ -27,6 +27,7 @@ from duogen_agents.errors import StorageError
 from duogen_agents.storage.locks import flocked, open_lock_file, try_flock
 
 LEASE_MARGIN_S = 2.0
+STALE_TMP_LEASE_S = 60.0
 IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 
 
@@ -172,19 +173,23 @@ class ImageStore:
     @contextlib.contextmanager
     def lease(self) -> Iterator[None]:
         """Declare that this process is writing images from now until the block ends (a turn):
-        ``collectable`` keeps every file at least as new as the oldest live lease. The lease is a
-        locked file, so a crashed process's lease is recognised as stale and dropped."""
+        ``collecting`` keeps every file at least as new as the oldest live lease. The lease is a
+        locked file, so a crashed process's lease is recognised as stale and dropped. It is locked
+        and written under a temporary name first, so gc never sees it unlocked."""
         leases = self.images_dir / ".locks" / "leases"
-        path = leases / f"{os.getpid()}-{secrets.token_hex(6)}.lease"
-        fd = open_lock_file(path)
+        token = f"{os.getpid()}-{secrets.token_hex(6)}"
+        tmp, path = leases / f".{token}.tmp", leases / f"{token}.lease"
+        fd = open_lock_file(tmp)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             # Timestamps of files lag the clock by up to a tick: start the lease a little early.
             os.write(fd, repr(time.time() - LEASE_MARGIN_S).encode())
+            os.rename(tmp, path)
             yield
         finally:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            for p in (path, tmp):
+                with contextlib.suppress(OSError):
+                    p.unlink()
             os.close(fd)
 
     def _oldest_lease(self) -> float | None:
@@ -193,6 +198,15 @@ class ImageStore:
         oldest: float | None = None
         if not leases.is_dir():
             return None
+        for f in leases.glob(".*.tmp"):  # a lease whose process died before it was in place
+            with contextlib.suppress(OSError, StorageError):
+                if time.time() - f.stat().st_mtime > STALE_TMP_LEASE_S:
+                    fd = open_lock_file(f, create=False)
+                    try:
+                        if try_flock(fd, fcntl.LOCK_EX):
+                            f.unlink()
+                    finally:
+                        os.close(fd)
         for f in leases.glob("*.lease"):
             try:
                 fd = open_lock_file(f, create=False)
@@ -227,22 +241,37 @@ class ImageStore:
                 cutoff = min(cutoff, oldest)
             yield cutoff
 
+    def _read(self, image_id: str) -> bytes:
+        """The bytes of one stored image. The store is untrusted too: only a regular file is read
+        (never through a symlink, never blocking on a FIFO)."""
+        p = self.path(image_id)
+        short = image_id[:SHORT_ID_LENGTH]
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StorageError(f"image {short} is missing from the store at {p}") from None
+        except OSError as e:
+            raise StorageError(f"cannot read image {short} at {p}: {e.strerror or e}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StorageError(f"image {short} at {p} is not a regular file")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                return f.read()
+        finally:
+            os.close(fd)
+
     def open(self, ref: ImageRef | str) -> Image.Image:
         image_id = ref.id if isinstance(ref, ImageRef) else ref
-        p = self.path(image_id)
+        data = self._read(image_id)
         try:
-            with Image.open(p) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 return im.convert("RGB")
-        except FileNotFoundError as e:
-            raise StorageError(f"image {image_id[:SHORT_ID_LENGTH]} is missing from the store at {p}") from e
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise StorageError(f"image {image_id[:SHORT_ID_LENGTH]} in the store is damaged ({e})") from None
 
     def read_bytes(self, ref: ImageRef | str) -> bytes:
-        image_id = ref.id if isinstance(ref, ImageRef) else ref
-        try:
-            return self.path(image_id).read_bytes()
-        except FileNotFoundError as e:
-            raise StorageError(f"image {image_id[:SHORT_ID_LENGTH]} is missing from the store") from e
+        return self._read(ref.id if isinstance(ref, ImageRef) else ref)
 
     def exists(self, image_id: str) -> bool:
         return self.path(image_id).exists()

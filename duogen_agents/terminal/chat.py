@@ -23,7 +23,7 @@ from rich.table import Table
 from duogen_agents import interrupts
 from duogen_agents.errors import ConfigError, DuogenError
 from duogen_agents.terminal.events import EventRenderer
-from duogen_agents.terminal.render import detect_image_mode, sessions_table
+from duogen_agents.terminal.render import detect_image_mode, safe_text, sessions_table
 
 PROMPT = "you> "
 MORE = "...> "
@@ -131,7 +131,7 @@ class ChatApp:
 
     def error(self, message: str) -> None:
         self.failed = True
-        self.err.print(f"[red]error:[/] {message}", highlight=False)
+        self.err.print(f"[red]error:[/] {safe_text(message)}", highlight=False)
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -274,7 +274,7 @@ class ChatApp:
             if arg not in MODES:
                 raise ConfigError(f"usage: /mode {'|'.join(MODES)}")
             self.mode = arg
-            self.console.print(f"mode {arg}")
+            self.console.print(f"mode {safe_text(arg)}")
         elif name == "/preset":
             if not arg:
                 raise ConfigError("usage: /preset NAME (duogen presets lists them)")
@@ -285,7 +285,7 @@ class ChatApp:
                 raise ConfigError("usage: /attach PATH")
             load_input_image(arg)
             self.attachments.append(arg)
-            self.console.print(f"attached {arg} to the next message ({len(self.attachments)} image(s))")
+            self.console.print(f"attached {safe_text(arg)} to the next message ({len(self.attachments)} image(s))")
         elif name == "/redraw":
             if not arg.isdigit():
                 raise ConfigError("usage: /redraw N (the image number shown under each image)")

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
 
-from duogen_agents.terminal.render import StepProgress, image_view
+from duogen_agents.terminal.render import StepProgress, image_view, safe_text, strip_controls
 
 _TEXT_FIELD = re.compile(r'"text"\s*:\s*"((?:[^"\\]|\\.)*)')
 # Longest JSON escape (\uXXXX): a half-written one is dropped from the live text.
@@ -93,7 +93,7 @@ class EventRenderer:
                                 console=self.console, transient=True, refresh_per_second=TEXT_REFRESH_PER_SECOND
                             )
                             self._text.start()
-                        self._text.update(Markdown(partial))
+                        self._text.update(Markdown(strip_controls(partial)))
                     continue
                 raw = ""
                 self._stop_text()
@@ -108,9 +108,9 @@ class EventRenderer:
 
     def _event(self, kind: str, event: dict[str, Any]) -> None:
         if kind == "plan":
-            self.console.print(Markdown(f"# {event['title']}"))
+            self.console.print(Markdown(f"# {strip_controls(event['title'])}"))
         elif kind == "text":
-            self.console.print(Markdown(event["text"]))
+            self.console.print(Markdown(strip_controls(event["text"])))
         elif kind == "image_start":
             self._stop_image()
             label = "draft" if event["origin"] == "draft" else "image"
@@ -139,8 +139,8 @@ class EventRenderer:
                 if view is not None:
                     self.console.print(view)
             n = self.first + event["index"]
-            self.console.print(f"[dim]{label} {n}: {event['path']}[/]", highlight=False, soft_wrap=True)
+            self.console.print(f"[dim]{label} {n}: {safe_text(event['path'])}[/]", highlight=False, soft_wrap=True)
         elif kind == "image_rejected":
             self._stop_image()
             self._progress = None
-            self.status.print(f"[dim]redrawing: the check said {event['note']!r}[/]", highlight=False)
+            self.status.print(f"[dim]redrawing: the check said {safe_text(repr(event['note']))}[/]", highlight=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -185,6 +186,22 @@ class StepProgress:
         yield grid
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def strip_controls(text: object) -> str:
+    """``text`` without terminal control characters (ESC, OSC and C1 sequences); newlines and tabs stay."""
+    return _CONTROL.sub("", str(text))
+
+
+def safe_text(text: object) -> str:
+    """Stored or model text made safe to print with Rich: no terminal control sequences (ESC, OSC,
+    C1), and square brackets escaped so they are shown, not read as markup."""
+    from rich.markup import escape
+
+    return escape(strip_controls(text))
+
+
 def sessions_table(items: Any, current: str | None = None) -> Any:
     """The sessions as a borderless table; the title column takes what width is left."""
     from rich.table import Table
@@ -201,5 +218,5 @@ def sessions_table(items: Any, current: str | None = None) -> Any:
         t.add_column(name, no_wrap=True, min_width=max(len(name), *(len(r[k]) for r in rows)))
     t.add_column("title", no_wrap=True, overflow="ellipsis")
     for i, row in zip(items, rows, strict=True):
-        t.add_row(*row, i.title or "")
+        t.add_row(*(safe_text(c) for c in row), safe_text(i.title or ""))
     return t

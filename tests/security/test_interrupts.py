@@ -45,3 +45,13 @@ def test_second_ctrl_c_exits_130_without_tracebacks(gap, home, tmp_path) -> None
     with Database.open(url, home=home) as db:
         (turn,) = Sessions(db, None).turns("s")  # type: ignore[arg-type]
     assert turn.status in ("running", "interrupted")  # kept: `--resume` continues it
+
+
+def test_in_process_main_restores_the_sigint_handler() -> None:
+    from duogen_agents.interrupts import ctrl_c_twice_exits
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), ctrl_c_twice_exits():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -353,3 +353,72 @@ def test_disk_full_is_one_line_and_leaves_no_empty_database(home, tmp_path) -> N
     export_err = (out / "export.err").read_text()
     assert "no space left on the device holding" in export_err and "rc=1" in export_err, export_err
     assert "garden.html" not in (out / "export.ls").read_text()
+
+
+# ---- review follow-ups: shared images, special files in the store, leases -------------------------
+
+
+def test_delete_keeps_images_another_sessions_unfinished_turn_holds(db_url, home) -> None:
+    script = [TEXT, image("one"), OK, DONE]
+    with Database.open(db_url, home=home) as db:
+        doc_a = scripted_agent(home, list(script)).session("a", database=db).send("draw")
+        shared = doc_a.images[0].image
+        # Session b draws the same pixels, then fails before its turn's records are written.
+        b = scripted_agent(home, [TEXT, image("one"), OK, image("two"), OK, DONE], tool=FailingImageTool(fail_on=2))
+        with pytest.raises(RuntimeError):
+            b.session("b", database=db).send("draw")
+        sessions = Sessions(db, ImageStore(home))
+        sessions.delete("a")
+        assert ImageStore(home).exists(shared.id)  # b's checkpoints still refer to it
+        doc_b = list(scripted_agent(home, [OK, DONE]).session("b", database=db).resume())[-1]["document"]
+        assert doc_b.images[0].image == shared
+
+
+def test_special_files_in_the_store_are_refused_not_read(home) -> None:
+    store = ImageStore(home)
+    fake = "ab" * 32
+    store.path(fake).parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(store.path(fake))
+    with pytest.raises(StorageError, match="not a regular file"):
+        store.read_bytes(fake)  # returns at once instead of blocking on the FIFO
+    other = "cd" * 32
+    store.path(other).parent.mkdir(parents=True, exist_ok=True)
+    store.path(other).write_bytes(b"not a png")
+    with pytest.raises(StorageError, match="damaged"):
+        store.open(other)
+
+
+def test_a_lease_is_never_visible_unlocked(home) -> None:
+    import fcntl
+
+    from duogen_agents.storage.locks import try_flock
+
+    store = ImageStore(home)
+    with store.lease():
+        leases = list((store.images_dir / ".locks" / "leases").glob("*.lease"))
+        assert len(leases) == 1
+        fd = os.open(leases[0], os.O_RDONLY)
+        try:
+            assert not try_flock(fd, fcntl.LOCK_SH)  # held: gc reads it as live
+        finally:
+            os.close(fd)
+    assert not list((store.images_dir / ".locks" / "leases").iterdir())
+
+
+def test_stored_text_cannot_inject_markup_or_escapes(db_url, home, capsys) -> None:
+    make_session(db_url, home, "inj", script=[{"type": "text", "text": "[/b] \x1b]0;pwned\x07 [red]x"}, DONE])
+    _sql(db_url, "UPDATE duogen_sessions SET title=:t WHERE id='inj'", t="[/b]\x1b[31mred")
+    for argv in (["sessions", "list"], ["sessions", "show", "inj"]):
+        code = main([*argv, "--db", db_url])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert "\x1b]0;" not in out.out and "\x1b[31m" not in out.out and "[/b]" in out.out
+
+
+def test_malformed_session_mode_is_one_line(db_url, home, capsys) -> None:
+    make_session(db_url, home, "m")
+    _sql(db_url, "UPDATE duogen_turns SET status='cancelled' WHERE session_id='m'")
+    _sql(db_url, "UPDATE duogen_sessions SET mode='poem' WHERE id='m'")
+    code = main(["sessions", "export", "m", "--format", "json", "--db", db_url])
+    line = one_line(capsys.readouterr().err)
+    assert code == 1 and "session 'm'" in line and "malformed" in line

@@ -83,10 +83,13 @@ def text_update(text: str, step: int | None = None) -> dict[str, Any]:
 
 def pending_from(state: TurnState, req: A.ImageRequest, origin: str, step: int | None) -> PendingImage:
     """An image request as the render node takes it; references resolved to full ids, oldest first
-    (the order the images were made, whatever order the planner wrote them in)."""
+    (the order the images were made, whatever order the planner wrote them in), except that an
+    ``edit`` keeps the image it changes (the planner's first reference) first."""
     known = known_refs(state)
     order = {ref.id: i for i, ref in enumerate(known.values())}
-    full = sorted((r.id for r in Renderer.resolve(req.references, known)), key=order.__getitem__)
+    resolved = [r.id for r in Renderer.resolve(req.references, known)]
+    head = resolved[:1] if req.kind == "edit" else []
+    full = head + sorted((r for r in resolved if r not in head), key=order.__getitem__)
     return {
         "prompt": req.prompt,
         "references": full,
