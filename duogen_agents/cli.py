@@ -71,12 +71,14 @@ def _parser() -> argparse.ArgumentParser:
         "the shapes world exactly (detectors); other benches with --judge. Writes OUT/results.json and "
         "OUT/report.html.",
     )
-    ev.add_argument("--bench", default="shapes", help="shapes (built in) or a .jsonl file of tasks")
+    ev.add_argument("--bench", default=None, help="shapes (built in, the default) or a .jsonl file of tasks")
     ev.add_argument("--preset", action="append", default=[], help="a preset to run (repeatable; default: tiny)")
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="the first N tasks")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=None, help="default 0")
     ev.add_argument("--out", type=Path, default=Path("eval-out"), metavar="DIR")
-    ev.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR")
+    ev.add_argument(
+        "--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR (its options by default)"
+    )
     ev.add_argument("--reference", action="store_true", help="also score the ground truth as an answer")
     ev.add_argument("--judge", default=None, help="a preset (its planner judges) or an OpenAI-compatible URL")
     ev.add_argument("--judge-model", default=None, help="the model name at the judge URL")
@@ -284,9 +286,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from duogen_agents.validation import check_out_dir, check_seed
 
     # Everything cheap first: no model loads for a bad option.
+    if args.resume is not None:
+        _resume_defaults(args)
+    bench = args.bench or "shapes"
+    seed = 0 if args.seed is None else args.seed
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be at least 1")
-    check_seed(args.seed)
+    check_seed(seed)
     out = args.resume or args.out
     check_out_dir(out)
     presets = args.preset or [os.environ.get("DUOGEN_PRESET") or DEFAULT_PRESET]
@@ -308,7 +314,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         with bars:
             results = run_eval(
-                args.bench, presets, limit=args.limit, seed=args.seed, out=out, judge=judge,
+                bench, presets, limit=args.limit, seed=seed, out=out, judge=judge,
                 reference=args.reference, resume=args.resume is not None, home=args.home, progress=progress,
             )  # fmt: skip
     except KeyboardInterrupt:
@@ -320,6 +326,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _print_summary(results, Console())
     err.print(f"wrote {out}/results.json and {out}/report.html")
     return 0
+
+
+def _resume_defaults(args: argparse.Namespace) -> None:
+    """``--resume DIR`` continues the run in DIR with its options, unless the command line gives others."""
+    import json
+
+    from duogen_agents.errors import ConfigError
+
+    f = args.resume / "results.json"
+    try:
+        old = json.loads(f.read_text())
+        options = old["options"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot resume from {f}: {getattr(e, 'strerror', None) or e}") from None
+    args.bench = args.bench or options.get("bench")
+    args.seed = options.get("seed") if args.seed is None else args.seed
+    args.limit = options.get("limit") if args.limit is None else args.limit
+    args.preset = args.preset or list(options.get("presets") or [])
+    args.reference = args.reference or bool(options.get("reference"))
 
 
 def _print_summary(results: dict[str, Any], console: Any) -> None:

@@ -136,6 +136,11 @@ def test_duogen_eval_shapes_reference_and_compare(home, tmp_path, capsys) -> Non
     page = (out / "report.html").read_text()
     assert "<svg" in page and page.count("data:image/png;base64,") >= 12 and "Ground truth" in page
     assert "reference" in cap.out and "tiny" in cap.out
+    # --resume with nothing left to do: the run's own options, no task run again, no model loaded.
+    code = main(["eval", "--resume", str(out)])
+    again = json.loads((out / "results.json").read_text())
+    assert code == 0 and [r["preset"] for r in again["runs"]] == ["reference", "tiny"]
+    assert again["runs"][1]["tasks"] == tiny["tasks"]
     code = main(["eval", "compare", str(out), str(out), "--out", str(tmp_path / "cmp")])
     assert code == 0
     page = (tmp_path / "cmp" / "compare.html").read_text()

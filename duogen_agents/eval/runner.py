@@ -164,6 +164,7 @@ def run_eval(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "bench": name,
+        "options": {"bench": bench, "presets": list(presets), "limit": limit, "seed": seed, "reference": reference},
         "seed": seed,
         "limit": limit,
         "partial": False,
