@@ -315,10 +315,10 @@ DISK_FULL = """
 set -e
 mount -t tmpfs -o size=256k tmpfs "$DIR"
 head -c 200k /dev/zero > "$DIR/filler" 2>/dev/null || true
-python -m duogen_agents.cli sessions list --db "sqlite:///$DIR/new/duogen.db" --home "$DIR/home" 2> "$OUT/new.err" || echo "rc=$?" >> "$OUT/new.err"
+"$PY" -m duogen_agents.cli sessions list --db "sqlite:///$DIR/new/duogen.db" --home "$DIR/home" 2> "$OUT/new.err" || echo "rc=$?" >> "$OUT/new.err"
 ls -a "$DIR/new" > "$OUT/new.ls" 2>&1 || true
 cp "$SRC" "$DIR/filler2" 2>/dev/null || true
-python -m duogen_agents.cli sessions export garden --out "$DIR/garden.html" --db "$DB" --home "$HOMEDIR" 2> "$OUT/export.err" || echo "rc=$?" >> "$OUT/export.err"
+"$PY" -m duogen_agents.cli sessions export garden --out "$DIR/garden.html" --db "$DB" --home "$HOMEDIR" 2> "$OUT/export.err" || echo "rc=$?" >> "$OUT/export.err"
 ls -a "$DIR" > "$OUT/export.ls"
 """
 
@@ -341,6 +341,7 @@ def test_disk_full_is_one_line_and_leaves_no_empty_database(home, tmp_path) -> N
         "SRC": str(big),
         "DB": url,
         "HOMEDIR": str(home),
+        "PY": sys.executable,
     }
     # A private mount namespace: the small tmpfs exists only for this shell.
     proc = subprocess.run(["unshare", "-m", "sh", "-c", DISK_FULL], env=env, capture_output=True, text=True)
