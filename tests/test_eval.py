@@ -296,3 +296,19 @@ def test_training_data_has_answers_and_images(tmp_path) -> None:
             for block in turn:
                 if block["type"] == "image":
                     assert (tmp_path / "train" / block["path"]).is_file()
+
+
+@pytest.mark.slow
+def test_jsonl_bench_with_a_judge_behind_an_openai_compatible_endpoint(judge_server, home, tmp_path, capsys) -> None:
+    out = tmp_path / "remote"
+    code = main(
+        ["eval", "--bench", str(DATA / "bench.jsonl"), "--preset", "tiny", "--judge", judge_server,
+         "--judge-model", "judge-1", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["judge"] == f"{judge_server} (judge-1)"
+    (run,) = results["runs"]
+    assert [t["status"] for t in run["tasks"]] == ["ok", "ok", "ok"]
+    assert run["summary"]["fidelity"] == pytest.approx(6 / 9)
+    assert len(_JudgeServer.received) == 3  # one judgement per task
