@@ -345,6 +345,8 @@ def _resume_defaults(args: argparse.Namespace) -> None:
     args.limit = options.get("limit") if args.limit is None else args.limit
     args.preset = args.preset or list(options.get("presets") or [])
     args.reference = args.reference or bool(options.get("reference"))
+    if args.judge is None and options.get("judge"):
+        args.judge, args.judge_model = options["judge"], args.judge_model or options.get("judge_model")
 
 
 def _print_summary(results: dict[str, Any], console: Any) -> None:

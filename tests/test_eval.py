@@ -26,25 +26,52 @@ DATA = Path(__file__).parent / "data"
 # ---- the world ----------------------------------------------------------------------------------
 
 
+def _grid(image, width, color):
+    from PIL import ImageDraw
+
+    draw, side = ImageDraw.Draw(image), image.width
+    for k in (1, 2):
+        x = round(k * side / 3)
+        draw.line([(x, 0), (x, side)], fill=color, width=width)
+        draw.line([(0, x), (side, x)], fill=color, width=width)
+    return image
+
+
+VARIANTS = {
+    "clean": lambda im, rng: im,
+    "blur": lambda im, rng: im.filter(ImageFilter.GaussianBlur(1.0)),
+    "shift": lambda im, rng: ImageChops.offset(im, rng.randint(-4, 4), rng.randint(-4, 4)),
+    "small": lambda im, rng: im.resize((48, 48)),
+    "grid lines": lambda im, rng: _grid(im, rng.choice([1, 2]), rng.choice([(0, 0, 0), (128, 128, 128)])),
+    "stretched to 1280x704": lambda im, rng: im.resize((1280, 704)),
+}
+
+
 def test_detectors_read_generated_images_back(tmp_path) -> None:
-    """Accuracy on 300 generated scenes each: clean, blurred, shifted, and small (stated in the README)."""
+    """Accuracy on 300 generated scenes per variant (stated in the README)."""
     rng = random.Random(0)
     accuracy = {}
-    for variant in ("clean", "blur", "shift", "small"):
+    for variant, change in VARIANTS.items():
         ok = 0
         for _ in range(300):
             scene = W._random_scene(rng, "eval", rng.randint(1, 6))
-            image = W.render(scene, size=rng.choice([64, 96, 192, 256]))
-            if variant == "blur":
-                image = image.filter(ImageFilter.GaussianBlur(1.0))
-            elif variant == "shift":
-                image = ImageChops.offset(image, rng.randint(-4, 4), rng.randint(-4, 4))
-            elif variant == "small":
-                image = image.resize((48, 48))
-            ok += W.detect(image).scene == scene
+            ok += W.detect(change(W.render(scene, size=rng.choice([64, 96, 192, 256])), rng)).scene == scene
         accuracy[variant] = ok / 300
-    assert accuracy["clean"] == 1.0 and accuracy["small"] >= 0.99
-    assert accuracy["blur"] >= 0.97 and accuracy["shift"] >= 0.98, accuracy
+    print(accuracy)
+    assert accuracy["clean"] == 1.0 and accuracy["small"] >= 0.99 and accuracy["stretched to 1280x704"] >= 0.99
+    assert accuracy["blur"] >= 0.94 and accuracy["shift"] >= 0.98 and accuracy["grid lines"] >= 0.98, accuracy
+
+
+def test_blank_and_grey_images_score_nothing() -> None:
+    from PIL import Image
+
+    scene = {"center": ("circle", "red"), "top": ("square", "blue")}
+    for image in (Image.new("RGB", (96, 96), "white"), Image.effect_noise((96, 96), 60).convert("RGB")):
+        assert W.score_fidelity(image, scene) == 0.0 and W.score_alignment(image, scene) == 0.0
+        assert W.score_consistency(image, image, scene, scene) == 0.0
+    assert W.score_alignment(W.render(scene), scene) == 1.0
+    assert W.yes_no("Yes or no? Looking at the sketch: no.") == "yes"  # the first one counts, so no hedging
+    assert W.score_text("a red circle at the top left, centre", ["top-left", "center"]) == 1.0
 
 
 def test_split_by_composition() -> None:
@@ -114,6 +141,7 @@ def test_calibration_reference_perturbed_and_noise(tmp_path) -> None:
     for axis in ("structure", "text", "fidelity", "alignment", "consistency"):
         assert mean("reference", axis) >= 0.95, axis
     assert mean("perturbed", "alignment") <= mean("reference", "alignment") - 0.05
+    assert mean("perturbed", "alignment") <= 0.8
     for axis in ("text", "fidelity", "alignment", "consistency"):
         assert mean("noise", axis) <= 0.1, (axis, mean("noise", axis))
 
@@ -312,3 +340,109 @@ def test_jsonl_bench_with_a_judge_behind_an_openai_compatible_endpoint(judge_ser
     assert [t["status"] for t in run["tasks"]] == ["ok", "ok", "ok"]
     assert run["summary"]["fidelity"] == pytest.approx(6 / 9)
     assert len(_JudgeServer.received) == 3  # one judgement per task
+
+
+def test_bad_expectations_are_line_errors(tmp_path) -> None:
+    bench = tmp_path / "b.jsonl"
+    lines = [
+        {
+            "id": "a",
+            "turns": [{"prompt": "p"}],
+            "expect": {"world": "shapes", "scenes": [{"center": ["circle", "pink"]}]},
+        },
+        {"id": "b", "turns": [{"prompt": "p"}], "expect": {"images": "three"}},
+        {"id": "c", "turns": [{"prompt": "p"}], "expect": {"turns": [1]}},
+        {
+            "id": "d",
+            "turns": [{"prompt": "p"}],
+            "expect": {"world": "shapes", "scenes": [{"middle": ["circle", "red"]}]},
+        },
+        {"id": "ok", "turns": [{"prompt": "p"}]},
+    ]
+    bench.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    tasks, errors = load_jsonl(bench)
+    assert [t.id for t in tasks] == ["ok"] and [e.line for e in errors] == [1, 2, 3, 4]
+    assert "pink" in errors[0].message and "expect.images" in errors[1].message and "middle" in errors[3].message
+
+
+@pytest.mark.parametrize(
+    "answer", [{"score": 11, "reason": "x"}, {"score": 1e999, "reason": "x"}, {"score": True, "reason": "x"}, "junk"]
+)
+def test_judge_answers_outside_the_schema_are_refused(answer) -> None:
+    from duogen_agents.errors import GenerationError
+    from duogen_agents.eval.judge import _parse
+
+    raw = json.dumps(dict.fromkeys(("text", "fidelity", "alignment", "consistency"), answer))
+    with pytest.raises(GenerationError, match="did not answer under the schema"):
+        _parse(raw.replace("Infinity", "1e999"), "test")
+
+
+def test_a_failing_task_or_judge_is_that_tasks_error_and_keeps_the_answer(home, tmp_path) -> None:
+    from duogen_agents.eval.runner import _one_task
+    from duogen_agents.eval.tasks import Task
+
+    class BrokenJudge:
+        name = "broken"
+
+        def judge(self, request, docs, store):
+            raise ConnectionError("judge unreachable")
+
+    task = Task(id="t", turns=[{"prompt": "p"}], expect={"images": 0})
+    store = ImageStore(home)
+    entry = _one_task(task, "m", None, 0, BrokenJudge(), store, tmp_path)
+    assert entry["status"] == "error" and "has no ground truth" in entry["error"]
+    shapes_task = load_bench("shapes", limit=1)[1][0]
+    entry = _one_task(shapes_task.model_copy(update={"expect": {}}), "m", None, 0, None, store, tmp_path)
+    assert entry["status"] == "error"
+
+
+def test_resume_reuses_only_matching_results(home, tmp_path) -> None:
+    out = tmp_path / "run"
+    first = run_eval("shapes", [], limit=2, out=out, reference=True, home=home, seed=0)
+    again = run_eval("shapes", [], limit=2, out=out, reference=True, home=home, seed=5, resume=True)
+    fp_first = [t["fingerprint"] for t in first["runs"][0]["tasks"]]
+    fp_again = [t["fingerprint"] for t in again["runs"][0]["tasks"]]
+    assert not set(fp_first) & set(fp_again)  # another seed: every task answered again
+    other = tmp_path / "b.jsonl"
+    other.write_text(json.dumps({"id": "shapes-eval-0-0000", "turns": [{"prompt": "different"}]}) + "\n")
+    run_eval(str(other), [], out=out, reference=True, home=home, resume=True)
+    data = json.loads((out / "results.json").read_text())
+    (task,) = data["runs"][0]["tasks"]
+    assert task["prompts"] == ["different"] and task["status"] == "error"  # not the shapes result
+
+
+def test_report_escapes_records_and_fetches_nothing(tmp_path) -> None:
+    from duogen_agents.eval.report import write_report
+
+    doc = {"blocks": [{"type": "text", "text": "![x](https://tracker.example/p.png) <script>alert(1)</script>"}]}
+    results = {
+        "bench": "<b>b</b>",
+        "runs": [
+            {
+                "preset": "<img src=x onerror=alert(1)>",
+                "errors": "<script>e()</script>",
+                "summary": {"structure": "<i>x</i>"},
+                "tasks": [{"id": "<t>", "prompts": ["<p>"], "status": "ok", "documents": [doc], "scores": {"a": 1.0},
+                           "reasons": {"a": "<u>r</u>"}, "expect": {"world": "shapes", "scenes": [{"x": 1}]}}],
+            }
+        ],
+    }  # fmt: skip
+    page = write_report(results, tmp_path).read_text()
+    for bad in ("<script", "<img src=x", 'src="https://tracker', "<u>", "<b>b", "<i>x"):
+        assert bad not in page, bad
+    assert "malformed" in page
+
+
+def test_compare_refuses_what_is_not_a_result(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.json").write_text("[]")
+    code = main(["eval", "compare", str(bad), "--out", str(tmp_path / "c")])
+    assert code == 1 and "is not a duogen eval result" in capsys.readouterr().err
+
+
+def test_import_resolves_image_paths_for_a_bench_written_elsewhere(tmp_path) -> None:
+    out = tmp_path / "elsewhere" / "isg.jsonl"
+    assert main(["eval", "import", "isg", str(DATA / "isg.jsonl"), "--out", str(out)]) == 0
+    tasks, _ = load_jsonl(out)
+    assert Path(tasks[0].turns[0].images[0]).is_file()

@@ -53,7 +53,7 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
 def _isg(record: dict[str, Any], root: Path) -> Task:
     query = record["Query"]
     text = "\n".join(i["content"] for i in query if i["type"] == "text").strip()
-    images = [str(root / i["content"]) for i in query if i["type"] == "image"]
+    images = [str((root / i["content"]).resolve()) for i in query if i["type"] == "image"]
     golden = record.get("Golden") or []
     return Task(
         id=f"isg-{record['id']}-{_slug(record.get('Category', ''))}",

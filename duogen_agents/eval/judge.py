@@ -47,19 +47,28 @@ def _answer_parts(docs: Sequence[InterleavedDocument], store: ImageStore) -> lis
 
 
 def _parse(raw: str, where: str) -> dict[str, tuple[int, str]]:
+    """The judge's answer; anything but an integer score from 1 to 10 and a reason per axis is refused."""
     try:
         data = json.loads(raw)
-        return {axis: (int(data[axis]["score"]), str(data[axis]["reason"])) for axis in prompts.JUDGE_AXES}
-    except (ValueError, KeyError, TypeError) as e:
+        out = {}
+        for axis in prompts.JUDGE_AXES:
+            value, reason = data[axis]["score"], data[axis]["reason"]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
+                raise ValueError(f"{axis}: score {value!r} is not a whole number from 1 to 10")
+            out[axis] = (value, str(reason)[: prompts.REASON_CHARS * 2])
+        return out
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
         raise GenerationError(f"the judge ({where}) did not answer under the schema: {e}") from None
 
 
 class PlannerJudge:
     """A local planner as the judge (``--judge PRESET``)."""
 
-    def __init__(self, planner: Any, name: str) -> None:
+    def __init__(self, planner: Any, name: str, spec: str | None = None) -> None:
         self.planner = planner
         self.name = name
+        self.spec = spec  # the preset it came from, to resume a run with the same judge
+        self.model = None
 
     @classmethod
     def from_preset(cls, preset: str, home: Any = None) -> PlannerJudge:
@@ -73,7 +82,7 @@ class PlannerJudge:
         spec = load_preset(preset)
         quiet_libraries()
         root = Path(home) if home is not None else default_home()
-        return cls(TransformersPlanner.from_spec(spec.planner, spec.models_path(root)), f"preset:{spec.name}")
+        return cls(TransformersPlanner.from_spec(spec.planner, spec.models_path(root)), f"preset:{spec.name}", preset)
 
     def judge(self, request: str, docs: Sequence[InterleavedDocument], store: ImageStore) -> dict[str, tuple[int, str]]:
         content: list[Any] = [{"type": "text", "text": prompts.JUDGE_REQUEST.format(request=request)}]
@@ -100,6 +109,7 @@ class OpenAIJudge:
         key = os.environ.get(api_key_env, "") if api_key_env else ""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.url = base_url.rstrip("/")
+        self.spec = base_url
         self.model = model
         self.name = f"{self.url} ({model})"
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=HTTP_TIMEOUT_S, transport=transport)

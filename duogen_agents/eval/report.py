@@ -49,7 +49,9 @@ def _png(image: Any) -> str:
 
 
 def _fmt(v: Any) -> str:
-    return "-" if v is None else f"{v:.2f}"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{v:.2f}"
+    return "-" if v is None else _esc(v)
 
 
 def _table(runs: list[dict[str, Any]]) -> str:
@@ -57,11 +59,14 @@ def _table(runs: list[dict[str, Any]]) -> str:
     rows = []
     for r in runs:
         s = r.get("summary") or {}
-        errors = f" <small class=err>({r.get('errors')} failed)</small>" if r.get("errors") else ""
+        errors = f" <small class=err>({_esc(r.get('errors'))} failed)</small>" if r.get("errors") else ""
+        partial = " <small class=err>(partial)</small>" if r.get("partial") else ""
+        n = len(r.get("tasks", []))
+        count = f"{n} of {_esc(r['of'])}" if r.get("of") not in (None, n) else str(n)
         rows.append(
-            f"<tr><td>{_esc(r['preset'])}{errors}</td>"
+            f"<tr><td>{_esc(r['preset'])}{errors}{partial}</td>"
             + "".join(f"<td>{_fmt(s.get(a))}</td>" for a in AXES)
-            + f"<td>{len(r.get('tasks', []))}</td><td>{r.get('seconds', 0):.1f}</td></tr>"
+            + f"<td>{count}</td><td>{_esc(r.get('seconds', 0))}</td></tr>"
         )
     return f"<table><tr><th>run</th>{head}<th>tasks</th><th>seconds</th></tr>{''.join(rows)}</table>"
 
@@ -79,7 +84,8 @@ def _chart(runs: list[dict[str, Any]]) -> str:
         x0 = 34 + i * group
         for j, r in enumerate(runs):
             v = (r.get("summary") or {}).get(axis)
-            h = 0 if v is None else v * (CHART_HEIGHT - 10)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            h = max(0.0, min(1.0, float(v))) * (CHART_HEIGHT - 10) if ok else 0.0
             color = BAR_COLORS[j % len(BAR_COLORS)]
             parts.append(
                 f'<rect x="{x0 + j * BAR_WIDTH}" y="{CHART_HEIGHT - h:.1f}" width="{BAR_WIDTH - 2}" height="{h:.1f}" '
@@ -99,7 +105,8 @@ def _chart(runs: list[dict[str, Any]]) -> str:
 def _answer(task: dict[str, Any], images_dir: Path) -> str:
     from markdown_it import MarkdownIt
 
-    md = MarkdownIt("commonmark", {"html": False})
+    # No raw HTML, and no Markdown images: the page stays self-contained (nothing fetched from elsewhere).
+    md = MarkdownIt("commonmark", {"html": False}).disable("image")
     out = []
     for doc in task.get("documents", []):
         out.append('<div class="answer">')
@@ -115,6 +122,13 @@ def _answer(task: dict[str, Any], images_dir: Path) -> str:
 
 
 def _truth(expect: dict[str, Any]) -> str:
+    try:
+        return _truth_panel(expect)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return "<p class=err>(the ground truth of this task is malformed)</p>"
+
+
+def _truth_panel(expect: dict[str, Any]) -> str:
     if expect.get("world") != "shapes":
         return ""
     from duogen_agents.worlds.shapes import render, scene_from_json
@@ -150,10 +164,13 @@ def _task_sections(runs: list[dict[str, Any]], out_dir: Path) -> str:
             if t.get("status") != "ok":
                 parts.append(f'<p class="err">failed: {_esc(t.get("error", ""))}</p>')
                 continue
-            parts.append(_answer(t, images_dir))
+            try:
+                parts.append(_answer(t, images_dir))
+            except (KeyError, TypeError, AttributeError):
+                parts.append("<p class=err>(this answer's record is malformed)</p>")
             rows = "".join(
-                f"<tr><td>{_esc(a)}</td><td>{_fmt(v)}</td><td style='text-align:left'>{_esc(t['reasons'].get(a, ''))}</td></tr>"
-                for a, v in t.get("scores", {}).items()
+                f"<tr><td>{_esc(a)}</td><td>{_fmt(v)}</td><td style='text-align:left'>{_esc((t.get('reasons') or {}).get(a, ''))}</td></tr>"
+                for a, v in (t.get("scores") or {}).items()
             )
             parts.append(f"<table><tr><th>axis</th><th>score</th><th>reason</th></tr>{rows}</table>")
         parts.append("</section>")

@@ -12,8 +12,10 @@ finished and writes a partial report marked so, then raises ``KeyboardInterrupt`
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -156,15 +158,23 @@ def run_eval(
     if resume and results_file.exists():
         try:
             old = json.loads(results_file.read_text())
-            previous = {r["preset"]: r for r in old.get("runs", [])}
-        except (ValueError, KeyError, TypeError) as e:
+            previous = {r["preset"]: r for r in old.get("runs", []) if isinstance(r, dict) and "preset" in r}
+        except (ValueError, TypeError, AttributeError) as e:
             raise ConfigError(f"cannot resume from {results_file}: {e}") from None
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "bench": name,
-        "options": {"bench": bench, "presets": list(presets), "limit": limit, "seed": seed, "reference": reference},
+        "options": {
+            "bench": bench,
+            "presets": list(presets),
+            "limit": limit,
+            "seed": seed,
+            "reference": reference,
+            "judge": getattr(judge, "spec", None),
+            "judge_model": getattr(judge, "model", None),
+        },
         "seed": seed,
         "limit": limit,
         "partial": False,
@@ -174,6 +184,7 @@ def run_eval(
         "runs": [],
     }
     runs = ([REFERENCE] if reference else []) + list(presets)
+    kept = [r for name, r in previous.items() if name not in runs]  # earlier runs of other presets stay
     try:
         for run_name in runs:
             run = _run_one(run_name, tasks, previous.get(run_name), seed, judge, store, root, out_dir, progress)
@@ -182,10 +193,18 @@ def run_eval(
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         results["partial"] = True
+        results["runs"] += kept
         _write(results, out_dir, write_report)
         raise
+    results["runs"] += kept
     _write(results, out_dir, write_report)
     return results
+
+
+def fingerprint(task: Task, seed: int, judge: Any) -> str:
+    """What a finished task's result depends on: resume reuses it only when this is the same."""
+    key = json.dumps([task.model_dump(mode="json"), seed, getattr(judge, "name", None)], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _run_one(
@@ -199,7 +218,11 @@ def _run_one(
     out_dir: Path,
     progress: Progress | None,
 ) -> dict[str, Any]:
-    done = {t["id"]: t for t in (previous or {}).get("tasks", []) if t.get("status") == "ok"}
+    done = {
+        t.get("fingerprint"): t
+        for t in (previous or {}).get("tasks", [])
+        if isinstance(t, dict) and t.get("status") == "ok" and t.get("fingerprint")
+    }
     run: dict[str, Any] = {"preset": run_name, "reference": run_name == REFERENCE, "tasks": [], "seconds": 0.0}
     agent = None
     started = time.perf_counter()
@@ -207,38 +230,65 @@ def _run_one(
         for i, task in enumerate(tasks):
             if progress:
                 progress(run_name, i, len(tasks))
-            if task.id in done:
-                run["tasks"].append(done[task.id])
+            mark = fingerprint(task, seed, judge)
+            if mark in done:
+                run["tasks"].append(done[mark])
                 continue
             if agent is None and run_name != REFERENCE:
                 from duogen_agents.agent import Agent
 
                 agent = Agent.from_preset(run_name, home=root)
                 run["preset_name"] = agent.preset.name
-            t0 = time.perf_counter()
-            entry: dict[str, Any] = {"id": task.id, "mode": task.mode, "prompts": [t.prompt for t in task.turns]}
-            try:
-                docs = reference_answer(task, store) if agent is None else _answer(agent, task, seed)
-                entry.update(score(task, docs, store, judge))
-                entry["documents"] = [d.model_dump(mode="json") for d in docs]
-                entry["status"] = "ok"
-                _copy_images(docs, store, out_dir)
-            except DuogenError as e:
-                entry.update(status="error", error=str(e), scores={}, reasons={})
-            entry["seconds"] = round(time.perf_counter() - t0, 3)
-            entry["expect"] = task.expect
-            run["tasks"].append(entry)
+            run["tasks"].append(_one_task(task, mark, agent, seed, judge, store, out_dir))
         if progress:
             progress(run_name, len(tasks), len(tasks))
     except KeyboardInterrupt:
         run["partial"] = True
     finally:
         del agent
-        gc.collect()  # one preset's models at a time
+        _free_models()
     run["seconds"] = round(time.perf_counter() - started, 3)
     run["summary"] = _summary(run["tasks"])
     run["errors"] = sum(t["status"] != "ok" for t in run["tasks"])
+    run["of"] = len(tasks)
     return run
+
+
+def _one_task(
+    task: Task, mark: str, agent: Any, seed: int, judge: Any, store: ImageStore, out_dir: Path
+) -> dict[str, Any]:
+    """Answer and score one task. Any failure is that task's error, never the run's: the answer
+    (if there is one) and its structure score are kept when only the judge failed."""
+    t0 = time.perf_counter()
+    entry: dict[str, Any] = {
+        "id": task.id,
+        "mode": task.mode,
+        "prompts": [t.prompt for t in task.turns],
+        "fingerprint": mark,
+        "expect": task.expect,
+        "scores": {},
+        "reasons": {},
+    }
+    try:
+        docs = reference_answer(task, store) if agent is None else _answer(agent, task, seed)
+        entry["documents"] = [d.model_dump(mode="json") for d in docs]
+        _copy_images(docs, store, out_dir)
+        entry["scores"]["structure"], entry["reasons"]["structure"] = structure(task, docs)
+        entry.update(score(task, docs, store, judge))
+        entry["status"] = "ok"
+    except Exception as e:  # one task's failure (a model, the judge, a bad task): recorded, the run goes on
+        message = str(e) if isinstance(e, DuogenError) else f"{type(e).__name__}: {e}"
+        entry.update(status="error", error=" ".join(message.split())[:500])
+    entry["seconds"] = round(time.perf_counter() - t0, 3)
+    return entry
+
+
+def _free_models() -> None:
+    """One preset's models at a time: drop the last one's memory before the next loads."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _write(results: dict[str, Any], out_dir: Path, write_report: Callable[[dict[str, Any], Path], Path]) -> None:
@@ -255,10 +305,15 @@ def compare(dirs: Sequence[Path | str], out: Path | str | None = None) -> dict[s
         f = Path(d) / "results.json"
         try:
             data = json.loads(f.read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read {f}: {getattr(e, 'strerror', None) or e}") from None
-        for run in data.get("runs", []):
-            runs.append({**run, "preset": f"{run['preset']} ({Path(d).name})", "images_dir": str(Path(d) / "images")})
+            for run in data["runs"]:
+                if not isinstance(run.get("tasks"), list) or not isinstance(run.get("summary"), dict):
+                    raise ValueError("a run without tasks or summary")
+                label = f"{run['preset']} ({Path(d).name})"
+                runs.append({**run, "preset": label, "images_dir": str(Path(d) / "images")})
+        except OSError as e:
+            raise ConfigError(f"cannot read {f}: {e.strerror or e}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{f} is not a duogen eval result ({type(e).__name__}: {e})") from None
     merged = {"format": RESULTS_FORMAT, "compare": [str(d) for d in dirs], "runs": runs, "partial": False}
     if out is not None:
         write_report(merged, Path(out), name="compare.html")

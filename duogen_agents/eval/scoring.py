@@ -40,7 +40,10 @@ def structure(task: Task, docs: Sequence[InterleavedDocument]) -> tuple[float, s
         want = _expected_images(task, turn)
         if want is not None:
             got = len(images)
-            checks.append((f"turn {turn + 1}: {got} of {want} images", min(got, want) / max(got, want, 1)))
+            if doc.mode == "draft":  # sketching again is allowed: at least the expected sketches
+                checks.append((f"turn {turn + 1}: {got} sketches, {want} wanted", min(got, want) / max(want, 1)))
+            else:
+                checks.append((f"turn {turn + 1}: {got} of {want} images", min(got, want) / max(got, want, 1)))
         if doc.mode == "visual-plan":
             steps = _turn_expect(task, turn).get("steps")
             plan_steps = len({b.step for b in doc.blocks if b.type == "text" and b.step is not None})
@@ -57,13 +60,16 @@ def structure(task: Task, docs: Sequence[InterleavedDocument]) -> tuple[float, s
 
 
 def shapes_scores(task: Task, docs: Sequence[InterleavedDocument], store: ImageStore) -> dict[str, tuple[float, str]]:
-    """Fidelity, alignment, consistency and text of a shapes task, from the detectors."""
+    """Fidelity, alignment, consistency and text of a shapes task, from the detectors. The answer's
+    images are matched to the expected scenes in order (a draft task: its last sketch); an axis the
+    task gives nothing to check on is left out."""
     from duogen_agents.worlds.shapes import (
         scene_from_json,
         score_alignment,
         score_consistency,
         score_fidelity,
         score_text,
+        yes_no,
     )
 
     fidelity: list[float] = []
@@ -74,23 +80,33 @@ def shapes_scores(task: Task, docs: Sequence[InterleavedDocument], store: ImageS
         exp = _turn_expect(task, turn)
         scenes = [scene_from_json(s) for s in exp.get("scenes", [])]
         images = [store.open(b.image) for b in doc.images]
-        fidelity += [score_fidelity(im) for im in images]
+        if task.mode == "draft" and images:
+            images = images[-1:]  # the sketch the answer was drawn from
+        for k, image in enumerate(images):
+            fidelity.append(score_fidelity(image, scenes[k] if k < len(scenes) else {}))
         for k, scene in enumerate(scenes):
             alignment.append(score_alignment(images[k], scene) if k < len(images) else 0.0)
         for k in range(1, len(scenes)):
-            if k < len(images):
-                consistency.append(score_consistency(images[k - 1], images[k], scenes[k - 1], scenes[k]))
-            elif len(scenes) > 1:
-                consistency.append(0.0)
-        if exp.get("facts"):
+            value = score_consistency(images[k - 1], images[k], scenes[k - 1], scenes[k]) if k < len(images) else 0.0
+            if value is not None:
+                consistency.append(value)
+        if "answer" in exp:  # a yes/no question: the first yes or no of the answer text counts
+            texts = [b.text for b in doc.blocks if b.type == "text"]
+            text.append(1.0 if texts and yes_no(texts[-1]) == exp["answer"] else 0.0)
+        elif exp.get("facts"):
             text.append(score_text(doc.text, list(exp["facts"])))
+    if scenes_expected(task) and not fidelity:
+        fidelity.append(0.0)
 
     def mean(xs: list[float]) -> tuple[float, str]:
         return sum(xs) / len(xs), f"mean of {len(xs)}: " + ", ".join(f"{x:.2f}" for x in xs[:8])
 
-    out: dict[str, tuple[float, str]] = {"fidelity": mean(fidelity) if fidelity else (0.0, "no images")}
-    # An axis the task gives nothing to check on (one scene: no consistency) is left out, not scored 1.
-    for axis, xs in (("alignment", alignment), ("consistency", consistency), ("text", text)):
+    out: dict[str, tuple[float, str]] = {}
+    for axis, xs in (("fidelity", fidelity), ("alignment", alignment), ("consistency", consistency), ("text", text)):
         if xs:
             out[axis] = mean(xs)
     return out
+
+
+def scenes_expected(task: Task) -> bool:
+    return bool(task.expect.get("scenes")) or any(t.get("scenes") for t in task.expect.get("turns") or [])

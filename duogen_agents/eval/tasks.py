@@ -61,6 +61,7 @@ def parse_lines(lines: list[str], base: Path | None = None) -> tuple[list[Task],
             if len(line) > MAX_TASK_LINE_CHARS:
                 raise ValueError(f"line is longer than {MAX_TASK_LINE_CHARS:,} characters")
             task = Task.model_validate(json.loads(line))
+            check_expect(task)
             if task.id in seen:
                 raise ValueError(f"duplicate task id {task.id!r}")
         except (ValueError, ValidationError, RecursionError) as e:
@@ -72,6 +73,28 @@ def parse_lines(lines: list[str], base: Path | None = None) -> tuple[list[Task],
         seen.add(task.id)
         tasks.append(task)
     return tasks, errors
+
+
+def check_expect(task: Task) -> None:
+    """``expect`` is checked when the bench loads, so a bad one is a line's error, not a crash later."""
+    exp = task.expect
+    for key in ("images", "steps"):
+        if key in exp and (isinstance(exp[key], bool) or not isinstance(exp[key], int) or exp[key] < 0):
+            raise ValueError(f"expect.{key} must be a whole number >= 0")
+    turns = exp.get("turns")
+    if turns is not None and (not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns)):
+        raise ValueError("expect.turns must be a list of objects")
+    if exp.get("world") == "shapes":
+        from duogen_agents.worlds.shapes import check_scene
+
+        for part in [exp, *(turns or [])]:
+            scenes = part.get("scenes", [])
+            if not isinstance(scenes, list):
+                raise ValueError("expect.scenes must be a list")
+            for scene in scenes:
+                check_scene(scene)
+            if not isinstance(part.get("facts", []), list):
+                raise ValueError("expect.facts must be a list")
 
 
 def load_jsonl(path: Path | str) -> tuple[list[Task], list[BenchError]]:
@@ -88,8 +111,9 @@ def load_bench(bench: str, *, limit: int | None = None, seed: int = 0) -> tuple[
     if bench == "shapes":
         from duogen_agents.worlds.shapes import tasks
 
+        # The fixed evaluation split: the same tasks whatever --seed (which seeds the answers).
         n = limit if limit is not None else SHAPES_EVAL_TASKS
-        return "shapes", [Task.model_validate(t) for t in tasks(n, split="eval", seed=seed)], []
+        return "shapes", [Task.model_validate(t) for t in tasks(n, split="eval", seed=SHAPES_EVAL_SEED)], []
     path = Path(bench)
     if path.suffix.lower() not in (".jsonl", ".json") or not path.exists():
         raise ConfigError(f"unknown bench {bench!r}: use shapes or a .jsonl file of tasks")
@@ -99,6 +123,7 @@ def load_bench(bench: str, *, limit: int | None = None, seed: int = 0) -> tuple[
 
 # The fixed evaluation split of the shapes world (``--limit`` takes its first N).
 SHAPES_EVAL_TASKS = 48
+SHAPES_EVAL_SEED = 0
 
 
 def _one_line(e: BaseException) -> str:

@@ -50,6 +50,7 @@ Scene = dict[str, Object]  # cell -> object; empty cells are absent
 # Detection thresholds. A pixel is "ink" when it is far from white; a cell holds an object when
 # enough of it is ink; the shape follows from how much of the object's bounding box it fills.
 INK_DISTANCE = 90
+MIN_CHROMA = 50  # the palette's colours are all above 120; greys are near 0
 MIN_INK_FRACTION = 0.04
 FILL = {"triangle": 0.5, "circle": np.pi / 4, "square": 1.0}
 MAX_FILL_ERROR = 0.1
@@ -107,11 +108,17 @@ def _nearest_color(pixels: np.ndarray) -> tuple[str, float]:
 def detect(image: Image.Image) -> Detection:
     """Read an image back into a scene. Each cell is read on its own: ink (pixels far from white)
     inside the cell gives the colour (the palette colour most ink pixels are nearest to) and the
-    shape (how much of the ink's bounding box the ink fills: 1/2 triangle, pi/4 circle, 1 square)."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    size = min(rgb.shape[:2])
-    rgb = rgb[:size, :size]
-    ink = np.sqrt(((rgb - np.array(WHITE, dtype=np.float32)) ** 2).sum(-1)) > INK_DISTANCE
+    shape (how much of the ink's bounding box the ink fills: 1/2 triangle, pi/4 circle, 1 square;
+    the same for a canvas stretched to a rectangle, which is read as a square)."""
+    image = image.convert("RGB")
+    if image.width != image.height:  # the grid spans the whole canvas: read it as a square
+        side = min(image.width, image.height)
+        image = image.resize((side, side), Image.Resampling.BILINEAR)
+    rgb = np.asarray(image, dtype=np.float32)
+    size = rgb.shape[0]
+    # Ink is coloured and far from white: grid lines, outlines and grey noise are not objects.
+    chroma = rgb.max(-1) - rgb.min(-1)
+    ink = (np.sqrt(((rgb - np.array(WHITE, dtype=np.float32)) ** 2).sum(-1)) > INK_DISTANCE) & (chroma > MIN_CHROMA)
     scene: Scene = {}
     clean: dict[str, bool] = {}
     for cell in CELLS:
@@ -138,33 +145,61 @@ def detect(image: Image.Image) -> Detection:
 # ---- scores -------------------------------------------------------------------------------------
 
 
-def score_fidelity(image: Image.Image) -> float:
-    return detect(image).fidelity
+def score_fidelity(image: Image.Image, expected: Mapping[str, Object] | None = None) -> float:
+    """The fraction of the cells that should hold or do hold an object where a clean object of this
+    world is drawn (a blank image draws nothing asked for: 0). Without ``expected``, over the cells
+    with ink; a clean empty grid then scores 1."""
+    d = detect(image)
+    cells = set(d.scene) | set(expected or {})
+    if not cells:
+        return 1.0 if expected is None or all(d.clean.values()) else 0.0
+    return sum(c in d.scene and d.clean[c] for c in cells) / len(cells)
 
 
 def score_alignment(image: Image.Image, expected: Mapping[str, Object]) -> float:
-    """Fraction of the nine cells whose content is what was asked for (empty where nothing was)."""
-    seen = detect(image).scene
-    return sum(seen.get(c) == _obj(expected.get(c)) for c in CELLS) / len(CELLS)
+    """F1 of the objects drawn against the objects asked for (each an object at a cell); an empty
+    grid asked for and drawn is 1. Empty cells earn nothing, so a blank image scores 0."""
+    seen = {(c, o) for c, o in detect(image).scene.items()}
+    want = {(c, _obj(o)) for c, o in expected.items()}
+    if not seen and not want:
+        return 1.0
+    return 2 * len(seen & want) / (len(seen) + len(want))
 
 
 def score_consistency(
     before: Image.Image, after: Image.Image, expected_before: Mapping[str, Object], expected_after: Mapping[str, Object]
-) -> float:
-    """Among the cells that should not change between two images, the fraction that did not."""
-    keep = [c for c in CELLS if _obj(expected_before.get(c)) == _obj(expected_after.get(c))]
+) -> float | None:
+    """Among the objects that should not change between two images, the fraction drawn the same and
+    cleanly in both (None when the change leaves nothing in place to compare)."""
+    keep = [c for c in CELLS if c in expected_before and _obj(expected_before[c]) == _obj(expected_after.get(c))]
     if not keep:
-        return 1.0
+        return None
     a, b = detect(before), detect(after)
-    # Noise is not consistency: a cell counts only when both readings are clean and agree.
-    return sum(a.scene.get(c) == b.scene.get(c) and a.clean[c] and b.clean[c] for c in keep) / len(keep)
+    return sum(c in a.scene and a.scene[c] == b.scene.get(c) and a.clean[c] and b.clean[c] for c in keep) / len(keep)
+
+
+_SYNONYMS = (("top left", "top-left"), ("top right", "top-right"), ("bottom left", "bottom-left"),
+             ("bottom right", "bottom-right"), ("centre", "center"), ("middle", "center"))  # fmt: skip
+
+
+def normalise(text: str) -> str:
+    low = " ".join(text.lower().split())
+    for a, b in _SYNONYMS:
+        low = low.replace(a, b)
+    return low
+
+
+def yes_no(text: str) -> str | None:
+    """The first yes or no of ``text`` (the answer of a draft task), or None."""
+    m = re.search(r"(?<![\w-])(yes|no)(?![\w-])", normalise(text))
+    return m.group(1) if m else None
 
 
 def score_text(text: str, facts: list[str]) -> float:
     """Fraction of the facts (short phrases) the text states, case-insensitive."""
     if not facts:
         return 1.0
-    low = " ".join(text.lower().split())
+    low = normalise(text)
     return sum(re.search(rf"(?<![\w-]){re.escape(f.lower())}(?![\w-])", low) is not None for f in facts) / len(facts)
 
 
@@ -324,6 +359,17 @@ def _task(task_id: str, mode: str, prompts: list[str], expect: dict[str, Any]) -
         "turns": [{"prompt": p, "images": []} for p in prompts],
         "expect": {"world": "shapes", **jsonable(expect)},
     }
+
+
+def check_scene(value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is a scene: cell -> [shape, colour] of this world."""
+    if not isinstance(value, Mapping):
+        raise ValueError("a scene must be an object of cell: [shape, colour]")
+    for cell, obj in value.items():
+        if cell not in CELLS:
+            raise ValueError(f"unknown cell {cell!r}; cells are {', '.join(CELLS)}")
+        if not isinstance(obj, (list, tuple)) or len(obj) != 2 or obj[0] not in SHAPES or obj[1] not in COLORS:
+            raise ValueError(f"{cell}: {obj!r} is not [shape, colour] of {', '.join(SHAPES)} / {', '.join(COLORS)}")
 
 
 def scene_from_json(value: Mapping[str, Any]) -> Scene:
