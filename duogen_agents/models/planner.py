@@ -22,6 +22,7 @@ from PIL import Image
 from duogen_agents.errors import GenerationError
 from duogen_agents.models.loading import generating, loading, resolve_device, resolve_dtype, resolve_source
 from duogen_agents.models.protocols import ChatTurn, PlannerOutput, TokenCallback
+from duogen_agents.models.serial import device_turn
 from duogen_agents.presets import PlannerSpec
 
 _PLACEHOLDER = "\ue000{}\ue001"
@@ -198,8 +199,10 @@ class TransformersPlanner:
         import torch
         import xgrammar as xgr
 
-        grammar = self.compile(schema)
-        with generating("planner"):
+        # One call per device at a time: the seed below sets torch's global RNG, and a GPU runs one
+        # model faster alone than two side by side.
+        with device_turn(self.device), generating("planner"):
+            grammar = self.compile(schema)
             inputs = {k: v.to(self.device) for k, v in self.encode(conversation).items()}
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)

@@ -18,6 +18,12 @@ from duogen_agents.models.protocols import Drawing, ImageKind, StepCallback, ref
 from duogen_agents.presets import ImageSpec
 
 
+def fresh_scheduler(pipe: Any) -> None:
+    """Every pipeline call starts from a new scheduler: its step index and timesteps are per-call
+    state, which two calls sharing one scheduler would corrupt."""
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+
+
 def build_family(spec: ImageSpec, models_dir: Path | None) -> Any:
     if spec.family == "flux2-klein":
         from duogen_agents.models.images.flux2_klein import Flux2KleinImageTool

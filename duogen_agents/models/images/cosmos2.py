@@ -21,9 +21,11 @@ import torch
 from PIL import Image
 
 from duogen_agents.errors import GenerationError, ModelLoadError
+from duogen_agents.models.images import fresh_scheduler
 from duogen_agents.models.images.safety import PassThroughSafetyChecker
 from duogen_agents.models.loading import generating, loading, resolve_device, resolve_dtype, resolve_source
 from duogen_agents.models.protocols import Drawing, ImageKind, StepCallback, letterbox, refusal
+from duogen_agents.models.serial import device_turn
 from duogen_agents.presets import ImageSpec
 
 
@@ -157,11 +159,13 @@ class CosmosImageTool:
         if problem := refusal(self.capabilities, kind, len(references)):
             raise GenerationError(problem)
         size = (self.spec.width, self.spec.height)
-        with generating("image model"):
+        with device_turn(self.text2image.device), generating("image model"):
             if not references:
+                fresh_scheduler(self.text2image)
                 out = self.text2image(**self._common(prompt, seed, on_step))
                 return Drawing(out.images[0].convert("RGB"), self.family, "text2image")
             pipe = self.video2world
+            fresh_scheduler(pipe)
             fitted = [letterbox(im, size) for im in references]
             frames, num_frames, index = conditioning_frames(
                 fitted, self.spec.horizon_frames, pipe.vae_scale_factor_temporal

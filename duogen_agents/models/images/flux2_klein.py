@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 
 from duogen_agents.errors import GenerationError, ModelLoadError
+from duogen_agents.models.images import fresh_scheduler
 from duogen_agents.models.loading import generating, loading, resolve_device, resolve_dtype, resolve_source
 from duogen_agents.models.protocols import Drawing, ImageKind, StepCallback, letterbox, refusal
+from duogen_agents.models.serial import device_turn
 from duogen_agents.presets import ImageSpec
 
 CONTINUE_PROMPT = "The next moment of the scene in the reference images: {prompt}"
@@ -77,7 +79,8 @@ class Flux2KleinImageTool:
                 on_step(i + 1, spec.steps)
             return kwargs
 
-        with generating("image model"):
+        with device_turn(self.pipe.device), generating("image model"):
+            fresh_scheduler(self.pipe)
             out = self.pipe(
                 image=images,
                 prompt=text,

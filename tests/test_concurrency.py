@@ -1,0 +1,145 @@
+"""Safe concurrency: threads and asyncio tasks share one loaded preset; the library takes turns per
+device, first come first served, with a bounded queue, and every pipeline call has its own scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from duogen_agents.errors import GenerationError
+from duogen_agents.models.serial import DeviceQueue, device_key
+from duogen_agents.tools.render import Renderer
+
+
+def _start(target, *args) -> threading.Thread:
+    t = threading.Thread(target=target, args=args)
+    t.start()
+    return t
+
+
+def _until(predicate, timeout=10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def test_turns_are_served_in_arrival_order() -> None:
+    q = DeviceQueue("test", max_waiting=16)
+    order: list[int] = []
+
+    def worker(i: int) -> None:
+        with q.turn():
+            order.append(i)
+
+    with q.turn():
+        threads = []
+        for i in range(6):
+            threads.append(_start(worker, i))
+            _until(lambda i=i: q.waiting == i + 1)  # each has taken its ticket before the next starts
+    for t in threads:
+        t.join()
+    assert order == list(range(6))
+
+
+def test_the_queue_is_bounded_and_a_timeout_gives_up_its_place() -> None:
+    q = DeviceQueue("the test device", max_waiting=1)
+    results: list[str] = []
+
+    def worker(timeout=None) -> None:
+        try:
+            with q.turn(timeout):
+                results.append("served")
+        except GenerationError as e:
+            results.append(str(e))
+
+    with q.turn():
+        t1 = _start(worker)
+        _until(lambda: q.waiting == 1)
+        t_over = _start(worker)  # a second waiter is one too many: refused at once
+        t_over.join()
+        assert "already waiting for the test device" in results[-1]
+    t1.join()
+    assert results[-1] == "served"
+    with q.turn():
+        t2 = _start(worker, 0.05)
+        t2.join()
+        assert "waited more than" in results[-1]
+        t3 = _start(worker)  # the abandoned ticket is skipped: this one is served after release
+        _until(lambda: q.waiting == 1)
+    t3.join()
+    assert results[-1] == "served"
+
+
+def test_the_holder_may_call_again() -> None:
+    q = DeviceQueue("test")
+    with q.turn(), q.turn():
+        pass
+    assert q.waiting == 0
+
+
+def test_device_keys() -> None:
+    assert device_key("cuda") == device_key("cuda:0") == "cuda:0"
+    assert device_key("cpu") == device_key("cpu:0") == "cpu"
+    assert device_key("cuda:1") == "cuda:1"
+
+
+def _images(doc) -> list[str]:
+    return [b.image.id for b in doc.images]
+
+
+@pytest.mark.slow
+def test_threads_and_asyncio_tasks_share_one_preset(tiny_agent) -> None:
+    """Concurrent turns on one loaded tiny preset give exactly what the same turns give one by one."""
+    prompts = [("Plan a picnic", "visual-plan", 11), ("Draw a cat", "interleaved", 12), ("A garden", "draft", 13)]
+    alone = [tiny_agent.run(p, mode=m, seed=s) for p, m, s in prompts]
+
+    together: list = [None] * len(prompts)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            p, m, s = prompts[i]
+            together[i] = tiny_agent.run(p, mode=m, seed=s)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [_start(run, i) for i in range(len(prompts))]
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert [_images(d) for d in together] == [_images(d) for d in alone]
+    assert [d.text for d in together] == [d.text for d in alone]
+
+    async def gather() -> list:
+        return await asyncio.gather(*(asyncio.to_thread(tiny_agent.run, p, mode=m, seed=s) for p, m, s in prompts))
+
+    assert [_images(d) for d in asyncio.run(gather())] == [_images(d) for d in alone]
+
+
+@pytest.mark.slow
+def test_parallel_draws_on_one_image_tool(tiny_agent) -> None:
+    """Three tool calls at once (as an agent's parallel draw_image calls): no shared scheduler state."""
+    renderer = Renderer(tiny_agent.image_tool, tiny_agent.store)
+    ref = tiny_agent.store.put(Image.new("RGB", (64, 64), (200, 40, 40)))
+    requests = [("a pot", [], "generate"), ("the pot, later", [ref], "continue"), ("the pot, blue", [ref], "edit")]
+    alone = [renderer.render(p, r, kind=k, seed=3).ref for p, r, k in requests]
+    got: list = [None] * 3
+    errors: list[BaseException] = []
+
+    def draw(i: int) -> None:
+        try:
+            p, r, k = requests[i]
+            got[i] = renderer.render(p, r, kind=k, seed=3).ref
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [_start(draw, i) for i in range(3)]
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert got == alone
