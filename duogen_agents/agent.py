@@ -12,19 +12,38 @@ tokens, the graph's custom events (``plan``, ``text``, ``image_start``, ``image_
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from duogen_agents.document import ImageRef, InterleavedDocument
-from duogen_agents.errors import ConfigError
-from duogen_agents.inputs import load_input_image
+from duogen_agents.errors import ConfigError, DuogenError
+from duogen_agents.inputs import block_file_id, image_from_block, load_input_image
 from duogen_agents.presets import Preset, load_preset
 from duogen_agents.storage.images import ImageStore, default_home
 from duogen_agents.validation import check_prompt, check_seed
 
 if TYPE_CHECKING:
     from duogen_agents.sessions import Session
+
+# A file path, a PIL image, or an image content block (LangChain standard or OpenAI image_url).
+ImageInput = Any
+
+
+async def aiterate(events: Iterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """A sync event stream as an async one: each step runs in a worker thread; closing the async
+    iterator closes the stream (a session's turn is then marked interrupted, as with Ctrl-C)."""
+    import asyncio
+
+    done = object()
+    try:
+        while True:
+            event = await asyncio.to_thread(next, events, done)
+            if event is done:
+                return
+            yield event  # type: ignore[misc]
+    finally:
+        await asyncio.to_thread(events.close)
 
 
 class Agent:
@@ -37,6 +56,7 @@ class Agent:
         home: Path | str | None = None,
         checkpointer: Any = None,
         critic: Any = None,
+        allow_remote_images: bool = False,
     ) -> None:
         from langgraph.checkpoint.memory import InMemorySaver
 
@@ -46,6 +66,7 @@ class Agent:
         from duogen_agents.tools.render import Renderer
 
         self.preset = preset
+        self.allow_remote_images = allow_remote_images  # fetch http(s) image URLs (off: refused)
         self.home = Path(home) if home is not None else default_home()
         self.store = ImageStore(self.home)
         self.planner = planner
@@ -58,6 +79,7 @@ class Agent:
             planner_spec=preset.planner,
             limits=preset.limits,
             critic=PlannerChatModel(planner=critic, store=self.store) if critic is not None else None,
+            allow_remote_images=allow_remote_images,
         )
         self.checkpointer = checkpointer if checkpointer is not None else InMemorySaver()
         self.graph = build_graph(self.deps, checkpointer=self.checkpointer)
@@ -84,8 +106,12 @@ class Agent:
         per_image = 2 + 2 * lim.redraw_budget
         return 10 + 2 * lim.max_actions + lim.plan_max_steps * 2 + (lim.max_images + lim.max_drafts) * per_image
 
-    def store_inputs(self, prompt: str, mode: str, images: Sequence[str | Path]) -> list[ImageRef]:
-        """Check the prompt and mode, load every image, then store them (one bad file stores nothing)."""
+    def store_inputs(self, prompt: str, mode: str, images: Sequence[ImageInput]) -> list[ImageRef]:
+        """Check the prompt and mode, load every image, then store them (one bad image stores nothing).
+
+        An image is a file path, a PIL image, or a content block: LangChain's standard image blocks
+        (``base64``, a ``data:``/``file://`` URL, or the ``file_id`` of an image in the store) and
+        OpenAI ``image_url`` parts; an ``http(s)`` URL only with ``allow_remote_images``."""
         check_prompt(prompt)
         from duogen_agents.graphs.state import MODES
 
@@ -93,8 +119,21 @@ class Agent:
             raise ConfigError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
         if problem := self.preset.mode_problem(mode):
             raise ConfigError(problem)
-        pixels = [load_input_image(p) for p in images]
-        return [self.store.put(im) for im in pixels]
+        return [self._stored(im) for im in [self._pixels(i) for i in images]]
+
+    def _pixels(self, image: ImageInput) -> Any:
+        from PIL import Image
+
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        if isinstance(image, dict):
+            if (file_id := block_file_id(image)) is not None:
+                return self.store.open(file_id)  # an id from the caller is validated like any other
+            return image_from_block(image, allow_remote=self.allow_remote_images)
+        return load_input_image(image)
+
+    def _stored(self, image: Any) -> ImageRef:
+        return self.store.put(image)
 
     @staticmethod
     def input_state(prompt: str, mode: str, refs: Sequence[ImageRef], seed: int) -> dict[str, Any]:
@@ -146,7 +185,7 @@ class Agent:
         prompt: str,
         *,
         mode: str = "interleaved",
-        images: Sequence[str | Path] = (),
+        images: Sequence[ImageInput] = (),
         seed: int | None = None,
         thread_id: str | None = None,
     ) -> Iterator[dict[str, Any]]:
@@ -183,7 +222,7 @@ class Agent:
         prompt: str,
         *,
         mode: str = "interleaved",
-        images: Sequence[str | Path] = (),
+        images: Sequence[ImageInput] = (),
         seed: int | None = None,
     ) -> InterleavedDocument:
         """Run one turn and return its document."""
@@ -193,6 +232,52 @@ class Agent:
                 doc = event["document"]
         assert doc is not None
         return doc
+
+    # ---- async twins ---------------------------------------------------------------------------
+
+    async def astream(self, prompt: str, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
+        """``stream`` for asyncio: the same events; model calls run in a worker thread (and take
+        turns per device with every other caller), so the event loop stays free."""
+        async for event in aiterate(self.stream(prompt, **kwargs)):
+            yield event
+
+    async def arun(self, prompt: str, **kwargs: Any) -> InterleavedDocument:
+        """``run`` for asyncio (see ``astream``)."""
+        doc: InterleavedDocument | None = None
+        async for event in self.astream(prompt, **kwargs):
+            if event.get("event") == "document":
+                doc = event["document"]
+        assert doc is not None
+        return doc
+
+    def as_tool(self, *, name: str = "illustrated_answer", mode: str = "visual-plan") -> Any:
+        """The whole agent as one LangChain tool for other agents: it answers a request with text
+        and pictures; the content is text plus standard base64 image blocks (the calling model sees
+        the pictures), the artifact the ``InterleavedDocument`` as JSON."""
+        from langchain_core.tools import StructuredTool, ToolException
+        from pydantic import BaseModel, Field
+
+        agent, default_mode = self, mode
+
+        class IllustratedAnswerArgs(BaseModel):
+            request: str = Field(min_length=1, max_length=20_000, description="what to answer, with pictures")
+            mode: str = Field(default_mode, description="visual-plan, interleaved or draft")
+
+        def illustrated_answer(request: str, mode: str = default_mode) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            try:
+                doc = agent.run(request, mode=mode)
+            except DuogenError as e:
+                raise ToolException(str(e)) from None
+            return doc.content_blocks(agent.store), doc.model_dump(mode="json")
+
+        return StructuredTool.from_function(
+            func=illustrated_answer,
+            name=name,
+            description="Answer a request with an illustrated, step-by-step answer: text and images.",
+            args_schema=IllustratedAnswerArgs,
+            response_format="content_and_artifact",
+            handle_tool_error=True,
+        )
 
     def save(self, doc: InterleavedDocument, out_dir: str | Path) -> list[Path]:
         """Write ``document.md``, ``document.html``, ``document.json`` and ``images/`` to ``out_dir``."""

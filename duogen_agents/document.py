@@ -10,9 +10,13 @@ what graph state, checkpoints and documents hold, never the pixels themselves.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import base64
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from duogen_agents.storage.images import ImageStore
 
 SHORT_ID_LENGTH = 12
 
@@ -35,6 +39,16 @@ class ImageRef(BaseModel):
     @property
     def filename(self) -> str:
         return f"{self.id}.png"
+
+    def content_block(self, store: ImageStore) -> dict[str, Any]:
+        """A LangChain standard image block with the PNG inline (base64): any chat model that takes
+        images accepts it, unlike a ``file_id`` only this store resolves."""
+        data = base64.b64encode(store.read_bytes(self)).decode("ascii")
+        return {"type": "image", "base64": data, "mime_type": self.mime}
+
+    def data_url(self, store: ImageStore) -> str:
+        """The PNG as a ``data:`` URL (OpenAI ``image_url`` parts, HTML)."""
+        return f"data:{self.mime};base64," + base64.b64encode(store.read_bytes(self)).decode("ascii")
 
 
 class TextBlock(BaseModel):
@@ -96,3 +110,15 @@ class InterleavedDocument(BaseModel):
     @property
     def text(self) -> str:
         return "\n\n".join(b.text for b in self.blocks if isinstance(b, TextBlock))
+
+    def content_blocks(self, store: ImageStore, *, drafts: bool = False) -> list[dict[str, Any]]:
+        """The answer as LangChain standard content blocks, text and base64 images in order, to hand
+        to any other chat model (``HumanMessage(content=doc.content_blocks(store))``). Draft sketches
+        are left out unless ``drafts``."""
+        out: list[dict[str, Any]] = []
+        for block in self.blocks:
+            if isinstance(block, TextBlock):
+                out.append({"type": "text", "text": block.text})
+            elif drafts or not block.draft:
+                out.append(block.image.content_block(store))
+        return out

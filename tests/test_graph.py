@@ -100,17 +100,29 @@ def test_state_and_checkpoints_hold_no_pixels(tiny_agent) -> None:
     assert checked > 5
 
 
-def test_renderer_as_langchain_tool_returns_ids_not_pixels(tmp_path) -> None:
+def test_renderer_as_langchain_tool_shows_the_picture_and_returns_its_id(tmp_path) -> None:
+    import base64
+
     from duogen_agents.storage.images import ImageStore
     from duogen_agents.tools.render import Renderer
 
+    def call(args, n):
+        return lc_tool.invoke({"type": "tool_call", "name": "draw_image", "args": args, "id": f"call-{n}"})
+
     tool = SolidImageTool()
-    lc_tool = Renderer(tool, ImageStore(tmp_path)).as_langchain_tool()
-    first = lc_tool.invoke({"prompt": "a pot"})
-    second = lc_tool.invoke({"prompt": "the pot, blue", "references": [first["short_id"]], "kind": "edit"})
-    assert len(first["id"]) == 64 and second["kind"] == "edit"
+    store = ImageStore(tmp_path)
+    lc_tool = Renderer(tool, store).as_langchain_tool()
+    first = call({"prompt": "a pot"}, 1)
+    ref = first.artifact
+    text, image = first.content
+    assert ref["short_id"] in text["text"] and image["type"] == "image" and image["mime_type"] == "image/png"
+    assert base64.b64decode(image["base64"]) == store.read_bytes(ref["id"])  # the picture itself, inline
+    second = call({"prompt": "the pot, blue", "references": [ref["short_id"]], "kind": "edit"}, 2)
+    assert second.artifact["kind"] == "edit" and tool.requests[1]["kind"] == "edit"
     assert len(tool.requests[1]["references"]) == 1  # the first image reached the draw as a reference
-    assert ImageStore(tmp_path).exists(second["id"])
+    assert store.exists(second.artifact["id"])
+    bad = call({"prompt": "x", "references": ["ffffffffffff"]}, 3)
+    assert bad.status == "error" and "names no earlier image" in bad.content  # a tool error, not a raise
 
 
 def test_the_check_runs_on_the_critic_when_the_preset_names_one(tmp_path) -> None:

@@ -24,6 +24,7 @@ class GraphDeps:
     planner_spec: PlannerSpec
     limits: Limits
     critic: Any = None  # PlannerChatModel | None
+    allow_remote_images: bool = False  # fetch http(s) image URLs found in incoming messages
 
     @property
     def checker(self) -> Any:

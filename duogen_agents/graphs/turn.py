@@ -89,7 +89,7 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
     """Build the turn graph. ``compile=False`` returns the uncompiled ``StateGraph`` to compose."""
     graph = _wire(
         {
-            "start": nodes.start,
+            "start": partial(nodes.start, deps=deps),
             "outline": partial(nodes.outline, deps=deps),
             "plan": partial(nodes.plan, deps=deps),
             "render": partial(nodes.render, deps=deps),

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -83,7 +82,7 @@ class Session:
         prompt: str,
         *,
         mode: str | None = None,
-        images: Sequence[str | Path] = (),
+        images: Sequence[Any] = (),
         seed: int | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Send one message and yield the turn's events (as ``Agent.stream``); the session's earlier
@@ -94,7 +93,7 @@ class Session:
         with self.agent.store.lease():  # gc keeps what this turn writes, from its uploads on
             yield from self._send(prompt, mode, images, seed)
 
-    def _send(self, prompt: str, mode: str, images: Sequence[str | Path], seed: int | None) -> Iterator[dict[str, Any]]:
+    def _send(self, prompt: str, mode: str, images: Sequence[Any], seed: int | None) -> Iterator[dict[str, Any]]:
         refs = self.agent.store_inputs(prompt, mode, images)
         with self._writing():
             if self.sessions.unfinished_turn(self.id) is not None:
@@ -110,6 +109,22 @@ class Session:
             )  # fmt: skip
             state = self.agent.input_state(prompt, mode, refs, seed)
             yield from self._drive(turn_id, state, prompt, mode, refs)
+
+    async def astream(self, prompt: str, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
+        """``stream`` for asyncio (model calls in a worker thread)."""
+        from duogen_agents.agent import aiterate
+
+        async for event in aiterate(self.stream(prompt, **kwargs)):
+            yield event
+
+    async def asend(self, prompt: str, **kwargs: Any) -> InterleavedDocument:
+        """``send`` for asyncio."""
+        doc: InterleavedDocument | None = None
+        async for event in self.astream(prompt, **kwargs):
+            if event.get("event") == "document":
+                doc = event["document"]
+        assert doc is not None
+        return doc
 
     def send(self, prompt: str, **kwargs: Any) -> InterleavedDocument:
         """Send one message; returns the turn's document."""

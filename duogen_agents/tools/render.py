@@ -90,22 +90,32 @@ class Renderer:
         return Rendered(self.store.put(drawing.image), drawing)
 
     def as_langchain_tool(self, known: Mapping[str, ImageRef] | None = None) -> Any:
-        """A ``StructuredTool`` named ``draw_image`` that returns the new image's id and size."""
-        from langchain_core.tools import StructuredTool
+        """A ``StructuredTool`` named ``draw_image``: its content is a line of text and the image as
+        a standard base64 block (a calling model sees the picture), its artifact the image's id and
+        size. A bad reference or a request the model cannot draw comes back as a tool error the
+        calling model can read, not an exception."""
+        from langchain_core.tools import StructuredTool, ToolException
 
         images: dict[str, ImageRef] = dict(known or {})
 
         def draw_image(
             prompt: str, references: list[str] | None = None, kind: str = "generate", seed: int = 0
-        ) -> dict[str, Any]:
-            refs = self.resolve(references or [], images)
-            ref = self.render(prompt, refs, kind=kind, seed=seed).ref  # type: ignore[arg-type]
+        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            try:
+                refs = self.resolve(references or [], images)
+                ref = self.render(prompt, refs, kind=kind, seed=seed).ref  # type: ignore[arg-type]
+            except GenerationError as e:
+                raise ToolException(str(e)) from None
             images[ref.short] = ref
-            return {"id": ref.id, "short_id": ref.short, "width": ref.width, "height": ref.height, "kind": kind}
+            text = f"image {ref.short} ({ref.width}x{ref.height}, {kind}); reference it by that id"
+            artifact = {"id": ref.id, "short_id": ref.short, "width": ref.width, "height": ref.height, "kind": kind}
+            return [{"type": "text", "text": text}, ref.content_block(self.store)], artifact
 
         return StructuredTool.from_function(
             func=draw_image,
             name="draw_image",
             description="Draw an image from a prompt; pass earlier image ids as references to keep them consistent.",
             args_schema=RenderImageArgs,
+            response_format="content_and_artifact",
+            handle_tool_error=True,
         )

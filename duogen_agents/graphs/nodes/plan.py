@@ -23,10 +23,39 @@ from duogen_agents.graphs.nodes.common import (
 from duogen_agents.graphs.state import RESET_BLOCKS, TurnState
 
 
-def start(state: TurnState) -> dict[str, Any]:
+def inline_images(state: TurnState, deps: GraphDeps) -> dict[str, Any]:
+    """Images that came in as pixels (a parent graph's message with LangChain base64 or URL image
+    blocks, OpenAI ``image_url`` parts) are stored once and become ``file_id`` blocks and known
+    images, so the planner sees them and can reference them. Returns the state update."""
+    from langchain_core.messages import HumanMessage
+
+    from duogen_agents.inputs import block_file_id, image_from_block, is_image_block
+
+    changed: list[Any] = []
+    known: dict[str, Any] = {}
+    for message in state.get("messages", []):
+        if not isinstance(message, HumanMessage) or isinstance(message.content, str):
+            continue
+        blocks = list(message.content)
+        if not any(is_image_block(b) and block_file_id(b) is None for b in blocks):  # type: ignore[arg-type]
+            continue
+        new_blocks: list[Any] = []
+        for block in blocks:
+            if is_image_block(block) and block_file_id(block) is None:  # type: ignore[arg-type]
+                ref = deps.store.put(image_from_block(block, allow_remote=deps.allow_remote_images))  # type: ignore[arg-type]
+                known[ref.short] = ref.model_dump()
+                block = {"type": "image", "file_id": ref.id, "mime_type": ref.mime}
+            new_blocks.append(block)
+        changed.append(message.model_copy(update={"content": new_blocks}))  # same id: replaces it
+    return {"messages": changed, "known_images": known} if changed else {}
+
+
+def start(state: TurnState, *, deps: GraphDeps | None = None) -> dict[str, Any]:
     """Reset the per-turn bookkeeping; a direct request (a redraw) goes straight to ``render``."""
     request = state.get("request")
+    images = inline_images(state, deps) if deps is not None else {}
     return {
+        **images,
         "request": None,
         "direct": request is not None,
         "blocks": [RESET_BLOCKS],

@@ -1,0 +1,164 @@
+"""Images in as any standard block, out as standard blocks; async twins; the agent as a tool."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+from langchain_core.messages import HumanMessage
+from PIL import Image
+
+from duogen_agents.errors import InputImageError
+from tests.security.helpers import DONE, OK, TEXT, image, scripted_agent
+
+
+def _png(color=(200, 30, 30), size=(48, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _seen(agent) -> list[np.ndarray]:
+    """The pixels of every image the planner received in its first call."""
+    conversation = agent.planner.calls[0][0]
+    return [np.asarray(p["image"]) for t in conversation for p in t["content"] if p["type"] == "image"]
+
+
+@pytest.fixture
+def png_file(tmp_path):
+    p = tmp_path / "in.png"
+    p.write_bytes(_png((10, 200, 10)))
+    return p
+
+
+def _blocks(png_file, store_ref):
+    b64 = base64.b64encode(_png()).decode()
+    return {
+        "LangChain base64": {"type": "image", "base64": b64, "mime_type": "image/png"},
+        "LangChain v0 base64": {"type": "image", "source_type": "base64", "data": b64, "mime_type": "image/png"},
+        "data: URL": {"type": "image", "url": f"data:image/png;base64,{b64}"},
+        "file:// URL": {"type": "image", "url": png_file.as_uri()},
+        "OpenAI image_url": {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}},
+        "store file_id": {"type": "image", "file_id": store_ref.id},
+        "PIL image": Image.new("RGB", (48, 48), (200, 30, 30)),
+    }
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "LangChain base64",
+        "LangChain v0 base64",
+        "data: URL",
+        "file:// URL",
+        "OpenAI image_url",
+        "store file_id",
+        "PIL image",
+    ],
+)
+def test_every_standard_image_block_reaches_the_planner(kind, home, png_file) -> None:
+    agent = scripted_agent(home, [TEXT, DONE])
+    stored = agent.store.put(Image.new("RGB", (48, 48), (1, 2, 3)))
+    block = _blocks(png_file, stored)[kind]
+    doc = agent.run("what is this?", images=[block])
+    (ref,) = doc.inputs
+    (pixels,) = _seen(agent)
+    assert np.array_equal(pixels, np.asarray(agent.store.open(ref)))  # the pixels arrived
+
+
+def test_remote_urls_are_refused_unless_enabled(home) -> None:
+    png = _png((0, 0, 250))
+
+    class Serve(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *a) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Serve)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/x.png"
+    try:
+        with pytest.raises(InputImageError, match="remote images are off"):
+            scripted_agent(home, [TEXT, DONE]).run("x", images=[{"type": "image", "url": url}])
+        agent = scripted_agent(home, [TEXT, DONE])
+        agent.allow_remote_images = True
+        doc = agent.run("x", images=[{"type": "image", "url": url}])
+        assert np.asarray(agent.store.open(doc.inputs[0]))[0, 0].tolist() == [0, 0, 250]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_parent_graphs_base64_message_is_stored_and_seen(home) -> None:
+    """Graph input that never went through the Agent (a parent graph's message) still reaches the planner."""
+    agent = scripted_agent(home, [image("the same, blue", ["__first__"], "edit"), OK, DONE])
+    b64 = base64.b64encode(_png((250, 250, 0))).decode()
+
+    def edit_first(conversation, schema):
+        labels = [
+            p["text"]
+            for t in conversation
+            for p in t["content"]
+            if p["type"] == "text" and p["text"].startswith("[image ")
+        ]
+        return {"type": "image", "prompt": "the same, blue", "references": [labels[0][7:-1]], "kind": "edit"}
+
+    agent.planner.script[0] = edit_first
+    message = HumanMessage(
+        content=[{"type": "image", "base64": b64, "mime_type": "image/png"}, {"type": "text", "text": "make it blue"}]
+    )
+    config = agent.config("parent-thread")
+    out = agent.graph.invoke({"messages": [message], "mode": "interleaved", "seed": 0}, config)
+    (pixels,) = _seen(agent)[:1]
+    assert pixels[0, 0].tolist() == [250, 250, 0]
+    block = out["blocks"][-1]
+    assert block["kind"] == "edit" and len(block["references"]) == 1
+    stored = agent.graph.get_state(config).values["messages"][0].content[0]
+    assert stored.get("file_id") == block["references"][0] and "base64" not in stored  # pixels out of state
+
+
+def test_documents_hand_standard_blocks_to_other_models(home) -> None:
+    from langchain_core.messages import convert_to_openai_messages
+
+    agent = scripted_agent(home, [TEXT, image("a pot"), OK, DONE])
+    doc = agent.run("draw a pot")
+    blocks = doc.content_blocks(agent.store)
+    assert [b["type"] for b in blocks] == ["text", "image"]
+    assert base64.b64decode(blocks[1]["base64"]) == agent.store.read_bytes(doc.images[0].image)
+    openai = convert_to_openai_messages(HumanMessage(content=blocks))
+    urls = [p["image_url"]["url"] for p in openai["content"] if p["type"] == "image_url"]
+    assert urls == [doc.images[0].image.data_url(agent.store)]
+
+
+def test_async_twins(home, tmp_path) -> None:
+    from duogen_agents.storage.database import Database
+
+    agent = scripted_agent(home, [TEXT, image("a pot"), OK, DONE, TEXT, DONE])
+    doc = asyncio.run(agent.arun("draw a pot"))
+    assert [b.type for b in doc.blocks] == ["text", "image"]
+
+    async def session_turn():
+        with Database.open(f"sqlite:///{tmp_path / 'd.db'}", home=home) as db:
+            events = [e async for e in agent.session("s", database=db).astream("and now?")]
+            return events
+
+    events = asyncio.run(session_turn())
+    assert events[-1]["event"] == "document" and events[-1]["session_id"] == "s"
+
+
+def test_the_agent_as_one_tool(home) -> None:
+    agent = scripted_agent(home, [TEXT, image("a pot"), OK, DONE])
+    tool = agent.as_tool(mode="interleaved")
+    msg = tool.invoke({"type": "tool_call", "name": tool.name, "args": {"request": "draw a pot"}, "id": "c1"})
+    assert [b["type"] for b in msg.content] == ["text", "image"]
+    assert msg.artifact["blocks"][1]["type"] == "image" and msg.artifact["mode"] == "interleaved"
