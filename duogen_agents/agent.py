@@ -151,13 +151,17 @@ class Agent:
 
     def graph_events(self, graph: Any, graph_input: Any, config: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Run ``graph`` (``graph_input=None`` resumes from the last checkpoint), yielding token and custom events."""
+        from duogen_agents.graphs.nodes.common import PLANNER_TAG
+
         # durability="sync": each step's checkpoint is on disk before the next step starts (crash safety).
         for mode_name, payload in graph.stream(
             graph_input, config, stream_mode=["messages", "custom"], durability="sync"
         ):
             if mode_name == "messages":
                 chunk, meta = payload
-                if isinstance(chunk.content, str) and chunk.content and meta.get("langgraph_node") != "finish":
+                # The planner's action tokens only: not the check's verdicts (tagged duogen:check).
+                planner = PLANNER_TAG in (meta.get("tags") or [])
+                if planner and isinstance(chunk.content, str) and chunk.content:
                     yield {"event": "token", "text": chunk.content, "node": meta.get("langgraph_node")}
             else:
                 yield payload

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -162,3 +163,42 @@ def test_the_agent_as_one_tool(home) -> None:
     msg = tool.invoke({"type": "tool_call", "name": tool.name, "args": {"request": "draw a pot"}, "id": "c1"})
     assert [b["type"] for b in msg.content] == ["text", "image"]
     assert msg.artifact["blocks"][1]["type"] == "image" and msg.artifact["mode"] == "interleaved"
+
+
+def test_a_parent_messages_state_graph_keeps_image_references_across_turns(home) -> None:
+    """The subgraph contract: a parent ``MessagesState`` (no ``known_images``) still lets a follow-up
+    reference the image of an earlier turn, and the planner's tokens are tagged in its stream."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    from duogen_agents.graphs.turn import build_graph
+
+    def edit_earlier(conversation, schema):
+        labels = [
+            p["text"]
+            for t in conversation
+            for p in t["content"]
+            if p["type"] == "text" and p["text"].startswith("[image ")
+        ]
+        earlier = labels[0][len("[image ") : -1]
+        assert earlier in json.dumps(schema)  # offered by the grammar
+        return {"type": "image", "prompt": "the pot, blue", "references": [earlier], "kind": "edit"}
+
+    agent = scripted_agent(home, [image("a pot"), OK, DONE, edit_earlier, OK, DONE])
+    parent = StateGraph(MessagesState)
+    parent.add_node("illustrate", build_graph(agent.deps))
+    parent.add_edge(START, "illustrate")
+    graph = parent.compile(checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "parent"}}
+    graph.invoke({"messages": [HumanMessage("draw a pot")]}, config)
+    tags = []
+    for _namespace, (_chunk, meta) in graph.stream(
+        {"messages": [HumanMessage("now make it blue")]}, config, stream_mode="messages", subgraphs=True
+    ):
+        tags.append(tuple(meta.get("tags") or []))
+    messages = graph.get_state(config).values["messages"]
+    files = [
+        b["file_id"] for m in messages if not isinstance(m.content, str) for b in m.content if b.get("type") == "image"
+    ]
+    assert len(files) == 2 and files[0] != files[1]
+    assert any("duogen:planner" in t for t in tags) and any("duogen:check" in t for t in tags)

@@ -270,6 +270,16 @@ class ImageStore:
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise StorageError(f"image {image_id[:SHORT_ID_LENGTH]} in the store is damaged ({e})") from None
 
+    def ref(self, image_id: str) -> ImageRef:
+        """The ``ImageRef`` of a stored image (its size read from the PNG header, no decoding)."""
+        data = self._read(image_id)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+        except (OSError, SyntaxError, ValueError) as e:
+            raise StorageError(f"image {image_id[:SHORT_ID_LENGTH]} in the store is damaged ({e})") from None
+        return ImageRef(id=image_id, width=width, height=height)
+
     def read_bytes(self, ref: ImageRef | str) -> bytes:
         return self._read(ref.id if isinstance(ref, ImageRef) else ref)
 

@@ -15,7 +15,15 @@ from duogen_agents.document import ImageRef
 from duogen_agents.graphs import actions as A
 from duogen_agents.graphs import prompts
 from duogen_agents.graphs.deps import GraphDeps
-from duogen_agents.graphs.nodes.common import budget, call_planner, capabilities, pending_from, referable, writer
+from duogen_agents.graphs.nodes.common import (
+    CHECK_TAG,
+    budget,
+    call_planner,
+    capabilities,
+    pending_from,
+    referable,
+    writer,
+)
 from duogen_agents.graphs.nodes.render import accept
 from duogen_agents.graphs.state import TurnState
 
@@ -28,7 +36,9 @@ def check(state: TurnState, config: RunnableConfig, *, deps: GraphDeps) -> dict[
     if (max_new := budget(state, schema, deps)) is None:
         return accept(state, pending, candidate, deps=deps)  # no budget left to look: kept unchecked
     instruction = prompts.CHECK.format(prompt=pending["prompt"])
-    raw, n = call_planner(state, config, deps, schema, instruction, max_new, images=[candidate.id], chat=deps.checker)
+    raw, n = call_planner(
+        state, config, deps, schema, instruction, max_new, images=[candidate.id], chat=deps.checker, tag=CHECK_TAG
+    )
     verdict = A.parse_action(raw, A.CheckVerdict)
     upd: dict[str, Any] = {"calls": state.get("calls", 0) + 1, "tokens": state.get("tokens", 0) + n}
     if verdict.verdict == "redraw" and pending["attempt"] <= deps.limits.redraw_budget:

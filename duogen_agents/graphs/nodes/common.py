@@ -20,6 +20,9 @@ from duogen_agents.tools.render import Renderer
 RECENT_IMAGES_PER_REFERENCE = 4
 # Spreads the per-call seeds of one turn apart.
 CALL_SEED_STRIDE = 7919
+# Tags of the model calls in a LangGraph ``messages`` stream: the answer's actions, and the checks.
+PLANNER_TAG = "duogen:planner"
+CHECK_TAG = "duogen:check"
 
 
 def writer() -> Any:
@@ -61,6 +64,7 @@ def call_planner(
     *,
     images: Sequence[str] = (),
     chat: Any = None,
+    tag: str = PLANNER_TAG,
 ) -> tuple[str, int]:
     """One grammar-constrained call over the conversation (plus ``instruction`` with ``images``)."""
     mode = state.get("mode", "interleaved")
@@ -70,7 +74,10 @@ def call_planner(
         content.append({"type": "text", "text": instruction})
         msgs.append(HumanMessage(content=content))
     seed = state.get("seed", 0) * CALL_SEED_STRIDE + state.get("calls", 0)
-    response = (chat or deps.chat).invoke(msgs, config, schema=schema, seed=seed, max_new_tokens=max_new_tokens)
+    # Tagged, so a LangGraph ``messages`` stream can tell the planner's JSON actions (and the
+    # check's verdicts) from a parent graph's own model output.
+    tagged = {**config, "tags": [*(config.get("tags") or []), tag]}
+    response = (chat or deps.chat).invoke(msgs, tagged, schema=schema, seed=seed, max_new_tokens=max_new_tokens)
     usage = response.usage_metadata or {}
     return str(response.content), int(usage.get("output_tokens", 0))
 

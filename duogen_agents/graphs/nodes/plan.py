@@ -29,12 +29,23 @@ def inline_images(state: TurnState, deps: GraphDeps) -> dict[str, Any]:
     images, so the planner sees them and can reference them. Returns the state update."""
     from langchain_core.messages import HumanMessage
 
+    from duogen_agents.document import SHORT_ID_LENGTH
     from duogen_agents.inputs import block_file_id, image_from_block, is_image_block
+    from duogen_agents.storage.images import is_image_id
 
     changed: list[Any] = []
     known: dict[str, Any] = {}
+    already = state.get("known_images") or {}
     for message in state.get("messages", []):
-        if not isinstance(message, HumanMessage) or isinstance(message.content, str):
+        if isinstance(message.content, str):
+            continue
+        # Every image of the conversation is a known image, even where the state that carried the
+        # messages (a parent graph's) has no ``known_images``: follow-ups can reference them.
+        for block in message.content:
+            file_id = block_file_id(block) if isinstance(block, dict) else None
+            if file_id is not None and file_id[:SHORT_ID_LENGTH] not in already and is_image_id(file_id):
+                known[file_id[:SHORT_ID_LENGTH]] = deps.store.ref(file_id).model_dump()
+        if not isinstance(message, HumanMessage):
             continue
         blocks = list(message.content)
         if not any(is_image_block(b) and block_file_id(b) is None for b in blocks):  # type: ignore[arg-type]
@@ -47,7 +58,8 @@ def inline_images(state: TurnState, deps: GraphDeps) -> dict[str, Any]:
                 block = {"type": "image", "file_id": ref.id, "mime_type": ref.mime}
             new_blocks.append(block)
         changed.append(message.model_copy(update={"content": new_blocks}))  # same id: replaces it
-    return {"messages": changed, "known_images": known} if changed else {}
+    update: dict[str, Any] = {"known_images": known} if known else {}
+    return {**update, "messages": changed} if changed else update
 
 
 def start(state: TurnState, *, deps: GraphDeps | None = None) -> dict[str, Any]:
