@@ -68,13 +68,19 @@ class PendingImage(TypedDict, total=False):
     drawn: dict[str, Any]
 
 
+# The conversation channel, shared by the state and the server's input/output schemas.
+Messages = Annotated[list[AnyMessage], DeltaChannel(fold_messages)]
+KnownImages = Annotated[dict[str, dict[str, Any]], DeltaChannel(merge_images)]
+Blocks = Annotated[list[dict[str, Any]], turn_blocks]
+
+
 class TurnState(TypedDict, total=False):
     # Conversation: langchain messages; images are {"type": "image", "file_id": <sha256>} blocks.
-    messages: Annotated[list[AnyMessage], DeltaChannel(fold_messages)]
+    messages: Messages
     # Document blocks (InterleavedDocument block dicts) of the current turn, in order.
-    blocks: Annotated[list[dict[str, Any]], turn_blocks]
+    blocks: Blocks
     # Every image of the conversation by short id -> ImageRef dict (uploads, drafts, generated).
-    known_images: Annotated[dict[str, dict[str, Any]], DeltaChannel(merge_images)]
+    known_images: KnownImages
     mode: Mode
     seed: int
     # Input only: an image request to draw directly (a redraw), without asking the planner.

@@ -70,8 +70,8 @@ def after_revise(state: TurnState) -> str:
 NODES = ("start", "outline", "plan", "render", "check", "revise", "finish")
 
 
-def _wire(node: dict[str, Any]) -> StateGraph:
-    graph = StateGraph(TurnState)
+def _wire(node: dict[str, Any], **schemas: Any) -> StateGraph:
+    graph = StateGraph(TurnState, **schemas)
     for name in NODES:
         graph.add_node(name, node[name])
     graph.add_edge(START, "start")
@@ -85,8 +85,9 @@ def _wire(node: dict[str, Any]) -> StateGraph:
     return graph
 
 
-def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = True) -> Any:
-    """Build the turn graph. ``compile=False`` returns the uncompiled ``StateGraph`` to compose."""
+def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = True, **schemas: Any) -> Any:
+    """Build the turn graph. ``compile=False`` returns the uncompiled ``StateGraph`` to compose;
+    ``input_schema``/``output_schema`` narrow what callers see (``graphs/server.py``)."""
     graph = _wire(
         {
             "start": partial(nodes.start, deps=deps),
@@ -96,7 +97,8 @@ def build_graph(deps: GraphDeps, *, checkpointer: Any = None, compile: bool = Tr
             "check": partial(nodes.check, deps=deps),
             "revise": partial(nodes.revise, deps=deps),
             "finish": nodes.finish,
-        }
+        },
+        **schemas,
     )
     if not compile:
         return graph
