@@ -143,3 +143,27 @@ def test_parallel_draws_on_one_image_tool(tiny_agent) -> None:
         t.join()
     assert not errors, errors
     assert got == alone
+
+
+@pytest.mark.slow
+def test_create_agent_with_three_parallel_draw_image_calls(tiny_agent) -> None:
+    """A LangChain agent whose model asks for three pictures at once gets three images (the tool
+    calls run in parallel on one loaded image model)."""
+    from langchain.agents import create_agent
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage, ToolMessage
+
+    class ToolCallingFake(GenericFakeChatModel):
+        def bind_tools(self, tools, **kwargs):
+            return self
+
+    calls = [{"name": "draw_image", "args": {"prompt": f"picture {i}", "seed": i}, "id": f"c{i}"} for i in range(3)]
+    model = ToolCallingFake(messages=iter([AIMessage(content="", tool_calls=calls), AIMessage(content="done")]))
+    tool = Renderer(tiny_agent.image_tool, tiny_agent.store).as_langchain_tool()
+    agent = create_agent(model, tools=[tool])
+    result = agent.invoke({"messages": [{"role": "user", "content": "draw three pictures"}]})
+    tool_messages = [m for m in result["messages"] if isinstance(m, ToolMessage)]
+    assert len(tool_messages) == 3 and all(m.status == "success" for m in tool_messages)
+    ids = {m.artifact["id"] for m in tool_messages}
+    assert len(ids) == 3 and all(tiny_agent.store.exists(i) for i in ids)
+    assert all(any(b.get("type") == "image" for b in m.content) for m in tool_messages)
