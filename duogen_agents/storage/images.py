@@ -283,6 +283,16 @@ class ImageStore:
     def read_bytes(self, ref: ImageRef | str) -> bytes:
         return self._read(ref.id if isinstance(ref, ImageRef) else ref)
 
+    def find(self, short: str) -> ImageRef | None:
+        """The stored image whose id starts with ``short`` (12 or more hex digits), if exactly one."""
+        if not (SHORT_ID_LENGTH <= len(short) <= 64 and re.fullmatch(r"[0-9a-f]+", short)):
+            return None
+        folder = self.images_dir / short[:2]
+        if folder.is_symlink() or not folder.is_dir():
+            return None
+        hits = [f.stem for f in folder.glob(f"{short}*.png") if is_image_id(f.stem) and not f.is_symlink()]
+        return self.ref(hits[0]) if len(hits) == 1 else None
+
     def exists(self, image_id: str) -> bool:
         return self.path(image_id).exists()
 

@@ -61,6 +61,21 @@ class Renderer:
                 out.append(match)
         return out
 
+    def resolve_ids(self, references: Sequence[str], known: Mapping[str, ImageRef]) -> list[ImageRef]:
+        """Like ``resolve``, and an id the store holds resolves too: the ids a tool returned earlier
+        (in this conversation or another) are content hashes, so a caller can only name an image it
+        was given. Keeps no state, so one tool may serve many conversations and threads at once."""
+        out: list[ImageRef] = []
+        for r in references:
+            match = known.get(r[:12])
+            if match is None or not match.id.startswith(r):
+                match = self.store.find(r)
+            if match is None:
+                raise GenerationError(f"image reference {r!r} names no earlier image")
+            if match not in out:
+                out.append(match)
+        return out
+
     @property
     def capabilities(self) -> Mapping[str, int]:
         """Kinds the tool draws with references, and how many (every kind if it does not say)."""
@@ -96,17 +111,16 @@ class Renderer:
         calling model can read, not an exception."""
         from langchain_core.tools import StructuredTool, ToolException
 
-        images: dict[str, ImageRef] = dict(known or {})
+        scope: dict[str, ImageRef] = dict(known or {})  # read-only: the tool keeps no state between calls
 
         def draw_image(
             prompt: str, references: list[str] | None = None, kind: str = "generate", seed: int = 0
         ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             try:
-                refs = self.resolve(references or [], images)
+                refs = self.resolve_ids(references or [], scope)
                 ref = self.render(prompt, refs, kind=kind, seed=seed).ref  # type: ignore[arg-type]
             except GenerationError as e:
                 raise ToolException(str(e)) from None
-            images[ref.short] = ref
             text = f"image {ref.short} ({ref.width}x{ref.height}, {kind}); reference it by that id"
             artifact = {"id": ref.id, "short_id": ref.short, "width": ref.width, "height": ref.height, "kind": kind}
             return [{"type": "text", "text": text}, ref.content_block(self.store)], artifact
