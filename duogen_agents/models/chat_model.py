@@ -12,7 +12,11 @@ planner can reference it by id. Pass the decoding grammar as the ``schema`` keyw
 
 from __future__ import annotations
 
+import json
+import threading
+import uuid
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
@@ -22,6 +26,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict, PrivateAttr
 
 from duogen_agents.document import SHORT_ID_LENGTH
+from duogen_agents.errors import GenerationError
+from duogen_agents.inputs import image_from_block, is_image_block
 from duogen_agents.models.protocols import ChatTurn, Planner
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system"}
@@ -46,6 +52,12 @@ def to_chat_turns(messages: list[BaseMessage], load_image: Any) -> list[ChatTurn
             elif block.get("type") == "image" and block.get("file_id"):
                 parts.append({"type": "text", "text": image_label(block["file_id"])})
                 parts.append({"type": "image", "image": load_image(block["file_id"])})
+            elif is_image_block(block):  # base64, data:/file:// URL, OpenAI image_url
+                parts.append({"type": "image", "image": image_from_block(block)})
+        for call in getattr(m, "tool_calls", None) or []:  # the model's earlier tool calls, as it wrote them
+            parts.append({"type": "text", "text": json.dumps({"tool": call["name"], "arguments": call["args"]})})
+        if m.type == "tool":
+            parts.insert(0, {"type": "text", "text": f"Result of tool call {getattr(m, 'tool_call_id', '')}: "})
         if turns and turns[-1]["role"] == role and role == "system":
             turns[-1]["content"].extend(parts)
         else:
@@ -107,3 +119,245 @@ class PlannerChatModel(BaseChatModel):
             "total_tokens": out.prompt_tokens + out.num_tokens,
         }
         return ChatResult(generations=[ChatGeneration(message=AIMessage(content=out.text, usage_metadata=usage))])
+
+
+# ---- ChatDuogen: a preset's planner as a chat model other code can use --------------------------------
+
+
+def _tool_call_schema(tools: list[dict[str, Any]], required: bool) -> dict[str, Any]:
+    """The grammar of one turn with tools: a call of one tool with arguments under its parameters
+    schema, or (unless a call is required) a text answer."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "tool": {"const": t["function"]["name"]},
+                "arguments": t["function"].get("parameters") or {"type": "object"},
+            },
+            "required": ["tool", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    if not required:
+        calls.append(
+            {
+                "type": "object",
+                "properties": {"text": {"type": "string"}},
+                "required": ["text"],
+                "additionalProperties": False,
+            }
+        )
+    return {"anyOf": calls} if len(calls) > 1 else calls[0]
+
+
+_PLANNERS: dict[tuple[str, str], Any] = {}
+_PLANNERS_LOCK = threading.Lock()
+
+
+class ChatDuogen(PlannerChatModel):
+    """A preset's planner as a LangChain chat model, the way ``ChatOllama`` or ``ChatHuggingFace``
+    are: free text, streaming, usage metadata, images in (every standard image block), structured
+    output and tool calls enforced by a grammar.
+
+    >>> chat = ChatDuogen(preset="tiny")                                        # doctest: +SKIP
+    >>> chat.invoke("Describe a picnic").content                                # doctest: +SKIP
+    >>> chat.with_structured_output(Plan).invoke("Plan a picnic")               # doctest: +SKIP
+    >>> chat.bind_tools([draw_image]).invoke("Draw a pot").tool_calls           # doctest: +SKIP
+    """
+
+    preset: str = "tiny"
+    home: str | None = None
+    max_tokens: int | None = None
+    # The cap when ``max_tokens`` is not given (else the preset's planner.max_new_tokens).
+    default_max_tokens: int | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    planner: Any = None
+    store: Any = None
+
+    def model_post_init(self, context: Any) -> None:
+        if self.planner is None:
+            from pathlib import Path
+
+            from duogen_agents.models.loading import quiet_libraries
+            from duogen_agents.models.planner import TransformersPlanner
+            from duogen_agents.presets import load_preset
+            from duogen_agents.storage.images import ImageStore, default_home
+
+            spec = load_preset(self.preset)
+            root = Path(self.home) if self.home else default_home()
+            models = spec.models_path(root)
+            key = (spec.planner.model_dump_json(), str(models))
+            with _PLANNERS_LOCK:  # one loaded planner per preset and models folder, shared
+                if key not in _PLANNERS:
+                    quiet_libraries()
+                    _PLANNERS[key] = TransformersPlanner.from_spec(spec.planner, models)
+                self.planner = _PLANNERS[key]
+            if self.store is None:
+                self.store = ImageStore(root)
+
+    @property
+    def model_name(self) -> str:
+        return str(getattr(getattr(self.planner, "spec", None), "model", self.preset))
+
+    @property
+    def _llm_type(self) -> str:
+        return "duogen"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"preset": self.preset, "model_name": self.model_name}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = "duogen"
+        params["ls_model_name"] = kwargs.get("model") or self.model_name
+        if self.max_tokens is not None:
+            params["ls_max_tokens"] = self.max_tokens
+        if self.stop:
+            params["ls_stop"] = self.stop
+        return params
+
+    def _call(self, messages: list[BaseMessage], stop: list[str] | None, on_token: Any, **kwargs: Any) -> AIMessage:
+        tools = kwargs.get("tools") or []
+        choice = kwargs.get("tool_choice")
+        schema = kwargs.get("schema")
+        if tools and schema is None:
+            forced = [t for t in tools if isinstance(choice, str) and t["function"]["name"] == choice]
+            required = choice in ("any", "required") or bool(forced)
+            schema = _tool_call_schema(forced or tools, required)
+        limit = kwargs.get("max_new_tokens") or self.max_tokens or self.default_max_tokens
+        stop = stop or self.stop
+        if schema is not None:
+            # Never cut a constrained answer mid-JSON: give it what its schema can take.
+            from duogen_agents.graphs.actions import max_action_tokens
+
+            try:
+                need = max_action_tokens(schema)
+            except (ValueError, KeyError, TypeError):  # unbounded strings: the planner's own cap
+                need = getattr(getattr(self.planner, "spec", None), "max_new_tokens", None) or 0
+            limit = max(limit or 0, need) or None
+        out = self.planner.generate(
+            to_chat_turns(messages, self._load_image),
+            schema,
+            max_new_tokens=limit,
+            seed=kwargs.get("seed", self.seed),
+            on_token=on_token if not tools else None,
+        )
+        text = out.text
+        for s in stop or []:
+            if s and s in text:
+                text = text[: text.index(s)]
+        usage = {
+            "input_tokens": out.prompt_tokens,
+            "output_tokens": out.num_tokens,
+            "total_tokens": out.prompt_tokens + out.num_tokens,
+        }
+        meta = {"model_name": self.model_name, "model_provider": "duogen"}
+        if tools and schema is not None:
+            try:
+                data = json.loads(text)
+            except ValueError as e:
+                raise GenerationError(f"the model's tool call is not complete JSON ({e}); raise max_tokens") from None
+            if "tool" in data:
+                call = {"name": data["tool"], "args": data["arguments"], "id": f"call_{uuid.uuid4().hex[:12]}"}
+                return AIMessage(content="", tool_calls=[call], usage_metadata=usage, response_metadata=meta)
+            text = data.get("text", "")
+        return AIMessage(content=text, usage_metadata=usage, response_metadata=meta)
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        def on_token(token: str) -> None:
+            if run_manager is not None:
+                run_manager.on_llm_new_token(token, chunk=ChatGenerationChunk(message=AIMessageChunk(content=token)))
+
+        return ChatResult(generations=[ChatGeneration(message=self._call(messages, stop, on_token, **kwargs))])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        """Tokens as they are decoded (the model runs in a worker thread), then one last chunk with
+        the usage metadata (and the tool call, for a turn with tools)."""
+        import queue
+
+        tokens: queue.Queue[Any] = queue.Queue()
+        done = object()
+        result: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                result["message"] = self._call(messages, None, tokens.put, **kwargs)
+            except BaseException as e:  # handed to the caller's thread
+                result["error"] = e
+            finally:
+                tokens.put(done)
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        text = ""
+        while (token := tokens.get()) is not done:
+            piece = token
+            if stop and any(s in text + piece for s in stop):
+                continue  # past a stop sequence: the rest is dropped
+            text += piece
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+            if run_manager is not None:
+                run_manager.on_llm_new_token(piece, chunk=chunk)
+            yield chunk
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        message: AIMessage = result["message"]
+        last = AIMessageChunk(
+            content="" if text or not isinstance(message.content, str) else message.content,
+            usage_metadata=message.usage_metadata,
+            response_metadata=message.response_metadata,
+            tool_call_chunks=[
+                {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i, "type": "tool_call_chunk"}
+                for i, c in enumerate(message.tool_calls)
+            ],
+            chunk_position="last",
+        )
+        yield ChatGenerationChunk(message=last)
+
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: str | None = None, **kwargs: Any) -> Any:
+        """Tools as OpenAI function schemas; each call's arguments are decoded under its parameters
+        schema. ``tool_choice``: a tool's name, ``"any"``/``"required"`` (must call one), or None."""
+        from langchain_core.utils.function_calling import convert_to_openai_tool
+
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        if tool_choice in ("auto", "none"):
+            tool_choice = None
+        return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(
+        self, schema: Any, *, method: str = "json_schema", include_raw: bool = False, **kwargs: Any
+    ) -> Any:
+        """Output under ``schema`` (a pydantic class, a TypedDict or a JSON schema), enforced by the
+        grammar; parsed into the class for pydantic, a dict otherwise."""
+        from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+        from langchain_core.runnables import RunnableMap, RunnablePassthrough
+        from langchain_core.utils.function_calling import convert_to_json_schema
+        from pydantic import BaseModel as _BaseModel
+
+        is_pydantic = isinstance(schema, type) and issubclass(schema, _BaseModel)
+        json_schema = schema.model_json_schema() if is_pydantic else convert_to_json_schema(schema)
+        json_schema = {k: v for k, v in json_schema.items() if k not in ("title", "description")}
+        llm = self.bind(
+            schema=json_schema, ls_structured_output_format={"schema": json_schema, "kwargs": {"method": method}}
+        )
+        parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        if not include_raw:
+            return llm | parser
+        parse = RunnablePassthrough.assign(parsed=lambda x: parser.invoke(x["raw"]), parsing_error=lambda _: None)
+        return RunnableMap(raw=llm) | parse

@@ -190,19 +190,20 @@ class TransformersPlanner:
     def generate(
         self,
         conversation: Sequence[ChatTurn],
-        schema: dict[str, Any],
+        schema: dict[str, Any] | None,
         *,
         max_new_tokens: int | None = None,
         seed: int | None = None,
         on_token: TokenCallback | None = None,
     ) -> PlannerOutput:
+        """Continue ``conversation``: under the grammar of the JSON ``schema``, or free text (None)."""
         import torch
         import xgrammar as xgr
 
         # One call per device at a time: the seed below sets torch's global RNG, and a GPU runs one
         # model faster alone than two side by side.
         with device_turn(self.device), generating("planner"):
-            grammar = self.compile(schema)
+            grammar = self.compile(schema) if schema is not None else None  # None: free text
             inputs = {k: v.to(self.device) for k, v in self.encode(conversation).items()}
             if "pixel_values" in inputs:
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -220,7 +221,7 @@ class TransformersPlanner:
                     **inputs,
                     **sampling,
                     max_new_tokens=max_new_tokens or self.spec.max_new_tokens,
-                    logits_processor=[xgr.contrib.hf.LogitsProcessor(grammar)],
+                    logits_processor=[xgr.contrib.hf.LogitsProcessor(grammar)] if grammar is not None else [],
                     eos_token_id=self.stop_token_ids,
                     pad_token_id=self.tokenizer.pad_token_id or self.stop_token_ids[0],
                     streamer=streamer,
