@@ -30,6 +30,27 @@ if TYPE_CHECKING:
 ImageInput = Any
 
 
+def as_stream_parts(events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Events as LangGraph v2 stream parts (``{"type", "ns", "data"}``): planner tokens as
+    ``messages`` parts (an ``AIMessageChunk`` and metadata tagged ``duogen:planner``), everything else,
+    the final document included, as ``custom`` parts carrying the event dict."""
+    from langchain_core.messages import AIMessageChunk
+
+    from duogen_agents.graphs.nodes.common import PLANNER_TAG
+
+    try:
+        for event in events:
+            if event.get("event") == "token":
+                meta = {"langgraph_node": event.get("node"), "tags": [PLANNER_TAG]}
+                yield {"type": "messages", "ns": (), "data": (AIMessageChunk(content=event["text"]), meta)}
+            else:
+                yield {"type": "custom", "ns": (), "data": event}
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+
+
 async def aiterate(events: Iterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
     """A sync event stream as an async one: each step runs in a worker thread; closing the async
     iterator closes the stream (a session's turn is then marked interrupted, as with Ctrl-C)."""
@@ -192,12 +213,19 @@ class Agent:
         images: Sequence[ImageInput] = (),
         seed: int | None = None,
         thread_id: str | None = None,
+        version: str = "v1",
     ) -> Iterator[dict[str, Any]]:
         """Run one turn, yielding events; the last event carries the ``InterleavedDocument``.
 
         Without a session the turn lives in this agent's checkpointer (in memory by default); use
-        ``agent.session(...)`` for a persisted, resumable conversation.
+        ``agent.session(...)`` for a persisted, resumable conversation. ``version="v2"`` yields the
+        same events as LangGraph v2 stream parts (see ``as_stream_parts``).
         """
+        if version not in ("v1", "v2"):
+            raise ConfigError(f"unknown stream version {version!r}; use v1 (event dicts) or v2 (stream parts)")
+        if version == "v2":
+            yield from as_stream_parts(self.stream(prompt, mode=mode, images=images, seed=seed, thread_id=thread_id))
+            return
         check_seed(seed)
         with self.store.lease():  # `duogen sessions gc` keeps what this turn writes
             refs = self.store_inputs(prompt, mode, images)

@@ -1,7 +1,14 @@
-"""``ChatDuogen``: langchain-tests' standard unit suite, and the behaviour other code relies on, on the
-tiny preset (real models). The two unit skips are right: no API key to read from the environment,
-and a model that holds loaded weights is not serialisable. (The integration suite needs a model that
-answers sensibly; with random weights it cannot pass its semantic checks, so it is not run here.)"""
+"""``ChatDuogen`` against langchain-tests' standard suites (unit and integration) and the behaviour other
+code relies on, on the tiny preset (real models, random weights).
+
+- The suites' own skips are right: no API key to read from the environment; loaded weights are not
+  serialisable; no PDF, audio, Anthropic-format or VCR-recorded inputs.
+- The image test's picture comes from GitHub in the suite; here the same calls get a local PNG, and
+  remote image URLs are off by default (``allow_remote_images``; tested with a local server elsewhere).
+- Six integration tests check what a competent model answers (the argument 3 read from the prompt,
+  an agent loop that stops, Unicode echoed back): random weights cannot, so they are expected to fail
+  (``xfail``, not skipped: they run, and a pass would show).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import os
 from pathlib import Path
 
 import pytest
+from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from duogen_agents.models.chat_model import ChatDuogen
@@ -57,9 +65,48 @@ class _Params:
     def returns_usage_metadata(self) -> bool:
         return True
 
+    @property
+    def supports_image_urls(self) -> bool:
+        return False  # remote URLs are fetched only with allow_remote_images (off by default)
+
 
 class TestChatDuogenUnit(_Params, ChatModelUnitTests):
     pass
+
+
+RANDOM_WEIGHTS = "random weights: the tiny preset cannot give the answer this test checks for"
+
+
+@pytest.mark.slow
+class TestChatDuogenIntegration(_Params, ChatModelIntegrationTests):
+    @pytest.fixture(autouse=True)
+    def local_image(self, monkeypatch) -> None:
+        """The suite downloads its test picture from GitHub; here it gets a local PNG instead."""
+        import io
+        from types import SimpleNamespace
+
+        import httpx
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (30, 120, 200)).save(buf, format="PNG")
+        monkeypatch.setattr(httpx, "get", lambda url, **kw: SimpleNamespace(content=buf.getvalue()))
+
+    @pytest.mark.xfail(reason=RANDOM_WEIGHTS, strict=False)
+    def test_tool_calling(self, model) -> None:
+        super().test_tool_calling(model)
+
+    @pytest.mark.xfail(reason=RANDOM_WEIGHTS, strict=False)
+    async def test_tool_calling_async(self, model) -> None:
+        await super().test_tool_calling_async(model)
+
+    @pytest.mark.xfail(reason=RANDOM_WEIGHTS, strict=False)
+    def test_agent_loop(self, model) -> None:
+        super().test_agent_loop(model)
+
+    @pytest.mark.xfail(reason=RANDOM_WEIGHTS, strict=False)
+    def test_unicode_tool_call_integration(self, model, *args, **kwargs) -> None:
+        super().test_unicode_tool_call_integration(model, *args, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -202,3 +202,21 @@ def test_a_parent_messages_state_graph_keeps_image_references_across_turns(home)
     ]
     assert len(files) == 2 and files[0] != files[1]
     assert any("duogen:planner" in t for t in tags) and any("duogen:check" in t for t in tags)
+
+
+def test_stream_parts_v2(home) -> None:
+    from langchain_core.messages import AIMessageChunk
+
+    agent = scripted_agent(home, [TEXT, image("a pot"), OK, DONE])
+    v1 = list(agent.stream("draw a pot", seed=1))
+    agent2 = scripted_agent(home, [TEXT, image("a pot"), OK, DONE])
+    v2 = list(agent2.stream("draw a pot", seed=1, version="v2"))
+    assert len(v2) == len(v1) and all(set(p) == {"type", "ns", "data"} for p in v2)
+    messages = [p for p in v2 if p["type"] == "messages"]
+    assert messages and all(isinstance(p["data"][0], AIMessageChunk) for p in messages)
+    assert "duogen:planner" in messages[0]["data"][1]["tags"]
+    last = v2[-1]
+    assert last["type"] == "custom" and last["data"]["event"] == "document"
+    assert [b.type for b in last["data"]["document"].blocks] == [b.type for b in v1[-1]["document"].blocks]
+    with pytest.raises(Exception, match="unknown stream version"):
+        list(agent.stream("x", version="v3"))

@@ -349,12 +349,17 @@ class ChatDuogen(PlannerChatModel):
         from langchain_core.runnables import RunnableMap, RunnablePassthrough
         from langchain_core.utils.function_calling import convert_to_json_schema
         from pydantic import BaseModel as _BaseModel
+        from pydantic.v1 import BaseModel as _BaseModelV1
 
-        is_pydantic = isinstance(schema, type) and issubclass(schema, _BaseModel)
-        json_schema = schema.model_json_schema() if is_pydantic else convert_to_json_schema(schema)
+        is_v1 = isinstance(schema, type) and issubclass(schema, _BaseModelV1)
+        is_pydantic = is_v1 or (isinstance(schema, type) and issubclass(schema, _BaseModel))
+        if is_v1:
+            json_schema = schema.schema()
+        else:
+            json_schema = schema.model_json_schema() if is_pydantic else convert_to_json_schema(schema)
         json_schema = {k: v for k, v in json_schema.items() if k not in ("title", "description")}
         llm = self.bind(
-            schema=json_schema, ls_structured_output_format={"schema": json_schema, "kwargs": {"method": method}}
+            schema=json_schema, ls_structured_output_format={"schema": schema, "kwargs": {"method": method}}
         )
         parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
         if not include_raw:

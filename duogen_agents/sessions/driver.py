@@ -84,9 +84,18 @@ class Session:
         mode: str | None = None,
         images: Sequence[Any] = (),
         seed: int | None = None,
+        version: str = "v1",
     ) -> Iterator[dict[str, Any]]:
-        """Send one message and yield the turn's events (as ``Agent.stream``); the session's earlier
-        turns and their images are the planner's context. ``mode=None`` keeps the session's mode."""
+        """Send one message and yield the turn's events (as ``Agent.stream``, ``version="v2"`` for
+        LangGraph v2 stream parts); the session's earlier turns and their images are the planner's
+        context. ``mode=None`` keeps the session's mode."""
+        if version == "v2":
+            from duogen_agents.agent import as_stream_parts
+
+            yield from as_stream_parts(self.stream(prompt, mode=mode, images=images, seed=seed))
+            return
+        if version != "v1":
+            raise ConfigError(f"unknown stream version {version!r}; use v1 (event dicts) or v2 (stream parts)")
         check_seed(seed)
         if mode is None:
             mode = self.sessions.get(self.id).mode if self.sessions.exists(self.id) else "interleaved"
