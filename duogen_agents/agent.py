@@ -83,7 +83,7 @@ class Agent:
 
         from duogen_agents.graphs.deps import GraphDeps
         from duogen_agents.graphs.turn import build_graph
-        from duogen_agents.models.chat_model import PlannerChatModel
+        from duogen_agents.models.chat_model import ChatDuogen
         from duogen_agents.tools.render import Renderer
 
         self.preset = preset
@@ -94,12 +94,13 @@ class Agent:
         self.image_tool = image_tool
         self.renderer = Renderer(image_tool, self.store)
         self.deps = GraphDeps(
-            chat=PlannerChatModel(planner=planner, store=self.store),
+            # The same chat model class other code uses (free text, tools, structured output too).
+            chat=ChatDuogen(planner=planner, store=self.store, preset=preset.name),
             renderer=self.renderer,
             store=self.store,
             planner_spec=preset.planner,
             limits=preset.limits,
-            critic=PlannerChatModel(planner=critic, store=self.store) if critic is not None else None,
+            critic=ChatDuogen(planner=critic, store=self.store, preset=preset.name) if critic is not None else None,
             allow_remote_images=allow_remote_images,
         )
         self.checkpointer = checkpointer if checkpointer is not None else InMemorySaver()

@@ -220,3 +220,47 @@ def test_stream_parts_v2(home) -> None:
     assert [b.type for b in last["data"]["document"].blocks] == [b.type for b in v1[-1]["document"].blocks]
     with pytest.raises(Exception, match="unknown stream version"):
         list(agent.stream("x", version="v3"))
+
+
+def test_a_documents_images_work_with_an_openai_compatible_model(home) -> None:
+    """Handed to another model as standard blocks: the request an OpenAI-compatible stub receives
+    carries the PNG itself (not an id only this store resolves)."""
+    import json as _json
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import httpx
+    from langchain_core.messages import convert_to_openai_messages
+
+    received: list[dict] = []
+
+    class Stub(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            received.append(_json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = _json.dumps({"choices": [{"message": {"role": "assistant", "content": "a pot"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        agent = scripted_agent(home, [TEXT, image("a pot"), OK, DONE])
+        doc = agent.run("draw a pot")
+        message = convert_to_openai_messages(
+            HumanMessage(content=[{"type": "text", "text": "What is this?"}, *doc.content_blocks(agent.store)])
+        )
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+        reply = httpx.post(url, json={"model": "stub", "messages": [message]}).json()
+        assert reply["choices"][0]["message"]["content"] == "a pot"
+        (request,) = received
+        parts = request["messages"][0]["content"]
+        (image_part,) = [p for p in parts if p["type"] == "image_url"]
+        data = base64.b64decode(image_part["image_url"]["url"].split(",", 1)[1])
+        assert data == agent.store.read_bytes(doc.images[0].image)
+    finally:
+        server.shutdown()
+        server.server_close()

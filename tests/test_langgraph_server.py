@@ -99,3 +99,11 @@ def test_langgraph_dev_serves_concurrent_runs_and_a_follow_up(server) -> None:
     contents = [m["content"] for m in follow["messages"]]
     assert contents[0] == "Plan a picnic" and "Now add a blanket" in contents  # the thread's history carried on
     assert follow["stop_reason"]
+
+    # A run chooses its preset in its context.
+    other = client.runs.wait(
+        client.threads.create()["thread_id"], "duogen", context={"preset": "tiny-flux2"},
+        input={"messages": [{"role": "user", "content": "Draw a pot"}], "mode": "visual-plan", "seed": 1},
+    )  # fmt: skip
+    families = {b["family"] for b in other["blocks"] if b["type"] == "image"}
+    assert families == {"flux2-klein"}

@@ -18,12 +18,12 @@ class GraphDeps:
     ``critic`` is the chat model that checks images (a separate model named in the preset, as
     InterleaveThinker's critic); ``None`` means the planner checks its own images."""
 
-    chat: Any  # PlannerChatModel
+    chat: Any  # ChatDuogen over the preset's planner
     renderer: Renderer
     store: ImageStore
     planner_spec: PlannerSpec
     limits: Limits
-    critic: Any = None  # PlannerChatModel | None
+    critic: Any = None  # ChatDuogen | None
     allow_remote_images: bool = False  # fetch http(s) image URLs found in incoming messages
 
     @property

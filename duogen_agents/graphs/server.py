@@ -51,12 +51,21 @@ def agent_for(preset: str) -> Any:
         return agent
 
 
+class DuogenContext(TypedDict, total=False):
+    """What a run may choose: ``{"preset": "qwen2.5-vl-7b+cosmos2-2b"}`` (run context or configurable)."""
+
+    preset: str
+
+
 def make_graph(config: RunnableConfig) -> Any:
     """The compiled turn graph for the run's preset (the server supplies the checkpointer)."""
     from duogen_agents.graphs.turn import build_graph
 
-    configurable = (config or {}).get("configurable") or {}
-    preset = configurable.get("preset") or os.environ.get("DUOGEN_PRESET") or DEFAULT_PRESET
+    config = config or {}
+    chosen = {**(config.get("configurable") or {}), **(config.get("context") or {})}  # type: ignore[typeddict-item]
+    preset = chosen.get("preset") or os.environ.get("DUOGEN_PRESET") or DEFAULT_PRESET
     agent = agent_for(str(preset))
-    graph = build_graph(agent.deps, compile=False, input_schema=TurnInput, output_schema=TurnOutput)
+    graph = build_graph(
+        agent.deps, compile=False, input_schema=TurnInput, output_schema=TurnOutput, context_schema=DuogenContext
+    )
     return graph.compile()
