@@ -51,6 +51,26 @@ def as_stream_parts(events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]
             close()
 
 
+def last_document(events: Iterator[dict[str, Any]]) -> InterleavedDocument:
+    """The document a turn's event stream ends with (running the stream to its end)."""
+    doc = None
+    for event in events:
+        if event.get("event") == "document":
+            doc = event["document"]
+    assert doc is not None, "the turn's stream ended without a document"
+    return doc
+
+
+async def alast_document(events: AsyncIterator[dict[str, Any]]) -> InterleavedDocument:
+    """``last_document`` for an async event stream."""
+    doc = None
+    async for event in events:
+        if event.get("event") == "document":
+            doc = event["document"]
+    assert doc is not None, "the turn's stream ended without a document"
+    return doc
+
+
 async def aiterate(events: Iterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
     """A sync event stream as an async one: each step runs in a worker thread; closing the async
     iterator closes the stream (a session's turn is then marked interrupted, as with Ctrl-C)."""
@@ -259,12 +279,7 @@ class Agent:
         seed: int | None = None,
     ) -> InterleavedDocument:
         """Run one turn and return its document."""
-        doc: InterleavedDocument | None = None
-        for event in self.stream(prompt, mode=mode, images=images, seed=seed):
-            if event.get("event") == "document":
-                doc = event["document"]
-        assert doc is not None
-        return doc
+        return last_document(self.stream(prompt, mode=mode, images=images, seed=seed))
 
     # ---- async twins ---------------------------------------------------------------------------
 
@@ -276,12 +291,7 @@ class Agent:
 
     async def arun(self, prompt: str, **kwargs: Any) -> InterleavedDocument:
         """``run`` for asyncio (see ``astream``)."""
-        doc: InterleavedDocument | None = None
-        async for event in self.astream(prompt, **kwargs):
-            if event.get("event") == "document":
-                doc = event["document"]
-        assert doc is not None
-        return doc
+        return await alast_document(self.astream(prompt, **kwargs))
 
     def as_tool(self, *, name: str = "illustrated_answer", mode: str = "visual-plan") -> Any:
         """The whole agent as one LangChain tool for other agents: it answers a request with text

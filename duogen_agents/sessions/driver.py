@@ -128,16 +128,15 @@ class Session:
 
     async def asend(self, prompt: str, **kwargs: Any) -> InterleavedDocument:
         """``send`` for asyncio."""
-        doc: InterleavedDocument | None = None
-        async for event in self.astream(prompt, **kwargs):
-            if event.get("event") == "document":
-                doc = event["document"]
-        assert doc is not None
-        return doc
+        from duogen_agents.agent import alast_document
+
+        return await alast_document(self.astream(prompt, **kwargs))
 
     def send(self, prompt: str, **kwargs: Any) -> InterleavedDocument:
         """Send one message; returns the turn's document."""
-        return _last_document(self.stream(prompt, **kwargs))
+        from duogen_agents.agent import last_document
+
+        return last_document(self.stream(prompt, **kwargs))
 
     def _drive(
         self, turn_id: int, graph_input: Any, prompt: str, mode: str, refs: Sequence[Any]
@@ -226,12 +225,3 @@ class Session:
                 self.db.saver.delete_thread(self.id)
             self.sessions.set_turn_status(turn.id, "cancelled")
             return True
-
-
-def _last_document(events: Iterator[dict[str, Any]]) -> InterleavedDocument:
-    doc: InterleavedDocument | None = None
-    for event in events:
-        if event.get("event") == "document":
-            doc = event["document"]
-    assert doc is not None
-    return doc
