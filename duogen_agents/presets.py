@@ -43,6 +43,9 @@ class PlannerSpec(_Strict):
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     min_pixels: int | None = Field(None, ge=1, description="vision input size floor, in pixels")
     max_pixels: int | None = Field(None, ge=1, description="vision input size cap, in pixels")
+    prefix_cache: int = Field(
+        4, ge=0, le=256, description="sessions whose KV cache is kept between planner calls (0: off)"
+    )
 
 
 ImageFamily = Literal["cosmos2", "flux2-klein"]

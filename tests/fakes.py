@@ -19,7 +19,9 @@ class ScriptedPlanner:
         self.script = list(script)
         self.calls: list[tuple[Sequence[ChatTurn], dict[str, Any]]] = []
 
-    def generate(self, conversation, schema, *, max_new_tokens=None, seed=None, on_token=None) -> PlannerOutput:
+    def generate(
+        self, conversation, schema, *, max_new_tokens=None, seed=None, on_token=None, cache_key=None
+    ) -> PlannerOutput:
         self.calls.append((conversation, schema))
         if not self.script:
             raise AssertionError("the scripted planner ran out of actions")

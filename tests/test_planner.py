@@ -106,7 +106,8 @@ def test_text_escapes_decode_to_newlines() -> None:
     pattern = A.text_schema(20)["pattern"]
     assert re.fullmatch(pattern, r"line one\nline two")
     assert not re.fullmatch(pattern, "raw\x01control")
-    assert not re.fullmatch(pattern, "x" * 21)
+    assert A.text_schema(20)["maxLength"] == 20
+    assert "{1," not in pattern  # bounded repeats make xgrammar's masks slow (see actions.py)
 
 
 @pytest.mark.parametrize(("max_text", "max_prompt"), [(200, 80), (800, 300), (48, 32)])

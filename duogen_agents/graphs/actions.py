@@ -1,9 +1,12 @@
 """What the planner may write, as JSON schemas compiled into decoding grammars.
 
 Each planner call is constrained by one of these schemas (xgrammar), so even a random-weight model
-yields a well-formed action. Strings use a ``pattern`` with a bounded repeat rather than
-``maxLength``: xgrammar 0.2.8 lets control characters through ``maxLength`` strings. The pattern
-admits printable characters and the JSON escapes ``\\n``, ``\\t``, ``\\"``, ``\\\\`` and ``\\/``.
+yields a well-formed action. Strings are ``{"pattern": "^c+$", "maxLength": N}``: the pattern admits
+printable characters and the JSON escapes ``\\n``, ``\\t``, ``\\"``, ``\\\\`` and ``\\/`` (xgrammar 0.2.8
+lets control characters through a plain ``maxLength`` string), and it repeats with ``+``, not
+``{1,N}``: a bounded repeat defeats xgrammar's precomputed token masks (about 68 ms of mask time per
+token with a 151k vocabulary, against a few ms). The local planner drops such ``maxLength`` from the
+grammar and enforces it while decoding (``models/decoding.py``); other backends read it as JSON schema.
 
 Image references are an ``enum`` of the short ids of images that exist in the conversation, so the
 planner cannot reference an image that does not exist.
@@ -28,7 +31,7 @@ _LINE_CHAR = r'(?:[^"\\\x00-\x1f\x7f-\x9f]|\\["\\/])'
 
 def text_schema(max_chars: int, multiline: bool = True) -> dict[str, Any]:
     char = _CHAR if multiline else _LINE_CHAR
-    return {"type": "string", "pattern": f"^{char}{{1,{max_chars}}}$"}
+    return {"type": "string", "pattern": f"^{char}+$", "maxLength": max_chars}
 
 
 # ---- parsed actions ---------------------------------------------------------------------------
@@ -231,7 +234,7 @@ def check_schema(*, max_note: int = CHECK_NOTE_CHARS) -> dict[str, Any]:
 
 # ---- how many tokens an action can take ---------------------------------------------------------
 
-_BOUNDED = re.compile(r"\{1,(\d+)\}\$$")
+_BOUNDED = re.compile(r"\{1,(\d+)\}\$$")  # an older schema's (or a caller's) bounded repeat
 # Separators as xgrammar may emit them without free whitespace: ", " and ": " at most.
 _SEP = 2
 # One character of a string body is at most four tokens: a byte-level BPE may spend a token per
@@ -251,6 +254,8 @@ def max_json_chars(schema: dict[str, Any]) -> int:
         return max(len(json.dumps(v)) for v in schema["enum"])
     kind = schema.get("type")
     if kind == "string":
+        if "maxLength" in schema:
+            return TOKENS_PER_CHAR * int(schema["maxLength"]) + 2
         m = _BOUNDED.search(schema.get("pattern", ""))
         if m is None:
             raise ValueError(f"unbounded string schema: {schema}")

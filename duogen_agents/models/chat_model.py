@@ -28,7 +28,7 @@ from pydantic import ConfigDict, PrivateAttr
 from duogen_agents.document import SHORT_ID_LENGTH
 from duogen_agents.errors import GenerationError
 from duogen_agents.inputs import image_from_block, is_image_block
-from duogen_agents.models.protocols import ChatTurn, Planner
+from duogen_agents.models.protocols import ChatTurn, Planner, PlannerOutput
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system"}
 
@@ -63,6 +63,18 @@ def to_chat_turns(messages: list[BaseMessage], load_image: Any) -> list[ChatTurn
         else:
             turns.append({"role": role, "content": parts})  # type: ignore[typeddict-item]
     return turns
+
+
+def usage_of(out: PlannerOutput) -> dict[str, Any]:
+    """LangChain usage metadata; prompt tokens served from the kept KV cache count as ``cache_read``."""
+    usage: dict[str, Any] = {
+        "input_tokens": out.prompt_tokens,
+        "output_tokens": out.num_tokens,
+        "total_tokens": out.prompt_tokens + out.num_tokens,
+    }
+    if out.prefill_tokens is not None:
+        usage["input_token_details"] = {"cache_read": out.prompt_tokens - out.prefill_tokens}
+    return usage
 
 
 class PlannerChatModel(BaseChatModel):
@@ -112,12 +124,9 @@ class PlannerChatModel(BaseChatModel):
             max_new_tokens=kwargs.get("max_new_tokens"),
             seed=kwargs.get("seed"),
             on_token=on_token,
+            cache_key=kwargs.get("cache_key"),
         )
-        usage = {
-            "input_tokens": out.prompt_tokens,
-            "output_tokens": out.num_tokens,
-            "total_tokens": out.prompt_tokens + out.num_tokens,
-        }
+        usage = usage_of(out)
         return ChatResult(generations=[ChatGeneration(message=AIMessage(content=out.text, usage_metadata=usage))])
 
 
@@ -244,16 +253,13 @@ class ChatDuogen(PlannerChatModel):
             max_new_tokens=limit,
             seed=kwargs.get("seed", self.seed),
             on_token=on_token if not tools else None,
+            cache_key=kwargs.get("cache_key"),
         )
         text = out.text
         for s in stop or []:
             if s and s in text:
                 text = text[: text.index(s)]
-        usage = {
-            "input_tokens": out.prompt_tokens,
-            "output_tokens": out.num_tokens,
-            "total_tokens": out.prompt_tokens + out.num_tokens,
-        }
+        usage = usage_of(out)
         meta = {"model_name": self.model_name, "model_provider": "duogen"}
         if tools and schema is not None:
             try:

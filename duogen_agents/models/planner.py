@@ -9,6 +9,7 @@ not an end-of-turn token. Decoding is constrained by an xgrammar grammar compile
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections import OrderedDict
@@ -20,6 +21,18 @@ from typing import Any
 from PIL import Image
 
 from duogen_agents.errors import GenerationError
+from duogen_agents.models.decoding import (
+    CachedPrefix,
+    PrefixCache,
+    StringLimits,
+    common_prefix,
+    crop,
+    fresh_cache,
+    image_digest,
+    in_string_lengths,
+    sample,
+    split_limits,
+)
 from duogen_agents.models.loading import generating, loading, resolve_device, resolve_dtype, resolve_source
 from duogen_agents.models.protocols import ChatTurn, PlannerOutput, TokenCallback
 from duogen_agents.models.serial import device_turn
@@ -31,28 +44,21 @@ _PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
 
 @dataclass
 class _Streamer:
-    """A transformers streamer that decodes incrementally, in the generating thread (no threads)."""
+    """Decodes generated tokens incrementally and hands on whole characters."""
 
     tokenizer: Any
     on_token: TokenCallback
     ids: list[int] = field(default_factory=list)
     sent: int = 0
-    _prompt_seen: bool = False
 
-    def put(self, value: Any) -> None:
-        if not self._prompt_seen:  # generate() first puts the prompt
-            self._prompt_seen = True
-            return
-        self.ids.extend(int(v) for v in value.reshape(-1).tolist())
+    def push(self, token: int) -> None:
+        self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
             return
         if len(text) > self.sent:
             self.on_token(text[self.sent :])
             self.sent = len(text)
-
-    def end(self) -> None:
-        pass
 
 
 class TransformersPlanner:
@@ -79,6 +85,15 @@ class TransformersPlanner:
         self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
         self._grammars: OrderedDict[str, Any] = OrderedDict()
         self.image_token = getattr(processor, "image_token", "<|image_pad|>")
+        self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(self.image_token))
+        self.vocab_size = vocab_size
+        self._token_bytes: list[bytes] = list(info.decoded_vocab)
+        self._in_string_list = in_string_lengths(self._token_bytes, vocab_size)
+        self._longest_token = max((len(b) for b in self._token_bytes), default=1)
+        self._in_string: Any = None
+        self._base = getattr(model, "model", model)  # the part that owns get_rope_index
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.prefix_cache = PrefixCache(max_entries=spec.prefix_cache)
 
     @classmethod
     def from_spec(cls, spec: PlannerSpec, models_dir: Path | None = None) -> TransformersPlanner:
@@ -169,23 +184,31 @@ class TransformersPlanner:
         if pixel_values:
             out["pixel_values"] = torch.cat(pixel_values)
             out["image_grid_thw"] = torch.cat(grids)
+            out["image_digests"] = [image_digest(im) for im in images]
         return out
 
     # ---- decoding ------------------------------------------------------------------------------
 
-    def compile(self, schema: dict[str, Any]) -> Any:
+    def compile(self, schema: dict[str, Any]) -> tuple[Any, dict[Any, int]]:
+        """The xgrammar grammar of ``schema`` and the string limits enforced while decoding."""
         key = json.dumps(schema, sort_keys=True)
         if key in self._grammars:
             self._grammars.move_to_end(key)
             return self._grammars[key]
+        stripped, limits = split_limits(schema)
         try:
-            grammar = self._compiler.compile_json_schema(key, any_whitespace=False)
+            grammar = self._compiler.compile_json_schema(json.dumps(stripped, sort_keys=True), any_whitespace=False)
         except RuntimeError as e:
             raise GenerationError(f"cannot compile the planner grammar: {str(e).strip().splitlines()[0]}") from e
-        self._grammars[key] = grammar
+        self._grammars[key] = compiled = (grammar, limits)
         if len(self._grammars) > 64:
             self._grammars.popitem(last=False)
-        return grammar
+        return compiled
+
+    def forget(self, cache_key: str | None = None) -> None:
+        """Drop the kept KV cache of one session (``cache_key``), or of all sessions."""
+        with device_turn(self.device):
+            self.prefix_cache.forget(cache_key)
 
     def generate(
         self,
@@ -195,38 +218,164 @@ class TransformersPlanner:
         max_new_tokens: int | None = None,
         seed: int | None = None,
         on_token: TokenCallback | None = None,
+        cache_key: str | None = None,
     ) -> PlannerOutput:
-        """Continue ``conversation``: under the grammar of the JSON ``schema``, or free text (None)."""
+        """Continue ``conversation``: under the grammar of the JSON ``schema``, or free text (None).
+
+        ``cache_key`` names the session: the KV cache of this call is kept under it, and the next
+        call with the same key prefills only what its conversation adds (see ``decoding``)."""
+        import torch
+
+        # One call per device at a time: a GPU runs one model faster alone than two side by side,
+        # and the kept caches are used by one call at a time.
+        with device_turn(self.device), generating("planner"), torch.inference_mode():
+            grammar, limits = self.compile(schema) if schema is not None else (None, {})
+            enc = self.encode(conversation)
+            return self._decode(
+                enc,
+                grammar,
+                limits,
+                max_new_tokens or self.spec.max_new_tokens,
+                seed,
+                on_token,
+                "" if cache_key is None else cache_key,
+            )
+
+    def _positions(self, enc: dict[str, Any]) -> tuple[Any, int]:
+        """Positions of the whole sequence as Qwen-VL's ``generate`` builds them: a row of text
+        positions above the three M-RoPE rows; and the offset of the M-RoPE rows after it."""
+        import torch
+
+        ids = enc["input_ids"]
+        n = ids.shape[1]
+        text = torch.arange(n).view(1, 1, n)
+        if "image_grid_thw" not in enc:
+            return torch.cat([text, text.expand(3, 1, n)]), 0
+        types = enc.get("mm_token_type_ids")
+        if types is None:
+            types = (ids == self.image_token_id).int()
+        vision, deltas = self._base.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=enc["image_grid_thw"])
+        return torch.cat([text, vision.to(text.dtype)]), int(deltas.reshape(-1)[0])
+
+    def _spans(self, ids: list[int], images: list[str]) -> list[tuple[int, int, str]]:
+        spans: list[tuple[int, int, str]] = []
+        i, n, k = 0, len(ids), 0
+        while i < n:
+            if ids[i] == self.image_token_id:
+                j = i
+                while j < n and ids[j] == self.image_token_id:
+                    j += 1
+                spans.append((i, j, images[k] if k < len(images) else ""))
+                k, i = k + 1, j
+            else:
+                i += 1
+        return spans
+
+    def _forward(self, ids: Any, positions: Any, cache: Any, **vision: Any) -> Any:
+        out = self.model(
+            input_ids=ids.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: cache},
+            **vision,
+        )
+        return out.logits[0, -1]
+
+    def _decode(
+        self,
+        enc: dict[str, Any],
+        grammar: Any,
+        limits: dict[Any, int],
+        budget: int,
+        seed: int | None,
+        on_token: TokenCallback | None,
+        cache_key: str,
+    ) -> PlannerOutput:
         import torch
         import xgrammar as xgr
 
-        # One call per device at a time: the seed below sets torch's global RNG, and a GPU runs one
-        # model faster alone than two side by side.
-        with device_turn(self.device), generating("planner"):
-            grammar = self.compile(schema) if schema is not None else None  # None: free text
-            inputs = {k: v.to(self.device) for k, v in self.encode(conversation).items()}
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-            if seed is not None:
-                torch.manual_seed(seed)
-            do_sample = self.spec.temperature > 0
-            sampling: dict[str, Any] = (
-                {"do_sample": True, "temperature": self.spec.temperature, "top_p": self.spec.top_p, "top_k": 0}
-                if do_sample
-                else {"do_sample": False}
-            )
-            streamer = _Streamer(self.tokenizer, on_token) if on_token else None
-            with torch.inference_mode():
-                out = self.model.generate(
-                    **inputs,
-                    **sampling,
-                    max_new_tokens=max_new_tokens or self.spec.max_new_tokens,
-                    logits_processor=[xgr.contrib.hf.LogitsProcessor(grammar)] if grammar is not None else [],
-                    eos_token_id=self.stop_token_ids,
-                    pad_token_id=self.tokenizer.pad_token_id or self.stop_token_ids[0],
-                    streamer=streamer,
-                )
-        prompt_len = inputs["input_ids"].shape[1]
-        new = out[0, prompt_len:]
+        ids: list[int] = enc["input_ids"][0].tolist()
+        spans = self._spans(ids, enc.get("image_digests", []))
+        positions, delta = self._positions(enc)
+        n = len(ids)
+
+        # Keep what the session's cache holds of this sequence (at least one token is prefilled,
+        # for the logits), and prefill the rest.
+        entry = self.prefix_cache.take(cache_key) if self.spec.prefix_cache else None
+        keep = min(common_prefix(entry, ids, spans), n - 1) if entry is not None else 0
+        for start, end, _ in spans:  # never half an image (keep may have dropped to n - 1)
+            if start < keep < end:
+                keep = start
+        if entry is None or keep == 0:
+            cache = fresh_cache(self.model)
+        else:
+            cache = entry.cache
+            crop(cache, keep)
+        vision: dict[str, Any] = {}
+        if "pixel_values" in enc:
+            grids = enc["image_grid_thw"]
+            rows = grids.prod(-1).tolist()
+            first = sum(1 for start, _, _ in spans if start < keep)  # images already in the cache
+            if first < len(rows):
+                skip = sum(rows[:first])
+                vision = {
+                    "pixel_values": enc["pixel_values"][skip:].to(self.device, self.model.dtype),
+                    "image_grid_thw": grids[first:].to(self.device),
+                }
+        logits = self._forward(enc["input_ids"][:, keep:], positions[:, :, keep:], cache, **vision)
+
+        generator = torch.Generator(device=self.device)
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()
+        matcher = xgr.GrammarMatcher(grammar) if grammar is not None else None
+        bitmask = xgr.allocate_token_bitmask(1, self.vocab_size) if matcher is not None else None
+        tracker = StringLimits(limits) if limits else None
+        streamer = _Streamer(self.tokenizer, on_token) if on_token else None
+        stop = set(self.stop_token_ids)
+        out: list[int] = []
+        fed = 0  # generated tokens whose keys and values are in the cache
+        if matcher is not None:
+            matcher.fill_next_token_bitmask(bitmask)
+        while True:
+            if matcher is not None:
+                xgr.apply_token_bitmask_inplace(logits.unsqueeze(0), bitmask.to(logits.device, non_blocking=True))
+                room = tracker.remaining() if tracker is not None else None
+                if room is not None and room < self._longest_token:
+                    logits.masked_fill_(self._in_string_len(logits.device) > room, float("-inf"))
+            token = int(sample(logits, self.spec.temperature, self.spec.top_p, generator))
+            out.append(token)
+            if matcher is not None:
+                if not matcher.accept_token(token):
+                    raise GenerationError("the planner produced a token its grammar does not allow")
+                done = matcher.is_terminated()
+            else:
+                done = token in stop
+            done = done or len(out) >= budget
+            if not done:  # launched first: on a GPU the forward runs while the CPU works below
+                n_pos = n + fed
+                step = torch.tensor([[n_pos], [n_pos + delta], [n_pos + delta], [n_pos + delta]]).view(4, 1, 1)
+                logits = self._forward(torch.tensor([[token]]), step, cache)
+                fed += 1
+            if tracker is not None:
+                tracker.feed(self._token_bytes[token] if token < len(self._token_bytes) else b"")
+            if streamer is not None and token not in stop:
+                streamer.push(token)
+            if done:
+                break
+            if matcher is not None:
+                matcher.fill_next_token_bitmask(bitmask)
+
+        self.prefix_cache.put(cache_key, CachedPrefix(cache, ids + out[:fed], spans))
+        new = [t for t in out if t not in stop]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return PlannerOutput(text=text, num_tokens=int(new.shape[0]), prompt_tokens=prompt_len)
+        return PlannerOutput(text=text, num_tokens=len(out), prompt_tokens=n, prefill_tokens=n - keep)
+
+    def _in_string_len(self, device: Any) -> Any:
+        if self._in_string is None or self._in_string.device != device:
+            import torch
+
+            self._in_string = torch.tensor(self._in_string_list, dtype=torch.int32, device=device)
+        return self._in_string

@@ -54,6 +54,7 @@ class PlannerOutput:
     text: str
     num_tokens: int
     prompt_tokens: int = 0
+    prefill_tokens: int | None = None  # prompt tokens computed by this call (the rest came from a cache)
 
 
 class Planner(Protocol):
@@ -67,7 +68,12 @@ class Planner(Protocol):
         max_new_tokens: int | None = None,
         seed: int | None = None,
         on_token: TokenCallback | None = None,
-    ) -> PlannerOutput: ...
+        cache_key: str | None = None,
+    ) -> PlannerOutput:
+        """``cache_key`` names the session the call belongs to; a planner may keep state per key
+        (the local planner keeps the KV cache of the conversation) and must give the same output
+        with or without it."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,11 @@ def call_planner(
     # Tagged, so a LangGraph ``messages`` stream can tell the planner's JSON actions (and the
     # check's verdicts) from a parent graph's own model output.
     tagged = {**config, "tags": [*(config.get("tags") or []), tag]}
-    response = (chat or deps.chat).invoke(msgs, tagged, schema=schema, seed=seed, max_new_tokens=max_new_tokens)
+    # The session's id names its kept KV cache: the next call prefills only what this turn added.
+    session = (config.get("configurable") or {}).get("thread_id")
+    response = (chat or deps.chat).invoke(
+        msgs, tagged, schema=schema, seed=seed, max_new_tokens=max_new_tokens, cache_key=session
+    )
     usage = response.usage_metadata or {}
     return str(response.content), int(usage.get("output_tokens", 0))
 

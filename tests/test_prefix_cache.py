@@ -1,0 +1,142 @@
+"""Prefix reuse in the planner: same outputs as a full prefill, and prefill that stays flat.
+
+Runs the real decode loop of ``TransformersPlanner`` on the tiny Qwen2.5-VL and Qwen3-VL planners."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from duogen_agents.graphs import actions as A
+from duogen_agents.models.decoding import CachedPrefix, StringLimits, common_prefix, split_limits
+from duogen_agents.models.planner import TransformersPlanner
+from duogen_agents.presets import load_preset
+
+REFS = ["0123456789ab", "ba9876543210"]
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-qwen3"])
+def planners(request, tmp_path_factory):
+    """The same weights twice: one planner that keeps caches, one that never does."""
+    from duogen_agents.models.tiny import ensure_tiny_planner
+
+    root = tmp_path_factory.mktemp("planner-models")
+    ensure_tiny_planner(root, "qwen3_vl" if request.param == "tiny-qwen3" else "qwen2_5_vl")
+    spec = load_preset(request.param).planner
+    cached = TransformersPlanner.from_spec(spec, root)
+    plain = TransformersPlanner(cached.model, cached.processor, spec.model_copy(update={"prefix_cache": 0}))
+    return cached, plain
+
+
+def _picture(i: int) -> Image.Image:
+    return Image.new("RGB", (24 + 8 * (i % 2), 24), ((40 * i) % 256, 90, 200 - (15 * i) % 200))
+
+
+def _session_calls(turns: int):
+    """Conversations of a growing session: each turn a user message with a picture, and the
+    assistant's earlier answers in the history."""
+    conv = [{"role": "system", "content": [{"type": "text", "text": "You plan."}]}]
+    for i in range(turns):
+        conv.append(
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": _picture(i)}, {"type": "text", "text": f"Step {i}: go on."}],
+            }
+        )
+        yield conv
+        conv.append(
+            {"role": "assistant", "content": [{"type": "text", "text": f'{{"type": "text", "text": "ok {i}"}}'}]}
+        )
+
+
+def test_outputs_match_a_full_prefill_and_prefill_stays_flat(planners) -> None:
+    cached, plain = planners
+    schema = A.next_action_schema(REFS, max_text=24, max_prompt=16, max_refs=1, allow_image=True, allow_done=True)
+    prefills, prompts = [], []
+    for i, conv in enumerate(_session_calls(10)):
+        with_reuse = cached.generate(conv, schema, seed=i, cache_key="s1")
+        without = plain.generate(conv, schema, seed=i, cache_key="s1")
+        assert with_reuse.text == without.text
+        assert without.prefill_tokens == without.prompt_tokens  # the plain planner prefills everything
+        prefills.append(with_reuse.prefill_tokens)
+        prompts.append(with_reuse.prompt_tokens)
+    assert prompts[9] > 4 * prompts[0]  # the session grew ...
+    assert max(prefills[1:]) <= prefills[0] + 8  # ... while each call prefilled about one turn
+    assert prefills[9] <= prefills[4] + 4
+
+
+def test_free_text_and_streaming_match_too(planners) -> None:
+    cached, plain = planners
+    calls = list(_session_calls(3))
+    for i, conv in enumerate(calls):
+        pieces: list[str] = []
+        a = cached.generate(conv, None, seed=7, max_new_tokens=12, cache_key="free", on_token=pieces.append)
+        b = plain.generate(conv, None, seed=7, max_new_tokens=12)
+        assert a.text == b.text and "".join(pieces) == a.text
+        if i:
+            assert a.prefill_tokens < a.prompt_tokens
+
+
+def test_another_picture_behind_the_same_tokens_is_not_reused(planners) -> None:
+    cached, plain = planners
+    schema = A.plan_schema(min_steps=1, max_steps=2, max_title=16)
+    first = list(_session_calls(3))[-1]
+    cached.generate(first, schema, seed=1, cache_key="swap")
+    swapped = [dict(turn, content=list(turn["content"])) for turn in first]
+    # Same size, other pixels: the token ids are identical, only the picture differs.
+    swapped[1]["content"][0] = {"type": "image", "image": Image.new("RGB", _picture(0).size, (0, 255, 0))}
+    a = cached.generate(swapped, schema, seed=1, cache_key="swap")
+    b = plain.generate(swapped, schema, seed=1)
+    assert a.text == b.text
+    first_image = cached.encode(swapped)["input_ids"][0].tolist().index(cached.image_token_id)
+    assert a.prefill_tokens == a.prompt_tokens - first_image  # cut at the changed picture
+
+
+def test_sessions_are_bounded_and_forgotten(planners) -> None:
+    cached, _ = planners
+    conv = next(iter(_session_calls(1)))
+    schema = A.plan_schema(min_steps=1, max_steps=2, max_title=8)
+    for key in ("a", "b", "c", "d", "e"):
+        cached.generate(conv, schema, seed=0, cache_key=key)
+    assert list(cached.prefix_cache.entries)[-4:] == ["b", "c", "d", "e"] and "a" not in cached.prefix_cache.entries
+    cached.forget("e")
+    assert "e" not in cached.prefix_cache.entries
+    again = cached.generate(conv, schema, seed=0, cache_key="e")
+    assert again.prefill_tokens == again.prompt_tokens
+    cached.forget()
+    assert not cached.prefix_cache.entries
+
+
+def test_string_limits_hold_over_many_seeds(planners) -> None:
+    cached, _ = planners
+    schema = A.step_schema(REFS, max_text=12, max_prompt=6, max_refs=1)
+    conv = next(iter(_session_calls(1)))
+    for seed in range(20):
+        out = cached.generate(conv, schema, seed=seed, cache_key="limits")
+        step = A.StepAction.model_validate_json(out.text)
+        assert 1 <= len(step.text) <= 12 and 1 <= len(step.image.prompt) <= 6
+
+
+def test_split_limits_and_the_json_follower() -> None:
+    schema = A.step_schema(REFS, max_text=30, max_prompt=10, max_refs=1)
+    stripped, limits = split_limits(schema)
+    assert limits == {("text",): 30, ("image", "prompt"): 10}
+    assert "maxLength" not in json.dumps(stripped)
+    follow = StringLimits(limits)
+    follow.feed(b'{"text": "ab\\"c')
+    assert follow.remaining() == 25  # a, b, the escape (2 bytes) and c
+    follow.feed(b'", "image": {"prompt": "x')
+    assert follow.remaining() == 9
+    follow.feed(b'", "references": ["')
+    assert follow.remaining() is None  # an unlimited string
+    follow.feed("é".encode()[:1])
+    assert follow.remaining() is None  # never cut inside a character
+
+
+def test_common_prefix_keeps_whole_pictures_only() -> None:
+    entry = CachedPrefix(None, [1, 2, 9, 9, 9, 3, 4], [(2, 5, "red")])
+    assert common_prefix(entry, [1, 2, 9, 9, 9, 3, 5], [(2, 5, "red")]) == 6
+    assert common_prefix(entry, [1, 2, 9, 9, 9, 3, 4, 7], [(2, 5, "blue")]) == 2
+    assert common_prefix(entry, [1, 2, 9, 9, 8], [(2, 4, "red")]) == 2
