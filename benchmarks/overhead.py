@@ -58,7 +58,7 @@ def timed(fn: Any, repeats: int) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
-def real_shape_components(home: Path) -> tuple[TransformersPlanner, CosmosImageTool, Any]:
+def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[TransformersPlanner, CosmosImageTool, Any]:
     """Random weights at real shapes, built in memory on the GPU (nothing is downloaded)."""
     from diffusers import (
         AutoencoderKLWan,
@@ -89,7 +89,7 @@ def real_shape_components(home: Path) -> tuple[TransformersPlanner, CosmosImageT
         preset.planner.max_text_chars, preset.planner.max_prompt_chars = 32, 16
     else:  # bound a random model's output so the planner row measures ~300 tokens, not 800+
         preset.planner.max_text_chars, preset.planner.max_prompt_chars = 200, 80
-    tok = _planner_tokenizer()
+    tok = tokenizer if tokenizer is not None else _planner_tokenizer()
     ids = {
         t: tok.convert_tokens_to_ids(t)
         for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")

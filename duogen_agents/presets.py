@@ -86,6 +86,9 @@ class ImageSpec(_Strict):
     safety_checker: Literal["guardrail", "none"] = Field(
         "guardrail", description="cosmos2: 'guardrail' needs the cosmos_guardrail package; 'none' passes all"
     )
+    compile: bool = Field(
+        False, description="regional torch.compile of the DiT's blocks (GPU; compiles once per process)"
+    )
     references: ImageSpec | None = None
 
     @model_validator(mode="after")

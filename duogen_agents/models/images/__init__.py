@@ -24,6 +24,18 @@ def fresh_scheduler(pipe: Any) -> None:
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
 
 
+def compile_dit(transformer: Any) -> None:
+    """Regional ``torch.compile``: each repeated transformer block is compiled once and reused, which
+    compiles in a fraction of a whole-model compile for the same speed (diffusers'
+    ``compile_repeated_blocks`` where the model names its blocks; Cosmos does not, so its
+    ``transformer_blocks`` are compiled one by one)."""
+    if getattr(transformer, "_repeated_blocks", None):
+        transformer.compile_repeated_blocks(fullgraph=True)
+        return
+    for block in getattr(transformer, "transformer_blocks", []):
+        block.compile(fullgraph=True)
+
+
 def build_family(spec: ImageSpec, models_dir: Path | None) -> Any:
     if spec.family == "flux2-klein":
         from duogen_agents.models.images.flux2_klein import Flux2KleinImageTool

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from duogen_agents.errors import GenerationError, ModelLoadError
-from duogen_agents.models.images import fresh_scheduler
+from duogen_agents.models.images import compile_dit, fresh_scheduler
 from duogen_agents.models.images.safety import PassThroughSafetyChecker
 from duogen_agents.models.loading import generating, loading, resolve_device, resolve_dtype, resolve_source
 from duogen_agents.models.protocols import Drawing, ImageKind, StepCallback, letterbox, refusal
@@ -103,6 +103,8 @@ class CosmosImageTool:
             pipe = Cosmos2TextToImagePipeline.from_pretrained(source, safety_checker=checker, dtype=dtype)
             pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
+            if spec.compile:
+                compile_dit(pipe.transformer)
         return cls(pipe, spec, v2w_source, checker)
 
     @property
@@ -123,6 +125,8 @@ class CosmosImageTool:
                 )
                 pipe.to(t2i.device)
                 pipe.set_progress_bar_config(disable=True)
+                if self.spec.compile:
+                    compile_dit(pipe.transformer)
             self._video2world = pipe
         return self._video2world
 

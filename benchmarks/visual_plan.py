@@ -1,0 +1,345 @@
+"""A 4-image visual plan: ours against the raw sequential baseline doing the same work, in one run.
+
+    python benchmarks/visual_plan.py --preset tiny          # CPU: the same code as on a GPU
+    python benchmarks/visual_plan.py --real-shapes          # GPU: random weights at real sizes (7B-class
+                                                            # Qwen2.5-VL, 2B Cosmos-Predict2, T5-XXL), a
+                                                            # tokenizer of Qwen's vocabulary size (151k)
+    python benchmarks/visual_plan.py --grammar              # grammar mask time per token, 151k vocabulary
+    python benchmarks/visual_plan.py --session              # prefill tokens per action as a session grows
+
+Ours: ``Agent.run(prompt, mode="visual-plan")`` (a 4-step plan, each step written and drawn), with
+the planner's kept KV cache, grammar-constrained decoding and the image store. Baseline: the same
+planner calls replayed with plain ``model.generate`` (full prefill each time, no grammar, the same
+number of new tokens, greedy) and the same image requests as plain diffusers pipeline calls, one
+after the other. Runs alternate (ours, baseline, ours, ...) and the medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from duogen_agents.graphs import actions as A  # noqa: E402
+from duogen_agents.models.images.cosmos2 import CosmosImageTool, conditioning_frames  # noqa: E402
+from duogen_agents.models.loading import quiet_libraries  # noqa: E402
+from duogen_agents.models.planner import TransformersPlanner  # noqa: E402
+from duogen_agents.models.protocols import letterbox  # noqa: E402
+from duogen_agents.presets import load_preset  # noqa: E402
+
+PROMPT = "Plan a small balcony herb garden, step by step, with a picture of each step."
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _peak_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+class Recorder:
+    """Wraps the planner's ``generate`` and the tool's ``draw``: what each call did and its time."""
+
+    def __init__(self, planner: TransformersPlanner, tool: Any) -> None:
+        self.planner_calls: list[dict[str, Any]] = []
+        self.draws: list[dict[str, Any]] = []
+        gen, draw = planner.generate, tool.draw
+
+        def generate(conversation: Any, schema: Any, **kw: Any) -> Any:
+            _sync()
+            t = time.perf_counter()
+            out = gen(conversation, schema, **kw)
+            _sync()
+            self.planner_calls.append(
+                dict(
+                    conversation=conversation,
+                    new=out.num_tokens,
+                    prompt=out.prompt_tokens,
+                    prefill=out.prefill_tokens,
+                    s=time.perf_counter() - t,
+                )
+            )
+            return out
+
+        def drawn(prompt: str, **kw: Any) -> Any:
+            _sync()
+            t = time.perf_counter()
+            out = draw(prompt, **kw)
+            _sync()
+            self.draws.append(
+                dict(
+                    prompt=prompt,
+                    kind=kw.get("kind", "generate"),
+                    references=list(kw.get("references", ())),
+                    seed=kw.get("seed", 0),
+                    s=time.perf_counter() - t,
+                )
+            )
+            return out
+
+        planner.generate = generate  # type: ignore[method-assign]
+        tool.draw = drawn  # type: ignore[method-assign]
+
+    def reset(self) -> None:
+        self.planner_calls.clear()
+        self.draws.clear()
+
+
+def baseline(planner: TransformersPlanner, tool: CosmosImageTool, rec: Recorder) -> dict[str, float]:
+    """The recorded work, done plainly: full prefill + ``generate`` per call, pipeline per image."""
+    t_plan = 0.0
+    for call in rec.planner_calls:
+        _sync()
+        t = time.perf_counter()
+        enc = {k: v.to(planner.device) for k, v in planner.encode(call["conversation"]).items() if k != "image_digests"}
+        if "pixel_values" in enc:
+            enc["pixel_values"] = enc["pixel_values"].to(planner.model.dtype)
+        with torch.inference_mode():
+            planner.model.generate(
+                **enc,
+                max_new_tokens=call["new"],
+                min_new_tokens=call["new"],
+                do_sample=False,
+                pad_token_id=planner.stop_token_ids[0],
+            )
+        _sync()
+        t_plan += time.perf_counter() - t
+    t_img = 0.0
+    for d in rec.draws:
+        _sync()
+        t = time.perf_counter()
+        kw = tool._common(d["prompt"], d["seed"], None)
+        kw.pop("callback_on_step_end")
+        if not d["references"]:
+            tool.text2image(**kw)
+        else:
+            pipe = tool.video2world
+            fitted = [letterbox(im, (tool.spec.width, tool.spec.height)) for im in d["references"]]
+            frames, n_frames, _ = conditioning_frames(fitted, tool.spec.horizon_frames, pipe.vae_scale_factor_temporal)
+            pipe(video=frames, num_frames=n_frames, fps=tool.spec.fps, **kw)
+        _sync()
+        t_img += time.perf_counter() - t
+    return {"planner": t_plan, "image": t_img}
+
+
+def components(args: argparse.Namespace, home: Path) -> tuple[TransformersPlanner, CosmosImageTool, Any]:
+    if args.real_shapes:
+        from _vocab import real_size_tokenizer
+        from overhead import real_shape_components
+
+        planner, tool, preset = real_shape_components(home, tokenizer=real_size_tokenizer())
+        preset.planner.max_text_chars, preset.planner.max_prompt_chars = 160, 80
+        # A random planner asks for "continue" often; 3 frames ahead keeps each Video2World call at
+        # two latent frames (the default 28 frames ahead costs about 8 times a text-to-image call).
+        preset.image.horizon_frames = 3
+    else:
+        preset = load_preset(args.preset)
+        planner = TransformersPlanner.from_spec(preset.planner, home / "models")
+        tool = CosmosImageTool.from_spec(preset.image, home / "models")
+    preset.limits.max_images = 4
+    preset.limits.plan_min_steps = preset.limits.plan_max_steps = 4
+    preset.limits.max_actions = max(preset.limits.max_actions, 12)
+    return planner, tool, preset
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    from duogen_agents.agent import Agent
+
+    home = Path(tempfile.mkdtemp(prefix="duogen-bench-"))
+    planner, tool, preset = components(args, home)
+    rec = Recorder(planner, tool)
+    agent = Agent(preset, planner=planner, image_tool=tool, home=home)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"device: {device}; planner {planner.source or preset.planner.model}, vocabulary {len(planner.tokenizer)}; "
+        f"image {preset.image.width}x{preset.image.height}, {preset.image.steps} steps, guidance {preset.image.guidance}"
+    )
+
+    def ours() -> dict[str, Any]:
+        rec.reset()
+        _sync()
+        t = time.perf_counter()
+        doc = agent.run(PROMPT, mode="visual-plan", seed=args.seed)
+        _sync()
+        total = time.perf_counter() - t
+        return {
+            "total": total,
+            "planner": sum(c["s"] for c in rec.planner_calls),
+            "image": sum(d["s"] for d in rec.draws),
+            "images": len(doc.images),
+            "calls": len(rec.planner_calls),
+            "new": [c["new"] for c in rec.planner_calls],
+            "prompt": [c["prompt"] for c in rec.planner_calls],
+            "prefill": [c["prefill"] for c in rec.planner_calls],
+        }
+
+    t = time.perf_counter()
+    first = ours()  # warm-up (compiles, first-use loads)
+    print(f"warm-up run: {time.perf_counter() - t:.2f} s, {first['images']} images, {first['calls']} planner calls")
+    mine: list[dict[str, Any]] = []
+    base: list[dict[str, float]] = []
+    for _ in range(args.repeats):
+        mine.append(ours())
+        t = time.perf_counter()
+        b = baseline(planner, tool, rec)
+        b["total"] = time.perf_counter() - t
+        base.append(b)
+    last = mine[-1]
+    med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
+    print(
+        f"\n{args.repeats} alternating repeats, medians; {last['images']} images, {last['calls']} planner calls, "
+        f"{sum(last['new'])} new planner tokens"
+    )
+    print(f"{'part':28s} {'ours (s)':>10s} {'baseline (s)':>13s} {'ratio':>7s}")
+    for k, label in (("planner", "planner calls"), ("image", "image draws"), ("total", "whole plan")):
+        o, b = med(mine, k), med(base, k)
+        print(f"{label:28s} {o:10.2f} {b:13.2f} {o / b:7.2f}", flush=True)
+    other = med(mine, "total") - med(mine, "planner") - med(mine, "image")
+    print(f"{'graph, store, encoding':28s} {other:10.2f} {'-':>13s}")
+    if args.compile_dit:  # after the baseline, which stays uncompiled
+        from duogen_agents.models.images import compile_dit
+
+        for pipe in (tool.text2image, tool.video2world):
+            compile_dit(pipe.transformer)
+        t = time.perf_counter()
+        ours()
+        print(f"\nDiT blocks compiled (regional); warm-up run with compilation: {time.perf_counter() - t:.2f} s")
+        comp = [ours() for _ in range(args.repeats)]
+        for k, label in (("planner", "planner calls"), ("image", "image draws"), ("total", "whole plan")):
+            o, b = med(comp, k), med(base, k)
+            print(f"{label + ', DiT compiled':28s} {o:10.2f} {b:13.2f} {o / b:7.2f}", flush=True)
+    print(f"prompt tokens per call:  {last['prompt']}")
+    print(f"prefill tokens per call: ours {last['prefill']}; baseline = prompt tokens")
+    print(f"new tokens per call:     {last['new']}")
+    print(f"peak memory: {_peak_gb():.2f} GiB ({'GPU, allocated' if torch.cuda.is_available() else 'process RSS'})")
+
+
+def run_session(args: argparse.Namespace) -> None:
+    """Prefill tokens per planner call at turns 1, 5 and 10 of one session, with and without reuse."""
+    from duogen_agents.agent import Agent
+
+    home = Path(tempfile.mkdtemp(prefix="duogen-bench-"))
+    preset = load_preset(args.preset)
+    planner = TransformersPlanner.from_spec(preset.planner, home / "models")
+    tool = CosmosImageTool.from_spec(preset.image, home / "models")
+    rec = Recorder(planner, tool)
+    agent = Agent(preset, planner=planner, image_tool=tool, home=home)
+    print(
+        f"{'turn':>4s} {'calls':>5s} {'prompt tokens (mean)':>21s} {'prefilled (mean)':>17s} {'first call prefilled':>21s}"
+    )
+    for turn in range(1, 11):
+        rec.reset()
+        agent.run(
+            f"Turn {turn}: add one more step to the garden plan.", mode="interleaved", seed=turn, thread_id="bench"
+        )
+        calls = rec.planner_calls
+        if turn in (1, 5, 10) or args.verbose:
+            print(
+                f"{turn:4d} {len(calls):5d} {statistics.mean(c['prompt'] for c in calls):21.0f} "
+                f"{statistics.mean(c['prefill'] for c in calls):17.0f} {calls[0]['prefill']:21d}"
+            )
+
+
+def run_grammar(args: argparse.Namespace) -> None:
+    """xgrammar mask time per token with a 151k vocabulary: the old bounded-repeat strings against
+    the current ``+`` strings (their length enforced while decoding)."""
+    import xgrammar as xgr
+    from _vocab import real_size_tokenizer
+
+    from duogen_agents.models.decoding import split_limits
+
+    tok = real_size_tokenizer()
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=152064, stop_token_ids=[tok.eos_token_id])
+    refs = ["0123456789ab", "ba9876543210"]
+    now = A.step_schema(refs, max_text=800, max_prompt=300, max_refs=2)
+
+    def bounded(node: Any) -> Any:  # the schema as it was: pattern {1,N}, no maxLength
+        if isinstance(node, list):
+            return [bounded(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: bounded(v) for k, v in node.items()}
+        if "maxLength" in out and out.get("pattern", "").endswith("+$"):
+            out["pattern"] = out["pattern"][:-2] + "{{1,{}}}$".format(out.pop("maxLength"))
+        return out
+
+    target = json.dumps(
+        {
+            "text": "Fill the pot with fresh soil, then water it well until it drains.",
+            "image": {
+                "prompt": "a terracotta pot of basil on a sunny balcony",
+                "references": [refs[0]],
+                "kind": "continue",
+            },
+        }
+    )
+    ids = tok(target, add_special_tokens=False)["input_ids"]
+    bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)
+    print(
+        f"vocabulary {len(tok)} tokens (model rows {info.vocab_size}); step action, {len(ids)} tokens; "
+        f"CPU threads {torch.get_num_threads()}"
+    )
+    print(f"{'schema':34s} {'compile (s)':>11s} {'mask median (ms)':>17s} {'p90 (ms)':>9s}")
+    for name, schema in (
+        ("before: pattern {1,N}", bounded(now)),
+        ("now: pattern + (maxLength decoded)", split_limits(now)[0]),
+    ):
+        t = time.perf_counter()
+        grammar = xgr.GrammarCompiler(info, cache_enabled=False).compile_json_schema(
+            json.dumps(schema), any_whitespace=False
+        )
+        compile_s = time.perf_counter() - t
+        times = []
+        for _ in range(args.repeats):
+            matcher = xgr.GrammarMatcher(grammar)
+            for i in ids:
+                t = time.perf_counter()
+                matcher.fill_next_token_bitmask(bitmask)
+                times.append(time.perf_counter() - t)
+                assert matcher.accept_token(i), tok.decode([i])
+        times.sort()
+        print(
+            f"{name:34s} {compile_s:11.2f} {times[len(times) // 2] * 1e3:17.2f} {times[int(len(times) * 0.9)] * 1e3:9.2f}"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--real-shapes", action="store_true")
+    ap.add_argument("--compile-dit", action="store_true", help="regional torch.compile of the DiT blocks")
+    ap.add_argument("--grammar", action="store_true")
+    ap.add_argument("--session", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    quiet_libraries()
+    if args.grammar:
+        run_grammar(args)
+    elif args.session:
+        run_session(args)
+    else:
+        run_plan(args)
+
+
+if __name__ == "__main__":
+    main()
