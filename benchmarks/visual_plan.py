@@ -144,7 +144,7 @@ def components(args: argparse.Namespace, home: Path) -> tuple[TransformersPlanne
         from overhead import real_shape_components
 
         planner, tool, preset = real_shape_components(home, tokenizer=real_size_tokenizer())
-        preset.planner.max_text_chars, preset.planner.max_prompt_chars = 160, 80
+        preset.planner.max_text_chars, preset.planner.max_prompt_chars = 120, 60
         # A random planner asks for "continue" often; 3 frames ahead keeps each Video2World call at
         # two latent frames (the default 28 frames ahead costs about 8 times a text-to-image call).
         preset.image.horizon_frames = 3
@@ -212,22 +212,60 @@ def run_plan(args: argparse.Namespace) -> None:
         print(f"{label:28s} {o:10.2f} {b:13.2f} {o / b:7.2f}", flush=True)
     other = med(mine, "total") - med(mine, "planner") - med(mine, "image")
     print(f"{'graph, store, encoding':28s} {other:10.2f} {'-':>13s}")
-    if args.compile_dit:  # after the baseline, which stays uncompiled
-        from duogen_agents.models.images import compile_dit
-
-        for pipe in (tool.text2image, tool.video2world):
-            compile_dit(pipe.transformer)
-        t = time.perf_counter()
-        ours()
-        print(f"\nDiT blocks compiled (regional); warm-up run with compilation: {time.perf_counter() - t:.2f} s")
-        comp = [ours() for _ in range(args.repeats)]
-        for k, label in (("planner", "planner calls"), ("image", "image draws"), ("total", "whole plan")):
-            o, b = med(comp, k), med(base, k)
-            print(f"{label + ', DiT compiled':28s} {o:10.2f} {b:13.2f} {o / b:7.2f}", flush=True)
     print(f"prompt tokens per call:  {last['prompt']}")
     print(f"prefill tokens per call: ours {last['prefill']}; baseline = prompt tokens")
     print(f"new tokens per call:     {last['new']}")
     print(f"peak memory: {_peak_gb():.2f} GiB ({'GPU, allocated' if torch.cuda.is_available() else 'process RSS'})")
+
+    def variant(name: str, repeats: int) -> None:
+        t = time.perf_counter()
+        try:
+            ours()
+            print(f"\n{name}: warm-up run {time.perf_counter() - t:.2f} s (compilation included)", flush=True)
+            rows = [ours() for _ in range(repeats)]
+        except Exception as e:  # report and go on to the next variant
+            print(f"\n{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+            return
+        for k, label in (("planner", "planner calls"), ("image", "image draws"), ("total", "whole plan")):
+            o, b = med(rows, k), med(base, k)
+            print(f"{label:28s} {o:10.2f} {b:13.2f} {o / b:7.2f}", flush=True)
+        print(f"new tokens per call: {rows[-1]['new']}")
+
+    # Variants after the baseline, which stays plain. Compiled parts compile once per process.
+    if args.compile_dit or args.compile_planner:
+        if args.compile_dit:
+            from duogen_agents.models.images import compile_dit
+
+            for pipe in (tool.text2image, tool.video2world):
+                compile_dit(pipe.transformer)
+        if args.compile_planner:
+            planner.spec.compile = True
+        parts = " and ".join(
+            p
+            for p, on in (
+                ("DiT (regional)", args.compile_dit),
+                ("planner decode (static cache, CUDA graphs)", args.compile_planner),
+            )
+            if on
+        )
+        variant(f"ours, compiled {parts}", args.variant_repeats)
+    if args.offload:
+        from duogen_agents.models.residency import offload_image_tool, offload_planner
+
+        planner.spec.compile = False
+        planner._static = planner._compiled_step = None
+        planner.prefix_cache.forget()
+        offload_planner(planner)
+        offload_image_tool(tool)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        variant("ours, offloaded (one model on the GPU at a time)", args.variant_repeats)
+        if torch.cuda.is_available():
+            print(
+                f"offloaded peak: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+                f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved (CUDA context not included)"
+            )
 
 
 def run_session(args: argparse.Namespace) -> None:
@@ -240,14 +278,13 @@ def run_session(args: argparse.Namespace) -> None:
     tool = CosmosImageTool.from_spec(preset.image, home / "models")
     rec = Recorder(planner, tool)
     agent = Agent(preset, planner=planner, image_tool=tool, home=home)
+    session = agent.session("bench")
     print(
         f"{'turn':>4s} {'calls':>5s} {'prompt tokens (mean)':>21s} {'prefilled (mean)':>17s} {'first call prefilled':>21s}"
     )
     for turn in range(1, 11):
         rec.reset()
-        agent.run(
-            f"Turn {turn}: add one more step to the garden plan.", mode="interleaved", seed=turn, thread_id="bench"
-        )
+        session.send(f"Turn {turn}: add one more step to the garden plan.", mode="interleaved", seed=turn)
         calls = rec.planner_calls
         if turn in (1, 5, 10) or args.verbose:
             print(
@@ -256,16 +293,36 @@ def run_session(args: argparse.Namespace) -> None:
             )
 
 
+def _probe_vocabulary() -> tuple[Any, dict[str, int]]:
+    """The vocabulary of ``shared/probes/xgrammar_mask_cost.py``: 151k random word pieces, a tenth of
+    them glued to JSON punctuation (harder for xgrammar than a vocabulary of mostly words)."""
+    import random
+    import string
+
+    import xgrammar as xgr
+
+    rng = random.Random(0)
+    pieces: set[str] = set()
+    lengths = [1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 7, 8, 10, 12]
+    while len(pieces) < 151_000:
+        w = "".join(rng.choice(string.ascii_letters) for _ in range(rng.choice(lengths)))
+        glue = ['"', '",', '":', "{", "}", ": "]
+        pieces.add(rng.choice(["", " "]) + w if rng.random() < 0.9 else w + rng.choice(glue))
+    vocab = sorted(pieces) + ['"', "{", "}", ":", ",", "[", "]", " ", "\n"] + [str(d) for d in range(10)]
+    vocab += [c for c in string.printable if c not in vocab and c not in "\r\x0b\x0c"]
+    info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW, stop_token_ids=[0])
+    return info, {v: i for i, v in enumerate(vocab)}
+
+
 def run_grammar(args: argparse.Namespace) -> None:
     """xgrammar mask time per token with a 151k vocabulary: the old bounded-repeat strings against
-    the current ``+`` strings (their length enforced while decoding)."""
+    the current ``+`` strings (their length enforced while decoding), on the step action of a real
+    preset (800-character text, 300-character prompt)."""
     import xgrammar as xgr
     from _vocab import real_size_tokenizer
 
     from duogen_agents.models.decoding import split_limits
 
-    tok = real_size_tokenizer()
-    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=152064, stop_token_ids=[tok.eos_token_id])
     refs = ["0123456789ab", "ba9876543210"]
     now = A.step_schema(refs, max_text=800, max_prompt=300, max_refs=2)
 
@@ -289,41 +346,43 @@ def run_grammar(args: argparse.Namespace) -> None:
             },
         }
     )
-    ids = tok(target, add_special_tokens=False)["input_ids"]
-    bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)
-    print(
-        f"vocabulary {len(tok)} tokens (model rows {info.vocab_size}); step action, {len(ids)} tokens; "
-        f"CPU threads {torch.get_num_threads()}"
-    )
-    print(f"{'schema':34s} {'compile (s)':>11s} {'mask median (ms)':>17s} {'p90 (ms)':>9s}")
-    for name, schema in (
-        ("before: pattern {1,N}", bounded(now)),
-        ("now: pattern + (maxLength decoded)", split_limits(now)[0]),
-    ):
-        t = time.perf_counter()
-        grammar = xgr.GrammarCompiler(info, cache_enabled=False).compile_json_schema(
-            json.dumps(schema), any_whitespace=False
-        )
-        compile_s = time.perf_counter() - t
-        times = []
-        for _ in range(args.repeats):
-            matcher = xgr.GrammarMatcher(grammar)
-            for i in ids:
-                t = time.perf_counter()
-                matcher.fill_next_token_bitmask(bitmask)
-                times.append(time.perf_counter() - t)
-                assert matcher.accept_token(i), tok.decode([i])
-        times.sort()
-        print(
-            f"{name:34s} {compile_s:11.2f} {times[len(times) // 2] * 1e3:17.2f} {times[int(len(times) * 0.9)] * 1e3:9.2f}"
-        )
+    tok = real_size_tokenizer()
+    bpe = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=152064, stop_token_ids=[tok.eos_token_id])
+    probe, index = _probe_vocabulary()
+    vocabularies = [
+        (f"byte-level BPE, {len(tok)} tokens", bpe, tok(target, add_special_tokens=False)["input_ids"]),
+        (f"probe vocabulary, {probe.vocab_size} tokens", probe, [index[c] for c in target]),
+    ]
+    print(f"step action of {len(target)} characters; CPU threads {torch.get_num_threads()}; {args.repeats} passes")
+    print(f"{'vocabulary':34s} {'schema':22s} {'compile (s)':>11s} {'mask median (ms)':>17s} {'p90 (ms)':>9s}")
+    for vname, info, ids in vocabularies:
+        bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)
+        for name, schema in (("before: {1,N}", bounded(now)), ("now: + and maxLength", split_limits(now)[0])):
+            t = time.perf_counter()
+            compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+            grammar = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+            compile_s = time.perf_counter() - t
+            times = []
+            for _ in range(args.repeats):
+                matcher = xgr.GrammarMatcher(grammar)
+                for i in ids:
+                    t = time.perf_counter()
+                    matcher.fill_next_token_bitmask(bitmask)
+                    times.append(time.perf_counter() - t)
+                    assert matcher.accept_token(i), i
+            times.sort()
+            med, p90 = times[len(times) // 2] * 1e3, times[int(len(times) * 0.9)] * 1e3
+            print(f"{vname:34s} {name:22s} {compile_s:11.2f} {med:17.3f} {p90:9.3f}", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--real-shapes", action="store_true")
-    ap.add_argument("--compile-dit", action="store_true", help="regional torch.compile of the DiT blocks")
+    ap.add_argument("--compile-dit", action="store_true", help="then: regional torch.compile of the DiT blocks")
+    ap.add_argument("--compile-planner", action="store_true", help="then: static KV cache + compiled decode step")
+    ap.add_argument("--offload", action="store_true", help="then: only the running model on the GPU")
+    ap.add_argument("--variant-repeats", type=int, default=1)
     ap.add_argument("--grammar", action="store_true")
     ap.add_argument("--session", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)

@@ -111,6 +111,7 @@ class Agent:
         self.home = Path(home) if home is not None else default_home()
         self.store = ImageStore(self.home)
         self.planner = planner
+        self.critic = critic
         self.image_tool = image_tool
         self.renderer = Renderer(image_tool, self.store)
         self.deps = GraphDeps(
@@ -139,7 +140,15 @@ class Agent:
         models = spec.models_path(root)
         planner = TransformersPlanner.from_spec(spec.planner, models)
         critic = TransformersPlanner.from_spec(spec.critic, models) if spec.critic is not None else None
+        if spec.offload:  # each model waits on the CPU before the next loads: the peak is one model
+            from duogen_agents.models.residency import offload_image_tool, offload_planner
+
+            for p in (planner, critic):
+                if p is not None:
+                    offload_planner(p)
         image_tool = build_image_tool(spec.image, models)
+        if spec.offload:
+            offload_image_tool(image_tool)
         return cls(spec, planner=planner, image_tool=image_tool, home=root, critic=critic)
 
     @property
@@ -222,6 +231,15 @@ class Agent:
                 "inputs": [r.model_dump() if isinstance(r, ImageRef) else r for r in refs],
             }
         )
+
+    def forget(self, session_id: str | None = None) -> None:
+        """Drop what the models keep for a session (the planner's KV cache of its conversation), or
+        for every session. Sessions do this when a turn is cancelled; a kept cache is only ever
+        reused for a conversation whose start is identical, so forgetting frees memory, it never
+        changes an answer."""
+        for model in (self.planner, self.critic):
+            if hasattr(model, "forget"):
+                model.forget(session_id)
 
     def config(self, thread_id: str) -> dict[str, Any]:
         return {"configurable": {"thread_id": thread_id}, "recursion_limit": self.recursion_limit}

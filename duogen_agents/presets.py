@@ -46,6 +46,13 @@ class PlannerSpec(_Strict):
     prefix_cache: int = Field(
         4, ge=0, le=256, description="sessions whose KV cache is kept between planner calls (0: off)"
     )
+    compile: bool = Field(
+        False,
+        description="static KV cache and torch.compile (CUDA graphs) of the decode step; GPU, compiles on first use",
+    )
+    static_cache_tokens: int = Field(
+        16384, ge=256, le=262144, description="compile: tokens the static KV cache holds (longer calls run eagerly)"
+    )
 
 
 ImageFamily = Literal["cosmos2", "flux2-klein"]
@@ -138,6 +145,10 @@ class Preset(_Strict):
     limits: Limits = Field(default_factory=Limits)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     gpu_memory_gb: float | None = Field(None, description="approximate GPU memory the preset needs")
+    offload: bool = Field(
+        False,
+        description="keep only the running model's weights on the GPU, the others in pinned CPU memory",
+    )
     models_dir: str | None = Field(
         None, description="where built and downloaded model files live (default: $DUOGEN_MODELS, else <home>/models)"
     )
@@ -163,6 +174,14 @@ class Preset(_Strict):
             plan_min_steps=min(lim.plan_min_steps, lim.plan_max_steps, max(1, lim.max_images)),
         )
         return {name: max_action_tokens(schema) for name, schema in schemas.items()}
+
+    @model_validator(mode="after")
+    def _offload_without_cuda_graphs(self) -> Preset:
+        if self.offload and (self.planner.compile or (self.critic is not None and self.critic.compile)):
+            raise ValueError(
+                "offload and planner.compile cannot be used together (a CUDA graph keeps weight addresses)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _limits_hold_an_action(self) -> Preset:
@@ -289,6 +308,16 @@ BUILTIN: dict[str, Preset] = {
         planner=PlannerSpec(model="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", max_pixels=512 * 28 * 28),
         image=ImageSpec(text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16"),
         gpu_memory_gb=44,
+    ),
+    # The same models on a 24 GB card: only the running model's weights on the GPU (see
+    # models/residency.py). Peak memory measured with benchmarks/visual_plan.py --offload.
+    "qwen2.5-vl-7b+cosmos2-2b-24gb": Preset(
+        name="qwen2.5-vl-7b+cosmos2-2b-24gb",
+        description="Qwen2.5-VL-7B planner, Cosmos-Predict2-2B (704x1280), idle model offloaded: one 24 GB card",
+        planner=PlannerSpec(model="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", max_pixels=512 * 28 * 28),
+        image=ImageSpec(text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16"),
+        offload=True,
+        gpu_memory_gb=20,
     ),
     "qwen3-vl-8b+cosmos2-2b": Preset(
         name="qwen3-vl-8b+cosmos2-2b",

@@ -140,3 +140,22 @@ def test_common_prefix_keeps_whole_pictures_only() -> None:
     assert common_prefix(entry, [1, 2, 9, 9, 9, 3, 5], [(2, 5, "red")]) == 6
     assert common_prefix(entry, [1, 2, 9, 9, 9, 3, 4, 7], [(2, 5, "blue")]) == 2
     assert common_prefix(entry, [1, 2, 9, 9, 8], [(2, 4, "red")]) == 2
+
+
+def test_the_static_cache_path_gives_the_same_outputs(planners) -> None:
+    """``planner.compile``: one static KV cache shared by the sessions (its step compiled on a GPU)."""
+    cached, plain = planners
+    static = TransformersPlanner(cached.model, cached.processor, cached.spec.model_copy(update={"compile": True}))
+    schema = A.next_action_schema(REFS, max_text=24, max_prompt=16, max_refs=1, allow_image=True, allow_done=True)
+    calls = list(_session_calls(4))
+    for i, conv in enumerate(calls):
+        for key in ("s1", "s2"):  # two sessions take turns on the one static cache
+            a = static.generate(conv, schema, seed=i, cache_key=key)
+            assert a.text == plain.generate(conv, schema, seed=i).text
+            if key == "s1" and i:
+                assert a.prefill_tokens == a.prompt_tokens  # s2 used the static cache since
+            if key == "s2" and i:
+                assert a.prefill_tokens == a.prompt_tokens
+        again = static.generate(calls[i], schema, seed=i, cache_key="s2")
+        assert again.prefill_tokens < again.prompt_tokens
+    assert list(static.prefix_cache.entries) == ["s2"]

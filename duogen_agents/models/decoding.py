@@ -173,7 +173,11 @@ class PrefixCache:
             return None
         return self.entries.pop(key, None)
 
-    def put(self, key: str | None, entry: CachedPrefix) -> None:
+    def put(self, key: str | None, entry: CachedPrefix, *, only: bool = False) -> None:
+        """Keep ``entry`` under ``key``; ``only``: it replaces every other entry (they share its
+        cache object, a static cache, whose contents are now this one's)."""
+        if only:
+            self.entries.clear()
         if key is None or self.max_entries <= 0 or len(entry.ids) > self.max_tokens:
             return
         self.entries[key] = entry
@@ -205,7 +209,7 @@ def common_prefix(entry: CachedPrefix, ids: list[int], spans: list[tuple[int, in
 
 
 def crop(cache: Any, keep: int) -> None:
-    drop = cache.get_seq_length() - keep
+    drop = int(cache.get_seq_length()) - keep
     if drop > 0:
         cache.crop(-drop)
 
@@ -214,6 +218,12 @@ def fresh_cache(model: Any) -> Any:
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config.get_text_config())
+
+
+def static_cache(model: Any, tokens: int) -> Any:
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config.get_text_config(), max_cache_len=tokens)
 
 
 # ---- sampling -----------------------------------------------------------------------------------

@@ -32,9 +32,11 @@ from duogen_agents.models.decoding import (
     in_string_lengths,
     sample,
     split_limits,
+    static_cache,
 )
 from duogen_agents.models.loading import generating, loading, resolve_device, resolve_dtype, resolve_source
 from duogen_agents.models.protocols import ChatTurn, PlannerOutput, TokenCallback
+from duogen_agents.models.residency import residency_for
 from duogen_agents.models.serial import device_turn
 from duogen_agents.presets import PlannerSpec
 
@@ -44,21 +46,23 @@ _PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
 
 @dataclass
 class _Streamer:
-    """Decodes generated tokens incrementally and hands on whole characters."""
+    """Decodes generated tokens incrementally and hands on whole characters: each step decodes a
+    short window (from the token before the last piece handed on), not everything so far, as
+    vLLM's incremental detokenizer does."""
 
     tokenizer: Any
     on_token: TokenCallback
     ids: list[int] = field(default_factory=list)
-    sent: int = 0
+    prefix: int = 0  # window start: context for the decoder (a leading space, say)
+    read: int = 0  # tokens handed on
 
     def push(self, token: int) -> None:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            return
-        if len(text) > self.sent:
-            self.on_token(text[self.sent :])
-            self.sent = len(text)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(text) > len(before) and not text.endswith("\ufffd"):  # else a character is incomplete
+            self.on_token(text[len(before) :])
+            self.prefix, self.read = self.read, len(self.ids)
 
 
 class TransformersPlanner:
@@ -94,6 +98,11 @@ class TransformersPlanner:
         self._base = getattr(model, "model", model)  # the part that owns get_rope_index
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.prefix_cache = PrefixCache(max_entries=spec.prefix_cache)
+        # spec.compile: one static KV cache (fixed addresses, as CUDA graphs need) and a compiled
+        # decode step, built on first use; prefill stays eager (its length varies).
+        self._static: Any = None
+        self._compiled_step: Any = None
+        self.residency_role: str | None = None  # set by residency.offload_planner (preset offload)
 
     @classmethod
     def from_spec(cls, spec: PlannerSpec, models_dir: Path | None = None) -> TransformersPlanner:
@@ -229,6 +238,8 @@ class TransformersPlanner:
         # One call per device at a time: a GPU runs one model faster alone than two side by side,
         # and the kept caches are used by one call at a time.
         with device_turn(self.device), generating("planner"), torch.inference_mode():
+            if self.residency_role is not None:
+                residency_for(self.device).use(self.residency_role)
             grammar, limits = self.compile(schema) if schema is not None else (None, {})
             enc = self.encode(conversation)
             return self._decode(
@@ -280,7 +291,7 @@ class TransformersPlanner:
             **{self._cache_arg: cache},
             **vision,
         )
-        return out.logits[0, -1]
+        return out.logits[0, -1].float()  # masks and sampling in float32, as generate() does
 
     def _decode(
         self,
@@ -302,12 +313,23 @@ class TransformersPlanner:
 
         # Keep what the session's cache holds of this sequence (at least one token is prefilled,
         # for the logits), and prefill the rest.
+        static = self.spec.compile and n + budget <= self.spec.static_cache_tokens
         entry = self.prefix_cache.take(cache_key) if self.spec.prefix_cache else None
+        if entry is not None and static != (entry.cache is self._static):
+            entry = None  # kept by the other path
+        if static:  # this call overwrites the static cache: no other entry may point at it
+            for other in [k for k, e in self.prefix_cache.entries.items() if e.cache is self._static]:
+                self.prefix_cache.entries.pop(other)
         keep = min(common_prefix(entry, ids, spans), n - 1) if entry is not None else 0
         for start, end, _ in spans:  # never half an image (keep may have dropped to n - 1)
             if start < keep < end:
                 keep = start
-        if entry is None or keep == 0:
+        if static:
+            if self._static is None:
+                self._static = static_cache(self.model, self.spec.static_cache_tokens)
+            cache = self._static
+            crop(cache, keep)
+        elif entry is None or keep == 0:
             cache = fresh_cache(self.model)
         else:
             cache = entry.cache
@@ -357,7 +379,10 @@ class TransformersPlanner:
             if not done:  # launched first: on a GPU the forward runs while the CPU works below
                 n_pos = n + fed
                 step = torch.tensor([[n_pos], [n_pos + delta], [n_pos + delta], [n_pos + delta]]).view(4, 1, 1)
-                logits = self._forward(torch.tensor([[token]]), step, cache)
+                if static:
+                    logits = self._compiled_forward(torch.tensor([[token]]), step, cache)
+                else:
+                    logits = self._forward(torch.tensor([[token]]), step, cache)
                 fed += 1
             if tracker is not None:
                 tracker.feed(self._token_bytes[token] if token < len(self._token_bytes) else b"")
@@ -368,10 +393,30 @@ class TransformersPlanner:
             if matcher is not None:
                 matcher.fill_next_token_bitmask(bitmask)
 
-        self.prefix_cache.put(cache_key, CachedPrefix(cache, ids + out[:fed], spans))
+        self.prefix_cache.put(cache_key, CachedPrefix(cache, ids + out[:fed], spans), only=static)
         new = [t for t in out if t not in stop]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return PlannerOutput(text=text, num_tokens=len(out), prompt_tokens=n, prefill_tokens=n - keep)
+
+    def _compiled_forward(self, ids: Any, positions: Any, cache: Any) -> Any:
+        """One decode step through ``torch.compile`` with CUDA graphs: compiled on the first call of
+        the process, then replayed; the logits are copied out of the graph's buffer. On a CPU the
+        step runs eagerly on the static cache (compiling there costs more than it saves)."""
+        import torch
+
+        if self._compiled_step is None:
+            if self.device.startswith("cuda"):
+                self._compiled_step = torch.compile(self.model.forward, mode="reduce-overhead", dynamic=False)
+            else:
+                self._compiled_step = self.model.forward
+        out = self._compiled_step(
+            input_ids=ids.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: cache},
+        )
+        return out.logits[0, -1].to(torch.float32, copy=True)  # the graph's output buffer is reused
 
     def _in_string_len(self, device: Any) -> Any:
         if self._in_string is None or self._in_string.device != device:

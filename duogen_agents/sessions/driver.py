@@ -224,4 +224,5 @@ class Session:
             else:
                 self.db.saver.delete_thread(self.id)
             self.sessions.set_turn_status(turn.id, "cancelled")
+            self.agent.forget(self.id)
             return True

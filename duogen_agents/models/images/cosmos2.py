@@ -77,6 +77,21 @@ class CosmosImageTool:
         self._video2world: Any = None
         self._video2world_source = video2world_source
         self._safety_checker = safety_checker
+        self.residency: Any = None  # set by residency.offload_image_tool (preset offload)
+        self.device = str(text2image.device)  # where it runs, also while offloaded to the CPU
+
+    def offload_roles(self) -> dict[str, list[Any]]:
+        """Each pipeline with its text encoder, DiT and VAE (Video2World loaded now, so that its
+        weights too wait on the CPU)."""
+        t2i, v2w = self.text2image, self.video2world
+        return {
+            f"text2image:{id(self)}": [t2i.text_encoder, t2i.transformer, t2i.vae],
+            f"video2world:{id(self)}": [v2w.text_encoder, v2w.transformer, v2w.vae],
+        }
+
+    def _use(self, pipeline: str) -> None:
+        if self.residency is not None:
+            self.residency.use(f"{pipeline}:{id(self)}")
 
     @staticmethod
     def _source(name: str, models_dir: Path | None) -> str:
@@ -163,12 +178,14 @@ class CosmosImageTool:
         if problem := refusal(self.capabilities, kind, len(references)):
             raise GenerationError(problem)
         size = (self.spec.width, self.spec.height)
-        with device_turn(self.text2image.device), generating("image model"):
+        with device_turn(self.device), generating("image model"):
             if not references:
+                self._use("text2image")
                 fresh_scheduler(self.text2image)
                 out = self.text2image(**self._common(prompt, seed, on_step))
                 return Drawing(out.images[0].convert("RGB"), self.family, "text2image")
             pipe = self.video2world
+            self._use("video2world")
             fresh_scheduler(pipe)
             fitted = [letterbox(im, size) for im in references]
             frames, num_frames, index = conditioning_frames(

@@ -35,6 +35,11 @@ class Flux2KleinImageTool:
         self.spec = spec
         most = spec.max_references
         self.capabilities: Mapping[str, int] = {"generate": most, "edit": most, "continue": most}
+        self.device = str(pipe.device)  # where it runs, also while offloaded to the CPU
+        self.residency: Any = None  # set by residency.offload_image_tool (preset offload)
+
+    def offload_roles(self) -> dict[str, list[Any]]:
+        return {f"flux2-klein:{id(self)}": [self.pipe.text_encoder, self.pipe.transformer, self.pipe.vae]}
 
     @classmethod
     def from_spec(cls, spec: ImageSpec, models_dir: Path | None = None) -> Flux2KleinImageTool:
@@ -81,7 +86,9 @@ class Flux2KleinImageTool:
                 on_step(i + 1, spec.steps)
             return kwargs
 
-        with device_turn(self.pipe.device), generating("image model"):
+        with device_turn(self.device), generating("image model"):
+            if self.residency is not None:
+                self.residency.use(f"flux2-klein:{id(self)}")
             fresh_scheduler(self.pipe)
             out = self.pipe(
                 image=images,

@@ -1,0 +1,67 @@
+"""``offload``: the running model's weights on the device, the others waiting on the CPU.
+
+On this CPU both places are the CPU, so the tests check the bookkeeping on the real code path (who
+is resident when, how often a role is loaded) and that answers do not change."""
+
+from __future__ import annotations
+
+import pytest
+
+from duogen_agents import Agent
+from duogen_agents.models.residency import Residency, residency_for
+from duogen_agents.presets import load_preset
+
+
+def test_offloaded_agent_answers_the_same_and_switches_roles(tmp_path) -> None:
+    plain = Agent.from_preset("tiny", home=tmp_path / "a")
+    preset = load_preset("tiny").model_copy(update={"offload": True})
+    agent = Agent.from_preset(preset, home=tmp_path / "b")
+    res = residency_for(agent.planner.device)
+    main = agent.image_tool.main
+    assert main.residency is res and agent.planner.residency_role in res.roles
+    assert {f"text2image:{id(main)}", f"video2world:{id(main)}"} <= set(res.roles)
+    seen: list[str | None] = []
+    draw = agent.image_tool.draw
+
+    def spy(*a, **kw):
+        seen.append(res.active)
+        out = draw(*a, **kw)
+        seen.append(res.active)
+        return out
+
+    agent.image_tool.draw = spy
+    loads = res.loads
+    a = agent.run("How do I repot a plant?", mode="visual-plan", seed=3)
+    b = plain.run("How do I repot a plant?", mode="visual-plan", seed=3)
+    assert len(a.images) == len(b.images) > 0
+    assert [blk.text for blk in a.blocks if blk.type == "text"] == [blk.text for blk in b.blocks if blk.type == "text"]
+    assert res.active == agent.planner.residency_role  # the planner wrote the last action
+    assert any(s is not None and s.startswith(("text2image", "video2world")) for s in seen[1::2])
+    assert res.loads - loads >= 2 * len(a.images)  # planner -> image -> planner for each picture
+
+
+def test_weights_move_and_come_back() -> None:
+    import torch
+
+    lin, other = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    before = lin.weight.detach().clone()
+    res = Residency("cpu")
+    res.register("a", [lin])
+    res.register("b", [other])
+    res.use("a")
+    assert res.active == "a" and torch.equal(lin.weight, before)
+    res.use("b")
+    res.use("a")
+    assert torch.equal(lin.weight, before) and res.loads == 3
+    del other
+    res.use("a")
+    res.use("b")  # a dropped model's role is gone, not an error
+    assert "b" not in res.roles or not res.modules("b")
+
+
+def test_offload_and_cuda_graph_decode_exclude_each_other() -> None:
+    preset = load_preset("tiny")
+    with pytest.raises(ValueError, match="offload and planner.compile"):
+        preset.model_validate(
+            {**preset.model_dump(), "offload": True, "planner": {**preset.planner.model_dump(), "compile": True}}
+        )
