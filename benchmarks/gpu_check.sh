@@ -8,6 +8,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, diffusers, xgrammar; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_prefix_cache.py 2>&1 | tail -4 | tee "$OUT/prefix_tests.txt"
-BENCH_STEPS=${BENCH_STEPS:-35} timeout ${PLAN_TIMEOUT:-400} python3 benchmarks/visual_plan.py --real-shapes \
-  --repeats ${REPEATS:-2} --compile-dit --compile-planner --offload --threads 8 2>&1 | grep -v Warning | tee "$OUT/visual_plan.txt"
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_prefix_cache.py 2>&1 | tail -4 | tee "$OUT/prefix_tests.txt"
+BENCH_STEPS=${BENCH_STEPS:-35} timeout ${PLAN_TIMEOUT:-410} python3 benchmarks/visual_plan.py --real-shapes \
+  --repeats ${REPEATS:-2} --compile-dit --compile-planner --offload --threads 8 2>&1 | grep --line-buffered -v Warning | tee "$OUT/visual_plan.txt"
