@@ -6,6 +6,7 @@
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp}
+python3 -c "import duogen_agents.agent, duogen_agents.models.planner, diffusers, langgraph, langchain_core" || exit 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, diffusers, xgrammar; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_prefix_cache.py 2>&1 | tail -4 | tee "$OUT/prefix_tests.txt"

@@ -220,9 +220,9 @@ def run_plan(args: argparse.Namespace) -> None:
     def variant(name: str, repeats: int) -> None:
         t = time.perf_counter()
         try:
-            ours()
+            warm = ours()
             print(f"\n{name}: warm-up run {time.perf_counter() - t:.2f} s (compilation included)", flush=True)
-            rows = [ours() for _ in range(repeats)]
+            rows = [ours() for _ in range(repeats)] or [warm]
         except Exception as e:  # report and go on to the next variant
             print(f"\n{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
             return

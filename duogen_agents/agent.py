@@ -200,10 +200,23 @@ class Agent:
             "known_images": {r.short: r.model_dump() for r in refs},
         }
 
-    def graph_events(self, graph: Any, graph_input: Any, config: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Run ``graph`` (``graph_input=None`` resumes from the last checkpoint), yielding token and custom events."""
+    def graph_events(
+        self, graph: Any, graph_input: Any, config: dict[str, Any], *, events: bool = True
+    ) -> Iterator[dict[str, Any]]:
+        """Run ``graph`` (``graph_input=None`` resumes from the last checkpoint), yielding token and
+        custom events; ``events=False`` yields none.
+
+        Without events the nodes run in the calling thread. With them, LangGraph runs each node in a
+        worker thread so that the caller can take events while it runs, and the two threads share
+        the GIL: measured on an H100 at real shapes, that made the planner's eager decode 1.6x
+        slower than plain ``generate`` (``benchmarks/visual_plan.py``), so ``run``/``send``, which
+        need only the document, ask for no events."""
         from duogen_agents.graphs.nodes.common import PLANNER_TAG
 
+        if not events:
+            for _ in graph.stream(graph_input, config, stream_mode="updates", durability="sync"):
+                pass
+            return
         # durability="sync": each step's checkpoint is on disk before the next step starts (crash safety).
         for mode_name, payload in graph.stream(
             graph_input, config, stream_mode=["messages", "custom"], durability="sync"
@@ -265,12 +278,24 @@ class Agent:
         if version == "v2":
             yield from as_stream_parts(self.stream(prompt, mode=mode, images=images, seed=seed, thread_id=thread_id))
             return
+        yield from self._turn(prompt, mode, images, seed, thread_id, events=True)
+
+    def _turn(
+        self,
+        prompt: str,
+        mode: str,
+        images: Sequence[ImageInput],
+        seed: int | None,
+        thread_id: str | None,
+        *,
+        events: bool,
+    ) -> Iterator[dict[str, Any]]:
         check_seed(seed)
         with self.store.lease():  # `duogen sessions gc` keeps what this turn writes
             refs = self.store_inputs(prompt, mode, images)
             state = self.input_state(prompt, mode, refs, self.preset.seed if seed is None else seed)
             config = self.config(thread_id or uuid.uuid4().hex)
-            yield from self.graph_events(self.graph, state, config)
+            yield from self.graph_events(self.graph, state, config, events=events)
             doc = self.document(self.graph.get_state(config).values, prompt, mode, refs)
         yield {"event": "document", "document": doc, "thread_id": config["configurable"]["thread_id"]}
 
@@ -296,8 +321,8 @@ class Agent:
         images: Sequence[ImageInput] = (),
         seed: int | None = None,
     ) -> InterleavedDocument:
-        """Run one turn and return its document."""
-        return last_document(self.stream(prompt, mode=mode, images=images, seed=seed))
+        """Run one turn and return its document (no events are produced: the nodes run in this thread)."""
+        return last_document(self._turn(prompt, mode, images, seed, None, events=False))
 
     # ---- async twins ---------------------------------------------------------------------------
 

@@ -96,13 +96,20 @@ class Session:
             return
         if version != "v1":
             raise ConfigError(f"unknown stream version {version!r}; use v1 (event dicts) or v2 (stream parts)")
+        yield from self._stream(prompt, mode, images, seed, events=True)
+
+    def _stream(
+        self, prompt: str, mode: str | None, images: Sequence[Any], seed: int | None, *, events: bool
+    ) -> Iterator[dict[str, Any]]:
         check_seed(seed)
         if mode is None:
             mode = self.sessions.get(self.id).mode if self.sessions.exists(self.id) else "interleaved"
         with self.agent.store.lease():  # gc keeps what this turn writes, from its uploads on
-            yield from self._send(prompt, mode, images, seed)
+            yield from self._send(prompt, mode, images, seed, events)
 
-    def _send(self, prompt: str, mode: str, images: Sequence[Any], seed: int | None) -> Iterator[dict[str, Any]]:
+    def _send(
+        self, prompt: str, mode: str, images: Sequence[Any], seed: int | None, events: bool = True
+    ) -> Iterator[dict[str, Any]]:
         refs = self.agent.store_inputs(prompt, mode, images)
         with self._writing():
             if self.sessions.unfinished_turn(self.id) is not None:
@@ -117,7 +124,7 @@ class Session:
                 base_checkpoint_id=base,
             )  # fmt: skip
             state = self.agent.input_state(prompt, mode, refs, seed)
-            yield from self._drive(turn_id, state, prompt, mode, refs)
+            yield from self._drive(turn_id, state, prompt, mode, refs, events=events)
 
     async def astream(self, prompt: str, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
         """``stream`` for asyncio (model calls in a worker thread)."""
@@ -136,14 +143,25 @@ class Session:
         """Send one message; returns the turn's document."""
         from duogen_agents.agent import last_document
 
-        return last_document(self.stream(prompt, **kwargs))
+        if set(kwargs) - {"mode", "images", "seed"}:
+            return last_document(self.stream(prompt, **kwargs))  # its error
+        return last_document(
+            self._stream(prompt, kwargs.get("mode"), kwargs.get("images", ()), kwargs.get("seed"), events=False)
+        )
 
     def _drive(
-        self, turn_id: int, graph_input: Any, prompt: str, mode: str, refs: Sequence[Any]
+        self,
+        turn_id: int,
+        graph_input: Any,
+        prompt: str,
+        mode: str,
+        refs: Sequence[Any],
+        *,
+        events: bool = True,
     ) -> Iterator[dict[str, Any]]:
         try:
             if graph_input is not None or self.graph.get_state(self._config()).next:
-                yield from self.agent.graph_events(self.graph, graph_input, self._config())
+                yield from self.agent.graph_events(self.graph, graph_input, self._config(), events=events)
             values = dict(self.graph.get_state(self._config()).values)
             self.sessions.commit_turn(turn_id, values)
         except BaseException as e:  # Ctrl-C, an error, or the caller closing the stream
