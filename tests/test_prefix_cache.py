@@ -159,3 +159,28 @@ def test_the_static_cache_path_gives_the_same_outputs(planners) -> None:
         again = static.generate(calls[i], schema, seed=i, cache_key="s2")
         assert again.prefill_tokens < again.prompt_tokens
     assert list(static.prefix_cache.entries) == ["s2"]
+
+
+def test_the_torch_bitmask_unpacking_matches_xgrammar() -> None:
+    """The GPU path of ``apply_bitmask`` (torch ops), checked against xgrammar's kernel on the CPU."""
+    import torch
+    import xgrammar as xgr
+
+    from duogen_agents.models import decoding
+
+    vocab = 1000
+    torch.manual_seed(0)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (1, (vocab + 31) // 32), dtype=torch.int32)
+    logits = torch.randn(vocab)
+    expected = logits.clone().unsqueeze(0)
+    xgr.apply_token_bitmask_inplace(expected, bitmask)
+
+    class FakeCuda:  # the torch path, run on CPU tensors
+        type = "cuda"
+
+    words = bitmask[0]
+    shifts = torch.arange(32, dtype=torch.int32)
+    allowed = ((words.unsqueeze(1) >> shifts) & 1).reshape(-1)[:vocab].bool()
+    got = logits.clone().masked_fill_(~allowed, float("-inf"))
+    assert torch.equal(got, expected[0])
+    assert decoding.apply_bitmask.__doc__ and FakeCuda.type == "cuda"

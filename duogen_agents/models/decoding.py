@@ -229,13 +229,35 @@ def static_cache(model: Any, tokens: int) -> Any:
 # ---- sampling -----------------------------------------------------------------------------------
 
 
+def apply_bitmask(logits: Any, bitmask: Any) -> None:
+    """Set the logits of tokens xgrammar's ``bitmask`` disallows to -inf, in place (``logits``: one
+    row). On the CPU this is xgrammar's own kernel; on a GPU a few plain torch ops unpack the bits
+    (token i is allowed when bit i % 32 of word i // 32 is set), so no kernel is built at run time."""
+
+    if logits.device.type == "cpu":
+        import xgrammar as xgr
+
+        xgr.apply_token_bitmask_inplace(logits.unsqueeze(0), bitmask)
+        return
+    logits.masked_fill_(~allowed_tokens(bitmask, logits.shape[0], logits.device), float("-inf"))
+
+
+def allowed_tokens(bitmask: Any, size: int, device: Any) -> Any:
+    """xgrammar's packed bitmask (one row) as a boolean tensor of ``size`` tokens on ``device``."""
+    import torch
+
+    words = bitmask[0].to(device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    return ((words.unsqueeze(1) >> shifts) & 1).reshape(-1)[:size].bool()
+
+
 def sample(logits: Any, temperature: float, top_p: float, generator: Any) -> Any:
     """One token id (a 1-element tensor) from ``logits`` of shape (vocab,)."""
     import torch
 
     if temperature <= 0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    scores = logits.float() / temperature
+    scores = logits / temperature
     if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose probability reaches top_p
         sorted_scores, order = torch.sort(scores, descending=False)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)

@@ -25,6 +25,7 @@ from duogen_agents.models.decoding import (
     CachedPrefix,
     PrefixCache,
     StringLimits,
+    apply_bitmask,
     common_prefix,
     crop,
     fresh_cache,
@@ -282,10 +283,13 @@ class TransformersPlanner:
                 i += 1
         return spans
 
-    def _forward(self, ids: Any, positions: Any, cache: Any, **vision: Any) -> Any:
+    def _forward(self, ids: Any, positions: Any, cache: Any, mask: Any = None, **vision: Any) -> Any:
+        """One forward over ``ids`` after what ``cache`` holds. ``mask``: the 2-D attention mask over
+        everything so far (all ones), passed as ``generate`` passes it."""
         out = self.model(
             input_ids=ids.to(self.device),
             position_ids=positions.to(self.device),
+            attention_mask=mask,
             use_cache=True,
             logits_to_keep=1,
             **{self._cache_arg: cache},
@@ -345,7 +349,12 @@ class TransformersPlanner:
                     "pixel_values": enc["pixel_values"][skip:].to(self.device, self.model.dtype),
                     "image_grid_thw": grids[first:].to(self.device),
                 }
-        logits = self._forward(enc["input_ids"][:, keep:], positions[:, :, keep:], cache, **vision)
+        # generate() passes a 2-D mask of ones; so do we (views of one tensor), except on the static
+        # cache, whose compiled step must see the same shapes at every step.
+        ones = None if static else torch.ones(1, n + budget, dtype=torch.long, device=self.device)
+        logits = self._forward(
+            enc["input_ids"][:, keep:], positions[:, :, keep:], cache, None if ones is None else ones[:, :n], **vision
+        )
 
         generator = torch.Generator(device=self.device)
         if seed is not None:
@@ -363,7 +372,7 @@ class TransformersPlanner:
             matcher.fill_next_token_bitmask(bitmask)
         while True:
             if matcher is not None:
-                xgr.apply_token_bitmask_inplace(logits.unsqueeze(0), bitmask.to(logits.device, non_blocking=True))
+                apply_bitmask(logits, bitmask)
                 room = tracker.remaining() if tracker is not None else None
                 if room is not None and room < self._longest_token:
                     logits.masked_fill_(self._in_string_len(logits.device) > room, float("-inf"))
@@ -382,7 +391,9 @@ class TransformersPlanner:
                 if static:
                     logits = self._compiled_forward(torch.tensor([[token]]), step, cache)
                 else:
-                    logits = self._forward(torch.tensor([[token]]), step, cache)
+                    logits = self._forward(
+                        torch.tensor([[token]]), step, cache, None if ones is None else ones[:, : n_pos + 1]
+                    )
                 fed += 1
             if tracker is not None:
                 tracker.feed(self._token_bytes[token] if token < len(self._token_bytes) else b"")
