@@ -233,7 +233,6 @@ def apply_bitmask(logits: Any, bitmask: Any) -> None:
     """Set the logits of tokens xgrammar's ``bitmask`` disallows to -inf, in place (``logits``: one
     row). On the CPU this is xgrammar's own kernel; on a GPU a few plain torch ops unpack the bits
     (token i is allowed when bit i % 32 of word i // 32 is set), so no kernel is built at run time."""
-
     if logits.device.type == "cpu":
         import xgrammar as xgr
 
