@@ -96,6 +96,29 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", type=Path, required=True, metavar="FILE")
     imp.add_argument("--images-root", type=Path, default=None, metavar="DIR")
 
+    tr = sub.add_parser(
+        "train",
+        help="DuoGen's training: stage1 fine-tunes the planner on interleaved conversations",
+        description="Stage 1 instruction-tunes the planner on a data file (the bench format with "
+        "expect.answer, e.g. written by duogen_agents.worlds.shapes.write_dataset).",
+    )
+    trsub = tr.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    s1 = trsub.add_parser("stage1", help="fine-tune the planner; writes OUT/planner and OUT/preset.json")
+    s1.add_argument("--base", required=True, help="a preset (name or file) or an earlier run's OUT folder")
+    s1.add_argument("--data", required=True, type=Path, help="tasks.jsonl with expect.answer")
+    s1.add_argument("--out", required=True, type=Path, metavar="DIR")
+    s1.add_argument("--steps", type=int, default=200)
+    s1.add_argument("--batch", type=int, default=4, help="examples per optimizer step (default 4)")
+    s1.add_argument("--lr", type=float, default=1e-3)
+    s1.add_argument("--warmup", type=int, default=10, help="steps of linear warm-up (default 10)")
+    s1.add_argument("--seed", type=int, default=0)
+    s1.add_argument("--save-every", type=int, default=50, metavar="N", help="checkpoint every N steps")
+    s1.add_argument("--lora-rank", type=int, default=0, metavar="R", help="train LoRA adapters of rank R (peft)")
+    s1.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
+    s1.add_argument(
+        "--home", type=Path, default=None, help="data directory (default: $DUOGEN_HOME or ~/.local/share/duogen)"
+    )
+
     ses = sub.add_parser("sessions", help="list, show, export, fork or delete sessions; gc the image store")
     ssub = ses.add_subparsers(dest="action", metavar="ACTION", required=True)
     _db_args(ssub.add_parser("list", help="list the sessions"))
@@ -365,6 +388,29 @@ def _print_summary(results: dict[str, Any], console: Any) -> None:
     console.print(t)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from duogen_agents.errors import ConfigError
+    from duogen_agents.training.loop import TrainConfig
+    from duogen_agents.training.stage1 import train_stage1
+    from duogen_agents.validation import check_seed
+
+    check_seed(args.seed)
+    if args.lora_rank < 0:
+        raise ConfigError("--lora-rank must be 0 (full fine-tuning) or more")
+    cfg = TrainConfig(
+        steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed, save_every=args.save_every
+    )
+    result = train_stage1(
+        args.base, args.data, args.out, cfg, lora_rank=args.lora_rank, resume=args.resume, home=args.home
+    )
+    print(
+        f"stage 1: {result.examples} planner calls; loss {result.first_loss:.4f} -> {result.last_loss:.4f} "
+        f"(OUT/metrics.jsonl, OUT/loss.png)\nplanner: {result.planner}\npreset:  {result.preset} "
+        f"(duogen run --preset {result.preset} ...)"
+    )
+    return 0
+
+
 def _cmd_sessions(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -466,6 +512,8 @@ def _main(args: argparse.Namespace) -> int:
             return _cmd_sessions(args)
         if args.command == "eval":
             return _cmd_eval(args)
+        if args.command == "train":
+            return _cmd_train(args)
         if args.command == "chat":
             from duogen_agents.terminal.chat import ChatApp
 

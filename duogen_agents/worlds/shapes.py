@@ -241,6 +241,11 @@ def _phrase(scene: Scene) -> str:
     return ", ".join(f"{_a(describe(o))} at the {c}" for c, o in scene.items())
 
 
+def scene_prompt(scene: Scene) -> str:
+    """The image prompt that asks for ``scene``: every object and its cell."""
+    return f"a 3x3 grid with {_phrase(scene)}" if scene else "an empty 3x3 grid"
+
+
 def _change(rng: random.Random, scene: Scene, split: str) -> tuple[Scene, str, list[str]]:
     """One step: add, move, recolour or remove one object. Returns the new scene, the instruction
     and the facts a correct step text states."""
@@ -379,7 +384,8 @@ def scene_from_json(value: Mapping[str, Any]) -> Scene:
 def write_dataset(out_dir: Any, n: int, *, split: str = "train", seed: int = 0) -> Any:
     """Training (or evaluation) data: ``out_dir/tasks.jsonl`` in the bench format, each task with
     ``expect.answer``, the interleaved conversation a correct assistant writes (per turn: text and
-    image blocks, images rendered to ``out_dir/images/*.png``). Returns the JSONL path."""
+    image blocks, images rendered to ``out_dir/images/*.png``, each image with the ``prompt`` that asks
+    for its scene). Returns the JSONL path."""
     import json
     from pathlib import Path
 
@@ -397,7 +403,14 @@ def write_dataset(out_dir: Any, n: int, *, split: str = "train", seed: int = 0) 
                 name = f"images/{task['id']}-t{t}-{k}.png"
                 render(scene_from_json(scene)).save(out / name)
                 blocks.append({"type": "text", "text": f"Step {k + 1}: {facts}".strip()})
-                blocks.append({"type": "image", "path": name, "kind": "generate" if k == 0 else "edit"})
+                blocks.append(
+                    {
+                        "type": "image",
+                        "path": name,
+                        "kind": "generate" if k == 0 else "edit",
+                        "prompt": scene_prompt(scene_from_json(scene)),
+                    }
+                )
             if task["mode"] == "draft":
                 blocks.append({"type": "text", "text": facts})
             answer.append(blocks)

@@ -1,0 +1,186 @@
+"""What both training stages share: seeding, checkpoints with ``--resume``, metrics and the loss plot.
+
+The loops are short plain PyTorch loops rather than ``transformers.Trainer``: the planner's examples
+are single conversations with their own images (batching them means padding 3-D positions and
+pixel rows, which the Trainer's collators do not do for Qwen-VL), and stage 2 trains modules that are
+not a ``PreTrainedModel``. A plain loop keeps each step visible: one forward per example, gradient
+accumulation over ``batch`` examples, AdamW, linear warm-up then cosine decay.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from duogen_agents.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch: int = 4  # examples per optimizer step (accumulated)
+    lr: float = 1e-3
+    warmup: int = 10
+    weight_decay: float = 0.0
+    seed: int = 0
+    save_every: int = 50
+    log_every: int = 1
+
+    def check(self) -> None:
+        for name in ("steps", "batch", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError("--lr must be positive")
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def schedule(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to a tenth."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def order(n: int, seed: int) -> Iterator[int]:
+    """Example indices, epoch after epoch, each epoch shuffled by ``seed`` and its number."""
+    epoch = 0
+    while True:
+        idx = list(range(n))
+        random.Random(f"{seed}-{epoch}").shuffle(idx)
+        yield from idx
+        epoch += 1
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def run(
+    out: Path,
+    cfg: TrainConfig,
+    n_examples: int,
+    params: list[Any],
+    loss_of: Callable[[int], Any],
+    save_model: Callable[[Path], None],
+    load_model: Callable[[Path], None],
+    *,
+    resume: bool,
+    label: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train: ``loss_of(i)`` is the loss of example ``i``; ``params`` are the trained parameters.
+    Checkpoints go to ``out/checkpoints/step-N`` (``save_model`` writes the weights; the optimizer,
+    schedule position and RNG states are saved beside them), metrics to ``out/metrics.jsonl``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    cfg.check()
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+        state = torch.load(ckpt / "trainer.pt", weights_only=False)
+        if state["config"] != asdict(cfg):
+            diff = {k: v for k, v in asdict(cfg).items() if state["config"].get(k) != v}
+            raise ConfigError(f"--resume: the checkpoint was trained with other settings ({diff}); use the same ones")
+        load_model(ckpt)
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        random.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        keep = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in keep if m["step"] <= start))
+    else:
+        seed_everything(cfg.seed)
+        metrics_path.write_text("")
+        if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+            raise ConfigError(f"{out} holds checkpoints of an earlier run; pass --resume, or choose another --out")
+    (out / "train.json").write_text(json.dumps({"label": label, "config": asdict(cfg), **(extra or {})}, indent=2))
+
+    indices = order(n_examples, cfg.seed)
+    for _ in range(start * cfg.batch):  # the examples the resumed steps already saw
+        next(indices)
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, desc=label, unit="step", dynamic_ncols=True)
+    last: dict[str, Any] = {}
+    with metrics_path.open("a") as metrics:
+        for step in range(start, cfg.steps):
+            factor = schedule(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * factor
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(cfg.batch):
+                loss = loss_of(next(indices)) / cfg.batch
+                loss.backward()
+                total += float(loss.detach())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            last = {"step": step + 1, "loss": round(total, 6), "lr": cfg.lr * factor,
+                    "elapsed_s": round(time.perf_counter() - t0, 3)}  # fmt: skip
+            metrics.write(json.dumps(last) + "\n")
+            metrics.flush()
+            bar.set_postfix(loss=f"{total:.4f}")
+            bar.update(1)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                ckpt = out / "checkpoints" / f"step-{step + 1}"
+                ckpt.mkdir(parents=True, exist_ok=True)
+                save_model(ckpt)
+                torch.save(
+                    {"step": step + 1, "optimizer": opt.state_dict(), "config": asdict(cfg),
+                     "python_rng": random.getstate(), "torch_rng": torch.get_rng_state()},
+                    ckpt / "trainer.pt",
+                )  # fmt: skip
+    bar.close()
+    plot_losses(metrics_path, out / "loss.png", label)
+    return last
+
+
+def plot_losses(metrics_path: Path, png: Path, title: str) -> None:
+    """A small loss curve (PIL only): loss against step, the axes' ranges written in the corners."""
+    from PIL import Image, ImageDraw
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    w, h, m = 640, 360, 40
+    im = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(im)
+    d.rectangle([m, m, w - m, h - m], outline=(180, 180, 180))
+    d.text((m, 10), f"{title}: loss per step", fill="black")
+    if rows:
+        steps = [r["step"] for r in rows]
+        losses = [r["loss"] for r in rows]
+        lo, hi = min(losses), max(losses)
+        span = (hi - lo) or 1.0
+        s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+        pts = [
+            (m + (s - s0) / (s1 - s0) * (w - 2 * m), h - m - (v - lo) / span * (h - 2 * m))
+            for s, v in zip(steps, losses)
+        ]
+        if len(pts) > 1:
+            d.line(pts, fill=(30, 70, 220), width=2)
+        d.text((4, m - 6), f"{hi:.3g}", fill="black")
+        d.text((4, h - m - 6), f"{lo:.3g}", fill="black")
+        d.text((m, h - m + 6), str(s0), fill="black")
+        d.text((w - m - 20, h - m + 6), str(s1), fill="black")
+    im.save(png)

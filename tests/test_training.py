@@ -1,0 +1,111 @@
+"""``duogen train stage1``: the real planner (tiny Qwen2.5-VL) trained a few steps on shapes data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+
+import pytest
+
+from duogen_agents.cli import main
+from duogen_agents.graphs import actions as A
+from duogen_agents.presets import load_preset
+from duogen_agents.training.data import DataError, load_tasks, planner_examples
+from duogen_agents.worlds.shapes import write_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("shapes-train"), 8, split="train", seed=0)
+
+
+def _train(tmp_path, data, out, *extra: str) -> int:
+    return main(
+        ["train", "stage1", "--base", "tiny", "--data", str(data), "--out", str(out), "--home", str(tmp_path / "home"),
+         "--batch", "4", "--lr", "3e-3", "--warmup", "4", *extra]
+    )  # fmt: skip
+
+
+def _losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_examples_are_the_graphs_own_planner_calls(data, tmp_path) -> None:
+    tasks = load_tasks(data)
+    examples = planner_examples(tasks, load_preset("tiny"), tmp_path)
+    plan = [e for e in examples if e.task == tasks[0].id]
+    assert json.loads(plan[0].target)["steps"]  # a visual plan starts with its outline
+    step = json.loads(plan[1].target)
+    assert step["image"]["references"] == [] and step["text"].startswith("Step 1")
+    later = [json.loads(e.target) for e in plan[2:] if "image" in json.loads(e.target)]
+    assert later and all(len(s["image"]["references"]) == 1 for s in later)  # later steps build on the last image
+    # the conversation of a later call holds the earlier pictures, as the graph gives them
+    assert any(part["type"] == "image" for turn in plan[-1].conversation for part in turn["content"])
+
+
+def test_stage1_loss_falls_and_the_planner_loads_back_through_its_preset(data, tmp_path, capsys) -> None:
+    from duogen_agents.models.planner import TransformersPlanner
+
+    out = tmp_path / "out"
+    assert _train(tmp_path, data, out, "--steps", "30", "--save-every", "10") == 0
+    printed = capsys.readouterr().out
+    assert "stage 1:" in printed and str(out / "preset.json") in printed
+    losses = _losses(out)
+    assert len(losses) == 30
+    assert statistics.mean(losses[-5:]) < 0.7 * statistics.mean(losses[:5])
+    assert (out / "loss.png").stat().st_size > 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-20", "step-30"]
+    preset = load_preset(out / "preset.json")
+    assert preset.planner.model == str((out / "planner").resolve())
+    planner = TransformersPlanner.from_spec(preset.planner, tmp_path / "models")
+    schema = A.plan_schema(min_steps=2, max_steps=3, max_title=20)
+    conv = [{"role": "user", "content": [{"type": "text", "text": "Plan a 3x3 grid scene."}]}]
+    A.parse_action(planner.generate(conv, schema, seed=0).text, A.Plan)
+
+
+def test_resume_continues_exactly_where_a_run_stopped(data, tmp_path) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _train(tmp_path, data, straight, "--steps", "12", "--save-every", "6") == 0
+    assert _train(tmp_path, data, resumed, "--steps", "12", "--save-every", "6") == 0
+    assert _losses(straight) == _losses(resumed)  # deterministic with the same seed
+    shutil.rmtree(resumed / "checkpoints" / "step-12")  # as if it had stopped after step 6
+    assert _train(tmp_path, data, resumed, "--steps", "12", "--save-every", "6", "--resume") == 0
+    assert _losses(resumed) == _losses(straight)
+
+
+def test_lora_trains_adapters_only_and_merges_them(data, tmp_path) -> None:
+    out = tmp_path / "lora"
+    assert _train(tmp_path, data, out, "--steps", "4", "--lora-rank", "4") == 0
+    from safetensors.torch import load_file
+
+    trained = load_file(str(out / "checkpoints" / "step-4" / "trainable.safetensors"))
+    assert trained and all("lora_" in name for name in trained)
+    merged = load_file(str(next((out / "planner").glob("*.safetensors"))))
+    assert not any("lora_" in name for name in merged)
+    load_preset(out / "preset.json")
+
+
+def test_bad_runs_and_bad_data_are_one_line(data, tmp_path, capsys) -> None:
+    out = tmp_path / "again"
+    assert _train(tmp_path, data, out, "--steps", "2", "--save-every", "1") == 0
+    assert _train(tmp_path, data, out, "--steps", "2") == 1  # would mix two runs' checkpoints
+    assert "pass --resume" in capsys.readouterr().err
+    assert _train(tmp_path, data, tmp_path / "none", "--steps", "2", "--resume") == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+    lines = data.read_text().splitlines()
+    bad = data.parent / "bad.jsonl"  # beside the images its lines name
+    cases = {
+        "not a task of the bench format": [lines[0], "{not json"],
+        "needs expect.answer": [json.dumps({**json.loads(lines[0]), "expect": {}})],
+        "image not found": [lines[0].replace(".png", "-missing.png")],
+    }
+    for message, content in cases.items():
+        bad.write_text("\n".join(content) + "\n")
+        with pytest.raises(DataError, match=message):
+            load_tasks(bad)
+        assert _train(tmp_path, bad, tmp_path / "bad-out", "--steps", "2") == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad-out").exists()  # refused before anything was written
