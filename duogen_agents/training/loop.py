@@ -175,7 +175,7 @@ def plot_losses(metrics_path: Path, png: Path, title: str) -> None:
         s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
         pts = [
             (m + (s - s0) / (s1 - s0) * (w - 2 * m), h - m - (v - lo) / span * (h - 2 * m))
-            for s, v in zip(steps, losses)
+            for s, v in zip(steps, losses, strict=True)
         ]
         if len(pts) > 1:
             d.line(pts, fill=(30, 70, 220), width=2)
