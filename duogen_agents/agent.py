@@ -147,6 +147,8 @@ class Agent:
                 if p is not None:
                     offload_planner(p)
         image_tool = build_image_tool(spec.image, models)
+        if hasattr(image_tool, "attach_planner"):  # the aligned family reads the planner's states
+            image_tool.attach_planner(planner)
         if spec.offload:
             offload_image_tool(image_tool)
         return cls(spec, planner=planner, image_tool=image_tool, home=root, critic=critic)

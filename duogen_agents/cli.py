@@ -119,6 +119,25 @@ def _parser() -> argparse.ArgumentParser:
         "--home", type=Path, default=None, help="data directory (default: $DUOGEN_HOME or ~/.local/share/duogen)"
     )
 
+    s2 = trsub.add_parser(
+        "stage2", help="train a VAE, then a Cosmos DiT and a connector from the stage-1 planner's states"
+    )
+    s2.add_argument("--planner", required=True, type=Path, help="the OUT folder of `duogen train stage1`")
+    s2.add_argument("--data", required=True, type=Path, help="tasks.jsonl with expect.answer")
+    s2.add_argument("--out", required=True, type=Path, metavar="DIR")
+    s2.add_argument("--steps", type=int, default=400, help="DiT and connector steps (default 400)")
+    s2.add_argument("--vae-steps", type=int, default=200, help="VAE steps, first (default 200)")
+    s2.add_argument("--batch", type=int, default=4)
+    s2.add_argument("--lr", type=float, default=1e-3)
+    s2.add_argument("--vae-lr", type=float, default=2e-3)
+    s2.add_argument("--size", type=int, default=64, help="picture side in pixels (a multiple of 16)")
+    s2.add_argument("--seed", type=int, default=0)
+    s2.add_argument("--save-every", type=int, default=50, metavar="N")
+    s2.add_argument("--resume", action="store_true", help="continue from the last checkpoints in OUT")
+    s2.add_argument(
+        "--home", type=Path, default=None, help="data directory (default: $DUOGEN_HOME or ~/.local/share/duogen)"
+    )
+
     ses = sub.add_parser("sessions", help="list, show, export, fork or delete sessions; gc the image store")
     ssub = ses.add_subparsers(dest="action", metavar="ACTION", required=True)
     _db_args(ssub.add_parser("list", help="list the sessions"))
@@ -395,6 +414,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from duogen_agents.validation import check_seed
 
     check_seed(args.seed)
+    if args.stage == "stage2":
+        from duogen_agents.training.stage2 import train_stage2
+
+        cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, save_every=args.save_every)
+        vae_cfg = TrainConfig(
+            steps=args.vae_steps, batch=args.batch, lr=args.vae_lr, seed=args.seed, save_every=args.save_every
+        )
+        r2 = train_stage2(
+            args.planner, args.data, args.out, cfg, vae_cfg, size=args.size, resume=args.resume, home=args.home
+        )
+        print(
+            f"stage 2: {r2.examples} pictures; VAE loss {r2.vae_loss[0]:.4f} -> {r2.vae_loss[1]:.4f}; "
+            f"DiT loss {r2.dit_loss[0]:.4f} -> {r2.dit_loss[1]:.4f} (OUT/vae, OUT/dit: metrics.jsonl, loss.png)"
+            f"\naligned models: {r2.out / 'aligned'}\npreset:  {r2.preset}"
+        )
+        return 0
     if args.lora_rank < 0:
         raise ConfigError("--lora-rank must be 0 (full fine-tuning) or more")
     cfg = TrainConfig(

@@ -55,7 +55,7 @@ class PlannerSpec(_Strict):
     )
 
 
-ImageFamily = Literal["cosmos2", "flux2-klein"]
+ImageFamily = Literal["cosmos2", "flux2-klein", "aligned"]
 # Frames between the last reference and the image ``continue`` returns, at 16 fps: 28 frames is
 # 1.75 s, far enough for "the next step" to have happened while the scene still holds (the model is
 # trained on 93-frame clips; 4 frames, 0.25 s, gives back a near-copy of the last reference).
@@ -96,12 +96,17 @@ class ImageSpec(_Strict):
     compile: bool = Field(
         False, description="regional torch.compile of the DiT's blocks (GPU; compiles once per process)"
     )
+    frames: bool = Field(
+        True, description="aligned: the last reference enters as a conditioning frame (false: a blank one)"
+    )
     references: ImageSpec | None = None
 
     @model_validator(mode="after")
     def _family_models(self) -> ImageSpec:
         if self.family == "cosmos2" and not (self.text2image and self.video2world):
             raise ValueError("the cosmos2 family needs text2image and video2world checkpoints")
+        if self.family == "aligned" and not self.model:
+            raise ValueError("the aligned family needs model: the aligned folder of `duogen train stage2`")
         if self.family == "flux2-klein" and not self.model:
             raise ValueError("the flux2-klein family needs a model checkpoint")
         if self.references is not None and self.references.references is not None:

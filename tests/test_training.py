@@ -109,3 +109,60 @@ def test_bad_runs_and_bad_data_are_one_line(data, tmp_path, capsys) -> None:
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad-out").exists()  # refused before anything was written
+
+
+@pytest.fixture(scope="module")
+def stage1(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage1")
+    out = root / "s1"
+    assert main(["train", "stage1", "--base", "tiny", "--data", str(data), "--out", str(out), "--home",
+                 str(root / "home"), "--steps", "6", "--save-every", "6"]) == 0  # fmt: skip
+    return out
+
+
+def _stage2(tmp_path, stage1, data, out, *extra: str) -> int:
+    return main(
+        ["train", "stage2", "--planner", str(stage1), "--data", str(data), "--out", str(out), "--home",
+         str(tmp_path / "home"), "--batch", "2", *extra]
+    )  # fmt: skip
+
+
+def test_stage2_trains_and_the_aligned_family_draws_in_the_graph(stage1, data, tmp_path) -> None:
+    from duogen_agents import Agent
+
+    out = tmp_path / "s2"
+    assert _stage2(tmp_path, stage1, data, out, "--vae-steps", "30", "--steps", "30", "--save-every", "15") == 0
+    vae = [json.loads(line)["loss"] for line in (out / "vae" / "metrics.jsonl").read_text().splitlines()]
+    dit = [json.loads(line)["loss"] for line in (out / "dit" / "metrics.jsonl").read_text().splitlines()]
+    assert statistics.mean(vae[-5:]) < 0.5 * statistics.mean(vae[:5])
+    assert statistics.mean(dit[-5:]) < statistics.mean(dit[:5])
+    assert (out / "dit" / "loss.png").is_file() and (out / "dit" / "checkpoints" / "step-30").is_dir()
+
+    preset = load_preset(out / "preset.json")
+    assert preset.image.family == "aligned"
+    agent = Agent.from_preset(preset, home=tmp_path / "home")
+    seen: list[int] = []
+    draw = agent.image_tool.draw
+
+    def spy(prompt, **kw):
+        drawing = draw(prompt, **kw)
+        seen.append(drawing.frames)
+        return drawing
+
+    agent.image_tool.draw = spy
+    doc = agent.run(
+        "Build a scene: a red circle at the top-left, then a blue square in the center", mode="visual-plan", seed=0
+    )
+    assert doc.images and all(b.family == "aligned" for b in doc.blocks if b.type == "image")
+    assert seen[0] == 0 and any(seen[1:])  # later pictures are conditioned on the earlier one
+
+
+def test_stage2_resume_gives_the_same_losses(stage1, data, tmp_path) -> None:
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    args = ("--vae-steps", "4", "--steps", "6", "--save-every", "3")
+    assert _stage2(tmp_path, stage1, data, straight, *args) == 0
+    assert _stage2(tmp_path, stage1, data, resumed, *args) == 0
+    shutil.rmtree(resumed / "dit" / "checkpoints" / "step-6")
+    assert _stage2(tmp_path, stage1, data, resumed, *args, "--resume") == 0
+    assert _losses(straight / "dit") == _losses(resumed / "dit")
+    assert _losses(straight / "vae") == _losses(resumed / "vae")

@@ -104,6 +104,9 @@ class TransformersPlanner:
         self._static: Any = None
         self._compiled_step: Any = None
         self.residency_role: str | None = None  # set by residency.offload_planner (preset offload)
+        # Each session's last call (conversation, output): the aligned image family reads the
+        # planner's states at an image request from it.
+        self.last_calls: OrderedDict[str, tuple[list[ChatTurn], str]] = OrderedDict()
 
     @classmethod
     def from_spec(cls, spec: PlannerSpec, models_dir: Path | None = None) -> TransformersPlanner:
@@ -243,15 +246,13 @@ class TransformersPlanner:
                 residency_for(self.device).use(self.residency_role)
             grammar, limits = self.compile(schema) if schema is not None else (None, {})
             enc = self.encode(conversation)
-            return self._decode(
-                enc,
-                grammar,
-                limits,
-                max_new_tokens or self.spec.max_new_tokens,
-                seed,
-                on_token,
-                "" if cache_key is None else cache_key,
-            )
+            key = "" if cache_key is None else cache_key
+            out = self._decode(enc, grammar, limits, max_new_tokens or self.spec.max_new_tokens, seed, on_token, key)
+            self.last_calls[key] = (list(conversation), out.text)
+            self.last_calls.move_to_end(key)
+            while len(self.last_calls) > 64:
+                self.last_calls.popitem(last=False)
+            return out
 
     def _positions(self, enc: dict[str, Any]) -> tuple[Any, int]:
         """Positions of the whole sequence as Qwen-VL's ``generate`` builds them: a row of text

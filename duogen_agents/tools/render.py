@@ -89,6 +89,7 @@ class Renderer:
         kind: ImageKind = "generate",
         seed: int = 0,
         on_step: StepCallback | None = None,
+        session: str | None = None,
     ) -> Rendered:
         """Draw and store one image; references are given oldest first. A kind or a number of
         references the tool cannot take raises ``GenerationError`` (the planner's grammar never
@@ -96,7 +97,8 @@ class Renderer:
         if problem := refusal(self.capabilities, kind, len(references)):
             raise GenerationError(problem)
         frames = [self.store.open(r) for r in references]
-        out = self.tool.draw(prompt, kind=kind, references=frames, seed=seed, on_step=on_step)
+        extra = {"session": session} if getattr(self.tool, "wants_session", False) else {}
+        out = self.tool.draw(prompt, kind=kind, references=frames, seed=seed, on_step=on_step, **extra)
         drawing = (
             out if isinstance(out, Drawing) else Drawing(image=out, family="custom", pipeline=type(self.tool).__name__)
         )

@@ -54,6 +54,10 @@ class PlannerExample:
     conversation: list[ChatTurn]
     target: str
     task: str = ""
+    # For calls that request a picture: the references the graph handed the image tool, and the
+    # picture of the answer (stage 2 trains on these).
+    references: list[Any] | None = None
+    picture: Any = None
 
 
 def load_tasks(path: Path | str) -> list[TrainingTask]:
@@ -291,6 +295,7 @@ class AnswerImages:
 
     queue: list[str] = field(default_factory=list)
     capabilities: dict[str, int] = field(default_factory=lambda: {"generate": 4, "edit": 4, "continue": 4})
+    draws: list[tuple[list[Any], Any]] = field(default_factory=list)  # (references, picture) per draw
 
     def draw(
         self, prompt: str, *, kind: str = "generate", references: Any = (), seed: int = 0, on_step: Any = None
@@ -298,7 +303,9 @@ class AnswerImages:
         if not self.queue:
             raise DataError("the graph drew more pictures than the answer has")
         with Image.open(self.queue.pop(0)) as im:
-            return im.convert("RGB")
+            picture = im.convert("RGB")
+        self.draws.append((list(references), picture))
+        return picture
 
 
 def planner_examples(tasks: Sequence[TrainingTask], preset: Any, home: Path) -> list[PlannerExample]:
@@ -319,4 +326,14 @@ def planner_examples(tasks: Sequence[TrainingTask], preset: Any, home: Path) -> 
                     f"line {task.line}: task {task.id}: the graph ended the turn before the answer did "
                     f"({len(teacher.blocks)} block(s) left; check the preset's limits)"
                 )
+    requests = [ex for ex in teacher.records if _requests_image(ex.target)]
+    if len(requests) != len(images.draws):
+        raise DataError(f"{len(requests)} image requests but {len(images.draws)} pictures drawn")
+    for ex, (refs, picture) in zip(requests, images.draws, strict=True):
+        ex.references, ex.picture = refs, picture
     return teacher.records
+
+
+def _requests_image(target: str) -> bool:
+    action = json.loads(target)
+    return "image" in action or action.get("type") in ("image", "draft")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from langchain_core.messages import AIMessage
+from langchain_core.runnables import RunnableConfig
 
 from duogen_agents.document import ImageBlock, ImageRef
 from duogen_agents.graphs.deps import GraphDeps
@@ -17,7 +18,7 @@ TURN_SEED_STRIDE = 1_000_003
 IMAGE_SEED_STRIDE = 101
 
 
-def render(state: TurnState, *, deps: GraphDeps) -> dict[str, Any]:
+def render(state: TurnState, config: RunnableConfig, *, deps: GraphDeps) -> dict[str, Any]:
     pending = state["pending"]
     assert pending is not None
     write = writer()
@@ -39,7 +40,10 @@ def render(state: TurnState, *, deps: GraphDeps) -> dict[str, Any]:
         write({"event": "image_progress", "index": index, "step": step, "total": total})
 
     refs = Renderer.resolve(pending["references"], known_refs(state))
-    result = deps.renderer.render(pending["prompt"], refs, kind=pending["kind"], seed=seed, on_step=on_step)
+    session = (config.get("configurable") or {}).get("thread_id")
+    result = deps.renderer.render(
+        pending["prompt"], refs, kind=pending["kind"], seed=seed, on_step=on_step, session=session
+    )
     pending = {**pending, "seed": seed, "drawn": result.record()}  # type: ignore[typeddict-unknown-key]
     if deps.limits.check:
         return {"candidate": result.ref.model_dump(), "pending": pending}

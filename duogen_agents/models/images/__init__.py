@@ -37,6 +37,10 @@ def compile_dit(transformer: Any) -> None:
 
 
 def build_family(spec: ImageSpec, models_dir: Path | None) -> Any:
+    if spec.family == "aligned":
+        from duogen_agents.models.images.aligned import AlignedImageTool
+
+        return AlignedImageTool.from_spec(spec)
     if spec.family == "flux2-klein":
         from duogen_agents.models.images.flux2_klein import Flux2KleinImageTool
 
