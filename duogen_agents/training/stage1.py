@@ -46,13 +46,20 @@ def _resolve_base(base: str | Path) -> Any:
     return load_preset(base)
 
 
+def _end_token(planner: Any) -> int:
+    """The token that ends an assistant turn in the chat template (``<|im_end|>`` for Qwen-VL)."""
+    tok = planner.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    return int(end) if isinstance(end, int) and end != tok.unk_token_id else int(tok.eos_token_id)
+
+
 def _encode(planner: Any, conversation: Any, target: str) -> dict[str, Any]:
     """Input ids of conversation + target + end token, and labels on the target and end token only."""
     import torch
 
     enc = {k: v for k, v in planner.encode(conversation).items() if k != "image_digests"}
     tok = planner.tokenizer(target, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    answer = torch.tensor([*tok, planner.stop_token_ids[0]], dtype=enc["input_ids"].dtype).unsqueeze(0)
+    answer = torch.tensor([*tok, _end_token(planner)], dtype=enc["input_ids"].dtype).unsqueeze(0)
     n = enc["input_ids"].shape[1]
     enc["input_ids"] = torch.cat([enc["input_ids"], answer], dim=1)
     enc["attention_mask"] = torch.ones_like(enc["input_ids"])
