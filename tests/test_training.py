@@ -134,7 +134,7 @@ def test_stage2_trains_and_the_aligned_family_draws_in_the_graph(stage1, data, t
     assert _stage2(tmp_path, stage1, data, out, "--vae-steps", "30", "--steps", "30", "--save-every", "15") == 0
     vae = [json.loads(line)["loss"] for line in (out / "vae" / "metrics.jsonl").read_text().splitlines()]
     dit = [json.loads(line)["loss"] for line in (out / "dit" / "metrics.jsonl").read_text().splitlines()]
-    assert statistics.mean(vae[-5:]) < 0.5 * statistics.mean(vae[:5])
+    assert statistics.mean(vae[-5:]) < 0.7 * statistics.mean(vae[:5])
     assert statistics.mean(dit[-5:]) < statistics.mean(dit[:5])
     assert (out / "dit" / "loss.png").is_file() and (out / "dit" / "checkpoints" / "step-30").is_dir()
 
