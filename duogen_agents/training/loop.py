@@ -84,8 +84,10 @@ def run(
     resume: bool,
     label: str,
     extra: dict[str, Any] | None = None,
+    batched: bool = False,
 ) -> dict[str, Any]:
-    """Train: ``loss_of(i)`` is the loss of example ``i``; ``params`` are the trained parameters.
+    """Train: ``loss_of(i)`` is the loss of example ``i`` (``batched``: ``loss_of([i, ...])`` the
+    mean loss of a whole batch, in one forward); ``params`` are the trained parameters.
     Checkpoints go to ``out/checkpoints/step-N`` (``save_model`` writes the weights; the optimizer,
     schedule position and RNG states are saved beside them), metrics to ``out/metrics.jsonl``."""
     import torch
@@ -131,10 +133,15 @@ def run(
                 group["lr"] = cfg.lr * factor
             opt.zero_grad(set_to_none=True)
             total = 0.0
-            for _ in range(cfg.batch):
-                loss = loss_of(next(indices)) / cfg.batch
+            if batched:
+                loss = loss_of([next(indices) for _ in range(cfg.batch)])
                 loss.backward()
-                total += float(loss.detach())
+                total = float(loss.detach())
+            else:
+                for _ in range(cfg.batch):
+                    loss = loss_of(next(indices)) / cfg.batch
+                    loss.backward()
+                    total += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             last = {"step": step + 1, "loss": round(total, 6), "lr": cfg.lr * factor,

@@ -284,11 +284,11 @@ def train_stage2(
     ink = ((pictures - 1.0).abs().amax(dim=1, keepdim=True) > 0.2).float()
     weights = 1.0 + 9.0 * ink
 
-    def vae_loss(i: int) -> Any:
-        x = pictures[i : i + 1]
+    def vae_loss(idx: list[int]) -> Any:
+        x, w = pictures[idx], weights[idx]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        err = (weights[i : i + 1] * (recon - x) ** 2).sum() / (weights[i : i + 1].sum() * x.shape[1])
+        err = (w * (recon - x) ** 2).sum() / (w.sum() * x.shape[1])
         return err + 1e-6 * posterior.kl().mean()
 
     def vae_save(ckpt: Path) -> None:
@@ -305,7 +305,7 @@ def train_stage2(
         vae.train()
         vae_last = run(
             out / "vae", vae_cfg, len(pictures), list(vae.parameters()), vae_loss, vae_save, vae_load,
-            resume=vae_resume, label="stage 2: VAE",
+            resume=vae_resume, label="stage 2: VAE", batched=True,
         )  # fmt: skip
         (out / "vae" / "done.json").write_text(json.dumps(vae_last))
     else:
@@ -329,12 +329,12 @@ def train_stage2(
     transformer.train()
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    def dit_loss(i: int) -> Any:
-        z = latents[i : i + 1]
-        t = torch.sigmoid(torch.randn(1, generator=gen))  # logit-normal times
+    def dit_loss(idx: list[int]) -> Any:
+        z = latents[idx]
+        t = torch.sigmoid(torch.randn(len(idx), generator=gen))  # logit-normal times
         noise = torch.randn(z[:, :, 1:].shape, generator=gen)
         hidden, timestep, mask = dit_inputs(z, t, noise)
-        pred = dit_forward(transformer, hidden, timestep, mask, connector(states[i : i + 1]), size)[:, :, 1:]
+        pred = dit_forward(transformer, hidden, timestep, mask, connector(states[idx]), size)[:, :, 1:]
         return torch.nn.functional.mse_loss(pred, noise - z[:, :, 1:])
 
     def dit_save(ckpt: Path) -> None:
@@ -352,7 +352,7 @@ def train_stage2(
     params = list(transformer.parameters()) + list(connector.parameters())
     dit_last = run(
         out / "dit", cfg, len(latents), params, dit_loss, dit_save, dit_load, resume=resume and
-        (out / "dit" / "checkpoints").exists(), label="stage 2: DiT + connector",
+        (out / "dit" / "checkpoints").exists(), label="stage 2: DiT + connector", batched=True,
         extra={"planner": str(run1.resolve()), "data": str(Path(data).resolve()), "examples": len(latents),
                "size": size, "tokens": tokens},
     )  # fmt: skip
