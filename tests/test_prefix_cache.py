@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from duogen_agents.graphs import actions as A
-from duogen_agents.models.decoding import CachedPrefix, StringLimits, common_prefix, split_limits
+from duogen_agents.models.decoding import CachedPrefix, StringLimits, common_prefix, in_string_lengths, split_limits
 from duogen_agents.models.planner import TransformersPlanner
 from duogen_agents.presets import load_preset
 
@@ -131,8 +131,14 @@ def test_split_limits_and_the_json_follower() -> None:
     assert follow.remaining() == 9
     follow.feed(b'", "references": ["')
     assert follow.remaining() is None  # an unlimited string
-    follow.feed("é".encode()[:1])
-    assert follow.remaining() is None  # never cut inside a character
+    close = StringLimits(limits)
+    close.feed(b'{"text": "' + b"a" * 29 + "é".encode()[:1])
+    assert close.remaining() == 1  # at the limit, the character begun may still be completed
+    esc = StringLimits(limits)
+    esc.feed(b'{"text": "' + b"a" * 29 + b"\\")
+    assert esc.remaining() == 1  # and an escape begun within it
+    # a token's bytes inside a string: up to its first quote that is not escaped
+    assert in_string_lengths([b'ab"c', b'\\":x', b"xyz"], 4) == [2, 4, 3, 1 << 20]
 
 
 def test_common_prefix_keeps_whole_pictures_only() -> None:

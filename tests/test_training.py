@@ -69,7 +69,8 @@ def test_resume_continues_exactly_where_a_run_stopped(data, tmp_path) -> None:
     assert _train(tmp_path, data, straight, "--steps", "12", "--save-every", "6") == 0
     assert _train(tmp_path, data, resumed, "--steps", "12", "--save-every", "6") == 0
     assert _losses(straight) == _losses(resumed)  # deterministic with the same seed
-    shutil.rmtree(resumed / "checkpoints" / "step-12")  # as if it had stopped after step 6
+    # as if it had crashed while writing step 12: its folder is there, its trainer state is not
+    (resumed / "checkpoints" / "step-12" / "trainer.pt").unlink()
     assert _train(tmp_path, data, resumed, "--steps", "12", "--save-every", "6", "--resume") == 0
     assert _losses(resumed) == _losses(straight)
 
@@ -89,8 +90,10 @@ def test_lora_trains_adapters_only_and_merges_them(data, tmp_path) -> None:
 def test_bad_runs_and_bad_data_are_one_line(data, tmp_path, capsys) -> None:
     out = tmp_path / "again"
     assert _train(tmp_path, data, out, "--steps", "2", "--save-every", "1") == 0
+    before = (out / "metrics.jsonl").read_text()
     assert _train(tmp_path, data, out, "--steps", "2") == 1  # would mix two runs' checkpoints
     assert "pass --resume" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before  # the earlier run's metrics are kept
     assert _train(tmp_path, data, tmp_path / "none", "--steps", "2", "--resume") == 1
     assert "no checkpoint" in capsys.readouterr().err
 

@@ -118,12 +118,15 @@ class StringLimits:
 
     def remaining(self) -> int | None:
         """Bytes the current string may still take, or None where no limit applies (outside a
-        limited string, or completing an escape or a UTF-8 character, which is never cut)."""
-        if not self.in_string or self.is_key or self.escape or self.pending:
+        limited string). An escape or a UTF-8 character begun within the limit may be completed
+        (its remaining bytes are added), so the grammar always has a token left."""
+        if not self.in_string or self.is_key:
             return None
         path = tuple(f.key or "" for f in self.stack if f.is_object)
         limit = self.limits.get(path)
-        return None if limit is None else max(0, limit - self.used)
+        if limit is None:
+            return None
+        return max(0, limit - self.used) + (1 if self.escape else self.pending)
 
 
 def in_string_lengths(decoded_vocab: list[bytes], size: int) -> list[int]:
@@ -132,8 +135,16 @@ def in_string_lengths(decoded_vocab: list[bytes], size: int) -> list[int]:
     big = 1 << 20
     out = [big] * size
     for i, tok in enumerate(decoded_vocab[:size]):
-        q = tok.find(b'"')
-        out[i] = len(tok) if q < 0 else q
+        n, escaped = len(tok), False
+        for j, b in enumerate(tok):  # the first quote that is not escaped within the token
+            if escaped:
+                escaped = False
+            elif b == 0x5C:
+                escaped = True
+            elif b == 0x22:
+                n = j
+                break
+        out[i] = n
     return out
 
 
@@ -173,11 +184,7 @@ class PrefixCache:
             return None
         return self.entries.pop(key, None)
 
-    def put(self, key: str | None, entry: CachedPrefix, *, only: bool = False) -> None:
-        """Keep ``entry`` under ``key``; ``only``: it replaces every other entry (they share its
-        cache object, a static cache, whose contents are now this one's)."""
-        if only:
-            self.entries.clear()
+    def put(self, key: str | None, entry: CachedPrefix) -> None:
         if key is None or self.max_entries <= 0 or len(entry.ids) > self.max_tokens:
             return
         self.entries[key] = entry

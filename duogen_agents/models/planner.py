@@ -405,7 +405,7 @@ class TransformersPlanner:
             if matcher is not None:
                 matcher.fill_next_token_bitmask(bitmask)
 
-        self.prefix_cache.put(cache_key, CachedPrefix(cache, ids + out[:fed], spans), only=static)
+        self.prefix_cache.put(cache_key, CachedPrefix(cache, ids + out[:fed], spans))
         new = [t for t in out if t not in stop]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return PlannerOutput(text=text, num_tokens=len(out), prompt_tokens=n, prefill_tokens=n - keep)

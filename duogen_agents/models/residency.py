@@ -23,10 +23,13 @@ _RESIDENCIES: dict[str, Residency] = {}
 
 
 def residency_for(device: str) -> Residency:
+    from duogen_agents.models.serial import device_key
+
+    key = device_key(device)
     with _LOCK:
-        if device not in _RESIDENCIES:
-            _RESIDENCIES[device] = Residency(device)
-        return _RESIDENCIES[device]
+        if key not in _RESIDENCIES:
+            _RESIDENCIES[key] = Residency(device)
+        return _RESIDENCIES[key]
 
 
 def _tensors(module: Any) -> list[tuple[Any, str, Any]]:

@@ -282,7 +282,17 @@ class Teacher:
 
 
 def _clip(text: str, limit: int | None) -> str:
-    return text if limit is None or len(text) <= limit else text[:limit].rstrip()
+    """``text`` cut to fit ``limit`` as the decoder counts it: UTF-8 bytes of the JSON string body
+    (an escape such as ``\\n`` is two), so a target is always one the planner can write."""
+    if limit is None:
+        return text
+
+    def size(s: str) -> int:
+        return len(json.dumps(s, ensure_ascii=False)[1:-1].encode())
+
+    while text and size(text) > limit:
+        text = text[: max(0, min(len(text) - 1, limit))]
+    return text.rstrip() or text
 
 
 def _copy_turn(turn: ChatTurn) -> ChatTurn:

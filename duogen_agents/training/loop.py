@@ -68,7 +68,16 @@ def order(n: int, seed: int) -> Iterator[int]:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    """The newest complete checkpoint: ``trainer.pt`` is written last, so a folder without it is one
+    a crash interrupted, and is passed over."""
+    ckpts = sorted(
+        (
+            p
+            for p in (out / "checkpoints").glob("step-*")
+            if p.name.split("-")[1].isdigit() and (p / "trainer.pt").is_file()
+        ),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
     return ckpts[-1] if ckpts else None
 
 
@@ -113,11 +122,11 @@ def run(
         torch.set_rng_state(state["torch_rng"])
         keep = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in keep if m["step"] <= start))
-    else:
-        seed_everything(cfg.seed)
-        metrics_path.write_text("")
+    else:  # refuse before touching anything of an earlier run
         if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
             raise ConfigError(f"{out} holds checkpoints of an earlier run; pass --resume, or choose another --out")
+        seed_everything(cfg.seed)
+        metrics_path.write_text("")
     (out / "train.json").write_text(json.dumps({"label": label, "config": asdict(cfg), **(extra or {})}, indent=2))
 
     indices = order(n_examples, cfg.seed)

@@ -70,8 +70,13 @@ class AlignedImageTool:
         conversation, action = call
         size = int(self.meta["size"])
         reference = references[-1] if references and self.spec.frames else None
-        with device_turn(self.device), generating("aligned image model"):
+        with device_turn(self.planner.device), generating("planner"):
+            if getattr(self.planner, "residency_role", None) is not None:
+                from duogen_agents.models.residency import residency_for
+
+                residency_for(self.planner.device).use(self.planner.residency_role)
             states = planner_states(self.planner, PlannerExample(conversation, action), int(self.meta["tokens"]))
+        with device_turn(self.device), generating("aligned image model"):
             picture = sample(
                 self.transformer, self.vae, self.connector, states, reference,
                 size=size, steps=self.spec.steps, seed=seed, on_step=on_step,
