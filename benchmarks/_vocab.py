@@ -23,9 +23,8 @@ def _learned_json() -> str:
 
 def real_size_tokenizer(size: int = QWEN_REGULAR_TOKENS, seed: int = 0) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    from duogen_agents.models.tiny import CHAT_TEMPLATE, PLANNER_SPECIAL_TOKENS
+    from duogen_agents.models.tiny import PLANNER_SPECIAL_TOKENS, planner_tokenizer_from
 
     rng = random.Random(seed)
     learned = json.loads(_learned_json())
@@ -51,11 +50,4 @@ def real_size_tokenizer(size: int = QWEN_REGULAR_TOKENS, seed: int = 0) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(PLANNER_SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        model_max_length=131072,
-        chat_template=CHAT_TEMPLATE,
-    )
+    return planner_tokenizer_from(tok, model_max_length=131072)

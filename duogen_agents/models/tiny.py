@@ -85,18 +85,22 @@ def _train_tokenizer(kind: Literal["byte_bpe", "unigram"], vocab_size: int, spec
     return tok
 
 
-def _planner_tokenizer() -> Any:
+def planner_tokenizer_from(backend: Any, model_max_length: int = 32768) -> Any:
+    """A Qwen-VL-style planner tokenizer (its special tokens and chat template) over ``backend``."""
     from transformers import PreTrainedTokenizerFast
 
-    backend = _train_tokenizer("byte_bpe", 512, PLANNER_SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        model_max_length=32768,
+        model_max_length=model_max_length,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def _planner_tokenizer() -> Any:
+    return planner_tokenizer_from(_train_tokenizer("byte_bpe", 512, PLANNER_SPECIAL_TOKENS))
 
 
 def _vocab_size(tokenizer: Any) -> int:

@@ -150,19 +150,21 @@ class Stage2Result:
     dit_loss: tuple[float, float]
 
 
-def _normalise(vae: Any, z: Any) -> Any:
+def _latent_stats(vae: Any) -> tuple[Any, Any]:
     import torch
 
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    return mean, std
+
+
+def _normalise(vae: Any, z: Any) -> Any:
+    mean, std = _latent_stats(vae)
     return (z - mean) / std
 
 
 def _denormalise(vae: Any, z: Any) -> Any:
-    import torch
-
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    mean, std = _latent_stats(vae)
     return z * std + mean
 
 
