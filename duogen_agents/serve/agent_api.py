@@ -1,0 +1,300 @@
+"""The agent over HTTP: persisted sessions, their turns as server-sent events, documents and images.
+
+==========================================  =====================================================
+``GET /v1/sessions``                        the sessions, most recently updated first
+``POST /v1/sessions``                       a new session id (``{"id": ...}`` to choose it); the
+                                            session is stored by its first turn, as in Python
+``GET /v1/sessions/{id}``                   the session and its turns, each with its document
+``POST /v1/sessions/{id}/turns``            send a message: ``{"prompt", "mode", "seed", "images":
+                                            [data: URL or image id], "stream"}``; the document, or
+                                            with ``stream`` the turn's events (SSE) ending with it
+``POST /v1/sessions/{id}/resume``           continue an unfinished turn (``{"stream"}``)
+``POST /v1/sessions/{id}/cancel``           drop an unfinished turn
+``POST /v1/sessions/{id}/fork``             copy to a new id (``{"id": ...}`` to choose it)
+``DELETE /v1/sessions/{id}``                delete with its checkpoints and unshared images
+``GET /v1/sessions/{id}/document``          ``?format=json`` (default), ``html`` or ``md``
+``GET /v1/images/{image_id}``               a stored PNG by its 64-hex id
+==========================================  =====================================================
+
+Events are the public protocol of ``Agent.stream`` (``token``, ``plan``, ``text``, ``image_start``,
+``image_progress``, ``image_ready``, ``image_rejected``, ``finish``, ``document``), one SSE message each
+(``event:`` the name, ``data:`` the event as JSON, images as ids), then ``event: end``; a failure is
+``event: error`` with ``{"error": {"message", ...}}`` and the turn stays resumable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from duogen_agents.serve.app import ApiError, ServerState, api_error, error_body
+from duogen_agents.serve.gate import Slot
+
+router = APIRouter()
+MAX_TURN_IMAGES = 16
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NewSession(_Strict):
+    id: str | None = None
+
+
+class TurnRequest(_Strict):
+    prompt: str
+    mode: str | None = None
+    seed: int | None = None
+    images: list[str] = Field(default_factory=list, max_length=MAX_TURN_IMAGES)
+    stream: bool = False
+
+
+class ResumeRequest(_Strict):
+    stream: bool = False
+
+
+def jsonable(value: Any) -> Any:
+    """An event or record as JSON-ready data (pydantic models dumped, dataclasses as dicts)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.duogen
+
+
+def _check_id(session_id: str) -> str:
+    from duogen_agents.storage.database import check_session_id
+
+    return check_session_id(session_id)
+
+
+async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def _session(state: ServerState, session_id: str) -> Any:
+    return state.agent.session(_check_id(session_id), database=state.sessions.db, wait=state.settings.session_wait_s)
+
+
+def _info(state: ServerState, session_id: str) -> dict[str, Any]:
+    info = state.sessions.get(session_id)
+    return {**jsonable(info), "pending": info.pending}
+
+
+@router.get("/v1/sessions")
+async def list_sessions(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    infos = await _call(state.sessions.list)
+    return {"object": "list", "data": [{**jsonable(i), "pending": i.pending} for i in infos]}
+
+
+@router.post("/v1/sessions", status_code=201)
+async def new_session(body: NewSession, request: Request) -> dict[str, Any]:
+    state = _state(request)
+    session_id = _check_id(body.id) if body.id is not None else secrets.token_hex(4)
+    if await _call(state.sessions.exists, session_id):
+        raise ApiError(409, f"session {session_id!r} exists already", "conflict_error", "session_exists")
+    return {"id": session_id, "stored": False}
+
+
+@router.get("/v1/sessions/{session_id}")
+async def get_session(session_id: str, request: Request) -> dict[str, Any]:
+    state = _state(request)
+    _check_id(session_id)
+
+    def read() -> dict[str, Any]:
+        return {**_info(state, session_id), "history": jsonable(state.sessions.turns(session_id))}
+
+    return await _call(read)
+
+
+@router.delete("/v1/sessions/{session_id}")
+async def delete_session(session_id: str, request: Request) -> dict[str, Any]:
+    state = _state(request)
+    _check_id(session_id)
+    await _call(state.sessions.get, session_id)  # 404 for an unknown one
+    removed = await _call(state.sessions.delete, session_id, wait=state.settings.session_wait_s)
+    state.agent.forget(session_id)
+    return {"id": session_id, "deleted": True, "images_removed": removed}
+
+
+@router.post("/v1/sessions/{session_id}/fork", status_code=201)
+async def fork_session(session_id: str, body: NewSession, request: Request) -> dict[str, Any]:
+    state = _state(request)
+    _check_id(session_id)
+    if body.id is not None:
+        _check_id(body.id)
+    info = await _call(state.sessions.fork, session_id, body.id)
+    return {**jsonable(info), "pending": info.pending}
+
+
+@router.post("/v1/sessions/{session_id}/cancel")
+async def cancel_turn(session_id: str, request: Request) -> dict[str, Any]:
+    state = _state(request)
+    session = await _call(_session, state, session_id)
+    await _call(state.sessions.get, session_id)
+    return {"id": session_id, "cancelled": await _call(session.cancel)}
+
+
+@router.get("/v1/sessions/{session_id}/document")
+async def document(session_id: str, request: Request, format: Literal["json", "html", "md"] = "json") -> Response:
+    from duogen_agents.export import to_html, to_json, to_markdown
+
+    state = _state(request)
+    _check_id(session_id)
+    await _call(state.sessions.get, session_id)
+    doc = await _call(state.sessions.document, session_id)
+    if format == "html":
+        return HTMLResponse(await _call(to_html, doc, state.agent.store))
+    if format == "md":
+        text = to_markdown(doc, link=lambda ref: f"/v1/images/{ref.id}")
+        return PlainTextResponse(text, media_type="text/markdown; charset=utf-8")
+    return Response(to_json(doc), media_type="application/json")
+
+
+@router.get("/v1/images/{image_id}")
+async def image(image_id: str, request: Request) -> Response:
+    from duogen_agents.storage.images import is_image_id
+
+    state = _state(request)
+    if not is_image_id(image_id):
+        raise ApiError(400, "an image id is 64 lowercase hex digits", code="invalid_image_id")
+    if not await _call(state.agent.store.exists, image_id):
+        raise ApiError(404, f"no image {image_id[:12]}", "not_found_error", "image_not_found")
+    data = await _call(state.agent.store.read_bytes, image_id)
+    return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=31536000, immutable"})
+
+
+# ---- turns ----------------------------------------------------------------------------------------------
+
+
+def _turn_images(state: ServerState, images: list[str]) -> list[Any]:
+    """A client's images: ``data:`` URLs, or ids of images already in the store; never a path or a
+    ``file://`` URL on this server."""
+    from duogen_agents.storage.images import is_image_id
+
+    out: list[Any] = []
+    for i, value in enumerate(images):
+        if is_image_id(value):
+            if not state.agent.store.exists(value):
+                raise ApiError(400, f"images[{i}]: no image {value[:12]} in the store")
+            out.append({"type": "image", "file_id": value})
+        elif value.startswith("data:"):
+            out.append({"type": "image_url", "image_url": {"url": value}})
+        elif state.agent.allow_remote_images and value.startswith(("http://", "https://")):
+            out.append({"type": "image_url", "image_url": {"url": value}})
+        else:
+            raise ApiError(400, f"images[{i}]: give a data: URL or the 64-hex id of a stored image")
+    return out
+
+
+def _sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _run_turn(state: ServerState, stream: bool, events: Callable[[], Iterator[dict[str, Any]]]) -> Any:
+    """Run one turn (``events`` builds its event iterator) under the turns gate: the document, or SSE."""
+    if state.closing:
+        raise ApiError(503, "the server is shutting down; send the turn again later", "server_error", "closing")
+    slot = Slot(state.gates["turns"])
+    await slot.enter()
+    loop = asyncio.get_running_loop()
+    headers = {"x-duogen-queue-wait-ms": f"{slot.waited * 1000:.1f}"}
+
+    if not stream:
+
+        def last() -> Any:
+            doc = None
+            for event in events():
+                if event.get("event") == "document":
+                    doc = event["document"]
+            return doc
+
+        try:
+            doc = await asyncio.to_thread(last)
+        finally:
+            slot.exit()
+        return JSONResponse(jsonable(doc), headers=headers)
+
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def run() -> None:
+        try:
+            for event in events():
+                loop.call_soon_threadsafe(queue.put_nowait, ("event", jsonable(event)))
+            loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+        except BaseException as e:  # reported in the stream; the turn's checkpoints stay for resume
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+
+    # The turn runs to its end even when the client goes away: its records are committed.
+    task = loop.run_in_executor(None, run)
+    first = await queue.get()
+    if first[0] == "error":  # refused before it began (busy session, bad mode...): a plain HTTP error
+        await asyncio.shield(task)
+        slot.exit()
+        raise api_error(first[1])
+
+    async def body() -> Any:
+        pending: tuple[str, Any] | None = first
+        try:
+            while True:
+                kind, value = pending if pending is not None else await queue.get()
+                pending = None
+                if kind == "event":
+                    yield _sse(str(value.get("event", "message")), value)
+                elif kind == "end":
+                    yield _sse("end", {})
+                    break
+                else:
+                    err = api_error(value)
+                    yield _sse("error", error_body(err.message, err.kind, err.code))
+                    break
+        finally:
+            await asyncio.shield(task)
+            slot.exit()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+@router.post("/v1/sessions/{session_id}/turns")
+async def send_turn(session_id: str, body: TurnRequest, request: Request) -> Any:
+    state = _state(request)
+    session = await _call(_session, state, session_id)
+    images = await _call(_turn_images, state, body.images)
+
+    def events() -> Iterator[dict[str, Any]]:
+        if body.stream:
+            return session.stream(body.prompt, mode=body.mode, images=images, seed=body.seed)
+        return session._stream(body.prompt, body.mode, images, body.seed, events=False)
+
+    return await _run_turn(state, body.stream, events)
+
+
+@router.post("/v1/sessions/{session_id}/resume")
+async def resume_turn(session_id: str, body: ResumeRequest, request: Request) -> Any:
+    state = _state(request)
+    session = await _call(_session, state, session_id)
+    await _call(state.sessions.get, session_id)
+    return await _run_turn(state, body.stream, session.resume)

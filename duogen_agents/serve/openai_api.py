@@ -1,0 +1,366 @@
+"""The OpenAI-compatible model surface of ``duogen serve``, backed by this process's models.
+
+- ``POST /v1/chat/completions``: the planner continues the messages (text, and images as ``image_url``
+  parts with ``data:`` URLs). ``response_format`` ``{"type": "json_schema", "json_schema": {"schema":
+  ...}}`` decodes under the schema's grammar (xgrammar: every answer parses and matches), ``json_object``
+  under any JSON object, ``text`` or none as free text. ``max_tokens`` / ``max_completion_tokens``,
+  ``seed``, ``stream`` (with ``stream_options.include_usage``). The sampling settings are the
+  preset's (``planner.temperature``, ``top_p``); a request's own are not applied. ``user`` (or the
+  ``x-duogen-session`` header) names the conversation whose KV cache the planner keeps.
+- ``POST /v1/images/generations``: text to image. ``POST /v1/images/edits``: multipart, one or more
+  ``image`` (or ``image[]``) files as references; ``kind`` (a form field, this server's extension)
+  is ``edit`` (default), ``generate`` (a new picture keeping the referenced subjects) or
+  ``continue``; what the image family cannot do is refused with 400. ``b64_json`` only; ``size`` other
+  than the preset's canvas is a resize of the drawn picture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import secrets
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from duogen_agents.errors import GenerationError, InputImageError
+from duogen_agents.serve.app import ApiError, ServerState, api_error, error_body
+from duogen_agents.serve.gate import Slot
+
+router = APIRouter()
+MAX_TOKENS = 32768
+MAX_IMAGES_PER_REQUEST = 16
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields this server does not use
+
+
+class StreamOptions(_Loose):
+    include_usage: bool = False
+
+
+class ChatRequest(_Loose):
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    response_format: dict[str, Any] | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = Field(None, max_length=128)
+
+
+class ImageRequest(_Loose):
+    prompt: str = Field(min_length=1, max_length=32000)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=4)
+    size: str | None = None
+    response_format: Literal["b64_json"] | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.duogen
+
+
+def _check_model(state: ServerState, model: str | None, role: str) -> None:
+    want = state.planner_id if role == "planner" else state.image_id
+    if model is not None and model != want:
+        raise ApiError(
+            404, f"the model {model!r} does not exist here; this server's {role} is {want!r} (GET /v1/models)",
+            "not_found_error", "model_not_found",
+        )  # fmt: skip
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    created = int(time.time())
+    return {
+        "object": "list",
+        "data": [
+            {"id": state.planner_id, "object": "model", "created": created, "owned_by": "duogen",
+             "duogen_role": "planner", "root": state.agent.preset.planner.model},
+            {"id": state.image_id, "object": "model", "created": created, "owned_by": "duogen",
+             "duogen_role": "image"},
+        ],
+    }  # fmt: skip
+
+
+# ---- chat completions -------------------------------------------------------------------------------
+
+
+def _client_image(part: dict[str, Any], allow_remote: bool) -> Any:
+    """An image part from a client: data URLs (or http(s) with ``allow_remote_images``), never a
+    ``file://`` URL or a path on this server."""
+    from duogen_agents.inputs import image_from_block
+
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    if not isinstance(url, str):
+        raise ApiError(400, "an image_url part needs image_url.url (a data: URL)")
+    if not (url.startswith("data:") or (allow_remote and url.startswith(("http://", "https://")))):
+        raise ApiError(400, "images must be data: URLs (base64) here" + ("" if allow_remote else "; http(s) is off"))
+    try:
+        return image_from_block({"type": "image_url", "image_url": {"url": url}}, allow_remote=allow_remote)
+    except InputImageError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def to_turns(messages: list[dict[str, Any]], allow_remote: bool = False) -> list[dict[str, Any]]:
+    """OpenAI chat messages as the planner's ``ChatTurn`` list."""
+    roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+    turns: list[dict[str, Any]] = []
+    images = 0
+    for i, m in enumerate(messages):
+        role = roles.get(str(m.get("role")))
+        if role is None:
+            raise ApiError(400, f"messages[{i}]: role {m.get('role')!r} is not supported (system, user, assistant)")
+        content = m.get("content")
+        parts: list[dict[str, Any]] = []
+        if isinstance(content, str):
+            parts.append({"type": "text", "text": content})
+        elif isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": part["text"]})
+                elif kind == "image_url":
+                    images += 1
+                    if images > MAX_IMAGES_PER_REQUEST:
+                        raise ApiError(400, f"at most {MAX_IMAGES_PER_REQUEST} images per request")
+                    parts.append({"type": "image", "image": _client_image(part, allow_remote)})
+                else:
+                    raise ApiError(400, f"messages[{i}]: content part of type {kind!r} is not supported")
+        elif content is None and role == "assistant":
+            continue
+        else:
+            raise ApiError(400, f"messages[{i}]: content must be a string or a list of parts")
+        turns.append({"role": role, "content": parts})
+    return turns
+
+
+def schema_of(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object")
+        return schema
+    raise ApiError(400, f"response_format type {kind!r} is not supported (json_schema, json_object, text)")
+
+
+def _compile_schema(planner: Any, schema: dict[str, Any] | None) -> None:
+    """Refuse a schema the grammar compiler rejects before admitting the request (400, not 500)."""
+    if schema is None or not hasattr(planner, "compile"):
+        return
+    try:
+        planner.compile(schema)
+    except GenerationError as e:
+        raise ApiError(400, f"response_format: {e}") from None
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
+        raise ApiError(400, f"response_format: invalid JSON schema ({type(e).__name__}: {e})") from None
+
+
+def _usage(out: Any) -> dict[str, Any]:
+    usage = {
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.num_tokens,
+        "total_tokens": out.prompt_tokens + out.num_tokens,
+    }
+    if out.prefill_tokens is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": out.prompt_tokens - out.prefill_tokens}
+    return usage
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request) -> Any:
+    state = _state(request)
+    _check_model(state, body.model, "planner")
+    planner = state.agent.planner
+    schema = schema_of(body.response_format)
+    turns = await asyncio.to_thread(to_turns, body.messages, state.agent.allow_remote_images)
+    await asyncio.to_thread(_compile_schema, planner, schema)
+    max_tokens = body.max_completion_tokens or body.max_tokens or state.agent.preset.planner.max_new_tokens
+    cache_key = request.headers.get("x-duogen-session") or body.user
+    completion_id = f"chatcmpl-{secrets.token_hex(12)}"
+    created = int(time.time())
+    slot = Slot(state.gates["planner"])
+    await slot.enter()
+    headers = {"x-duogen-queue-wait-ms": f"{slot.waited * 1000:.1f}"}
+
+    def generate(on_token: Any = None) -> Any:
+        return planner.generate(
+            turns, schema, max_new_tokens=max_tokens, seed=body.seed, on_token=on_token, cache_key=cache_key
+        )
+
+    def finish_reason(out: Any) -> str:
+        return "length" if out.num_tokens >= max_tokens else "stop"
+
+    if not body.stream:
+        try:
+            out = await asyncio.to_thread(generate)
+        finally:
+            slot.exit()
+        return JSONResponse(
+            {
+                "id": completion_id, "object": "chat.completion", "created": created, "model": state.planner_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                             "finish_reason": finish_reason(out), "logprobs": None}],
+                "usage": _usage(out),
+            },
+            headers=headers,
+        )  # fmt: skip
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def run() -> None:
+        try:
+            out = generate(lambda text: loop.call_soon_threadsafe(queue.put_nowait, ("token", text)))
+            loop.call_soon_threadsafe(queue.put_nowait, ("done", out))
+        except BaseException as e:  # reported in the stream; the thread ends either way
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+
+    def chunk(delta: dict[str, Any], reason: str | None = None, usage: Any = None) -> str:
+        data: dict[str, Any] = {
+            "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": state.planner_id,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}],
+        }  # fmt: skip
+        if usage is not None:
+            data["choices"], data["usage"] = [], usage
+        return f"data: {json.dumps(data)}\n\n"
+
+    async def events() -> Any:
+        task = loop.run_in_executor(None, run)
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                kind, value = await queue.get()
+                if kind == "token":
+                    yield chunk({"content": value})
+                elif kind == "done":
+                    yield chunk({}, finish_reason(value))
+                    if body.stream_options is not None and body.stream_options.include_usage:
+                        yield chunk({}, usage=_usage(value))
+                    break
+                else:
+                    err = api_error(value)
+                    yield f"data: {json.dumps(error_body(err.message, err.kind, err.code))}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            await asyncio.shield(task)  # the model call finishes before the slot is given back
+            slot.exit()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+# ---- images -------------------------------------------------------------------------------------------
+
+
+def _size(state: ServerState, size: str | None) -> tuple[int, int] | None:
+    if size in (None, "", "auto"):
+        return None
+    try:
+        w, h = (int(v) for v in str(size).lower().split("x"))
+    except ValueError:
+        raise ApiError(400, f"size {size!r}: use WIDTHxHEIGHT, e.g. 1024x1024") from None
+    if not (16 <= w <= 4096 and 16 <= h <= 4096):
+        raise ApiError(400, f"size {size!r}: each side from 16 to 4096 pixels")
+    return w, h
+
+
+def _b64_png(image: Any, size: tuple[int, int] | None) -> str:
+    from PIL import Image
+
+    if size is not None and image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+async def _draw(
+    state: ServerState, prompt: str, kind: str, references: list[Any], n: int, size: Any, seed: int | None
+) -> JSONResponse:
+    from duogen_agents.models.protocols import refusal
+
+    tool = state.agent.image_tool
+    if problem := refusal(getattr(tool, "capabilities", {}), kind, len(references)):
+        raise ApiError(400, problem)
+    base_seed = state.agent.preset.seed if seed is None else seed
+    async with Slot(state.gates["image"]) as slot:
+
+        def draw_all() -> list[str]:
+            out = []
+            for i in range(n):
+                drawing = tool.draw(prompt, kind=kind, references=references, seed=base_seed + i)  # type: ignore[arg-type]
+                image = getattr(drawing, "image", drawing)
+                out.append(_b64_png(image, size))
+            return out
+
+        pictures = await asyncio.to_thread(draw_all)
+    return JSONResponse(
+        {"created": int(time.time()), "data": [{"b64_json": p} for p in pictures]},
+        headers={"x-duogen-queue-wait-ms": f"{slot.waited * 1000:.1f}"},
+    )
+
+
+@router.post("/v1/images/generations")
+async def images_generations(body: ImageRequest, request: Request) -> Any:
+    state = _state(request)
+    _check_model(state, body.model, "image")
+    return await _draw(state, body.prompt, "generate", [], body.n, _size(state, body.size), body.seed)
+
+
+@router.post("/v1/images/edits")
+async def images_edits(request: Request) -> Any:
+    from duogen_agents.inputs import decode_image
+
+    state = _state(request)
+    form = await request.form(max_files=MAX_IMAGES_PER_REQUEST + 1, max_fields=64)
+    try:
+        files = [f for key in ("image", "image[]") for f in form.getlist(key) if not isinstance(f, str)]
+        if not files:
+            raise ApiError(400, "images/edits needs one or more image files (multipart field 'image' or 'image[]')")
+        if len(files) > MAX_IMAGES_PER_REQUEST:
+            raise ApiError(400, f"at most {MAX_IMAGES_PER_REQUEST} images per request")
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        if form.get("mask") is not None:
+            raise ApiError(400, "mask is not supported: describe the change in the prompt")
+        try:
+            body = ImageRequest.model_validate(
+                {k: fields[k] for k in ("prompt", "model", "n", "size", "response_format", "seed") if k in fields}
+            )
+        except ValueError as e:
+            raise ApiError(400, str(e).splitlines()[0] if str(e) else "invalid form") from None
+        kind = fields.get("kind", "edit")
+        if kind not in ("generate", "edit", "continue"):
+            raise ApiError(400, f"kind {kind!r}: use edit, generate or continue")
+        _check_model(state, body.model, "image")
+        references = []
+        for f in files:
+            data = await f.read()
+            try:
+                references.append(await asyncio.to_thread(decode_image, data, f.filename or "image"))
+            except InputImageError as e:
+                raise ApiError(400, str(e)) from None
+    finally:
+        await form.close()
+    return await _draw(state, body.prompt, kind, references, body.n, _size(state, body.size), body.seed)
