@@ -163,6 +163,29 @@ def _parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=3600.0, metavar="SECONDS", help="keep files younger than this (default 3600)"
     )
     _db_args(gc)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve the preset's models (OpenAI-compatible) and the agent's sessions over HTTP",
+        description="An HTTP server: /v1/chat/completions, /v1/images/*, /v1/sessions/*, /health. "
+        "Bearer tokens come from $DUOGEN_API_KEY (comma-separated); a non-loopback --host needs one.",
+    )
+    srv.add_argument(
+        "--preset", default=None, help="built-in preset or a .toml/.json file (default: $DUOGEN_PRESET, else tiny)"
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--queue", type=int, default=16, metavar="N", help="requests that may wait per model (429 above)")
+    srv.add_argument("--turns", type=int, default=4, metavar="N", help="agent turns that run at once (default 4)")
+    srv.add_argument("--max-body-mb", type=float, default=32.0, metavar="MB", help="request body limit (default 32)")
+    srv.add_argument(
+        "--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow this browser origin (repeatable)"
+    )
+    srv.add_argument(
+        "--grace", type=float, default=30.0, metavar="SECONDS", help="on shutdown, wait this long for running turns"
+    )
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _db_args(srv)
     return p
 
 
@@ -446,6 +469,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from duogen_agents.errors import ConfigError
+    from duogen_agents.serve.app import ServeSettings, api_keys_from_env, check_bind
+
+    if not 0 < args.port < 65536 or args.queue < 0 or args.turns < 1 or args.max_body_mb <= 0 or args.grace < 0:
+        raise ConfigError("--port 1-65535, --queue >= 0, --turns >= 1, --max-body-mb > 0 and --grace >= 0")
+    keys = api_keys_from_env()
+    check_bind(args.host, keys)  # before any model loads
+    try:
+        from duogen_agents.serve.app import serve
+    except ImportError as e:
+        raise ConfigError(f"duogen serve needs its extra ({e.name} is missing): pip install 'duogen-agents[serve]'") from e
+    settings = ServeSettings(
+        api_keys=keys, queue=args.queue, turns=args.turns, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        cors_origins=tuple(args.cors_origin), grace_s=args.grace,
+        session_wait_s=args.wait if args.wait is not None and args.wait != float("inf") else 0.0,
+    )  # fmt: skip
+    serve(
+        args.preset, host=args.host, port=args.port, database=args.db,
+        home=str(args.home) if args.home else None, settings=settings, log_level=args.log_level,
+    )  # fmt: skip
+    return 0
+
+
 def _cmd_sessions(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -549,6 +596,8 @@ def _main(args: argparse.Namespace) -> int:
             return _cmd_eval(args)
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "serve":
+            return _cmd_serve(args)
         if args.command == "chat":
             from duogen_agents.terminal.chat import ChatApp
 
