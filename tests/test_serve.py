@@ -1,0 +1,316 @@
+"""``duogen serve``: the official ``openai`` client and plain HTTP against a real uvicorn server
+over the tiny preset's models (loopback only)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+TOKEN = "test-token-1"
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "say": {"type": "string", "pattern": "^[a-z ]+$", "maxLength": 12},
+        "n": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["say", "n"],
+    "additionalProperties": False,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_agent: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    from duogen_agents.serve.app import ServeSettings, create_app
+    from duogen_agents.sessions import Sessions
+    from duogen_agents.storage.database import Database
+
+    db = Database.open(f"sqlite:///{tmp_path_factory.mktemp('serve') / 'duogen.db'}", home=tiny_agent.home)
+    sessions = Sessions(db, tiny_agent.store)
+    settings = ServeSettings(api_keys=(TOKEN, "second-token"), max_body_bytes=2 * 1024 * 1024)
+    running = Running(create_app(tiny_agent, sessions, settings))
+    running.app = running.server.config.app  # type: ignore[attr-defined]
+    yield running
+    running.stop()
+    db.close()
+
+
+@pytest.fixture
+def client(server: Running) -> Any:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=TOKEN, max_retries=0, timeout=120)
+
+
+def http(server: Running, token: str | None = TOKEN) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=server.url, headers=headers, timeout=300)
+
+
+def png_bytes(color: tuple[int, int, int], size: int = 48) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(color: tuple[int, int, int]) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(color)).decode()
+
+
+def json_format(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+
+
+# ---- the OpenAI-compatible surface, through the official client ----------------------------------------
+
+
+def test_models_lists_planner_first(client: Any) -> None:
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["tiny", "tiny-image"]
+
+
+def test_chat_completion_under_a_json_schema(client: Any) -> None:
+    messages = [
+        {"role": "system", "content": "Answer in JSON."},
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                     {"type": "image_url", "image_url": {"url": data_url((200, 30, 30))}}]},
+    ]  # fmt: skip
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, response_format=json_format(SCHEMA), max_tokens=64, seed=3
+    )
+    data = json.loads(r.choices[0].message.content)  # random weights, but the grammar holds
+    assert set(data) == {"say", "n"} and 0 <= data["n"] <= 9
+    assert 1 <= len(data["say"]) <= 12 and set(data["say"]) <= set("abcdefghijklmnopqrstuvwxyz ")
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 20
+    again = client.chat.completions.create(
+        model="tiny", messages=messages, response_format=json_format(SCHEMA), max_tokens=64, seed=3
+    )
+    assert again.choices[0].message.content == r.choices[0].message.content  # seeded
+
+
+def test_chat_completion_streams_the_same_text(client: Any) -> None:
+    args = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], response_format=json_format(SCHEMA),
+                max_tokens=64, seed=5)  # fmt: skip
+    whole = client.chat.completions.create(**args).choices[0].message.content
+    parts, usage, reasons = [], None, []
+    for chunk in client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}):
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+            reasons.append(chunk.choices[0].finish_reason)
+        else:
+            usage = chunk.usage
+    assert "".join(parts) == whole
+    assert len([p for p in parts if p]) > 1  # token by token, not one piece
+    assert reasons[-1] == "stop" and usage is not None and usage.completion_tokens > 0
+
+
+def test_images_generate_and_edit_with_two_references(client: Any) -> None:
+    gen = client.images.generate(model="tiny-image", prompt="a red circle", size="96x64", response_format="b64_json")
+    image = Image.open(io.BytesIO(base64.b64decode(gen.data[0].b64_json)))
+    assert image.size == (96, 64)
+    edit = client.images.edit(
+        model="tiny-image",
+        image=[("a.png", png_bytes((255, 0, 0)), "image/png"), ("b.png", png_bytes((0, 0, 255)), "image/png")],
+        prompt="put both in one picture",
+    )
+    assert Image.open(io.BytesIO(base64.b64decode(edit.data[0].b64_json))).size == (64, 64)
+
+
+def test_image_edit_kinds_and_refusals(server: Running) -> None:
+    files = [("image[]", (f"{i}.png", png_bytes((40 * i, 0, 0)), "image/png")) for i in range(2)]
+    with http(server) as h:
+        ok = h.post("/v1/images/edits", data={"prompt": "the next moment", "kind": "continue"}, files=files[:1])
+        assert ok.status_code == 200, ok.text
+        too_many = [("image[]", (f"{i}.png", png_bytes((i, 0, 0)), "image/png")) for i in range(9)]
+        refused = h.post("/v1/images/edits", data={"prompt": "x", "kind": "edit"}, files=too_many)
+        assert refused.status_code == 400 and "at most" in refused.json()["error"]["message"]
+        bad = h.post("/v1/images/edits", data={"prompt": "x"}, files=[("image", ("x.png", b"not a png", "image/png"))])
+        assert bad.status_code == 400
+        none = h.post("/v1/images/edits", data={"prompt": "x"})
+        assert none.status_code == 400 and "image" in none.json()["error"]["message"]
+
+
+def test_errors_in_the_openai_shape(client: Any, server: Running) -> None:
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}],
+            response_format=json_format({"type": "object", "properties": {"a": {"type": "no-such-type"}}}),
+        )  # fmt: skip
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="data: URL"):
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}],
+        )
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+    big = "x" * (3 * 1024 * 1024)
+    with http(server) as h:
+        r = h.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": big}]})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+        assert h.get("/v1/models", headers={"Authorization": ""}).status_code == 401
+        assert h.get("/v1/models", headers={"Authorization": "Bearer second-token"}).status_code == 200
+        assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # health needs no token
+
+
+def test_full_queue_answers_429_with_retry_after(server: Running, client: Any) -> None:
+    gate = server.app.state.duogen.gates["planner"]  # type: ignore[attr-defined]
+    gate.running += gate.concurrency + gate.queue  # as if that many requests were in line
+    try:
+        with pytest.raises(openai.RateLimitError) as e:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+        assert int(e.value.response.headers["retry-after"]) >= 1
+    finally:
+        gate.running -= gate.concurrency + gate.queue
+    assert client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+    ).choices
+
+
+def test_gate_queues_then_refuses() -> None:
+    from duogen_agents.serve.gate import Gate, QueueFull, Slot
+
+    async def scenario() -> tuple[list[str], int]:
+        gate = Gate("planner", concurrency=1, queue=1)
+        order: list[str] = []
+
+        async def job(name: str, hold: float) -> None:
+            async with Slot(gate):
+                order.append(f"start {name}")
+                await asyncio.sleep(hold)
+                order.append(f"end {name}")
+
+        first = asyncio.create_task(job("a", 0.2))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(job("b", 0.0))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull) as e:
+            await gate.acquire()
+        await asyncio.gather(first, second)
+        return order, e.value.retry_after
+
+    order, retry_after = asyncio.run(scenario())
+    assert order == ["start a", "end a", "start b", "end b"] and retry_after >= 1
+
+
+# ---- the agent and its sessions -------------------------------------------------------------------------
+
+
+def sse_events(response: httpx.Response) -> list[tuple[str, Any]]:
+    events, name = [], None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[6:])))
+    return events
+
+
+def test_session_turns_documents_and_images(server: Running) -> None:
+    with http(server) as h:
+        sid = h.post("/v1/sessions", json={"id": "garden"}).json()["id"]
+        assert sid == "garden"
+        first = h.post(f"/v1/sessions/{sid}/turns", json={"prompt": "Plan a garden", "mode": "visual-plan",
+                                                          "images": [data_url((0, 128, 0))]})  # fmt: skip
+        assert first.status_code == 200, first.text
+        doc = first.json()
+        image_ids = [b["image"]["id"] for b in doc["blocks"] if b["type"] == "image"]
+        assert image_ids and doc["mode"] == "visual-plan"
+        with h.stream("POST", f"/v1/sessions/{sid}/turns", json={"prompt": "Now in winter", "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = sse_events(r)
+        names = [n for n, _ in events]
+        assert names[-2:] == ["document", "end"] and "token" in names and "image_ready" in names
+        assert events[-2][1]["document"]["prompt"] == "Now in winter"
+
+        info = h.get(f"/v1/sessions/{sid}").json()
+        assert info["turns"] == 2 and [t["prompt"] for t in info["history"]] == ["Plan a garden", "Now in winter"]
+        assert sid in [s["id"] for s in h.get("/v1/sessions").json()["data"]]
+        png = h.get(f"/v1/images/{image_ids[0]}")
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(png.content)).size == (64, 64)
+        assert "<html" in h.get(f"/v1/sessions/{sid}/document", params={"format": "html"}).text.lower()
+        md = h.get(f"/v1/sessions/{sid}/document", params={"format": "md"}).text
+        assert f"/v1/images/{image_ids[0]}" in md
+        assert json.loads(h.get(f"/v1/sessions/{sid}/document").text)["blocks"]
+
+        # an earlier image by id as the next turn's input
+        third = h.post(f"/v1/sessions/{sid}/turns", json={"prompt": "Again", "images": [image_ids[0]]})
+        assert third.status_code == 200, third.text
+
+        fork = h.post(f"/v1/sessions/{sid}/fork", json={"id": "garden-2"})
+        assert fork.status_code == 201 and fork.json()["turns"] == 3
+        assert h.delete("/v1/sessions/garden-2").json()["deleted"] is True
+        assert h.get("/v1/sessions/garden-2").status_code == 404
+        assert h.post(f"/v1/sessions/{sid}/resume", json={}).status_code == 409  # nothing pending
+        assert h.post("/v1/sessions", json={"id": sid}).status_code == 409
+
+
+def test_refused_requests(server: Running) -> None:
+    with http(server) as h:
+        for bad in ("..%2F..%2Fetc%2Fpasswd", "....", "a" * 63, "A" * 64, "../" + "a" * 64):
+            r = h.get(f"/v1/images/{bad}")
+            assert r.status_code in (400, 404), (bad, r.status_code)
+        assert h.get("/v1/images/" + "0" * 64).status_code == 404
+        assert h.get("/v1/sessions/no-such").status_code == 404
+        assert h.get("/v1/sessions/bad id!").status_code == 400
+        r = h.post("/v1/sessions/s2/turns", json={"prompt": "x", "images": ["/etc/passwd"]})
+        assert r.status_code == 400 and "data: URL" in r.json()["error"]["message"]
+        r = h.post("/v1/sessions/s2/turns", json={"prompt": "x", "mode": "poem", "stream": True})
+        assert r.status_code == 400 and "mode" in r.json()["error"]["message"]
+        assert h.get("/v1/sessions/s2").status_code == 404  # nothing was stored
+    with http(server, token=None) as h:
+        assert h.post("/v1/sessions/s3/turns", json={"prompt": "x"}).status_code == 401
+        assert h.get("/v1/images/" + "0" * 64).status_code == 401
+
+
+def test_cli_refuses_a_public_bind_without_a_token(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DUOGEN_API_KEY"}
+    r = subprocess.run(
+        [sys.executable, "-m", "duogen_agents.cli", "serve", "--host", "0.0.0.0", "--port", "9"],
+        capture_output=True, text=True, env={**env, "DUOGEN_HOME": str(tmp_path)}, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "DUOGEN_API_KEY" in r.stderr
