@@ -314,3 +314,19 @@ def test_cli_refuses_a_public_bind_without_a_token(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "DUOGEN_API_KEY" in r.stderr
+
+
+def test_load_eight_sessions_of_two_turns_on_postgresql(pg_url: str, home: Path, tmp_path: Path) -> None:
+    """benchmarks/serve_load.py against a `duogen serve` process on PostgreSQL: nothing lost or doubled."""
+    out = tmp_path / "load.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "--db", pg_url, "--sessions", "8", "--turns", "2", "--json", str(out),
+         "--timeout", "300"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(out.read_text())
+    assert result["turns_answered"] == 16 and result["lost"] == 0 and result["duplicated"] == 0
+    assert result["latency_p95_s"] >= result["latency_p50_s"] > 0 and result["queue_wait_p95_s"] >= 0
+    assert "p50" in r.stdout
