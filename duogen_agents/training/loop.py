@@ -120,6 +120,12 @@ def run(
         start = state["step"]
         random.setstate(state["python_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if "numpy_rng" in state:  # checkpoints of earlier versions lack these
+            import numpy as np
+
+            np.random.set_state(state["numpy_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         keep = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in keep if m["step"] <= start))
     else:  # refuse before touching anything of an earlier run
@@ -165,12 +171,20 @@ def run(
                 save_model(ckpt)
                 torch.save(
                     {"step": step + 1, "optimizer": opt.state_dict(), "config": asdict(cfg),
-                     "python_rng": random.getstate(), "torch_rng": torch.get_rng_state()},
+                     "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+                     "numpy_rng": _numpy_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None},
                     ckpt / "trainer.pt",
                 )  # fmt: skip
     bar.close()
     plot_losses(metrics_path, out / "loss.png", label)
     return last
+
+
+def _numpy_state() -> Any:
+    import numpy as np
+
+    return np.random.get_state()
 
 
 def plot_losses(metrics_path: Path, png: Path, title: str) -> None:

@@ -109,6 +109,7 @@ def train_stage1(
     if lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
+        torch.manual_seed(cfg.seed)  # the adapters' initial weights follow --seed
         model = get_peft_model(
             model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
         )
