@@ -82,9 +82,10 @@ def client(server: Running) -> Any:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=TOKEN, max_retries=0, timeout=120)
 
 
-def http(server: Running, token: str | None = TOKEN) -> httpx.Client:
+def http(server: Running | str, token: str | None = TOKEN) -> httpx.Client:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=server.url, headers=headers, timeout=300)
+    url = server if isinstance(server, str) else server.url
+    return httpx.Client(base_url=url, headers=headers, timeout=300)
 
 
 def png_bytes(color: tuple[int, int, int], size: int = 48) -> bytes:
@@ -330,3 +331,36 @@ def test_load_eight_sessions_of_two_turns_on_postgresql(pg_url: str, home: Path,
     assert result["turns_answered"] == 16 and result["lost"] == 0 and result["duplicated"] == 0
     assert result["latency_p95_s"] >= result["latency_p50_s"] > 0 and result["queue_wait_p95_s"] >= 0
     assert "p50" in r.stdout
+
+
+def test_sigterm_lets_the_running_turn_finish_and_store(home: Path, tmp_path: Path) -> None:
+    """Graceful shutdown: a turn streaming when SIGTERM arrives runs to its end and is committed."""
+    import signal
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from serve_load import start_server
+
+    db = f"sqlite:///{tmp_path / 'duogen.db'}"
+    proc, url = start_server("tiny", db, TOKEN, 2, 300)
+    try:
+        with http(url) as h:
+            body = {"prompt": "Plan a picnic", "mode": "visual-plan", "stream": True}
+            with h.stream("POST", "/v1/sessions/graceful/turns", json=body) as r:
+                lines = r.iter_lines()
+                first = next(line for line in lines if line.startswith("event: "))
+                proc.send_signal(signal.SIGTERM)  # mid-turn
+                rest = [line for line in lines if line.startswith("event: ")]
+        assert first == "event: token" and rest[-2:] == ["event: document", "event: end"]
+        # uvicorn shuts down gracefully, then re-raises the signal it caught (its exit status says SIGTERM)
+        assert proc.wait(timeout=120) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    from duogen_agents.sessions import Sessions
+
+    sessions = Sessions.open(db, home=home)
+    try:
+        [turn] = sessions.turns("graceful")
+        assert turn.status == "complete" and turn.document.images
+    finally:
+        sessions.close()
