@@ -186,6 +186,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _db_args(srv)
+
+    mcp = sub.add_parser(
+        "mcp",
+        help="serve the agent as MCP tools (stdio or Streamable HTTP)",
+        description="An MCP server: visual_plan, answer_with_images, continue_session, list_sessions, draw_image. "
+        "HTTP serves /mcp; with $DUOGEN_API_KEY set every request needs 'Authorization: Bearer <key>', and a "
+        "non-loopback --host needs one.",
+    )
+    mcp.add_argument(
+        "--preset", default=None, help="built-in preset or a .toml/.json file (default: $DUOGEN_PRESET, else tiny)"
+    )
+    mcp.add_argument("--transport", default="stdio", choices=["stdio", "http"], help="default: stdio")
+    mcp.add_argument("--host", default="127.0.0.1", help="http: address to bind (default 127.0.0.1)")
+    mcp.add_argument("--port", type=int, default=8765, help="http: port (default 8765; 0: any free port)")
+    _db_args(mcp)
     return p
 
 
@@ -219,7 +234,7 @@ def _cmd_presets() -> int:
     t = Table("preset", "planner", "image tool", "GPU memory", "description")
     for name, p in BUILTIN.items():
         mem = f"~{p.gpu_memory_gb:.0f} GB" if p.gpu_memory_gb else "CPU"
-        t.add_row(name, p.planner.model, p.image.describe(), mem, p.description)
+        t.add_row(name, p.planner.describe(), p.image.describe(), mem, p.description)
     Console().print(t)
     return 0
 
@@ -493,6 +508,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mcp(args: argparse.Namespace) -> int:
+    from duogen_agents.serve.mcp import serve
+
+    return serve(
+        preset=args.preset, transport=args.transport, host=args.host, port=args.port, db=args.db, home=args.home,
+        wait=args.wait,
+    )  # fmt: skip
+
+
 def _cmd_sessions(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -598,6 +622,8 @@ def _main(args: argparse.Namespace) -> int:
             return _cmd_train(args)
         if args.command == "serve":
             return _cmd_serve(args)
+        if args.command == "mcp":
+            return _cmd_mcp(args)
         if args.command == "chat":
             from duogen_agents.terminal.chat import ChatApp
 

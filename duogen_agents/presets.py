@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -28,10 +28,58 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class PlannerSpec(_Strict):
-    """The multimodal LLM. ``model`` is a hub id, a local folder, or ``tiny:<family>``."""
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
-    model: str
+
+class _Remote(_Strict):
+    """Where a model behind an OpenAI-compatible server is (``backend`` other than local)."""
+
+    base_url: str | None = Field(
+        None, description="remote backends: the server's OpenAI API root, e.g. http://localhost:8000/v1"
+    )
+    api_key_env: str | None = Field(
+        None, pattern=_ENV_NAME, description="remote backends: NAME of the environment variable holding the API key"
+    )
+    timeout_s: float = Field(
+        300.0, gt=0, le=3600, description="remote backends: seconds to connect, and to wait for each part of an answer"
+    )
+    max_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="remote backends: retries (exponential backoff) on 408/409/429/5xx and lost connections",
+    )
+    extra_body: dict[str, Any] | None = Field(
+        None, description="remote backends: engine-specific fields added to every request body (e.g. top_k)"
+    )
+
+    def _check_remote(self, role: str, remote: bool) -> None:
+        if remote:
+            if not self.base_url:
+                raise ValueError(f"a remote {role} needs base_url, e.g. http://localhost:8000/v1")
+            if not self.base_url.startswith(("http://", "https://")):
+                raise ValueError(f"{role} base_url {self.base_url!r} must start with http:// or https://")
+
+
+PlannerBackend = Literal["transformers", "openai"]
+
+
+class PlannerSpec(_Remote):
+    """The multimodal LLM.
+
+    - ``backend = "transformers"`` (default): ``model`` is a hub id, a local folder, or ``tiny:<family>``.
+    - ``backend = "openai"``: an OpenAI-compatible server (vLLM, SGLang) at ``base_url``; ``model`` is
+      the name it serves (default: the first of its ``/v1/models``). Actions are decoded under the JSON
+      schema through the ``structured_output`` field of the request.
+    """
+
+    backend: PlannerBackend = "transformers"
+    model: str | None = None
+    structured_output: Literal["response_format", "structured_outputs", "guided_json"] = Field(
+        "response_format",
+        description="openai backend: the request field that carries the action schema: OpenAI's response_format "
+        "(vLLM, SGLang), vLLM's structured_outputs (>= 0.10.2) or guided_json (older vLLM)",
+    )
     dtype: Dtype = "auto"
     device: str = "auto"
     max_new_tokens: int = Field(
@@ -54,6 +102,24 @@ class PlannerSpec(_Strict):
         16384, ge=256, le=262144, description="compile: tokens the static KV cache holds (longer calls run eagerly)"
     )
 
+    @model_validator(mode="after")
+    def _backend_fields(self) -> PlannerSpec:
+        remote = self.backend == "openai"
+        self._check_remote("planner", remote)
+        if not remote and not self.model:
+            raise ValueError("a transformers planner needs model: a hub id, a local folder or tiny:<family>")
+        if remote and self.model and self.model.startswith("tiny:"):
+            raise ValueError(
+                f"model {self.model!r} is a local tiny checkpoint; an openai planner names the model its server "
+                "serves (or leaves model out to use the server's first)"
+            )
+        return self
+
+    def describe(self) -> str:
+        if self.backend == "openai":
+            return f"{self.model or 'the served model'} at {self.base_url}"
+        return str(self.model)
+
 
 ImageFamily = Literal["cosmos2", "flux2-klein", "aligned"]
 # Frames between the last reference and the image ``continue`` returns, at 16 fps: 28 frames is
@@ -62,7 +128,11 @@ ImageFamily = Literal["cosmos2", "flux2-klein", "aligned"]
 DEFAULT_HORIZON_FRAMES = 28
 
 
-class ImageSpec(_Strict):
+ImageBackend = Literal["local", "openai-images"]
+RemoteKind = Literal["generate", "edit", "continue"]
+
+
+class ImageSpec(_Remote):
     """An image family and its settings.
 
     - ``cosmos2``: Cosmos-Predict2 ``text2image`` (generate) and ``video2world`` (continue, 1..5
@@ -73,8 +143,18 @@ class ImageSpec(_Strict):
     ``references`` names the family that draws ``generate``/``edit`` with references when this one
     cannot (Cosmos): it draws on this spec's canvas (height, width). Without one, the planner is never
     offered those kinds.
+
+    ``backend = "openai-images"``: an OpenAI Images endpoint (vLLM-Omni, SGLang Diffusion) at
+    ``base_url`` draws instead of a local family (``family`` and the checkpoint fields are not used):
+    ``generate`` without references through ``/v1/images/generations``, the ``kinds`` with references
+    (up to ``max_references`` images) through ``/v1/images/edits``, at ``width`` x ``height``.
     """
 
+    backend: ImageBackend = "local"
+    kinds: list[RemoteKind] = Field(
+        default_factory=lambda: list[RemoteKind](["generate", "edit"]),
+        description="openai-images: the kinds drawn with references through /v1/images/edits",
+    )
     family: ImageFamily = "cosmos2"
     model: str | None = Field(None, description="flux2-klein: hub id, local folder or tiny:flux2-klein")
     text2image: str | None = Field(None, description="cosmos2: the Text2Image checkpoint")
@@ -89,7 +169,7 @@ class ImageSpec(_Strict):
     max_sequence_length: int = Field(512, ge=8, le=1024)
     fps: int = Field(16, ge=1, le=60)
     horizon_frames: int = Field(DEFAULT_HORIZON_FRAMES, ge=1, le=88, description="cosmos2 continue: frames ahead")
-    max_references: int = Field(4, ge=1, le=10, description="flux2-klein: reference images per call")
+    max_references: int = Field(4, ge=1, le=10, description="flux2-klein and openai-images: reference images per call")
     safety_checker: Literal["guardrail", "none"] = Field(
         "guardrail", description="cosmos2: 'guardrail' needs the cosmos_guardrail package; 'none' passes all"
     )
@@ -103,18 +183,28 @@ class ImageSpec(_Strict):
 
     @model_validator(mode="after")
     def _family_models(self) -> ImageSpec:
+        if self.references is not None and self.references.references is not None:
+            raise ValueError("image.references cannot have references of its own")
+        if self.backend == "openai-images":
+            self._check_remote("image tool", True)
+            return self
         if self.family == "cosmos2" and not (self.text2image and self.video2world):
             raise ValueError("the cosmos2 family needs text2image and video2world checkpoints")
         if self.family == "aligned" and not self.model:
             raise ValueError("the aligned family needs model: the aligned folder of `duogen train stage2`")
         if self.family == "flux2-klein" and not self.model:
             raise ValueError("the flux2-klein family needs a model checkpoint")
-        if self.references is not None and self.references.references is not None:
-            raise ValueError("image.references cannot have references of its own")
         return self
 
+    @property
+    def is_remote(self) -> bool:
+        return self.backend == "openai-images"
+
     def describe(self) -> str:
-        main = self.model if self.family == "flux2-klein" else self.text2image
+        if self.is_remote:
+            main = f"{self.model or 'the served model'} at {self.base_url}"
+        else:
+            main = str(self.model if self.family == "flux2-klein" else self.text2image)
         extra = f" + {self.references.describe()} for references" if self.references else ""
         return f"{main}{extra}"
 
@@ -185,6 +275,17 @@ class Preset(_Strict):
         if self.offload and (self.planner.compile or (self.critic is not None and self.critic.compile)):
             raise ValueError(
                 "offload and planner.compile cannot be used together (a CUDA graph keeps weight addresses)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _aligned_needs_a_local_planner(self) -> Preset:
+        images = [self.image, *([self.image.references] if self.image.references else [])]
+        aligned = any(i.family == "aligned" and not i.is_remote for i in images)
+        if aligned and self.planner.backend != "transformers":
+            raise ValueError(
+                "the aligned image family reads the planner's hidden states, so it needs a local planner "
+                '(planner.backend = "transformers"), not a remote one'
             )
         return self
 
@@ -386,10 +487,18 @@ def _read_file(path: Path) -> dict[str, object]:
     return data
 
 
+def _switches_backend(base: dict[str, Any], override: dict[str, Any]) -> bool:
+    """A section that moves to another backend than its base's (a remote planner over ``tiny``, say)
+    is taken as written: the base's local checkpoints mean nothing to a server."""
+    return "backend" in override and override["backend"] != base.get("backend")
+
+
 def load_preset(name_or_path: str | Path | Preset) -> Preset:
     """Return a built-in preset by name, or load and validate a ``.toml`` / ``.json`` preset file.
 
-    A file may name a built-in preset in ``base`` and override only some fields.
+    A file may name a built-in preset in ``base`` and override only some fields; a section
+    (``planner``, ``image``, ``critic``) that names another ``backend`` than the base's is taken as
+    written, not merged with the base's.
     """
     if isinstance(name_or_path, Preset):
         return name_or_path
@@ -412,7 +521,7 @@ def load_preset(name_or_path: str | Path | Preset) -> Preset:
             raise ConfigError(f"preset file {path}: unknown base preset {base!r}")
         merged = BUILTIN[str(base)].model_dump()
         for k, v in data.items():
-            if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            if isinstance(v, dict) and isinstance(merged.get(k), dict) and not _switches_backend(merged[k], v):
                 merged[k] = {**merged[k], **v}
             else:
                 merged[k] = v

@@ -75,14 +75,15 @@ class PlannerJudge:
         from pathlib import Path
 
         from duogen_agents.models.loading import quiet_libraries
-        from duogen_agents.models.planner import TransformersPlanner
+        from duogen_agents.models.remote import build_planner
         from duogen_agents.presets import load_preset
         from duogen_agents.storage.images import default_home
 
         spec = load_preset(preset)
-        quiet_libraries()
+        if spec.planner.backend == "transformers":
+            quiet_libraries()
         root = Path(home) if home is not None else default_home()
-        return cls(TransformersPlanner.from_spec(spec.planner, spec.models_path(root)), f"preset:{spec.name}", preset)
+        return cls(build_planner(spec.planner, spec.models_path(root)), f"preset:{spec.name}", preset)
 
     def judge(self, request: str, docs: Sequence[InterleavedDocument], store: ImageStore) -> dict[str, tuple[int, str]]:
         content: list[Any] = [{"type": "text", "text": prompts.JUDGE_REQUEST.format(request=request)}]

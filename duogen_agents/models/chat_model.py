@@ -190,7 +190,6 @@ class ChatDuogen(PlannerChatModel):
             from pathlib import Path
 
             from duogen_agents.models.loading import quiet_libraries
-            from duogen_agents.models.planner import TransformersPlanner
             from duogen_agents.presets import load_preset
             from duogen_agents.storage.images import ImageStore, default_home
 
@@ -200,8 +199,11 @@ class ChatDuogen(PlannerChatModel):
             key = (spec.planner.model_dump_json(), str(models))
             with _PLANNERS_LOCK:  # one loaded planner per preset and models folder, shared
                 if key not in _PLANNERS:
-                    quiet_libraries()
-                    _PLANNERS[key] = TransformersPlanner.from_spec(spec.planner, models)
+                    from duogen_agents.models.remote import build_planner
+
+                    if spec.planner.backend == "transformers":
+                        quiet_libraries()
+                    _PLANNERS[key] = build_planner(spec.planner, models)
                 self.planner = _PLANNERS[key]
             if self.store is None:
                 self.store = ImageStore(root)

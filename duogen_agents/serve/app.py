@@ -21,9 +21,7 @@ their current step and checkpoint, within ``grace`` seconds).
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +35,7 @@ from duogen_agents.errors import (
     SessionStateError,
     StorageError,
 )
+from duogen_agents.serve.auth import API_KEY_ENV, api_keys_from_env, check_bind, is_loopback
 from duogen_agents.serve.gate import Gate, QueueFull
 
 if TYPE_CHECKING:
@@ -45,8 +44,8 @@ if TYPE_CHECKING:
     from duogen_agents.agent import Agent
     from duogen_agents.sessions import Sessions
 
-API_KEY_ENV = "DUOGEN_API_KEY"
 DEFAULT_MAX_BODY_MB = 32.0
+__all__ = ["API_KEY_ENV", "ServeSettings", "api_keys_from_env", "check_bind", "create_app", "is_loopback", "serve"]
 
 
 @dataclass
@@ -62,28 +61,6 @@ class ServeSettings:
     grace_s: float = 30.0
     session_wait_s: float = 0.0  # how long a turn waits for a session another turn is writing
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def api_keys_from_env() -> tuple[str, ...]:
-    return tuple(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind(host: str, api_keys: tuple[str, ...]) -> None:
-    """Refuse to expose the models and sessions beyond this machine without a token."""
-    if not is_loopback(host) and not api_keys:
-        raise ConfigError(
-            f"refusing to listen on {host} without a token: set {API_KEY_ENV} (one or more comma-separated "
-            "bearer tokens), or bind 127.0.0.1"
-        )
 
 
 class ApiError(Exception):

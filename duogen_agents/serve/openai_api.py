@@ -5,8 +5,9 @@
   ...}}`` decodes under the schema's grammar (xgrammar: every answer parses and matches), ``json_object``
   under any JSON object, ``text`` or none as free text. ``max_tokens`` / ``max_completion_tokens``,
   ``seed``, ``stream`` (with ``stream_options.include_usage``). The sampling settings are the
-  preset's (``planner.temperature``, ``top_p``); a request's own are not applied. ``user`` (or the
-  ``x-duogen-session`` header) names the conversation whose KV cache the planner keeps.
+  preset's (``planner.temperature``, ``top_p``); a request's own are not applied.
+  ``prompt_cache_key`` (or ``user``, or the ``x-duogen-session`` header) names the conversation whose
+  KV cache the planner keeps between requests (the remote planner sends its session there).
 - ``POST /v1/images/generations``: text to image. ``POST /v1/images/edits``: multipart, one or more
   ``image`` (or ``image[]``) files as references; ``kind`` (a form field, this server's extension)
   is ``edit`` (default), ``generate`` (a new picture keeping the referenced subjects) or
@@ -56,6 +57,7 @@ class ChatRequest(_Loose):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     user: str | None = Field(None, max_length=128)
+    prompt_cache_key: str | None = Field(None, max_length=128)
 
 
 class ImageRequest(_Loose):
@@ -197,7 +199,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     turns = await asyncio.to_thread(to_turns, body.messages, state.agent.allow_remote_images)
     await asyncio.to_thread(_compile_schema, planner, schema)
     max_tokens = body.max_completion_tokens or body.max_tokens or state.agent.preset.planner.max_new_tokens
-    cache_key = request.headers.get("x-duogen-session") or body.user
+    cache_key = request.headers.get("x-duogen-session") or body.prompt_cache_key or body.user
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
     created = int(time.time())
     slot = Slot(state.gates["planner"])

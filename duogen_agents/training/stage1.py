@@ -93,6 +93,10 @@ def train_stage1(
     cfg.check()
     out = Path(out)
     preset = _resolve_base(base)
+    if preset.planner.backend != "transformers":
+        raise ConfigError(
+            f"--base {base}: its planner is remote ({preset.planner.describe()}); training needs local weights"
+        )
     tasks = load_tasks(data)  # a bad file fails here, before any model loads
     with tempfile.TemporaryDirectory(prefix="duogen-teacher-") as tmp:
         examples = planner_examples(tasks, preset, Path(tmp))

@@ -262,6 +262,8 @@ def train_stage2(
     if not (run1 / "preset.json").is_file():
         raise ConfigError(f"--planner {planner_dir}: give the OUT folder of `duogen train stage1` (it has preset.json)")
     preset = load_preset(run1 / "preset.json")
+    if preset.planner.backend != "transformers":
+        raise ConfigError(f"--planner {planner_dir}: its planner is remote; stage 2 reads a local planner's states")
     tasks = load_tasks(data)
     with tempfile.TemporaryDirectory(prefix="duogen-teacher-") as tmp:
         examples = [e for e in planner_examples(tasks, preset, Path(tmp)) if e.picture is not None]

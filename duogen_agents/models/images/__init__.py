@@ -1,8 +1,10 @@
 """Image families behind the ``ImageTool`` protocol, and the tool a preset asks for.
 
 ``build_image_tool(spec)`` loads the family named by ``spec.family`` (Cosmos-Predict2, FLUX.2
-[klein]); with ``spec.references`` it routes the kinds the first cannot draw with references to the
-second (``RoutedImageTool``). Importing this package imports no model library; building a tool does.
+[klein]), or, with ``backend = "openai-images"``, talks to an OpenAI Images endpoint instead
+(``remote.OpenAIImagesTool``); with ``spec.references`` it routes the kinds the first cannot draw with
+references to the second (``RoutedImageTool``). Importing this package imports no model library;
+building a local tool does.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ def compile_dit(transformer: Any) -> None:
 
 
 def build_family(spec: ImageSpec, models_dir: Path | None) -> Any:
+    if spec.backend == "openai-images":
+        from duogen_agents.models.images.remote import OpenAIImagesTool
+
+        return OpenAIImagesTool.from_spec(spec)
     if spec.family == "aligned":
         from duogen_agents.models.images.aligned import AlignedImageTool
 

@@ -1,0 +1,414 @@
+"""Models behind OpenAI-compatible servers, and ``build_planner``, which picks the planner a spec asks for.
+
+``OpenAIPlanner`` is the ``Planner`` protocol over ``POST /v1/chat/completions`` (vLLM, SGLang, ``duogen
+serve``): the conversation's images go as base64 PNG ``data:`` URLs in ``image_url`` parts, the action's
+JSON schema as ``response_format = {"type": "json_schema", "json_schema": {"name", "schema", "strict":
+true}}`` (or vLLM's ``structured_outputs`` / ``guided_json`` body fields, ``planner.structured_output``),
+and with ``on_token`` the answer streams (``stream_options.include_usage`` for the token counts). The
+server constrains decoding; what comes back is still checked here against the schema (``schema_problem``,
+a small validator of the JSON-schema subset the actions use), so a server that ignored the schema gives
+one clear error, never a half-understood action.
+
+Why the ``openai`` client, not LangChain's ``ChatOpenAI`` (langchain-openai 1.7.4, read and run against these schemas):
+
+- ``ChatOpenAI.with_structured_output(schema, method="json_schema")`` runs a plain dict schema through
+  ``convert_to_openai_function``, which needs a top-level ``title`` and an object: it refuses our
+  interleaved and draft schemas outright ("Unsupported function": their root is an ``anyOf``) and, with
+  ``strict``, rewrites ``required`` / ``additionalProperties``; and it hands back the parsed object, where
+  the graph needs the raw JSON text.
+- ``ChatOpenAI.bind(response_format=...)`` passes the schema unchanged, but then streams through the
+  ``openai`` client's beta ``chat.completions.stream`` parsing helper, sends ``max_completion_tokens``
+  for ``max_tokens``, and turns our PIL images into LangChain blocks and back: one more layer between the
+  planner and the wire, and nothing it adds that the graph uses (``ChatDuogen`` already is the LangChain
+  face of every planner).
+- The ``openai`` client itself gives what matters, tested: timeouts, retries with exponential backoff and
+  jitter on 408/409/429/5xx and lost connections (honouring ``Retry-After``), SSE streaming with usage,
+  ``seed`` / ``max_tokens`` / ``extra_body``, and multipart uploads of several images (``image[]``) for
+  the image endpoint (``models/images/remote.py``).
+
+The ``openai`` package comes with the ``serve`` extra (``pip install 'duogen-agents[serve]'``); nothing
+here imports it, or torch, until a remote model is built.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from duogen_agents.errors import ConfigError, GenerationError, ModelLoadError
+from duogen_agents.models.protocols import ChatTurn, PlannerOutput, TokenCallback
+from duogen_agents.presets import ImageSpec, PlannerSpec
+
+# ---- the planner a spec asks for -------------------------------------------------------------------
+
+
+def build_planner(spec: PlannerSpec, models_dir: Path | None = None, *, role: str = "planner") -> Any:
+    """The ``Planner`` of ``spec``: a local ``TransformersPlanner`` or an ``OpenAIPlanner``. ``role``
+    (``planner`` or ``critic``) names it in errors."""
+    if spec.backend == "openai":
+        return OpenAIPlanner.from_spec(spec, role)
+    from duogen_agents.models.planner import TransformersPlanner
+
+    return TransformersPlanner.from_spec(spec, models_dir)
+
+
+# ---- the HTTP client, shared with the image endpoint --------------------------------------------------
+
+
+def make_client(spec: PlannerSpec | ImageSpec, role: str) -> tuple[Any, str]:
+    """An ``openai.OpenAI`` client for ``spec``'s server and its URL. The key is read from the
+    environment variable ``api_key_env`` names, never from ``OPENAI_API_KEY`` unasked."""
+    try:
+        import openai
+    except ImportError:
+        raise ModelLoadError(
+            f"the remote {role} needs the openai package: pip install 'duogen-agents[serve]' (or pip install openai)"
+        ) from None
+    url = str(spec.base_url).rstrip("/")
+    key = "EMPTY"  # what vLLM and SGLang expect when they run without --api-key
+    if spec.api_key_env:
+        key = os.environ.get(spec.api_key_env, "")
+        if not key:
+            raise ConfigError(
+                f"{role}.api_key_env names the environment variable {spec.api_key_env}, which is not set; "
+                f"export it with the key of {url}, or remove api_key_env from the preset"
+            )
+    client = openai.OpenAI(base_url=url, api_key=key, timeout=spec.timeout_s, max_retries=spec.max_retries)
+    return client, url
+
+
+def _status_detail(e: Any) -> str:
+    body = getattr(e, "body", None)
+    detail: Any = None
+    if isinstance(body, Mapping):
+        err = body.get("error", body)
+        detail = err.get("message") or err.get("detail") if isinstance(err, Mapping) else err
+        detail = detail or body.get("detail") or body.get("message")
+    text = " ".join(str(detail if detail else getattr(e, "message", e)).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def describe_error(e: BaseException, what: str, url: str, spec: PlannerSpec | ImageSpec) -> str:
+    """One line for a failed request: what failed, where, and what to try."""
+    import openai
+
+    tries = f" (tried {spec.max_retries + 1} times)" if spec.max_retries else ""
+    if isinstance(e, openai.APITimeoutError) or "timeout" in type(e).__name__.lower():
+        return (
+            f"the {what} at {url} did not answer within {spec.timeout_s:g} s{tries}; "
+            "check the server, or raise timeout_s in the preset"
+        )
+    if isinstance(e, openai.APIConnectionError) or _is_transport_error(e):
+        cause = e.__cause__ or e.__context__ or e
+        reason = " ".join(str(cause).split()) or type(cause).__name__
+        return f"cannot reach the {what} at {url}{tries}: {reason}; is the server running at that address?"
+    if isinstance(e, openai.APIStatusError):
+        retried = tries if e.status_code in (408, 409, 429) or e.status_code >= 500 else ""
+        return f"the {what} at {url} answered HTTP {e.status_code}{retried}: {_status_detail(e)}"
+    return f"the {what} at {url} failed: {' '.join(str(e).split()) or type(e).__name__}"
+
+
+def _is_transport_error(e: BaseException) -> bool:
+    """An error of the HTTP stack under the client (raised while a stream is read)."""
+    return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2") or isinstance(
+        e, ConnectionError
+    )
+
+
+def served_model(client: Any, url: str, role: str, spec: PlannerSpec | ImageSpec) -> str:
+    """The first model the server lists at ``/v1/models`` (asked once, when the model is built)."""
+    import openai
+
+    try:
+        models = [m.id for m in client.models.list().data]
+    except (openai.APIError, OSError) as e:
+        raise ModelLoadError(
+            describe_error(e, f"{role} server", url, spec) + f" (set {role}.model in the preset to skip this lookup)"
+        ) from None
+    if not models:
+        raise ModelLoadError(f"the {role} server at {url} lists no model at /models; set {role}.model in the preset")
+    return str(models[0])
+
+
+def png_data_url(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ---- checking an answer against its schema ---------------------------------------------------------------
+
+_TYPES: dict[str, Any] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: ``true`` is not ``1``."""
+    return type(a) is type(b) and a == b if isinstance(a, bool) or isinstance(b, bool) else a == b
+
+
+def _pattern_ok(pattern: str, value: str) -> bool:
+    """A string pattern, read as JSON Schema reads it (on the value) or as the grammar engines that
+    match it on the JSON text between the quotes do (ours, xgrammar): either reading passes."""
+    try:
+        regex = re.compile(pattern)
+    except re.error:
+        return True  # an ECMA-only construct: the server checked it, we cannot
+    return bool(regex.search(value) or regex.search(json.dumps(value, ensure_ascii=False)[1:-1]))
+
+
+def schema_problem(value: Any, schema: Any, root: Any = None, path: str = "$") -> str | None:
+    """What is wrong with ``value`` under the JSON ``schema``, or None. Covers what the action and
+    tool schemas use (type, const, enum, anyOf/oneOf/allOf, properties, required, additionalProperties,
+    items, min/maxItems, min/maxLength, pattern, minimum/maximum, local ``$ref``); other keywords pass."""
+    root = schema if root is None else root
+    if schema is True or schema is None:
+        return None
+    if schema is False:
+        return f"{path} is not allowed"
+    if not isinstance(schema, Mapping):
+        return None
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        target: Any = root
+        for key in [k for k in ref[1:].split("/") if k]:
+            target = target.get(key.replace("~1", "/").replace("~0", "~"), {}) if isinstance(target, Mapping) else {}
+        if problem := schema_problem(value, target, root, path):
+            return problem
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            problems = [schema_problem(value, s, root, path) for s in schema[key]]
+            if all(p is not None for p in problems):
+                closest = max(problems, key=lambda p: len(str(p).split(" ", 1)[0]))
+                return f"{path} matches none of the {len(problems)} allowed shapes (closest: {closest})"
+    for sub in schema.get("allOf", []):
+        if problem := schema_problem(value, sub, root, path):
+            return problem
+    if "const" in schema and not _same(value, schema["const"]):
+        return f"{path} must be {json.dumps(schema['const'])}"
+    if "enum" in schema and not any(_same(value, v) for v in schema["enum"]):
+        return f"{path} must be one of {json.dumps(schema['enum'])[:200]}"
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        if not any(_TYPES.get(k, lambda _v: True)(value) for k in kinds):
+            return f"{path} must be of type {'/'.join(kinds)}, not {type(value).__name__}"
+    if isinstance(value, str):
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            return f"{path} is longer than {schema['maxLength']} characters"
+        if "minLength" in schema and len(value) < schema["minLength"]:
+            return f"{path} is shorter than {schema['minLength']} characters"
+        if isinstance(schema.get("pattern"), str) and not _pattern_ok(schema["pattern"], value):
+            return f"{path} does not match the pattern {schema['pattern']!r}"
+    elif _TYPES["number"](value):
+        for key, bad in (
+            ("minimum", lambda v, b: v < b),
+            ("maximum", lambda v, b: v > b),
+            ("exclusiveMinimum", lambda v, b: v <= b),
+            ("exclusiveMaximum", lambda v, b: v >= b),
+        ):
+            if isinstance(schema.get(key), (int, float)) and bad(value, schema[key]):
+                return f"{path} = {value} is out of range ({key} {schema[key]})"
+    elif isinstance(value, list):
+        if "maxItems" in schema and len(value) > schema["maxItems"]:
+            return f"{path} has more than {schema['maxItems']} items"
+        if "minItems" in schema and len(value) < schema["minItems"]:
+            return f"{path} has fewer than {schema['minItems']} items"
+        prefix = schema.get("prefixItems") or (schema["items"] if isinstance(schema.get("items"), list) else [])
+        for i, item in enumerate(value):
+            sub = prefix[i] if i < len(prefix) else (schema.get("items") if not prefix else True)
+            if problem := schema_problem(item, sub, root, f"{path}[{i}]"):
+                return problem
+    elif isinstance(value, dict):
+        for key in schema.get("required", []):
+            if key not in value:
+                return f"{path} lacks the required key {key!r}"
+        props = schema.get("properties") or {}
+        extra = schema.get("additionalProperties", True)
+        for key, item in value.items():
+            sub = props.get(key, extra)
+            if sub is False:
+                return f"{path} has the key {key!r}, which the schema does not allow"
+            if problem := schema_problem(item, sub, root, f"{path}.{key}"):
+                return problem
+    return None
+
+
+# ---- the planner ----------------------------------------------------------------------------------------
+
+
+def chat_messages(conversation: Sequence[ChatTurn]) -> list[dict[str, Any]]:
+    """The conversation as OpenAI chat messages: a text-only turn as one string (its parts joined as
+    the local planner's chat template joins them), a turn with images as ``text`` and ``image_url``
+    parts in order. Images the agent drew stay in their assistant turns, as the local planner sees
+    them (vLLM and SGLang accept image parts in any role)."""
+    messages: list[dict[str, Any]] = []
+    for turn in conversation:
+        parts = turn["content"]
+        if all(p["type"] == "text" for p in parts):
+            content: Any = "".join(p["text"] for p in parts)  # type: ignore[typeddict-item]
+        else:
+            content = [
+                {"type": "image_url", "image_url": {"url": png_data_url(p["image"])}}  # type: ignore[typeddict-item]
+                if p["type"] == "image"
+                else {"type": "text", "text": p["text"]}  # type: ignore[typeddict-item]
+                for p in parts
+            ]
+        messages.append({"role": turn["role"], "content": content})
+    return messages
+
+
+def _schema_fields(spec: PlannerSpec, schema: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(request arguments, extra body fields) that carry ``schema`` the way ``spec`` says."""
+    if spec.structured_output == "structured_outputs":
+        return {}, {"structured_outputs": {"json": schema}}
+    if spec.structured_output == "guided_json":
+        return {}, {"guided_json": schema}
+    json_schema = {"name": "action", "schema": schema, "strict": True}
+    return {"response_format": {"type": "json_schema", "json_schema": json_schema}}, {}
+
+
+class OpenAIPlanner:
+    """A planner behind an OpenAI-compatible chat-completions server. Build it with ``from_spec``.
+
+    Stateless between calls (the server keeps its own prefix cache), so one instance serves any
+    number of threads and sessions at once; ``cache_key`` (the session) goes out as
+    ``prompt_cache_key``, which ``duogen serve`` keeps the session's KV cache under."""
+
+    def __init__(self, client: Any, spec: PlannerSpec, url: str, role: str = "planner") -> None:
+        self.client = client
+        self.role = role
+        self.spec = spec  # with ``model`` filled in: the name the server serves
+        self.url = url
+        self.model_name = str(spec.model)
+
+    @classmethod
+    def from_spec(cls, spec: PlannerSpec, role: str = "planner") -> OpenAIPlanner:
+        client, url = make_client(spec, role)
+        model = spec.model or served_model(client, url, role, spec)
+        return cls(client, spec.model_copy(update={"model": model}), url, role)
+
+    def forget(self, cache_key: str | None = None) -> None:
+        """Nothing is kept here between calls."""
+
+    def generate(
+        self,
+        conversation: Sequence[ChatTurn],
+        schema: dict[str, Any] | None,
+        *,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        on_token: TokenCallback | None = None,
+        cache_key: str | None = None,
+    ) -> PlannerOutput:
+        """Continue ``conversation`` under the JSON ``schema`` (or free text: None) on the server."""
+        import openai
+
+        spec = self.spec
+        limit = max_new_tokens or spec.max_new_tokens
+        kwargs: dict[str, Any] = {
+            "model": self.model_name,
+            "messages": chat_messages(conversation),
+            "max_tokens": limit,
+            "temperature": spec.temperature,
+            "top_p": spec.top_p,
+        }
+        extra = dict(spec.extra_body or {})
+        if seed is not None:
+            kwargs["seed"] = seed
+        if cache_key:  # the session: OpenAI's prompt-cache routing field (duogen serve keeps its KV cache by it)
+            kwargs["prompt_cache_key"] = cache_key
+        if schema is not None:
+            fields, body = _schema_fields(spec, schema)
+            kwargs.update(fields)
+            extra.update(body)
+        if extra:
+            kwargs["extra_body"] = extra
+        try:
+            if on_token is None:
+                text, finish, usage, deltas = self._complete(kwargs)
+            else:
+                text, finish, usage, deltas = self._stream(kwargs, on_token)
+        except (openai.APIError, OSError) as e:
+            raise GenerationError(describe_error(e, self.role, self.url, spec)) from None
+        except Exception as e:
+            if _is_transport_error(e):
+                raise GenerationError(describe_error(e, self.role, self.url, spec)) from None
+            raise
+        if schema is not None:
+            self._check(text, schema, finish, limit)
+        completion = getattr(usage, "completion_tokens", None)
+        prompt = getattr(usage, "prompt_tokens", None)
+        details = getattr(usage, "prompt_tokens_details", None)
+        cached = getattr(details, "cached_tokens", None)
+        return PlannerOutput(
+            text=text,
+            # Without usage (a server that sends none), each streamed delta counts as a token, or
+            # every four characters do: the turn's token budget still ends the turn.
+            num_tokens=int(completion) if completion is not None else deltas or max(1, len(text) // 4),
+            prompt_tokens=int(prompt or 0),
+            prefill_tokens=int(prompt) - int(cached) if prompt is not None and cached is not None else None,
+        )
+
+    def _complete(self, kwargs: dict[str, Any]) -> tuple[str, str | None, Any, int]:
+        response = self.client.chat.completions.create(**kwargs)
+        if not response.choices:
+            raise GenerationError(f"the {self.role} at {self.url} answered with no choices")
+        choice = response.choices[0]
+        return choice.message.content or "", choice.finish_reason, response.usage, 0
+
+    def _stream(self, kwargs: dict[str, Any], on_token: TokenCallback) -> tuple[str, str | None, Any, int]:
+        stream = self.client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+        pieces: list[str] = []
+        finish: str | None = None
+        usage: Any = None
+        try:
+            for chunk in stream:
+                if getattr(chunk, "usage", None) is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices or []:
+                    delta = choice.delta.content if choice.delta is not None else None
+                    if delta:
+                        pieces.append(delta)
+                        on_token(delta)
+                    if choice.finish_reason:
+                        finish = choice.finish_reason
+        finally:
+            stream.close()
+        return "".join(pieces), finish, usage, len(pieces)
+
+    def _check(self, text: str, schema: dict[str, Any], finish: str | None, limit: int) -> None:
+        where = f"the {self.role} at {self.url} ({self.model_name}) returned an invalid action"
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            if finish == "length":
+                raise GenerationError(
+                    f"{where}: it stopped at max_tokens = {limit} before the JSON was complete; "
+                    f"raise {self.role}.max_new_tokens in the preset"
+                ) from None
+            shown = text[:80] + ("..." if len(text) > 80 else "")
+            raise GenerationError(
+                f"{where}: not valid JSON ({e}): {shown!r}; does the server honour {self.role}.structured_output = "
+                f"{self.spec.structured_output!r}?"
+            ) from None
+        if problem := schema_problem(value, schema):
+            raise GenerationError(
+                f"{where}: it does not match the action schema ({problem}); does the server honour "
+                f"{self.role}.structured_output = {self.spec.structured_output!r}?"
+            )
