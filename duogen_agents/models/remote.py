@@ -124,17 +124,23 @@ def _is_transport_error(e: BaseException) -> bool:
 
 
 def served_model(client: Any, url: str, role: str, spec: PlannerSpec | ImageSpec) -> str:
-    """The first model the server lists at ``/v1/models`` (asked once, when the model is built)."""
+    """The first model the server lists at ``/v1/models`` (asked once, when the model is built); on a
+    ``duogen serve``, which lists its planner and its image model, the one of this ``role``."""
     import openai
 
     try:
-        models = [m.id for m in client.models.list().data]
+        listed = list(client.models.list().data)
+        models = [m.id for m in listed]
     except (openai.APIError, OSError) as e:
         raise ModelLoadError(
             describe_error(e, f"{role} server", url, spec) + f" (set {role}.model in the preset to skip this lookup)"
         ) from None
     if not models:
         raise ModelLoadError(f"the {role} server at {url} lists no model at /models; set {role}.model in the preset")
+    want = "image" if role == "image" else "planner"
+    for m in listed:
+        if (getattr(m, "model_extra", None) or {}).get("duogen_role") == want:
+            return str(m.id)
     return str(models[0])
 
 

@@ -79,6 +79,8 @@ class OpenAIImagesTool:
                 files = [
                     (f"reference-{i}.png", _png(letterbox(im, canvas)), "image/png") for i, im in enumerate(references)
                 ]
+                # ``kind`` says what the references are for; duogen serve reads it, other servers ignore it.
+                kwargs["extra_body"] = {"kind": kind, **kwargs["extra_body"]}
                 response = self.client.images.edit(image=files, **kwargs)
             else:
                 response = self.client.images.generate(**kwargs)
