@@ -541,36 +541,32 @@ def test_schema_problem_on_the_action_schemas() -> None:
     assert schema_problem([{"title": "a"}], defs) is None and schema_problem([{}], defs) is not None
 
 
-README_EXAMPLE = """
-name = "remote"
+ROOT = Path(__file__).resolve().parents[1]
 
-[planner]
-backend = "openai"
-base_url = "http://localhost:8000/v1"
-timeout_s = 120
-max_retries = 2
-max_new_tokens = 8192
-temperature = 0.7
-top_p = 0.9
 
-[image]
-backend = "openai-images"
-base_url = "http://localhost:8001/v1"
-width = 1024
-height = 1024
-max_references = 4
-kinds = ["generate", "edit"]
-extra_body = { num_inference_steps = 4, guidance_scale = 1.0 }
-timeout_s = 300
-"""
+def _readme_toml(first_line: str) -> str:
+    """The README's TOML block that starts with ``first_line``."""
+    text = (ROOT / "README.md").read_text()
+    for block in text.split("```toml\n")[1:]:
+        body = block.split("```", 1)[0]
+        if body.startswith(first_line):
+            return body
+    raise AssertionError(f"no TOML block starting with {first_line!r} in README.md")
 
 
 def test_the_readme_example_preset_validates(tmp_path: Path) -> None:
     f = tmp_path / "remote.toml"
-    f.write_text(README_EXAMPLE)
+    f.write_text(_readme_toml("# remote.toml"))
     p = load_preset(f)
     assert (p.planner.backend, p.image.backend, p.planner.timeout_s) == ("openai", "openai-images", 120.0)
     assert p.image.extra_body == {"num_inference_steps": 4, "guidance_scale": 1.0}
+
+
+@pytest.mark.parametrize("name", ["worker.toml", "duogen-backends.toml"])
+def test_the_scale_out_presets_validate(name: str) -> None:
+    p = load_preset(ROOT / "examples" / "scale-out" / name)
+    assert (p.planner.backend, p.image.backend) == ("openai", "openai-images")
+    assert p.planner.base_url and p.image.base_url and p.planner.api_key_env
 
 
 def test_a_remote_critic_checks_the_images(fake: Fake, tmp_path: Path) -> None:
