@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from duogen_agents.document import ImageRef, InterleavedDocument
-from duogen_agents.errors import ConfigError, DuogenError
+from duogen_agents.errors import ConfigError, DuogenError, TurnStoppedError
 from duogen_agents.inputs import block_file_id, image_from_block, load_input_image
 from duogen_agents.presets import Preset, load_preset
 from duogen_agents.storage.images import ImageStore, default_home
@@ -207,7 +207,7 @@ class Agent:
         }
 
     def graph_events(
-        self, graph: Any, graph_input: Any, config: dict[str, Any], *, events: bool = True
+        self, graph: Any, graph_input: Any, config: dict[str, Any], *, events: bool = True, stop: Any = None
     ) -> Iterator[dict[str, Any]]:
         """Run ``graph`` (``graph_input=None`` resumes from the last checkpoint), yielding token and
         custom events; ``events=False`` yields none.
@@ -216,18 +216,29 @@ class Agent:
         worker thread so that the caller can take events while it runs, and the two threads share
         the GIL: measured on an H100 at real shapes, that made the planner's eager decode 1.6x
         slower than plain ``generate`` (``benchmarks/visual_plan.py``), so ``run``/``send``, which
-        need only the document, ask for no events."""
+        need only the document, ask for no events.
+
+        ``stop`` (a ``threading.Event``): once set, the turn ends after the step that is running, with
+        ``TurnStoppedError`` (a server shutting down does this; ``resume`` continues the turn)."""
         from duogen_agents.graphs.nodes.common import PLANNER_TAG
+
+        def check_stop() -> None:
+            if stop is not None and stop.is_set():
+                raise TurnStoppedError(
+                    "the turn was stopped after its last finished step (the server is shutting down); resume it"
+                )
 
         if not events:
             for _ in graph.stream(graph_input, config, stream_mode="updates", durability="sync"):
-                pass
+                check_stop()
             return
         # durability="sync": each step's checkpoint is on disk before the next step starts (crash safety).
         for mode_name, payload in graph.stream(
-            graph_input, config, stream_mode=["messages", "custom"], durability="sync"
+            graph_input, config, stream_mode=["messages", "custom", "updates"], durability="sync"
         ):
-            if mode_name == "messages":
+            if mode_name == "updates":  # a step ended
+                check_stop()
+            elif mode_name == "messages":
                 chunk, meta = payload
                 # The planner's action tokens only: not the check's verdicts (tagged duogen:check).
                 planner = PLANNER_TAG in (meta.get("tags") or [])

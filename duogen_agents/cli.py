@@ -499,7 +499,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         api_keys=keys, queue=args.queue, turns=args.turns, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         cors_origins=tuple(args.cors_origin), grace_s=args.grace,
-        session_wait_s=args.wait if args.wait is not None and args.wait != float("inf") else 0.0,
+        session_wait_s=args.wait if args.wait is not None else 0.0,  # --wait alone: for ever
     )  # fmt: skip
     serve(
         args.preset, host=args.host, port=args.port, database=args.db,

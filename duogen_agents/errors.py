@@ -11,7 +11,8 @@
     │   └── UnsafeCheckpointError   a stored checkpoint holds a type duogen never writes (refused)
     ├── SessionBusyError        another process is writing the same session
     ├── SessionNotFoundError    no session has that id
-    └── SessionStateError       the session cannot do that now (an unfinished turn, nothing to resume)
+    ├── SessionStateError       the session cannot do that now (an unfinished turn, nothing to resume)
+    └── TurnStoppedError        a turn stopped between two steps on request (a server shutting down)
 
 Every error carries a one-line message that says what went wrong and how to fix it;
 the CLI prints exactly that line, never a traceback.
@@ -68,6 +69,13 @@ class SessionStateError(DuogenError):
     code = "session_state"
 
 
+class TurnStoppedError(DuogenError):
+    """A turn stopped after a finished step because its caller asked (``stop`` set): it is left
+    interrupted, its finished steps checkpointed, and ``resume`` continues it."""
+
+    code = "turn_stopped"
+
+
 __all__ = [
     "ConfigError",
     "DuogenError",
@@ -77,6 +85,7 @@ __all__ = [
     "SessionBusyError",
     "SessionNotFoundError",
     "SessionStateError",
+    "TurnStoppedError",
     "StorageError",
     "UnsafeCheckpointError",
 ]

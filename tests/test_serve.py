@@ -364,3 +364,144 @@ def test_sigterm_lets_the_running_turn_finish_and_store(home: Path, tmp_path: Pa
         assert turn.status == "complete" and turn.document.images
     finally:
         sessions.close()
+
+
+# ---- review findings: hang-ups, pixel bombs, browsers, chunked bodies, shutdown ------------------------
+
+
+def wait_for(predicate: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_client_that_hangs_up_gives_its_slot_back(server: Running) -> None:
+    state = server.app.state.duogen  # type: ignore[attr-defined]
+    with http(server) as h:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "stream": True}
+        with h.stream("POST", "/v1/chat/completions", json=body) as r:
+            next(r.iter_lines())  # the first chunk, then hang up
+        with h.stream("POST", "/v1/sessions/hangup/turns", json={"prompt": "Plan a picnic", "stream": True}) as r:
+            next(line for line in r.iter_lines() if line.startswith("event: "))
+    wait_for(lambda: state.gates["planner"].running == 0 and state.gates["turns"].running == 0)
+    wait_for(lambda: (state.sessions.last_turn("hangup") or None) is not None
+             and state.sessions.last_turn("hangup").status == "complete")  # fmt: skip
+    with http(server) as h:  # and the next requests are served at once
+        r = h.post("/v1/chat/completions", json={**body, "stream": False}, timeout=60)
+        assert r.status_code == 200
+
+
+def test_the_pixels_of_one_request_are_bounded_before_decoding(server: Running) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (4200, 4200), (255, 255, 255)).save(buf, format="PNG")  # ~60 KB, 17.6 MP
+    flat = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    with http(server) as h:
+        r = h.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": flat}}]}]})  # fmt: skip
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_pixels"
+        r = h.post("/v1/sessions/pixels/turns", json={"prompt": "x", "images": [flat]})
+        assert r.status_code == 413
+        files = [("image[]", ("a.png", buf.getvalue(), "image/png"))]
+        assert h.post("/v1/images/edits", data={"prompt": "x"}, files=files).status_code == 413
+
+
+def test_a_chunked_body_over_the_limit_is_413(server: Running) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(3):
+            yield b"x" * (1024 * 1024)
+        yield b'"}]}'
+
+    with http(server) as h:
+        r = h.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+
+@pytest.fixture(scope="module")
+def open_server(tiny_agent: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """A loopback server without tokens, with a browser origin allowed."""
+    from duogen_agents.serve.app import ServeSettings, create_app
+    from duogen_agents.sessions import Sessions
+    from duogen_agents.storage.database import Database
+
+    db = Database.open(f"sqlite:///{tmp_path_factory.mktemp('open') / 'duogen.db'}", home=tiny_agent.home)
+    running = Running(create_app(tiny_agent, Sessions(db, tiny_agent.store),
+                                 ServeSettings(cors_origins=("http://127.0.0.1:5173",))))  # fmt: skip
+    running.app = running.server.config.app  # type: ignore[attr-defined]
+    yield running
+    running.stop()
+    db.close()
+
+
+def test_without_a_token_only_loopback_names_are_answered(open_server: Running) -> None:
+    with http(open_server, token=None) as h:
+        assert h.get("/v1/sessions").status_code == 200
+        assert h.get("/v1/sessions", headers={"host": f"localhost:{open_server.port}"}).status_code == 200
+        rebound = h.get("/v1/sessions", headers={"host": f"attacker.example:{open_server.port}"})
+        assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+        page = h.post("/v1/images/edits", headers={"origin": "http://attacker.example"}, data={"prompt": "x"})
+        assert page.status_code == 403
+        assert h.get("/v1/models", headers={"origin": "http://127.0.0.1:5173"}).status_code == 200
+
+
+def test_cors_preflight_and_refusals_carry_cors_headers(server: Running, tiny_agent: Any, tmp_path: Path) -> None:
+    from duogen_agents.serve.app import ServeSettings, create_app
+    from duogen_agents.sessions import Sessions
+    from duogen_agents.storage.database import Database
+
+    db = Database.open(f"sqlite:///{tmp_path / 'duogen.db'}", home=tiny_agent.home)
+    app = create_app(tiny_agent, Sessions(db, tiny_agent.store),
+                     ServeSettings(api_keys=(TOKEN,), cors_origins=("http://ui.example",)))  # fmt: skip
+    running = Running(app)
+    try:
+        origin = {"origin": "http://ui.example"}
+        with http(running.url, token=None) as h:
+            pre = h.options("/v1/models", headers={**origin, "access-control-request-method": "GET",
+                                                    "access-control-request-headers": "authorization"})  # fmt: skip
+            assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://ui.example"
+            denied = h.get("/v1/models", headers=origin)
+            assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "http://ui.example"
+            ok = h.get("/v1/models", headers={**origin, "authorization": f"Bearer {TOKEN}"})
+            assert ok.status_code == 200
+    finally:
+        running.stop()
+        db.close()
+
+
+def test_shutdown_stops_a_running_turn_after_its_step_and_it_resumes(tiny_agent: Any, tmp_path: Path) -> None:
+    """At shutdown, new turns get 503; after the grace a running turn stops after its step, is left
+    interrupted, and resume finishes it (on any server over the same database)."""
+    from duogen_agents.serve.app import ServeSettings, create_app
+    from duogen_agents.sessions import Sessions
+    from duogen_agents.storage.database import Database
+
+    db_url = f"sqlite:///{tmp_path / 'duogen.db'}"
+    db = Database.open(db_url, home=tiny_agent.home)
+    first = Running(create_app(tiny_agent, Sessions(db, tiny_agent.store), ServeSettings()))
+    state = first.server.config.app.state.duogen
+    try:
+        with http(first.url, token=None) as h:
+            body = {"prompt": "Plan a picnic", "mode": "visual-plan", "stream": True}
+            with h.stream("POST", "/v1/sessions/stopped/turns", json=body) as r:
+                lines = r.iter_lines()
+                next(line for line in lines if line == "event: image_ready")  # a step or two done
+                state.begin_shutdown(0.0)
+                events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+            assert events[-1]["error"]["code"] == "turn_stopped"
+            refused = h.post("/v1/sessions/other/turns", json={"prompt": "x"})
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "closing"
+    finally:
+        first.stop()
+    sessions = Sessions(db, tiny_agent.store)
+    assert [t.status for t in sessions.turns("stopped")] == ["interrupted"]
+    second = Running(create_app(tiny_agent, sessions, ServeSettings()))
+    try:
+        with http(second.url, token=None) as h:
+            r = h.post("/v1/sessions/stopped/resume", json={})
+            assert r.status_code == 200, r.text
+            assert [b for b in r.json()["blocks"] if b["type"] == "image"]
+        assert [t.status for t in sessions.turns("stopped")] == ["complete"]
+    finally:
+        second.stop()
+        db.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ class TransformersPlanner:
         # schema with 200-char text and 80-char prompts; compile uncached and keep our own cache.
         self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
         self._grammars: OrderedDict[str, Any] = OrderedDict()
+        self._grammar_lock = threading.Lock()
         self.image_token = getattr(processor, "image_token", "<|image_pad|>")
         self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(self.image_token))
         self.vocab_size = vocab_size
@@ -205,17 +207,19 @@ class TransformersPlanner:
     def compile(self, schema: dict[str, Any]) -> tuple[Any, dict[Any, int]]:
         """The xgrammar grammar of ``schema`` and the string limits enforced while decoding."""
         key = json.dumps(schema, sort_keys=True)
-        if key in self._grammars:
-            self._grammars.move_to_end(key)
-            return self._grammars[key]
+        with self._grammar_lock:  # callers in several threads (duogen serve checks schemas up front)
+            if key in self._grammars:
+                self._grammars.move_to_end(key)
+                return self._grammars[key]
         stripped, limits = split_limits(schema)
         try:
             grammar = self._compiler.compile_json_schema(json.dumps(stripped, sort_keys=True), any_whitespace=False)
         except RuntimeError as e:
             raise GenerationError(f"cannot compile the planner grammar: {str(e).strip().splitlines()[0]}") from e
-        self._grammars[key] = compiled = (grammar, limits)
-        if len(self._grammars) > 64:
-            self._grammars.popitem(last=False)
+        with self._grammar_lock:
+            self._grammars[key] = compiled = (grammar, limits)
+            if len(self._grammars) > 64:
+                self._grammars.popitem(last=False)
         return compiled
 
     def forget(self, cache_key: str | None = None) -> None:

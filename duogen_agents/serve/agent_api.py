@@ -37,7 +37,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel, ConfigDict, Field
 
 from duogen_agents.serve.app import ApiError, ServerState, api_error, error_body
-from duogen_agents.serve.gate import Slot
+from duogen_agents.serve.gate import Slot, in_thread
 
 router = APIRouter()
 MAX_TURN_IMAGES = 16
@@ -136,7 +136,7 @@ async def delete_session(session_id: str, request: Request) -> dict[str, Any]:
     _check_id(session_id)
     await _call(state.sessions.get, session_id)  # 404 for an unknown one
     removed = await _call(state.sessions.delete, session_id, wait=state.settings.session_wait_s)
-    state.agent.forget(session_id)
+    await _call(state.agent.forget, session_id)  # waits for the device: never on the event loop
     return {"id": session_id, "deleted": True, "images_removed": removed}
 
 
@@ -193,15 +193,18 @@ async def image(image_id: str, request: Request) -> Response:
 def _turn_images(state: ServerState, images: list[str]) -> list[Any]:
     """A client's images: ``data:`` URLs, or ids of images already in the store; never a path or a
     ``file://`` URL on this server."""
+    from duogen_agents.serve.openai_api import PixelBudget
     from duogen_agents.storage.images import is_image_id
 
     out: list[Any] = []
+    budget = PixelBudget()
     for i, value in enumerate(images):
         if is_image_id(value):
             if not state.agent.store.exists(value):
                 raise ApiError(400, f"images[{i}]: no image {value[:12]} in the store")
             out.append({"type": "image", "file_id": value})
         elif value.startswith("data:"):
+            budget.take_data_url(value, f"images[{i}]")
             out.append({"type": "image_url", "image_url": {"url": value}})
         elif state.agent.allow_remote_images and value.startswith(("http://", "https://")):
             out.append({"type": "image_url", "image_url": {"url": value}})
@@ -214,66 +217,60 @@ def _sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _run_turn(state: ServerState, stream: bool, events: Callable[[], Iterator[dict[str, Any]]]) -> Any:
-    """Run one turn (``events`` builds its event iterator) under the turns gate: the document, or SSE."""
+async def _run_turn(state: ServerState, stream: bool, events: Callable[[Any], Iterator[dict[str, Any]]]) -> Any:
+    """Run one turn (``events(stop)`` builds its event iterator) under the turns gate: the document,
+    or SSE. The turn runs in a worker thread to its end even when the client goes away (its records
+    are committed), or until the server's shutdown grace is over (it stops after a finished step)."""
     if state.closing:
         raise ApiError(503, "the server is shutting down; send the turn again later", "server_error", "closing")
-    slot = Slot(state.gates["turns"])
-    await slot.enter()
+    slot = await Slot(state.gates["turns"]).enter()
     loop = asyncio.get_running_loop()
     headers = {"x-duogen-queue-wait-ms": f"{slot.waited * 1000:.1f}"}
-
-    if not stream:
-
-        def last() -> Any:
-            doc = None
-            for event in events():
-                if event.get("event") == "document":
-                    doc = event["document"]
-            return doc
-
-        try:
-            doc = await asyncio.to_thread(last)
-        finally:
-            slot.exit()
-        return JSONResponse(jsonable(doc), headers=headers)
-
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
     def run() -> None:
-        try:
-            for event in events():
-                loop.call_soon_threadsafe(queue.put_nowait, ("event", jsonable(event)))
-            loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
-        except BaseException as e:  # reported in the stream; the turn's checkpoints stay for resume
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+        def put(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
-    # The turn runs to its end even when the client goes away: its records are committed.
-    task = loop.run_in_executor(None, run)
+        try:
+            put("start", None)
+            for event in events(state.stop_turns):
+                if stream:
+                    put("event", jsonable(event))
+                elif event.get("event") == "document":
+                    put("document", jsonable(event["document"]))
+            put("end", None)
+        except BaseException as e:  # an HTTP error, or an error event; the turn's checkpoints stay for resume
+            put("error", e)
+
+    in_thread(slot, run)
+    await queue.get()  # "start"
     first = await queue.get()
-    if first[0] == "error":  # refused before it began (busy session, bad mode...): a plain HTTP error
-        await asyncio.shield(task)
-        slot.exit()
+    if first[0] == "error":  # refused before it began (busy session, bad mode...), or failed: an HTTP error
         raise api_error(first[1])
+    if not stream:
+        document = first[1] if first[0] == "document" else None
+        if first[0] == "document":
+            kind, value = await queue.get()
+            if kind == "error":
+                raise api_error(value)
+        return JSONResponse(document, headers=headers)
 
     async def body() -> Any:
+        # No await may stand between a hang-up and the end of this generator (see ``in_thread``).
         pending: tuple[str, Any] | None = first
-        try:
-            while True:
-                kind, value = pending if pending is not None else await queue.get()
-                pending = None
-                if kind == "event":
-                    yield _sse(str(value.get("event", "message")), value)
-                elif kind == "end":
-                    yield _sse("end", {})
-                    break
-                else:
-                    err = api_error(value)
-                    yield _sse("error", error_body(err.message, err.kind, err.code))
-                    break
-        finally:
-            await asyncio.shield(task)
-            slot.exit()
+        while True:
+            kind, value = pending if pending is not None else await queue.get()
+            pending = None
+            if kind == "event":
+                yield _sse(str(value.get("event", "message")), value)
+            elif kind == "end":
+                yield _sse("end", {})
+                break
+            else:
+                err = api_error(value)
+                yield _sse("error", error_body(err.message, err.kind, err.code))
+                break
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
@@ -284,10 +281,8 @@ async def send_turn(session_id: str, body: TurnRequest, request: Request) -> Any
     session = await _call(_session, state, session_id)
     images = await _call(_turn_images, state, body.images)
 
-    def events() -> Iterator[dict[str, Any]]:
-        if body.stream:
-            return session.stream(body.prompt, mode=body.mode, images=images, seed=body.seed)
-        return session._stream(body.prompt, body.mode, images, body.seed, events=False)
+    def events(stop: Any) -> Iterator[dict[str, Any]]:
+        return session._stream(body.prompt, body.mode, images, body.seed, events=body.stream, stop=stop)
 
     return await _run_turn(state, body.stream, events)
 
@@ -297,4 +292,4 @@ async def resume_turn(session_id: str, body: ResumeRequest, request: Request) ->
     state = _state(request)
     session = await _call(_session, state, session_id)
     await _call(state.sessions.get, session_id)
-    return await _run_turn(state, body.stream, session.resume)
+    return await _run_turn(state, body.stream, lambda stop: session.resume(stop=stop))

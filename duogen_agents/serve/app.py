@@ -14,14 +14,17 @@ Two surfaces on one port:
 Around them: ``/health``; bearer tokens from ``DUOGEN_API_KEY`` (comma-separated for several; binding
 anything but loopback without one is refused at start); a request body limit (413); a bounded queue in
 front of the planner, the image model and the turns (429 with ``Retry-After`` when full); no CORS
-unless origins are given; graceful shutdown (new turns are refused with 503 while running turns finish
-their current step and checkpoint, within ``grace`` seconds).
+unless origins are given; graceful shutdown (at SIGTERM or Ctrl-C new turns get 503; running turns go
+on for ``grace`` seconds, then stop after their current step: checkpointed, ``interrupted``, and
+resumable on any worker; their clients get the error as the last event or as a 503).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import math
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +37,7 @@ from duogen_agents.errors import (
     SessionNotFoundError,
     SessionStateError,
     StorageError,
+    TurnStoppedError,
 )
 from duogen_agents.serve.auth import API_KEY_ENV, api_keys_from_env, check_bind, is_loopback
 from duogen_agents.serve.gate import Gate, QueueFull
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
     from duogen_agents.sessions import Sessions
 
 DEFAULT_MAX_BODY_MB = 32.0
+SHUTDOWN_MARGIN_S = 60  # after the grace: time for a stopped turn to end its step
 __all__ = ["API_KEY_ENV", "ServeSettings", "api_keys_from_env", "check_bind", "create_app", "is_loopback", "serve"]
 
 
@@ -91,6 +96,8 @@ def api_error(e: BaseException) -> ApiError:
         return ApiError(409, message, "conflict_error", "session_busy")
     if isinstance(e, SessionStateError):
         return ApiError(409, message, "conflict_error", "session_state")
+    if isinstance(e, TurnStoppedError):
+        return ApiError(503, message, "server_error", "turn_stopped")
     if isinstance(e, (ConfigError, InputImageError)):
         return ApiError(400, message)
     if isinstance(e, GenerationError):
@@ -106,7 +113,9 @@ def api_error(e: BaseException) -> ApiError:
 
 
 class GuardMiddleware:
-    """Bearer-token check (every path but ``/health``) and the request body limit (413)."""
+    """Before FastAPI parses anything: the bearer-token check (every path but ``/health``), the Host
+    check of a loopback server without tokens (no DNS rebinding: a web page whose name resolves to
+    127.0.0.1 must not read the sessions), and the request body limit (413, chunked bodies too)."""
 
     def __init__(self, app: Any, *, api_keys: tuple[str, ...], max_body_bytes: int) -> None:
         self.app = app
@@ -119,11 +128,10 @@ class GuardMiddleware:
         await send({"type": "http.response.start", "status": status, "headers": base + headers})
         await send({"type": "http.response.body", "body": raw})
 
-    def _authorised(self, scope: dict[str, Any]) -> bool:
-        if not self.keys or scope.get("path") == "/health":
+    def _authorised(self, headers: dict[bytes, bytes], path: str) -> bool:
+        if not self.keys or path == "/health":
             return True
-        header = dict(scope.get("headers") or []).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         if scheme.lower() != b"bearer":
             return False
         token = token.strip()
@@ -132,18 +140,37 @@ class GuardMiddleware:
             ok |= hmac.compare_digest(token, key)
         return ok
 
+    def _local_names(self, headers: dict[bytes, bytes]) -> bool:
+        """Without tokens, only requests addressed to a loopback name, from no page or a loopback page."""
+        if self.keys:
+            return True
+        host = _hostname(headers.get(b"host", b"").decode("latin-1"))
+        if not is_loopback(host):
+            return False
+        origin = headers.get(b"origin")
+        if origin is None or origin == b"null":
+            return origin is None
+        return is_loopback(_hostname(origin.decode("latin-1").split("://", 1)[-1]))
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self._authorised(scope):
+        headers = {k.lower(): v for k, v in scope.get("headers") or []}
+        if not self._local_names(headers):
+            await self._reply(
+                send, 403, error_body("this server answers loopback names only (set DUOGEN_API_KEY to serve others)",
+                                      "permission_error", "host_not_allowed"), [],
+            )  # fmt: skip
+            return
+        if not self._authorised(headers, scope.get("path", "")):
             await self._reply(
                 send, 401, error_body("missing or wrong bearer token", "authentication_error", "invalid_api_key"),
                 [(b"www-authenticate", b"Bearer")],
             )  # fmt: skip
             return
-        length = dict(scope.get("headers") or []).get(b"content-length")
         too_large = error_body(f"request body over {self.max_body} bytes", "invalid_request_error", "too_large")
+        length = headers.get(b"content-length")
         if length is not None:
             try:
                 declared = int(length)
@@ -152,33 +179,35 @@ class GuardMiddleware:
             if declared > self.max_body:
                 await self._reply(send, 413, too_large, [])
                 return
+            await self.app(scope, receive, send)
+            return
+        # No length given (chunked): read the body here, up to the limit, then hand it on.
+        messages: list[Any] = []
         seen = 0
-        started = False
-
-        async def limited_receive() -> Any:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Any) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
                 await self._reply(send, 413, too_large, [])
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Any:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _hostname(host: str) -> str:
+    """``host`` of a Host header or an origin without its port (``[::1]:8000`` -> ``::1``)."""
+    host = host.strip()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 # ---- the app ------------------------------------------------------------------------------------------
@@ -197,7 +226,17 @@ class ServerState:
             "turns": Gate("turns", settings.turns, settings.turn_queue),
         }
         self.closing = False
-        self.running_turns = 0
+        self.stop_turns = threading.Event()  # set when the shutdown grace is over
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """New turns get 503 from now on; running ones go on for ``grace_s`` seconds, then stop after
+        their current step (checkpointed, ``interrupted``: resumable on any worker)."""
+        if self.closing:
+            return
+        self.closing = True
+        timer = threading.Timer(grace_s, self.stop_turns.set)
+        timer.daemon = True
+        timer.start()
 
     @property
     def planner_id(self) -> str:
@@ -224,7 +263,7 @@ def create_app(agent: Agent, sessions: Sessions, settings: ServeSettings | None 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         yield
-        state.closing = True  # uvicorn stopped accepting; running turns finish their step and checkpoint
+        state.begin_shutdown(0.0)  # served without `serve` (no signal hook): stop what still runs
 
     app = FastAPI(title="duogen serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.duogen = state
@@ -262,14 +301,14 @@ def create_app(agent: Agent, sessions: Sessions, settings: ServeSettings | None 
 
     app.include_router(openai_api.router)
     app.include_router(agent_api.router)
-    if settings.cors_origins:
+    app.add_middleware(GuardMiddleware, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes)
+    if settings.cors_origins:  # added last, so outermost: preflights and refusals carry its headers too
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(
             CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
             allow_headers=["*"], allow_credentials=False,
         )  # fmt: skip
-    app.add_middleware(GuardMiddleware, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes)
     return app
 
 
@@ -299,11 +338,19 @@ def serve(
     agent = Agent.from_preset(preset, home=home)
     sessions = Sessions.open(database, home=agent.home)
     app = create_app(agent, sessions, settings)
+    state: ServerState = app.state.duogen
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            state.begin_shutdown(settings.grace_s)  # at the signal, not once connections have drained
+            super().handle_exit(sig, frame)
+
+    # Connections stay open past the grace until the stopped turns have sent their last event.
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(settings.grace_s),
-        access_log=log_level == "debug",
+        app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
+        timeout_graceful_shutdown=math.ceil(settings.grace_s) + SHUTDOWN_MARGIN_S,
     )  # fmt: skip
     try:
-        uvicorn.Server(config).run()
+        Server(config).run()
     finally:
         sessions.close()

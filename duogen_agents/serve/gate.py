@@ -9,9 +9,12 @@ request waited, for ``/health`` and the ``x-duogen-queue-wait-ms`` response head
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class QueueFull(Exception):
@@ -107,3 +110,12 @@ class Slot:
 
     async def __aexit__(self, *exc: object) -> None:
         self.exit()
+
+
+def in_thread(slot: Slot, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+    """Run ``fn(*args)`` in a worker thread holding ``slot`` until it returns, whatever happens to
+    whoever awaits it (a client that hangs up cancels the request, never the model call, and the
+    slot is given back when the call ends, not before). Await it through ``asyncio.shield``."""
+    future = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+    future.add_done_callback(lambda _f: slot.exit())
+    return future

@@ -31,11 +31,44 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from duogen_agents.errors import GenerationError, InputImageError
 from duogen_agents.serve.app import ApiError, ServerState, api_error, error_body
-from duogen_agents.serve.gate import Slot
+from duogen_agents.serve.gate import Slot, in_thread
 
 router = APIRouter()
 MAX_TOKENS = 32768
 MAX_IMAGES_PER_REQUEST = 16
+# Decoded pixels of all the images of one request: a small PNG can hold a huge flat canvas, so the
+# body limit alone bounds nothing here (16 images of 40 MP would be ~2 GB of RGB).
+MAX_REQUEST_PIXELS = 4096 * 4096
+
+
+class PixelBudget:
+    """Counts the pixels of a request's images from their headers, before any is decoded."""
+
+    def __init__(self, limit: int = MAX_REQUEST_PIXELS) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def take(self, data: bytes, where: str) -> None:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                pixels = im.width * im.height
+        except Exception:  # not an image: decoding it reports that in one line
+            return
+        self.left -= pixels
+        if self.left < 0:
+            raise ApiError(
+                413, f"{where}: the images of one request may hold {self.limit:,} pixels in all", code="too_many_pixels"
+            )
+
+    def take_data_url(self, url: str, where: str) -> None:
+        head, _, payload = url.partition(",")
+        if head.endswith(";base64"):
+            try:
+                self.take(base64.b64decode(payload, validate=False), where)
+            except ValueError:
+                return  # decoding reports a bad payload
 
 
 class _Loose(BaseModel):
@@ -100,7 +133,7 @@ async def models(request: Request) -> dict[str, Any]:
 # ---- chat completions -------------------------------------------------------------------------------
 
 
-def _client_image(part: dict[str, Any], allow_remote: bool) -> Any:
+def _client_image(part: dict[str, Any], allow_remote: bool, budget: PixelBudget, where: str) -> Any:
     """An image part from a client: data URLs (or http(s) with ``allow_remote_images``), never a
     ``file://`` URL or a path on this server."""
     from duogen_agents.inputs import image_from_block
@@ -111,6 +144,8 @@ def _client_image(part: dict[str, Any], allow_remote: bool) -> Any:
         raise ApiError(400, "an image_url part needs image_url.url (a data: URL)")
     if not (url.startswith("data:") or (allow_remote and url.startswith(("http://", "https://")))):
         raise ApiError(400, "images must be data: URLs (base64) here" + ("" if allow_remote else "; http(s) is off"))
+    if url.startswith("data:"):
+        budget.take_data_url(url, where)
     try:
         return image_from_block({"type": "image_url", "image_url": {"url": url}}, allow_remote=allow_remote)
     except InputImageError as e:
@@ -122,6 +157,7 @@ def to_turns(messages: list[dict[str, Any]], allow_remote: bool = False) -> list
     roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
     turns: list[dict[str, Any]] = []
     images = 0
+    budget = PixelBudget()
     for i, m in enumerate(messages):
         role = roles.get(str(m.get("role")))
         if role is None:
@@ -139,7 +175,9 @@ def to_turns(messages: list[dict[str, Any]], allow_remote: bool = False) -> list
                     images += 1
                     if images > MAX_IMAGES_PER_REQUEST:
                         raise ApiError(400, f"at most {MAX_IMAGES_PER_REQUEST} images per request")
-                    parts.append({"type": "image", "image": _client_image(part, allow_remote)})
+                    parts.append(
+                        {"type": "image", "image": _client_image(part, allow_remote, budget, f"messages[{i}]")}
+                    )
                 else:
                     raise ApiError(400, f"messages[{i}]: content part of type {kind!r} is not supported")
         elif content is None and role == "assistant":
@@ -197,47 +235,53 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     planner = state.agent.planner
     schema = schema_of(body.response_format)
     turns = await asyncio.to_thread(to_turns, body.messages, state.agent.allow_remote_images)
-    await asyncio.to_thread(_compile_schema, planner, schema)
     max_tokens = body.max_completion_tokens or body.max_tokens or state.agent.preset.planner.max_new_tokens
     cache_key = request.headers.get("x-duogen-session") or body.prompt_cache_key or body.user
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
     created = int(time.time())
-    slot = Slot(state.gates["planner"])
-    await slot.enter()
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    slot = await Slot(state.gates["planner"]).enter()  # schemas compile inside: a flood of them waits too
     headers = {"x-duogen-queue-wait-ms": f"{slot.waited * 1000:.1f}"}
 
-    def generate(on_token: Any = None) -> Any:
-        return planner.generate(
-            turns, schema, max_new_tokens=max_tokens, seed=body.seed, on_token=on_token, cache_key=cache_key
-        )
+    def run() -> None:
+        """The model call (in a worker thread); its progress and end go to ``queue``."""
+
+        def put(kind: str, value: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+
+        try:
+            _compile_schema(planner, schema)
+            put("start", None)
+            on_token = (lambda text: put("token", text)) if body.stream else None
+            out = planner.generate(
+                turns, schema, max_new_tokens=max_tokens, seed=body.seed, on_token=on_token, cache_key=cache_key
+            )
+            put("done", out)
+        except BaseException as e:  # answered as an HTTP error, or reported in the stream
+            put("error", e)
+
+    in_thread(slot, run)
+    first = await queue.get()
+    if first[0] == "error":  # a schema the grammar compiler refuses: 400 before anything streams
+        raise api_error(first[1])
 
     def finish_reason(out: Any) -> str:
         return "length" if out.num_tokens >= max_tokens else "stop"
 
     if not body.stream:
-        try:
-            out = await asyncio.to_thread(generate)
-        finally:
-            slot.exit()
+        kind, value = await queue.get()
+        if kind == "error":
+            raise api_error(value)
         return JSONResponse(
             {
                 "id": completion_id, "object": "chat.completion", "created": created, "model": state.planner_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                             "finish_reason": finish_reason(out), "logprobs": None}],
-                "usage": _usage(out),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": value.text},
+                             "finish_reason": finish_reason(value), "logprobs": None}],
+                "usage": _usage(value),
             },
             headers=headers,
         )  # fmt: skip
-
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-    def run() -> None:
-        try:
-            out = generate(lambda text: loop.call_soon_threadsafe(queue.put_nowait, ("token", text)))
-            loop.call_soon_threadsafe(queue.put_nowait, ("done", out))
-        except BaseException as e:  # reported in the stream; the thread ends either way
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
 
     def chunk(delta: dict[str, Any], reason: str | None = None, usage: Any = None) -> str:
         data: dict[str, Any] = {
@@ -249,26 +293,23 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
         return f"data: {json.dumps(data)}\n\n"
 
     async def events() -> Any:
-        task = loop.run_in_executor(None, run)
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            while True:
-                kind, value = await queue.get()
-                if kind == "token":
-                    yield chunk({"content": value})
-                elif kind == "done":
-                    yield chunk({}, finish_reason(value))
-                    if body.stream_options is not None and body.stream_options.include_usage:
-                        yield chunk({}, usage=_usage(value))
-                    break
-                else:
-                    err = api_error(value)
-                    yield f"data: {json.dumps(error_body(err.message, err.kind, err.code))}\n\n"
-                    break
-            yield "data: [DONE]\n\n"
-        finally:
-            await asyncio.shield(task)  # the model call finishes before the slot is given back
-            slot.exit()
+        # No await may stand between a hang-up and the end of this generator: the model call goes on
+        # in its thread, and its slot is given back when it ends (``in_thread``).
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, value = await queue.get()
+            if kind == "token":
+                yield chunk({"content": value})
+            elif kind == "done":
+                yield chunk({}, finish_reason(value))
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    yield chunk({}, usage=_usage(value))
+                break
+            else:
+                err = api_error(value)
+                yield f"data: {json.dumps(error_body(err.message, err.kind, err.code))}\n\n"
+                break
+        yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
@@ -307,17 +348,17 @@ async def _draw(
     if problem := refusal(getattr(tool, "capabilities", {}), kind, len(references)):
         raise ApiError(400, problem)
     base_seed = state.agent.preset.seed if seed is None else seed
-    async with Slot(state.gates["image"]) as slot:
+    slot = await Slot(state.gates["image"]).enter()
 
-        def draw_all() -> list[str]:
-            out = []
-            for i in range(n):
-                drawing = tool.draw(prompt, kind=kind, references=references, seed=base_seed + i)  # type: ignore[arg-type]
-                image = getattr(drawing, "image", drawing)
-                out.append(_b64_png(image, size))
-            return out
+    def draw_all() -> list[str]:
+        out = []
+        for i in range(n):
+            drawing = tool.draw(prompt, kind=kind, references=references, seed=base_seed + i)  # type: ignore[arg-type]
+            image = getattr(drawing, "image", drawing)
+            out.append(_b64_png(image, size))
+        return out
 
-        pictures = await asyncio.to_thread(draw_all)
+    pictures = await asyncio.shield(in_thread(slot, draw_all))
     return JSONResponse(
         {"created": int(time.time()), "data": [{"b64_json": p} for p in pictures]},
         headers={"x-duogen-queue-wait-ms": f"{slot.waited * 1000:.1f}"},
@@ -357,8 +398,10 @@ async def images_edits(request: Request) -> Any:
             raise ApiError(400, f"kind {kind!r}: use edit, generate or continue")
         _check_model(state, body.model, "image")
         references = []
+        budget = PixelBudget()
         for f in files:
             data = await f.read()
+            budget.take(data, "image")
             try:
                 references.append(await asyncio.to_thread(decode_image, data, f.filename or "image"))
             except InputImageError as e:

@@ -99,16 +99,16 @@ class Session:
         yield from self._stream(prompt, mode, images, seed, events=True)
 
     def _stream(
-        self, prompt: str, mode: str | None, images: Sequence[Any], seed: int | None, *, events: bool
+        self, prompt: str, mode: str | None, images: Sequence[Any], seed: int | None, *, events: bool, stop: Any = None
     ) -> Iterator[dict[str, Any]]:
         check_seed(seed)
         if mode is None:
             mode = self.sessions.get(self.id).mode if self.sessions.exists(self.id) else "interleaved"
         with self.agent.store.lease():  # gc keeps what this turn writes, from its uploads on
-            yield from self._send(prompt, mode, images, seed, events)
+            yield from self._send(prompt, mode, images, seed, events, stop)
 
     def _send(
-        self, prompt: str, mode: str, images: Sequence[Any], seed: int | None, events: bool = True
+        self, prompt: str, mode: str, images: Sequence[Any], seed: int | None, events: bool = True, stop: Any = None
     ) -> Iterator[dict[str, Any]]:
         refs = self.agent.store_inputs(prompt, mode, images)
         with self._writing():
@@ -124,7 +124,7 @@ class Session:
                 base_checkpoint_id=base,
             )  # fmt: skip
             state = self.agent.input_state(prompt, mode, refs, seed)
-            yield from self._drive(turn_id, state, prompt, mode, refs, events=events)
+            yield from self._drive(turn_id, state, prompt, mode, refs, events=events, stop=stop)
 
     async def astream(self, prompt: str, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
         """``stream`` for asyncio (model calls in a worker thread)."""
@@ -158,10 +158,11 @@ class Session:
         refs: Sequence[Any],
         *,
         events: bool = True,
+        stop: Any = None,
     ) -> Iterator[dict[str, Any]]:
         try:
             if graph_input is not None or self.graph.get_state(self._config()).next:
-                yield from self.agent.graph_events(self.graph, graph_input, self._config(), events=events)
+                yield from self.agent.graph_events(self.graph, graph_input, self._config(), events=events, stop=stop)
             values = dict(self.graph.get_state(self._config()).values)
             self.sessions.commit_turn(turn_id, values)
         except BaseException as e:  # Ctrl-C, an error, or the caller closing the stream
@@ -207,9 +208,9 @@ class Session:
             }
             yield from self._drive(turn_id, state, prompt, mode, [])
 
-    def resume(self) -> Iterator[dict[str, Any]]:
+    def resume(self, *, stop: Any = None) -> Iterator[dict[str, Any]]:
         """Continue the unfinished last turn from its last checkpoint, yielding its events.
-        Raises ``SessionStateError`` when nothing is pending."""
+        Raises ``SessionStateError`` when nothing is pending. ``stop``: as for ``Agent.graph_events``."""
         with self._writing(), self.agent.store.lease():
             turn = self.sessions.unfinished_turn(self.id)
             if turn is None:
@@ -227,7 +228,7 @@ class Session:
             if current == turn.base_checkpoint_id:
                 # Interrupted before its first checkpoint: start the turn again from its message.
                 graph_input = self.agent.input_state(turn.prompt, turn.mode, refs, turn.seed)
-            yield from self._drive(turn.id, graph_input, turn.prompt, turn.mode, refs)
+            yield from self._drive(turn.id, graph_input, turn.prompt, turn.mode, refs, stop=stop)
 
     def cancel(self) -> bool:
         """Drop the unfinished last turn: the graph state goes back to where the turn began and the
