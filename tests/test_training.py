@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +170,21 @@ def test_stage2_resume_gives_the_same_losses(stage1, data, tmp_path) -> None:
     assert _stage2(tmp_path, stage1, data, resumed, *args, "--resume") == 0
     assert _losses(straight / "dit") == _losses(resumed / "dit")
     assert _losses(straight / "vae") == _losses(resumed / "vae")
+
+
+def test_the_oracle_dit_diagnostic_runs(tmp_path: Path) -> None:
+    """benchmarks/shapes_oracle_dit.py (stage 2's image side from a perfect context) at toy size."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_oracle_dit.py"
+    spec = importlib.util.spec_from_file_location("shapes_oracle_dit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "oracle"
+    assert module.main(["--out", str(out), "--examples", "8", "--vae-steps", "2", "--vae-batch", "2",
+                        "--dit-steps", "2", "--dit-batch", "2", "--eval", "2", "--eval-every", "1",
+                        "--threads", "1"]) == 0  # fmt: skip
+    result = json.loads((out / "results.json").read_text())
+    assert [r["step"] for r in result["rows"]] == [1, 2]
+    assert all(0 <= r[k] <= 1 for r in result["rows"] for k in ("alignment", "fidelity", "consistency"))
+    assert 0 <= result["vae_ceiling_alignment"] <= 1 and (out / "sample-0.png").is_file()
