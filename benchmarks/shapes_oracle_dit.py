@@ -163,7 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     dit = s2.new_transformer(64)
     params = list(dit.parameters()) + list(oracle.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 300))
+
+    def dit_factor(s: int) -> float:  # warm-up, then cosine decay to a tenth
+        import math
+
+        return min(1.0, (s + 1) / 300) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / max(1, args.dit_steps)))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, dit_factor)
     rows: list[dict[str, Any]] = []
     for step in range(1, args.dit_steps + 1):
         idx = torch.randint(0, len(latents), (args.dit_batch,), generator=gen)
