@@ -135,21 +135,15 @@ class Agent:
 
         spec = load_preset(preset)
         root = Path(home) if home is not None else default_home()
-        planners = [s for s in (spec.planner, spec.critic) if s is not None]
-        images = [i for i in (spec.image, spec.image.references) if i is not None]
-        if any(s.backend == "transformers" for s in planners) or not all(i.is_remote for i in images):
-            from duogen_agents.models.loading import quiet_libraries  # imports torch: local models only
-
-            quiet_libraries()
         models = spec.models_path(root)
         planner = build_planner(spec.planner, models)
         critic = build_planner(spec.critic, models, role="critic") if spec.critic is not None else None
         if spec.offload:  # each model waits on the CPU before the next loads: the peak is one model
             from duogen_agents.models.residency import offload_image_tool, offload_planner
 
-            for p, s in ((planner, spec.planner), (critic, spec.critic)):
-                if p is not None and s is not None and s.backend == "transformers":  # a server keeps its own
-                    offload_planner(p)
+            for p in (planner, critic):
+                if p is not None:
+                    offload_planner(p)  # a remote planner has no weights here: skipped
         image_tool = build_image_tool(spec.image, models)
         if hasattr(image_tool, "attach_planner"):  # the aligned family reads the planner's states
             image_tool.attach_planner(planner)

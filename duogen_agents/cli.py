@@ -486,18 +486,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from duogen_agents.errors import ConfigError
-    from duogen_agents.serve.app import ServeSettings, api_keys_from_env, check_bind
 
     if not 0 < args.port < 65536 or args.queue < 0 or args.turns < 1 or args.max_body_mb <= 0 or args.grace < 0:
         raise ConfigError("--port 1-65535, --queue >= 0, --turns >= 1, --max-body-mb > 0 and --grace >= 0")
-    keys = api_keys_from_env()
-    check_bind(args.host, keys)  # before any model loads
     try:
-        from duogen_agents.serve.app import serve
+        from duogen_agents.serve.app import ServeSettings, serve
     except ImportError as e:
-        raise ConfigError(f"duogen serve needs its extra ({e.name} is missing): pip install 'duogen-agents[serve]'") from e
+        raise ConfigError(
+            f"duogen serve needs its extra ({e.name} is missing): pip install 'duogen-agents[serve]'"
+        ) from e
     settings = ServeSettings(
-        api_keys=keys, queue=args.queue, turns=args.turns, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        queue=args.queue, turns=args.turns, max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         cors_origins=tuple(args.cors_origin), grace_s=args.grace,
         session_wait_s=args.wait if args.wait is not None else 0.0,  # --wait alone: for ever
     )  # fmt: skip

@@ -74,14 +74,11 @@ class PlannerJudge:
     def from_preset(cls, preset: str, home: Any = None) -> PlannerJudge:
         from pathlib import Path
 
-        from duogen_agents.models.loading import quiet_libraries
         from duogen_agents.models.remote import build_planner
         from duogen_agents.presets import load_preset
         from duogen_agents.storage.images import default_home
 
         spec = load_preset(preset)
-        if spec.planner.backend == "transformers":
-            quiet_libraries()
         root = Path(home) if home is not None else default_home()
         return cls(build_planner(spec.planner, spec.models_path(root)), f"preset:{spec.name}", preset)
 

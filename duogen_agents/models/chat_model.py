@@ -189,7 +189,6 @@ class ChatDuogen(PlannerChatModel):
         if self.planner is None:
             from pathlib import Path
 
-            from duogen_agents.models.loading import quiet_libraries
             from duogen_agents.presets import load_preset
             from duogen_agents.storage.images import ImageStore, default_home
 
@@ -201,8 +200,6 @@ class ChatDuogen(PlannerChatModel):
                 if key not in _PLANNERS:
                     from duogen_agents.models.remote import build_planner
 
-                    if spec.planner.backend == "transformers":
-                        quiet_libraries()
                     _PLANNERS[key] = build_planner(spec.planner, models)
                 self.planner = _PLANNERS[key]
             if self.store is None:

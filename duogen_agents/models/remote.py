@@ -55,8 +55,10 @@ def build_planner(spec: PlannerSpec, models_dir: Path | None = None, *, role: st
     (``planner`` or ``critic``) names it in errors."""
     if spec.backend == "openai":
         return OpenAIPlanner.from_spec(spec, role)
+    from duogen_agents.models.loading import quiet_libraries  # imports torch: local models only
     from duogen_agents.models.planner import TransformersPlanner
 
+    quiet_libraries()
     return TransformersPlanner.from_spec(spec, models_dir)
 
 

@@ -108,7 +108,9 @@ class Residency:
 
 def offload_planner(planner: Any) -> None:
     """Make ``planner`` (a ``TransformersPlanner``) a role of its device, its weights on the CPU
-    until its first call."""
+    until its first call. A planner without local weights (a remote one) is left as it is."""
+    if getattr(planner, "model", None) is None or not hasattr(planner, "device"):
+        return
     if getattr(planner.spec, "compile", False):
         from duogen_agents.errors import ConfigError
 

@@ -25,7 +25,7 @@ import hmac
 import json
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from duogen_agents.errors import (
@@ -55,8 +55,6 @@ __all__ = ["API_KEY_ENV", "ServeSettings", "api_keys_from_env", "check_bind", "c
 
 @dataclass
 class ServeSettings:
-    host: str = "127.0.0.1"
-    port: int = 8000
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 1024 * 1024)
     queue: int = 16  # requests that may wait for each model
@@ -65,7 +63,6 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ()
     grace_s: float = 30.0
     session_wait_s: float = 0.0  # how long a turn waits for a session another turn is writing
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ApiError(Exception):
@@ -331,7 +328,6 @@ def serve(
     from duogen_agents.sessions import Sessions
 
     settings = settings or ServeSettings()
-    settings.host, settings.port = host, port
     if not settings.api_keys:
         settings.api_keys = api_keys_from_env()
     check_bind(host, settings.api_keys)  # before loading anything

@@ -43,6 +43,9 @@ def build_family(spec: ImageSpec, models_dir: Path | None) -> Any:
         from duogen_agents.models.images.remote import OpenAIImagesTool
 
         return OpenAIImagesTool.from_spec(spec)
+    from duogen_agents.models.loading import quiet_libraries  # imports torch: local models only
+
+    quiet_libraries()
     if spec.family == "aligned":
         from duogen_agents.models.images.aligned import AlignedImageTool
 
