@@ -63,7 +63,9 @@ _CORPUS = [
 ]
 
 
-def _train_tokenizer(kind: Literal["byte_bpe", "unigram"], vocab_size: int, special: list[str]) -> Any:
+def _train_tokenizer(
+    kind: Literal["byte_bpe", "unigram"], vocab_size: int, special: list[str], corpus: list[str] | None = None
+) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if kind == "byte_bpe":
@@ -81,7 +83,7 @@ def _train_tokenizer(kind: Literal["byte_bpe", "unigram"], vocab_size: int, spec
         trainer = trainers.UnigramTrainer(
             vocab_size=vocab_size, special_tokens=special, unk_token="<unk>", show_progress=False
         )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(corpus if corpus is not None else _CORPUS * 4, trainer=trainer)
     return tok
 
 
@@ -103,17 +105,45 @@ def _planner_tokenizer() -> Any:
     return planner_tokenizer_from(_train_tokenizer("byte_bpe", 512, PLANNER_SPECIAL_TOKENS))
 
 
+def _shapes_corpus() -> list[str]:
+    """The shapes world's words (its prompts, step texts and image prompts, training split only) and
+    the action protocol's keys, so the planner of the ``shapes`` preset reads a cell, a colour or a
+    shape as one token."""
+    from duogen_agents.worlds.shapes import CELLS, COLORS, SHAPES, scene_prompt, tasks
+
+    lines = list(_CORPUS)
+    for task in tasks(400, split="train", seed=12345):
+        lines += [t["prompt"] for t in task["turns"]]
+        for scene in task["expect"].get("scenes", []):
+            lines.append(scene_prompt({c: (o[0], o[1]) for c, o in scene.items()}))
+        lines.append(" ".join(str(f) for f in task["expect"].get("facts", [])))
+    lines.append(" ".join([*CELLS, *SHAPES, *COLORS, "Step 1: Step 2: Step 3: Step 4: yes no"]))
+    return lines * 2
+
+
 def _vocab_size(tokenizer: Any) -> int:
     return ((len(tokenizer) + 63) // 64) * 64
 
 
-def build_tiny_planner(path: Path, family: Literal["qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl") -> Path:
-    """Write a random-weight planner checkpoint of the real Qwen-VL class to ``path``."""
+# The untrained planner the ``shapes`` preset is trained from (``tiny:shapes``): the Qwen2.5-VL class,
+# wider and deeper than ``tiny``'s, with a tokenizer trained on the shapes world's words.
+SHAPES_PLANNER = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "vocab": 1024}
+
+
+def build_tiny_planner(path: Path, family: Literal["qwen2_5_vl", "qwen3_vl", "shapes"] = "qwen2_5_vl") -> Path:
+    """Write a random-weight planner checkpoint of the real Qwen-VL class to ``path`` (``shapes``: the
+    Qwen2.5-VL class at ``SHAPES_PLANNER``'s size, with the shapes world's tokenizer)."""
     import torch
     from transformers import Qwen2VLImageProcessor
 
     torch.manual_seed(0)
-    tokenizer = _planner_tokenizer()
+    shapes = family == "shapes"
+    if shapes:
+        family = "qwen2_5_vl"
+        backend = _train_tokenizer("byte_bpe", SHAPES_PLANNER["vocab"], PLANNER_SPECIAL_TOKENS, _shapes_corpus())
+        tokenizer = planner_tokenizer_from(backend)
+    else:
+        tokenizer = _planner_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in PLANNER_SPECIAL_TOKENS}
     special_ids = dict(
         image_token_id=ids["<|image_pad|>"],
@@ -123,9 +153,9 @@ def build_tiny_planner(path: Path, family: Literal["qwen2_5_vl", "qwen3_vl"] = "
     )
     text = dict(
         vocab_size=_vocab_size(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=SHAPES_PLANNER["hidden_size"] if shapes else 64,
+        intermediate_size=SHAPES_PLANNER["intermediate_size"] if shapes else 128,
+        num_hidden_layers=SHAPES_PLANNER["num_hidden_layers"] if shapes else 2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
@@ -137,6 +167,8 @@ def build_tiny_planner(path: Path, family: Literal["qwen2_5_vl", "qwen3_vl"] = "
     image_processor = Qwen2VLImageProcessor(
         patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=32 * 32
     )
+    half = text["hidden_size"] // text["num_attention_heads"] // 2  # rotary pairs per head
+    mrope = [half // 4, (half - half // 4 + 1) // 2, (half - half // 4) // 2]  # [2, 3, 3] at 64 wide
     if family == "qwen2_5_vl":
         from transformers import (
             Qwen2_5_VLConfig,
@@ -148,7 +180,7 @@ def build_tiny_planner(path: Path, family: Literal["qwen2_5_vl", "qwen3_vl"] = "
         config = Qwen2_5_VLConfig(
             text_config={
                 **text,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
             },
             vision_config=dict(
                 depth=2,
@@ -159,7 +191,7 @@ def build_tiny_planner(path: Path, family: Literal["qwen2_5_vl", "qwen3_vl"] = "
                 spatial_merge_size=2,
                 temporal_patch_size=2,
                 window_size=16,
-                out_hidden_size=64,
+                out_hidden_size=text["hidden_size"],
                 fullatt_block_indexes=[1],
             ),
             **special_ids,
