@@ -127,9 +127,20 @@ def _parser() -> argparse.ArgumentParser:
     s2.add_argument("--out", required=True, type=Path, metavar="DIR")
     s2.add_argument("--steps", type=int, default=400, help="DiT and connector steps (default 400)")
     s2.add_argument("--vae-steps", type=int, default=200, help="VAE steps, first (default 200)")
-    s2.add_argument("--batch", type=int, default=4)
+    s2.add_argument("--batch", type=int, default=4, help="DiT examples per step (default 4)")
+    s2.add_argument("--vae-batch", type=int, default=16, help="VAE pictures per step (default 16)")
     s2.add_argument("--lr", type=float, default=1e-3)
-    s2.add_argument("--vae-lr", type=float, default=2e-3)
+    s2.add_argument("--vae-lr", type=float, default=1e-3)
+    s2.add_argument("--warmup", type=int, default=100, help="steps of linear warm-up, each phase (default 100)")
+    s2.add_argument(
+        "--context",
+        choices=["planner", "t5"],
+        default="planner",
+        help="the DiT's context: the planner's states over its prompt (DuoGen), or a frozen T5 over the prompt text",
+    )
+    s2.add_argument(
+        "--vae-from", type=Path, default=None, metavar="DIR", help="reuse the VAE of an earlier stage 2 (its OUT)"
+    )
     s2.add_argument("--size", type=int, default=64, help="picture side in pixels (a multiple of 16)")
     s2.add_argument("--seed", type=int, default=0)
     s2.add_argument("--save-every", type=int, default=50, metavar="N")
@@ -455,16 +466,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "stage2":
         from duogen_agents.training.stage2 import train_stage2
 
-        cfg = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, save_every=args.save_every)
+        cfg = TrainConfig(
+            steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
+            save_every=args.save_every,
+        )  # fmt: skip
         vae_cfg = TrainConfig(
-            steps=args.vae_steps, batch=args.batch, lr=args.vae_lr, seed=args.seed, save_every=args.save_every
-        )
+            steps=args.vae_steps, batch=args.vae_batch, lr=args.vae_lr, warmup=args.warmup, seed=args.seed,
+            save_every=args.save_every,
+        )  # fmt: skip
         r2 = train_stage2(
-            args.planner, args.data, args.out, cfg, vae_cfg, size=args.size, resume=args.resume, home=args.home
-        )
+            args.planner, args.data, args.out, cfg, vae_cfg, size=args.size, context=args.context,
+            vae_from=args.vae_from, resume=args.resume, home=args.home,
+        )  # fmt: skip
         print(
-            f"stage 2: {r2.examples} pictures; VAE loss {r2.vae_loss[0]:.4f} -> {r2.vae_loss[1]:.4f}; "
-            f"DiT loss {r2.dit_loss[0]:.4f} -> {r2.dit_loss[1]:.4f} (OUT/vae, OUT/dit: metrics.jsonl, loss.png)"
+            f"stage 2: {r2.examples} pictures; "
+            + (f"VAE loss {r2.vae_loss[0]:.4f} -> {r2.vae_loss[1]:.4f}; " if args.vae_from is None else "VAE reused; ")
+            + f"DiT loss {r2.dit_loss[0]:.4f} -> {r2.dit_loss[1]:.4f} (OUT/vae, OUT/dit: metrics.jsonl, loss.png)"
             f"\naligned models: {r2.out / 'aligned'}\npreset:  {r2.preset}"
         )
         return 0

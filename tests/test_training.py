@@ -8,8 +8,9 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
-from duogen_agents.cli import main
+from duogen_agents.cli import EXIT_ERROR, main
 from duogen_agents.graphs import actions as A
 from duogen_agents.presets import load_preset
 from duogen_agents.training.data import DataError, load_tasks, planner_examples
@@ -127,7 +128,7 @@ def stage1(data, tmp_path_factory):
 def _stage2(tmp_path, stage1, data, out, *extra: str) -> int:
     return main(
         ["train", "stage2", "--planner", str(stage1), "--data", str(data), "--out", str(out), "--home",
-         str(tmp_path / "home"), "--batch", "2", *extra]
+         str(tmp_path / "home"), "--batch", "2", "--vae-batch", "2", "--warmup", "2", *extra]
     )  # fmt: skip
 
 
@@ -159,6 +160,53 @@ def test_stage2_trains_and_the_aligned_family_draws_in_the_graph(stage1, data, t
     )
     assert doc.images and all(b.family == "aligned" for b in doc.blocks if b.type == "image")
     assert seen[0] == 0 and any(seen[1:])  # later pictures are conditioned on the earlier one
+
+
+def test_the_connector_reads_the_states_of_the_prompt_the_planner_wrote(stage1) -> None:
+    from duogen_agents.models.planner import TransformersPlanner
+    from duogen_agents.training.data import PlannerExample
+    from duogen_agents.training.stage2 import planner_states, prompt_of, prompt_positions
+
+    preset = load_preset(stage1 / "preset.json")
+    planner = TransformersPlanner.from_spec(preset.planner, None)
+    prompt = "a 3x3 grid with a red circle at the top-left"
+    action = json.dumps({"text": "Step 1", "image": {"prompt": prompt, "references": [], "kind": "generate"}})
+    assert prompt_of(action) == prompt
+    ids = planner.tokenizer(action, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    picked = prompt_positions(planner.tokenizer, action)
+    assert planner.tokenizer.decode([ids[i] for i in picked]).strip() == prompt
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "Draw a red circle at the top-left."}]}]
+    states, mask = planner_states(planner, PlannerExample(conversation, action), 96)
+    assert int(mask.sum()) == len(picked) and not mask[len(picked) :].any()
+    assert states.shape == (96, 2 * planner.model.config.text_config.hidden_size)
+    assert states[: len(picked)].abs().sum(dim=1).gt(0).all() and not states[len(picked) :].any()
+    # The states follow the prompt: another object in the prompt, other states.
+    other = action.replace("red circle", "blue square")
+    states2, _ = planner_states(planner, PlannerExample(conversation, other), 96)
+    assert not torch.allclose(states, states2)
+
+
+def test_stage2_prompt_only_context_reuses_a_vae_and_draws_from_the_prompt(stage1, data, tmp_path) -> None:
+    from diffusers import AutoencoderKLWan
+
+    from duogen_agents import Agent
+
+    first, t5 = tmp_path / "first", tmp_path / "t5"
+    assert _stage2(tmp_path, stage1, data, first, "--vae-steps", "3", "--steps", "2", "--save-every", "2") == 0
+    assert _stage2(tmp_path, stage1, data, t5, "--context", "t5", "--vae-from", str(first), "--steps", "4",
+                   "--save-every", "2") == 0  # fmt: skip
+    assert not (t5 / "vae").exists()  # no VAE trained: the first run's
+    a = AutoencoderKLWan.from_pretrained(first / "aligned" / "vae").state_dict()
+    b = AutoencoderKLWan.from_pretrained(t5 / "aligned" / "vae").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    meta = json.loads((t5 / "aligned" / "aligned.json").read_text())
+    assert meta["context"] == "t5" and (t5 / "aligned" / "text_encoder" / "config.json").is_file()
+    agent = Agent.from_preset(load_preset(t5 / "preset.json"), home=tmp_path / "home")
+    assert agent.image_tool.text_encoder is not None
+    drawing = agent.image_tool.draw("a 3x3 grid with a red circle at the top-left", seed=0)  # no planner call
+    assert drawing.image.size == (64, 64)
+    assert main(["train", "stage2", "--planner", str(stage1), "--data", str(data), "--out", str(tmp_path / "x"),
+                 "--vae-from", str(tmp_path / "nothing")]) == EXIT_ERROR  # fmt: skip
 
 
 def test_stage2_resume_gives_the_same_losses(stage1, data, tmp_path) -> None:

@@ -6,9 +6,11 @@ Models, built from configs and trained from scratch at toy size (the classes of 
   training clip is two latent frames, the reference's and the target's, each encoded on its own (the
   real Cosmos VAE packs four video frames into one latent frame; pictures of a plan are not a video). Its
   ``latents_mean``/``latents_std`` are measured on the data afterwards and stored in its config.
-- **Connector**: ``Connector`` maps the planner's last-layer hidden states over the last ``tokens``
-  positions of the conversation and the image-requesting action (the planner is frozen) to the DiT's
-  cross-attention context, in place of T5's prompt embedding.
+- **Connector**: ``Connector`` reads the frozen planner's hidden states (middle and last layer) over
+  the tokens of the image prompt it wrote in the image-requesting action, and gives the DiT's
+  cross-attention context in place of T5's prompt embedding: 16 learned queries attend to those
+  states through a two-layer transformer. With ``context = "t5"`` (the prompt-only ablation) it reads
+  a frozen T5 encoder's states over the written prompt instead, as Cosmos-Predict2 does.
 - **DiT**: ``CosmosTransformer3DModel`` with Video2World's inputs (latents plus the conditioning-mask
   channel), trained with the objective of diffusers' Cosmos2 Video2World pipeline: on the target latent
   frame ``x_t = (1 - t) x0 + t eps`` at timestep ``t``, the conditioning frame clean at the pipeline's
@@ -23,6 +25,7 @@ reference: its conditioning frame is a blank canvas, as in training.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,17 +46,32 @@ def _connector_class() -> Any:
     from torch import nn
 
     class Connector(ModelMixin, ConfigMixin):
-        """Planner hidden states [B, tokens, in_dim] -> DiT context [B, tokens, out_dim]."""
+        """States [B, T, in_dim] over the image prompt's tokens (``mask`` [B, T]: which are real) ->
+        DiT context [B, queries, out_dim]: learned queries read the states through a small
+        bidirectional transformer, so the context has a fixed length however long the prompt."""
 
         @register_to_config
-        def __init__(self, in_dim: int, out_dim: int, tokens: int = 48, hidden: int = 128) -> None:
+        def __init__(
+            self, in_dim: int, out_dim: int, tokens: int = 96, queries: int = 16, width: int = 128, layers: int = 2
+        ) -> None:
             super().__init__()
             self.norm = nn.LayerNorm(in_dim)
-            self.proj = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
-            self.pos = nn.Parameter(torch.randn(tokens, out_dim) * 0.02)  # which of the last positions
+            self.inp = nn.Linear(in_dim, width)
+            self.pos = nn.Parameter(torch.randn(tokens, width) * 0.02)
+            self.query = nn.Parameter(torch.randn(queries, width) * 0.02)
+            block = nn.TransformerEncoderLayer(
+                width, nhead=4, dim_feedforward=2 * width, dropout=0.0, batch_first=True, norm_first=True
+            )
+            self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+            self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out_dim))
 
-        def forward(self, states: Any) -> Any:
-            return self.proj(self.norm(states)) + self.pos
+        def forward(self, states: Any, mask: Any) -> Any:
+            b, t = states.shape[:2]
+            x = self.inp(self.norm(states)) + self.pos[:t]
+            q = self.query.unsqueeze(0).expand(b, -1, -1)
+            pad = torch.cat([torch.zeros(b, q.shape[1], dtype=torch.bool, device=mask.device), ~mask.bool()], dim=1)
+            y = self.encoder(torch.cat([q, x], dim=1), src_key_padding_mask=pad)
+            return self.out(y[:, : q.shape[1]])
 
     return Connector
 
@@ -121,24 +139,68 @@ def encode_frames(vae: Any, clips: Any) -> Any:
     return torch.cat([vae.encode(clips[:, :, i : i + 1]).latent_dist.mode() for i in range(clips.shape[2])], dim=2)
 
 
-def planner_states(planner: Any, example: PlannerExample, tokens: int) -> Any:
-    """The frozen planner's last-layer hidden states over the last ``tokens`` positions of the
-    conversation followed by the image-requesting action (zeros in front of a shorter sequence)."""
+_PROMPT = re.compile(r'"prompt"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def prompt_of(action: str) -> str:
+    """The image prompt an action asks for (the empty string when it asks for none)."""
+    m = _PROMPT.search(action)
+    return json.loads(f'"{m.group(1)}"') if m else ""
+
+
+def prompt_positions(tokenizer: Any, action: str) -> list[int]:
+    """Which tokens of ``action`` (tokenized alone, as stage 1 appends it) spell its image prompt."""
+    m = _PROMPT.search(action)
+    if m is None:
+        return []
+    a, b = m.span(1)
+    enc = tokenizer(action, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    return [i for i, (x, y) in enumerate(enc["offset_mapping"]) if y > a and x < b]
+
+
+def planner_states(planner: Any, example: PlannerExample, tokens: int) -> tuple[Any, Any]:
+    """The frozen planner's hidden states over the image prompt it wrote: the conversation followed by
+    the image-requesting action runs through the planner, and the states of the prompt's tokens are
+    taken from its middle and last layers (what each token is, and what the planner makes of it),
+    concatenated. Returns ``states`` [tokens, 2 * hidden] and ``mask`` [tokens] (which are real)."""
     import torch
 
     from duogen_agents.training.stage1 import _encode
 
     enc = _encode(planner, example.conversation, example.target)
     enc.pop("labels")
+    n_target = len(planner.tokenizer(example.target, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    start = enc["input_ids"].shape[1] - n_target - 1  # the action, then its end token
+    within = prompt_positions(planner.tokenizer, example.target)
+    picked = [start + i for i in within] if within else list(range(start, enc["input_ids"].shape[1]))
+    picked = picked[:tokens]
     batch = {k: v.to(planner.device) for k, v in enc.items()}
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(planner.model.dtype)
     with torch.no_grad():
-        hidden = planner.model(**batch, output_hidden_states=True, use_cache=False).hidden_states[-1][0].float()
-    out = torch.zeros(tokens, hidden.shape[-1])
-    take = hidden[-tokens:].cpu()
-    out[tokens - take.shape[0] :] = take
-    return out
+        layers = planner.model(**batch, output_hidden_states=True, use_cache=False).hidden_states
+    hidden = torch.cat([layers[len(layers) // 2][0], layers[-1][0]], dim=-1).float().cpu()
+    states = torch.zeros(tokens, hidden.shape[-1])
+    mask = torch.zeros(tokens, dtype=torch.bool)
+    states[: len(picked)] = hidden[picked]
+    mask[: len(picked)] = True
+    return states, mask
+
+
+def text_encoder_states(encoder: Any, tokenizer: Any, prompt: str, tokens: int) -> tuple[Any, Any]:
+    """The prompt-only context: a T5 encoder's last hidden states over the written prompt (the way
+    Cosmos-Predict2 conditions its DiT), as ``states`` [tokens, dim] and ``mask`` [tokens]."""
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt", truncation=True, max_length=tokens)
+    with torch.no_grad():
+        hidden = encoder(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state[0]
+    n = hidden.shape[0]
+    states = torch.zeros(tokens, hidden.shape[-1])
+    mask = torch.zeros(tokens, dtype=torch.bool)
+    states[:n] = hidden.float()
+    mask[:n] = True
+    return states, mask
 
 
 @dataclass
@@ -201,19 +263,23 @@ def sample(
     states: Any,
     reference: Any,
     *,
+    mask: Any = None,
     size: int,
     steps: int = 20,
     seed: int = 0,
     on_step: Any = None,
 ) -> Any:
-    """Draw one picture: ``states`` [tokens, dim] from the planner, ``reference`` a PIL picture or None."""
+    """Draw one picture: ``states`` [tokens, dim] and ``mask`` [tokens] (default: all real) from
+    ``planner_states`` or ``text_encoder_states``; ``reference`` a PIL picture or None."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         clip = clip_of(reference, reference if reference is not None else _blank(size), size).unsqueeze(0)
         cond = _normalise(vae, encode_frames(vae, clip))
-        context = connector(states.unsqueeze(0))
+        if mask is None:
+            mask = torch.ones(states.shape[0], dtype=torch.bool)
+        context = connector(states.unsqueeze(0), mask.unsqueeze(0))
         x = torch.randn(cond[:, :, 1:].shape, generator=gen)
         ts = torch.linspace(1.0, 0.0, steps + 1)
         for i in range(steps):
@@ -234,6 +300,30 @@ def _blank(size: int) -> Any:
     return Image.new("RGB", (size, size), BLANK)
 
 
+def new_text_encoder(tokens: int = 96) -> tuple[Any, Any]:
+    """The prompt-only row's text encoder: a T5 encoder (the class Cosmos-Predict2 conditions on),
+    random and frozen, with a tokenizer trained on the shapes world's words (deterministic: seed 0)."""
+    import torch
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    from duogen_agents.models.tiny import _shapes_corpus, _train_tokenizer, _vocab_size
+
+    backend = _train_tokenizer("unigram", 400, ["<pad>", "</s>", "<unk>"], _shapes_corpus())
+    tokenizer = T5TokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+        model_max_length=tokens,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=_vocab_size(tokenizer), d_model=128, d_ff=256, d_kv=32, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=16, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5EncoderModel(config).eval(), tokenizer
+
+
+CONTEXTS = ("planner", "t5")
+
+
 def train_stage2(
     planner_dir: str | Path,
     data: str | Path,
@@ -242,11 +332,15 @@ def train_stage2(
     vae_cfg: TrainConfig | None = None,
     *,
     size: int = 64,
-    tokens: int = 48,
+    tokens: int = 96,
+    context: str = "planner",
+    vae_from: str | Path | None = None,
     resume: bool = False,
     home: str | Path | None = None,
 ) -> Stage2Result:
-    """Train the VAE, then the connector and DiT, on the pictures of ``data``'s answers."""
+    """Train the VAE (or take ``vae_from``'s), then the connector and DiT, on the pictures of ``data``'s
+    answers. ``context``: ``planner`` (DuoGen: the planner's states over the prompt it wrote) or ``t5``
+    (prompt-only: a frozen T5 encoder over the written prompt, as Cosmos-Predict2 does)."""
     import torch
 
     from duogen_agents.models.loading import quiet_libraries
@@ -256,7 +350,11 @@ def train_stage2(
 
     if size % 16:
         raise ConfigError("--size must be a multiple of 16")
-    cfg, vae_cfg = cfg or TrainConfig(), vae_cfg or TrainConfig(steps=200, lr=2e-3)
+    if context not in CONTEXTS:
+        raise ConfigError(f"--context must be one of {', '.join(CONTEXTS)}")
+    cfg, vae_cfg = cfg or TrainConfig(), vae_cfg or TrainConfig(steps=200, lr=1e-3)
+    cfg.check()
+    vae_cfg.check()
     out = Path(out)
     run1 = Path(planner_dir)
     if not (run1 / "preset.json").is_file():
@@ -264,23 +362,132 @@ def train_stage2(
     preset = load_preset(run1 / "preset.json")
     if preset.planner.backend != "transformers":
         raise ConfigError(f"--planner {planner_dir}: its planner is remote; stage 2 reads a local planner's states")
+    vae_source = _vae_source(vae_from) if vae_from is not None else None
     tasks = load_tasks(data)
     with tempfile.TemporaryDirectory(prefix="duogen-teacher-") as tmp:
         examples = [e for e in planner_examples(tasks, preset, Path(tmp)) if e.picture is not None]
     if not examples:
         raise ConfigError(f"{data}: no answer draws a picture; stage 2 needs pictures")
-    root = Path(home) if home is not None else default_home()
-    quiet_libraries()
-    planner = TransformersPlanner.from_spec(preset.planner, preset.models_path(root))
-    states = torch.stack([planner_states(planner, e, tokens) for e in examples])
     clips = torch.stack([clip_of(e.references[-1] if e.references else None, e.picture, size) for e in examples])
-    del planner
 
     # ---- phase 1: the VAE -------------------------------------------------------------------------
     torch.manual_seed(vae_cfg.seed)
     vae = new_vae()
 
-    pictures = torch.cat([clips[:, :, :1], clips[:, :, 1:]])  # every frame, as a one-frame video
+    def vae_load(ckpt: Path) -> None:
+        from diffusers import AutoencoderKLWan
+
+        vae.load_state_dict(AutoencoderKLWan.from_pretrained(ckpt / "vae").state_dict())
+
+    if vae_source is not None:
+        from diffusers import AutoencoderKLWan
+
+        vae.load_state_dict(AutoencoderKLWan.from_pretrained(vae_source).state_dict())
+    elif resume and (out / "vae" / "done.json").is_file():
+        vae_load(_last(out / "vae"))
+    else:
+        _train_vae(vae, clips, out / "vae", vae_cfg, resume=resume and (out / "vae" / "checkpoints").exists())
+    vae.eval()
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        raw = torch.cat([encode_frames(vae, clips[i : i + 8]) for i in range(0, len(clips), 8)])
+    vae.register_to_config(
+        latents_mean=raw.mean(dim=(0, 2, 3, 4)).tolist(), latents_std=(raw.std(dim=(0, 2, 3, 4)) + 1e-6).tolist()
+    )
+    latents = _normalise(vae, raw)
+
+    # ---- the context: the frozen planner's states, or T5's -----------------------------------------
+    root = Path(home) if home is not None else default_home()
+    quiet_libraries()
+    text_encoder = text_tokenizer = None
+    if context == "planner":
+        planner = TransformersPlanner.from_spec(preset.planner, preset.models_path(root))
+        pairs = [planner_states(planner, e, tokens) for e in examples]
+        del planner
+    else:
+        text_encoder, text_tokenizer = new_text_encoder(tokens)
+        pairs = [text_encoder_states(text_encoder, text_tokenizer, prompt_of(e.target), tokens) for e in examples]
+    states = torch.stack([p[0] for p in pairs])
+    masks = torch.stack([p[1] for p in pairs])
+
+    # ---- phase 2: connector and DiT -----------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    context_dim = 64
+    connector = _connector_class()(in_dim=states.shape[-1], out_dim=context_dim, tokens=tokens)
+    transformer = new_transformer(context_dim)
+    connector.train()
+    transformer.train()
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def dit_loss(idx: list[int]) -> Any:
+        z = latents[idx]
+        t = torch.sigmoid(torch.randn(len(idx), generator=gen))  # logit-normal times
+        noise = torch.randn(z[:, :, 1:].shape, generator=gen)
+        hidden, timestep, mask = dit_inputs(z, t, noise)
+        ctx = connector(states[idx], masks[idx])
+        pred = dit_forward(transformer, hidden, timestep, mask, ctx, size)[:, :, 1:]
+        return torch.nn.functional.mse_loss(pred, noise - z[:, :, 1:])
+
+    def dit_save(ckpt: Path) -> None:
+        transformer.save_pretrained(ckpt / "transformer")
+        connector.save_pretrained(ckpt / "connector")
+        torch.save(gen.get_state(), ckpt / "noise_rng.pt")
+
+    def dit_load(ckpt: Path) -> None:
+        from diffusers import CosmosTransformer3DModel
+
+        transformer.load_state_dict(CosmosTransformer3DModel.from_pretrained(ckpt / "transformer").state_dict())
+        connector.load_state_dict(type(connector).from_pretrained(ckpt / "connector").state_dict())
+        gen.set_state(torch.load(ckpt / "noise_rng.pt"))
+
+    params = list(transformer.parameters()) + list(connector.parameters())
+    dit_last = run(
+        out / "dit", cfg, len(latents), params, dit_loss, dit_save, dit_load, resume=resume and
+        (out / "dit" / "checkpoints").exists(), label="stage 2: DiT + connector", batched=True,
+        extra={"planner": str(run1.resolve()), "data": str(Path(data).resolve()), "examples": len(latents),
+               "size": size, "tokens": tokens, "context": context},
+    )  # fmt: skip
+
+    final = out / "aligned"
+    vae.save_pretrained(final / "vae")
+    transformer.eval().save_pretrained(final / "transformer")
+    connector.eval().save_pretrained(final / "connector")
+    if text_encoder is not None:
+        text_encoder.save_pretrained(final / "text_encoder")
+        text_tokenizer.save_pretrained(final / "tokenizer")
+    (final / "aligned.json").write_text(
+        json.dumps({"size": size, "tokens": tokens, "context": context, "planner": str((run1 / "planner").resolve())})
+    )
+    spec = preset.model_dump(mode="json")
+    spec["name"] = f"{preset.name}-stage2" + ("" if context == "planner" else f"-{context}")
+    spec["description"] = f"{preset.description}; DiT aligned by duogen train stage2 (context: {context})"
+    spec["image"] = {
+        "family": "aligned", "model": str(final.resolve()), "height": size, "width": size, "steps": 20,
+        "guidance": 0.0, "device": "cpu", "dtype": "float32",
+    }  # fmt: skip
+    preset_path = out / "preset.json"
+    preset_path.write_text(json.dumps(spec, indent=2))
+    vae_rows = _metrics(out / "vae") if vae_source is None else [float("nan")]
+    dit_rows = _metrics(out / "dit")
+    return Stage2Result(
+        out, preset_path, len(latents), (vae_rows[0], vae_rows[-1]), (dit_rows[0], dit_last.get("loss", dit_rows[-1]))
+    )
+
+
+def _vae_source(vae_from: str | Path) -> Path:
+    """A trained VAE to reuse: the OUT folder of an earlier stage 2, its ``aligned`` folder, or a
+    ``from_pretrained`` VAE folder."""
+    path = Path(vae_from)
+    for candidate in (path / "aligned" / "vae", path / "vae", path):
+        if (candidate / "config.json").is_file() and "AutoencoderKLWan" in (candidate / "config.json").read_text():
+            return candidate
+    raise ConfigError(f"--vae-from {vae_from}: no trained VAE there (give the OUT folder of an earlier stage 2)")
+
+
+def _train_vae(vae: Any, clips: Any, run_dir: Path, cfg: TrainConfig, *, resume: bool) -> None:
+    """Phase 1: the VAE learns every picture as a one-frame video."""
+    pictures = torch_cat_frames(clips)
 
     # Pictures of plans are mostly blank canvas: plain MSE is low for a VAE that paints the canvas
     # and blurs the objects away (measured on the shapes world: the objects vanish from the
@@ -303,85 +510,19 @@ def train_stage2(
 
         vae.load_state_dict(AutoencoderKLWan.from_pretrained(ckpt / "vae").state_dict())
 
-    vae_resume = resume and (out / "vae" / "checkpoints").exists()
-    vae_done = (out / "vae" / "done.json").is_file() and resume
-    if not vae_done:
-        vae.train()
-        vae_last = run(
-            out / "vae", vae_cfg, len(pictures), list(vae.parameters()), vae_loss, vae_save, vae_load,
-            resume=vae_resume, label="stage 2: VAE", batched=True,
-        )  # fmt: skip
-        (out / "vae" / "done.json").write_text(json.dumps(vae_last))
-    else:
-        vae_load(_last(out / "vae"))
-    vae.eval()
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    with torch.no_grad():
-        raw = torch.cat([encode_frames(vae, clips[i : i + 8]) for i in range(0, len(clips), 8)])
-    vae.register_to_config(
-        latents_mean=raw.mean(dim=(0, 2, 3, 4)).tolist(), latents_std=(raw.std(dim=(0, 2, 3, 4)) + 1e-6).tolist()
-    )
-    latents = _normalise(vae, raw)
-
-    # ---- phase 2: connector and DiT -----------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    context_dim = 64
-    connector = _connector_class()(in_dim=states.shape[-1], out_dim=context_dim, tokens=tokens)
-    transformer = new_transformer(context_dim)
-    connector.train()
-    transformer.train()
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    def dit_loss(idx: list[int]) -> Any:
-        z = latents[idx]
-        t = torch.sigmoid(torch.randn(len(idx), generator=gen))  # logit-normal times
-        noise = torch.randn(z[:, :, 1:].shape, generator=gen)
-        hidden, timestep, mask = dit_inputs(z, t, noise)
-        pred = dit_forward(transformer, hidden, timestep, mask, connector(states[idx]), size)[:, :, 1:]
-        return torch.nn.functional.mse_loss(pred, noise - z[:, :, 1:])
-
-    def dit_save(ckpt: Path) -> None:
-        transformer.save_pretrained(ckpt / "transformer")
-        connector.save_pretrained(ckpt / "connector")
-        torch.save(gen.get_state(), ckpt / "noise_rng.pt")
-
-    def dit_load(ckpt: Path) -> None:
-        from diffusers import CosmosTransformer3DModel
-
-        transformer.load_state_dict(CosmosTransformer3DModel.from_pretrained(ckpt / "transformer").state_dict())
-        connector.load_state_dict(type(connector).from_pretrained(ckpt / "connector").state_dict())
-        gen.set_state(torch.load(ckpt / "noise_rng.pt"))
-
-    params = list(transformer.parameters()) + list(connector.parameters())
-    dit_last = run(
-        out / "dit", cfg, len(latents), params, dit_loss, dit_save, dit_load, resume=resume and
-        (out / "dit" / "checkpoints").exists(), label="stage 2: DiT + connector", batched=True,
-        extra={"planner": str(run1.resolve()), "data": str(Path(data).resolve()), "examples": len(latents),
-               "size": size, "tokens": tokens},
+    vae.train()
+    last = run(
+        run_dir, cfg, len(pictures), list(vae.parameters()), vae_loss, vae_save, vae_load,
+        resume=resume, label="stage 2: VAE", batched=True,
     )  # fmt: skip
+    (run_dir / "done.json").write_text(json.dumps(last))
 
-    final = out / "aligned"
-    vae.save_pretrained(final / "vae")
-    transformer.eval().save_pretrained(final / "transformer")
-    connector.eval().save_pretrained(final / "connector")
-    (final / "aligned.json").write_text(
-        json.dumps({"size": size, "tokens": tokens, "planner": str((run1 / "planner").resolve())})
-    )
-    spec = preset.model_dump(mode="json")
-    spec["name"] = f"{preset.name}-stage2"
-    spec["description"] = f"{preset.description}; DiT aligned by duogen train stage2"
-    spec["image"] = {
-        "family": "aligned", "model": str(final.resolve()), "height": size, "width": size, "steps": 20,
-        "guidance": 0.0, "device": "cpu", "dtype": "float32",
-    }  # fmt: skip
-    preset_path = out / "preset.json"
-    preset_path.write_text(json.dumps(spec, indent=2))
-    vae_rows = _metrics(out / "vae")
-    dit_rows = _metrics(out / "dit")
-    return Stage2Result(
-        out, preset_path, len(latents), (vae_rows[0], vae_rows[-1]), (dit_rows[0], dit_last.get("loss", dit_rows[-1]))
-    )
+
+def torch_cat_frames(clips: Any) -> Any:
+    """Every frame of ``clips`` [B, 3, F, H, W] as one-frame videos [B * F, 3, 1, H, W]."""
+    import torch
+
+    return torch.cat([clips[:, :, i : i + 1] for i in range(clips.shape[2])])
 
 
 def _last(run_dir: Path) -> Path:
@@ -406,3 +547,13 @@ def load_aligned(folder: str | Path) -> tuple[Any, Any, Any, dict[str, Any]]:
     transformer = CosmosTransformer3DModel.from_pretrained(folder / "transformer").eval()
     connector = _connector_class().from_pretrained(folder / "connector").eval()
     return vae, transformer, connector, json.loads((folder / "aligned.json").read_text())
+
+
+def load_text_encoder(folder: str | Path) -> tuple[Any, Any]:
+    """The frozen T5 encoder and tokenizer of a prompt-only (``context = t5``) aligned folder."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    folder = Path(folder)
+    return T5EncoderModel.from_pretrained(folder / "text_encoder").eval(), AutoTokenizer.from_pretrained(
+        folder / "tokenizer"
+    )

@@ -1,10 +1,11 @@
 """The ``aligned`` image family: the DiT and connector of ``duogen train stage2`` (DuoGen's trained path).
 
-At an image request it takes the planner's hidden states (its last call in the session: the
-conversation and the action that asked for the picture, run through the frozen planner) through the
-connector as the DiT's context, and the last reference picture as the conditioning frame (a blank
+At an image request it takes the planner's hidden states over the image prompt it wrote (its last
+call in the session: the conversation and the action that asked for the picture, run through the
+frozen planner) through the connector as the DiT's context (a prompt-only folder, trained with
+``--context t5``, reads a frozen T5 encoder's states over the prompt text instead), and the last reference picture as the conditioning frame (a blank
 frame for the first picture, or when ``image.frames = false``). It draws at the size it was trained
-on and is resized to the preset's canvas. The prompt text is not read: the planner's states carry it.
+on and is resized to the preset's canvas. With the planner's states the prompt text is not read again: the states carry it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class AlignedImageTool:
         self.vae, self.transformer, self.connector, self.meta, self.spec = vae, transformer, connector, meta, spec
         self.planner: Any = None
         self.device = "cpu"
+        self.text_encoder: Any = None
+        self.text_tokenizer: Any = None
 
     @classmethod
     def from_spec(cls, spec: ImageSpec) -> AlignedImageTool:
@@ -41,7 +44,12 @@ class AlignedImageTool:
             raise ModelLoadError(f"image.model {folder}: not the aligned folder of `duogen train stage2`")
         with loading("aligned image model", str(folder)):
             vae, transformer, connector, meta = load_aligned(folder)
-        return cls(vae, transformer, connector, meta, spec)
+            tool = cls(vae, transformer, connector, meta, spec)
+            if meta.get("context", "planner") == "t5":
+                from duogen_agents.training.stage2 import load_text_encoder
+
+                tool.text_encoder, tool.text_tokenizer = load_text_encoder(folder)
+        return tool
 
     def attach_planner(self, planner: Any) -> None:
         """The planner whose states this family was trained on (``Agent.from_preset`` does this)."""
@@ -58,27 +66,31 @@ class AlignedImageTool:
         session: str | None = None,
     ) -> Drawing:
         from duogen_agents.training.data import PlannerExample
-        from duogen_agents.training.stage2 import planner_states, sample
+        from duogen_agents.training.stage2 import planner_states, sample, text_encoder_states
 
         if problem := refusal(self.capabilities, kind, len(references)):
             raise GenerationError(problem)
-        if self.planner is None or not hasattr(self.planner, "last_calls"):
-            raise GenerationError("the aligned image family needs the local planner it was trained with")
-        call = self.planner.last_calls.get("" if session is None else session)
-        if call is None:
-            raise GenerationError("the aligned image family draws only at a planner's image request")
-        conversation, action = call
-        size = int(self.meta["size"])
+        size, tokens = int(self.meta["size"]), int(self.meta["tokens"])
         reference = references[-1] if references and self.spec.frames else None
-        with device_turn(self.planner.device), generating("planner"):
-            if getattr(self.planner, "residency_role", None) is not None:
-                from duogen_agents.models.residency import residency_for
+        if self.text_encoder is not None:
+            with device_turn(self.device), generating("aligned image model"):
+                states, mask = text_encoder_states(self.text_encoder, self.text_tokenizer, prompt, tokens)
+        else:
+            if self.planner is None or not hasattr(self.planner, "last_calls"):
+                raise GenerationError("the aligned image family needs the local planner it was trained with")
+            call = self.planner.last_calls.get("" if session is None else session)
+            if call is None:
+                raise GenerationError("the aligned image family draws only at a planner's image request")
+            conversation, action = call
+            with device_turn(self.planner.device), generating("planner"):
+                if getattr(self.planner, "residency_role", None) is not None:
+                    from duogen_agents.models.residency import residency_for
 
-                residency_for(self.planner.device).use(self.planner.residency_role)
-            states = planner_states(self.planner, PlannerExample(conversation, action), int(self.meta["tokens"]))
+                    residency_for(self.planner.device).use(self.planner.residency_role)
+                states, mask = planner_states(self.planner, PlannerExample(conversation, action), tokens)
         with device_turn(self.device), generating("aligned image model"):
             picture = sample(
-                self.transformer, self.vae, self.connector, states, reference,
+                self.transformer, self.vae, self.connector, states, reference, mask=mask,
                 size=size, steps=self.spec.steps, seed=seed, on_step=on_step,
             )  # fmt: skip
         return Drawing(
