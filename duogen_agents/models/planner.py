@@ -206,14 +206,17 @@ class TransformersPlanner:
 
     def compile(self, schema: dict[str, Any]) -> tuple[Any, dict[Any, int]]:
         """The xgrammar grammar of ``schema`` and the string limits enforced while decoding."""
-        key = json.dumps(schema, sort_keys=True)
+        # The grammar writes an object's properties in the schema's order (the order the graph's actions
+        # declare: "type" before the content, the text before its picture's prompt, and the order stage 1
+        # trains on), so the key keeps that order too.
+        key = json.dumps(schema)
         with self._grammar_lock:  # callers in several threads (duogen serve checks schemas up front)
             if key in self._grammars:
                 self._grammars.move_to_end(key)
                 return self._grammars[key]
         stripped, limits = split_limits(schema)
         try:
-            grammar = self._compiler.compile_json_schema(json.dumps(stripped, sort_keys=True), any_whitespace=False)
+            grammar = self._compiler.compile_json_schema(json.dumps(stripped), any_whitespace=False)
         except RuntimeError as e:
             raise GenerationError(f"cannot compile the planner grammar: {str(e).strip().splitlines()[0]}") from e
         with self._grammar_lock:
