@@ -46,6 +46,32 @@ def test_the_examples_are_the_graphs_own_planner_calls(data, tmp_path) -> None:
     assert any(part["type"] == "image" for turn in plan[-1].conversation for part in turn["content"])
 
 
+def test_every_target_is_an_action_the_planners_grammar_accepts(data, tmp_path, monkeypatch) -> None:
+    """Stage 1 trains on exactly what decoding can write: the grammar of each call's schema accepts the
+    teacher's action, byte for byte (its property order included)."""
+    import xgrammar as xgr
+
+    from duogen_agents.models.planner import TransformersPlanner
+    from duogen_agents.training import data as D
+
+    preset = load_preset("tiny")
+    seen: list[tuple[dict, str]] = []
+    generate = D.Teacher.generate
+
+    def spy(self, conversation, schema, **kw):
+        out = generate(self, conversation, schema, **kw)
+        seen.append((schema, out.text))
+        return out
+
+    monkeypatch.setattr(D.Teacher, "generate", spy)
+    planner_examples(load_tasks(data), preset, tmp_path)
+    planner = TransformersPlanner.from_spec(preset.planner, tmp_path / "models")
+    assert len({json.dumps(s) for s, _ in seen}) >= 4  # plans, steps, checks, interleaved actions, drafts
+    for schema, text in seen:
+        grammar, _ = planner.compile(schema)
+        assert xgr.GrammarMatcher(grammar).accept_string(text), text
+
+
 def test_stage1_loss_falls_and_the_planner_loads_back_through_its_preset(data, tmp_path, capsys) -> None:
     from duogen_agents.models.planner import TransformersPlanner
 
