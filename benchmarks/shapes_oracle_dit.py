@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             ceiling.append(W.score_alignment(s2.to_image(rec).resize((W.CANVAS, W.CANVAS)), b))
     vae_ceiling = sum(ceiling) / len(ceiling)
     print(json.dumps({"vae_ceiling_alignment": round(vae_ceiling, 3)}), flush=True)
+    vae.save_pretrained(args.out / "vae")  # reusable: duogen train stage2 --vae-from OUT
+    if args.dit_steps == 0:
+        return 0
 
     # ---- the DiT with the oracle context ----------------------------------------------------------------
     oracle = build_oracle(64)
