@@ -44,7 +44,7 @@ def build_oracle(dim: int) -> Any:
             self.color = torch.nn.Embedding(len(W.COLORS) + 1, dim)
             self.cell = torch.nn.Parameter(torch.randn(9, dim) * 0.02)
 
-        def forward(self, ids: Any) -> Any:
+        def forward(self, ids: Any, mask: Any = None) -> Any:  # every cell token is real
             ids = ids.long()
             empty = ids == 0
             shape = torch.where(empty, 0, (ids - 1) // len(W.COLORS) + 1)

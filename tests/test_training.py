@@ -233,6 +233,16 @@ def test_stage2_prompt_only_context_reuses_a_vae_and_draws_from_the_prompt(stage
     assert drawing.image.size == (64, 64)
     assert main(["train", "stage2", "--planner", str(stage1), "--data", str(data), "--out", str(tmp_path / "x"),
                  "--vae-from", str(tmp_path / "nothing")]) == EXIT_ERROR  # fmt: skip
+    # --resume finds the VAE the run was trained with, and refuses other inputs than the checkpoint's.
+    shutil.rmtree(t5 / "dit" / "checkpoints" / "step-4")
+    assert _stage2(tmp_path, stage1, data, t5, "--context", "t5", "--steps", "4", "--save-every", "2", "--resume") == 0
+    shutil.rmtree(t5 / "dit" / "checkpoints" / "step-4")
+    assert _stage2(tmp_path, stage1, data, t5, "--steps", "4", "--save-every", "2", "--resume") == EXIT_ERROR
+    # An aligned folder of an earlier connector is refused with one line, not a weights error.
+    meta.pop("format")
+    (t5 / "aligned" / "aligned.json").write_text(json.dumps(meta))
+    with pytest.raises(Exception, match="earlier duogen train stage2"):
+        Agent.from_preset(load_preset(t5 / "preset.json"), home=tmp_path / "home")
 
 
 def test_stage2_resume_gives_the_same_losses(stage1, data, tmp_path) -> None:

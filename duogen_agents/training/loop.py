@@ -38,6 +38,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if not self.lr > 0:
             raise ConfigError("--lr must be positive")
+        if self.warmup < 0:
+            raise ConfigError("--warmup must be 0 or more")
 
 
 def seed_everything(seed: int) -> None:
@@ -115,6 +117,10 @@ def run(
         if state["config"] != asdict(cfg):
             diff = {k: v for k, v in asdict(cfg).items() if state["config"].get(k) != v}
             raise ConfigError(f"--resume: the checkpoint was trained with other settings ({diff}); use the same ones")
+        saved_extra = state.get("extra")  # checkpoints of earlier versions lack it
+        if saved_extra is not None and saved_extra != (extra or {}):
+            diff = {k: v for k, v in (extra or {}).items() if saved_extra.get(k) != v}
+            raise ConfigError(f"--resume: the checkpoint was trained with other inputs ({diff}); use the same ones")
         load_model(ckpt)
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
@@ -170,7 +176,7 @@ def run(
                 ckpt.mkdir(parents=True, exist_ok=True)
                 save_model(ckpt)
                 torch.save(
-                    {"step": step + 1, "optimizer": opt.state_dict(), "config": asdict(cfg),
+                    {"step": step + 1, "optimizer": opt.state_dict(), "config": asdict(cfg), "extra": extra or {},
                      "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
                      "numpy_rng": _numpy_state(),
                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None},

@@ -322,6 +322,9 @@ def new_text_encoder(tokens: int = 96) -> tuple[Any, Any]:
 
 
 CONTEXTS = ("planner", "t5")
+# aligned.json's layout: 2 is the connector over the prompt's tokens (learned queries, a small
+# transformer) and the "context" key; folders without it came from an earlier connector.
+ALIGNED_FORMAT = 2
 
 
 def train_stage2(
@@ -362,7 +365,21 @@ def train_stage2(
     preset = load_preset(run1 / "preset.json")
     if preset.planner.backend != "transformers":
         raise ConfigError(f"--planner {planner_dir}: its planner is remote; stage 2 reads a local planner's states")
+    if context == "planner":
+        model = Path(preset.planner.model).expanduser()
+        if not preset.planner.model.startswith("tiny:") and model.is_absolute() and not model.is_dir():
+            raise ConfigError(f"--planner {planner_dir}: its planner folder {model} is missing")
+    recorded = out / "vae_from.json"  # a run that reused a VAE resumes with the same one
+    if vae_from is None and resume and recorded.is_file():
+        vae_from = json.loads(recorded.read_text())["vae"]
     vae_source = _vae_source(vae_from) if vae_from is not None else None
+    if vae_source is not None:
+        if resume and recorded.is_file() and json.loads(recorded.read_text())["vae"] != str(vae_source.resolve()):
+            raise ConfigError(f"--resume: {out} was trained with the VAE of {json.loads(recorded.read_text())['vae']}")
+        out.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(json.dumps({"vae": str(vae_source.resolve())}))
+    elif resume and (out / "dit" / "checkpoints").exists() and not (out / "vae").is_dir():
+        raise ConfigError(f"--resume: {out} has no VAE of its own; give the --vae-from it was trained with")
     tasks = load_tasks(data)
     with tempfile.TemporaryDirectory(prefix="duogen-teacher-") as tmp:
         examples = [e for e in planner_examples(tasks, preset, Path(tmp)) if e.picture is not None]
@@ -446,7 +463,8 @@ def train_stage2(
         out / "dit", cfg, len(latents), params, dit_loss, dit_save, dit_load, resume=resume and
         (out / "dit" / "checkpoints").exists(), label="stage 2: DiT + connector", batched=True,
         extra={"planner": str(run1.resolve()), "data": str(Path(data).resolve()), "examples": len(latents),
-               "size": size, "tokens": tokens, "context": context},
+               "size": size, "tokens": tokens, "context": context,
+               "vae": str(vae_source.resolve()) if vae_source is not None else "OUT/vae"},
     )  # fmt: skip
 
     final = out / "aligned"
@@ -457,7 +475,15 @@ def train_stage2(
         text_encoder.save_pretrained(final / "text_encoder")
         text_tokenizer.save_pretrained(final / "tokenizer")
     (final / "aligned.json").write_text(
-        json.dumps({"size": size, "tokens": tokens, "context": context, "planner": str((run1 / "planner").resolve())})
+        json.dumps(
+            {
+                "format": ALIGNED_FORMAT,
+                "size": size,
+                "tokens": tokens,
+                "context": context,
+                "planner": str((run1 / "planner").resolve()),
+            }
+        )  # fmt: skip
     )
     spec = preset.model_dump(mode="json")
     spec["name"] = f"{preset.name}-stage2" + ("" if context == "planner" else f"-{context}")
@@ -543,10 +569,15 @@ def load_aligned(folder: str | Path) -> tuple[Any, Any, Any, dict[str, Any]]:
     from diffusers import AutoencoderKLWan, CosmosTransformer3DModel
 
     folder = Path(folder)
+    meta = json.loads((folder / "aligned.json").read_text())
+    if meta.get("format") != ALIGNED_FORMAT:
+        raise ConfigError(
+            f"{folder} was made by an earlier duogen train stage2 (another connector); train stage 2 again"
+        )
     vae = AutoencoderKLWan.from_pretrained(folder / "vae").eval()
     transformer = CosmosTransformer3DModel.from_pretrained(folder / "transformer").eval()
     connector = _connector_class().from_pretrained(folder / "connector").eval()
-    return vae, transformer, connector, json.loads((folder / "aligned.json").read_text())
+    return vae, transformer, connector, meta
 
 
 def load_text_encoder(folder: str | Path) -> tuple[Any, Any]:
