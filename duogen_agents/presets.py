@@ -204,7 +204,7 @@ class ImageSpec(_Remote):
         if self.is_remote:
             main = f"{self.model or 'the served model'} at {self.base_url}"
         else:
-            main = str(self.model if self.family == "flux2-klein" else self.text2image)
+            main = str(self.model if self.family in ("flux2-klein", "aligned") else self.text2image)
         extra = f" + {self.references.describe()} for references" if self.references else ""
         return f"{main}{extra}"
 
