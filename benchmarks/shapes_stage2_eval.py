@@ -22,7 +22,14 @@ from typing import Any
 
 
 def evaluate(
-    aligned: Path, preset_path: Path, *, tasks: int, seed: int = 0, frames: bool = True, steps: int = 20
+    aligned: Path,
+    preset_path: Path,
+    *,
+    tasks: int,
+    seed: int = 0,
+    frames: bool = True,
+    steps: int = 20,
+    split: str = "eval",
 ) -> dict[str, Any]:
     import torch
 
@@ -41,7 +48,7 @@ def evaluate(
     else:
         planner = TransformersPlanner.from_spec(preset.planner, None)
     with tempfile.TemporaryDirectory(prefix="duogen-stage2-eval-") as tmp:
-        data = W.write_dataset(Path(tmp) / "data", tasks, split="eval", seed=seed)
+        data = W.write_dataset(Path(tmp) / "data", tasks, split=split, seed=seed)
         examples = [e for e in planner_examples(load_tasks(data), preset, Path(tmp) / "t") if e.picture is not None]
     alignment: list[float] = []
     fidelity: list[float] = []
@@ -71,7 +78,7 @@ def evaluate(
         return round(sum(xs) / len(xs), 3) if xs else None
 
     return {
-        "aligned": str(aligned), "context": meta.get("context", "planner"), "frames": frames, "tasks": tasks,
+        "aligned": str(aligned), "context": meta.get("context", "planner"), "frames": frames, "split": split, "tasks": tasks,
         "pictures": len(examples), "alignment": mean(alignment), "fidelity": mean(fidelity),
         "consistency": mean(consistency), "pairs": len(consistency), "seconds": round(time.time() - t0, 1),
     }  # fmt: skip
@@ -85,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20, help="Euler steps per picture")
     p.add_argument("--no-frames", action="store_true", help="withhold the earlier picture (blank frame)")
+    p.add_argument(
+        "--split",
+        choices=["eval", "train"],
+        default="eval",
+        help="eval: held-out compositions; train: the training compositions (new scenes, seed 0)",
+    )
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
@@ -92,7 +105,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     row = evaluate(
-        args.aligned, args.preset, tasks=args.tasks, seed=args.seed, frames=not args.no_frames, steps=args.steps
+        args.aligned,
+        args.preset,
+        tasks=args.tasks,
+        seed=args.seed,
+        frames=not args.no_frames,
+        steps=args.steps,
+        split=args.split,
     )
     print(json.dumps(row))
     return 0
