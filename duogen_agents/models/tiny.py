@@ -107,7 +107,7 @@ def _planner_tokenizer() -> Any:
 
 def _shapes_corpus() -> list[str]:
     """The shapes world's words (its prompts, step texts and image prompts, training split only) and
-    the action protocol's keys, so the planner of the ``shapes`` preset reads a cell, a colour or a
+    the action protocol's keys, so a planner trained on the shapes world reads a cell, a colour or a
     shape as one token."""
     from duogen_agents.worlds.shapes import CELLS, COLORS, SHAPES, scene_prompt, tasks
 
@@ -125,7 +125,7 @@ def _vocab_size(tokenizer: Any) -> int:
     return ((len(tokenizer) + 63) // 64) * 64
 
 
-# The untrained planner the ``shapes`` preset is trained from (``tiny:shapes``): the Qwen2.5-VL class,
+# The untrained planner the shapes runs start from (``tiny:shapes``, examples/shapes): the Qwen2.5-VL class,
 # wider and deeper than ``tiny``'s, with a tokenizer trained on the shapes world's words.
 SHAPES_PLANNER = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "vocab": 1024}
 
