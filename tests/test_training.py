@@ -199,7 +199,8 @@ def test_the_connector_reads_the_states_of_the_prompt_the_planner_wrote(stage1) 
     action = json.dumps({"text": "Step 1", "image": {"prompt": prompt, "references": [], "kind": "generate"}})
     assert prompt_of(action) == prompt
     ids = planner.tokenizer(action, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    picked = prompt_positions(planner.tokenizer, action)
+    n, picked = prompt_positions(planner.tokenizer, action)
+    assert n == len(planner.tokenizer(action, add_special_tokens=False, split_special_tokens=True)["input_ids"])
     assert planner.tokenizer.decode([ids[i] for i in picked]).strip() == prompt
     conversation = [{"role": "user", "content": [{"type": "text", "text": "Draw a red circle at the top-left."}]}]
     states, mask = planner_states(planner, PlannerExample(conversation, action), 96)

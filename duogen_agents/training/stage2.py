@@ -148,14 +148,27 @@ def prompt_of(action: str) -> str:
     return json.loads(f'"{m.group(1)}"') if m else ""
 
 
-def prompt_positions(tokenizer: Any, action: str) -> list[int]:
-    """Which tokens of ``action`` (tokenized alone, as stage 1 appends it) spell its image prompt."""
+def prompt_positions(tokenizer: Any, action: str) -> tuple[int, list[int]]:
+    """How many tokens ``action`` has (tokenized alone, as stage 1 appends it), and which of them
+    spell its image prompt (none when it asks for no picture)."""
+    enc = tokenizer(action, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
     m = _PROMPT.search(action)
     if m is None:
-        return []
+        return len(enc["input_ids"]), []
     a, b = m.span(1)
-    enc = tokenizer(action, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
-    return [i for i, (x, y) in enumerate(enc["offset_mapping"]) if y > a and x < b]
+    return len(enc["input_ids"]), [i for i, (x, y) in enumerate(enc["offset_mapping"]) if y > a and x < b]
+
+
+def _padded(hidden: Any, tokens: int) -> tuple[Any, Any]:
+    """``hidden`` [n, dim] as ``states`` [tokens, dim] (zeros after the first n) and ``mask`` [tokens]."""
+    import torch
+
+    n = min(hidden.shape[0], tokens)
+    states = torch.zeros(tokens, hidden.shape[-1])
+    mask = torch.zeros(tokens, dtype=torch.bool)
+    states[:n] = hidden[:n].float()
+    mask[:n] = True
+    return states, mask
 
 
 def planner_states(planner: Any, example: PlannerExample, tokens: int) -> tuple[Any, Any]:
@@ -169,22 +182,16 @@ def planner_states(planner: Any, example: PlannerExample, tokens: int) -> tuple[
 
     enc = _encode(planner, example.conversation, example.target)
     enc.pop("labels")
-    n_target = len(planner.tokenizer(example.target, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    n_target, within = prompt_positions(planner.tokenizer, example.target)
     start = enc["input_ids"].shape[1] - n_target - 1  # the action, then its end token
-    within = prompt_positions(planner.tokenizer, example.target)
     picked = [start + i for i in within] if within else list(range(start, enc["input_ids"].shape[1]))
-    picked = picked[:tokens]
     batch = {k: v.to(planner.device) for k, v in enc.items()}
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(planner.model.dtype)
     with torch.no_grad():
         layers = planner.model(**batch, output_hidden_states=True, use_cache=False).hidden_states
-    hidden = torch.cat([layers[len(layers) // 2][0], layers[-1][0]], dim=-1).float().cpu()
-    states = torch.zeros(tokens, hidden.shape[-1])
-    mask = torch.zeros(tokens, dtype=torch.bool)
-    states[: len(picked)] = hidden[picked]
-    mask[: len(picked)] = True
-    return states, mask
+    hidden = torch.cat([layers[len(layers) // 2][0], layers[-1][0]], dim=-1).cpu()
+    return _padded(hidden[picked], tokens)
 
 
 def text_encoder_states(encoder: Any, tokenizer: Any, prompt: str, tokens: int) -> tuple[Any, Any]:
@@ -195,12 +202,7 @@ def text_encoder_states(encoder: Any, tokenizer: Any, prompt: str, tokens: int) 
     ids = tokenizer(prompt, return_tensors="pt", truncation=True, max_length=tokens)
     with torch.no_grad():
         hidden = encoder(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state[0]
-    n = hidden.shape[0]
-    states = torch.zeros(tokens, hidden.shape[-1])
-    mask = torch.zeros(tokens, dtype=torch.bool)
-    states[:n] = hidden.float()
-    mask[:n] = True
-    return states, mask
+    return _padded(hidden, tokens)
 
 
 @dataclass
@@ -513,7 +515,9 @@ def _vae_source(vae_from: str | Path) -> Path:
 
 def _train_vae(vae: Any, clips: Any, run_dir: Path, cfg: TrainConfig, *, resume: bool) -> None:
     """Phase 1: the VAE learns every picture as a one-frame video."""
-    pictures = torch_cat_frames(clips)
+    import torch
+
+    pictures = torch.cat([clips[:, :, i : i + 1] for i in range(clips.shape[2])])  # every frame, one-frame videos
 
     # Pictures of plans are mostly blank canvas: plain MSE is low for a VAE that paints the canvas
     # and blurs the objects away (measured on the shapes world: the objects vanish from the
@@ -542,13 +546,6 @@ def _train_vae(vae: Any, clips: Any, run_dir: Path, cfg: TrainConfig, *, resume:
         resume=resume, label="stage 2: VAE", batched=True,
     )  # fmt: skip
     (run_dir / "done.json").write_text(json.dumps(last))
-
-
-def torch_cat_frames(clips: Any) -> Any:
-    """Every frame of ``clips`` [B, 3, F, H, W] as one-frame videos [B * F, 3, 1, H, W]."""
-    import torch
-
-    return torch.cat([clips[:, :, i : i + 1] for i in range(clips.shape[2])])
 
 
 def _last(run_dir: Path) -> Path:
