@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser(
         "train",
-        help="DuoGen's training: stage1 fine-tunes the planner on interleaved conversations",
+        help="DuoGen's training: pretrain (optional), stage1 (the planner), stage2 (DiT and connector)",
         description="Stage 1 instruction-tunes the planner on a data file (the bench format with "
         "expect.answer, e.g. written by duogen_agents.worlds.shapes.write_dataset).",
     )
@@ -116,6 +116,28 @@ def _parser() -> argparse.ArgumentParser:
     s1.add_argument("--lora-rank", type=int, default=0, metavar="R", help="train LoRA adapters of rank R (peft)")
     s1.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
     s1.add_argument(
+        "--home", type=Path, default=None, help="data directory (default: $DUOGEN_HOME or ~/.local/share/duogen)"
+    )
+
+    pt = trsub.add_parser(
+        "pretrain",
+        help="language-model pretraining of a from-scratch planner on plain text, before stage 1",
+        description="Next-token prediction over every token of plain-text documents (JSONL, one "
+        '{"text": ...} per line, e.g. written by duogen_agents.worlds.shapes.write_corpus). Writes '
+        "OUT/planner and OUT/preset.json; pass OUT as stage 1's --base.",
+    )
+    pt.add_argument("--base", required=True, help="a preset (name or file) or an earlier run's OUT folder")
+    pt.add_argument("--text", required=True, type=Path, help='JSONL of {"text": ...} documents')
+    pt.add_argument("--out", required=True, type=Path, metavar="DIR")
+    pt.add_argument("--steps", type=int, default=200)
+    pt.add_argument("--batch", type=int, default=32, help="documents per optimizer step, one padded batch (default 32)")
+    pt.add_argument("--lr", type=float, default=1e-3)
+    pt.add_argument("--warmup", type=int, default=100, help="steps of linear warm-up (default 100)")
+    pt.add_argument("--max-tokens", type=int, default=512, help="documents are cut to this many tokens")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--save-every", type=int, default=200, metavar="N", help="checkpoint every N steps")
+    pt.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
+    pt.add_argument(
         "--home", type=Path, default=None, help="data directory (default: $DUOGEN_HOME or ~/.local/share/duogen)"
     )
 
@@ -137,6 +159,14 @@ def _parser() -> argparse.ArgumentParser:
         choices=["planner", "t5"],
         default="planner",
         help="the DiT's context: the planner's states over its prompt (DuoGen), or a frozen T5 over the prompt text",
+    )
+    s2.add_argument(
+        "--regression",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="weight of the connector's regression loss (each query predicts its region of the target's latent) "
+        "beside the DiT's loss; 0 trains the connector by the DiT's loss alone (default 1.0)",
     )
     s2.add_argument(
         "--vae-from", type=Path, default=None, metavar="DIR", help="reuse the VAE of an earlier stage 2 (its OUT)"
@@ -463,6 +493,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from duogen_agents.validation import check_seed
 
     check_seed(args.seed)
+    if args.stage == "pretrain":
+        from duogen_agents.training.pretrain import train_pretrain
+
+        cfg = TrainConfig(
+            steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
+            save_every=args.save_every,
+        )  # fmt: skip
+        r0 = train_pretrain(
+            args.base, args.text, args.out, cfg, max_tokens=args.max_tokens, resume=args.resume, home=args.home
+        )
+        print(
+            f"pretrain: {r0.documents} documents, {r0.tokens} tokens; loss {r0.first_loss:.4f} -> {r0.last_loss:.4f} "
+            f"(OUT/metrics.jsonl, OUT/loss.png)\nplanner: {r0.planner}\npreset:  {r0.preset} "
+            f"(duogen train stage1 --base {args.out} ...)"
+        )
+        return 0
     if args.stage == "stage2":
         from duogen_agents.training.stage2 import train_stage2
 
@@ -476,7 +522,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )  # fmt: skip
         r2 = train_stage2(
             args.planner, args.data, args.out, cfg, vae_cfg, size=args.size, context=args.context,
-            vae_from=args.vae_from, resume=args.resume, home=args.home,
+            regression=args.regression, vae_from=args.vae_from, resume=args.resume, home=args.home,
         )  # fmt: skip
         print(
             f"stage 2: {r2.examples} pictures; "

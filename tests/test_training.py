@@ -142,6 +142,70 @@ def test_bad_runs_and_bad_data_are_one_line(data, tmp_path, capsys) -> None:
     assert not (tmp_path / "bad-out").exists()  # refused before anything was written
 
 
+def test_pretrain_then_stage1_from_its_folder(tmp_path, capsys) -> None:
+    """``duogen train pretrain``: next-token loss over whole documents falls, the result loads back as a
+    planner, and stage 1 continues from its folder."""
+    from duogen_agents.models.planner import TransformersPlanner
+    from duogen_agents.worlds.shapes import write_corpus
+
+    text = write_corpus(tmp_path / "corpus.jsonl", 24, seed=3)
+    first = json.loads(text.read_text().splitlines()[0])["text"]
+    assert first.startswith("user: ") and "\nimage: a 3x3 grid with " in first
+    out = tmp_path / "pt"
+    args = ["train", "pretrain", "--base", "tiny", "--text", str(text), "--out", str(out), "--home",
+            str(tmp_path / "home"), "--batch", "8", "--lr", "3e-3", "--warmup", "3", "--save-every", "10"]  # fmt: skip
+    assert main([*args, "--steps", "20"]) == 0
+    assert "pretrain: 24 documents" in capsys.readouterr().out
+    losses = _losses(out)
+    assert len(losses) == 20 and statistics.mean(losses[-3:]) < 0.7 * statistics.mean(losses[:3])
+    preset = load_preset(out / "preset.json")
+    planner = TransformersPlanner.from_spec(preset.planner, tmp_path / "models")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "checkpoints" / "step-20" / "trainable.safetensors"))
+    name = next(n for n in saved if "embed_tokens" in n)
+    assert torch.equal(dict(planner.model.named_parameters())[name].detach(), saved[name])  # the trained weights
+    assert not any(".visual." in f".{n}" for n in saved)  # the vision tower is left as it was
+
+    data = write_dataset(tmp_path / "data", 4, split="train", seed=0)
+    s1 = tmp_path / "s1"
+    assert main(["train", "stage1", "--base", str(out), "--data", str(data), "--out", str(s1), "--home",
+                 str(tmp_path / "home"), "--steps", "2", "--save-every", "2"]) == 0  # fmt: skip
+    assert json.loads((s1 / "train.json").read_text())["base"] == str(out)
+
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    for content, message in (("{not json\n", "bad.jsonl:1: not JSON"), ('{"text": ""}\n', 'non-empty "text"')):
+        bad.write_text(content)
+        assert main([*args[:4], "--text", str(bad), "--out", str(tmp_path / "bad-out"), "--steps", "2"]) == EXIT_ERROR
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad-out").exists()
+
+
+def test_the_connector_regresses_the_regions_of_the_latent_row_by_row() -> None:
+    from duogen_agents.errors import ConfigError
+    from duogen_agents.training.stage2 import _connector_class, region_grid, regions
+
+    latent = torch.zeros(1, 2, 8, 8)
+    for r in range(4):
+        for c in range(4):
+            latent[0, :, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2] = 4 * r + c
+    tiles = regions(latent, region_grid(16, 8))
+    assert tiles.shape == (1, 16, 2 * 2 * 2)
+    assert [int(t[0]) for t in tiles[0]] == list(range(16)) and all(t.unique().numel() == 1 for t in tiles[0])
+    with pytest.raises(ConfigError, match="square number of queries"):
+        region_grid(12, 8)
+    connector = _connector_class()(in_dim=6, out_dim=4, tokens=5, queries=16, width=32, aux_dim=8)
+    states, mask = torch.randn(2, 5, 6), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    h = connector.hidden(states, mask)
+    assert connector(states, mask).shape == (2, 16, 4) and connector.aux(h).shape == (2, 16, 8)
+    # padding is ignored: what follows the real tokens does not change the first row's queries
+    states2 = states.clone()
+    states2[0, 3:] = 5.0
+    assert torch.allclose(connector.hidden(states2, mask)[0], h[0], atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def stage1(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("stage1")
@@ -168,6 +232,8 @@ def test_stage2_trains_and_the_aligned_family_draws_in_the_graph(stage1, data, t
     assert statistics.mean(vae[-5:]) < 0.7 * statistics.mean(vae[:5])
     assert statistics.mean(dit[-5:]) < statistics.mean(dit[:5])
     assert (out / "dit" / "loss.png").is_file() and (out / "dit" / "checkpoints" / "step-30").is_dir()
+    connector = json.loads((out / "aligned" / "connector" / "config.json").read_text())
+    assert connector["aux_dim"] == 16 * 4 * 4  # 16 queries, each a 4x4 region of the 16x16x16 latent
 
     preset = load_preset(out / "preset.json")
     assert preset.image.family == "aligned"
@@ -219,7 +285,9 @@ def test_stage2_prompt_only_context_reuses_a_vae_and_draws_from_the_prompt(stage
     from duogen_agents import Agent
 
     first, t5 = tmp_path / "first", tmp_path / "t5"
-    assert _stage2(tmp_path, stage1, data, first, "--vae-steps", "3", "--steps", "2", "--save-every", "2") == 0
+    assert _stage2(tmp_path, stage1, data, first, "--vae-steps", "3", "--steps", "2", "--save-every", "2",
+                   "--regression", "0") == 0  # fmt: skip
+    assert json.loads((first / "aligned" / "connector" / "config.json").read_text())["aux_dim"] == 0
     assert _stage2(tmp_path, stage1, data, t5, "--context", "t5", "--vae-from", str(first), "--steps", "4",
                    "--save-every", "2") == 0  # fmt: skip
     assert not (t5 / "vae").exists()  # no VAE trained: the first run's

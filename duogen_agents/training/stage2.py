@@ -48,11 +48,22 @@ def _connector_class() -> Any:
     class Connector(ModelMixin, ConfigMixin):
         """States [B, T, in_dim] over the image prompt's tokens (``mask`` [B, T]: which are real) ->
         DiT context [B, queries, out_dim]: learned queries read the states through a small
-        bidirectional transformer, so the context has a fixed length however long the prompt."""
+        bidirectional transformer, so the context has a fixed length however long the prompt.
+
+        With ``aux_dim`` > 0 it also has a regression head: query ``i`` predicts region ``i`` of the
+        target's latent (the queries tile the latent as a square grid; ``regions``), trained beside the
+        DiT's loss, so each query carries what its part of the picture holds."""
 
         @register_to_config
         def __init__(
-            self, in_dim: int, out_dim: int, tokens: int = 96, queries: int = 16, width: int = 128, layers: int = 2
+            self,
+            in_dim: int,
+            out_dim: int,
+            tokens: int = 96,
+            queries: int = 16,
+            width: int = 128,
+            layers: int = 2,
+            aux_dim: int = 0,
         ) -> None:
             super().__init__()
             self.norm = nn.LayerNorm(in_dim)
@@ -64,14 +75,19 @@ def _connector_class() -> Any:
             )
             self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
             self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out_dim))
+            self.aux = nn.Linear(width, aux_dim) if aux_dim > 0 else None
 
-        def forward(self, states: Any, mask: Any) -> Any:
+        def hidden(self, states: Any, mask: Any) -> Any:
+            """The queries' states [B, queries, width] after reading ``states``."""
             b, t = states.shape[:2]
             x = self.inp(self.norm(states)) + self.pos[:t]
             q = self.query.unsqueeze(0).expand(b, -1, -1)
             pad = torch.cat([torch.zeros(b, q.shape[1], dtype=torch.bool, device=mask.device), ~mask.bool()], dim=1)
             y = self.encoder(torch.cat([q, x], dim=1), src_key_padding_mask=pad)
-            return self.out(y[:, : q.shape[1]])
+            return y[:, : q.shape[1]]
+
+        def forward(self, states: Any, mask: Any) -> Any:
+            return self.out(self.hidden(states, mask))
 
     return Connector
 
@@ -137,6 +153,25 @@ def encode_frames(vae: Any, clips: Any) -> Any:
     import torch
 
     return torch.cat([vae.encode(clips[:, :, i : i + 1]).latent_dist.mode() for i in range(clips.shape[2])], dim=2)
+
+
+def regions(latent: Any, grid: int) -> Any:
+    """A latent frame [B, C, h, w] as ``grid``x``grid`` regions [B, grid * grid, C * (h / grid) * (w / grid)],
+    row by row (the connector's regression targets)."""
+    b, c, h, w = latent.shape
+    kh, kw = h // grid, w // grid
+    return latent.reshape(b, c, grid, kh, grid, kw).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, c * kh * kw)
+
+
+def region_grid(queries: int, latent_side: int) -> int:
+    """The side of the square grid ``queries`` regions tile; a clear error when they cannot tile the latent."""
+    grid = round(queries**0.5)
+    if grid * grid != queries or latent_side % grid:
+        raise ConfigError(
+            f"the connector's regression needs a square number of queries tiling the {latent_side}x{latent_side} "
+            f"latent; {queries} queries do not"
+        )
+    return grid
 
 
 _PROMPT = re.compile(r'"prompt"\s*:\s*"((?:[^"\\]|\\.)*)"')
@@ -339,13 +374,16 @@ def train_stage2(
     size: int = 64,
     tokens: int = 96,
     context: str = "planner",
+    regression: float = 1.0,
     vae_from: str | Path | None = None,
     resume: bool = False,
     home: str | Path | None = None,
 ) -> Stage2Result:
     """Train the VAE (or take ``vae_from``'s), then the connector and DiT, on the pictures of ``data``'s
     answers. ``context``: ``planner`` (DuoGen: the planner's states over the prompt it wrote) or ``t5``
-    (prompt-only: a frozen T5 encoder over the written prompt, as Cosmos-Predict2 does)."""
+    (prompt-only: a frozen T5 encoder over the written prompt, as Cosmos-Predict2 does).
+    ``regression``: the weight of the connector's regression loss beside the DiT's (0: none; the
+    connector then learns from the DiT's loss alone)."""
     import torch
 
     from duogen_agents.models.loading import quiet_libraries
@@ -357,6 +395,8 @@ def train_stage2(
         raise ConfigError("--size must be a multiple of 16")
     if context not in CONTEXTS:
         raise ConfigError(f"--context must be one of {', '.join(CONTEXTS)}")
+    if not regression >= 0:
+        raise ConfigError("--regression must be 0 or more")
     cfg, vae_cfg = cfg or TrainConfig(), vae_cfg or TrainConfig(steps=200, lr=1e-3)
     cfg.check()
     vae_cfg.check()
@@ -433,7 +473,12 @@ def train_stage2(
     # ---- phase 2: connector and DiT -----------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     context_dim = 64
-    connector = _connector_class()(in_dim=states.shape[-1], out_dim=context_dim, tokens=tokens)
+    queries = 16
+    grid = region_grid(queries, latents.shape[-1])
+    aux_dim = latents.shape[1] * (latents.shape[-1] // grid) ** 2 if regression > 0 else 0
+    connector = _connector_class()(
+        in_dim=states.shape[-1], out_dim=context_dim, tokens=tokens, queries=queries, aux_dim=aux_dim
+    )
     transformer = new_transformer(context_dim)
     connector.train()
     transformer.train()
@@ -444,9 +489,12 @@ def train_stage2(
         t = torch.sigmoid(torch.randn(len(idx), generator=gen))  # logit-normal times
         noise = torch.randn(z[:, :, 1:].shape, generator=gen)
         hidden, timestep, mask = dit_inputs(z, t, noise)
-        ctx = connector(states[idx], masks[idx])
-        pred = dit_forward(transformer, hidden, timestep, mask, ctx, size)[:, :, 1:]
-        return torch.nn.functional.mse_loss(pred, noise - z[:, :, 1:])
+        h = connector.hidden(states[idx], masks[idx])
+        pred = dit_forward(transformer, hidden, timestep, mask, connector.out(h), size)[:, :, 1:]
+        loss = torch.nn.functional.mse_loss(pred, noise - z[:, :, 1:])
+        if connector.aux is not None:  # each query regresses its region of the target frame
+            loss = loss + regression * torch.nn.functional.mse_loss(connector.aux(h), regions(z[:, :, 1], grid))
+        return loss
 
     def dit_save(ckpt: Path) -> None:
         transformer.save_pretrained(ckpt / "transformer")
@@ -465,7 +513,7 @@ def train_stage2(
         out / "dit", cfg, len(latents), params, dit_loss, dit_save, dit_load, resume=resume and
         (out / "dit" / "checkpoints").exists(), label="stage 2: DiT + connector", batched=True,
         extra={"planner": str(run1.resolve()), "data": str(Path(data).resolve()), "examples": len(latents),
-               "size": size, "tokens": tokens, "context": context,
+               "size": size, "tokens": tokens, "context": context, "regression": regression,
                "vae": str(vae_source.resolve()) if vae_source is not None else "OUT/vae"},
     )  # fmt: skip
 

@@ -393,29 +393,62 @@ def write_dataset(out_dir: Any, n: int, *, split: str = "train", seed: int = 0) 
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for task in tasks(n, split=split, seed=seed):
-        exp = task["expect"]
-        turns = exp.get("turns") or [exp]
-        answer = []
-        for t, turn in enumerate(turns):
-            blocks: list[dict[str, Any]] = []
-            facts = " ".join(str(f) for f in turn.get("facts", []))
-            for k, scene in enumerate(turn.get("scenes", [])):
-                name = f"images/{task['id']}-t{t}-{k}.png"
-                render(scene_from_json(scene)).save(out / name)
-                blocks.append({"type": "text", "text": f"Step {k + 1}: {facts}".strip()})
-                blocks.append(
-                    {
-                        "type": "image",
-                        "path": name,
-                        "kind": "generate" if k == 0 else "edit",
-                        "prompt": scene_prompt(scene_from_json(scene)),
-                    }
-                )
-            if task["mode"] == "draft":
-                blocks.append({"type": "text", "text": facts})
-            answer.append(blocks)
-        task["expect"]["answer"] = answer
+        task["expect"]["answer"] = _answer(task, out)
         lines.append(json.dumps(task))
     path = out / "tasks.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _answer(task: Mapping[str, Any], images: Any = None) -> list[list[dict[str, Any]]]:
+    """The interleaved answer a correct assistant writes for ``task``, per turn (pictures rendered into
+    ``images/`` of the folder ``images`` when it is given)."""
+    exp = task["expect"]
+    answer = []
+    for t, turn in enumerate(exp.get("turns") or [exp]):
+        blocks: list[dict[str, Any]] = []
+        facts = " ".join(str(f) for f in turn.get("facts", []))
+        for k, scene in enumerate(turn.get("scenes", [])):
+            name = f"images/{task['id']}-t{t}-{k}.png"
+            if images is not None:
+                render(scene_from_json(scene)).save(images / name)
+            blocks.append({"type": "text", "text": f"Step {k + 1}: {facts}".strip()})
+            blocks.append(
+                {
+                    "type": "image",
+                    "path": name,
+                    "kind": "generate" if k == 0 else "edit",
+                    "prompt": scene_prompt(scene_from_json(scene)),
+                }
+            )
+        if task["mode"] == "draft":
+            blocks.append({"type": "text", "text": facts})
+        answer.append(blocks)
+    return answer
+
+
+def corpus_text(task: Mapping[str, Any]) -> str:
+    """A task of ``write_dataset`` as one plain-text document: each turn's prompt, then its answer's
+    step texts and image prompts, in order (``duogen train pretrain``'s text: the same scenes and
+    changes as the conversations, without the action protocol or pictures)."""
+    lines = []
+    for turn, blocks in zip(task["turns"], task["expect"]["answer"], strict=True):
+        lines.append(f"user: {turn['prompt']}")
+        for b in blocks:
+            lines.append(f"image: {b['prompt']}" if b["type"] == "image" else f"text: {b['text']}")
+    return "\n".join(lines)
+
+
+def write_corpus(path: Any, n: int, *, seed: int = 0) -> Any:
+    """``n`` training-split tasks as plain-text documents, one JSON object ``{"text": ...}`` per line
+    (the format ``duogen train pretrain`` reads). No pictures are rendered."""
+    import json
+    from pathlib import Path
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for task in tasks(n, split="train", seed=seed):
+            task["expect"]["answer"] = _answer(task)
+            f.write(json.dumps({"text": corpus_text(task)}) + "\n")
+    return out

@@ -1,0 +1,140 @@
+"""Language-model pretraining of a planner on plain text, before stage 1 (``duogen train pretrain``).
+
+A planner trained from random weights has no language yet: stage 1's loss covers only the few tokens
+of each action, and a small model learns the action's format from it long before it learns to copy the
+objects and cells of the request into its image prompts. Real checkpoints arrive pretrained; this
+gives a from-scratch planner (``tiny:shapes``) the same start: next-token prediction over every token
+of plain-text documents (e.g. ``duogen_agents.worlds.shapes.write_corpus``), batched with padding.
+The vision tower is not used and stays as it was.
+
+The text file holds one JSON object per line with a ``text`` field (the convention of Hugging Face
+text datasets). The result has the layout of a stage-1 run, ``OUT/planner`` and ``OUT/preset.json``,
+so ``duogen train stage1 --base OUT`` continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from duogen_agents.errors import ConfigError
+from duogen_agents.training.data import DataError
+from duogen_agents.training.loop import TrainConfig, run
+
+
+@dataclass
+class PretrainResult:
+    planner: Path
+    preset: Path
+    documents: int
+    tokens: int
+    first_loss: float
+    last_loss: float
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """The documents of a JSONL file of ``{"text": ...}``; a line that is not one fails with its number."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    texts = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise DataError(f'{p}:{n}: each line must be an object with a non-empty "text" string')
+        texts.append(row["text"])
+    if not texts:
+        raise DataError(f"{p}: no documents")
+    return texts
+
+
+def train_pretrain(
+    base: str | Path,
+    text: str | Path,
+    out: str | Path,
+    cfg: TrainConfig | None = None,
+    *,
+    max_tokens: int = 512,
+    resume: bool = False,
+    home: str | Path | None = None,
+) -> PretrainResult:
+    """Train ``base``'s planner language model on the documents of ``text`` (full-sequence loss)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from duogen_agents.models.loading import quiet_libraries
+    from duogen_agents.models.planner import TransformersPlanner
+    from duogen_agents.storage.images import default_home
+    from duogen_agents.training.stage1 import _end_token, _resolve_base
+
+    cfg = cfg or TrainConfig()
+    cfg.check()
+    if max_tokens < 8:
+        raise ConfigError("--max-tokens must be at least 8")
+    out = Path(out)
+    preset = _resolve_base(base)
+    if preset.planner.backend != "transformers":
+        raise ConfigError(
+            f"--base {base}: its planner is remote ({preset.planner.describe()}); training needs local weights"
+        )
+    texts = load_texts(text)  # a bad file fails here, before any model loads
+    root = Path(home) if home is not None else default_home()
+    quiet_libraries()
+    planner = TransformersPlanner.from_spec(preset.planner, preset.models_path(root))
+    model, tok = planner.model, planner.tokenizer
+    end = _end_token(planner)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else end
+    docs = [tok(t, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [end] for t in texts]
+
+    for name, p in model.named_parameters():
+        p.requires_grad_(".visual." not in f".{name}")
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in trained]
+    model.train()
+
+    def loss_of(batch: list[int]) -> Any:
+        width = max(len(docs[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : len(docs[i])] = torch.tensor(docs[i])
+            mask[row, : len(docs[i])] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        dev = planner.device
+        return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev), use_cache=False).loss
+
+    def save(ckpt: Path) -> None:
+        save_file({n: p.detach().cpu().contiguous() for n, p in trained}, str(ckpt / "trainable.safetensors"))
+
+    def load(ckpt: Path) -> None:
+        state = load_file(str(ckpt / "trainable.safetensors"))
+        with torch.no_grad():
+            for n, p in trained:
+                p.copy_(state[n].to(p.device, p.dtype))
+
+    last = run(
+        out, cfg, len(docs), params, loss_of, save, load, resume=resume, label="pretrain", batched=True,
+        extra={"base": str(base), "text": str(Path(text).resolve()), "documents": len(docs), "max_tokens": max_tokens},
+    )  # fmt: skip
+
+    model.eval()
+    final = out / "planner"
+    model.save_pretrained(final)
+    planner.processor.save_pretrained(final)
+    spec = preset.model_dump(mode="json")
+    spec["name"] = f"{preset.name}-pretrained"
+    spec["description"] = f"{preset.description} (planner pretrained by duogen train pretrain)"
+    spec["planner"]["model"] = str(final.resolve())
+    preset_path = out / "preset.json"
+    preset_path.write_text(json.dumps(spec, indent=2))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return PretrainResult(
+        final, preset_path, len(docs), sum(map(len, docs)), rows[0]["loss"], last.get("loss", rows[-1]["loss"])
+    )
