@@ -1,28 +1,35 @@
 #!/usr/bin/env bash
-# The shapes run of 2026-11-26 (README, "Training"): DuoGen's two stages from scratch on a 2-core CPU.
-# Run from the repository root with the package installed (pip install -e '.[dev]'). Seeds are fixed.
-# The VAE and stage 1 ran side by side (about 40 minutes), then both stage-2 runs side by side (about
-# 45 minutes). The VAE comes from the oracle diagnostic's recipe (rendered training-split scenes, 1,200
-# steps of 16, warm-up and decay), so that both stage-2 runs draw on the same latents.
+# The fourth shapes run of 2026-11-26 (README, "Training"): DuoGen's two stages from scratch on a 2-core
+# CPU, after a language-model pretraining of the planner. Run from the repository root with the package
+# installed (pip install -e '.[dev]'). Seeds are fixed. About two and a half hours, two runs at a time.
 set -euo pipefail
 export DUOGEN_HOME=${DUOGEN_HOME:-$PWD/runs/home}
 
-python -c "from duogen_agents.worlds.shapes import write_dataset; write_dataset('runs/shapes-train', 1600, split='train', seed=0)"
+# The data: 1,600 training-split tasks with their answers and pictures, and 40,000 more tasks as plain
+# text for the planner's pretraining (another seed; no pictures).
+python -c "
+from duogen_agents.worlds.shapes import write_corpus, write_dataset
+write_dataset('runs/shapes-train', 1600, split='train', seed=0)
+write_corpus('runs/corpus.jsonl', 40000, seed=1)"
 
-# The VAE (its ceiling on held-out scenes is printed: alignment of its reconstructions).
+# The VAE (its ceiling on held-out scenes is printed: alignment of its reconstructions), beside the
+# planner's pretraining: next-token loss over every token of the 40,000 documents.
 OMP_NUM_THREADS=1 python benchmarks/shapes_oracle_dit.py --out runs/vae --vae-steps 1200 --vae-batch 16 \
   --dit-steps 0 --threads 1 &
-
-# Stage 1: the planner (tiny:shapes, from random weights) on the 9,584 planner calls of 1,600 tasks.
-OMP_NUM_THREADS=2 duogen train stage1 --base examples/shapes/base.toml --data runs/shapes-train/tasks.jsonl \
-  --out runs/stage1 --steps 3000 --batch 4 --warmup 100 --seed 0 --save-every 500
+OMP_NUM_THREADS=1 duogen train pretrain --base examples/shapes/base.toml --text runs/corpus.jsonl --out runs/pretrain \
+  --steps 2000 --batch 32 --lr 2e-3 --warmup 100 --seed 0 --save-every 250
 wait
 
-# Stage 2: DuoGen's path (the connector on the frozen planner's states) and the prompt-only row (T5).
+# Stage 1 from the pretrained planner, beside the prompt-only row's stage 2 (T5 states: it reads no
+# planner, so it needs only a preset with the same limits, the pretraining run's).
+OMP_NUM_THREADS=1 duogen train stage2 --planner runs/pretrain --context t5 --vae-from runs/vae \
+  --data runs/shapes-train/tasks.jsonl --out runs/stage2-t5 --steps 10000 --batch 8 --seed 0 --save-every 1000 &
+OMP_NUM_THREADS=1 duogen train stage1 --base runs/pretrain --data runs/shapes-train/tasks.jsonl \
+  --out runs/stage1 --steps 2000 --batch 4 --lr 5e-4 --warmup 100 --seed 0 --save-every 500
+
+# Stage 2, DuoGen's path: the connector on the frozen stage-1 planner's states.
 OMP_NUM_THREADS=1 duogen train stage2 --planner runs/stage1 --vae-from runs/vae --data runs/shapes-train/tasks.jsonl \
-  --out runs/stage2 --steps 8000 --batch 8 --seed 0 --save-every 1000 &
-OMP_NUM_THREADS=1 duogen train stage2 --planner runs/stage1 --context t5 --vae-from runs/vae \
-  --data runs/shapes-train/tasks.jsonl --out runs/stage2-t5 --steps 8000 --batch 8 --seed 0 --save-every 1000 &
+  --out runs/stage2 --steps 10000 --batch 8 --seed 0 --save-every 1000
 wait
 
 # The image half from correct prompts (held-out compositions), then the four rows end to end.
