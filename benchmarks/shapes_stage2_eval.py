@@ -30,6 +30,7 @@ def evaluate(
     frames: bool = True,
     steps: int = 20,
     split: str = "eval",
+    start: float = 1.0,
 ) -> dict[str, Any]:
     import torch
 
@@ -64,7 +65,9 @@ def evaluate(
                 states, mask = s2.planner_states(planner, e, tokens)
             else:
                 states, mask = s2.text_encoder_states(encoder, tokenizer, s2.prompt_of(e.target), tokens)
-        drawn = s2.sample(transformer, vae, connector, states, reference, mask=mask, size=size, steps=steps, seed=i)
+        drawn = s2.sample(
+            transformer, vae, connector, states, reference, mask=mask, size=size, steps=steps, seed=i, start=start
+        )
         drawn = drawn.resize((W.CANVAS, W.CANVAS))
         alignment.append(W.score_alignment(drawn, want))
         fidelity.append(W.score_fidelity(drawn, want))
@@ -78,7 +81,7 @@ def evaluate(
         return round(sum(xs) / len(xs), 3) if xs else None
 
     return {
-        "aligned": str(aligned), "context": meta.get("context", "planner"), "frames": frames, "split": split, "tasks": tasks,
+        "aligned": str(aligned), "context": meta.get("context", "planner"), "frames": frames, "split": split, "tasks": tasks, "start": start,
         "pictures": len(examples), "alignment": mean(alignment), "fidelity": mean(fidelity),
         "consistency": mean(consistency), "pairs": len(consistency), "seconds": round(time.time() - t0, 1),
     }  # fmt: skip
@@ -98,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         default="eval",
         help="eval: held-out compositions; train: the training compositions (new scenes, seed 0)",
     )
+    p.add_argument(
+        "--start",
+        type=float,
+        default=1.0,
+        help="sampling starts at this time from the connector's regressed latent (1: from pure noise)",
+    )
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
@@ -112,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         frames=not args.no_frames,
         steps=args.steps,
         split=args.split,
+        start=args.start,
     )
     print(json.dumps(row))
     return 0

@@ -179,6 +179,13 @@ class ImageSpec(_Remote):
     frames: bool = Field(
         True, description="aligned: the last reference enters as a conditioning frame (false: a blank one)"
     )
+    strength: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="aligned: sampling begins at this noise level from the connector's regressed latent "
+        "(1.0: from pure noise; needs a connector trained with --regression > 0)",
+    )
     references: ImageSpec | None = None
 
     @model_validator(mode="after")

@@ -185,7 +185,7 @@ def test_pretrain_then_stage1_from_its_folder(tmp_path, capsys) -> None:
 
 def test_the_connector_regresses_the_regions_of_the_latent_row_by_row() -> None:
     from duogen_agents.errors import ConfigError
-    from duogen_agents.training.stage2 import _connector_class, region_grid, regions
+    from duogen_agents.training.stage2 import _connector_class, from_regions, region_grid, regions
 
     latent = torch.zeros(1, 2, 8, 8)
     for r in range(4):
@@ -194,6 +194,8 @@ def test_the_connector_regresses_the_regions_of_the_latent_row_by_row() -> None:
     tiles = regions(latent, region_grid(16, 8))
     assert tiles.shape == (1, 16, 2 * 2 * 2)
     assert [int(t[0]) for t in tiles[0]] == list(range(16)) and all(t.unique().numel() == 1 for t in tiles[0])
+    noise = torch.randn(3, 2, 8, 8)
+    assert torch.equal(from_regions(regions(noise, 4), 4, 2), noise)
     with pytest.raises(ConfigError, match="square number of queries"):
         region_grid(12, 8)
     connector = _connector_class()(in_dim=6, out_dim=4, tokens=5, queries=16, width=32, aux_dim=8)
@@ -300,6 +302,17 @@ def test_stage2_prompt_only_context_reuses_a_vae_and_draws_from_the_prompt(stage
     assert agent.image_tool.text_encoder is not None
     drawing = agent.image_tool.draw("a 3x3 grid with a red circle at the top-left", seed=0)  # no planner call
     assert drawing.image.size == (64, 64)
+    # image.strength < 1 starts from the connector's regressed latent; a connector without one refuses it
+    spec = load_preset(t5 / "preset.json").model_dump(mode="json")
+    spec["image"]["strength"] = 0.5
+    (tmp_path / "strength.json").write_text(json.dumps(spec))
+    agent_half = Agent.from_preset(load_preset(tmp_path / "strength.json"), home=tmp_path / "home")
+    half = agent_half.image_tool.draw("a 3x3 grid with a red circle at the top-left", seed=0)
+    assert half.image.size == (64, 64) and half.image.tobytes() != drawing.image.tobytes()
+    spec["image"]["model"] = str(first / "aligned")
+    (tmp_path / "strength.json").write_text(json.dumps(spec))
+    with pytest.raises(Exception, match="regression head"):
+        Agent.from_preset(load_preset(tmp_path / "strength.json"), home=tmp_path / "home")
     assert main(["train", "stage2", "--planner", str(stage1), "--data", str(data), "--out", str(tmp_path / "x"),
                  "--vae-from", str(tmp_path / "nothing")]) == EXIT_ERROR  # fmt: skip
     # --resume finds the VAE the run was trained with, and refuses other inputs than the checkpoint's.

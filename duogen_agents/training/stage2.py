@@ -163,6 +163,13 @@ def regions(latent: Any, grid: int) -> Any:
     return latent.reshape(b, c, grid, kh, grid, kw).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, c * kh * kw)
 
 
+def from_regions(tiles: Any, grid: int, channels: int) -> Any:
+    """The inverse of ``regions``: [B, grid * grid, C * k * k] -> a latent frame [B, C, grid * k, grid * k]."""
+    b = tiles.shape[0]
+    k = round((tiles.shape[-1] // channels) ** 0.5)
+    return tiles.reshape(b, grid, grid, channels, k, k).permute(0, 3, 1, 4, 2, 5).reshape(b, channels, grid * k, grid * k)
+
+
 def region_grid(queries: int, latent_side: int) -> int:
     """The side of the square grid ``queries`` regions tile; a clear error when they cannot tile the latent."""
     grid = round(queries**0.5)
@@ -305,9 +312,12 @@ def sample(
     steps: int = 20,
     seed: int = 0,
     on_step: Any = None,
+    start: float = 1.0,
 ) -> Any:
     """Draw one picture: ``states`` [tokens, dim] and ``mask`` [tokens] (default: all real) from
-    ``planner_states`` or ``text_encoder_states``; ``reference`` a PIL picture or None."""
+    ``planner_states`` or ``text_encoder_states``; ``reference`` a PIL picture or None. ``start`` < 1
+    (a connector with a regression head): begin at time ``start`` from the connector's predicted latent
+    noised to that time, instead of from pure noise at 1 (SDEdit's start, from the regression)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -316,9 +326,16 @@ def sample(
         cond = _normalise(vae, encode_frames(vae, clip))
         if mask is None:
             mask = torch.ones(states.shape[0], dtype=torch.bool)
-        context = connector(states.unsqueeze(0), mask.unsqueeze(0))
+        h = connector.hidden(states.unsqueeze(0), mask.unsqueeze(0))
+        context = connector.out(h)
         x = torch.randn(cond[:, :, 1:].shape, generator=gen)
-        ts = torch.linspace(1.0, 0.0, steps + 1)
+        if start < 1.0:
+            if connector.aux is None:
+                raise ConfigError("start < 1 needs a connector trained with a regression head (--regression > 0)")
+            grid = round(connector.config.queries**0.5)
+            guess = from_regions(connector.aux(h), grid, x.shape[1]).unsqueeze(2)
+            x = (1 - start) * guess + start * x
+        ts = torch.linspace(start, 0.0, steps + 1)
         for i in range(steps):
             t, t_next = ts[i], ts[i + 1]
             hidden, timestep, mask = dit_inputs(torch.cat([cond[:, :, :1], x], dim=2), t.view(1), x)

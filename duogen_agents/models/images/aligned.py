@@ -44,6 +44,11 @@ class AlignedImageTool:
             raise ModelLoadError(f"image.model {folder}: not the aligned folder of `duogen train stage2`")
         with loading("aligned image model", str(folder)):
             vae, transformer, connector, meta = load_aligned(folder)
+            if spec.strength < 1.0 and connector.aux is None:
+                raise ModelLoadError(
+                    f"image.strength {spec.strength} needs a connector with a regression head; {folder} was "
+                    "trained with --regression 0 (use strength = 1.0)"
+                )
             tool = cls(vae, transformer, connector, meta, spec)
             if meta.get("context", "planner") == "t5":
                 from duogen_agents.training.stage2 import load_text_encoder
@@ -91,7 +96,7 @@ class AlignedImageTool:
         with device_turn(self.device), generating("aligned image model"):
             picture = sample(
                 self.transformer, self.vae, self.connector, states, reference, mask=mask,
-                size=size, steps=self.spec.steps, seed=seed, on_step=on_step,
+                size=size, steps=self.spec.steps, seed=seed, on_step=on_step, start=self.spec.strength,
             )  # fmt: skip
         return Drawing(
             picture.resize((self.spec.width, self.spec.height), Image.BILINEAR),
