@@ -354,3 +354,20 @@ def test_the_oracle_dit_diagnostic_runs(tmp_path: Path) -> None:
     assert [r["step"] for r in result["rows"]] == [1, 2]
     assert all(0 <= r[k] <= 1 for r in result["rows"] for k in ("alignment", "fidelity", "consistency"))
     assert 0 <= result["vae_ceiling_alignment"] <= 1 and (out / "sample-0.png").is_file()
+
+
+def test_the_planner_half_scores_prompts(stage1, capsys) -> None:
+    """benchmarks/shapes_planner_eval.py: a stage-1 planner's image prompts against the correct ones."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_planner_eval.py"
+    spec = importlib.util.spec_from_file_location("shapes_planner_eval", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    right = "a 3x3 grid with a red circle at the top-left, a blue square at the center"
+    assert module.scene_f1(right, right) == 1.0
+    assert module.scene_f1("a 3x3 grid with a red circle at the top-left", right) == pytest.approx(2 / 3)
+    assert module.scene_f1("an empty 3x3 grid", "an empty 3x3 grid") == 1.0
+    assert module.main(["--preset", str(stage1 / "preset.json"), "--tasks", "2", "--threads", "1"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["prompts"] == 4 and 0 <= row["exact"] <= row["prompts"] and 0 <= row["scene_f1"] <= 1

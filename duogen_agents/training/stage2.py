@@ -167,7 +167,9 @@ def from_regions(tiles: Any, grid: int, channels: int) -> Any:
     """The inverse of ``regions``: [B, grid * grid, C * k * k] -> a latent frame [B, C, grid * k, grid * k]."""
     b = tiles.shape[0]
     k = round((tiles.shape[-1] // channels) ** 0.5)
-    return tiles.reshape(b, grid, grid, channels, k, k).permute(0, 3, 1, 4, 2, 5).reshape(b, channels, grid * k, grid * k)
+    return (
+        tiles.reshape(b, grid, grid, channels, k, k).permute(0, 3, 1, 4, 2, 5).reshape(b, channels, grid * k, grid * k)
+    )
 
 
 def region_grid(queries: int, latent_side: int) -> int:

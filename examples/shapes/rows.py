@@ -1,9 +1,10 @@
-"""The four rows of the shapes evaluation, as preset files, from the runs of examples/shapes/train.sh.
+"""The rows of the shapes evaluation, as preset files, from the runs of examples/shapes/train.sh.
 
     python examples/shapes/rows.py [STAGE2 [STAGE2_T5]]   # writes runs/rows/*.json (default runs/stage2, runs/stage2-t5)
     duogen eval --bench shapes --limit 24 --reference --out runs/eval \\
       --preset runs/rows/shapes.json --preset runs/rows/no-frames.json \\
-      --preset runs/rows/prompt-only.json --preset runs/rows/untrained-frames.json
+      --preset runs/rows/prompt-only.json --preset runs/rows/untrained-frames.json \\
+      --preset runs/rows/shapes-strength-0.5.json --preset runs/rows/no-frames-strength-0.5.json
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ rows = {
     "no-frames": {"image": {"frames": False}},  # the same models, earlier images withheld
     "prompt-only": {"image": {"model": str((stage2_t5 / "aligned").resolve())}},  # DiT on T5's states
     "untrained-frames": {"image": tiny},  # stage-1 planner, tiny's random Video2World frame conditioning
+    # sampling from the connector's regressed latent at noise 0.5 (chosen on the training compositions)
+    "shapes-strength-0.5": {"image": {"strength": 0.5}},
+    "no-frames-strength-0.5": {"image": {"frames": False, "strength": 0.5}},
 }
 for name, change in rows.items():
     spec = json.loads(json.dumps(full))

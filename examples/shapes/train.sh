@@ -32,10 +32,16 @@ OMP_NUM_THREADS=1 duogen train stage2 --planner runs/stage1 --vae-from runs/vae 
   --out runs/stage2 --steps 10000 --batch 8 --seed 0 --save-every 1000
 wait
 
-# The image half from correct prompts (held-out compositions), then the four rows end to end.
-for args in "--aligned runs/stage2/aligned" "--aligned runs/stage2/aligned --no-frames" "--aligned runs/stage2-t5/aligned"; do
+# The planner half: image prompts on held-out tasks (the pretrained planner in its text format, then stage 1).
+python benchmarks/shapes_planner_eval.py --preset runs/pretrain/preset.json --tasks 48 --text
+python benchmarks/shapes_planner_eval.py --preset runs/stage1/preset.json --tasks 24
+
+# The image half from correct prompts (held-out compositions), then the rows end to end.
+for args in "--aligned runs/stage2/aligned" "--aligned runs/stage2/aligned --no-frames" \
+  "--aligned runs/stage2/aligned --start 0.5" "--aligned runs/stage2-t5/aligned"; do
   python benchmarks/shapes_stage2_eval.py $args --preset runs/stage1/preset.json --tasks 48
 done
 python examples/shapes/rows.py
 duogen eval --bench shapes --limit 24 --reference --out runs/eval --preset runs/rows/shapes.json \
-  --preset runs/rows/no-frames.json --preset runs/rows/prompt-only.json --preset runs/rows/untrained-frames.json
+  --preset runs/rows/no-frames.json --preset runs/rows/prompt-only.json --preset runs/rows/untrained-frames.json \
+  --preset runs/rows/shapes-strength-0.5.json --preset runs/rows/no-frames-strength-0.5.json

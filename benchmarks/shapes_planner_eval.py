@@ -1,0 +1,123 @@
+"""The planner half on held-out compositions: does a trained planner write the right image prompts?
+
+Held-out tasks of the shapes world (the evaluation split) are played back through the real turn graph
+by the teacher (as ``duogen train`` builds its examples). At each call that asks for a picture, the
+planner under test decodes greedily, under the call's own grammar, from the teacher's conversation, and
+its image prompt is compared with the correct one: exactly, and as a scene (F1 of the objects at their
+cells it names, against the true ones).
+
+    python benchmarks/shapes_planner_eval.py --preset runs/stage1/preset.json --tasks 24
+
+``--text`` scores a ``duogen train pretrain`` planner in its own plain-text format instead
+(``shapes.corpus_text``: the document up to ``image:``, then a greedy continuation to the line's end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+_OBJECT = re.compile(r"an? (\w+) (\w+) at the ([\w-]+)")
+
+
+def scene_f1(written: str, correct: str) -> float:
+    a, b = set(_OBJECT.findall(written)), set(_OBJECT.findall(correct))
+    return 1.0 if not a and not b else 2 * len(a & b) / (len(a) + len(b))
+
+
+def _actions(preset: Any, tasks: int, seed: int) -> list[tuple[Any, str, Any]]:
+    """(schema, correct action, conversation) of every planner call of the held-out tasks."""
+    from duogen_agents.training import data as D
+    from duogen_agents.worlds import shapes as W
+
+    seen: list[tuple[Any, str, Any]] = []
+
+    class Recording(D.Teacher):
+        def generate(self, conversation: Any, schema: Any, **kw: Any) -> Any:
+            out = super().generate(conversation, schema, **kw)
+            seen.append((schema, out.text, [D._copy_turn(t) for t in conversation]))
+            return out
+
+    with tempfile.TemporaryDirectory(prefix="duogen-planner-eval-") as tmp:
+        data = W.write_dataset(Path(tmp) / "data", tasks, split="eval", seed=seed)
+        original = D.Teacher
+        D.Teacher = Recording  # planner_examples builds its teacher from this name
+        try:
+            D.planner_examples(D.load_tasks(data), preset, Path(tmp) / "home")
+        finally:
+            D.Teacher = original
+    return seen
+
+
+def evaluate_actions(preset_path: Path, tasks: int, seed: int = 0) -> dict[str, Any]:
+    from duogen_agents.models.planner import TransformersPlanner
+    from duogen_agents.presets import load_preset
+    from duogen_agents.training.stage2 import prompt_of
+
+    preset = load_preset(preset_path)
+    planner = TransformersPlanner.from_spec(preset.planner, None)
+    exact, f1 = 0, []
+    for schema, target, conversation in _actions(preset, tasks, seed):
+        want = prompt_of(target)
+        if not want:
+            continue
+        got = prompt_of(planner.generate(conversation, schema, seed=0).text)
+        exact += got == want
+        f1.append(scene_f1(got, want))
+    return {"preset": str(preset_path), "format": "actions", "tasks": tasks, "prompts": len(f1), "exact": exact,
+            "scene_f1": round(sum(f1) / max(1, len(f1)), 3)}  # fmt: skip
+
+
+def evaluate_text(preset_path: Path, tasks: int, seed: int = 0) -> dict[str, Any]:
+    import torch
+
+    from duogen_agents.models.planner import TransformersPlanner
+    from duogen_agents.presets import load_preset
+    from duogen_agents.worlds import shapes as W
+
+    preset = load_preset(preset_path)
+    planner = TransformersPlanner.from_spec(preset.planner, None)
+    model, tok = planner.model, planner.tokenizer
+    exact, f1 = 0, []
+    for task in W.tasks(tasks, split="eval", seed=seed):
+        task["expect"]["answer"] = W._answer(task)
+        lines = W.corpus_text(task).split("\n")
+        for i, line in enumerate(lines):
+            if not line.startswith("image: "):
+                continue
+            ids = tok("\n".join(lines[:i]) + "\nimage:", return_tensors="pt", add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=80, do_sample=False
+                )
+            got = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0].strip()
+            want = line[len("image: ") :]
+            exact += got == want
+            f1.append(scene_f1(got, want))
+    return {"preset": str(preset_path), "format": "text", "tasks": tasks, "prompts": len(f1), "exact": exact,
+            "scene_f1": round(sum(f1) / max(1, len(f1)), 3)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", type=Path, required=True, help="the preset.json of a pretrain or stage-1 run")
+    p.add_argument("--tasks", type=int, default=24, help="held-out tasks (evaluation split)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text", action="store_true", help="score in the pretraining text format, not actions")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    run = evaluate_text if args.text else evaluate_actions
+    print(json.dumps(run(args.preset, args.tasks, args.seed)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
