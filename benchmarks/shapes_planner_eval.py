@@ -53,13 +53,20 @@ def _actions(preset: Any, tasks: int, seed: int) -> list[tuple[Any, str, Any]]:
     return seen
 
 
-def evaluate_actions(preset_path: Path, tasks: int, seed: int = 0) -> dict[str, Any]:
+def _greedy_planner(preset: Any) -> Any:
     from duogen_agents.models.planner import TransformersPlanner
+    from duogen_agents.storage.images import default_home
+
+    spec = preset.planner.model_copy(update={"temperature": 0.0})  # greedy, whatever the preset samples with
+    return TransformersPlanner.from_spec(spec, preset.models_path(default_home()))
+
+
+def evaluate_actions(preset_path: Path, tasks: int, seed: int = 0) -> dict[str, Any]:
     from duogen_agents.presets import load_preset
     from duogen_agents.training.stage2 import prompt_of
 
     preset = load_preset(preset_path)
-    planner = TransformersPlanner.from_spec(preset.planner, None)
+    planner = _greedy_planner(preset)
     exact, f1 = 0, []
     for schema, target, conversation in _actions(preset, tasks, seed):
         want = prompt_of(target)
@@ -75,12 +82,11 @@ def evaluate_actions(preset_path: Path, tasks: int, seed: int = 0) -> dict[str, 
 def evaluate_text(preset_path: Path, tasks: int, seed: int = 0) -> dict[str, Any]:
     import torch
 
-    from duogen_agents.models.planner import TransformersPlanner
     from duogen_agents.presets import load_preset
     from duogen_agents.worlds import shapes as W
 
     preset = load_preset(preset_path)
-    planner = TransformersPlanner.from_spec(preset.planner, None)
+    planner = _greedy_planner(preset)
     model, tok = planner.model, planner.tokenizer
     exact, f1 = 0, []
     for task in W.tasks(tasks, split="eval", seed=seed):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from duogen_agents.cli import EXIT_ERROR, main
+from duogen_agents.errors import ModelLoadError
 from duogen_agents.graphs import actions as A
 from duogen_agents.presets import load_preset
 from duogen_agents.training.data import DataError, load_tasks, planner_examples
@@ -311,7 +312,7 @@ def test_stage2_prompt_only_context_reuses_a_vae_and_draws_from_the_prompt(stage
     assert half.image.size == (64, 64) and half.image.tobytes() != drawing.image.tobytes()
     spec["image"]["model"] = str(first / "aligned")
     (tmp_path / "strength.json").write_text(json.dumps(spec))
-    with pytest.raises(Exception, match="regression head"):
+    with pytest.raises(ModelLoadError, match="regression head"):
         Agent.from_preset(load_preset(tmp_path / "strength.json"), home=tmp_path / "home")
     assert main(["train", "stage2", "--planner", str(stage1), "--data", str(data), "--out", str(tmp_path / "x"),
                  "--vae-from", str(tmp_path / "nothing")]) == EXIT_ERROR  # fmt: skip

@@ -91,7 +91,10 @@ def train_pretrain(
     model, tok = planner.model, planner.tokenizer
     end = _end_token(planner)
     pad = tok.pad_token_id if tok.pad_token_id is not None else end
-    docs = [tok(t, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [end] for t in texts]
+    docs = []
+    for t in texts:  # the end token closes a whole document; a cut one just stops
+        ids = tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        docs.append(ids[:max_tokens] if len(ids) >= max_tokens else [*ids, end])
 
     for name, p in model.named_parameters():
         p.requires_grad_(".visual." not in f".{name}")

@@ -25,6 +25,7 @@ reference: its conditioning frame is a blank canvas, as in training.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from dataclasses import dataclass
@@ -322,21 +323,25 @@ def sample(
     noised to that time, instead of from pure noise at 1 (SDEdit's start, from the regression)."""
     import torch
 
+    if not 0 < start <= 1:
+        raise ConfigError(f"start must be in (0, 1], not {start}")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         clip = clip_of(reference, reference if reference is not None else _blank(size), size).unsqueeze(0)
         cond = _normalise(vae, encode_frames(vae, clip))
         if mask is None:
             mask = torch.ones(states.shape[0], dtype=torch.bool)
-        h = connector.hidden(states.unsqueeze(0), mask.unsqueeze(0))
-        context = connector.out(h)
         x = torch.randn(cond[:, :, 1:].shape, generator=gen)
         if start < 1.0:
-            if connector.aux is None:
+            if getattr(connector, "aux", None) is None:
                 raise ConfigError("start < 1 needs a connector trained with a regression head (--regression > 0)")
+            h = connector.hidden(states.unsqueeze(0), mask.unsqueeze(0))
+            context = connector.out(h)
             grid = round(connector.config.queries**0.5)
             guess = from_regions(connector.aux(h), grid, x.shape[1]).unsqueeze(2)
             x = (1 - start) * guess + start * x
+        else:
+            context = connector(states.unsqueeze(0), mask.unsqueeze(0))
         ts = torch.linspace(start, 0.0, steps + 1)
         for i in range(steps):
             t, t_next = ts[i], ts[i + 1]
@@ -414,8 +419,8 @@ def train_stage2(
         raise ConfigError("--size must be a multiple of 16")
     if context not in CONTEXTS:
         raise ConfigError(f"--context must be one of {', '.join(CONTEXTS)}")
-    if not regression >= 0:
-        raise ConfigError("--regression must be 0 or more")
+    if not (regression >= 0 and math.isfinite(regression)):
+        raise ConfigError("--regression must be a finite number, 0 or more")
     cfg, vae_cfg = cfg or TrainConfig(), vae_cfg or TrainConfig(steps=200, lr=1e-3)
     cfg.check()
     vae_cfg.check()
@@ -532,8 +537,10 @@ def train_stage2(
         out / "dit", cfg, len(latents), params, dit_loss, dit_save, dit_load, resume=resume and
         (out / "dit" / "checkpoints").exists(), label="stage 2: DiT + connector", batched=True,
         extra={"planner": str(run1.resolve()), "data": str(Path(data).resolve()), "examples": len(latents),
-               "size": size, "tokens": tokens, "context": context, "regression": regression,
-               "vae": str(vae_source.resolve()) if vae_source is not None else "OUT/vae"},
+               "size": size, "tokens": tokens, "context": context,
+               "vae": str(vae_source.resolve()) if vae_source is not None else "OUT/vae",
+               # runs without the head (and those of earlier versions) lack the key
+               **({"regression": regression} if regression > 0 else {})},
     )  # fmt: skip
 
     final = out / "aligned"
