@@ -44,12 +44,7 @@ def _actions(preset: Any, tasks: int, seed: int) -> list[tuple[Any, str, Any]]:
 
     with tempfile.TemporaryDirectory(prefix="duogen-planner-eval-") as tmp:
         data = W.write_dataset(Path(tmp) / "data", tasks, split="eval", seed=seed)
-        original = D.Teacher
-        D.Teacher = Recording  # planner_examples builds its teacher from this name
-        try:
-            D.planner_examples(D.load_tasks(data), preset, Path(tmp) / "home")
-        finally:
-            D.Teacher = original
+        D.planner_examples(D.load_tasks(data), preset, Path(tmp) / "home", teacher=Recording())
     return seen
 
 

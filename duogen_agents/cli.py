@@ -493,13 +493,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from duogen_agents.validation import check_seed
 
     check_seed(args.seed)
+    cfg = TrainConfig(
+        steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed, save_every=args.save_every
+    )
     if args.stage == "pretrain":
         from duogen_agents.training.pretrain import train_pretrain
 
-        cfg = TrainConfig(
-            steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
-            save_every=args.save_every,
-        )  # fmt: skip
         r0 = train_pretrain(
             args.base, args.text, args.out, cfg, max_tokens=args.max_tokens, resume=args.resume, home=args.home
         )
@@ -512,10 +511,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "stage2":
         from duogen_agents.training.stage2 import train_stage2
 
-        cfg = TrainConfig(
-            steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
-            save_every=args.save_every,
-        )  # fmt: skip
         vae_cfg = TrainConfig(
             steps=args.vae_steps, batch=args.vae_batch, lr=args.vae_lr, warmup=args.warmup, seed=args.seed,
             save_every=args.save_every,
@@ -533,9 +528,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.lora_rank < 0:
         raise ConfigError("--lora-rank must be 0 (full fine-tuning) or more")
-    cfg = TrainConfig(
-        steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed, save_every=args.save_every
-    )
     result = train_stage1(
         args.base, args.data, args.out, cfg, lora_rank=args.lora_rank, resume=args.resume, home=args.home
     )

@@ -318,12 +318,14 @@ class AnswerImages:
         return picture
 
 
-def planner_examples(tasks: Sequence[TrainingTask], preset: Any, home: Path) -> list[PlannerExample]:
+def planner_examples(
+    tasks: Sequence[TrainingTask], preset: Any, home: Path, teacher: Teacher | None = None
+) -> list[PlannerExample]:
     """Every planner call of every task's answer, played through the turn graph of ``preset``
-    (its limits and sizes; no model is loaded)."""
+    (its limits and sizes; no model is loaded). ``teacher``: a ``Teacher`` (or subclass) to play them."""
     from duogen_agents.agent import Agent, last_document
 
-    teacher, images = Teacher(), AnswerImages()
+    teacher, images = teacher if teacher is not None else Teacher(), AnswerImages()
     agent = Agent(preset, planner=teacher, image_tool=images, home=home)
     for task in tasks:
         thread = f"train-{uuid.uuid4().hex}"

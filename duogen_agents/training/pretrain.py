@@ -67,27 +67,24 @@ def train_pretrain(
 ) -> PretrainResult:
     """Train ``base``'s planner language model on the documents of ``text`` (full-sequence loss)."""
     import torch
-    from safetensors.torch import load_file, save_file
 
-    from duogen_agents.models.loading import quiet_libraries
-    from duogen_agents.models.planner import TransformersPlanner
-    from duogen_agents.storage.images import default_home
-    from duogen_agents.training.stage1 import _end_token, _resolve_base
+    from duogen_agents.training.stage1 import (
+        _end_token,
+        first_and_last_loss,
+        load_planner,
+        local_base,
+        trainable_io,
+        write_planner_run,
+    )
 
     cfg = cfg or TrainConfig()
     cfg.check()
     if max_tokens < 8:
         raise ConfigError("--max-tokens must be at least 8")
     out = Path(out)
-    preset = _resolve_base(base)
-    if preset.planner.backend != "transformers":
-        raise ConfigError(
-            f"--base {base}: its planner is remote ({preset.planner.describe()}); training needs local weights"
-        )
+    preset = local_base(base)
     texts = load_texts(text)  # a bad file fails here, before any model loads
-    root = Path(home) if home is not None else default_home()
-    quiet_libraries()
-    planner = TransformersPlanner.from_spec(preset.planner, preset.models_path(root))
+    planner = load_planner(preset, home)
     model, tok = planner.model, planner.tokenizer
     end = _end_token(planner)
     pad = tok.pad_token_id if tok.pad_token_id is not None else end
@@ -113,31 +110,14 @@ def train_pretrain(
         dev = planner.device
         return model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev), use_cache=False).loss
 
-    def save(ckpt: Path) -> None:
-        save_file({n: p.detach().cpu().contiguous() for n, p in trained}, str(ckpt / "trainable.safetensors"))
-
-    def load(ckpt: Path) -> None:
-        state = load_file(str(ckpt / "trainable.safetensors"))
-        with torch.no_grad():
-            for n, p in trained:
-                p.copy_(state[n].to(p.device, p.dtype))
-
+    save, load = trainable_io(trained)
     last = run(
         out, cfg, len(docs), params, loss_of, save, load, resume=resume, label="pretrain", batched=True,
         extra={"base": str(base), "text": str(Path(text).resolve()), "documents": len(docs), "max_tokens": max_tokens},
     )  # fmt: skip
 
     model.eval()
-    final = out / "planner"
-    model.save_pretrained(final)
-    planner.processor.save_pretrained(final)
-    spec = preset.model_dump(mode="json")
-    spec["name"] = f"{preset.name}-pretrained"
-    spec["description"] = f"{preset.description} (planner pretrained by duogen train pretrain)"
-    spec["planner"]["model"] = str(final.resolve())
-    preset_path = out / "preset.json"
-    preset_path.write_text(json.dumps(spec, indent=2))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return PretrainResult(
-        final, preset_path, len(docs), sum(map(len, docs)), rows[0]["loss"], last.get("loss", rows[-1]["loss"])
+    final, preset_path = write_planner_run(
+        out, preset, model, planner, "pretrained", "pretrained by duogen train pretrain"
     )
+    return PretrainResult(final, preset_path, len(docs), sum(map(len, docs)), *first_and_last_loss(out, last))

@@ -46,6 +46,62 @@ def _resolve_base(base: str | Path) -> Any:
     return load_preset(base)
 
 
+def local_base(base: str | Path) -> Any:
+    """The preset of ``base`` (a name, a file or an earlier run's folder), refused when its planner is remote."""
+    preset = _resolve_base(base)
+    if preset.planner.backend != "transformers":
+        raise ConfigError(
+            f"--base {base}: its planner is remote ({preset.planner.describe()}); training needs local weights"
+        )
+    return preset
+
+
+def load_planner(preset: Any, home: str | Path | None) -> Any:
+    from duogen_agents.models.loading import quiet_libraries
+    from duogen_agents.models.planner import TransformersPlanner
+    from duogen_agents.storage.images import default_home
+
+    root = Path(home) if home is not None else default_home()
+    quiet_libraries()
+    return TransformersPlanner.from_spec(preset.planner, preset.models_path(root))
+
+
+def trainable_io(trained: list[tuple[str, Any]]) -> tuple[Any, Any]:
+    """``save(ckpt)`` and ``load(ckpt)`` of the trained parameters, as ``ckpt/trainable.safetensors``."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def save(ckpt: Path) -> None:
+        save_file({n: p.detach().cpu().contiguous() for n, p in trained}, str(ckpt / "trainable.safetensors"))
+
+    def load(ckpt: Path) -> None:
+        state = load_file(str(ckpt / "trainable.safetensors"))
+        with torch.no_grad():
+            for n, p in trained:
+                p.copy_(state[n].to(p.device, p.dtype))
+
+    return save, load
+
+
+def write_planner_run(out: Path, preset: Any, model: Any, planner: Any, suffix: str, how: str) -> tuple[Path, Path]:
+    """``OUT/planner`` (a ``from_pretrained`` folder) and ``OUT/preset.json`` (``preset`` with that planner)."""
+    final = out / "planner"
+    model.save_pretrained(final)
+    planner.processor.save_pretrained(final)
+    spec = preset.model_dump(mode="json")
+    spec["name"] = f"{preset.name}-{suffix}"
+    spec["description"] = f"{preset.description} (planner {how})"
+    spec["planner"]["model"] = str(final.resolve())
+    preset_path = out / "preset.json"
+    preset_path.write_text(json.dumps(spec, indent=2))
+    return final, preset_path
+
+
+def first_and_last_loss(out: Path, last: dict[str, Any]) -> tuple[float, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return rows[0]["loss"], last.get("loss", rows[-1]["loss"])
+
+
 def _end_token(planner: Any) -> int:
     """The token that ends an assistant turn in the chat template (``<|im_end|>`` for Qwen-VL)."""
     tok = planner.tokenizer
@@ -83,26 +139,15 @@ def train_stage1(
 ) -> Stage1Result:
     """Fine-tune ``base``'s planner (a preset name or file, or an earlier run's folder) on ``data``."""
     import torch
-    from safetensors.torch import load_file, save_file
-
-    from duogen_agents.models.loading import quiet_libraries
-    from duogen_agents.models.planner import TransformersPlanner
-    from duogen_agents.storage.images import default_home
 
     cfg = cfg or TrainConfig()
     cfg.check()
     out = Path(out)
-    preset = _resolve_base(base)
-    if preset.planner.backend != "transformers":
-        raise ConfigError(
-            f"--base {base}: its planner is remote ({preset.planner.describe()}); training needs local weights"
-        )
+    preset = local_base(base)
     tasks = load_tasks(data)  # a bad file fails here, before any model loads
     with tempfile.TemporaryDirectory(prefix="duogen-teacher-") as tmp:
         examples = planner_examples(tasks, preset, Path(tmp))
-    root = Path(home) if home is not None else default_home()
-    quiet_libraries()
-    planner = TransformersPlanner.from_spec(preset.planner, preset.models_path(root))
+    planner = load_planner(preset, home)
     model = planner.model
     if str(planner.device) != "cpu" and model.dtype == torch.float16:
         raise ConfigError("train in bfloat16 or float32 (set planner.dtype), not float16")
@@ -131,15 +176,7 @@ def train_stage1(
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
         return model(**batch, use_cache=False).loss
 
-    def save(ckpt: Path) -> None:
-        save_file({n: p.detach().cpu().contiguous() for n, p in trained}, str(ckpt / "trainable.safetensors"))
-
-    def load(ckpt: Path) -> None:
-        state = load_file(str(ckpt / "trainable.safetensors"))
-        with torch.no_grad():
-            for n, p in trained:
-                p.copy_(state[n].to(p.device, p.dtype))
-
+    save, load = trainable_io(trained)
     last = run(
         out, cfg, len(encoded), params, loss_of, save, load, resume=resume, label="stage 1",
         extra={"base": str(base), "data": str(Path(data).resolve()), "examples": len(encoded), "lora_rank": lora_rank},
@@ -148,14 +185,5 @@ def train_stage1(
     model.eval()
     if lora_rank > 0:
         model = model.merge_and_unload()
-    final = out / "planner"
-    model.save_pretrained(final)
-    planner.processor.save_pretrained(final)
-    spec = preset.model_dump(mode="json")
-    spec["name"] = f"{preset.name}-stage1"
-    spec["description"] = f"{preset.description} (planner fine-tuned by duogen train stage1)"
-    spec["planner"]["model"] = str(final.resolve())
-    preset_path = out / "preset.json"
-    preset_path.write_text(json.dumps(spec, indent=2))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return Stage1Result(final, preset_path, len(encoded), rows[0]["loss"], last.get("loss", rows[-1]["loss"]))
+    final, preset_path = write_planner_run(out, preset, model, planner, "stage1", "fine-tuned by duogen train stage1")
+    return Stage1Result(final, preset_path, len(encoded), *first_and_last_loss(out, last))
