@@ -357,12 +357,18 @@ def test_bad_expectations_are_line_errors(tmp_path) -> None:
             "turns": [{"prompt": "p"}],
             "expect": {"world": "shapes", "scenes": [{"middle": ["circle", "red"]}]},
         },
+        {
+            "id": "e",
+            "turns": [{"prompt": "p"}],
+            "expect": {"world": "shapes", "scenes": [{}, {}], "changes": [None]},  # one per scene
+        },
         {"id": "ok", "turns": [{"prompt": "p"}]},
     ]
     bench.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     tasks, errors = load_jsonl(bench)
-    assert [t.id for t in tasks] == ["ok"] and [e.line for e in errors] == [1, 2, 3, 4]
+    assert [t.id for t in tasks] == ["ok"] and [e.line for e in errors] == [1, 2, 3, 4, 5]
     assert "pink" in errors[0].message and "expect.images" in errors[1].message and "middle" in errors[3].message
+    assert "expect.changes" in errors[4].message
 
 
 @pytest.mark.parametrize(

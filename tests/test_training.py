@@ -47,6 +47,32 @@ def test_the_examples_are_the_graphs_own_planner_calls(data, tmp_path) -> None:
     assert any(part["type"] == "image" for turn in plan[-1].conversation for part in turn["content"])
 
 
+def test_a_changed_picture_is_an_edit_of_the_one_before_whose_prompt_is_the_change(data, tmp_path) -> None:
+    """The shapes answers: a picture drawn afresh asks for its whole scene; a picture that changes the one
+    before it (in its turn, or the last turn's in a follow-up) is an edit of it that names the change
+    alone, so the earlier picture must carry what stays."""
+    tasks = load_tasks(data)
+    examples = [e for e in planner_examples(tasks, load_preset("tiny"), tmp_path) if e.picture is not None]
+    by_task: dict[str, list] = {}
+    for e in examples:
+        by_task.setdefault(e.task, []).append(e)
+    raw = {json.loads(line)["id"]: json.loads(line) for line in data.read_text().splitlines()}
+    followups = 0
+    for task_id, pictures in by_task.items():
+        expect = raw[task_id]["expect"]
+        changes = [c for turn in expect.get("turns") or [expect] for c in turn["changes"]]
+        assert len(changes) == len(pictures) and changes[0] is None
+        for change, e in zip(changes, pictures, strict=True):
+            image = json.loads(e.target).get("image") or json.loads(e.target)
+            if change is None:
+                assert image["kind"] == "generate" and image["references"] == [] and image["prompt"].startswith("a 3x3")
+            else:
+                assert image["kind"] == "edit" and len(e.references) == 1 and len(image["references"]) == 1
+                assert change.startswith(image["prompt"])  # the tiny preset clips prompts to its limit
+        followups += len(expect.get("turns") or []) == 2
+    assert followups  # a follow-up's second turn edits the first turn's picture
+
+
 def test_every_target_is_an_action_the_planners_grammar_accepts(data, tmp_path, monkeypatch) -> None:
     """Stage 1 trains on exactly what decoding can write: the grammar of each call's schema accepts the
     teacher's action, byte for byte (its property order included)."""
@@ -199,6 +225,8 @@ def test_the_connector_regresses_the_regions_of_the_latent_row_by_row() -> None:
     assert torch.equal(from_regions(regions(noise, 4), 4, 2), noise)
     with pytest.raises(ConfigError, match="square number of queries"):
         region_grid(12, 8)
+    with pytest.raises(ConfigError, match="aux_target"):
+        _connector_class()(in_dim=6, out_dim=4, aux_dim=8, aux_target="scene")
     connector = _connector_class()(in_dim=6, out_dim=4, tokens=5, queries=16, width=32, aux_dim=8)
     states, mask = torch.randn(2, 5, 6), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     h = connector.hidden(states, mask)
@@ -237,6 +265,7 @@ def test_stage2_trains_and_the_aligned_family_draws_in_the_graph(stage1, data, t
     assert (out / "dit" / "loss.png").is_file() and (out / "dit" / "checkpoints" / "step-30").is_dir()
     connector = json.loads((out / "aligned" / "connector" / "config.json").read_text())
     assert connector["aux_dim"] == 16 * 4 * 4  # 16 queries, each a 4x4 region of the 16x16x16 latent
+    assert connector["aux_target"] == "delta"  # the change from the conditioning frame
 
     preset = load_preset(out / "preset.json")
     assert preset.image.family == "aligned"

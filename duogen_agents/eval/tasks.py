@@ -95,6 +95,13 @@ def check_expect(task: Task) -> None:
                 check_scene(scene)
             if not isinstance(part.get("facts", []), list):
                 raise ValueError("expect.facts must be a list")
+            changes = part.get("changes")
+            if changes is not None and (
+                not isinstance(changes, list)
+                or len(changes) != len(scenes)
+                or not all(c is None or isinstance(c, str) for c in changes)
+            ):
+                raise ValueError("expect.changes must be a list of instructions (or null), one per scene")
 
 
 def load_jsonl(path: Path | str) -> tuple[list[Task], list[BenchError]]:

@@ -53,7 +53,9 @@ def _connector_class() -> Any:
 
         With ``aux_dim`` > 0 it also has a regression head: query ``i`` predicts region ``i`` of the
         target's latent (the queries tile the latent as a square grid; ``regions``), trained beside the
-        DiT's loss, so each query carries what its part of the picture holds."""
+        DiT's loss, so each query carries what its part of the picture holds. ``aux_target`` says what
+        it predicts: ``latent`` (the target frame) or ``delta`` (the target frame less the conditioning
+        frame: what the request changes, which an edit prompt that names only the change can know)."""
 
         @register_to_config
         def __init__(
@@ -65,8 +67,11 @@ def _connector_class() -> Any:
             width: int = 128,
             layers: int = 2,
             aux_dim: int = 0,
+            aux_target: str = "latent",
         ) -> None:
             super().__init__()
+            if aux_target not in ("latent", "delta"):
+                raise ConfigError(f"aux_target is latent or delta, not {aux_target!r}")
             self.norm = nn.LayerNorm(in_dim)
             self.inp = nn.Linear(in_dim, width)
             self.pos = nn.Parameter(torch.randn(tokens, width) * 0.02)
@@ -339,6 +344,8 @@ def sample(
             context = connector.out(h)
             grid = round(connector.config.queries**0.5)
             guess = from_regions(connector.aux(h), grid, x.shape[1]).unsqueeze(2)
+            if getattr(connector.config, "aux_target", "latent") == "delta":
+                guess = guess + cond[:, :, :1]  # the change, on the conditioning frame
             x = (1 - start) * guess + start * x
         else:
             context = connector(states.unsqueeze(0), mask.unsqueeze(0))
@@ -501,7 +508,8 @@ def train_stage2(
     grid = region_grid(queries, latents.shape[-1])
     aux_dim = latents.shape[1] * (latents.shape[-1] // grid) ** 2 if regression > 0 else 0
     connector = _connector_class()(
-        in_dim=states.shape[-1], out_dim=context_dim, tokens=tokens, queries=queries, aux_dim=aux_dim
+        in_dim=states.shape[-1], out_dim=context_dim, tokens=tokens, queries=queries, aux_dim=aux_dim,
+        aux_target="delta",
     )
     transformer = new_transformer(context_dim)
     connector.train()
@@ -516,8 +524,9 @@ def train_stage2(
         h = connector.hidden(states[idx], masks[idx])
         pred = dit_forward(transformer, hidden, timestep, mask, connector.out(h), size)[:, :, 1:]
         loss = torch.nn.functional.mse_loss(pred, noise - z[:, :, 1:])
-        if connector.aux is not None:  # each query regresses its region of the target frame
-            loss = loss + regression * torch.nn.functional.mse_loss(connector.aux(h), regions(z[:, :, 1], grid))
+        if connector.aux is not None:  # each query regresses its region of the change
+            target = regions(z[:, :, 1] - z[:, :, 0], grid)  # the change from the conditioning frame
+            loss = loss + regression * torch.nn.functional.mse_loss(connector.aux(h), target)
         return loss
 
     def dit_save(ckpt: Path) -> None:

@@ -304,8 +304,9 @@ def _relation_holds(a: str, b: str, relation: str) -> bool:
 def tasks(n: int, *, split: str = "eval", seed: int = 0) -> Iterator[dict[str, Any]]:
     """``n`` tasks in the bench format (``id, mode, turns, expect``), cycling through visual plans,
     interleaved answers, drafts and multi-turn follow-ups. ``expect`` holds the ground truth:
-    ``scenes`` (one per expected image, in order), ``facts`` (what the text must state) and, for
-    follow-ups, a second turn with its own scenes."""
+    ``scenes`` (one per expected image, in order), ``changes`` (per scene, the instruction that makes it
+    from the picture before it, in this turn or the last one; null for a scene drawn afresh), ``facts``
+    (what the text must state) and, for follow-ups, a second turn with its own scenes."""
     if split not in ("train", "eval"):
         raise ValueError("split is 'train' or 'eval'")
     rng = random.Random(f"shapes-{split}-{seed}")
@@ -322,11 +323,12 @@ def tasks(n: int, *, split: str = "eval", seed: int = 0) -> Iterator[dict[str, A
                 changes.append(instruction)
                 facts += f
             prompt = rng.choice(_PLAN_TEMPLATES).format(start=_phrase(start), steps=", then ".join(changes))
-            yield _task(task_id, "visual-plan", [prompt], {"scenes": scenes, "steps": len(scenes), "facts": facts})
+            expect = {"scenes": scenes, "changes": [None, *changes], "steps": len(scenes), "facts": facts}
+            yield _task(task_id, "visual-plan", [prompt], expect)
         elif kind == "interleaved":
             nxt, instruction, facts = _change(rng, start, split)
             prompt = rng.choice(_INTERLEAVED_TEMPLATES).format(start=_phrase(start), change=instruction)
-            yield _task(task_id, "interleaved", [prompt], {"scenes": [start, nxt], "facts": facts})
+            yield _task(task_id, "interleaved", [prompt], {"scenes": [start, nxt], "changes": [None, instruction], "facts": facts})
         elif kind == "draft":
             if len(start) < 2:
                 extra = _random_scene(rng, split, 2)
@@ -337,7 +339,7 @@ def tasks(n: int, *, split: str = "eval", seed: int = 0) -> Iterator[dict[str, A
             prompt = rng.choice(_DRAFT_TEMPLATES).format(
                 start=_phrase(start), a=describe(start[a]), b=describe(start[b]), relation=relation
             )
-            yield _task(task_id, "draft", [prompt], {"scenes": [start], "facts": [answer], "answer": answer})
+            yield _task(task_id, "draft", [prompt], {"scenes": [start], "changes": [None], "facts": [answer], "answer": answer})
         else:
             nxt, instruction, facts = _change(rng, start, split)
             first = f"On a 3x3 grid, draw {_phrase(start)}."
@@ -346,7 +348,13 @@ def tasks(n: int, *, split: str = "eval", seed: int = 0) -> Iterator[dict[str, A
                 task_id,
                 "interleaved",
                 [first, second],
-                {"scenes": [start], "turns": [{"scenes": [start], "facts": []}, {"scenes": [nxt], "facts": facts}]},
+                {
+                    "scenes": [start],
+                    "turns": [
+                        {"scenes": [start], "changes": [None], "facts": []},
+                        {"scenes": [nxt], "changes": [instruction], "facts": facts},
+                    ],
+                },
             )
 
 
@@ -402,23 +410,29 @@ def write_dataset(out_dir: Any, n: int, *, split: str = "train", seed: int = 0) 
 
 def _answer(task: Mapping[str, Any], images: Any = None) -> list[list[dict[str, Any]]]:
     """The interleaved answer a correct assistant writes for ``task``, per turn (pictures rendered into
-    ``images/`` of the folder ``images`` when it is given)."""
+    ``images/`` of the folder ``images`` when it is given). A picture drawn afresh asks for its whole
+    scene (``scene_prompt``); a picture that changes the one before it is an ``edit`` of it whose prompt
+    is the change alone (``expect.changes``: "add a red circle at the top"), as an instruction-editing
+    model is asked, so the earlier picture carries what stays. Tasks without ``changes`` (written
+    before it existed) ask for the whole scene every time."""
     exp = task["expect"]
     answer = []
     for t, turn in enumerate(exp.get("turns") or [exp]):
         blocks: list[dict[str, Any]] = []
         facts = " ".join(str(f) for f in turn.get("facts", []))
+        changes = turn.get("changes")
         for k, scene in enumerate(turn.get("scenes", [])):
             name = f"images/{task['id']}-t{t}-{k}.png"
             if images is not None:
                 render(scene_from_json(scene)).save(images / name)
+            change = changes[k] if changes is not None and k < len(changes) else None
             blocks.append({"type": "text", "text": f"Step {k + 1}: {facts}".strip()})
             blocks.append(
                 {
                     "type": "image",
                     "path": name,
-                    "kind": "generate" if k == 0 else "edit",
-                    "prompt": scene_prompt(scene_from_json(scene)),
+                    "kind": "edit" if change or (changes is None and k > 0) else "generate",
+                    "prompt": change or scene_prompt(scene_from_json(scene)),
                 }
             )
         if task["mode"] == "draft":
