@@ -508,7 +508,11 @@ def train_stage2(
     grid = region_grid(queries, latents.shape[-1])
     aux_dim = latents.shape[1] * (latents.shape[-1] // grid) ** 2 if regression > 0 else 0
     connector = _connector_class()(
-        in_dim=states.shape[-1], out_dim=context_dim, tokens=tokens, queries=queries, aux_dim=aux_dim,
+        in_dim=states.shape[-1],
+        out_dim=context_dim,
+        tokens=tokens,
+        queries=queries,
+        aux_dim=aux_dim,
         aux_target="delta",
     )
     transformer = new_transformer(context_dim)

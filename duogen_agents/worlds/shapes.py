@@ -328,7 +328,12 @@ def tasks(n: int, *, split: str = "eval", seed: int = 0) -> Iterator[dict[str, A
         elif kind == "interleaved":
             nxt, instruction, facts = _change(rng, start, split)
             prompt = rng.choice(_INTERLEAVED_TEMPLATES).format(start=_phrase(start), change=instruction)
-            yield _task(task_id, "interleaved", [prompt], {"scenes": [start, nxt], "changes": [None, instruction], "facts": facts})
+            yield _task(
+                task_id,
+                "interleaved",
+                [prompt],
+                {"scenes": [start, nxt], "changes": [None, instruction], "facts": facts},
+            )
         elif kind == "draft":
             if len(start) < 2:
                 extra = _random_scene(rng, split, 2)
@@ -339,7 +344,9 @@ def tasks(n: int, *, split: str = "eval", seed: int = 0) -> Iterator[dict[str, A
             prompt = rng.choice(_DRAFT_TEMPLATES).format(
                 start=_phrase(start), a=describe(start[a]), b=describe(start[b]), relation=relation
             )
-            yield _task(task_id, "draft", [prompt], {"scenes": [start], "changes": [None], "facts": [answer], "answer": answer})
+            yield _task(
+                task_id, "draft", [prompt], {"scenes": [start], "changes": [None], "facts": [answer], "answer": answer}
+            )
         else:
             nxt, instruction, facts = _change(rng, start, split)
             first = f"On a 3x3 grid, draw {_phrase(start)}."
