@@ -411,10 +411,30 @@ def _flux2_klein_4b(**overrides: object) -> ImageSpec:
     )
 
 
+# Presets whose trained weights ship inside the package (examples/shapes/ship.py writes them): each a
+# folder with a preset.json whose model paths are relative to it.
+SHIPPED = Path(__file__).resolve().parent / "weights"
+
+
+def shipped_preset(folder: Path) -> Preset:
+    """The preset of a folder of weights with its ``preset.json`` (model paths relative to the folder)."""
+    spec = json.loads((folder / "preset.json").read_text())
+    spec["planner"]["model"] = str(folder / spec["planner"]["model"])
+    spec["image"]["model"] = str(folder / spec["image"]["model"])
+    return Preset.model_validate(spec)
+
+
+def _shipped(name: str) -> dict[str, Preset]:
+    """``{name: preset}`` for the shipped folder ``name``, or nothing when it is absent."""
+    folder = SHIPPED / name
+    return {name: shipped_preset(folder)} if (folder / "preset.json").is_file() else {}
+
+
 BUILTIN: dict[str, Preset] = {
     "tiny": _tiny("tiny", "qwen2_5_vl"),
     "tiny-qwen3": _tiny("tiny-qwen3", "qwen3_vl"),
     "tiny-flux2": _tiny("tiny-flux2", "qwen2_5_vl", "flux2-klein"),
+    **_shipped("shapes"),  # trained on this world on a CPU (README, "Training"); absent until shipped
     "qwen2.5-vl-7b+cosmos2-2b": Preset(
         name="qwen2.5-vl-7b+cosmos2-2b",
         description="Qwen2.5-VL-7B-Instruct planner, Cosmos-Predict2-2B image tool (704x1280)",

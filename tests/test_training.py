@@ -285,6 +285,31 @@ def test_stage2_trains_and_the_aligned_family_draws_in_the_graph(stage1, data, t
     assert doc.images and all(b.family == "aligned" for b in doc.blocks if b.type == "image")
     assert seen[0] == 0 and any(seen[1:])  # later pictures are conditioned on the earlier one
 
+    # examples/shapes/ship.py packs the two runs as a folder of weights with a relative preset.json
+    # (the built-in `shapes` preset is such a folder inside the package)
+    import runpy
+    import sys
+
+    from duogen_agents.presets import shipped_preset
+
+    packed = tmp_path / "packed"
+    argv = sys.argv
+    sys.argv = ["ship.py", str(stage1), str(out), "--strength", "0.5", "--out", str(packed)]
+    try:
+        runpy.run_path(str(Path(__file__).parents[1] / "examples" / "shapes" / "ship.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert not (packed / "planner" / "checkpoints").exists() and not (packed / "aligned" / "checkpoints").exists()
+    assert json.loads((packed / "preset.json").read_text())["planner"]["model"] == "planner"
+    moved = tmp_path / "moved"
+    shutil.move(packed, moved)  # relative paths: the folder works wherever it is
+    shipped = shipped_preset(moved)
+    assert shipped.name == "shapes" and shipped.image.strength == 0.5 and shipped.planner.temperature == 0.0
+    packed_doc = Agent.from_preset(shipped, home=tmp_path / "home2").run(
+        "Build a scene: a red circle at the top-left, then a blue square in the center", mode="visual-plan", seed=0
+    )
+    assert packed_doc.images and all(b.family == "aligned" for b in packed_doc.blocks if b.type == "image")
+
 
 def test_the_connector_reads_the_states_of_the_prompt_the_planner_wrote(stage1) -> None:
     from duogen_agents.models.planner import TransformersPlanner

@@ -1,0 +1,51 @@
+"""Copy a shapes run's trained models into the package as the built-in ``shapes`` preset.
+
+    python examples/shapes/ship.py [STAGE1 STAGE2] [--strength S]   # default runs/stage1 runs/stage2
+
+Writes ``duogen_agents/weights/shapes/``: ``planner/`` (stage 1's planner, a ``from_pretrained`` folder),
+``aligned/`` (stage 2's VAE, DiT and connector, without checkpoints or optimizer states) and ``preset.json``
+(stage 2's preset with those folders as paths relative to it, greedy decoding, and ``--strength``).
+``duogen_agents.presets`` lists it as ``shapes`` when that file is there. Prints the size of what it wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from duogen_agents.presets import SHIPPED, load_preset, shipped_preset
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+p.add_argument("stage1", nargs="?", type=Path, default=Path("runs/stage1"))
+p.add_argument("stage2", nargs="?", type=Path, default=Path("runs/stage2"))
+p.add_argument("--strength", type=float, default=1.0, help="image.strength of the preset (1.0: from pure noise)")
+p.add_argument("--out", type=Path, default=SHIPPED / "shapes", help="where to write (default: the package's)")
+args = p.parse_args()
+
+out = args.out
+if out.exists():
+    shutil.rmtree(out)
+shutil.copytree(args.stage1 / "planner", out / "planner")
+aligned = args.stage2 / "aligned"
+for part in ("vae", "transformer", "connector"):
+    shutil.copytree(aligned / part, out / "aligned" / part)
+meta = json.loads((aligned / "aligned.json").read_text())
+meta["planner"] = "../planner"  # the planner whose states the connector reads, beside it
+(out / "aligned" / "aligned.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+spec = load_preset(args.stage2 / "preset.json").model_dump(mode="json", exclude_defaults=True)
+spec["name"] = "shapes"
+spec["description"] = (
+    "trained from scratch on the shapes world by examples/shapes/train.sh (2-core CPU): planner (stage 1) + "
+    "aligned Cosmos DiT with the earlier picture as its frame (stage 2)"
+)
+spec["planner"]["model"] = "planner"
+spec["planner"]["temperature"] = 0.0  # greedy: the trained planner's most likely action
+spec["image"]["model"] = "aligned"
+spec["image"]["strength"] = args.strength
+(out / "preset.json").write_text(json.dumps(spec, indent=2) + "\n")
+shipped_preset(out)  # check it
+size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+print(f"{out}: {size / 1e6:.1f} MB")
