@@ -325,7 +325,8 @@ def sample(
     """Draw one picture: ``states`` [tokens, dim] and ``mask`` [tokens] (default: all real) from
     ``planner_states`` or ``text_encoder_states``; ``reference`` a PIL picture or None. ``start`` < 1
     (a connector with a regression head): begin at time ``start`` from the connector's predicted latent
-    noised to that time, instead of from pure noise at 1 (SDEdit's start, from the regression)."""
+    (for an ``aux_target = "delta"`` head: the conditioning frame plus the predicted change) noised to
+    that time, instead of from pure noise at 1 (SDEdit's start, from the regression)."""
     import torch
 
     if not 0 < start <= 1:
