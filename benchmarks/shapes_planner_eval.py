@@ -3,8 +3,9 @@
 Held-out tasks of the shapes world (the evaluation split) are played back through the real turn graph
 by the teacher (as ``duogen train`` builds its examples). At each call that asks for a picture, the
 planner under test decodes greedily, under the call's own grammar, from the teacher's conversation, and
-its image prompt is compared with the correct one: exactly, and as a scene (F1 of the objects at their
-cells it names, against the true ones).
+its image prompt is compared with the correct one: exactly (whole-scene prompts and edits' changes
+apart), and, for whole-scene prompts, as a scene (F1 of the objects at their cells it names, against the
+true ones).
 
     python benchmarks/shapes_planner_eval.py --preset runs/stage1/preset.json --tasks 24
 
@@ -27,6 +28,33 @@ _OBJECT = re.compile(r"an? (\w+) (\w+) at the ([\w-]+)")
 def scene_f1(written: str, correct: str) -> float:
     a, b = set(_OBJECT.findall(written)), set(_OBJECT.findall(correct))
     return 1.0 if not a and not b else 2 * len(a & b) / (len(a) + len(b))
+
+
+def is_scene(prompt: str) -> bool:
+    """A whole-scene prompt (a picture drawn afresh), not an edit's change ("add a red circle at the top")."""
+    return prompt.startswith(("a 3x3 grid", "an empty 3x3 grid"))
+
+
+class Tally:
+    """Exact prompts, for whole scenes and for edits apart, and the scene F1 over the whole-scene ones."""
+
+    def __init__(self) -> None:
+        self.exact = {"scene": 0, "edit": 0}
+        self.count = {"scene": 0, "edit": 0}
+        self.f1: list[float] = []
+
+    def add(self, got: str, want: str) -> None:
+        kind = "scene" if is_scene(want) else "edit"
+        self.count[kind] += 1
+        self.exact[kind] += got == want
+        if kind == "scene":
+            self.f1.append(scene_f1(got, want))
+
+    def row(self) -> dict[str, Any]:
+        return {"prompts": sum(self.count.values()), "exact": sum(self.exact.values()),
+                "scene_prompts": self.count["scene"], "scene_exact": self.exact["scene"],
+                "edit_prompts": self.count["edit"], "edit_exact": self.exact["edit"],
+                "scene_f1": round(sum(self.f1) / max(1, len(self.f1)), 3)}  # fmt: skip
 
 
 def _actions(preset: Any, tasks: int, seed: int) -> list[tuple[Any, str, Any]]:
@@ -62,16 +90,13 @@ def evaluate_actions(preset_path: Path, tasks: int, seed: int = 0) -> dict[str, 
 
     preset = load_preset(preset_path)
     planner = _greedy_planner(preset)
-    exact, f1 = 0, []
+    tally = Tally()
     for schema, target, conversation in _actions(preset, tasks, seed):
         want = prompt_of(target)
         if not want:
             continue
-        got = prompt_of(planner.generate(conversation, schema, seed=0).text)
-        exact += got == want
-        f1.append(scene_f1(got, want))
-    return {"preset": str(preset_path), "format": "actions", "tasks": tasks, "prompts": len(f1), "exact": exact,
-            "scene_f1": round(sum(f1) / max(1, len(f1)), 3)}  # fmt: skip
+        tally.add(prompt_of(planner.generate(conversation, schema, seed=0).text), want)
+    return {"preset": str(preset_path), "format": "actions", "tasks": tasks, **tally.row()}
 
 
 def evaluate_text(preset_path: Path, tasks: int, seed: int = 0) -> dict[str, Any]:
@@ -83,7 +108,7 @@ def evaluate_text(preset_path: Path, tasks: int, seed: int = 0) -> dict[str, Any
     preset = load_preset(preset_path)
     planner = _greedy_planner(preset)
     model, tok = planner.model, planner.tokenizer
-    exact, f1 = 0, []
+    tally = Tally()
     for task in W.tasks(tasks, split="eval", seed=seed):
         task["expect"]["answer"] = W._answer(task)
         lines = W.corpus_text(task).split("\n")
@@ -96,11 +121,8 @@ def evaluate_text(preset_path: Path, tasks: int, seed: int = 0) -> dict[str, Any
                     input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=80, do_sample=False
                 )
             got = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0].strip()
-            want = line[len("image: ") :]
-            exact += got == want
-            f1.append(scene_f1(got, want))
-    return {"preset": str(preset_path), "format": "text", "tasks": tasks, "prompts": len(f1), "exact": exact,
-            "scene_f1": round(sum(f1) / max(1, len(f1)), 3)}  # fmt: skip
+            tally.add(got, line[len("image: ") :])
+    return {"preset": str(preset_path), "format": "text", "tasks": tasks, **tally.row()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -329,6 +329,11 @@ class Preset(_Strict):
         return None
 
     @property
+    def is_shipped(self) -> bool:
+        """Its weights ship inside the package (``SHIPPED``), trained by this project's own commands."""
+        return Path(str(self.planner.model)).is_relative_to(SHIPPED)
+
+    @property
     def is_tiny(self) -> bool:
         image = self.image
         names = [self.planner.model, image.model, image.text2image, image.references and image.references.model]
@@ -425,9 +430,18 @@ def shipped_preset(folder: Path) -> Preset:
 
 
 def _shipped(name: str) -> dict[str, Preset]:
-    """``{name: preset}`` for the shipped folder ``name``, or nothing when it is absent."""
+    """``{name: preset}`` for the shipped folder ``name``, or nothing when it is absent (or unreadable:
+    a warning then, so that one broken folder does not break every command)."""
     folder = SHIPPED / name
-    return {name: shipped_preset(folder)} if (folder / "preset.json").is_file() else {}
+    if not (folder / "preset.json").is_file():
+        return {}
+    try:
+        return {name: shipped_preset(folder)}
+    except (OSError, ValueError, KeyError, TypeError) as e:  # pydantic's ValidationError is a ValueError
+        import warnings
+
+        warnings.warn(f"the shipped preset {name!r} in {folder} is unreadable and left out: {e}", stacklevel=2)
+        return {}
 
 
 BUILTIN: dict[str, Preset] = {

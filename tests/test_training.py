@@ -423,6 +423,14 @@ def test_the_planner_half_scores_prompts(stage1, capsys) -> None:
     assert module.scene_f1(right, right) == 1.0
     assert module.scene_f1("a 3x3 grid with a red circle at the top-left", right) == pytest.approx(2 / 3)
     assert module.scene_f1("an empty 3x3 grid", "an empty 3x3 grid") == 1.0
+    tally = module.Tally()  # edits count apart, and only whole-scene prompts enter the F1
+    tally.add("add a red circle at the top", "add a red circle at the top")
+    tally.add("remove the blue square at the left", "move the blue square from the left to the top")
+    tally.add("a 3x3 grid with a red circle at the top-left", right)
+    row = tally.row()
+    assert (row["exact"], row["edit_exact"], row["edit_prompts"], row["scene_prompts"]) == (1, 1, 2, 1)
+    assert row["scene_f1"] == pytest.approx(2 / 3, abs=1e-3)
     assert module.main(["--preset", str(stage1 / "preset.json"), "--tasks", "2", "--threads", "1"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["prompts"] == 4 and 0 <= row["exact"] <= row["prompts"] and 0 <= row["scene_f1"] <= 1
+    assert row["scene_prompts"] + row["edit_prompts"] == 4 and row["edit_prompts"] >= 1

@@ -554,7 +554,7 @@ def train_stage2(
                "size": size, "tokens": tokens, "context": context,
                "vae": str(vae_source.resolve()) if vae_source is not None else "OUT/vae",
                # runs without the head (and those of earlier versions) lack the key
-               **({"regression": regression} if regression > 0 else {})},
+               **({"regression": regression, "aux_target": "delta"} if regression > 0 else {})},
     )  # fmt: skip
 
     final = out / "aligned"

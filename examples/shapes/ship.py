@@ -25,17 +25,20 @@ p.add_argument("--out", type=Path, default=SHIPPED / "shapes", help="where to wr
 args = p.parse_args()
 
 out = args.out
+source = load_preset(args.stage2 / "preset.json")
+meta = json.loads((args.stage2 / "aligned" / "aligned.json").read_text())
+if meta.get("context", "planner") != "planner" or source.critic is not None or source.image.references is not None:
+    raise SystemExit("ship.py packs a planner-states stage 2 without a critic or a reference model")
 if out.exists():
     shutil.rmtree(out)
 shutil.copytree(args.stage1 / "planner", out / "planner")
 aligned = args.stage2 / "aligned"
 for part in ("vae", "transformer", "connector"):
     shutil.copytree(aligned / part, out / "aligned" / part)
-meta = json.loads((aligned / "aligned.json").read_text())
 meta["planner"] = "../planner"  # the planner whose states the connector reads, beside it
 (out / "aligned" / "aligned.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-spec = load_preset(args.stage2 / "preset.json").model_dump(mode="json", exclude_defaults=True)
+spec = source.model_dump(mode="json", exclude_defaults=True)
 spec["name"] = "shapes"
 spec["description"] = (
     "trained from scratch on the shapes world by examples/shapes/train.sh (2-core CPU): planner (stage 1) + "
