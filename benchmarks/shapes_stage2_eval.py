@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "--split",
         choices=["eval", "train"],
         default="eval",
-        help="eval: held-out compositions; train: the training compositions (new scenes, seed 0)",
+        help="eval: held-out compositions; train: the training compositions (with --seed 0, the first tasks of a training set written with seed 0)",
     )
     p.add_argument(
         "--start",
