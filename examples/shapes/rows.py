@@ -27,7 +27,7 @@ rows = {
     "no-frames": {"image": {"frames": False}},  # the same models, earlier images withheld
     "prompt-only": {"image": {"model": str((stage2_t5 / "aligned").resolve())}},  # DiT on T5's states
     "untrained-frames": {"image": tiny},  # stage-1 planner, tiny's random Video2World frame conditioning
-    # sampling from the connector's regressed latent at noise 0.5 (chosen on the training compositions)
+    # sampling from the frame plus the connector's regressed change at noise 0.5 (chosen on training compositions)
     "shapes-strength-0.5": {"image": {"strength": 0.5}},
     "no-frames-strength-0.5": {"image": {"frames": False, "strength": 0.5}},
 }

@@ -3,7 +3,7 @@
 # CPU, after a language-model pretraining of the planner. A picture that changes the one before it is an
 # edit whose prompt names the change alone (shapes._answer), and the connector's regression head predicts
 # the change from the conditioning frame. Run from the repository root with the package
-# installed (pip install -e '.[dev]'). Seeds are fixed. About two and a half hours, two runs at a time.
+# installed (pip install -e '.[dev]'). Seeds are fixed. About two and a half hours on this 2-core CPU, two runs at a time.
 set -euo pipefail
 export DUOGEN_HOME=${DUOGEN_HOME:-$PWD/runs/home}
 
@@ -34,8 +34,10 @@ OMP_NUM_THREADS=1 duogen train stage1 --base runs/stage1 --data runs/shapes-trai
   --out runs/stage1b --steps 2000 --batch 4 --lr 3e-4 --warmup 50 --seed 1 --save-every 500
 
 # Stage 2, DuoGen's path: the connector on the frozen stage-1 planner's states.
+# (The fifth run stopped this one after its step-7,000 checkpoint, for the session's time, and took that
+# checkpoint: examples/shapes/from_checkpoint.py 7000. Run to the end, it writes runs/stage2/aligned itself.)
 OMP_NUM_THREADS=1 duogen train stage2 --planner runs/stage1b --vae-from runs/vae --data runs/shapes-train/tasks.jsonl \
-  --out runs/stage2 --steps 8000 --batch 8 --seed 0 --save-every 1000
+  --out runs/stage2 --steps 10000 --batch 8 --seed 0 --save-every 1000
 wait
 
 # The planner half: image prompts on held-out tasks (the pretrained planner in its text format, then stage 1).
@@ -52,3 +54,6 @@ python examples/shapes/rows.py
 duogen eval --bench shapes --limit 24 --reference --out runs/eval --preset runs/rows/shapes.json \
   --preset runs/rows/no-frames.json --preset runs/rows/prompt-only.json --preset runs/rows/untrained-frames.json \
   --preset runs/rows/shapes-strength-0.5.json --preset runs/rows/no-frames-strength-0.5.json
+
+# The shipped preset: the planner and the aligned folder, at strength 0.5 (chosen on training compositions).
+python examples/shapes/ship.py runs/stage1b runs/stage2 --strength 0.5

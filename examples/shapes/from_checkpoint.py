@@ -1,0 +1,33 @@
+"""OUT/aligned and OUT/preset.json of runs/stage2 from its step-N checkpoint, as the fifth shapes run did (its
+planner-states stage 2 was stopped at step 7,000 for the session's time).
+
+    python examples/shapes/from_checkpoint.py 7000
+
+The VAE (with its latent statistics) is the T5 run's (runs/stage2-t5): the same --vae-from VAE, measured on
+the same pictures. The planner is runs/stage1b's.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+step = int(sys.argv[1])
+run, t5 = Path("runs/stage2"), Path("runs/stage2-t5")
+ckpt = run / "dit" / "checkpoints" / f"step-{step}"
+final = run / "aligned"
+if final.exists():
+    shutil.rmtree(final)
+shutil.copytree(t5 / "aligned" / "vae", final / "vae")
+shutil.copytree(ckpt / "transformer", final / "transformer")
+shutil.copytree(ckpt / "connector", final / "connector")
+meta = json.loads((t5 / "aligned" / "aligned.json").read_text())
+meta.update(context="planner", planner=str(Path("runs/stage1b/planner").resolve()))
+(final / "aligned.json").write_text(json.dumps(meta))
+spec = json.loads(Path("runs/stage1b/preset.json").read_text())
+t5spec = json.loads((t5 / "preset.json").read_text())
+spec["name"] = spec["name"] + "-stage2"
+spec["description"] += "; DiT aligned by duogen train stage2 (context: planner)"
+spec["image"] = {**t5spec["image"], "model": str(final.resolve())}
+(run / "preset.json").write_text(json.dumps(spec, indent=2))
+print(final, "from", ckpt)
