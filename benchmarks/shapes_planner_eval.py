@@ -57,7 +57,7 @@ class Tally:
                 "scene_f1": round(sum(self.f1) / max(1, len(self.f1)), 3)}  # fmt: skip
 
 
-def _actions(preset: Any, tasks: int, seed: int) -> list[tuple[Any, str, Any]]:
+def _actions(preset: Any, tasks: int, seed: int, paraphrase: float = 0.0) -> list[tuple[Any, str, Any]]:
     """(schema, correct action, conversation) of every planner call of the held-out tasks."""
     from duogen_agents.training import data as D
     from duogen_agents.worlds import shapes as W
@@ -71,7 +71,7 @@ def _actions(preset: Any, tasks: int, seed: int) -> list[tuple[Any, str, Any]]:
             return out
 
     with tempfile.TemporaryDirectory(prefix="duogen-planner-eval-") as tmp:
-        data = W.write_dataset(Path(tmp) / "data", tasks, split="eval", seed=seed)
+        data = W.write_dataset(Path(tmp) / "data", tasks, split="eval", seed=seed, paraphrase=paraphrase)
         D.planner_examples(D.load_tasks(data), preset, Path(tmp) / "home", teacher=Recording())
     return seen
 
@@ -84,19 +84,19 @@ def _greedy_planner(preset: Any) -> Any:
     return TransformersPlanner.from_spec(spec, preset.models_path(default_home()))
 
 
-def evaluate_actions(preset_path: Path, tasks: int, seed: int = 0) -> dict[str, Any]:
+def evaluate_actions(preset_path: Path, tasks: int, seed: int = 0, paraphrase: float = 0.0) -> dict[str, Any]:
     from duogen_agents.presets import load_preset
     from duogen_agents.training.stage2 import prompt_of
 
     preset = load_preset(preset_path)
     planner = _greedy_planner(preset)
     tally = Tally()
-    for schema, target, conversation in _actions(preset, tasks, seed):
+    for schema, target, conversation in _actions(preset, tasks, seed, paraphrase):
         want = prompt_of(target)
         if not want:
             continue
         tally.add(prompt_of(planner.generate(conversation, schema, seed=0).text), want)
-    return {"preset": str(preset_path), "format": "actions", "tasks": tasks, **tally.row()}
+    return {"preset": str(preset_path), "format": "actions", "tasks": tasks, "paraphrase": paraphrase, **tally.row()}
 
 
 def evaluate_text(preset_path: Path, tasks: int, seed: int = 0) -> dict[str, Any]:
@@ -131,14 +131,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=int, default=24, help="held-out tasks (evaluation split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text", action="store_true", help="score in the pretraining text format, not actions")
+    p.add_argument(
+        "--paraphrase",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="reword this fraction of the held-out requests (shapes.paraphrased; 1: all but the drafts)",
+    )
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
-    run = evaluate_text if args.text else evaluate_actions
-    print(json.dumps(run(args.preset, args.tasks, args.seed)))
+    if args.text:
+        if args.paraphrase:
+            p.error("--paraphrase scores actions, not the text format")
+        print(json.dumps(evaluate_text(args.preset, args.tasks, args.seed)))
+    else:
+        print(json.dumps(evaluate_actions(args.preset, args.tasks, args.seed, args.paraphrase)))
     return 0
 
 

@@ -31,6 +31,7 @@ def evaluate(
     steps: int = 20,
     split: str = "eval",
     start: float = 1.0,
+    keep: float = 0.0,
 ) -> dict[str, Any]:
     import torch
 
@@ -52,6 +53,7 @@ def evaluate(
         data = W.write_dataset(Path(tmp) / "data", tasks, split=split, seed=seed)
         examples = [e for e in planner_examples(load_tasks(data), preset, Path(tmp) / "t") if e.picture is not None]
     alignment: list[float] = []
+    by_kind: dict[str, list[float]] = {"fresh": [], "edit": []}
     fidelity: list[float] = []
     consistency: list[float] = []
     previous: dict[str, Any] = {}
@@ -66,10 +68,21 @@ def evaluate(
             else:
                 states, mask = s2.text_encoder_states(encoder, tokenizer, s2.prompt_of(e.target), tokens)
         drawn = s2.sample(
-            transformer, vae, connector, states, reference, mask=mask, size=size, steps=steps, seed=i, start=start
+            transformer,
+            vae,
+            connector,
+            states,
+            reference,
+            mask=mask,
+            size=size,
+            steps=steps,
+            seed=i,
+            start=start,
+            keep=keep,
         )
         drawn = drawn.resize((W.CANVAS, W.CANVAS))
         alignment.append(W.score_alignment(drawn, want))
+        by_kind["edit" if reference is not None else "fresh"].append(alignment[-1])
         fidelity.append(W.score_fidelity(drawn, want))
         if before is not None and e.task in previous:
             value = W.score_consistency(previous[e.task], drawn, W.detect(before).scene, want)
@@ -81,8 +94,9 @@ def evaluate(
         return round(sum(xs) / len(xs), 3) if xs else None
 
     return {
-        "aligned": str(aligned), "context": meta.get("context", "planner"), "frames": frames, "split": split, "tasks": tasks, "start": start,
-        "pictures": len(examples), "alignment": mean(alignment), "fidelity": mean(fidelity),
+        "aligned": str(aligned), "context": meta.get("context", "planner"), "frames": frames, "split": split, "tasks": tasks, "start": start, "keep": keep,
+        "pictures": len(examples), "alignment": mean(alignment),
+        "alignment_fresh": mean(by_kind["fresh"]), "alignment_edit": mean(by_kind["edit"]), "fidelity": mean(fidelity),
         "consistency": mean(consistency), "pairs": len(consistency), "seconds": round(time.time() - t0, 1),
     }  # fmt: skip
 
@@ -107,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="sampling starts at this time from the connector's regressed latent (1: from pure noise)",
     )
+    p.add_argument(
+        "--keep",
+        type=float,
+        default=0.0,
+        help="blended sampling: keep the earlier picture where the predicted change is below this (0: off)",
+    )
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
 
@@ -122,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps,
         split=args.split,
         start=args.start,
+        keep=args.keep,
     )
     print(json.dumps(row))
     return 0

@@ -171,6 +171,13 @@ def _parser() -> argparse.ArgumentParser:
     s2.add_argument(
         "--vae-from", type=Path, default=None, metavar="DIR", help="reuse the VAE of an earlier stage 2 (its OUT)"
     )
+    s2.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="start the DiT and connector from an earlier stage 2 (its OUT or aligned folder), with its VAE",
+    )
     s2.add_argument("--size", type=int, default=64, help="picture side in pixels (a multiple of 16)")
     s2.add_argument("--seed", type=int, default=0)
     s2.add_argument("--save-every", type=int, default=50, metavar="N")
@@ -517,11 +524,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )  # fmt: skip
         r2 = train_stage2(
             args.planner, args.data, args.out, cfg, vae_cfg, size=args.size, context=args.context,
-            regression=args.regression, vae_from=args.vae_from, resume=args.resume, home=args.home,
+            regression=args.regression, vae_from=args.vae_from, init=args.init, resume=args.resume, home=args.home,
         )  # fmt: skip
         print(
             f"stage 2: {r2.examples} pictures; "
-            + (f"VAE loss {r2.vae_loss[0]:.4f} -> {r2.vae_loss[1]:.4f}; " if args.vae_from is None else "VAE reused; ")
+            + (
+                f"VAE loss {r2.vae_loss[0]:.4f} -> {r2.vae_loss[1]:.4f}; "
+                if args.vae_from is None and args.init is None
+                else "VAE reused; "
+            )
             + f"DiT loss {r2.dit_loss[0]:.4f} -> {r2.dit_loss[1]:.4f} (OUT/vae, OUT/dit: metrics.jsonl, loss.png)"
             f"\naligned models: {r2.out / 'aligned'}\npreset:  {r2.preset}"
         )

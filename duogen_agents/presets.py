@@ -186,6 +186,14 @@ class ImageSpec(_Remote):
         description="aligned: sampling begins at this noise level from the connector's regressed latent "
         "(1.0: from pure noise; needs a connector trained with --regression > 0)",
     )
+    keep: float = Field(
+        0.0,
+        ge=0.0,
+        le=10.0,
+        description="aligned: blended sampling; where the connector predicts a change below this (normalised "
+        "latent units) the picture stays the conditioning frame's (0: off; needs a regression head trained on "
+        "the change, aux_target delta)",
+    )
     references: ImageSpec | None = None
 
     @model_validator(mode="after")

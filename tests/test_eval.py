@@ -326,6 +326,47 @@ def test_training_data_has_answers_and_images(tmp_path) -> None:
                     assert (tmp_path / "train" / block["path"]).is_file()
 
 
+def test_paraphrased_requests_ask_for_the_same_scenes_in_other_words(tmp_path) -> None:
+    rng = random.Random(0)
+    originals = list(W.tasks(40, split="train", seed=3))
+    reworded = [W.paraphrased(t, rng) for t in originals]
+    for old, new in zip(originals, reworded, strict=True):
+        assert new["expect"] == old["expect"] and new["id"] == old["id"] and new["mode"] == old["mode"]
+        prompts = [t["prompt"] for t in new["turns"]]
+        if old["mode"] == "draft":
+            assert prompts == [t["prompt"] for t in old["turns"]]
+            continue
+        assert prompts != [t["prompt"] for t in old["turns"]]
+        # every object of the first scene is named, with its cell in some wording
+        first = (old["expect"].get("turns") or [old["expect"]])[0]["scenes"][0]
+        said = W.normalise(prompts[0])
+        for cell, (shape, color) in first.items():
+            assert f"{color} {shape}" in said and cell in said, (cell, prompts[0])
+    assert W.paraphrased(originals[0], random.Random(5)) == W.paraphrased(originals[0], random.Random(5))
+    # the four kinds of change in other words; #10's example is one of the plan wordings
+    rng = random.Random(1)
+    seen = {W._free_change(rng, "add a blue square at the center", in_list=True) for _ in range(60)}
+    assert "a blue square in the center" in seen and "add a blue square at the center" in seen
+    assert any(x.startswith(("delete", "erase", "take away")) for x in
+               {W._free_change(rng, "remove the red circle at the top") for _ in range(30)})  # fmt: skip
+    assert any(x.startswith(("paint", "turn", "change")) for x in
+               {W._free_change(rng, "make the red circle at the top blue") for _ in range(30)})  # fmt: skip
+    assert all("bottom" in W.normalise(x) for x in
+               {W._free_change(rng, "move the red circle from the top to the bottom") for _ in range(30)})  # fmt: skip
+    with pytest.raises(ValueError, match="not an instruction"):
+        W._free_change(rng, "paint it all black")
+    # write_dataset rewords a fraction of the tasks from a stream of its own: the tasks and answers stay
+    plain = [json.loads(x) for x in W.write_dataset(tmp_path / "a", 24, seed=2).read_text().splitlines()]
+    mixed = [
+        json.loads(x) for x in W.write_dataset(tmp_path / "b", 24, seed=2, paraphrase=0.5).read_text().splitlines()
+    ]
+    assert [t["expect"] for t in plain] == [t["expect"] for t in mixed]
+    changed = sum(a["turns"] != b["turns"] for a, b in zip(plain, mixed, strict=True))
+    assert 4 <= changed <= 20
+    with pytest.raises(ValueError, match="fraction"):
+        W.write_dataset(tmp_path / "c", 2, paraphrase=2.0)
+
+
 @pytest.mark.slow
 def test_jsonl_bench_with_a_judge_behind_an_openai_compatible_endpoint(judge_server, home, tmp_path, capsys) -> None:
     out = tmp_path / "remote"

@@ -434,3 +434,107 @@ def test_the_planner_half_scores_prompts(stage1, capsys) -> None:
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["prompts"] == 4 and 0 <= row["exact"] <= row["prompts"] and 0 <= row["scene_f1"] <= 1
     assert row["scene_prompts"] + row["edit_prompts"] == 4 and row["edit_prompts"] >= 1
+    # --paraphrase rewords the held-out requests; the prompts asked for are the same
+    assert module.main(["--preset", str(stage1 / "preset.json"), "--tasks", "2", "--threads", "1",
+                        "--paraphrase", "1"]) == 0  # fmt: skip
+    reworded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reworded["paraphrase"] == 1.0 and reworded["prompts"] == 4
+
+
+def _toy_aligned(aux_target: str = "delta") -> tuple:
+    """A Wan VAE, a Cosmos DiT and a connector of stage 2's toy shapes (random weights)."""
+    from duogen_agents.training.stage2 import _connector_class, _normalise, new_transformer, new_vae
+
+    torch.manual_seed(0)
+    vae, transformer = new_vae().eval(), new_transformer(64).eval()
+    vae.register_to_config(latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
+    connector = _connector_class()(in_dim=8, out_dim=64, tokens=96, queries=16, aux_dim=256, aux_target=aux_target)
+    assert _normalise(vae, torch.ones(1, 16, 1, 1, 1)).eq(1).all()
+    return vae, transformer, connector.eval()
+
+
+class _Fixed(torch.nn.Module):
+    """A regression head that predicts the same change whatever it reads."""
+
+    def __init__(self, tiles: torch.Tensor) -> None:
+        super().__init__()
+        self.tiles = tiles
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.tiles
+
+
+def test_keep_holds_the_earlier_picture_where_no_change_is_predicted() -> None:
+    """Blended sampling (``keep``): where the connector predicts no change, the latent is the earlier
+    picture's; where it predicts a change, the DiT draws; a change everywhere keeps nothing."""
+    from duogen_agents.errors import ConfigError
+    from duogen_agents.training.stage2 import clip_of, encode_frames, sample, to_image
+    from duogen_agents.worlds import shapes as W
+
+    vae, transformer, connector = _toy_aligned()
+    states = torch.randn(96, 8)
+    reference = W.render({"top-left": ("circle", "red"), "center": ("square", "blue")}, size=64)
+    decoded: list[torch.Tensor] = []
+    decode = vae.decode
+    vae.decode = lambda z: (decoded.append(z.clone()), decode(z))[1]
+
+    def draw(change: float | None, keep: float = 0.3, ref=reference):
+        tiles = torch.zeros(1, 16, 256)  # 16 regions (4x4 latent positions each) of 16 channels
+        if change is not None:
+            tiles[0, 0] = change  # the top-left region only
+        connector.aux = _Fixed(tiles if change is not None else torch.full((1, 16, 256), 5.0))
+        decoded.clear()
+        image = sample(transformer, vae, connector, states, ref, size=64, steps=3, seed=1, keep=keep)
+        return image, decoded[-1][0, :, 0]
+
+    with torch.no_grad():
+        z = encode_frames(vae, clip_of(reference, reference, 64).unsqueeze(0))[0, :, 0]  # [16, 16, 16]
+        kept, latent = draw(0.0)  # no change predicted anywhere: all of it is the earlier picture's
+        assert torch.equal(latent, z)
+        assert kept.tobytes() == to_image(decode(z[None, :, None]).sample[0][:, -1]).tobytes()
+        drawn, _ = draw(0.0, keep=0.0)
+        assert drawn.tobytes() != kept.tobytes()
+        _, part = draw(5.0)  # a change in the top-left region: it is drawn, grown by one position
+        outside = torch.ones(16, 16, dtype=torch.bool)
+        outside[:5, :5] = False
+        assert torch.equal(part[:, outside], z[:, outside]) and not torch.equal(part[:, :4, :4], z[:, :4, :4])
+        everywhere, _ = draw(None)  # a change everywhere: nothing is kept
+        assert everywhere.tobytes() == drawn.tobytes()
+        fresh, _ = draw(0.0, ref=None)  # a picture drawn afresh has nothing to keep
+        assert fresh.tobytes() == draw(0.0, keep=0.0, ref=None)[0].tobytes()
+    _, _, latent_head = _toy_aligned("latent")
+    with pytest.raises(ConfigError, match="predicts the change"):
+        sample(transformer, vae, latent_head, states, reference, size=64, steps=1, keep=0.3)
+    with pytest.raises(ConfigError, match="keep must be"):
+        sample(transformer, vae, connector, states, reference, size=64, steps=1, keep=-1.0)
+
+
+def test_stage2_init_starts_from_an_earlier_runs_dit_and_connector(stage1, data, tmp_path, capsys) -> None:
+    from diffusers import AutoencoderKLWan, CosmosTransformer3DModel
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _stage2(tmp_path, stage1, data, first, "--vae-steps", "3", "--steps", "4", "--save-every", "4") == 0
+    # a learning rate of nothing: the second run's weights are the first run's, and so is its VAE
+    assert _stage2(tmp_path, stage1, data, second, "--init", str(first), "--steps", "1", "--lr", "1e-12",
+                   "--save-every", "1") == 0  # fmt: skip
+    assert not (second / "vae").exists() and "VAE reused" in capsys.readouterr().out
+    for sub, cls in (("transformer", CosmosTransformer3DModel), ("vae", AutoencoderKLWan)):
+        a = cls.from_pretrained(first / "aligned" / sub).state_dict()
+        b = cls.from_pretrained(second / "aligned" / sub).state_dict()
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    con1 = json.loads((first / "aligned" / "connector" / "config.json").read_text())
+    assert con1 == json.loads((second / "aligned" / "connector" / "config.json").read_text())
+    train = json.loads((second / "dit" / "train.json").read_text())
+    assert train["init"] == str((first / "aligned").resolve())
+    # the same run without --init starts elsewhere: its first loss differs
+    assert _stage2(tmp_path, stage1, data, tmp_path / "fresh", "--vae-from", str(first), "--steps", "1",
+                   "--lr", "1e-12", "--save-every", "1") == 0  # fmt: skip
+    assert _losses(tmp_path / "fresh" / "dit") != _losses(second / "dit")
+    # a folder that is not a stage 2 run, or one trained for another context or size, is one line
+    capsys.readouterr()
+    assert _stage2(tmp_path, stage1, data, tmp_path / "x", "--init", str(tmp_path / "nothing")) == EXIT_ERROR
+    assert "not the OUT of `duogen train stage2`" in capsys.readouterr().err
+    assert _stage2(tmp_path, stage1, data, tmp_path / "y", "--init", str(first), "--size", "32") == EXIT_ERROR
+    assert "size 64" in capsys.readouterr().err
+    assert _stage2(tmp_path, stage1, data, tmp_path / "z", "--init", str(first), "--regression", "0") == EXIT_ERROR
+    assert "aux_dim" in capsys.readouterr().err

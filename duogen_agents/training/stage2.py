@@ -28,6 +28,7 @@ import json
 import math
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,12 +322,19 @@ def sample(
     seed: int = 0,
     on_step: Any = None,
     start: float = 1.0,
+    keep: float = 0.0,
 ) -> Any:
     """Draw one picture: ``states`` [tokens, dim] and ``mask`` [tokens] (default: all real) from
     ``planner_states`` or ``text_encoder_states``; ``reference`` a PIL picture or None. ``start`` < 1
     (a connector with a regression head): begin at time ``start`` from the connector's predicted latent
     (for an ``aux_target = "delta"`` head: the conditioning frame plus the predicted change) noised to
-    that time, instead of from pure noise at 1 (SDEdit's start, from the regression)."""
+    that time, instead of from pure noise at 1 (SDEdit's start, from the regression).
+
+    ``keep`` > 0 (an ``aux_target = "delta"`` connector and a ``reference``): blended sampling (Blended
+    Latent Diffusion, with the mask from the model itself): the latent positions where the predicted
+    change is small (its RMS over channels below ``keep``, in normalised latent units, after growing the
+    changed area by one position) are the conditioning frame's, noised to each step's time, so what the
+    request does not change is the earlier picture's latent; the rest is drawn."""
     import torch
 
     if not 0 < start <= 1:
@@ -337,17 +345,28 @@ def sample(
         cond = _normalise(vae, encode_frames(vae, clip))
         if mask is None:
             mask = torch.ones(states.shape[0], dtype=torch.bool)
-        x = torch.randn(cond[:, :, 1:].shape, generator=gen)
-        if start < 1.0:
+        noise = torch.randn(cond[:, :, 1:].shape, generator=gen)
+        x = noise
+        delta = getattr(connector.config, "aux_target", "latent") == "delta"
+        if keep < 0:
+            raise ConfigError(f"keep must be >= 0, not {keep}")
+        if keep > 0 and not (delta and getattr(connector, "aux", None) is not None):
+            raise ConfigError("keep > 0 needs a connector whose regression head predicts the change (aux_target delta)")
+        kept = None
+        if start < 1.0 or keep > 0:
             if getattr(connector, "aux", None) is None:
                 raise ConfigError("start < 1 needs a connector trained with a regression head (--regression > 0)")
             h = connector.hidden(states.unsqueeze(0), mask.unsqueeze(0))
             context = connector.out(h)
             grid = round(connector.config.queries**0.5)
-            guess = from_regions(connector.aux(h), grid, x.shape[1]).unsqueeze(2)
-            if getattr(connector.config, "aux_target", "latent") == "delta":
-                guess = guess + cond[:, :, :1]  # the change, on the conditioning frame
-            x = (1 - start) * guess + start * x
+            change = from_regions(connector.aux(h), grid, x.shape[1]).unsqueeze(2)
+            guess = change + cond[:, :, :1] if delta else change  # the change, on the conditioning frame
+            if start < 1.0:
+                x = (1 - start) * guess + start * noise
+            if keep > 0 and reference is not None:  # a picture drawn afresh has nothing to keep
+                changed = change.pow(2).mean(1, keepdim=True).sqrt() >= keep  # [1, 1, 1, h, w]
+                grown = torch.nn.functional.max_pool2d(changed[:, :, 0].float(), 3, stride=1, padding=1)
+                kept = (grown < 0.5).unsqueeze(2)
         else:
             context = connector(states.unsqueeze(0), mask.unsqueeze(0))
         ts = torch.linspace(start, 0.0, steps + 1)
@@ -357,6 +376,8 @@ def sample(
             hidden[:, :, 1:] = x  # already noised: x is the sample at time t
             velocity = dit_forward(transformer, hidden, timestep, mask, context, size)[:, :, 1:]
             x = x + (t_next - t) * velocity  # the flow-matching Euler step
+            if kept is not None:  # the unchanged part: the earlier picture at this time
+                x = torch.where(kept, (1 - t_next) * cond[:, :, :1] + t_next * noise, x)
             if on_step is not None:
                 on_step(i + 1, steps)
         frame = vae.decode(_denormalise(vae, x)).sample[0]
@@ -408,6 +429,7 @@ def train_stage2(
     context: str = "planner",
     regression: float = 1.0,
     vae_from: str | Path | None = None,
+    init: str | Path | None = None,
     resume: bool = False,
     home: str | Path | None = None,
 ) -> Stage2Result:
@@ -415,7 +437,9 @@ def train_stage2(
     answers. ``context``: ``planner`` (DuoGen: the planner's states over the prompt it wrote) or ``t5``
     (prompt-only: a frozen T5 encoder over the written prompt, as Cosmos-Predict2 does).
     ``regression``: the weight of the connector's regression loss beside the DiT's (0: none; the
-    connector then learns from the DiT's loss alone)."""
+    connector then learns from the DiT's loss alone). ``init``: start the DiT and connector from an
+    earlier run's (its OUT or ``aligned`` folder; same size, context and connector shape), with that run's
+    VAE unless ``vae_from`` names another: to train longer, or to follow a planner trained further."""
     import torch
 
     from duogen_agents.models.loading import quiet_libraries
@@ -443,6 +467,16 @@ def train_stage2(
         model = Path(preset.planner.model).expanduser()
         if not preset.planner.model.startswith("tiny:") and model.is_absolute() and not model.is_dir():
             raise ConfigError(f"--planner {planner_dir}: its planner folder {model} is missing")
+    init_dir = _aligned_source(init) if init is not None else None
+    if init_dir is not None:
+        meta = json.loads((init_dir / "aligned.json").read_text())
+        if meta.get("context", "planner") != context or int(meta["size"]) != size or int(meta["tokens"]) != tokens:
+            raise ConfigError(
+                f"--init {init}: it was trained with context {meta.get('context', 'planner')}, size {meta['size']}, "
+                f"{meta['tokens']} tokens; this run asks for {context}, {size}, {tokens}"
+            )
+        if vae_from is None and not resume:
+            vae_from = init_dir / "vae"
     recorded = out / "vae_from.json"  # a run that reused a VAE resumes with the same one
     if vae_from is None and resume and recorded.is_file():
         vae_from = json.loads(recorded.read_text())["vae"]
@@ -517,6 +551,8 @@ def train_stage2(
         aux_target="delta",
     )
     transformer = new_transformer(context_dim)
+    if init_dir is not None:
+        _load_into(transformer, connector, init_dir, init)
     connector.train()
     transformer.train()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -553,6 +589,7 @@ def train_stage2(
         extra={"planner": str(run1.resolve()), "data": str(Path(data).resolve()), "examples": len(latents),
                "size": size, "tokens": tokens, "context": context,
                "vae": str(vae_source.resolve()) if vae_source is not None else "OUT/vae",
+               **({"init": str(init_dir.resolve())} if init_dir is not None else {}),
                # runs without the head (and those of earlier versions) lack the key
                **({"regression": regression, "aux_target": "delta"} if regression > 0 else {})},
     )  # fmt: skip
@@ -589,6 +626,37 @@ def train_stage2(
     return Stage2Result(
         out, preset_path, len(latents), (vae_rows[0], vae_rows[-1]), (dit_rows[0], dit_last.get("loss", dit_rows[-1]))
     )
+
+
+def _aligned_source(init: str | Path) -> Path:
+    """The ``aligned`` folder of ``init``: an earlier stage 2's OUT, or that folder itself."""
+    path = Path(init)
+    for candidate in (path / "aligned", path):
+        if (candidate / "aligned.json").is_file():
+            return candidate
+    raise ConfigError(f"--init {init}: not the OUT of `duogen train stage2` nor its aligned folder (no aligned.json)")
+
+
+def _load_into(transformer: Any, connector: Any, folder: Path, init: str | Path) -> None:
+    """Copy an aligned folder's DiT and connector weights into freshly built ones; a clear error when
+    their shapes differ (another planner width, no regression head, ...)."""
+    from diffusers import CosmosTransformer3DModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        donor_dit = CosmosTransformer3DModel.from_pretrained(folder / "transformer")
+        donor_con = type(connector).from_pretrained(folder / "connector")
+    for key in ("in_dim", "out_dim", "tokens", "queries", "width", "layers", "aux_dim", "aux_target"):
+        if donor_con.config.get(key) != connector.config.get(key):
+            raise ConfigError(
+                f"--init {init}: its connector has {key} = {donor_con.config.get(key)!r}, this run builds "
+                f"{connector.config.get(key)!r} (another planner or --regression)"
+            )
+    try:
+        transformer.load_state_dict(donor_dit.state_dict())
+    except RuntimeError as e:
+        raise ConfigError(f"--init {init}: its DiT has another shape: {str(e).splitlines()[0]}") from e
+    connector.load_state_dict(donor_con.state_dict())
 
 
 def _vae_source(vae_from: str | Path) -> Path:

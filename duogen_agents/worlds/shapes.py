@@ -396,18 +396,118 @@ def scene_from_json(value: Mapping[str, Any]) -> Scene:
     return {c: (o[0], o[1]) for c, o in value.items()}
 
 
-def write_dataset(out_dir: Any, n: int, *, split: str = "train", seed: int = 0) -> Any:
+# ---- paraphrases ---------------------------------------------------------------------------------
+# Other ways people ask for the same tasks: the requests change, the scenes, changes and answers do not.
+# They are drawn from their own random stream (``paraphrased``), so the tasks and the evaluation split
+# stay exactly what ``tasks`` writes.
+
+_FREE_PLAN = (
+    "Build a scene: {start}, then {steps}.",
+    "Build a scene step by step: {start}; then {steps}.",
+    "Draw {start}. Then {steps}. Show the grid after each step.",
+    "Make a visual plan: first {start}, then {steps}.",
+    "Plan a 3x3 grid scene: start with {start}, then {steps}.",
+    "Show me how to build this step by step: {start}, then {steps}.",
+)
+_FREE_INTERLEAVED = (
+    "Draw {start}, then {change} and draw it again.",
+    "Show {start} on a grid. Then {change} and show the result.",
+    "Build a scene: {start}. Then {change} and draw the new scene.",
+)
+_FREE_FIRST = ("Draw {start}.", "Build a scene: {start}.", "Show {start} on a 3x3 grid.", "Put {start} on a grid.")
+_FREE_NEXT = ("Now {change}.", "Next, {change}.", "Then {change}.", "{change}.", "Now please {change}.")
+_CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+_INSTRUCTION = re.compile(
+    r"^(?:add (?P<add>an? \w+ \w+) at the (?P<add_cell>[\w-]+)"
+    r"|move the (?P<move>\w+ \w+) from the (?P<move_from>[\w-]+) to the (?P<move_to>[\w-]+)"
+    r"|make the (?P<recolour>\w+ \w+) at the (?P<recolour_cell>[\w-]+) (?P<color>\w+)"
+    r"|remove the (?P<remove>\w+ \w+) at the (?P<remove_cell>[\w-]+))$"
+)
+
+
+def _place(rng: random.Random, cell: str) -> str:
+    """A cell as people write it: "at the top-left", "in the top left corner", "in the middle"."""
+    words = cell.replace("-", " ") if rng.random() < 0.4 else cell
+    if cell == "center":
+        return rng.choice(("at the center", "in the center", "in the middle", "in the centre"))
+    if cell in _CORNERS and rng.random() < 0.3:
+        return f"in the {words} corner"
+    return f"{rng.choice(('at', 'in'))} the {words}"
+
+
+def _free_scene(rng: random.Random, scene: Mapping[str, Any]) -> str:
+    parts = [f"{_a(describe(scene_from_json({c: o})[c]))} {_place(rng, c)}" for c, o in scene.items()]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + rng.choice((", and ", " and ", ", ")) + parts[-1]
+
+
+def _free_change(rng: random.Random, instruction: str, *, in_list: bool = False) -> str:
+    """``instruction`` ("add a red circle at the top", ...) in other words; ``in_list``: it follows a
+    scene in a plan, where an added object may stand alone ("then a blue square in the center")."""
+    m = _INSTRUCTION.match(instruction)
+    if m is None:
+        raise ValueError(f"not an instruction of this world: {instruction!r}")
+    g = m.groupdict()
+    if g["add"]:
+        obj, where = g["add"], _place(rng, g["add_cell"])
+        forms = [f"add {obj} {where}", f"put {obj} {where}", f"place {obj} {where}"]
+        return rng.choice([*forms, f"{obj} {where}"] if in_list else forms)
+    if g["move"]:
+        obj, a, b = g["move"], g["move_from"], g["move_to"]
+        return rng.choice((f"move the {obj} from the {a} to the {b}", f"slide the {obj} from the {a} {_place(rng, b).replace('at', 'to', 1).replace('in', 'to', 1)}",
+                           f"move the {obj} at the {a} to the {b}"))  # fmt: skip
+    if g["recolour"]:
+        obj, cell, color = g["recolour"], g["recolour_cell"], g["color"]
+        return rng.choice((f"make the {obj} {_place(rng, cell)} {color}", f"paint the {obj} {_place(rng, cell)} {color}",
+                           f"turn the {obj} {_place(rng, cell)} {color}", f"change the {obj} {_place(rng, cell)} to {color}"))  # fmt: skip
+    obj, cell = g["remove"], g["remove_cell"]
+    verb = rng.choice(("remove", "delete", "erase", "take away"))
+    return f"{verb} the {obj} {_place(rng, cell)}"
+
+
+def paraphrased(task: Mapping[str, Any], rng: random.Random) -> dict[str, Any]:
+    """``task`` with its requests in other words (``_FREE_*``: "Build a scene: a red circle at the
+    top-left, then a blue square in the center."); its ``expect`` (scenes, changes, facts) unchanged.
+    Drafts keep their question."""
+    exp = task["expect"]
+    out = {**task, "turns": [dict(t) for t in task["turns"]]}
+    if task["mode"] == "draft":
+        return out
+    if exp.get("turns"):  # a follow-up: the scene, then the change in a second turn
+        start, change = exp["turns"][0]["scenes"][0], exp["turns"][1]["changes"][0]
+        out["turns"][0]["prompt"] = rng.choice(_FREE_FIRST).format(start=_free_scene(rng, start))
+        second = rng.choice(_FREE_NEXT).format(change=_free_change(rng, change))
+        out["turns"][1]["prompt"] = second[0].upper() + second[1:]
+        return out
+    start, changes = exp["scenes"][0], exp["changes"][1:]
+    if task["mode"] == "visual-plan":
+        steps = ", then ".join(_free_change(rng, c, in_list=True) for c in changes)
+        prompt = rng.choice(_FREE_PLAN).format(start=_free_scene(rng, start), steps=steps)
+    else:
+        prompt = rng.choice(_FREE_INTERLEAVED).format(
+            start=_free_scene(rng, start), change=_free_change(rng, changes[0])
+        )
+    out["turns"][0]["prompt"] = prompt[0].upper() + prompt[1:]
+    return out
+
+
+def write_dataset(out_dir: Any, n: int, *, split: str = "train", seed: int = 0, paraphrase: float = 0.0) -> Any:
     """Training (or evaluation) data: ``out_dir/tasks.jsonl`` in the bench format, each task with
     ``expect.answer``, the interleaved conversation a correct assistant writes (per turn: text and
     image blocks, images rendered to ``out_dir/images/*.png``, each image with the ``prompt`` that asks
-    for its scene). Returns the JSONL path."""
+    for its scene). ``paraphrase``: the fraction of tasks whose requests are reworded (``paraphrased``,
+    from a random stream of their own: the tasks are the same with or without). Returns the JSONL path."""
     import json
     from pathlib import Path
 
+    if not 0.0 <= paraphrase <= 1.0:
+        raise ValueError(f"paraphrase is a fraction in [0, 1], not {paraphrase}")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []
+    prng = random.Random(f"shapes-paraphrase-{split}-{seed}")
     for task in tasks(n, split=split, seed=seed):
+        if paraphrase and prng.random() < paraphrase:
+            task = paraphrased(task, prng)
         task["expect"]["answer"] = _answer(task, out)
         lines.append(json.dumps(task))
     path = out / "tasks.jsonl"

@@ -49,6 +49,11 @@ class AlignedImageTool:
                     f"image.strength {spec.strength} needs a connector with a regression head; {folder} was "
                     "trained with --regression 0 (use strength = 1.0)"
                 )
+            if spec.keep > 0 and (connector.aux is None or connector.config.get("aux_target") != "delta"):
+                raise ModelLoadError(
+                    f"image.keep {spec.keep} needs a connector whose regression head predicts the change "
+                    f"(aux_target delta); {folder}'s does not (use keep = 0)"
+                )
             tool = cls(vae, transformer, connector, meta, spec)
             if meta.get("context", "planner") == "t5":
                 from duogen_agents.training.stage2 import load_text_encoder
@@ -97,6 +102,7 @@ class AlignedImageTool:
             picture = sample(
                 self.transformer, self.vae, self.connector, states, reference, mask=mask,
                 size=size, steps=self.spec.steps, seed=seed, on_step=on_step, start=self.spec.strength,
+                keep=self.spec.keep,
             )  # fmt: skip
         return Drawing(
             picture.resize((self.spec.width, self.spec.height), Image.BILINEAR),
