@@ -347,7 +347,8 @@ def sample(
             mask = torch.ones(states.shape[0], dtype=torch.bool)
         noise = torch.randn(cond[:, :, 1:].shape, generator=gen)
         x = noise
-        delta = getattr(connector.config, "aux_target", "latent") == "delta"
+        # (any connector module will do; the change and ``keep`` need stage 2's, whose config says what it regresses)
+        delta = getattr(getattr(connector, "config", None), "aux_target", "latent") == "delta"
         if keep < 0:
             raise ConfigError(f"keep must be >= 0, not {keep}")
         if keep > 0 and not (delta and getattr(connector, "aux", None) is not None):

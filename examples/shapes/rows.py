@@ -4,7 +4,8 @@
     duogen eval --bench shapes --limit 24 --reference --out runs/eval \\
       --preset runs/rows/shapes.json --preset runs/rows/no-frames.json \\
       --preset runs/rows/prompt-only.json --preset runs/rows/untrained-frames.json \\
-      --preset runs/rows/shapes-strength-0.5.json --preset runs/rows/no-frames-strength-0.5.json
+      --preset runs/rows/shapes-strength-0.5.json --preset runs/rows/no-frames-strength-0.5.json \\
+      --preset runs/rows/shapes-keep.json
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ rows = {
     # sampling from the frame plus the connector's regressed change at noise 0.5 (chosen on training compositions)
     "shapes-strength-0.5": {"image": {"strength": 0.5}},
     "no-frames-strength-0.5": {"image": {"frames": False, "strength": 0.5}},
+    # and blended: where the connector predicts no change, the earlier picture is kept (image.keep; without
+    # frames there is no earlier picture to keep, so its no-frames row is the one above)
+    "shapes-keep": {"image": {"strength": 0.5, "keep": 0.3}},
 }
 for name, change in rows.items():
     spec = json.loads(json.dumps(full))

@@ -1,10 +1,10 @@
 """Copy a shapes run's trained models into the package as the built-in ``shapes`` preset.
 
-    python examples/shapes/ship.py [STAGE1 STAGE2] [--strength S]   # default runs/stage1 runs/stage2
+    python examples/shapes/ship.py [STAGE1 STAGE2] [--strength S] [--keep K]   # default runs/stage1 runs/stage2
 
 Writes ``duogen_agents/weights/shapes/``: ``planner/`` (stage 1's planner, a ``from_pretrained`` folder),
 ``aligned/`` (stage 2's VAE, DiT and connector, without checkpoints or optimizer states) and ``preset.json``
-(stage 2's preset with those folders as paths relative to it, greedy decoding, and ``--strength``).
+(stage 2's preset with those folders as paths relative to it, greedy decoding, ``--strength`` and ``--keep``).
 ``duogen_agents.presets`` lists it as ``shapes`` when that file is there. Prints the size of what it wrote.
 """
 
@@ -21,6 +21,7 @@ p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("stage1", nargs="?", type=Path, default=Path("runs/stage1"))
 p.add_argument("stage2", nargs="?", type=Path, default=Path("runs/stage2"))
 p.add_argument("--strength", type=float, default=1.0, help="image.strength of the preset (1.0: from pure noise)")
+p.add_argument("--keep", type=float, default=0.0, help="image.keep of the preset (0: no blended sampling)")
 p.add_argument("--out", type=Path, default=SHIPPED / "shapes", help="where to write (default: the package's)")
 args = p.parse_args()
 
@@ -48,6 +49,7 @@ spec["planner"]["model"] = "planner"
 spec["planner"]["temperature"] = 0.0  # greedy: the trained planner's most likely action
 spec["image"]["model"] = "aligned"
 spec["image"]["strength"] = args.strength
+spec["image"]["keep"] = args.keep
 (out / "preset.json").write_text(json.dumps(spec, indent=2) + "\n")
 shipped_preset(out)  # check it
 size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
