@@ -36,3 +36,24 @@ def test_the_shipped_weights_draw_held_out_tasks(tmp_path, monkeypatch) -> None:
     summary = json.loads((out / "results.json").read_text())["runs"][0]["summary"]
     assert summary["structure"] >= 0.95 and summary["alignment"] >= 0.75
     assert summary["consistency"] >= 0.3
+
+
+@pytest.mark.slow
+def test_the_issues_example_in_its_own_words(tmp_path) -> None:
+    """#10's example ("Build a scene: ..., then a blue square in the center"), a wording the planner
+    learned from the reworded training requests: the right prompts, and the second picture keeps the
+    first one's red circle and adds the blue square."""
+    from duogen_agents import Agent
+    from duogen_agents.worlds.shapes import CANVAS, detect
+
+    agent = Agent.from_preset("shapes", home=tmp_path / "home")
+    doc = agent.run(
+        "Build a scene: a red circle at the top-left, then a blue square in the center", mode="visual-plan", seed=0
+    )
+    images = [b for b in doc.blocks if b.type == "image"]
+    assert [(b.kind, b.prompt) for b in images] == [
+        ("generate", "a 3x3 grid with a red circle at the top-left"),
+        ("edit", "add a blue square at the center"),
+    ]
+    scenes = [detect(agent.store.open(b.image).resize((CANVAS, CANVAS))).scene for b in images]
+    assert scenes == [{"top-left": ("circle", "red")}, {"top-left": ("circle", "red"), "center": ("square", "blue")}]

@@ -7,6 +7,7 @@ import shutil
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -491,13 +492,16 @@ def test_keep_holds_the_earlier_picture_where_no_change_is_predicted() -> None:
         z = encode_frames(vae, clip_of(reference, reference, 64).unsqueeze(0))[0, :, 0]  # [16, 16, 16]
         kept, latent = draw(0.0)  # no change predicted anywhere: all of it is the earlier picture's
         assert torch.equal(latent, z)
-        assert kept.tobytes() == to_image(decode(z[None, :, None]).sample[0][:, -1]).tobytes()
+        assert kept.tobytes() == reference.tobytes()  # its own pixels, not the VAE's round trip of them
+        assert kept.tobytes() != to_image(decode(z[None, :, None]).sample[0][:, -1]).tobytes()
         drawn, _ = draw(0.0, keep=0.0)
         assert drawn.tobytes() != kept.tobytes()
-        _, part = draw(5.0)  # a change in the top-left region: it is drawn, grown by one position
+        part_image, part = draw(5.0)  # a change in the top-left region: it is drawn, grown by one position
         outside = torch.ones(16, 16, dtype=torch.bool)
         outside[:5, :5] = False
         assert torch.equal(part[:, outside], z[:, outside]) and not torch.equal(part[:, :4, :4], z[:, :4, :4])
+        a, b = np.asarray(part_image), np.asarray(reference)  # 4 pixels per latent position
+        assert (a[20:] == b[20:]).all() and (a[:, 20:] == b[:, 20:]).all() and (a[:16, :16] != b[:16, :16]).any()
         everywhere, _ = draw(None)  # a change everywhere: nothing is kept
         assert everywhere.tobytes() == drawn.tobytes()
         fresh, _ = draw(0.0, ref=None)  # a picture drawn afresh has nothing to keep

@@ -334,7 +334,9 @@ def sample(
     Latent Diffusion, with the mask from the model itself): the latent positions where the predicted
     change is small (its RMS over channels below ``keep``, in normalised latent units, after growing the
     changed area by one position) are the conditioning frame's, noised to each step's time, so what the
-    request does not change is the earlier picture's latent; the rest is drawn."""
+    request does not change is the earlier picture's latent; the rest is drawn. After decoding, the kept
+    pixels are the earlier picture's own (as diffusers' inpainting pastes the unmasked image back), so
+    they do not drift through the VAE's round trip."""
     import torch
 
     if not 0 < start <= 1:
@@ -381,8 +383,12 @@ def sample(
                 x = torch.where(kept, (1 - t_next) * cond[:, :, :1] + t_next * noise, x)
             if on_step is not None:
                 on_step(i + 1, steps)
-        frame = vae.decode(_denormalise(vae, x)).sample[0]
-    return to_image(frame[:, -1])
+        frame = vae.decode(_denormalise(vae, x)).sample[0][:, -1]
+        if kept is not None:  # and the kept pixels are the earlier picture's own, not its VAE round trip
+            scale = size // kept.shape[-1]
+            pixels = kept[0, :, 0].repeat_interleave(scale, -2).repeat_interleave(scale, -1)  # [1, size, size]
+            frame = torch.where(pixels, clip[0, :, 0], frame)
+    return to_image(frame)
 
 
 def _blank(size: int) -> Any:
