@@ -27,15 +27,15 @@ def test_shapes_is_a_builtin_whose_weights_ship_in_the_package(capsys) -> None:
 @pytest.mark.slow
 def test_the_shipped_weights_draw_held_out_tasks(tmp_path, monkeypatch) -> None:
     """``duogen eval --bench shapes`` on the first 8 held-out tasks. Measured when shipped (README, "The
-    shapes run"): structure 1.00, alignment 0.90, consistency 0.50 on these tasks; the floors leave a
-    margin for another CPU's arithmetic, and a broken or wrongly packed checkpoint scores near 0 (the
-    untrained row: 0.01 alignment)."""
+    shapes run"; the sixth run's weights): structure 1.00, alignment 0.91, consistency 0.375 on these
+    tasks; the floors leave a margin for another CPU's arithmetic, and a broken or wrongly packed
+    checkpoint scores near 0 (the untrained row: 0.01 alignment, 0.00 consistency)."""
     monkeypatch.setenv("DUOGEN_HOME", str(tmp_path / "home"))
     out = tmp_path / "run"
     assert main(["eval", "--bench", "shapes", "--preset", "shapes", "--limit", "8", "--out", str(out)]) == 0
     summary = json.loads((out / "results.json").read_text())["runs"][0]["summary"]
     assert summary["structure"] >= 0.95 and summary["alignment"] >= 0.75
-    assert summary["consistency"] >= 0.3
+    assert summary["consistency"] >= 0.25
 
 
 @pytest.mark.slow
