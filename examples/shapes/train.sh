@@ -65,24 +65,32 @@ python -c "
 from duogen_agents.worlds.shapes import write_dataset
 write_dataset('runs/shapes-train-p', 1600, split='train', seed=0, paraphrase=0.5)
 write_dataset('runs/shapes-train-p2', 3200, split='train', seed=0, paraphrase=0.6)"
-# Stage 1 continued from the fifth run's planner, twice.
+# Stage 1 continued from the fifth run's planner, twice. (The run of 2026-11-27 gave --base shapes for the
+# first: the shipped preset, whose planner is runs/stage1b's.)
 OMP_NUM_THREADS=1 duogen train stage1 --base runs/stage1b --data runs/shapes-train-p/tasks.jsonl \
   --out runs/stage1p --steps 2000 --batch 4 --lr 3e-4 --warmup 50 --seed 2 --save-every 500
 OMP_NUM_THREADS=1 duogen train stage1 --base runs/stage1p --data runs/shapes-train-p2/tasks.jsonl \
   --out runs/stage1q --steps 3000 --batch 4 --lr 3e-4 --warmup 50 --seed 4 --save-every 1000
-# Stage 2 from the fifth run's DiT and connector (and its VAE), on the new planner's states.
+# Stage 2 from the fifth run's DiT and connector (and its VAE), on the new planner's states. (The run gave
+# --init duogen_agents/weights/shapes/aligned: the fifth run's shipped aligned folder, runs/stage2/aligned.)
+# First 6,000 steps at 3e-4 (runs/stage2q), then, shipped, 3,000 steps at 1e-4 (runs/stage2r).
 OMP_NUM_THREADS=1 duogen train stage2 --planner runs/stage1q --init runs/stage2 \
   --data runs/shapes-train-p2/tasks.jsonl --out runs/stage2q --steps 6000 --batch 8 --lr 3e-4 --warmup 100 \
   --seed 3 --save-every 1000
+OMP_NUM_THREADS=1 duogen train stage2 --planner runs/stage1q --init runs/stage2 \
+  --data runs/shapes-train-p2/tasks.jsonl --out runs/stage2r --steps 3000 --batch 8 --lr 1e-4 --warmup 50 \
+  --seed 5 --save-every 1000
 python benchmarks/shapes_planner_eval.py --preset runs/stage1q/preset.json --tasks 24
 python benchmarks/shapes_planner_eval.py --preset runs/stage1q/preset.json --tasks 24 --paraphrase 1
-for args in "" "--no-frames" "--keep 0.3"; do
-  python benchmarks/shapes_stage2_eval.py --aligned runs/stage2q/aligned --preset runs/stage1q/preset.json \
-    --tasks 48 --start 0.5 $args
+for run in runs/stage2q runs/stage2r; do
+  for args in "" "--no-frames" "--keep 0.3"; do
+    python benchmarks/shapes_stage2_eval.py --aligned $run/aligned --preset runs/stage1q/preset.json \
+      --tasks 48 --start 0.5 $args
+  done
 done
-python examples/shapes/rows.py runs/stage2q runs/stage2-t5
-duogen eval --bench shapes --limit 24 --reference --out runs/eval6 --preset runs/rows/shapes.json \
-  --preset runs/rows/no-frames.json --preset runs/rows/shapes-strength-0.5.json \
-  --preset runs/rows/no-frames-strength-0.5.json --preset runs/rows/shapes-keep.json
-# The shipped preset: strength 0.5 and keep 0.3 (both chosen on training compositions).
-python examples/shapes/ship.py runs/stage1q runs/stage2q --strength 0.5 --keep 0.3
+python examples/shapes/rows.py runs/stage2r runs/stage2-t5
+duogen eval --bench shapes --limit 48 --reference --out runs/eval6 --preset runs/rows/shapes-keep.json \
+  --preset runs/rows/shapes-strength-0.5.json --preset runs/rows/no-frames-strength-0.5.json \
+  --preset runs/rows/untrained-frames.json
+# The shipped preset: strength 0.5 and keep 0.3.
+python examples/shapes/ship.py runs/stage1q runs/stage2r --strength 0.5 --keep 0.3
