@@ -496,12 +496,13 @@ def test_keep_holds_the_earlier_picture_where_no_change_is_predicted() -> None:
         assert kept.tobytes() != to_image(decode(z[None, :, None]).sample[0][:, -1]).tobytes()
         drawn, _ = draw(0.0, keep=0.0)
         assert drawn.tobytes() != kept.tobytes()
-        part_image, part = draw(5.0)  # a change in the top-left region: it is drawn, grown by one position
+        part_image, part = draw(5.0)  # a change in the top-left region: it is drawn, grown by two positions
         outside = torch.ones(16, 16, dtype=torch.bool)
-        outside[:5, :5] = False
+        outside[:6, :6] = False
         assert torch.equal(part[:, outside], z[:, outside]) and not torch.equal(part[:, :4, :4], z[:, :4, :4])
         a, b = np.asarray(part_image), np.asarray(reference)  # 4 pixels per latent position
-        assert (a[20:] == b[20:]).all() and (a[:, 20:] == b[:, 20:]).all() and (a[:16, :16] != b[:16, :16]).any()
+        assert (a[24:] == b[24:]).all() and (a[:, 24:] == b[:, 24:]).all() and (a[:16, :16] != b[:16, :16]).any()
+        assert not torch.equal(part[:, 5, :5], z[:, 5, :5])  # the growth: drawn, not kept
         everywhere, _ = draw(None)  # a change everywhere: nothing is kept
         assert everywhere.tobytes() == drawn.tobytes()
         fresh, _ = draw(0.0, ref=None)  # a picture drawn afresh has nothing to keep
