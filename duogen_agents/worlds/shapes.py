@@ -425,18 +425,21 @@ _INSTRUCTION = re.compile(
 )
 
 
-def _place(rng: random.Random, cell: str) -> str:
-    """A cell as people write it: "at the top-left", "in the top left corner", "in the middle"."""
+def _place(rng: random.Random, cell: str, *, to: bool = False) -> str:
+    """A cell as people write it: "at the top-left", "in the top left corner", "in the middle";
+    ``to``: where something goes ("to the middle"), from the same draws."""
     words = cell.replace("-", " ") if rng.random() < 0.4 else cell
     if cell == "center":
-        return rng.choice(("at the center", "in the center", "in the middle", "in the centre"))
-    if cell in _CORNERS and rng.random() < 0.3:
-        return f"in the {words} corner"
-    return f"{rng.choice(('at', 'in'))} the {words}"
+        place = rng.choice(("at the center", "in the center", "in the middle", "in the centre"))
+    elif cell in _CORNERS and rng.random() < 0.3:
+        place = f"in the {words} corner"
+    else:
+        place = f"{rng.choice(('at', 'in'))} the {words}"
+    return "to " + place.split(" ", 1)[1] if to else place
 
 
 def _free_scene(rng: random.Random, scene: Mapping[str, Any]) -> str:
-    parts = [f"{_a(describe(scene_from_json({c: o})[c]))} {_place(rng, c)}" for c, o in scene.items()]
+    parts = [f"{_a(describe((o[0], o[1])))} {_place(rng, c)}" for c, o in scene.items()]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + rng.choice((", and ", " and ", ", ")) + parts[-1]
 
 
@@ -453,7 +456,7 @@ def _free_change(rng: random.Random, instruction: str, *, in_list: bool = False)
         return rng.choice([*forms, f"{obj} {where}"] if in_list else forms)
     if g["move"]:
         obj, a, b = g["move"], g["move_from"], g["move_to"]
-        return rng.choice((f"move the {obj} from the {a} to the {b}", f"slide the {obj} from the {a} {_place(rng, b).replace('at', 'to', 1).replace('in', 'to', 1)}",
+        return rng.choice((f"move the {obj} from the {a} to the {b}", f"slide the {obj} from the {a} {_place(rng, b, to=True)}",
                            f"move the {obj} at the {a} to the {b}"))  # fmt: skip
     if g["recolour"]:
         obj, cell, color = g["recolour"], g["recolour_cell"], g["color"]
