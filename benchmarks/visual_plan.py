@@ -138,6 +138,153 @@ def baseline(planner: TransformersPlanner, tool: CosmosImageTool, rec: Recorder)
     return {"planner": t_plan, "image": t_img}
 
 
+class _Clock:
+    """CPU seconds spent in named parts of the planner's decode loop (wrapped from outside)."""
+
+    def __init__(self) -> None:
+        self.s: dict[str, float] = {}
+        self.n: dict[str, int] = {}
+
+    def wrap(self, name: str, fn: Any) -> Any:
+        def timed(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t
+                self.n[name] = self.n.get(name, 0) + 1
+
+        return timed
+
+
+def profile(planner: TransformersPlanner, tool: CosmosImageTool, new_tokens: int, repeats: int) -> None:
+    """Where a planner call's time goes, against plain ``generate`` and a bare decode loop, and one
+    image through our tool against the plain pipeline: the parts of the plan's ratios, on one card."""
+    import xgrammar as xgr
+
+    from duogen_agents.models import planner as planner_module
+    from duogen_agents.models.decoding import fresh_cache
+
+    picture = tool.draw("a terracotta pot of basil on a sunny balcony", seed=1).image
+    conversation = [
+        {"role": "system", "content": [{"type": "text", "text": "You plan a balcony garden. " * 40}]},
+        {"role": "user", "content": [{"type": "text", "text": PROMPT}, {"type": "image", "image": picture}]},
+    ]
+    schema = A.step_schema([], max_text=4000, max_prompt=1000, max_refs=0)
+    enc = {k: v for k, v in planner.encode(conversation).items() if k != "image_digests"}
+    gpu = {k: v.to(planner.device) for k, v in enc.items()}
+    if "pixel_values" in gpu:
+        gpu["pixel_values"] = gpu["pixel_values"].to(planner.model.dtype)
+    n_prompt = int(enc["input_ids"].shape[1])
+    stop = planner.stop_token_ids[0]
+
+    def plain(n: int) -> float:
+        _sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            planner.model.generate(**gpu, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=stop)
+        _sync()
+        return time.perf_counter() - t
+
+    def bare(n: int) -> float:  # prefill, then forward + argmax + .item() per token
+        _sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            cache = fresh_cache(planner.model)
+            out = planner.model(**gpu, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            for _ in range(n - 1):
+                token = int(out.logits[0, -1].argmax())
+                out = planner.model(
+                    input_ids=torch.tensor([[token]], device=planner.device),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        _sync()
+        return time.perf_counter() - t
+
+    def ours(n: int, grammar: bool) -> tuple[float, int]:
+        planner.prefix_cache.forget()
+        _sync()
+        t = time.perf_counter()
+        out = planner.generate(conversation, schema if grammar else None, max_new_tokens=n)
+        _sync()
+        return time.perf_counter() - t, out.num_tokens
+
+    for f in (lambda: plain(4), lambda: bare(4), lambda: ours(4, False), lambda: ours(new_tokens, True)):
+        f()  # warm-up
+    rows: dict[str, list[float]] = {k: [] for k in ("plain 1", "plain N", "bare 1", "bare N", "ours 1", "ours N")}
+    grammar_rows: list[tuple[float, int]] = []
+    free_tokens = new_tokens
+    for _ in range(repeats):
+        rows["plain 1"].append(plain(1))
+        rows["plain N"].append(plain(new_tokens))
+        rows["bare 1"].append(bare(1))
+        rows["bare N"].append(bare(new_tokens))
+        rows["ours 1"].append(ours(1, False)[0])
+        s_free, free_tokens = ours(new_tokens, False)
+        rows["ours N"].append(s_free)
+        grammar_rows.append(ours(new_tokens, True))
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    print(
+        f"\nplanner profile: prompt {n_prompt} tokens (one {picture.size[0]}x{picture.size[1]} picture), {repeats} repeats"
+    )
+    print(f"{'path':44s} {'first token (s)':>15s} {'per token (ms)':>15s}")
+    for name, key in (
+        ("plain generate (greedy, no grammar)", "plain"),
+        ("bare loop (forward, argmax, item)", "bare"),
+        ("ours, free text", "ours"),
+    ):
+        n = free_tokens if key == "ours" else new_tokens
+        per = (med[f"{key} N"] - med[f"{key} 1"]) / max(n - 1, 1) * 1e3
+        print(f"{name:44s} {med[f'{key} 1']:15.3f} {per:15.2f}")
+    g_s = statistics.median(s for s, _ in grammar_rows)
+    g_n = statistics.median(n for _, n in grammar_rows)
+    print(
+        f"{'ours, step schema':44s} {med['ours 1']:15.3f} {(g_s - med['ours 1']) / max(g_n - 1, 1) * 1e3:15.2f}  ({g_n} tokens)"
+    )
+
+    # Where the grammar call's time goes: CPU time in each part of the loop (wrapped from outside).
+    clock = _Clock()
+    saved = (planner._forward, planner_module.sample, planner_module.apply_bitmask, xgr.GrammarMatcher)
+
+    class Matcher(xgr.GrammarMatcher):  # type: ignore[misc]
+        fill_next_token_bitmask = clock.wrap("fill mask (xgrammar)", xgr.GrammarMatcher.fill_next_token_bitmask)
+        accept_token = clock.wrap("accept token (xgrammar)", xgr.GrammarMatcher.accept_token)
+
+    planner._forward = clock.wrap("forward launch", planner._forward)  # type: ignore[method-assign]
+    planner_module.sample = clock.wrap("sample + wait for GPU", lambda *a: int(saved[1](*a)))
+    planner_module.apply_bitmask = clock.wrap("apply mask", saved[2])
+    xgr.GrammarMatcher = Matcher
+    try:
+        total, n = ours(new_tokens, True)
+    finally:
+        planner._forward, planner_module.sample, planner_module.apply_bitmask, xgr.GrammarMatcher = saved  # type: ignore[method-assign]
+    print(f"one step-schema call, {n} tokens, {total:.3f} s; CPU time per part:")
+    for name, s in sorted(clock.s.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:34s} {s:8.3f} s  {s / clock.n[name] * 1e3:8.3f} ms x {clock.n[name]}")
+    print(f"  {'the rest':34s} {total - sum(clock.s.values()):8.3f} s")
+
+    # One image: our tool's draw against the plain pipeline call, alternating.
+    times: dict[str, list[float]] = {"ours": [], "plain": []}
+    for _ in range(repeats):
+        for who in ("ours", "plain"):
+            _sync()
+            t = time.perf_counter()
+            if who == "ours":
+                tool.draw("a terracotta pot of basil", seed=2)
+            else:
+                kw = tool._common("a terracotta pot of basil", 2, None)
+                kw.pop("callback_on_step_end")
+                tool.text2image(**kw)
+            _sync()
+            times[who].append(time.perf_counter() - t)
+    o, p = statistics.median(times["ours"]), statistics.median(times["plain"])
+    print(
+        f"one text-to-image draw, {tool.spec.steps} steps: ours {o:.3f} s, plain pipeline {p:.3f} s, ratio {o / p:.2f}"
+    )
+
+
 def components(args: argparse.Namespace, home: Path) -> tuple[TransformersPlanner, CosmosImageTool, Any]:
     if args.real_shapes:
         from _vocab import real_size_tokenizer
@@ -189,6 +336,8 @@ def run_plan(args: argparse.Namespace) -> None:
             "prefill": [c["prefill"] for c in rec.planner_calls],
         }
 
+    if args.profile:
+        profile(planner, tool, args.profile, max(args.repeats, 1))
     t = time.perf_counter()
     first = ours()  # warm-up (compiles, first-use loads)
     print(f"warm-up run: {time.perf_counter() - t:.2f} s, {first['images']} images, {first['calls']} planner calls")
@@ -384,6 +533,13 @@ def main() -> None:
     ap.add_argument("--offload", action="store_true", help="then: only the running model on the GPU")
     ap.add_argument("--variant-repeats", type=int, default=1)
     ap.add_argument("--grammar", action="store_true")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="first: where a planner call's time goes (TOKENS new tokens) and one image, ours vs plain",
+    )
     ap.add_argument("--session", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)

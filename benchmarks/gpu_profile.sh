@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One GPU session (device machine), in one call: install the carried wheels (.whl, see README
+# "Speed and memory"), then at real shapes (random weights): where a planner call's time goes against
+# plain `generate` and a bare decode loop, one image ours vs the plain pipeline, the 4-image plan ours vs
+# the plain baseline, then compiled (DiT regional + planner CUDA-graph decode), then offloaded (the 24 GB
+# preset's mode); last, the prefix-cache tests on the GPU if time is left. Each part's output is kept in
+# $OUT as it comes. Usage: bash benchmarks/gpu_profile.sh
+set -uo pipefail
+T0=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, diffusers, xgrammar; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'xgrammar', xgrammar.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
+echo "setup: $(( $(date +%s) - T0 )) s" | tee -a "$OUT/gpu.txt"
+BENCH_STEPS=${BENCH_STEPS:-35} timeout ${PLAN_TIMEOUT:-420} python3 benchmarks/visual_plan.py --real-shapes \
+  --profile ${PROFILE_TOKENS:-128} --repeats ${REPEATS:-1} --variant-repeats ${VARIANT_REPEATS:-1} \
+  ${VARIANTS:---compile-dit --compile-planner --offload} --threads 8 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/visual_plan.txt"
+echo "plan done: $(( $(date +%s) - T0 )) s" | tee -a "$OUT/visual_plan.txt"
+LEFT=$(( ${BUDGET_S:-540} - ($(date +%s) - T0) ))
+if [ "$LEFT" -gt 60 ]; then
+  timeout $(( LEFT - 10 )) python3 -m pytest -q -p no:cacheprovider tests/test_prefix_cache.py 2>&1 | tail -4 | tee "$OUT/prefix_tests.txt"
+fi
