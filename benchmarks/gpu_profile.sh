@@ -10,7 +10,7 @@ T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, transformers, diffusers, xgrammar; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'xgrammar', xgrammar.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
+python3 -c "from importlib.metadata import version as v; print(*(f'{p} {v(p)}' for p in ('torch', 'transformers', 'diffusers', 'xgrammar')))" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
 echo "setup: $(( $(date +%s) - T0 )) s" | tee -a "$OUT/gpu.txt"
 BENCH_STEPS=${BENCH_STEPS:-35} timeout ${PLAN_TIMEOUT:-420} python3 benchmarks/visual_plan.py --real-shapes \
   --profile ${PROFILE_TOKENS:-128} --repeats ${REPEATS:-1} --variant-repeats ${VARIANT_REPEATS:-1} \

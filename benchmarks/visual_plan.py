@@ -343,17 +343,20 @@ def run_plan(args: argparse.Namespace) -> None:
     print(f"warm-up run: {time.perf_counter() - t:.2f} s, {first['images']} images, {first['calls']} planner calls")
     mine: list[dict[str, Any]] = []
     base: list[dict[str, float]] = []
-    for _ in range(args.repeats):
-        mine.append(ours())
+    for _ in range(max(args.repeats, 1)):  # --repeats 0: the baseline once, against the warm-up run
+        if args.repeats:
+            mine.append(ours())
         t = time.perf_counter()
         b = baseline(planner, tool, rec)
         b["total"] = time.perf_counter() - t
         base.append(b)
+    mine = mine or [first]
     last = mine[-1]
     med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
     print(
         f"\n{args.repeats} alternating repeats, medians; {last['images']} images, {last['calls']} planner calls, "
         f"{sum(last['new'])} new planner tokens"
+        + ("" if args.repeats else " (ours: the warm-up run, first use included)")
     )
     print(f"{'part':28s} {'ours (s)':>10s} {'baseline (s)':>13s} {'ratio':>7s}")
     for k, label in (("planner", "planner calls"), ("image", "image draws"), ("total", "whole plan")):
