@@ -101,8 +101,14 @@ class Recorder:
         self.draws.clear()
 
 
-def baseline(planner: TransformersPlanner, tool: CosmosImageTool, rec: Recorder) -> dict[str, float]:
-    """The recorded work, done plainly: full prefill + ``generate`` per call, pipeline per image."""
+def _kind(draw: dict[str, Any]) -> str:
+    refs = len(draw["references"])
+    return "text-to-image" if not refs else f"video2world, {refs} earlier"
+
+
+def baseline(planner: TransformersPlanner, tool: CosmosImageTool, rec: Recorder, images: bool = True) -> dict[str, Any]:
+    """The recorded work, done plainly: full prefill + ``generate`` per call, pipeline per image.
+    ``draws``: (kind, seconds) per image."""
     t_plan = 0.0
     for call in rec.planner_calls:
         _sync()
@@ -121,7 +127,8 @@ def baseline(planner: TransformersPlanner, tool: CosmosImageTool, rec: Recorder)
         _sync()
         t_plan += time.perf_counter() - t
     t_img = 0.0
-    for d in rec.draws:
+    draws: list[tuple[str, float]] = []
+    for d in rec.draws if images else []:
         _sync()
         t = time.perf_counter()
         kw = tool._common(d["prompt"], d["seed"], None)
@@ -134,8 +141,16 @@ def baseline(planner: TransformersPlanner, tool: CosmosImageTool, rec: Recorder)
             frames, n_frames, _ = conditioning_frames(fitted, tool.spec.horizon_frames, pipe.vae_scale_factor_temporal)
             pipe(video=frames, num_frames=n_frames, fps=tool.spec.fps, **kw)
         _sync()
-        t_img += time.perf_counter() - t
-    return {"planner": t_plan, "image": t_img}
+        draws.append((_kind(d), time.perf_counter() - t))
+        t_img += draws[-1][1]
+    return {"planner": t_plan, "image": t_img, "draws": draws}
+
+
+def per_kind(draws: list[tuple[str, float]]) -> dict[str, float]:
+    kinds: dict[str, list[float]] = {}
+    for kind, sec in draws:
+        kinds.setdefault(kind, []).append(sec)
+    return {k: statistics.median(v) for k, v in kinds.items()}
 
 
 class _Clock:
@@ -334,6 +349,7 @@ def run_plan(args: argparse.Namespace) -> None:
             "new": [c["new"] for c in rec.planner_calls],
             "prompt": [c["prompt"] for c in rec.planner_calls],
             "prefill": [c["prefill"] for c in rec.planner_calls],
+            "draws": [(_kind(d), d["s"]) for d in rec.draws],
         }
 
     if args.profile:
@@ -368,6 +384,18 @@ def run_plan(args: argparse.Namespace) -> None:
     print(f"prefill tokens per call: ours {last['prefill']}; baseline = prompt tokens")
     print(f"new tokens per call:     {last['new']}")
     print(f"peak memory: {_peak_gb():.2f} GiB ({'GPU, allocated' if torch.cuda.is_available() else 'process RSS'})")
+    base_kinds = per_kind([d for b in base for d in b["draws"]])
+
+    def by_kind(rows: list[dict[str, Any]]) -> None:
+        """Seconds per image by kind (a random planner's plans differ between runs, so the whole-plan
+        ratio of a variant compares different work; per kind and per token they compare alike)."""
+        mine_kinds = per_kind([d for r in rows for d in r["draws"]])
+        for kind, sec in sorted(mine_kinds.items()):
+            b = base_kinds.get(kind)
+            ratio = f"{sec / b:7.2f}" if b else f"{'-':>7s}"
+            print(f"{'  one ' + kind:28s} {sec:10.2f} {b if b else float('nan'):13.2f} {ratio}")
+
+    by_kind(mine)
 
     def variant(name: str, repeats: int) -> None:
         t = time.perf_counter()
@@ -381,7 +409,14 @@ def run_plan(args: argparse.Namespace) -> None:
         for k, label in (("planner", "planner calls"), ("image", "image draws"), ("total", "whole plan")):
             o, b = med(rows, k), med(base, k)
             print(f"{label:28s} {o:10.2f} {b:13.2f} {o / b:7.2f}", flush=True)
+        by_kind(rows)
         print(f"new tokens per call: {rows[-1]['new']}")
+        # The same planner calls done plainly (plain generate is not compiled by the variants).
+        same = baseline(planner, tool, rec, images=False)["planner"]
+        o = rows[-1]["planner"]
+        print(
+            f"{'planner, same calls':28s} {o:10.2f} {same:13.2f} {o / same:7.2f}  ({sum(rows[-1]['new'])} new tokens)"
+        )
 
     # Variants after the baseline, which stays plain. Compiled parts compile once per process.
     if args.compile_dit or args.compile_planner:

@@ -457,11 +457,16 @@ BUILTIN: dict[str, Preset] = {
     "tiny-qwen3": _tiny("tiny-qwen3", "qwen3_vl"),
     "tiny-flux2": _tiny("tiny-flux2", "qwen2_5_vl", "flux2-klein"),
     **_shipped("shapes"),  # trained on this world on a CPU (README, "Training"); absent until shipped
+    # compile: the planner's decode step (static cache, CUDA graphs) and the DiT's blocks, on a GPU
+    # (ignored elsewhere). Measured faster on an H200 at these shapes (README "Speed and memory"), so on
+    # for the presets of the measured classes: Qwen2.5-VL planners, Cosmos-Predict2 DiTs.
     "qwen2.5-vl-7b+cosmos2-2b": Preset(
         name="qwen2.5-vl-7b+cosmos2-2b",
         description="Qwen2.5-VL-7B-Instruct planner, Cosmos-Predict2-2B image tool (704x1280)",
-        planner=PlannerSpec(model="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", max_pixels=512 * 28 * 28),
-        image=ImageSpec(text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16"),
+        planner=PlannerSpec(
+            model="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", max_pixels=512 * 28 * 28, compile=True
+        ),
+        image=ImageSpec(text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16", compile=True),
         gpu_memory_gb=44,
     ),
     # The same models on a 24 GB card: only the running model's weights on the GPU (see
@@ -478,15 +483,23 @@ BUILTIN: dict[str, Preset] = {
         name="qwen3-vl-8b+cosmos2-2b",
         description="Qwen3-VL-8B-Instruct planner, Cosmos-Predict2-2B image tool (704x1280)",
         planner=PlannerSpec(model="Qwen/Qwen3-VL-8B-Instruct", dtype="bfloat16", max_pixels=512 * 32 * 32),
-        image=ImageSpec(text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16"),
+        image=ImageSpec(text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16", compile=True),
         gpu_memory_gb=46,
     ),
     "qwen2.5-vl-3b+cosmos2-2b-fast": Preset(
         name="qwen2.5-vl-3b+cosmos2-2b-fast",
         description="Qwen2.5-VL-3B planner, Cosmos-Predict2-2B at 480x848 with 20 steps, for 24-40 GB cards",
-        planner=PlannerSpec(model="Qwen/Qwen2.5-VL-3B-Instruct", dtype="bfloat16", max_pixels=256 * 28 * 28),
+        planner=PlannerSpec(
+            model="Qwen/Qwen2.5-VL-3B-Instruct", dtype="bfloat16", max_pixels=256 * 28 * 28, compile=True
+        ),
         image=ImageSpec(
-            text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16", height=480, width=848, steps=20
+            text2image=_COSMOS_T2I,
+            video2world=_COSMOS_V2W,
+            dtype="bfloat16",
+            height=480,
+            width=848,
+            steps=20,
+            compile=True,
         ),
         gpu_memory_gb=34,
     ),
@@ -495,7 +508,9 @@ BUILTIN: dict[str, Preset] = {
     "qwen2.5-vl-3b+flux2-klein-4b": Preset(
         name="qwen2.5-vl-3b+flux2-klein-4b",
         description="Qwen2.5-VL-3B planner, FLUX.2 klein 4B (Apache-2.0) with multi-reference generate/edit, 1024x1024",
-        planner=PlannerSpec(model="Qwen/Qwen2.5-VL-3B-Instruct", dtype="bfloat16", max_pixels=256 * 28 * 28),
+        planner=PlannerSpec(
+            model="Qwen/Qwen2.5-VL-3B-Instruct", dtype="bfloat16", max_pixels=256 * 28 * 28, compile=True
+        ),
         image=_flux2_klein_4b(),
         gpu_memory_gb=28,
     ),

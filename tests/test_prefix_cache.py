@@ -182,3 +182,27 @@ def test_the_torch_bitmask_unpacking_matches_xgrammar() -> None:
     xgr.apply_token_bitmask_inplace(expected, bitmask)
     got = logits.clone().masked_fill_(~allowed_tokens(bitmask, vocab, "cpu"), float("-inf"))
     assert torch.equal(got, expected[0])
+
+
+def test_compile_is_ignored_off_a_gpu(tmp_path) -> None:
+    """``compile`` is a GPU switch: on the CPU the planner decodes eagerly on its dynamic cache and
+    the DiT's blocks stay uncompiled (compiling there costs more than it saves)."""
+    import torch
+
+    from duogen_agents.models.images import compile_dit
+    from duogen_agents.models.tiny import ensure_tiny_planner
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU behaviour")
+    ensure_tiny_planner(tmp_path, "qwen2_5_vl")
+    spec = load_preset("tiny").planner.model_copy(update={"compile": True})
+    planner = TransformersPlanner.from_spec(spec, tmp_path)
+    assert planner.spec.compile is False and spec.compile is True  # the caller's spec is not changed
+    out = planner.generate(list(_session_calls(1))[0], None, max_new_tokens=4, seed=0, cache_key="s")
+    assert out.num_tokens == 4 and planner._static is None and planner._compiled_step is None
+
+    block = torch.nn.Linear(4, 4)
+    dit = torch.nn.Module()
+    dit.transformer_blocks = torch.nn.ModuleList([block])
+    assert compile_dit(dit) is False
+    assert dit.transformer_blocks[0]._compiled_call_impl is None

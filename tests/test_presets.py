@@ -64,3 +64,21 @@ def test_bad_preset_files(tmp_path, content, match) -> None:
 def test_unknown_preset_name() -> None:
     with pytest.raises(ConfigError, match="unknown preset 'nope'; choose one of: tiny"):
         load_preset("nope")
+
+
+def test_the_compile_switches_are_on_where_a_gpu_measured_them() -> None:
+    """Planner decode (Qwen2.5-VL) and DiT blocks (Cosmos-Predict2) compiled on the real presets of
+    the classes measured faster on an H200; off with offload (a CUDA graph keeps weight addresses),
+    off for the classes not measured (Qwen3-VL planners, FLUX.2 klein), off on the tiny presets."""
+    on = {
+        name: (p.planner.compile, p.image.compile)
+        for name, p in ((n, load_preset(n)) for n in BUILTIN)
+        if name != "shapes"
+    }
+    assert on["qwen2.5-vl-7b+cosmos2-2b"] == (True, True)
+    assert on["qwen2.5-vl-3b+cosmos2-2b-fast"] == (True, True)
+    assert on["qwen2.5-vl-3b+flux2-klein-4b"] == (True, False)
+    assert on["qwen3-vl-8b+cosmos2-2b"] == (False, True)
+    assert on["qwen3-vl-8b+flux2-klein-4b"] == (False, False)
+    assert on["qwen2.5-vl-7b+cosmos2-2b-24gb"] == (False, False)
+    assert on["tiny"] == (False, False)

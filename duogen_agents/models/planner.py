@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +43,8 @@ from duogen_agents.models.protocols import ChatTurn, PlannerOutput, TokenCallbac
 from duogen_agents.models.residency import residency_for
 from duogen_agents.models.serial import device_turn
 from duogen_agents.presets import PlannerSpec
+
+log = logging.getLogger("duogen.planner")
 
 _PLACEHOLDER = "\ue000{}\ue001"
 _PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
@@ -126,6 +130,8 @@ class TransformersPlanner:
             source = resolve_source(spec.model, "planner")
         device = resolve_device(spec.device)
         dtype = resolve_dtype(spec.dtype, device)
+        if spec.compile and not device.startswith("cuda"):  # CUDA graphs need a GPU; eager is faster here
+            spec = spec.model_copy(update={"compile": False})
         with loading("planner", source):
             proc_kwargs: dict[str, Any] = {}
             if spec.min_pixels:
@@ -423,11 +429,13 @@ class TransformersPlanner:
         step runs eagerly on the static cache (compiling there costs more than it saves)."""
         import torch
 
-        if self._compiled_step is None:
+        first = self._compiled_step is None
+        if first:
             if self.device.startswith("cuda"):
                 self._compiled_step = torch.compile(self.model.forward, mode="reduce-overhead", dynamic=False)
             else:
                 self._compiled_step = self.model.forward
+        started = time.perf_counter()
         out = self._compiled_step(
             input_ids=ids.to(self.device),
             position_ids=positions.to(self.device),
@@ -435,7 +443,10 @@ class TransformersPlanner:
             logits_to_keep=1,
             **{self._cache_arg: cache},
         )
-        return out.logits[0, -1].to(torch.float32, copy=True)  # the graph's output buffer is reused
+        logits = out.logits[0, -1].to(torch.float32, copy=True)  # the graph's output buffer is reused
+        if first and self.device.startswith("cuda"):
+            log.info("planner: decode step compiled in %.1f s (once per process)", time.perf_counter() - started)
+        return logits
 
     def _in_string_len(self, device: Any) -> Any:
         if self._in_string is None or self._in_string.device != device:

@@ -26,16 +26,22 @@ def fresh_scheduler(pipe: Any) -> None:
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
 
 
-def compile_dit(transformer: Any) -> None:
+def compile_dit(transformer: Any) -> bool:
     """Regional ``torch.compile``: each repeated transformer block is compiled once and reused, which
     compiles in a fraction of a whole-model compile for the same speed (diffusers'
     ``compile_repeated_blocks`` where the model names its blocks; Cosmos does not, so its
-    ``transformer_blocks`` are compiled one by one)."""
+    ``transformer_blocks`` are compiled one by one). On a GPU only: elsewhere compiling costs more
+    than it saves, and the DiT stays eager (returns False). It compiles on the first draw of each
+    shape (README "Speed and memory" gives the cost measured on an H200)."""
+    device = next(transformer.parameters()).device
+    if device.type != "cuda":
+        return False
     if getattr(transformer, "_repeated_blocks", None):
         transformer.compile_repeated_blocks(fullgraph=True)
-        return
+        return True
     for block in getattr(transformer, "transformer_blocks", []):
         block.compile(fullgraph=True)
+    return True
 
 
 def build_family(spec: ImageSpec, models_dir: Path | None) -> Any:
