@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session (device machine): install the carried wheels (.whl, see README "Benchmarks"), run the
+# One GPU session (device machine): install the carried wheels (.whl, made by benchmarks/gpu_wheels.sh), run the
 # prefix-cache tests on the GPU (the tiny presets pick cuda), then the 4-image visual plan at real
 # shapes: ours against the plain baseline, then compiled (DiT regional + planner CUDA-graph decode),
 # then offloaded (the 24 GB preset's mode). Usage: bash benchmarks/gpu_check.sh
