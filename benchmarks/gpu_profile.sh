@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session (device machine), in one call: install the carried wheels (.whl, see README
-# "Speed and memory"), then at real shapes (random weights): where a planner call's time goes against
+# One GPU session (device machine), in one call: install the carried wheels (.whl, made by
+# benchmarks/gpu_wheels.sh), then at real shapes (random weights): where a planner call's time goes against
 # plain `generate` and a bare decode loop, one image ours vs the plain pipeline, the 4-image plan ours vs
 # the plain baseline, then compiled (DiT regional + planner CUDA-graph decode), then offloaded (the 24 GB
 # preset's mode); last, the prefix-cache tests on the GPU if time is left. Each part's output is kept in
