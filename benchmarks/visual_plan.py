@@ -113,7 +113,12 @@ def baseline(planner: TransformersPlanner, tool: CosmosImageTool, rec: Recorder,
     for call in rec.planner_calls:
         _sync()
         t = time.perf_counter()
-        enc = {k: v.to(planner.device) for k, v in planner.encode(call["conversation"]).items() if k != "image_digests"}
+        conversation = call["conversation"]
+        enc = {
+            k: v.to(planner.device)
+            for k, v in planner.encode(conversation, reuse=False).items()
+            if k != "image_digests"
+        }
         if "pixel_values" in enc:
             enc["pixel_values"] = enc["pixel_values"].to(planner.model.dtype)
         with torch.inference_mode():
@@ -480,6 +485,44 @@ def run_session(args: argparse.Namespace) -> None:
             )
 
 
+def run_encode(args: argparse.Namespace) -> None:
+    """CPU time of ``encode`` per planner call as a session gains pictures of the real size (704x1280,
+    the 7B preset's max_pixels): every picture processed again (``reuse=False``, as before) against
+    the piece cache (each picture once)."""
+    from PIL import Image
+    from transformers import Qwen2VLImageProcessor
+
+    home = Path(tempfile.mkdtemp(prefix="duogen-bench-"))
+    planner = TransformersPlanner.from_spec(load_preset("tiny").planner, home / "models")
+    real = load_preset("qwen2.5-vl-7b+cosmos2-2b")
+    planner.processor.image_processor = Qwen2VLImageProcessor(max_pixels=real.planner.max_pixels)
+    gen = torch.Generator().manual_seed(0)
+
+    def picture() -> Image.Image:
+        pixels = torch.randint(0, 256, (real.image.height, real.image.width, 3), generator=gen, dtype=torch.uint8)
+        return Image.fromarray(pixels.numpy())
+
+    conv: list[dict[str, Any]] = [{"role": "system", "content": [{"type": "text", "text": "You plan."}]}]
+    print(f"encode per planner call, {real.image.width}x{real.image.height} pictures, {args.repeats} repeats (medians)")
+    print(f"{'pictures so far':>15s} {'every picture (ms)':>19s} {'piece cache (ms)':>17s}")
+    for n in range(1, 9):
+        conv.append(
+            {"role": "user", "content": [{"type": "text", "text": f"Step {n}."}, {"type": "image", "image": picture()}]}
+        )
+        conv.append({"role": "assistant", "content": [{"type": "text", "text": f"Drawn step {n}."}]})
+        planner.encode(conv)  # the new picture processed once, as the call that drew it would
+        cold, warm = [], []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            planner.encode(conv, reuse=False)
+            cold.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            planner.encode(conv)
+            warm.append(time.perf_counter() - t)
+        if n in (1, 2, 4, 8):
+            print(f"{n:15d} {statistics.median(cold) * 1e3:19.1f} {statistics.median(warm) * 1e3:17.1f}", flush=True)
+
+
 def _probe_vocabulary() -> tuple[Any, dict[str, int]]:
     """The vocabulary of ``shared/probes/xgrammar_mask_cost.py``: 151k random word pieces, a tenth of
     them glued to JSON punctuation (harder for xgrammar than a vocabulary of mostly words)."""
@@ -579,6 +622,7 @@ def main() -> None:
         help="first: where a planner call's time goes (TOKENS new tokens) and one image, ours vs plain",
     )
     ap.add_argument("--session", action="store_true")
+    ap.add_argument("--encode", action="store_true", help="encode's CPU time per call, pictures reused or not")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
@@ -590,6 +634,8 @@ def main() -> None:
         run_grammar(args)
     elif args.session:
         run_session(args)
+    elif args.encode:
+        run_encode(args)
     else:
         run_plan(args)
 

@@ -206,3 +206,51 @@ def test_compile_is_ignored_off_a_gpu(tmp_path) -> None:
     dit.transformer_blocks = torch.nn.ModuleList([block])
     assert compile_dit(dit) is False
     assert dit.transformer_blocks[0]._compiled_call_impl is None
+
+
+def test_each_picture_is_processed_once_per_session(planners) -> None:
+    """``encode`` keeps the processed template pieces with pictures (by digest): a growing session
+    runs the image processor on its new picture only, the result is the one a fresh processing
+    gives, and another picture of the same size behind the same tokens is processed anew."""
+    import torch
+
+    cached, _ = planners
+    cached.forget()  # all sessions: the processed pictures too
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.pictures = inner, 0
+
+        def __call__(self, *a, **kw):
+            self.pictures += len(kw.get("images") or [])
+            return self.inner(*a, **kw)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    processor = cached.processor
+    cached.processor = counting = Counting(processor)
+    try:
+        seen = []
+        for conv in _session_calls(4):
+            counting.pictures = 0
+            got = cached.encode(conv)
+            seen.append(counting.pictures)
+            counting.pictures = 0
+            fresh = cached.encode(conv, reuse=False)
+            assert counting.pictures == len(got["image_digests"])  # reuse=False processes every picture
+            assert got.keys() == fresh.keys()
+            for k, v in fresh.items():
+                assert torch.equal(got[k], v) if isinstance(v, torch.Tensor) else got[k] == v, k
+        assert seen == [1, 1, 1, 1]  # the session's new picture alone
+        swapped = [dict(turn, content=list(turn["content"])) for turn in conv]
+        swapped[1]["content"][0] = {"type": "image", "image": Image.new("RGB", _picture(0).size, (0, 255, 0))}
+        counting.pictures = 0
+        got = cached.encode(swapped)
+        assert counting.pictures == 1
+        assert torch.equal(got["pixel_values"], cached.encode(swapped, reuse=False)["pixel_values"])
+    finally:
+        cached.processor = processor
+    assert cached._pieces and cached._piece_total > 0
+    cached.forget()
+    assert not cached._pieces and cached._piece_total == 0

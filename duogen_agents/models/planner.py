@@ -46,6 +46,10 @@ from duogen_agents.presets import PlannerSpec
 
 log = logging.getLogger("duogen.planner")
 
+# Bytes of processed pictures (pixel rows) ``encode`` keeps for reuse: about 28 pictures of 704x1280
+# at the 7B preset's max_pixels (9 MB each in float32).
+PIECE_CACHE_BYTES = 256 * 2**20
+
 _PLACEHOLDER = "\ue000{}\ue001"
 _PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
 
@@ -105,6 +109,11 @@ class TransformersPlanner:
         self._base = getattr(model, "model", model)  # the part that owns get_rope_index
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.prefix_cache = PrefixCache(max_entries=spec.prefix_cache)
+        # encode's processed template pieces with pictures, by (piece, picture digests); least recently
+        # used out beyond PIECE_CACHE_BYTES of tensors.
+        self._pieces: OrderedDict[tuple[str, tuple[str, ...]], tuple[dict[str, Any], int]] = OrderedDict()
+        self._piece_total = 0  # bytes held
+        self._pieces_lock = threading.Lock()
         # spec.compile: one static KV cache (fixed addresses, as CUDA graphs need) and a compiled
         # decode step, built on first use; prefill stays eager (its length varies).
         self._static: Any = None
@@ -149,8 +158,13 @@ class TransformersPlanner:
 
     # ---- prompt building -----------------------------------------------------------------------
 
-    def encode(self, conversation: Sequence[ChatTurn]) -> dict[str, Any]:
-        """Token ids and vision inputs for ``conversation``, followed by the assistant prompt."""
+    def encode(self, conversation: Sequence[ChatTurn], *, reuse: bool = True) -> dict[str, Any]:
+        """Token ids and vision inputs for ``conversation``, followed by the assistant prompt.
+
+        ``reuse``: a template piece with pictures (the turn's opening, say, and its images) that an
+        earlier call processed with the same pictures (by digest) is taken from a bounded cache
+        instead of running the image processor again, so each picture of a session is resized and
+        normalised once (``reuse=False``: every piece afresh; the result is the same)."""
         import torch
 
         texts: list[str] = []
@@ -172,7 +186,8 @@ class TransformersPlanner:
         mm_types: list[torch.Tensor] = []
         pixel_values: list[torch.Tensor] = []
         grids: list[torch.Tensor] = []
-        image_iter = iter(images)
+        digests = [image_digest(im) for im in images]
+        used = 0  # pictures consumed by the pieces so far
         has_mm_types = False
         pos = 0
         pieces: list[tuple[str, str]] = []
@@ -190,8 +205,9 @@ class TransformersPlanner:
                 mm_types.append(torch.zeros_like(tok["input_ids"][0]))
                 continue
             n_images = piece.count(self.image_token)
-            seg_images = [next(image_iter) for _ in range(n_images)]
-            enc = self.processor(text=[piece], images=seg_images or None, return_tensors="pt")
+            seg_images, seg_digests = images[used : used + n_images], digests[used : used + n_images]
+            used += n_images
+            enc = self._processed(piece, seg_images, seg_digests, reuse)
             ids.append(enc["input_ids"][0])
             has_mm_types = has_mm_types or "mm_token_type_ids" in enc
             mm_types.append(enc.get("mm_token_type_ids", torch.zeros_like(enc["input_ids"]))[0])
@@ -205,8 +221,30 @@ class TransformersPlanner:
         if pixel_values:
             out["pixel_values"] = torch.cat(pixel_values)
             out["image_grid_thw"] = torch.cat(grids)
-            out["image_digests"] = [image_digest(im) for im in images]
+            out["image_digests"] = digests
         return out
+
+    def _processed(self, piece: str, images: list[Image.Image], digests: list[str], reuse: bool) -> Any:
+        """The processor's output for one template piece and its pictures, through the piece cache."""
+        import torch
+
+        if not images or not reuse:
+            return self.processor(text=[piece], images=images or None, return_tensors="pt")
+        key = (piece, tuple(digests))
+        with self._pieces_lock:
+            if (hit := self._pieces.get(key)) is not None:
+                self._pieces.move_to_end(key)
+                return hit[0]
+        enc = dict(self.processor(text=[piece], images=images, return_tensors="pt"))
+        size = sum(v.numel() * v.element_size() for v in enc.values() if isinstance(v, torch.Tensor))
+        with self._pieces_lock:
+            if key not in self._pieces:
+                self._pieces[key] = (enc, size)
+                self._piece_total += size
+                while len(self._pieces) > 1 and self._piece_total > PIECE_CACHE_BYTES:
+                    _, (_, dropped) = self._pieces.popitem(last=False)
+                    self._piece_total -= dropped
+        return enc
 
     # ---- decoding ------------------------------------------------------------------------------
 
@@ -232,9 +270,14 @@ class TransformersPlanner:
         return compiled
 
     def forget(self, cache_key: str | None = None) -> None:
-        """Drop the kept KV cache of one session (``cache_key``), or of all sessions."""
+        """Drop the kept KV cache of one session (``cache_key``), or of all sessions (and then the
+        processed pictures ``encode`` keeps too)."""
         with device_turn(self.device):
             self.prefix_cache.forget(cache_key)
+            if cache_key is None:
+                with self._pieces_lock:
+                    self._pieces.clear()
+                    self._piece_total = 0
 
     def generate(
         self,
