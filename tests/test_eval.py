@@ -493,3 +493,18 @@ def test_import_resolves_image_paths_for_a_bench_written_elsewhere(tmp_path) -> 
     assert main(["eval", "import", "isg", str(DATA / "isg.jsonl"), "--out", str(out)]) == 0
     tasks, _ = load_jsonl(out)
     assert Path(tasks[0].turns[0].images[0]).is_file()
+
+
+def test_the_canvas_ceiling_scores_the_ground_truth_at_a_size() -> None:
+    """benchmarks/shapes_canvas_ceiling.py: the held-out tasks' own pictures, scaled to a size and back
+    as a drawn picture travels, scored by the evaluation's detectors. At the world's canvas they read
+    back perfectly; at 32 pixels the detectors find unclean shapes."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from shapes_canvas_ceiling import ceiling
+
+    full, small = ceiling(6, [192, 32])
+    assert full["size"] == 192 and full["fidelity"] == 1.0 and full["consistency"] == 1.0
+    assert full["pictures"] == small["pictures"] > 0 and small["pairs"] > 0
+    assert small["fidelity"] < 1.0
