@@ -289,7 +289,8 @@ class Preset(_Strict):
     def _offload_without_cuda_graphs(self) -> Preset:
         if self.offload and (self.planner.compile or (self.critic is not None and self.critic.compile)):
             raise ValueError(
-                "offload and planner.compile cannot be used together (a CUDA graph keeps weight addresses)"
+                "offload and planner.compile cannot be used together (a CUDA graph keeps weight addresses); "
+                "set planner.compile = false"
             )
         return self
 
