@@ -106,6 +106,16 @@ def _kind(draw: dict[str, Any]) -> str:
     return "text-to-image" if not refs else f"video2world, {refs} earlier"
 
 
+def plain_inputs(planner: TransformersPlanner, conversation: Any) -> dict[str, Any]:
+    """``generate``'s inputs for ``conversation``, every picture processed afresh, on the planner's device."""
+    enc = {
+        k: v.to(planner.device) for k, v in planner.encode(conversation, reuse=False).items() if k != "image_digests"
+    }
+    if "pixel_values" in enc:
+        enc["pixel_values"] = enc["pixel_values"].to(planner.model.dtype)
+    return enc
+
+
 def baseline(planner: TransformersPlanner, tool: CosmosImageTool, rec: Recorder, images: bool = True) -> dict[str, Any]:
     """The recorded work, done plainly: full prefill + ``generate`` per call, pipeline per image.
     ``draws``: (kind, seconds) per image."""
@@ -113,14 +123,7 @@ def baseline(planner: TransformersPlanner, tool: CosmosImageTool, rec: Recorder,
     for call in rec.planner_calls:
         _sync()
         t = time.perf_counter()
-        conversation = call["conversation"]
-        enc = {
-            k: v.to(planner.device)
-            for k, v in planner.encode(conversation, reuse=False).items()
-            if k != "image_digests"
-        }
-        if "pixel_values" in enc:
-            enc["pixel_values"] = enc["pixel_values"].to(planner.model.dtype)
+        enc = plain_inputs(planner, call["conversation"])
         with torch.inference_mode():
             planner.model.generate(
                 **enc,
@@ -191,11 +194,8 @@ def profile(planner: TransformersPlanner, tool: CosmosImageTool, new_tokens: int
         {"role": "user", "content": [{"type": "text", "text": PROMPT}, {"type": "image", "image": picture}]},
     ]
     schema = A.step_schema([], max_text=4000, max_prompt=1000, max_refs=0)
-    enc = {k: v for k, v in planner.encode(conversation).items() if k != "image_digests"}
-    gpu = {k: v.to(planner.device) for k, v in enc.items()}
-    if "pixel_values" in gpu:
-        gpu["pixel_values"] = gpu["pixel_values"].to(planner.model.dtype)
-    n_prompt = int(enc["input_ids"].shape[1])
+    gpu = plain_inputs(planner, conversation)
+    n_prompt = int(gpu["input_ids"].shape[1])
     stop = planner.stop_token_ids[0]
 
     def plain(n: int) -> float:
