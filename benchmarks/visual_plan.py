@@ -89,6 +89,7 @@ class Recorder:
                     references=list(kw.get("references", ())),
                     seed=kw.get("seed", 0),
                     s=time.perf_counter() - t,
+                    cache=(getattr(out, "details", None) or {}).get("first_block_cache"),
                 )
             )
             return out
@@ -441,6 +442,16 @@ def run_plan(args: argparse.Namespace) -> None:
             if on
         )
         variant(f"ours, compiled {parts}", args.variant_repeats)
+    if args.first_block_cache > 0:
+        from duogen_agents.models.images import first_block_cache
+
+        for pipe in (tool.text2image, tool.video2world):
+            first_block_cache(pipe.transformer, args.first_block_cache)
+        also = " (and compiled as above)" if args.compile_dit or args.compile_planner else ""
+        variant(f"ours, first-block cache at {args.first_block_cache}{also}", args.variant_repeats)
+        stats = [d["cache"] for d in rec.draws if d.get("cache")]
+        done, skipped = sum(c["computed"] for c in stats), sum(c["skipped"] for c in stats)
+        print(f"DiT calls of the last run: {done} every block, {skipped} the first block only")
     if args.offload:
         from duogen_agents.models.residency import offload_image_tool, offload_planner
 
@@ -611,6 +622,9 @@ def main() -> None:
     ap.add_argument("--real-shapes", action="store_true")
     ap.add_argument("--compile-dit", action="store_true", help="then: regional torch.compile of the DiT blocks")
     ap.add_argument("--compile-planner", action="store_true", help="then: static KV cache + compiled decode step")
+    ap.add_argument(
+        "--first-block-cache", type=float, default=0.0, metavar="T", help="then: First Block Cache at threshold T"
+    )
     ap.add_argument("--offload", action="store_true", help="then: only the running model on the GPU")
     ap.add_argument("--variant-repeats", type=int, default=1)
     ap.add_argument("--grammar", action="store_true")

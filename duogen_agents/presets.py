@@ -176,6 +176,14 @@ class ImageSpec(_Remote):
     compile: bool = Field(
         False, description="regional torch.compile of the DiT's blocks (GPU; compiles once per process)"
     )
+    first_block_cache: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="cosmos2 and aligned: First Block Cache threshold (as diffusers' FirstBlockCacheConfig): "
+        "skip the DiT's other blocks at steps where the first block's residual changed less than this, "
+        "relative (0: off)",
+    )
     frames: bool = Field(
         True, description="aligned: the last reference enters as a conditioning frame (false: a blank one)"
     )
@@ -200,6 +208,8 @@ class ImageSpec(_Remote):
     def _family_models(self) -> ImageSpec:
         if self.references is not None and self.references.references is not None:
             raise ValueError("image.references cannot have references of its own")
+        if self.first_block_cache > 0 and (self.backend == "openai-images" or self.family == "flux2-klein"):
+            raise ValueError("image.first_block_cache applies to the local cosmos2 and aligned families only")
         if self.backend == "openai-images":
             self._check_remote("image tool", True)
             return self

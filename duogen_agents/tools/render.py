@@ -30,7 +30,10 @@ class Rendered:
     def record(self) -> dict[str, Any]:
         """The fields an image block records about its drawing."""
         d = self.drawing
-        return {"family": d.family, "pipeline": d.pipeline, "frames": d.frames, "horizon": d.horizon}
+        out: dict[str, Any] = {"family": d.family, "pipeline": d.pipeline, "frames": d.frames, "horizon": d.horizon}
+        if "first_block_cache" in d.details:
+            out["first_block_cache"] = dict(d.details["first_block_cache"])
+        return out
 
 
 class RenderImageArgs(BaseModel):

@@ -44,6 +44,31 @@ def compile_dit(transformer: Any) -> bool:
     return True
 
 
+def first_block_cache(transformer: Any, threshold: float) -> Any:
+    """Attach a First Block Cache (``step_cache``) to ``transformer`` when ``threshold`` > 0 (after
+    ``compile_dit``: the compiled blocks stay compiled); returns it, or None."""
+    if threshold <= 0:
+        return None
+    from duogen_agents.models.images.step_cache import FirstBlockCache
+
+    return FirstBlockCache.attach(transformer, threshold)
+
+
+def cache_counts(transformer: Any) -> dict[str, Any]:
+    """For a drawing's details: the threshold and how many DiT calls ran every block or the first only
+    since the last ``reset`` (empty without a cache)."""
+    cache = getattr(transformer, "_first_block_cache", None)
+    if cache is None:
+        return {}
+    return {"first_block_cache": {"threshold": cache.threshold, **cache.counts()}}
+
+
+def reset_cache(transformer: Any) -> None:
+    cache = getattr(transformer, "_first_block_cache", None)
+    if cache is not None:
+        cache.reset()
+
+
 def build_family(spec: ImageSpec, models_dir: Path | None) -> Any:
     if spec.backend == "openai-images":
         from duogen_agents.models.images.remote import OpenAIImagesTool

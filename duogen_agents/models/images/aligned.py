@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 
 from duogen_agents.errors import GenerationError, ModelLoadError
+from duogen_agents.models.images import cache_counts, first_block_cache, reset_cache
 from duogen_agents.models.loading import generating, loading
 from duogen_agents.models.protocols import Drawing, ImageKind, StepCallback, refusal
 from duogen_agents.models.serial import device_turn
@@ -54,6 +55,7 @@ class AlignedImageTool:
                     f"image.keep {spec.keep} needs a connector whose regression head predicts the change "
                     f"(aux_target delta); {folder}'s does not (use keep = 0)"
                 )
+            first_block_cache(transformer, spec.first_block_cache)
             tool = cls(vae, transformer, connector, meta, spec)
             if meta.get("context", "planner") == "t5":
                 from duogen_agents.training.stage2 import load_text_encoder
@@ -99,6 +101,7 @@ class AlignedImageTool:
                     residency_for(self.planner.device).use(self.planner.residency_role)
                 states, mask = planner_states(self.planner, PlannerExample(conversation, action), tokens)
         with device_turn(self.device), generating("aligned image model"):
+            reset_cache(self.transformer)
             picture = sample(
                 self.transformer, self.vae, self.connector, states, reference, mask=mask,
                 size=size, steps=self.spec.steps, seed=seed, on_step=on_step, start=self.spec.strength,
@@ -109,4 +112,5 @@ class AlignedImageTool:
             self.family,
             "aligned-dit",
             frames=1 if reference is not None else 0,
+            details=cache_counts(self.transformer),
         )

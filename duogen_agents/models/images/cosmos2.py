@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from duogen_agents.errors import GenerationError, ModelLoadError
-from duogen_agents.models.images import compile_dit, fresh_scheduler
+from duogen_agents.models.images import cache_counts, compile_dit, first_block_cache, fresh_scheduler, reset_cache
 from duogen_agents.models.images.safety import PassThroughSafetyChecker
 from duogen_agents.models.loading import generating, loading, resolve_device, resolve_dtype, resolve_source
 from duogen_agents.models.protocols import Drawing, ImageKind, StepCallback, letterbox, refusal
@@ -120,6 +120,7 @@ class CosmosImageTool:
             pipe.set_progress_bar_config(disable=True)
             if spec.compile:
                 compile_dit(pipe.transformer)
+            first_block_cache(pipe.transformer, spec.first_block_cache)
         return cls(pipe, spec, v2w_source, checker)
 
     @property
@@ -142,6 +143,7 @@ class CosmosImageTool:
                 pipe.set_progress_bar_config(disable=True)
                 if self.spec.compile:
                     compile_dit(pipe.transformer)
+                first_block_cache(pipe.transformer, self.spec.first_block_cache)
             self._video2world = pipe
         return self._video2world
 
@@ -182,11 +184,14 @@ class CosmosImageTool:
             if not references:
                 self._use("text2image")
                 fresh_scheduler(self.text2image)
+                reset_cache(self.text2image.transformer)
                 out = self.text2image(**self._common(prompt, seed, on_step))
-                return Drawing(out.images[0].convert("RGB"), self.family, "text2image")
+                details = cache_counts(self.text2image.transformer)
+                return Drawing(out.images[0].convert("RGB"), self.family, "text2image", details=details)
             pipe = self.video2world
             self._use("video2world")
             fresh_scheduler(pipe)
+            reset_cache(pipe.transformer)
             fitted = [letterbox(im, size) for im in references]
             frames, num_frames, index = conditioning_frames(
                 fitted, self.spec.horizon_frames, pipe.vae_scale_factor_temporal
@@ -199,5 +204,5 @@ class CosmosImageTool:
                 "video2world",
                 frames=len(frames),
                 horizon=index - (len(frames) - 1),
-                details={"num_frames": num_frames, "fps": self.spec.fps},
+                details={"num_frames": num_frames, "fps": self.spec.fps, **cache_counts(pipe.transformer)},
             )
