@@ -70,6 +70,7 @@ class Recorder:
                 dict(
                     conversation=conversation,
                     new=out.num_tokens,
+                    forced=out.forced_tokens,
                     prompt=out.prompt_tokens,
                     prefill=out.prefill_tokens,
                     s=time.perf_counter() - t,
@@ -353,6 +354,7 @@ def run_plan(args: argparse.Namespace) -> None:
             "images": len(doc.images),
             "calls": len(rec.planner_calls),
             "new": [c["new"] for c in rec.planner_calls],
+            "forced": [c["forced"] for c in rec.planner_calls],
             "prompt": [c["prompt"] for c in rec.planner_calls],
             "prefill": [c["prefill"] for c in rec.planner_calls],
             "draws": [(_kind(d), d["s"]) for d in rec.draws],
@@ -389,6 +391,7 @@ def run_plan(args: argparse.Namespace) -> None:
     print(f"prompt tokens per call:  {last['prompt']}")
     print(f"prefill tokens per call: ours {last['prefill']}; baseline = prompt tokens")
     print(f"new tokens per call:     {last['new']}")
+    print(f"of which forced (entered by jump forward, no decode step each): {last['forced']}")
     print(f"peak memory: {_peak_gb():.2f} GiB ({'GPU, allocated' if torch.cuda.is_available() else 'process RSS'})")
     base_kinds = per_kind([d for b in base for d in b["draws"]])
 
@@ -416,7 +419,7 @@ def run_plan(args: argparse.Namespace) -> None:
             o, b = med(rows, k), med(base, k)
             print(f"{label:28s} {o:10.2f} {b:13.2f} {o / b:7.2f}", flush=True)
         by_kind(rows)
-        print(f"new tokens per call: {rows[-1]['new']}")
+        print(f"new tokens per call: {rows[-1]['new']}; forced: {rows[-1]['forced']}")
         # The same planner calls done plainly (plain generate is not compiled by the variants).
         same = baseline(planner, tool, rec, images=False)["planner"]
         o = rows[-1]["planner"]
@@ -442,6 +445,11 @@ def run_plan(args: argparse.Namespace) -> None:
             if on
         )
         variant(f"ours, compiled {parts}", args.variant_repeats)
+    if args.no_jump:
+        planner.spec.jump_forward = False
+        also = " (and compiled as above)" if args.compile_dit or args.compile_planner else ""
+        variant(f"ours, jump forward off (every token a decode step){also}", args.variant_repeats)
+        planner.spec.jump_forward = True
     if args.first_block_cache > 0:
         from duogen_agents.models.images import first_block_cache
 
@@ -622,6 +630,7 @@ def main() -> None:
     ap.add_argument("--real-shapes", action="store_true")
     ap.add_argument("--compile-dit", action="store_true", help="then: regional torch.compile of the DiT blocks")
     ap.add_argument("--compile-planner", action="store_true", help="then: static KV cache + compiled decode step")
+    ap.add_argument("--no-jump", action="store_true", help="then: planner.jump_forward off")
     ap.add_argument(
         "--first-block-cache", type=float, default=0.0, metavar="T", help="then: First Block Cache at threshold T"
     )

@@ -101,6 +101,11 @@ class PlannerSpec(_Remote):
     static_cache_tokens: int = Field(
         16384, ge=256, le=262144, description="compile: tokens the static KV cache holds (longer calls run eagerly)"
     )
+    jump_forward: bool = Field(
+        True,
+        description="under a grammar, text the grammar forces (an action's keys and punctuation) enters in one "
+        "forward, not a token at a time",
+    )
 
     @model_validator(mode="after")
     def _backend_fields(self) -> PlannerSpec:

@@ -59,12 +59,40 @@ def test_every_output_parses_over_many_seeds(planner, name) -> None:
     for seed in range(25):
         out = planner.generate(conv, schema, seed=seed)
         action = A.parse_action(out.text, model)  # raises on any malformed output
+        assert "\ufffd" not in out.text  # valid UTF-8: no byte sequence decoded to a replacement character
         refs = getattr(action, "references", None) or getattr(getattr(action, "image", None), "references", [])
         assert set(refs) <= set(REFS)
         if isinstance(action, A.ImageRequest) and action.kind != "generate":
             assert refs, "edit/continue always name an earlier image"
         if isinstance(action, A.Plan):
             assert 2 <= len(action.steps) <= 4
+
+
+def test_forced_text_enters_without_decode_steps(planner) -> None:
+    """Jump forward: the keys and punctuation the grammar forces enter with the token before them;
+    the output still parses and streams whole; off, every token is a decode step."""
+    schema, model = SCHEMAS["step"]
+    spec = planner.spec
+    try:
+        for seed in range(6):
+            pieces: list[str] = []
+            out = planner.generate(_conv(), schema, seed=seed, on_token=pieces.append)
+            A.parse_action(out.text, model)
+            assert "".join(pieces) == out.text
+            assert 0 < out.forced_tokens < out.num_tokens
+        planner.spec = spec.model_copy(update={"jump_forward": False})
+        out = planner.generate(_conv(), schema, seed=0)
+        A.parse_action(out.text, model)
+        assert out.forced_tokens == 0
+    finally:
+        planner.spec = spec
+
+
+def test_jump_forward_keeps_the_token_budget(planner) -> None:
+    schema = A.plan_schema(min_steps=2, max_steps=4, max_title=32)
+    for budget in (12, 20, 31):
+        out = planner.generate(_conv(), schema, seed=1, max_new_tokens=budget)
+        assert out.num_tokens <= budget
 
 
 def test_text_has_no_control_characters(planner) -> None:

@@ -10,7 +10,15 @@ import pytest
 from PIL import Image
 
 from duogen_agents.graphs import actions as A
-from duogen_agents.models.decoding import CachedPrefix, StringLimits, common_prefix, in_string_lengths, split_limits
+from duogen_agents.models.decoding import (
+    CachedPrefix,
+    StringLimits,
+    common_prefix,
+    in_string_lengths,
+    split_limits,
+    utf8_fragment_ok,
+    utf8_refusals,
+)
 from duogen_agents.models.planner import TransformersPlanner
 from duogen_agents.presets import load_preset
 
@@ -117,6 +125,23 @@ def test_string_limits_hold_over_many_seeds(planners) -> None:
         out = cached.generate(conv, schema, seed=seed, cache_key="limits")
         step = A.StepAction.model_validate_json(out.text)
         assert 1 <= len(step.text) <= 12 and 1 <= len(step.image.prompt) <= 6
+
+
+def test_utf8_fragments_and_refusals() -> None:
+    assert utf8_fragment_ok("é".encode()) and utf8_fragment_ok(b"\xa9 ok") and utf8_fragment_ok(b"ab\xe2\x82")
+    for bad in (b"\xe0\x9c\x8d", b"\xc0\x80", b"\xed\xa0\x80", b"\xf5", b"a\x80b", b"\xf4\x90\x80\x80"):
+        assert not utf8_fragment_ok(bad), bad  # overlong, surrogate, never UTF-8, stray, past U+10FFFF
+    vocab = [b'"', b"\xe0", b"\xa4", b"\x9c", b"\xa4\xb9", b"x", b"\xa4x"]
+    refused = utf8_refusals(vocab, 8)  # index 7 is past the vocabulary
+    allowed = [[not r for r in row] for row in refused]
+    assert allowed[0] == [True, True, False, False, False, True, False, False]  # no character begun
+    assert allowed[1] == [False, False, True, True, False, False, True, False]  # one continuation byte due
+    assert allowed[2] == [False, False, True, True, True, False, False, False]  # two due: one or both
+    tracker = StringLimits({})
+    tracker.feed(b'{"a": "\xe0')
+    assert tracker.need == (0xA0, 0xBF) and tracker.pending == 2
+    tracker.feed(b"\xa4")
+    assert tracker.need is None and tracker.pending == 1
 
 
 def test_split_limits_and_the_json_follower() -> None:

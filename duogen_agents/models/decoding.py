@@ -11,6 +11,14 @@ need control over each step:
 - **Grammar masks off the critical path.** The forward of token t+1 is launched (asynchronous on a
   GPU) before the CPU fills xgrammar's mask for it, as xgrammar's own engine integrations do; the
   mask is applied to the logits when they are needed.
+- **Jump forward.** Where the grammar forces the next text (an action's keys and punctuation, the
+  rest of an enum value once it is unambiguous), its tokens enter in one forward with the token
+  before them instead of a decode step each (``TransformersPlanner._jump``).
+- **Valid UTF-8 in strings.** xgrammar 0.2.8 accepts overlong and surrogate byte sequences (``E0 9C
+  8D``) inside a string, which decode to replacement characters. ``StringLimits`` follows each
+  character's bytes, and the loop masks, inside a string, tokens that are not a valid piece of UTF-8
+  (``utf8_fragment_ok``) and, after a lead byte whose second byte is restricted, tokens whose first
+  byte is outside that range.
 - **String lengths without bounded repeats.** A bounded repeat (``{1,N}``) in a JSON-schema pattern
   defeats xgrammar's precomputed token masks (about 68 ms per token with a 151k vocabulary on a
   2-core CPU, against about 3.5 ms for ``+``). Action schemas therefore say ``pattern: ^c+$`` plus
@@ -76,11 +84,13 @@ class StringLimits:
     escape: bool = False
     used: int = 0
     pending: int = 0  # continuation bytes the current UTF-8 character still needs
+    need: tuple[int, int] | None = None  # the range the next byte must be in (after E0, ED, F0, F4)
     key_buf: bytearray = field(default_factory=bytearray)
 
     def feed(self, data: bytes) -> None:
         for b in data:
             if self.in_string:
+                self.need = None
                 if self.escape:
                     self.escape = False
                     self.used += 1
@@ -97,6 +107,7 @@ class StringLimits:
                         self.pending = max(0, self.pending - 1)
                     else:
                         self.pending = 3 if b >= 0xF0 else 2 if b >= 0xE0 else 1 if b >= 0xC0 else 0
+                        self.need = _SECOND_BYTE.get(b)
                     if self.is_key:
                         self.key_buf.append(b)
                 continue
@@ -127,6 +138,54 @@ class StringLimits:
         if limit is None:
             return None
         return max(0, limit - self.used) + (1 if self.escape else self.pending)
+
+
+# UTF-8 lead bytes whose second byte is restricted (no overlong forms, no surrogates, nothing past U+10FFFF).
+_SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
+
+def utf8_fragment_ok(data: bytes) -> bool:
+    """Whether ``data`` can be a piece of valid UTF-8: leading continuation bytes (the end of a
+    character begun before) and an unfinished last character are allowed; bytes that are never
+    UTF-8 (C0, C1, F5-FF), overlong forms, surrogates and broken sequences are not."""
+    i, n = 0, len(data)
+    while i < n and i < 3 and 0x80 <= data[i] < 0xC0:
+        i += 1
+    while i < n:
+        b = data[i]
+        if b < 0x80:
+            i += 1
+            continue
+        if b < 0xC2 or b > 0xF4:
+            return False
+        k = 1 if b < 0xE0 else 2 if b < 0xF0 else 3
+        lo, hi = _SECOND_BYTE.get(b, (0x80, 0xBF))
+        for j in range(1, k + 1):
+            if i + j >= n:
+                return True  # the character goes on in the next token
+            c = data[i + j]
+            if not ((lo <= c <= hi) if j == 1 else (0x80 <= c < 0xC0)):
+                return False
+        i += k + 1
+    return True
+
+
+def utf8_refusals(decoded_vocab: list[bytes], size: int) -> list[list[bool]]:
+    """For each number of continuation bytes the current character still needs (0 to 3), which
+    tokens may not come next inside a string: those that are no piece of valid UTF-8, and those
+    whose leading continuation bytes do not finish the character (too many, too few, or some where
+    none is due). A token past the tokenizer's vocabulary is refused."""
+    out = [[True] * size for _ in range(4)]
+    for i, tok in enumerate(decoded_vocab[:size]):
+        if not tok or not utf8_fragment_ok(tok):
+            continue
+        lead = 0
+        while lead < len(tok) and 0x80 <= tok[lead] < 0xC0:
+            lead += 1
+        for pending in range(4):
+            fits = lead == pending or (lead == len(tok) and lead < pending)
+            out[pending][i] = not fits
+    return out
 
 
 def in_string_lengths(decoded_vocab: list[bytes], size: int) -> list[int]:
