@@ -5,6 +5,10 @@
 # the plain baseline, then compiled (DiT regional + planner CUDA-graph decode), then offloaded (the 24 GB
 # preset's mode); last, the prefix-cache tests on the GPU if time is left. Each part's output is kept in
 # $OUT as it comes. Usage: bash benchmarks/gpu_profile.sh
+# Still to measure (README "Speed and memory"), one call each, in this order:
+#   VARIANTS=--offload PROFILE_TOKENS=0 REPEATS=0 bash benchmarks/gpu_profile.sh      (the 24 GB preset's peak)
+#   VARIANTS="--compile-dit --compile-planner --no-jump --first-block-cache 0.1" PROFILE_TOKENS=0 REPEATS=0 \
+#     BENCH_STEPS=20 bash benchmarks/gpu_profile.sh                        (jump forward and the DiT cache, compiled)
 set -uo pipefail
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

@@ -51,7 +51,10 @@ def actions() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
                 },
             },
         ),
-        "check": (check_schema(), {"verdict": "ok", "note": "the picture shows the watering can and the basil as asked"}),
+        "check": (
+            check_schema(),
+            {"verdict": "ok", "note": "the picture shows the watering can and the basil as asked"},
+        ),
     }
 
 

@@ -432,6 +432,25 @@ CONTEXTS = ("planner", "t5")
 ALIGNED_FORMAT = 2
 
 
+def write_aligned(out: Path, preset: Any, planner: Path, *, size: int, tokens: int, context: str) -> Path:
+    """OUT/aligned/aligned.json (the folder's layout, beside its vae, transformer and connector) and
+    OUT/preset.json: ``preset`` (stage 1's) drawing with the aligned folder. Returns the preset's path."""
+    final = out / "aligned"
+    meta = {"format": ALIGNED_FORMAT, "size": size, "tokens": tokens, "context": context,
+            "planner": str(planner.resolve())}  # fmt: skip
+    (final / "aligned.json").write_text(json.dumps(meta))
+    spec = preset.model_dump(mode="json")
+    spec["name"] = f"{preset.name}-stage2" + ("" if context == "planner" else f"-{context}")
+    spec["description"] = f"{preset.description}; DiT aligned by duogen train stage2 (context: {context})"
+    spec["image"] = {
+        "family": "aligned", "model": str(final.resolve()), "height": size, "width": size, "steps": 20,
+        "guidance": 0.0, "device": "cpu", "dtype": "float32",
+    }  # fmt: skip
+    preset_path = out / "preset.json"
+    preset_path.write_text(json.dumps(spec, indent=2))
+    return preset_path
+
+
 def train_stage2(
     planner_dir: str | Path,
     data: str | Path,
@@ -616,26 +635,7 @@ def train_stage2(
     if text_encoder is not None:
         text_encoder.save_pretrained(final / "text_encoder")
         text_tokenizer.save_pretrained(final / "tokenizer")
-    (final / "aligned.json").write_text(
-        json.dumps(
-            {
-                "format": ALIGNED_FORMAT,
-                "size": size,
-                "tokens": tokens,
-                "context": context,
-                "planner": str((run1 / "planner").resolve()),
-            }
-        )  # fmt: skip
-    )
-    spec = preset.model_dump(mode="json")
-    spec["name"] = f"{preset.name}-stage2" + ("" if context == "planner" else f"-{context}")
-    spec["description"] = f"{preset.description}; DiT aligned by duogen train stage2 (context: {context})"
-    spec["image"] = {
-        "family": "aligned", "model": str(final.resolve()), "height": size, "width": size, "steps": 20,
-        "guidance": 0.0, "device": "cpu", "dtype": "float32",
-    }  # fmt: skip
-    preset_path = out / "preset.json"
-    preset_path.write_text(json.dumps(spec, indent=2))
+    preset_path = write_aligned(out, preset, run1 / "planner", size=size, tokens=tokens, context=context)
     vae_rows = _metrics(out / "vae") if vae_source is None else [float("nan")]
     dit_rows = _metrics(out / "dit")
     return Stage2Result(

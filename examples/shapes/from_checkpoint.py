@@ -12,6 +12,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from duogen_agents.presets import load_preset
+from duogen_agents.training.stage2 import write_aligned
+
 step = int(sys.argv[1])
 run, t5 = Path("runs/stage2"), Path("runs/stage2-t5")
 ckpt = run / "dit" / "checkpoints" / f"step-{step}"
@@ -22,12 +25,6 @@ shutil.copytree(t5 / "aligned" / "vae", final / "vae")
 shutil.copytree(ckpt / "transformer", final / "transformer")
 shutil.copytree(ckpt / "connector", final / "connector")
 meta = json.loads((t5 / "aligned" / "aligned.json").read_text())
-meta.update(context="planner", planner=str(Path("runs/stage1b/planner").resolve()))
-(final / "aligned.json").write_text(json.dumps(meta))
-spec = json.loads(Path("runs/stage1b/preset.json").read_text())
-t5spec = json.loads((t5 / "preset.json").read_text())
-spec["name"] = spec["name"] + "-stage2"
-spec["description"] += "; DiT aligned by duogen train stage2 (context: planner)"
-spec["image"] = {**t5spec["image"], "model": str(final.resolve())}
-(run / "preset.json").write_text(json.dumps(spec, indent=2))
+preset = load_preset(Path("runs/stage1b/preset.json"))
+write_aligned(run, preset, Path("runs/stage1b/planner"), size=meta["size"], tokens=meta["tokens"], context="planner")
 print(final, "from", ckpt)
