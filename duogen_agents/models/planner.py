@@ -52,7 +52,7 @@ log = logging.getLogger("duogen.planner")
 PIECE_CACHE_BYTES = 256 * 2**20
 
 # A jump forward on the compiled path is one eager forward (on an H200 at 7B, about 30 ms against about
-# 10-14 ms per compiled step): taken only when it replaces at least this many decode steps.
+# 10-14 ms per compiled step): a shorter jump goes through the compiled step a token at a time.
 JUMP_MIN_COMPILED = 3
 
 _PLACEHOLDER = "\ue000{}\ue001"
@@ -455,14 +455,15 @@ class TransformersPlanner:
             done = done or len(out) >= budget
             forced: list[int] = []
             if not done and matcher is not None and self.spec.jump_forward:
-                forced = self._jump(matcher, budget - len(out) - 1, static)
+                forced = self._jump(matcher, budget - len(out) - 1)
             if not done:  # launched first: on a GPU the forward runs while the CPU works below
                 n_pos, k = n + fed, 1 + len(forced)
                 text_pos = torch.arange(n_pos, n_pos + k)
                 step = torch.stack([text_pos] + [text_pos + delta] * 3).view(4, 1, k)
-                if static and not forced:
-                    logits = self._compiled_forward(torch.tensor([[token]]), step, cache)
-                else:  # a jump forward (or the eager path): one forward over the token and the forced text
+                if static and len(forced) < JUMP_MIN_COMPILED:  # replayed steps: the same tokens either way
+                    for j, t in enumerate((token, *forced)):
+                        logits = self._compiled_forward(torch.tensor([[t]]), step[:, :, j : j + 1].contiguous(), cache)
+                else:  # one forward over the token and the forced text (eager; a jump on the compiled path)
                     logits = self._forward(
                         torch.tensor([[token, *forced]]), step, cache, None if ones is None else ones[:, : n_pos + k]
                     )
@@ -486,18 +487,16 @@ class TransformersPlanner:
             text=text, num_tokens=len(out), prompt_tokens=n, prefill_tokens=n - keep, forced_tokens=jumped
         )
 
-    def _jump(self, matcher: Any, room: int, static: bool) -> list[int]:
+    def _jump(self, matcher: Any, room: int) -> list[int]:
         """The tokens of the text the grammar forces next (xgrammar's jump-forward string, e.g.
         ``", "image": {"prompt": "``), accepted by ``matcher``, at most ``room`` of them; none when
         nothing is forced. The text is tokenized on its own, as the tokenizer splits it; a token the
-        grammar refuses ends the jump there. On the compiled path a jump costs an eager forward, so it
-        is taken only when it saves at least ``JUMP_MIN_COMPILED`` decode steps."""
+        grammar refuses ends the jump there. The tokens are the same on the compiled path, where a
+        jump shorter than ``JUMP_MIN_COMPILED`` goes through the compiled step a token at a time."""
         text = matcher.find_jump_forward_string() if room > 0 else ""
         if not text:
             return []
         ids = self.tokenizer.encode(text, add_special_tokens=False)[:room]
-        if static and len(ids) < JUMP_MIN_COMPILED:
-            return []
         taken: list[int] = []
         for t in ids:
             if not matcher.accept_token(t):

@@ -55,7 +55,7 @@ class PlannerOutput:
     num_tokens: int
     prompt_tokens: int = 0
     prefill_tokens: int | None = None  # prompt tokens computed by this call (the rest came from a cache)
-    forced_tokens: int = 0  # of num_tokens, those the grammar forced, entered without a decode step each
+    forced_tokens: int = 0  # of num_tokens, those the grammar forced (jump forward: not sampled)
 
 
 class Planner(Protocol):
