@@ -9,8 +9,9 @@ where the skip rate means something (a random DiT's residuals change arbitrarily
 threshold's agent answers the same held-out tasks of ``duogen eval --bench shapes`` with the same seed
 as the uncached agent, right after it; the table gives the median seconds per picture, the share of DiT
 calls that ran the first block only, and how far the pictures moved: the mean absolute pixel
-difference (0-255) from the uncached picture for the same request, over the pictures whose request
-(prompt, kind, references' order) matched. Quality is ``duogen eval``'s to measure (README).
+difference (0-255) from the uncached picture for the same request, over the pictures whose prompt,
+kind and number of references matched (a later picture's references are themselves drawn with the
+cache, so its difference includes theirs). Quality is ``duogen eval``'s to measure (README).
 """
 
 from __future__ import annotations

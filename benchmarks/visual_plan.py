@@ -457,9 +457,13 @@ def run_plan(args: argparse.Namespace) -> None:
             first_block_cache(pipe.transformer, args.first_block_cache)
         also = " (and compiled as above)" if args.compile_dit or args.compile_planner else ""
         variant(f"ours, first-block cache at {args.first_block_cache}{also}", args.variant_repeats)
-        stats = [d["cache"] for d in rec.draws if d.get("cache")]
+        stats = [d["cache"] for d in rec.draws if d.get("cache")]  # rec holds the last run's draws
         done, skipped = sum(c["computed"] for c in stats), sum(c["skipped"] for c in stats)
         print(f"DiT calls of the last run: {done} every block, {skipped} the first block only")
+        from duogen_agents.models.images.step_cache import FirstBlockCache
+
+        for pipe in (tool.text2image, tool.video2world):  # the variants after this one run without it
+            FirstBlockCache.detach(pipe.transformer)
     if args.offload:
         from duogen_agents.models.residency import offload_image_tool, offload_planner
 

@@ -80,7 +80,7 @@ class ImageBlock(BaseModel):
     pipeline: str | None = Field(default=None, description="the pipeline within the family (text2image, ...)")
     frames: int | None = Field(default=None, description="conditioning frames the pipeline received")
     horizon: int | None = Field(default=None, description="continue: frames between the last reference and it")
-    first_block_cache: dict[str, float] | None = Field(
+    first_block_cache: dict[str, int | float] | None = Field(
         default=None,
         description="image.first_block_cache: its threshold, and the DiT calls that ran every block (computed) "
         "or the first only (skipped)",

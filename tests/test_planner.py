@@ -88,6 +88,21 @@ def test_forced_text_enters_without_decode_steps(planner) -> None:
         planner.spec = spec
 
 
+@pytest.mark.parametrize("values", [["日本", "日曜"], ["東京都", "大阪府"], ["é", "ê"]])
+def test_non_ascii_enums_decode(planner, values) -> None:
+    """Forced text that begins or ends inside a character (xgrammar cannot give it as a string) is
+    decoded a token at a time."""
+    schema = {
+        "type": "object",
+        "properties": {"place": {"enum": values}},
+        "required": ["place"],
+        "additionalProperties": False,
+    }
+    for seed in range(3):
+        out = planner.generate(_conv(), schema, seed=seed)
+        assert json.loads(out.text)["place"] in values
+
+
 def test_jump_forward_keeps_the_token_budget(planner) -> None:
     schema = A.plan_schema(min_steps=2, max_steps=4, max_title=32)
     for budget in (12, 20, 31):

@@ -112,3 +112,33 @@ def test_the_cosmos_tool_records_what_the_cache_skipped(models_dir, tmp_path) ->
     assert drawing.image.tobytes() == again.image.tobytes()
     moved = tool.draw("a pot", kind="continue", references=[drawing.image], seed=3)
     assert moved.pipeline == "video2world" and moved.details["first_block_cache"]["skipped"] > 0
+
+
+@torch.no_grad()
+def test_release_frees_the_kept_tensors_and_keeps_the_counts() -> None:
+    dit = _dit()
+    cache = FirstBlockCache.attach(dit, 0.05)
+    hidden, ts, context = _inputs()
+    _call(dit, hidden, ts, context)
+    assert cache.branches and cache.counts() == {"computed": 1, "skipped": 0}
+    cache.release()
+    assert not cache.branches and cache.counts() == {"computed": 1, "skipped": 0}
+    _call(dit, hidden, ts, context)  # nothing kept: computed again
+    assert cache.counts() == {"computed": 2, "skipped": 0}
+
+
+def test_training_runs_every_block_and_detach_restores_the_dit() -> None:
+    plain, cached = _dit(), _dit()
+    cache = FirstBlockCache.attach(cached, 1.0)
+    hidden, ts, context = _inputs()
+    with torch.enable_grad():
+        for _ in range(2):
+            out = _call(cached, hidden, ts, context)
+    assert cache.counts() == {"computed": 0, "skipped": 0}  # the cache stayed out of the way
+    torch.testing.assert_close(out, _call(plain, hidden, ts, context))
+    FirstBlockCache.detach(cached)
+    assert type(cached.transformer_blocks) is torch.nn.ModuleList and not hasattr(cached, "_first_block_cache")
+    assert list(cached.state_dict()) == list(plain.state_dict())
+    with torch.no_grad():
+        _call(cached, hidden, ts, context)
+    assert cache.counts() == {"computed": 0, "skipped": 0}  # no hooks left

@@ -493,7 +493,10 @@ class TransformersPlanner:
         nothing is forced. The text is tokenized on its own, as the tokenizer splits it; a token the
         grammar refuses ends the jump there. The tokens are the same on the compiled path, where a
         jump shorter than ``JUMP_MIN_COMPILED`` goes through the compiled step a token at a time."""
-        text = matcher.find_jump_forward_string() if room > 0 else ""
+        try:
+            text = matcher.find_jump_forward_string() if room > 0 else ""
+        except UnicodeDecodeError:  # the forced bytes begin or end inside a character (a non-ASCII enum)
+            return []
         if not text:
             return []
         ids = self.tokenizer.encode(text, add_special_tokens=False)[:room]

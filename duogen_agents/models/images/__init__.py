@@ -55,11 +55,13 @@ def first_block_cache(transformer: Any, threshold: float) -> Any:
 
 
 def cache_counts(transformer: Any) -> dict[str, Any]:
-    """For a drawing's details: the threshold and how many DiT calls ran every block or the first only
-    since the last ``reset`` (empty without a cache)."""
+    """For a drawing's details, once the draw is done: the threshold and how many DiT calls ran every
+    block or the first only since the last ``reset`` (empty without a cache). The cache's kept tensors
+    are freed."""
     cache = getattr(transformer, "_first_block_cache", None)
     if cache is None:
         return {}
+    cache.release()
     return {"first_block_cache": {"threshold": cache.threshold, **cache.counts()}}
 
 

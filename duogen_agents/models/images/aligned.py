@@ -107,10 +107,11 @@ class AlignedImageTool:
                 size=size, steps=self.spec.steps, seed=seed, on_step=on_step, start=self.spec.strength,
                 keep=self.spec.keep,
             )  # fmt: skip
+            details = cache_counts(self.transformer)
         return Drawing(
             picture.resize((self.spec.width, self.spec.height), Image.BILINEAR),
             self.family,
             "aligned-dit",
             frames=1 if reference is not None else 0,
-            details=cache_counts(self.transformer),
+            details=details,
         )

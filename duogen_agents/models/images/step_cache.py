@@ -11,7 +11,8 @@ Diffusers' own hooks need a block registry entry and a cache context that the Co
 pipelines do not set; this module needs neither, so one implementation serves the Cosmos pipelines and
 the ``aligned`` family's sampler. Guidance's conditional and unconditional calls keep separate states,
 told apart by the ``encoder_hidden_states`` tensor each call gets (the same object at every step of one
-draw). ``reset()`` starts a new draw; the image tools call it and report ``counts()``.
+draw). ``reset()`` starts a new draw; the image tools call it, report ``counts()`` and ``release()``
+the kept tensors after the draw. With gradients enabled (training) every block runs.
 
 The blocks stay where they were (``transformer.transformer_blocks``, the same modules under the same
 state-dict keys), and a block compiled by ``compile_dit`` stays compiled: the decision runs in Python
@@ -44,6 +45,7 @@ class FirstBlockCache:
     skipped: int = 0
     _branch: _Branch | None = None
     _active: bool = False
+    _hooks: list[Any] = field(default_factory=list)
 
     @classmethod
     def attach(cls, transformer: torch.nn.Module, threshold: float) -> FirstBlockCache:
@@ -59,15 +61,33 @@ class FirstBlockCache:
         cached = _CachedBlocks(list(blocks))
         cached.cache = cache
         transformer.transformer_blocks = cached  # the same modules: the same state-dict keys
-        transformer.register_forward_pre_hook(cache._enter, with_kwargs=True)
-        transformer.register_forward_hook(cache._leave, always_call=True)
+        cache._hooks = [
+            transformer.register_forward_pre_hook(cache._enter, with_kwargs=True),
+            transformer.register_forward_hook(cache._leave, always_call=True),
+        ]
         transformer._first_block_cache = cache
         return cache
+
+    @staticmethod
+    def detach(transformer: torch.nn.Module) -> None:
+        """Take the cache off ``transformer``: its blocks in a plain ``ModuleList`` again, no hooks."""
+        cache = getattr(transformer, "_first_block_cache", None)
+        if cache is None:
+            return
+        for hook in cache._hooks:
+            hook.remove()
+        transformer.transformer_blocks = torch.nn.ModuleList(list(transformer.transformer_blocks))
+        del transformer._first_block_cache
 
     def reset(self) -> None:
         """Forget every state and count: the next call computes all blocks."""
         self.branches.clear()
         self.computed = self.skipped = 0
+
+    def release(self) -> None:
+        """Free the kept tensors (residuals of the hidden states: hundreds of MB for a video at
+        704x1280), keeping the counts; the next call computes all blocks."""
+        self.branches.clear()
 
     def counts(self) -> dict[str, int]:
         """Calls since ``reset`` that ran every block, and calls that ran the first block only."""
@@ -76,7 +96,7 @@ class FirstBlockCache:
     def _enter(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         self._branch = self.branches.setdefault(id(context), _Branch())
-        self._active = True
+        self._active = not torch.is_grad_enabled()  # inference only: training runs every block
 
     def _leave(self, module: Any, args: Any, output: Any) -> None:
         self._active = False
