@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 # Bump when the tiny layout changes, so an old cache is rebuilt rather than misread.
-TINY_VERSION = "1"
+TINY_VERSION = "2"  # 2: the tiny T5 tokenizer is built the same way every time
 
 PLANNER_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -77,13 +77,38 @@ def _train_tokenizer(
             vocab_size=vocab_size, special_tokens=special, initial_alphabet=alphabet, show_progress=False
         )
     else:  # sentencepiece-style, as T5 uses
-        tok = Tokenizer(models.Unigram())
-        tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        tok.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(
-            vocab_size=vocab_size, special_tokens=special, unk_token="<unk>", show_progress=False
-        )
+        return _unigram_tokenizer(vocab_size, special, corpus if corpus is not None else _CORPUS)
     tok.train_from_iterator(corpus if corpus is not None else _CORPUS * 4, trainer=trainer)
+    return tok
+
+
+def _unigram_tokenizer(vocab_size: int, special: list[str], corpus: list[str]) -> Any:
+    """A sentencepiece-style tokenizer (Unigram model, Metaspace) built from ``corpus`` the same way
+    every time: every character, then the substrings (up to 8 characters) of the words that cover
+    the most text, each scored by the log of its frequency. The tokenizers library's UnigramTrainer
+    picks different pieces from one run to the next (6 trainings of the same corpus gave 6
+    vocabularies), so two builds of the tiny checkpoints tokenized a prompt differently and drew
+    different pictures from the same seed."""
+    import math
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words: Counter[str] = Counter("\u2581" + w for line in corpus for w in line.split())
+    subs: Counter[str] = Counter()
+    for word, count in words.items():
+        for i in range(len(word)):
+            for j in range(i + 1, min(len(word), i + 8) + 1):
+                subs[word[i:j]] += count
+    pieces = sorted(p for p in subs if len(p) == 1)
+    longer = sorted((p for p in subs if len(p) > 1), key=lambda p: (-subs[p] * len(p), p))
+    pieces += longer[: max(0, vocab_size - len(special) - len(pieces))]
+    total = sum(subs[p] for p in pieces)
+    vocab = [(s, 0.0) for s in special] + [(p, math.log(subs[p] / total)) for p in pieces]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=special.index("<unk>")))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.add_special_tokens(special)
     return tok
 
 
