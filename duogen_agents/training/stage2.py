@@ -407,7 +407,8 @@ def _blank(size: int) -> Any:
 
 def new_text_encoder(tokens: int = 96) -> tuple[Any, Any]:
     """The prompt-only row's text encoder: a T5 encoder (the class Cosmos-Predict2 conditions on),
-    random and frozen, with a tokenizer trained on the shapes world's words (deterministic: seed 0)."""
+    random and frozen (seed 0), with a tokenizer built from the shapes world's words (the same every
+    time: ``tiny._unigram_tokenizer``)."""
     import torch
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
