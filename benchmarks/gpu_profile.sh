@@ -9,6 +9,8 @@
 #   VARIANTS=--offload PROFILE_TOKENS=0 REPEATS=0 bash benchmarks/gpu_profile.sh      (the 24 GB preset's peak)
 #   VARIANTS="--compile-dit --compile-planner --no-jump --first-block-cache 0.1" PROFILE_TOKENS=0 REPEATS=0 \
 #     BENCH_STEPS=20 bash benchmarks/gpu_profile.sh                        (jump forward and the DiT cache, compiled)
+# Estimated from the last H200 run: about 5 and 8 minutes. With the machine's start-up both may not fit one
+# session's 15 minutes; the first (the 24 GB preset's peak, an open goal of #13) goes first.
 set -uo pipefail
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
