@@ -66,18 +66,17 @@ _CORPUS = [
 def _train_tokenizer(
     kind: Literal["byte_bpe", "unigram"], vocab_size: int, special: list[str], corpus: list[str] | None = None
 ) -> Any:
+    if kind == "unigram":  # sentencepiece-style, as T5 uses
+        return _unigram_tokenizer(vocab_size, special, corpus if corpus is not None else _CORPUS)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if kind == "byte_bpe":
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-        trainer: Any = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=special, initial_alphabet=alphabet, show_progress=False
-        )
-    else:  # sentencepiece-style, as T5 uses
-        return _unigram_tokenizer(vocab_size, special, corpus if corpus is not None else _CORPUS)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=alphabet, show_progress=False
+    )
     tok.train_from_iterator(corpus if corpus is not None else _CORPUS * 4, trainer=trainer)
     return tok
 

@@ -22,6 +22,7 @@ between the blocks' calls, only while the transformer's forward runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -146,15 +147,6 @@ class _CachedBlocks(torch.nn.ModuleList):
             return iter(blocks)
         n = len(blocks)
         return iter(
-            _Call(cache.head if i == 0 else cache.last if i == n - 1 else cache.middle, block)
+            partial(cache.head if i == 0 else cache.last if i == n - 1 else cache.middle, block)
             for i, block in enumerate(blocks)
         )
-
-
-@dataclass
-class _Call:
-    how: Any
-    block: Any
-
-    def __call__(self, hidden: Any, *rest: Any) -> Any:
-        return self.how(self.block, hidden, *rest)
