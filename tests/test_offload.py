@@ -61,6 +61,28 @@ def test_weights_move_and_come_back() -> None:
     assert "b" not in res.roles or not res.modules("b")
 
 
+def test_the_used_role_is_loaded_and_the_others_at_home() -> None:
+    """A load is a copy of the pinned home (on a GPU, the device copy): it happens for the role used
+    and only for it. (``t.data`` is a new object at each read, which once hid that no load happened.)"""
+    import torch
+
+    lin, other = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    before = lin.weight.detach().clone()
+    res = Residency("cpu")
+    res.register("a", [lin])
+    res.register("b", [other])
+    home = lambda t: t._duogen_home.data_ptr()  # noqa: E731
+    at_home = lambda m: all(t.data_ptr() == home(t) for t in (m.weight, m.bias))  # noqa: E731
+    loaded = lambda m: all(t.data_ptr() != home(t) for t in (m.weight, m.bias))  # noqa: E731
+    assert at_home(lin) and at_home(other)
+    res.use("a")
+    assert loaded(lin) and at_home(other)
+    res.use("b")
+    assert at_home(lin) and loaded(other) and torch.equal(lin.weight, before)
+    res.use("a")
+    assert loaded(lin) and at_home(other) and torch.equal(lin.weight, before) and res.loads == 3
+
+
 def test_offload_and_cuda_graph_decode_exclude_each_other() -> None:
     preset = load_preset("tiny")
     with pytest.raises(ValueError, match="offload and planner.compile"):

@@ -102,8 +102,10 @@ class Residency:
     def _load(self, module: Any) -> None:
         for _owner, _name, t in _tensors(module):
             home = getattr(t, "_duogen_home", None)
-            if home is not None and t.data is home:
-                t.data = home.to(self.device, non_blocking=True)
+            # ``t.data`` is a new tensor object at each read, so "still at home" is told by its storage.
+            if home is not None and t.data_ptr() == home.data_ptr():
+                # copy: on a CPU "device" too, so that loaded and at home are told apart there as well
+                t.data = home.to(self.device, non_blocking=True, copy=True)
 
 
 def offload_planner(planner: Any) -> None:
