@@ -2,15 +2,15 @@
 # One GPU session (device machine), in one call: install the carried wheels (.whl, made by
 # benchmarks/gpu_wheels.sh), then at real shapes (random weights): where a planner call's time goes against
 # plain `generate` and a bare decode loop, one image ours vs the plain pipeline, the 4-image plan ours vs
-# the plain baseline, then compiled (DiT regional + planner CUDA-graph decode), then offloaded (the 24 GB
-# preset's mode); last, the prefix-cache tests on the GPU if time is left. Each part's output is kept in
+# the plain baseline, then offloaded (the 24 GB preset's mode), then compiled (DiT regional + planner
+# CUDA-graph decode) with every model resident again; last, the prefix-cache tests on the GPU if time is left. Each part's output is kept in
 # $OUT as it comes. Usage: bash benchmarks/gpu_profile.sh
-# Still to measure (README "Speed and memory"), one call each, in this order:
-#   VARIANTS=--offload PROFILE_TOKENS=0 REPEATS=0 bash benchmarks/gpu_profile.sh      (the 24 GB preset's peak)
-#   VARIANTS="--compile-dit --compile-planner --no-jump --first-block-cache 0.1" PROFILE_TOKENS=0 REPEATS=0 \
-#     BENCH_STEPS=20 bash benchmarks/gpu_profile.sh                        (jump forward and the DiT cache, compiled)
-# Estimated from the last H200 run: about 5 and 8 minutes. With the machine's start-up both may not fit one
-# session's 15 minutes; the first (the 24 GB preset's peak, an open goal of #13) goes first.
+# The last run (2026-11-27, H200, README "Speed and memory"), one call of about 6.5 minutes: the offloaded
+# plan first, then every model resident again, compiled, then with the DiT's first-block cache:
+#   VARIANTS="--offload --compile-dit --compile-planner --first-block-cache 0.1" PROFILE_TOKENS=0 REPEATS=0 \
+#     VARIANT_REPEATS=0 BENCH_STEPS=20 BUDGET_S=0 bash benchmarks/gpu_profile.sh
+# (building the random models takes about 2 minutes of it). Add --no-jump for the compiled plan without
+# jump forward, about a minute more.
 set -uo pipefail
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

@@ -189,6 +189,11 @@ class ImageSpec(_Remote):
         "skip the DiT's other blocks at steps where the first block's residual changed less than this, "
         "relative (0: off)",
     )
+    vae_tiling: bool = Field(
+        False,
+        description="the VAE encodes and decodes in overlapping tiles (diffusers' enable_tiling): at 704x1280 "
+        "much less memory, somewhat slower; local families only",
+    )
     frames: bool = Field(
         True, description="aligned: the last reference enters as a conditioning frame (false: a blank one)"
     )
@@ -215,6 +220,8 @@ class ImageSpec(_Remote):
             raise ValueError("image.references cannot have references of its own")
         if self.first_block_cache > 0 and (self.backend == "openai-images" or self.family == "flux2-klein"):
             raise ValueError("image.first_block_cache applies to the local cosmos2 and aligned families only")
+        if self.vae_tiling and self.backend == "openai-images":
+            raise ValueError("image.vae_tiling applies to local image families only (the server decodes)")
         if self.backend == "openai-images":
             self._check_remote("image tool", True)
             return self
@@ -486,14 +493,16 @@ BUILTIN: dict[str, Preset] = {
         gpu_memory_gb=44,
     ),
     # The same models on a 24 GB card: only the running model's weights on the GPU (see
-    # models/residency.py). Peak memory measured with benchmarks/visual_plan.py --offload.
+    # models/residency.py). Peak measured with benchmarks/visual_plan.py --offload on an H200 at these
+    # shapes (random weights): 22.34 GiB allocated (24.0 GB), 26.55 GiB reserved.
     "qwen2.5-vl-7b+cosmos2-2b-24gb": Preset(
         name="qwen2.5-vl-7b+cosmos2-2b-24gb",
         description="Qwen2.5-VL-7B planner, Cosmos-Predict2-2B (704x1280), idle model offloaded: one 24 GB card",
         planner=PlannerSpec(model="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", max_pixels=512 * 28 * 28),
-        image=ImageSpec(text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16"),
+        # The VAE's activations were most of the peak (the Video2World decode); tiles bound them.
+        image=ImageSpec(text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16", vae_tiling=True),
         offload=True,
-        gpu_memory_gb=20,
+        gpu_memory_gb=24,
     ),
     "qwen3-vl-8b+cosmos2-2b": Preset(
         name="qwen3-vl-8b+cosmos2-2b",

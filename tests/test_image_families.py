@@ -14,7 +14,7 @@ from duogen_agents.errors import GenerationError
 from duogen_agents.models.images import build_image_tool
 from duogen_agents.models.images.cosmos2 import CosmosImageTool, conditioning_frames
 from duogen_agents.models.protocols import letterbox, refusal
-from duogen_agents.presets import load_preset
+from duogen_agents.presets import ImageSpec, load_preset
 from duogen_agents.storage.images import ImageStore
 from duogen_agents.tools.render import Renderer
 from tests.fakes import ScriptedPlanner
@@ -233,3 +233,35 @@ def test_duogen_run_with_each_tiny_preset(preset, home, tmp_path, capsys) -> Non
     images = [b for b in doc["blocks"] if b["type"] == "image"]
     assert images and all(b["family"] in ("cosmos2", "flux2-klein") for b in images)
     assert all(b["pipeline"] and b["seed"] is not None for b in images)
+
+
+def test_vae_tiling_reaches_the_vae_and_its_tiles_run(models_dir, monkeypatch) -> None:
+    """``image.vae_tiling``: a picture larger than one tile is encoded and decoded tile by tile by the
+    real diffusers VAE (Cosmos: Text2Image decodes, Video2World encodes its frames and decodes)."""
+    spec = load_preset("tiny").image.model_copy(update={"references": None, "vae_tiling": True})
+    tool = CosmosImageTool.from_spec(spec, models_dir)
+    vae = tool.text2image.vae
+    assert vae.use_tiling and tool.video2world.vae is vae
+    size = (spec.width, spec.height)
+    # Wan's tiles are 256 pixels, more than the tiny DiT draws: tiles of 32 make the tiny pictures tile.
+    vae.enable_tiling(
+        tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24, tile_sample_stride_width=24
+    )
+    seen: list[str] = []
+    for name in ("tiled_encode", "tiled_decode"):
+        original = getattr(type(vae), name)
+        monkeypatch.setattr(
+            type(vae), name, lambda self, *a, _o=original, _n=name, **k: seen.append(_n) or _o(self, *a, **k)
+        )
+    first = tool.draw("a pot on a windowsill", seed=3).image
+    assert seen == ["tiled_decode"] and first.size == size
+    seen.clear()
+    assert tool.draw("the pot, later", kind="continue", references=[first], seed=3).image.size == size
+    assert "tiled_encode" in seen and "tiled_decode" in seen
+    # Off by default; refused where the server decodes.
+    assert not CosmosImageTool.from_spec(
+        spec.model_copy(update={"vae_tiling": False}), models_dir
+    ).text2image.vae.use_tiling
+    with pytest.raises(ValueError, match="vae_tiling applies to local"):
+        ImageSpec(backend="openai-images", base_url="http://127.0.0.1:9/v1", vae_tiling=True)
+    assert load_preset("qwen2.5-vl-7b+cosmos2-2b-24gb").image.vae_tiling

@@ -44,6 +44,13 @@ def compile_dit(transformer: Any) -> bool:
     return True
 
 
+def vae_tiling(vae: Any, on: bool) -> None:
+    """``image.vae_tiling``: the VAE encodes and decodes in overlapping tiles (diffusers'
+    ``enable_tiling``; pictures at or under one tile, 256 pixels a side for Wan, are done whole)."""
+    if on:
+        vae.enable_tiling()
+
+
 def first_block_cache(transformer: Any, threshold: float) -> Any:
     """Attach a First Block Cache (``step_cache``) to ``transformer`` when ``threshold`` > 0 (after
     ``compile_dit``: the compiled blocks stay compiled); returns it, or None."""

@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from duogen_agents.errors import GenerationError, ModelLoadError
-from duogen_agents.models.images import cache_counts, first_block_cache, reset_cache
+from duogen_agents.models.images import cache_counts, first_block_cache, reset_cache, vae_tiling
 from duogen_agents.models.loading import generating, loading
 from duogen_agents.models.protocols import Drawing, ImageKind, StepCallback, refusal
 from duogen_agents.models.serial import device_turn
@@ -56,6 +56,7 @@ class AlignedImageTool:
                     f"(aux_target delta); {folder}'s does not (use keep = 0)"
                 )
             first_block_cache(transformer, spec.first_block_cache)
+            vae_tiling(vae, spec.vae_tiling)
             tool = cls(vae, transformer, connector, meta, spec)
             if meta.get("context", "planner") == "t5":
                 from duogen_agents.training.stage2 import load_text_encoder

@@ -21,7 +21,14 @@ import torch
 from PIL import Image
 
 from duogen_agents.errors import GenerationError, ModelLoadError
-from duogen_agents.models.images import cache_counts, compile_dit, first_block_cache, fresh_scheduler, reset_cache
+from duogen_agents.models.images import (
+    cache_counts,
+    compile_dit,
+    first_block_cache,
+    fresh_scheduler,
+    reset_cache,
+    vae_tiling,
+)
 from duogen_agents.models.images.safety import PassThroughSafetyChecker
 from duogen_agents.models.loading import generating, loading, resolve_device, resolve_dtype, resolve_source
 from duogen_agents.models.protocols import Drawing, ImageKind, StepCallback, letterbox, refusal
@@ -118,6 +125,7 @@ class CosmosImageTool:
             pipe = Cosmos2TextToImagePipeline.from_pretrained(source, safety_checker=checker, dtype=dtype)
             pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
+            vae_tiling(pipe.vae, spec.vae_tiling)  # the Video2World pipeline shares this VAE
             if spec.compile:
                 compile_dit(pipe.transformer)
             first_block_cache(pipe.transformer, spec.first_block_cache)

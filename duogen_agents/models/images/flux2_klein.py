@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from duogen_agents.errors import GenerationError, ModelLoadError
-from duogen_agents.models.images import compile_dit, fresh_scheduler
+from duogen_agents.models.images import compile_dit, fresh_scheduler, vae_tiling
 from duogen_agents.models.loading import generating, loading, resolve_device, resolve_dtype, resolve_source
 from duogen_agents.models.protocols import Drawing, ImageKind, StepCallback, letterbox, refusal
 from duogen_agents.models.serial import device_turn
@@ -61,6 +61,7 @@ class Flux2KleinImageTool:
             pipe = Flux2KleinPipeline.from_pretrained(source, dtype=dtype)
             pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
+            vae_tiling(pipe.vae, spec.vae_tiling)
             if spec.compile:
                 compile_dit(pipe.transformer)
         return cls(pipe, spec)
