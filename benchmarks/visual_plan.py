@@ -89,6 +89,7 @@ class Recorder:
                     kind=kw.get("kind", "generate"),
                     references=list(kw.get("references", ())),
                     seed=kw.get("seed", 0),
+                    horizon=getattr(getattr(tool, "spec", None), "horizon_frames", None),
                     s=time.perf_counter() - t,
                     cache=(getattr(out, "details", None) or {}).get("first_block_cache"),
                 )
@@ -105,7 +106,7 @@ class Recorder:
 
 def _kind(draw: dict[str, Any]) -> str:
     refs = len(draw["references"])
-    return "text-to-image" if not refs else f"video2world, {refs} earlier"
+    return "text-to-image" if not refs else f"video2world, {refs} earlier, {draw.get('horizon')} ahead"
 
 
 def plain_inputs(planner: TransformersPlanner, conversation: Any) -> dict[str, Any]:
@@ -148,7 +149,7 @@ def baseline(planner: TransformersPlanner, tool: CosmosImageTool, rec: Recorder,
         else:
             pipe = tool.video2world
             fitted = [letterbox(im, (tool.spec.width, tool.spec.height)) for im in d["references"]]
-            frames, n_frames, _ = conditioning_frames(fitted, tool.spec.horizon_frames, pipe.vae_scale_factor_temporal)
+            frames, n_frames, _ = conditioning_frames(fitted, d["horizon"], pipe.vae_scale_factor_temporal)
             pipe(video=frames, num_frames=n_frames, fps=tool.spec.fps, **kw)
         _sync()
         draws.append((_kind(d), time.perf_counter() - t))
@@ -436,18 +437,19 @@ def run_plan(args: argparse.Namespace) -> None:
         planner.prefix_cache.forget()  # the earlier runs' kept KV caches: a fresh process has none
         offload_planner(planner)
         offload_image_tool(tool)
-        # As the 24 GB preset draws: its VAE in tiles (image.vae_tiling), off again for the variants after.
-        tiled = load_preset("qwen2.5-vl-7b+cosmos2-2b-24gb").image.vae_tiling
-        if tiled:
+        # As the 24 GB preset draws: its VAE in tiles (image.vae_tiling); and --offload-horizon frames
+        # ahead (the preset's 28 by default: the Video2World draws it makes, which set its peak).
+        mode = load_preset("qwen2.5-vl-7b+cosmos2-2b-24gb").image
+        horizon, tool.spec.horizon_frames = tool.spec.horizon_frames, args.offload_horizon or mode.horizon_frames
+        if mode.vae_tiling:
             tool.text2image.vae.enable_tiling()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        # Offloading changes no number, so the plan is the baseline's own: no replay of its calls.
+        tiles = ", the VAE in tiles" if mode.vae_tiling else ""
         variant(
-            f"ours, offloaded (one model on the GPU at a time{', the VAE in tiles' if tiled else ''})",
+            f"ours, offloaded (one model on the GPU at a time{tiles}; {tool.spec.horizon_frames} frames ahead)",
             args.variant_repeats,
-            same_calls=False,
         )
         if torch.cuda.is_available():
             print(
@@ -455,13 +457,10 @@ def run_plan(args: argparse.Namespace) -> None:
                 f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved (CUDA context not included)",
                 flush=True,
             )
-        tool.text2image.vae.disable_tiling()
-        res = residency_for(planner.device)
-        for role in list(res.roles):
-            for m in res.modules(role):
-                res._load(m)
-        res.roles.clear()
-        res.active = None
+        tool.spec.horizon_frames = horizon
+        if not tool.spec.vae_tiling:
+            tool.text2image.vae.disable_tiling()
+        residency_for(planner.device).release()
         planner.residency_role = tool.residency = None
     # Variants after the baseline, which stays plain. Compiled parts compile once per process.
     if args.compile_dit or args.compile_planner:
@@ -659,6 +658,13 @@ def main() -> None:
         "--first-block-cache", type=float, default=0.0, metavar="T", help="then: First Block Cache at threshold T"
     )
     ap.add_argument("--offload", action="store_true", help="then: only the running model on the GPU")
+    ap.add_argument(
+        "--offload-horizon",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the offloaded run's Video2World frames ahead (default: the 24 GB preset's)",
+    )
     ap.add_argument(
         "--variant-repeats",
         type=int,

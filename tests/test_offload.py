@@ -83,6 +83,42 @@ def test_the_used_role_is_loaded_and_the_others_at_home() -> None:
     assert loaded(lin) and at_home(other) and torch.equal(lin.weight, before) and res.loads == 3
 
 
+def test_cpu_copies_are_packed_into_slabs(monkeypatch) -> None:
+    """The copies are views into a few slabs (pinned memory is rounded up to a power of two per
+    allocation, so one allocation per tensor would lock up to twice the weights); values are kept,
+    a tensor larger than a slab gets its own, and ``release`` leaves every model resident."""
+    import torch
+
+    from duogen_agents.models import residency
+
+    monkeypatch.setattr(residency, "SLAB_BYTES", 4096)
+    a = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16, bias=False))  # 1 KiB, 1 KiB, 64 B
+    big = torch.nn.Linear(64, 32)  # 8 KiB: larger than a slab
+    half = torch.nn.Linear(16, 16).to(torch.bfloat16)
+    before = {id(t): t.detach().clone() for m in (a, big, half) for t in m.parameters()}
+    res = Residency("cpu")
+    res.register("a", [a, half])
+    res.register("big", [big])
+    slabs = {}
+    for m in (a, big, half):
+        for t in m.parameters():
+            home = t._duogen_home
+            assert torch.equal(t, before[id(t)]) and home.dtype == t.dtype and home.shape == t.shape
+            assert (home.data_ptr() - home.untyped_storage().data_ptr()) % 256 == 0
+            slabs.setdefault(home.untyped_storage().data_ptr(), []).append(home.untyped_storage().nbytes())
+    # role a: 1024 + 64 + 1024 + 512 + 32 bytes (each rounded up to 256) in one slab; big: 8192 + 128 in two
+    assert sorted(v[0] for v in slabs.values()) == [256, 3072, 8192]
+    res.use("a")
+    res.use("big")
+    res.release()
+    assert not res.roles and res.active is None
+    for m in (a, big, half):
+        for t in m.parameters():
+            assert not hasattr(t, "_duogen_home") and torch.equal(t, before[id(t)])
+    res.use("a")  # forgotten: nothing moves
+    assert res.loads == 2
+
+
 def test_offload_and_cuda_graph_decode_exclude_each_other() -> None:
     preset = load_preset("tiny")
     with pytest.raises(ValueError, match="offload and planner.compile"):
