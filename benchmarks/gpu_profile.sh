@@ -3,14 +3,16 @@
 # benchmarks/gpu_wheels.sh), then at real shapes (random weights): where a planner call's time goes against
 # plain `generate` and a bare decode loop, one image ours vs the plain pipeline, the 4-image plan ours vs
 # the plain baseline, then offloaded (the 24 GB preset's mode), then compiled (DiT regional + planner
-# CUDA-graph decode) with every model resident again; last, the prefix-cache tests on the GPU if time is left. Each part's output is kept in
-# $OUT as it comes. Usage: bash benchmarks/gpu_profile.sh
+# CUDA-graph decode) with every model resident again; last, the prefix-cache tests on the GPU if time is
+# left. Each part's output is kept in $OUT as it comes. Usage: bash benchmarks/gpu_profile.sh
 # The last run (2026-11-27, H200, README "Speed and memory"), one call of about 6.5 minutes: the offloaded
 # plan first, then every model resident again, compiled, then with the DiT's first-block cache:
 #   VARIANTS="--offload --compile-dit --compile-planner --first-block-cache 0.1" PROFILE_TOKENS=0 REPEATS=0 \
 #     VARIANT_REPEATS=0 BENCH_STEPS=20 BUDGET_S=0 bash benchmarks/gpu_profile.sh
 # (building the random models takes about 2 minutes of it). Add --no-jump for the compiled plan without
-# jump forward, about a minute more.
+# jump forward, about a minute more. The offloaded run now draws as the 24 GB preset does (the VAE in tiles,
+# Video2World 28 frames ahead, not yet timed: each such draw costs several text-to-image draws); add
+# --offload-horizon 3 to repeat the run above.
 set -uo pipefail
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
