@@ -122,6 +122,10 @@ def plain_inputs(planner: TransformersPlanner, conversation: Any) -> dict[str, A
 def baseline(planner: TransformersPlanner, tool: CosmosImageTool, rec: Recorder, images: bool = True) -> dict[str, Any]:
     """The recorded work, done plainly: full prefill + ``generate`` per call, pipeline per image.
     ``draws``: (kind, seconds) per image."""
+    if planner.residency_role is not None:  # offloaded: `generate` below does not load the planner itself
+        from duogen_agents.models.residency import residency_for
+
+        residency_for(planner.device).use(planner.residency_role)
     t_plan = 0.0
     for call in rec.planner_calls:
         _sync()

@@ -97,7 +97,7 @@ def test_cpu_copies_are_packed_into_slabs(monkeypatch) -> None:
     half = torch.nn.Linear(16, 16).to(torch.bfloat16)
     before = {id(t): t.detach().clone() for m in (a, big, half) for t in m.parameters()}
     res = Residency("cpu")
-    res.register("a", [a, half])
+    res.register("a", [a, half, a[0]])  # a[0]'s tensors are a's too: one copy each
     res.register("big", [big])
     slabs = {}
     for m in (a, big, half):

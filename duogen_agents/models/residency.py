@@ -108,6 +108,10 @@ class Residency:
                         del t._duogen_home
         self.roles.clear()
         self.active = None
+        import torch
+
+        if torch.cuda.is_available() and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()  # the freed slabs would stay pinned in PyTorch's host cache
 
     def _offload(self, module: Any) -> None:
         tensors = [t for _owner, _name, t in _tensors(module)]
@@ -130,7 +134,7 @@ def _homes(tensors: list[Any]) -> None:
     in order into slabs of ``SLAB_BYTES`` (a tensor larger than that gets a slab of its own)."""
     import torch
 
-    todo = [t for t in tensors if getattr(t, "_duogen_home", None) is None]
+    todo = list({id(t): t for t in tensors if getattr(t, "_duogen_home", None) is None}.values())
     groups: list[tuple[list[tuple[Any, int]], int]] = []  # (tensor, offset) per slab, and its size
     group: list[tuple[Any, int]] = []
     used = 0
