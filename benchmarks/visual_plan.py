@@ -89,7 +89,7 @@ class Recorder:
                     kind=kw.get("kind", "generate"),
                     references=list(kw.get("references", ())),
                     seed=kw.get("seed", 0),
-                    horizon=getattr(getattr(tool, "spec", None), "horizon_frames", None),
+                    horizon=tool.spec.horizon_frames,
                     s=time.perf_counter() - t,
                     cache=(getattr(out, "details", None) or {}).get("first_block_cache"),
                 )
@@ -411,7 +411,7 @@ def run_plan(args: argparse.Namespace) -> None:
 
     by_kind(mine)
 
-    def variant(name: str, repeats: int, same_calls: bool = True) -> None:
+    def variant(name: str, repeats: int) -> None:
         t = time.perf_counter()
         try:
             warm = ours()
@@ -425,8 +425,6 @@ def run_plan(args: argparse.Namespace) -> None:
             print(f"{label:28s} {o:10.2f} {b:13.2f} {o / b:7.2f}", flush=True)
         by_kind(rows)
         print(f"new tokens per call: {rows[-1]['new']}; forced: {rows[-1]['forced']}")
-        if not same_calls:
-            return
         # The same planner calls done plainly (plain generate is not compiled by the variants).
         same = baseline(planner, tool, rec, images=False)["planner"]
         o = rows[-1]["planner"]
@@ -436,6 +434,7 @@ def run_plan(args: argparse.Namespace) -> None:
 
     # Offloaded first (eager, as the 24 GB preset runs), then every model resident again for the rest.
     if args.offload:
+        from duogen_agents.models.images import vae_tiling
         from duogen_agents.models.residency import offload_image_tool, offload_planner, residency_for
 
         planner.prefix_cache.forget()  # the earlier runs' kept KV caches: a fresh process has none
@@ -445,8 +444,7 @@ def run_plan(args: argparse.Namespace) -> None:
         # ahead (the preset's 28 by default: the Video2World draws it makes, which set its peak).
         mode = load_preset("qwen2.5-vl-7b+cosmos2-2b-24gb").image
         horizon, tool.spec.horizon_frames = tool.spec.horizon_frames, args.offload_horizon or mode.horizon_frames
-        if mode.vae_tiling:
-            tool.text2image.vae.enable_tiling()
+        vae_tiling(tool.text2image.vae, mode.vae_tiling)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -100,6 +100,8 @@ class Residency:
         """Every role's weights back on the device for good, the roles forgotten and their CPU copies
         dropped (a benchmark comparing with every model resident); they must fit the device together.
         Whoever set ``residency_role`` or ``residency`` on a model clears it."""
+        import torch
+
         for role in list(self.roles):
             for m in self.modules(role):
                 self._load(m)
@@ -108,15 +110,11 @@ class Residency:
                         del t._duogen_home
         self.roles.clear()
         self.active = None
-        import torch
-
         if torch.cuda.is_available() and hasattr(torch._C, "_host_emptyCache"):
             torch._C._host_emptyCache()  # the freed slabs would stay pinned in PyTorch's host cache
 
     def _offload(self, module: Any) -> None:
-        tensors = [t for _owner, _name, t in _tensors(module)]
-        _homes(tensors)
-        for t in tensors:
+        for _owner, _name, t in _tensors(module):  # every tensor has its home since ``register``
             t.data = t._duogen_home
 
     def _load(self, module: Any) -> None:
