@@ -10,7 +10,8 @@ Rows:
   the same input for the same number of new tokens, without a grammar.
 - render: ``Renderer.render`` (what the render node calls: reference loading, the draw, PNG encoding,
   sha256, atomic store write) against the plain diffusers pipeline call with the same arguments,
-  for Text2Image and for Video2World with one reference.
+  for Text2Image and for Video2World with one reference (diffusers' own pipeline class: ours encodes
+  only the conditioning frames).
 - ``duogen run`` end to end (tiny only): the wall time of the command, model loading included.
 """
 
@@ -189,9 +190,9 @@ def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[Transforme
     )
     t2i.set_progress_bar_config(disable=True)
     tool = CosmosImageTool(t2i, preset.image, "", checker)
-    from diffusers import Cosmos2VideoToWorldPipeline
+    from duogen_agents.models.images.video2world import ConditioningVideo2World
 
-    v2w = Cosmos2VideoToWorldPipeline(
+    v2w = ConditioningVideo2World(  # as CosmosImageTool.video2world loads it
         text_encoder=t5,
         tokenizer=t5_tok,
         transformer=v2w_dit,
@@ -202,6 +203,21 @@ def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[Transforme
     v2w.set_progress_bar_config(disable=True)
     tool._video2world = v2w
     return planner, tool, preset
+
+
+_PLAIN: dict[int, Any] = {}
+
+
+def plain_video2world(tool: CosmosImageTool) -> Any:
+    """Diffusers' own Video2World pipeline over the tool's modules, for baselines: the tool's pipeline
+    encodes only the conditioning frames, diffusers' the whole padded clip."""
+    from diffusers import Cosmos2VideoToWorldPipeline
+
+    ours = tool.video2world
+    if id(ours) not in _PLAIN:
+        _PLAIN[id(ours)] = plain = Cosmos2VideoToWorldPipeline(**ours.components)
+        plain.set_progress_bar_config(disable=True)
+    return _PLAIN[id(ours)]
 
 
 def main() -> None:
@@ -276,7 +292,7 @@ def main() -> None:
 
     ref = ref.ref
     ours_t, _ = timed(lambda: renderer.render("the pot, a moment later", [ref], kind="continue", seed=0), args.repeats)
-    pipe = tool.video2world
+    pipe = plain_video2world(tool)
     frames, n_frames, index = conditioning_frames(
         [store.open(ref)], preset.image.horizon_frames, pipe.vae_scale_factor_temporal
     )

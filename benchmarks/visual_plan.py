@@ -151,7 +151,9 @@ def baseline(planner: TransformersPlanner, tool: CosmosImageTool, rec: Recorder,
         if not d["references"]:
             tool.text2image(**kw)
         else:
-            pipe = tool.video2world
+            from overhead import plain_video2world
+
+            pipe = plain_video2world(tool)
             fitted = [letterbox(im, (tool.spec.width, tool.spec.height)) for im in d["references"]]
             frames, n_frames, _ = conditioning_frames(fitted, d["horizon"], pipe.vae_scale_factor_temporal)
             pipe(video=frames, num_frames=n_frames, fps=tool.spec.fps, **kw)

@@ -265,3 +265,44 @@ def test_vae_tiling_reaches_the_vae_and_its_tiles_run(models_dir, monkeypatch) -
     with pytest.raises(ValueError, match="vae_tiling applies to local"):
         ImageSpec(backend="openai-images", base_url="http://127.0.0.1:9/v1", vae_tiling=True)
     assert load_preset("qwen2.5-vl-7b+cosmos2-2b-24gb").image.vae_tiling
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("n_refs", [1, 3])
+def test_video2world_encodes_only_its_conditioning_frames_and_draws_what_diffusers_draws(
+    models_dir, monkeypatch, n_refs, tiled
+) -> None:
+    """Our Video2World pipeline sends only the conditioning frames (1, or 5 for 2-5 references) through
+    the VAE encoder, where diffusers' pads them to the whole clip first, and its picture is diffusers'
+    to the bit: the same clip, seed and settings through the stock ``Cosmos2VideoToWorldPipeline`` built
+    from the same modules."""
+    from diffusers import Cosmos2VideoToWorldPipeline
+
+    spec = load_preset("tiny").image.model_copy(update={"references": None, "vae_tiling": tiled})
+    tool = CosmosImageTool.from_spec(spec, models_dir)
+    vae = tool.video2world.vae
+    if tiled:  # tiles of 32 make the tiny pictures tile (Wan's own are 256 pixels)
+        vae.enable_tiling(
+            tile_sample_min_height=32,
+            tile_sample_min_width=32,
+            tile_sample_stride_height=24,
+            tile_sample_stride_width=24,
+        )
+    encoded: list[int] = []
+    real_encode = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda x, *a, **k: encoded.append(x.shape[2]) or real_encode(x, *a, **k))
+    rng = np.random.default_rng(n_refs)
+    refs = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(n_refs)]
+
+    ours = tool.draw("the pot, later", kind="continue", references=refs, seed=5)
+    frames, num_frames, index = conditioning_frames(
+        refs, spec.horizon_frames, tool.video2world.vae_scale_factor_temporal
+    )
+    assert encoded == [len(frames)] and num_frames > len(frames) + 3  # the padded clip would be longer
+
+    encoded.clear()
+    stock = Cosmos2VideoToWorldPipeline(**tool.video2world.components)
+    stock.set_progress_bar_config(disable=True)
+    out = stock(video=frames, num_frames=num_frames, fps=spec.fps, **tool._common("the pot, later", 5, None))
+    assert encoded == [num_frames]  # diffusers encodes the whole padded clip
+    assert np.array_equal(np.asarray(ours.image), np.asarray(out.frames[0][index].convert("RGB")))

@@ -133,13 +133,14 @@ class CosmosImageTool:
 
     @property
     def video2world(self) -> Any:
-        """Loaded on first use, sharing the VAE and text encoder with Text2Image."""
+        """Loaded on first use, sharing the VAE and text encoder with Text2Image; its VAE encodes the
+        conditioning frames only (``video2world``: the same result as diffusers' pipeline)."""
         if self._video2world is None:
-            from diffusers import Cosmos2VideoToWorldPipeline
+            from duogen_agents.models.images.video2world import ConditioningVideo2World
 
             t2i = self.text2image
             with loading("video image model", self._video2world_source):
-                pipe = Cosmos2VideoToWorldPipeline.from_pretrained(
+                pipe = ConditioningVideo2World.from_pretrained(
                     self._video2world_source,
                     text_encoder=t2i.text_encoder,
                     tokenizer=t2i.tokenizer,
