@@ -59,45 +59,15 @@ def timed(fn: Any, repeats: int) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
-def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[TransformersPlanner, CosmosImageTool, Any]:
-    """Random weights at real shapes, built in memory on the GPU (nothing is downloaded)."""
-    from diffusers import (
-        AutoencoderKLWan,
-        Cosmos2TextToImagePipeline,
-        CosmosTransformer3DModel,
-        FlowMatchEulerDiscreteScheduler,
-    )
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-        T5Config,
-        T5EncoderModel,
-    )
+# The real models' shapes (random weights): Qwen2.5-VL-7B-Instruct, T5-XXL's encoder, the Wan VAE and
+# the Cosmos-Predict2-2B DiTs. ``shrink``: one layer per stack, to dry-run a path on a CPU.
 
-    from duogen_agents.models.tiny import CHAT_TEMPLATE, _planner_tokenizer, _tiny_text_encoder
 
-    preset = load_preset("qwen2.5-vl-7b+cosmos2-2b")
-    preset.image.steps = int(os.environ.get("BENCH_STEPS", "20"))
-    preset.image.safety_checker = "none"
-    # Eager first; benchmarks/visual_plan.py measures the compiled switches as a variant.
-    preset.planner.compile = preset.image.compile = False
-    dev, dt = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
-    # BENCH_SHRINK=1: one layer per stack and a small picture, to dry-run this path on a CPU.
-    shrink = os.environ.get("BENCH_SHRINK") == "1"
-    if shrink:
-        preset.image.height, preset.image.width, preset.image.steps = 64, 112, 2
-        preset.planner.max_text_chars, preset.planner.max_prompt_chars = 32, 16
-    else:  # bound a random model's output so the planner row measures ~300 tokens, not 800+
-        preset.planner.max_text_chars, preset.planner.max_prompt_chars = 200, 80
-    tok = tokenizer if tokenizer is not None else _planner_tokenizer()
-    ids = {
-        t: tok.convert_tokens_to_ids(t)
-        for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")
-    }
-    config = Qwen2_5_VLConfig(  # Qwen2.5-VL-7B-Instruct shapes
+def qwen25_vl_7b_config(ids: dict[str, int], shrink: bool = False) -> Any:
+    """``ids``: the special tokens' ids in the tokenizer used with it."""
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=152064,
             hidden_size=3584,
@@ -128,8 +98,94 @@ def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[Transforme
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
+
+
+def t5_xxl_encoder(dtype: Any, shrink: bool = False) -> Any:
+    """Built on the current default device (``with torch.device(...)``)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=32128,
+        d_model=1024,
+        d_ff=1024 if shrink else 65536,
+        d_kv=128,
+        num_heads=128,
+        num_layers=1 if shrink else 24,
+        feed_forward_proj="relu",
+    )
+    return T5EncoderModel(config).to(dtype).eval()
+
+
+def wan_vae(dtype: Any) -> Any:
+    """Built on the current default device."""
+    from diffusers import AutoencoderKLWan
+
+    return (
+        AutoencoderKLWan(
+            base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]
+        )
+        .to(dtype)
+        .eval()
+    )
+
+
+def cosmos_dit(dtype: Any, video2world: bool, layers: int = 28) -> Any:
+    """Built on the current default device. ``layers``: the 2B model's 28 blocks, or fewer."""
+    from diffusers import CosmosTransformer3DModel
+
+    return (
+        CosmosTransformer3DModel(
+            in_channels=17 if video2world else 16,
+            rope_scale=(1.0, 3.0, 3.0) if video2world else (1.0, 4.0, 4.0),
+            out_channels=16,
+            num_attention_heads=16,
+            attention_head_dim=128,
+            num_layers=layers,
+            mlp_ratio=4.0,
+            text_embed_dim=1024,
+            adaln_lora_dim=256,
+            max_size=(128, 240, 240),
+            patch_size=(1, 2, 2),
+            concat_padding_mask=True,
+            extra_pos_embed_type=None,
+        )
+        .to(dtype)
+        .eval()
+    )
+
+
+def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[TransformersPlanner, CosmosImageTool, Any]:
+    """Random weights at real shapes, built in memory on the GPU (nothing is downloaded)."""
+    from diffusers import Cosmos2TextToImagePipeline, FlowMatchEulerDiscreteScheduler
+    from transformers import (
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    from duogen_agents.models.tiny import CHAT_TEMPLATE, _planner_tokenizer, _tiny_text_encoder
+
+    preset = load_preset("qwen2.5-vl-7b+cosmos2-2b")
+    preset.image.steps = int(os.environ.get("BENCH_STEPS", "20"))
+    preset.image.safety_checker = "none"
+    # Eager first; benchmarks/visual_plan.py measures the compiled switches as a variant.
+    preset.planner.compile = preset.image.compile = False
+    dev, dt = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    # BENCH_SHRINK=1: one layer per stack and a small picture, to dry-run this path on a CPU.
+    shrink = os.environ.get("BENCH_SHRINK") == "1"
+    if shrink:
+        preset.image.height, preset.image.width, preset.image.steps = 64, 112, 2
+        preset.planner.max_text_chars, preset.planner.max_prompt_chars = 32, 16
+    else:  # bound a random model's output so the planner row measures ~300 tokens, not 800+
+        preset.planner.max_text_chars, preset.planner.max_prompt_chars = 200, 80
+    tok = tokenizer if tokenizer is not None else _planner_tokenizer()
+    ids = {
+        t: tok.convert_tokens_to_ids(t)
+        for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")
+    }
     with torch.device(dev):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dt).eval()
+        model = Qwen2_5_VLForConditionalGeneration._from_config(qwen25_vl_7b_config(ids, shrink), dtype=dt).eval()
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(max_pixels=preset.planner.max_pixels),
@@ -140,45 +196,10 @@ def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[Transforme
     planner = TransformersPlanner(model, processor, preset.planner, "random 7B-class")
 
     _, t5_tok = _tiny_text_encoder()
+    layers = 2 if shrink else 28  # the first-block cache needs a first and a last block
     with torch.device(dev):
-        t5 = (
-            T5EncoderModel(
-                T5Config(
-                    vocab_size=32128,
-                    d_model=1024,
-                    d_ff=1024 if shrink else 65536,
-                    d_kv=128,
-                    num_heads=128,
-                    num_layers=1 if shrink else 24,
-                    feed_forward_proj="relu",
-                )
-            )
-            .to(dt)
-            .eval()
-        )
-        vae = (
-            AutoencoderKLWan(
-                base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]
-            )
-            .to(dt)
-            .eval()
-        )
-    dit = dict(
-        out_channels=16,
-        num_attention_heads=16,
-        attention_head_dim=128,
-        num_layers=2 if shrink else 28,  # the first-block cache needs a first and a last block
-        mlp_ratio=4.0,
-        text_embed_dim=1024,
-        adaln_lora_dim=256,
-        max_size=(128, 240, 240),
-        patch_size=(1, 2, 2),
-        concat_padding_mask=True,
-        extra_pos_embed_type=None,
-    )
-    with torch.device(dev):
-        t2i_dit = CosmosTransformer3DModel(in_channels=16, rope_scale=(1.0, 4.0, 4.0), **dit).to(dt).eval()
-        v2w_dit = CosmosTransformer3DModel(in_channels=17, rope_scale=(1.0, 3.0, 3.0), **dit).to(dt).eval()
+        t5, vae = t5_xxl_encoder(dt, shrink), wan_vae(dt)
+        t2i_dit, v2w_dit = cosmos_dit(dt, False, layers), cosmos_dit(dt, True, layers)
     checker = PassThroughSafetyChecker().to(dev)
     t2i = Cosmos2TextToImagePipeline(
         text_encoder=t5,

@@ -22,18 +22,13 @@ def case(what: str, frames: int, tiled: bool, height: int, width: int, dtype: st
     import resource
 
     import torch
-    from diffusers import AutoencoderKLWan
+    from overhead import wan_vae
 
     torch.set_num_threads(threads)
     gpu = torch.cuda.is_available()
     device, dt = ("cuda", getattr(torch, dtype)) if gpu else ("cpu", torch.float32)
-    vae = (
-        AutoencoderKLWan(
-            base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]
-        )
-        .to(device, dt)
-        .eval()
-    )
+    with torch.device(device):
+        vae = wan_vae(dt)
     if tiled:
         vae.enable_tiling()
     shape = (1, 16, frames, height // 8, width // 8) if what == "decode" else (1, 3, frames, height, width)

@@ -28,6 +28,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from overhead import cosmos_dit, t5_xxl_encoder, wan_vae  # noqa: E402
 
 from duogen_agents.models.images.cosmos2 import conditioning_frames  # noqa: E402
 from duogen_agents.models.images.safety import PassThroughSafetyChecker  # noqa: E402
@@ -35,44 +38,6 @@ from duogen_agents.models.images.video2world import ConditioningVideo2World  # n
 from duogen_agents.models.loading import quiet_libraries  # noqa: E402
 
 TEMPORAL = 4  # the Wan VAE packs four frames into one latent frame (after the first)
-
-
-def vae(device: Any = None, dtype: Any = torch.float32) -> Any:
-    from diffusers import AutoencoderKLWan
-
-    with torch.device(device or "cpu"):
-        return (
-            AutoencoderKLWan(
-                base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]
-            )
-            .to(dtype)
-            .eval()
-        )
-
-
-def dit(layers: int, device: Any = None, dtype: Any = torch.float32) -> Any:
-    from diffusers import CosmosTransformer3DModel
-
-    with torch.device(device or "cpu"):
-        return (
-            CosmosTransformer3DModel(  # Cosmos-Predict2-2B Video2World, but for its number of blocks
-                in_channels=17,
-                out_channels=16,
-                num_attention_heads=16,
-                attention_head_dim=128,
-                num_layers=layers,
-                mlp_ratio=4.0,
-                text_embed_dim=1024,
-                adaln_lora_dim=256,
-                max_size=(128, 240, 240),
-                patch_size=(1, 2, 2),
-                rope_scale=(1.0, 3.0, 3.0),
-                concat_padding_mask=True,
-                extra_pos_embed_type=None,
-            )
-            .to(dtype)
-            .eval()
-        )
 
 
 def flops(fn: Any) -> float:
@@ -85,7 +50,8 @@ def flops(fn: Any) -> float:
 
 
 def flop_table(height: int, width: int, steps: int) -> None:
-    v, d = vae("meta"), dit(28, "meta")
+    with torch.device("meta"):
+        v, d = wan_vae(torch.float32), cosmos_dit(torch.float32, video2world=True)  # FLOPs: any dtype
     lh, lw = height // 8, width // 8
     text = torch.empty(1, 512, 1024, device="meta")
     print(f"TFLOP of one Video2World draw at {width}x{height}, {steps} steps with guidance (2 DiT calls a step)")
@@ -118,7 +84,6 @@ def flop_table(height: int, width: int, steps: int) -> None:
 
 def timing(args: argparse.Namespace) -> None:
     from diffusers import Cosmos2VideoToWorldPipeline, FlowMatchEulerDiscreteScheduler
-    from transformers import T5Config, T5EncoderModel
 
     from duogen_agents.models.tiny import _tiny_text_encoder
 
@@ -127,15 +92,13 @@ def timing(args: argparse.Namespace) -> None:
     height, width = args.height, args.width
     torch.manual_seed(0)
     _, tokenizer = _tiny_text_encoder()
-    with torch.device(device):
-        t5 = T5EncoderModel(
-            T5Config(vocab_size=32128, d_model=1024, d_ff=1024, d_kv=64, num_heads=16, num_layers=1)
-        ).to(dtype)
+    with torch.device(device):  # T5-XXL's width, one layer (both pipelines encode the prompts alike)
+        t5, vae, dit = t5_xxl_encoder(dtype, shrink=True), wan_vae(dtype), cosmos_dit(dtype, True, args.layers)
     modules = dict(
-        text_encoder=t5.eval(),
+        text_encoder=t5,
         tokenizer=tokenizer,
-        transformer=dit(args.layers, device, dtype),
-        vae=vae(device, dtype),
+        transformer=dit,
+        vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
         safety_checker=PassThroughSafetyChecker().to(device),
     )
