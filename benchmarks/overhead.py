@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +227,7 @@ def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[Transforme
     return planner, tool, preset
 
 
-_PLAIN: dict[int, Any] = {}
+_PLAIN: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def plain_video2world(tool: CosmosImageTool) -> Any:
@@ -235,10 +236,10 @@ def plain_video2world(tool: CosmosImageTool) -> Any:
     from diffusers import Cosmos2VideoToWorldPipeline
 
     ours = tool.video2world
-    if id(ours) not in _PLAIN:
-        _PLAIN[id(ours)] = plain = Cosmos2VideoToWorldPipeline(**ours.components)
+    if ours not in _PLAIN:
+        _PLAIN[ours] = plain = Cosmos2VideoToWorldPipeline(**ours.components)
         plain.set_progress_bar_config(disable=True)
-    return _PLAIN[id(ours)]
+    return _PLAIN[ours]
 
 
 def main() -> None:

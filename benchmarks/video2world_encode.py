@@ -8,7 +8,8 @@ Two tables:
   3 and 28 frames ahead (28 is the presets' ``image.horizon_frames``).
 - Wall time of one whole draw through each pipeline, alternating, with random weights: the real Wan
   VAE (base_dim 96) and a Cosmos DiT of ``--layers`` blocks at the 2B width, at ``--size``; and
-  whether the two pictures are the same (they are: the saving changes no number).
+  whether the two pictures are the same (on this project's CPU they are, and so are the latents:
+  ``tests/test_image_families.py``; a GPU's convolutions may round the shorter encode differently).
 
     python benchmarks/video2world_encode.py                         # CPU: 128x224, 2 blocks, 2 steps
     python benchmarks/video2world_encode.py --size 704x1280 --layers 28 --steps 20   # GPU, real shapes
@@ -133,11 +134,11 @@ def timing(args: argparse.Namespace) -> None:
         f"\nOne Video2World draw at {width}x{height}: {len(frames)} conditioning frame(s), {args.ahead} ahead "
         f"({num_frames}-frame clip), {args.steps} steps, DiT of {args.layers} blocks; {where}"
     )
-    draw("ours")  # warm-up
+    draw("ours"), draw("diffusers")  # warm-up
     times: dict[str, list[float]] = {"ours": [], "diffusers": []}
     pictures: dict[str, np.ndarray] = {}
-    for _ in range(args.repeats):
-        for name in ("diffusers", "ours"):
+    for i in range(args.repeats):  # alternating, each first in turn
+        for name in ("diffusers", "ours") if i % 2 == 0 else ("ours", "diffusers"):
             sec, pictures[name] = draw(name)
             times[name].append(sec)
     o, p = statistics.median(times["ours"]), statistics.median(times["diffusers"])

@@ -276,6 +276,7 @@ def test_video2world_encodes_only_its_conditioning_frames_and_draws_what_diffuse
     the VAE encoder, where diffusers' pads them to the whole clip first, and its picture is diffusers'
     to the bit: the same clip, seed and settings through the stock ``Cosmos2VideoToWorldPipeline`` built
     from the same modules."""
+    import torch
     from diffusers import Cosmos2VideoToWorldPipeline
 
     spec = load_preset("tiny").image.model_copy(update={"references": None, "vae_tiling": tiled})
@@ -306,3 +307,9 @@ def test_video2world_encodes_only_its_conditioning_frames_and_draws_what_diffuse
     out = stock(video=frames, num_frames=num_frames, fps=spec.fps, **tool._common("the pot, later", 5, None))
     assert encoded == [num_frames]  # diffusers encodes the whole padded clip
     assert np.array_equal(np.asarray(ours.image), np.asarray(out.frames[0][index].convert("RGB")))
+    # To the bit before the 8-bit picture too: the denoised latents of both pipelines.
+    latents = [
+        pipe(video=frames, num_frames=num_frames, fps=spec.fps, output_type="latent", **tool._common("later", 5, None))
+        for pipe in (tool.video2world, stock)
+    ]
+    assert torch.equal(latents[0].frames, latents[1].frames)
