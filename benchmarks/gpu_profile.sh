@@ -12,7 +12,10 @@
 # (building the random models takes about 2 minutes of it). Add --no-jump for the compiled plan without
 # jump forward, about a minute more. The offloaded run now draws as the 24 GB preset does (the VAE in tiles,
 # Video2World 28 frames ahead, not yet timed: each such draw costs several text-to-image draws); add
-# --offload-horizon 3 to repeat the run above.
+# --offload-horizon 3 to repeat the run above. The next call, for the 24 GB preset as shipped (its peak;
+# benchmarks/memory_estimate.py estimates 16.1 GiB plus about 1.1) and the Video2World encode check:
+#   V2W_CHECK=1 VARIANTS="--offload" PROFILE_TOKENS=0 REPEATS=0 VARIANT_REPEATS=0 BENCH_STEPS=20 BUDGET_S=0 \
+#     bash benchmarks/gpu_profile.sh
 set -uo pipefail
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -20,6 +23,13 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "from importlib.metadata import version as v; print(*(f'{p} {v(p)}' for p in ('torch', 'transformers', 'diffusers', 'xgrammar')))" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
 echo "setup: $(( $(date +%s) - T0 )) s" | tee -a "$OUT/gpu.txt"
+# V2W_CHECK=1: first, one Video2World draw at real shapes, 28 frames ahead, the VAE in tiles, 2 steps:
+# ours (conditioning frames encoded only) against diffusers' pipeline, time, peak beyond the weights, and
+# whether the latents are the same on this GPU (about a minute).
+if [ -n "${V2W_CHECK:-}" ]; then
+  timeout 300 python3 benchmarks/video2world_encode.py --size 704x1280 --layers 28 --steps 2 --ahead 28 --tiles \
+    --repeats 1 --no-flops 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/video2world_encode.txt"
+fi
 BENCH_STEPS=${BENCH_STEPS:-35} timeout ${PLAN_TIMEOUT:-420} python3 benchmarks/visual_plan.py --real-shapes \
   --profile ${PROFILE_TOKENS:-128} --repeats ${REPEATS:-1} --variant-repeats ${VARIANT_REPEATS:-1} \
   ${VARIANTS:---compile-dit --compile-planner --offload} --threads 8 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/visual_plan.txt"

@@ -12,7 +12,7 @@ Two tables:
   ``tests/test_image_families.py``; a GPU's convolutions may round the shorter encode differently).
 
     python benchmarks/video2world_encode.py                         # CPU: 128x224, 2 blocks, 2 steps
-    python benchmarks/video2world_encode.py --size 704x1280 --layers 28 --steps 20   # GPU, real shapes
+    python benchmarks/video2world_encode.py --size 704x1280 --layers 28 --steps 2 --tiles   # GPU, real shapes
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def timing(args: argparse.Namespace) -> None:
         scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
         safety_checker=PassThroughSafetyChecker().to(device),
     )
+    if args.tiles:  # image.vae_tiling, as the 24 GB preset draws
+        vae.enable_tiling()
     pipes = {"ours": ConditioningVideo2World(**modules), "diffusers": Cosmos2VideoToWorldPipeline(**modules)}
     for p in pipes.values():
         p.set_progress_bar_config(disable=True)
@@ -110,9 +112,13 @@ def timing(args: argparse.Namespace) -> None:
     refs = [Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)) for _ in range(args.cond)]
     frames, num_frames, index = conditioning_frames(refs, args.ahead, TEMPORAL)
 
-    def draw(name: str) -> tuple[float, np.ndarray]:
+    def draw(name: str, output_type: str = "np") -> tuple[float, Any, float]:
+        """Seconds, the picture (or the latents), and on a GPU the GiB allocated at most beyond what
+        was allocated before the call (the weights)."""
         if gpu:
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         t = time.perf_counter()
         out = pipes[name](
             prompt="the pot, a moment later",
@@ -123,30 +129,41 @@ def timing(args: argparse.Namespace) -> None:
             num_inference_steps=args.steps,
             guidance_scale=7.0,
             generator=torch.Generator("cpu").manual_seed(1),
-            output_type="np",
+            output_type=output_type,
         )
+        peak = 0.0
         if gpu:
             torch.cuda.synchronize()
-        return time.perf_counter() - t, out.frames[0][index]
+            peak = (torch.cuda.max_memory_allocated() - before) / 2**30
+        result = out.frames if output_type == "latent" else out.frames[0][index]
+        return time.perf_counter() - t, result, peak
 
     where = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads, float32"
     print(
         f"\nOne Video2World draw at {width}x{height}: {len(frames)} conditioning frame(s), {args.ahead} ahead "
-        f"({num_frames}-frame clip), {args.steps} steps, DiT of {args.layers} blocks; {where}"
+        f"({num_frames}-frame clip), {args.steps} steps, DiT of {args.layers} blocks, VAE "
+        f"{'in tiles' if args.tiles else 'whole'}; {where}"
     )
     draw("ours"), draw("diffusers")  # warm-up
     times: dict[str, list[float]] = {"ours": [], "diffusers": []}
+    peaks: dict[str, float] = {}
     pictures: dict[str, np.ndarray] = {}
     for i in range(args.repeats):  # alternating, each first in turn
         for name in ("diffusers", "ours") if i % 2 == 0 else ("ours", "diffusers"):
-            sec, pictures[name] = draw(name)
+            sec, pictures[name], peaks[name] = draw(name)
             times[name].append(sec)
     o, p = statistics.median(times["ours"]), statistics.median(times["diffusers"])
-    print(f"{'pipeline':>10} {'median (s)':>11}  runs")
+    print(f"{'pipeline':>10} {'median (s)':>11} {'peak beyond weights (GiB)':>26}  runs")
     for name, med in (("diffusers", p), ("ours", o)):
-        print(f"{name:>10} {med:>11.2f}  {', '.join(f'{s:.2f}' for s in times[name])}")
+        peak = f"{peaks[name]:26.2f}" if gpu else f"{'-':>26}"
+        print(f"{name:>10} {med:>11.2f} {peak}  {', '.join(f'{s:.2f}' for s in times[name])}")
     same = np.array_equal(pictures["ours"], pictures["diffusers"])
-    print(f"ratio ours/diffusers {o / p:.2f}; the same picture: {same}")
+    ours_l, plain_l = (draw(name, "latent")[1] for name in ("ours", "diffusers"))
+    diff = (ours_l.float() - plain_l.float()).abs().max().item()
+    print(
+        f"ratio ours/diffusers {o / p:.2f}; the same picture: {same}; the same latents: "
+        f"{torch.equal(ours_l, plain_l)} (largest difference {diff:.3g})"
+    )
 
 
 def main() -> None:
@@ -159,6 +176,7 @@ def main() -> None:
     ap.add_argument("--ahead", type=int, default=28, help="frames ahead of the timed draw")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tiles", action="store_true", help="the VAE in tiles (image.vae_tiling)")
     ap.add_argument("--no-flops", action="store_true")
     args = ap.parse_args()
     quiet_libraries()
