@@ -13,7 +13,8 @@
 # jump forward, about a minute more. The offloaded run now draws as the 24 GB preset does (the VAE in tiles,
 # Video2World 28 frames ahead, not yet timed: each such draw costs several text-to-image draws); add
 # --offload-horizon 3 to repeat the run above. The next call, for the 24 GB preset as shipped (its peak;
-# benchmarks/memory_estimate.py estimates 16.1 GiB plus about 1.1) and the Video2World encode check:
+# benchmarks/memory_estimate.py estimates 15.9 GiB, and came out 1.1 GiB under the measured run) and the
+# Video2World encode check:
 #   V2W_CHECK=1 VARIANTS="--offload" PROFILE_TOKENS=0 REPEATS=0 VARIANT_REPEATS=0 BENCH_STEPS=20 BUDGET_S=0 \
 #     bash benchmarks/gpu_profile.sh
 set -uo pipefail

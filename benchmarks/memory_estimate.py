@@ -1,16 +1,18 @@
-"""GPU memory of the 24 GB preset (``qwen2.5-vl-7b+cosmos2-2b-24gb``: one model on the GPU at a time),
-estimated on a CPU without computing anything.
+"""GPU memory of the 24 GB preset (``qwen2.5-vl-7b+cosmos2-2b-24gb``: one role on the GPU at a time, the
+planner, or an image pipeline's T5 encoder, DiT and VAE), estimated on a CPU without computing anything.
 
 The models are built at their real shapes (random weights, ``overhead.py``) on PyTorch's meta device,
-which works out shapes and no values, and a dispatch mode adds up the bytes of the tensors alive at each
-moment of a call: the peak of a call is the most it held beyond its inputs. Attention is counted as the
+which works out shapes and no values, and a dispatch mode adds up the bytes of the tensors made during a
+call and alive at each moment (its inputs, made in the call, included; views of what existed before it
+not): the peak of a call is the most it held. Attention is counted as the
 GPU's fused kernels run it (flash or memory-efficient: the output and a float32 log-sum-exp, no score
-matrix). A phase's peak is the weights of the models then on the GPU, the planner's KV caches (they stay
-on the GPU), and the largest call of the phase. Not counted: the CUDA context, cuBLAS and cuDNN
+matrix). A phase's peak is the weights then on the GPU, the planner's KV caches (they stay on the GPU;
+the prefill's own is part of its call), and the largest call of the phase. Not counted: the CUDA context, cuBLAS and cuDNN
 workspaces, the caching allocator's rounding and fragmentation, and the vision tower's activations (a
-picture at the 7B preset's max_pixels is about 2,000 patches of width 1,280: megabytes). The first rows
-repeat the settings of the H200 run whose peak was measured (README "Speed and memory"), to show how
-far the estimate falls from a measurement.
+picture at the 7B preset's max_pixels is about 2,000 patches of width 1,280: megabytes). One row repeats
+the settings of the H200 run whose peak was measured (README "Speed and memory"), to show how far the
+estimate falls from a measurement. Run the calls under ``torch.inference_mode`` (as the planner and the
+pipelines run): under ``no_grad`` composite ops decompose into views of the weights.
 
     python benchmarks/memory_estimate.py            # about a minute on this CPU (tiled decodes: longer)
 """
@@ -53,12 +55,15 @@ class LiveBytes(TorchDispatchMode):
         self.live -= self._sizes.pop(key, 0)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # An output sharing an argument's storage (a view, an in-place result) allocated nothing.
+        given = {id(a.untyped_storage()) for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = id(storage)
-                if key not in self._sizes:
+                if key not in self._sizes and key not in given:
                     self._sizes[key] = storage.nbytes()
                     self.live += storage.nbytes()
                     self.peak = max(self.peak, self.live)
@@ -71,7 +76,8 @@ def _fused_attention(*args: Any, **kwargs: Any) -> Any:
     q, _k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")[len(args) :]])[:3]
     lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
     del lse
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
+    *batch, heads, rows, _ = q.shape  # the kernels' layout: (batch, rows, heads, dim), returned transposed
+    return q.new_empty(*batch, rows, heads, v.shape[-1]).transpose(-3, -2)
 
 
 @contextlib.contextmanager
@@ -85,7 +91,7 @@ def fused_attention() -> Any:
 
 
 def peak_of(fn: Any) -> float:
-    """GiB held at most by ``fn()`` beyond what existed before it (its result included)."""
+    """GiB held at most during ``fn()`` by tensors it made (its result included)."""
     mode = LiveBytes()
     with torch.inference_mode(), fused_attention(), mode:
         result = fn()
@@ -174,12 +180,21 @@ def main() -> None:
         f"weights: planner {w['planner']:.2f}, T5-XXL encoder {w['t5']:.2f}, Text2Image DiT {w['t2i']:.2f}, "
         f"Video2World DiT {w['v2w']:.2f}, VAE {w['vae']:.2f}"
     )
-    planner_peak = peak_of(prefill)
     text_peak = peak_of(encode_text)
-    rows: list[tuple[str, float, float, str]] = []  # what, weights on the GPU, largest call, its name
-    rows.append((f"planner prefill, {args.prompt_tokens} tokens", w["planner"], planner_peak, "prefill"))
+    # (what, weights on the GPU, KV caches beside the call, largest call, its name). The prefill's call
+    # holds its own session's cache; the other sessions' caches are beside it.
+    rows: list[tuple[str, float, float, float, str]] = [
+        (
+            f"planner prefill, {args.prompt_tokens} tokens",
+            w["planner"],
+            kv * (args.sessions - 1) / args.sessions,
+            peak_of(prefill),
+            "prefill",
+        )
+    ]
 
-    def draw(label: str, refs: int, ahead: int, tiled: bool, ours: bool) -> None:
+    def draw(label: str, refs: int, ahead: int, tiled: bool, ours: bool) -> float:
+        """Adds the draw's row; returns its largest call."""
         if refs == 0:
             calls = {
                 "T5": text_peak,
@@ -198,22 +213,23 @@ def main() -> None:
             }
             on_gpu = w["t5"] + w["v2w"] + w["vae"]
         name = max(calls, key=calls.__getitem__)
-        rows.append((label, on_gpu, calls[name], name))
+        rows.append((label, on_gpu, kv, calls[name], name))
         print(f"  {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in calls.items()), flush=True)
+        return calls[name]
 
     print("largest calls of each draw:")
     draw("text-to-image, VAE whole", 0, 0, False, True)
     draw("text-to-image, VAE in tiles", 0, 0, True, True)
-    draw("video2world, 1 earlier, 3 ahead, VAE whole, diffusers' encode (the H200 run)", 1, 3, False, False)
+    measured = draw("video2world, 1 earlier, 3 ahead, VAE whole, diffusers' encode (the H200 run)", 1, 3, False, False)
     draw("video2world, 1 earlier, 28 ahead, VAE in tiles (the preset as shipped)", 1, 28, True, True)
     draw("video2world, 5 earlier, 28 ahead, VAE in tiles (the preset as shipped)", 5, 28, True, True)
     print(f"\n{'phase':84s} {'weights':>8s} {'KV':>5s} {'largest call':>18s} {'total':>6s}")
-    for label, on_gpu, call, name in rows:
-        print(f"{label:84s} {on_gpu:8.2f} {kv:5.2f} {call:8.2f} {name:>9s} {on_gpu + kv + call:6.2f}")
+    for label, on_gpu, beside, call, name in rows:
+        print(f"{label:84s} {on_gpu:8.2f} {beside:5.2f} {call:8.2f} {name:>9s} {on_gpu + beside + call:6.2f}")
     resident = sum(w.values())
     print(
         f"every model resident (no offload): weights {resident:.2f}; with the H200 run's largest call "
-        f"{resident + kv + rows[3][2]:.2f}"
+        f"{resident + kv + measured:.2f}"
     )
 
 
