@@ -227,6 +227,16 @@ def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[Transforme
     return planner, tool, preset
 
 
+def plain_inputs(planner: TransformersPlanner, conversation: Any) -> dict[str, Any]:
+    """``generate``'s inputs for ``conversation``, every picture processed afresh, on the planner's device."""
+    enc = {
+        k: v.to(planner.device) for k, v in planner.encode(conversation, reuse=False).items() if k != "image_digests"
+    }
+    if "pixel_values" in enc:
+        enc["pixel_values"] = enc["pixel_values"].to(planner.model.dtype)
+    return enc
+
+
 _PLAIN: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
@@ -282,9 +292,7 @@ def main() -> None:
     n_new = int(resp.usage_metadata["output_tokens"])
     from duogen_agents.models.chat_model import to_chat_turns
 
-    enc = {k: v.to(planner.device) for k, v in planner.encode(to_chat_turns(messages, store.open)).items()}
-    if "pixel_values" in enc:
-        enc["pixel_values"] = enc["pixel_values"].to(planner.model.dtype)
+    enc = plain_inputs(planner, to_chat_turns(messages, store.open))
 
     def plain_generate() -> Any:
         with torch.inference_mode():

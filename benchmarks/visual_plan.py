@@ -32,6 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from overhead import plain_inputs, plain_video2world  # noqa: E402
+
 from duogen_agents.graphs import actions as A  # noqa: E402
 from duogen_agents.models.images.cosmos2 import CosmosImageTool, conditioning_frames  # noqa: E402
 from duogen_agents.models.loading import quiet_libraries  # noqa: E402
@@ -109,16 +111,6 @@ def _kind(draw: dict[str, Any]) -> str:
     return "text-to-image" if not refs else f"video2world, {refs} earlier, {draw.get('horizon')} ahead"
 
 
-def plain_inputs(planner: TransformersPlanner, conversation: Any) -> dict[str, Any]:
-    """``generate``'s inputs for ``conversation``, every picture processed afresh, on the planner's device."""
-    enc = {
-        k: v.to(planner.device) for k, v in planner.encode(conversation, reuse=False).items() if k != "image_digests"
-    }
-    if "pixel_values" in enc:
-        enc["pixel_values"] = enc["pixel_values"].to(planner.model.dtype)
-    return enc
-
-
 def baseline(planner: TransformersPlanner, tool: CosmosImageTool, rec: Recorder, images: bool = True) -> dict[str, Any]:
     """The recorded work, done plainly: full prefill + ``generate`` per call, pipeline per image.
     ``draws``: (kind, seconds) per image."""
@@ -151,8 +143,6 @@ def baseline(planner: TransformersPlanner, tool: CosmosImageTool, rec: Recorder,
         if not d["references"]:
             tool.text2image(**kw)
         else:
-            from overhead import plain_video2world
-
             pipe = plain_video2world(tool)
             fitted = [letterbox(im, (tool.spec.width, tool.spec.height)) for im in d["references"]]
             frames, n_frames, _ = conditioning_frames(fitted, d["horizon"], pipe.vae_scale_factor_temporal)
