@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import cosmos_dit, qwen25_vl_7b_config, t5_xxl_encoder, wan_vae  # noqa: E402
+from overhead import cosmos_dit, cosmos_dit_inputs, qwen25_vl_7b_config, t5_xxl_encoder, wan_vae  # noqa: E402
 
 from duogen_agents.models.images.cosmos2 import conditioning_frames  # noqa: E402
 from duogen_agents.models.loading import quiet_libraries  # noqa: E402
@@ -154,15 +154,7 @@ def main() -> None:
         return t5(input_ids=meta((1, 512), torch.long)).last_hidden_state  # a mask would be read (.all())
 
     def dit_call(model: Any, latent_frames: int, video2world: bool) -> Any:
-        extra = {"condition_mask": meta((1, 1, latent_frames, lh, lw))} if video2world else {}
-        return model(
-            hidden_states=meta((1, 16, latent_frames, lh, lw)),
-            timestep=meta((1, 1, latent_frames, 1, 1)) if video2world else meta((1,)),
-            encoder_hidden_states=meta((1, 512, 1024)),
-            fps=16 if video2world else None,
-            padding_mask=meta((1, 1, h, wd)),
-            **extra,
-        ).sample
+        return model(**cosmos_dit_inputs(latent_frames, h, wd, video2world, BF16)).sample
 
     def decode(latent_frames: int, tiled: bool) -> Any:
         vae.enable_tiling() if tiled else vae.disable_tiling()

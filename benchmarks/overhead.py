@@ -155,9 +155,40 @@ def cosmos_dit(dtype: Any, video2world: bool, layers: int = 28) -> Any:
     )
 
 
+def cosmos_pipeline_modules(text_encoder: Any, tokenizer: Any, transformer: Any, vae: Any, checker: Any) -> dict:
+    """The keyword arguments of a Cosmos-Predict2 pipeline, with a fresh scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return dict(
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
+        safety_checker=checker,
+    )
+
+
+def cosmos_dit_inputs(latent_frames: int, height: int, width: int, video2world: bool, dtype: Any) -> dict:
+    """One DiT call's inputs as the Cosmos pipelines pass them (512 T5 states), on the meta device."""
+
+    def meta(*shape: int) -> Any:
+        return torch.empty(shape, device="meta", dtype=dtype)
+
+    lh, lw = height // 8, width // 8
+    extra = {"condition_mask": meta(1, 1, latent_frames, lh, lw), "fps": 16} if video2world else {}
+    return dict(
+        hidden_states=meta(1, 16, latent_frames, lh, lw),
+        timestep=meta(1, 1, latent_frames, 1, 1) if video2world else meta(1),
+        encoder_hidden_states=meta(1, 512, 1024),
+        padding_mask=meta(1, 1, height, width),
+        **extra,
+    )
+
+
 def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[TransformersPlanner, CosmosImageTool, Any]:
     """Random weights at real shapes, built in memory on the GPU (nothing is downloaded)."""
-    from diffusers import Cosmos2TextToImagePipeline, FlowMatchEulerDiscreteScheduler
+    from diffusers import Cosmos2TextToImagePipeline
     from transformers import (
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
@@ -202,26 +233,13 @@ def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[Transforme
         t5, vae = t5_xxl_encoder(dt, shrink), wan_vae(dt)
         t2i_dit, v2w_dit = cosmos_dit(dt, False, layers), cosmos_dit(dt, True, layers)
     checker = PassThroughSafetyChecker().to(dev)
-    t2i = Cosmos2TextToImagePipeline(
-        text_encoder=t5,
-        tokenizer=t5_tok,
-        transformer=t2i_dit,
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
-        safety_checker=checker,
-    )
+    t2i = Cosmos2TextToImagePipeline(**cosmos_pipeline_modules(t5, t5_tok, t2i_dit, vae, checker))
     t2i.set_progress_bar_config(disable=True)
     tool = CosmosImageTool(t2i, preset.image, "", checker)
     from duogen_agents.models.images.video2world import ConditioningVideo2World
 
-    v2w = ConditioningVideo2World(  # as CosmosImageTool.video2world loads it
-        text_encoder=t5,
-        tokenizer=t5_tok,
-        transformer=v2w_dit,
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
-        safety_checker=checker,
-    )
+    # as CosmosImageTool.video2world loads it
+    v2w = ConditioningVideo2World(**cosmos_pipeline_modules(t5, t5_tok, v2w_dit, vae, checker))
     v2w.set_progress_bar_config(disable=True)
     tool._video2world = v2w
     return planner, tool, preset

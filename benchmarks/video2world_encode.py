@@ -31,7 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import cosmos_dit, t5_xxl_encoder, wan_vae  # noqa: E402
+from overhead import cosmos_dit, cosmos_dit_inputs, cosmos_pipeline_modules, t5_xxl_encoder, wan_vae  # noqa: E402
 
 from duogen_agents.models.images.cosmos2 import conditioning_frames  # noqa: E402
 from duogen_agents.models.images.safety import PassThroughSafetyChecker  # noqa: E402
@@ -54,7 +54,6 @@ def flop_table(height: int, width: int, steps: int) -> None:
     with torch.device("meta"):
         v, d = wan_vae(torch.float32), cosmos_dit(torch.float32, video2world=True)  # FLOPs: any dtype
     lh, lw = height // 8, width // 8
-    text = torch.empty(1, 512, 1024, device="meta")
     print(f"TFLOP of one Video2World draw at {width}x{height}, {steps} steps with guidance (2 DiT calls a step)")
     print(
         f"{'cond':>4} {'ahead':>5} {'clip':>4} {'encode, diffusers':>18} {'encode, ours':>13} {'decode':>7} {'DiT':>8}  saved"
@@ -66,16 +65,7 @@ def flop_table(height: int, width: int, steps: int) -> None:
             plain = flops(lambda n=num_frames: v.encode(torch.empty(1, 3, n, height, width, device="meta")))
             ours = flops(lambda n=kept: v.encode(torch.empty(1, 3, n, height, width, device="meta")))
             decode = flops(lambda n=latent: v.decode(torch.empty(1, 16, n, lh, lw, device="meta")))
-            call = flops(
-                lambda n=latent: d(
-                    hidden_states=torch.empty(1, 16, n, lh, lw, device="meta"),
-                    timestep=torch.empty(1, 1, n, 1, 1, device="meta"),
-                    encoder_hidden_states=text,
-                    fps=16,
-                    condition_mask=torch.empty(1, 1, n, lh, lw, device="meta"),
-                    padding_mask=torch.empty(1, 1, height, width, device="meta"),
-                )
-            )
+            call = flops(lambda n=latent: d(**cosmos_dit_inputs(n, height, width, True, torch.float32)))
             whole = plain + decode + 2 * steps * call
             print(
                 f"{len(frames):>4} {ahead:>5} {num_frames:>4} {plain:>18.1f} {ours:>13.1f} {decode:>7.1f} "
@@ -84,7 +74,7 @@ def flop_table(height: int, width: int, steps: int) -> None:
 
 
 def timing(args: argparse.Namespace) -> None:
-    from diffusers import Cosmos2VideoToWorldPipeline, FlowMatchEulerDiscreteScheduler
+    from diffusers import Cosmos2VideoToWorldPipeline
 
     from duogen_agents.models.tiny import _tiny_text_encoder
 
@@ -95,14 +85,7 @@ def timing(args: argparse.Namespace) -> None:
     _, tokenizer = _tiny_text_encoder()
     with torch.device(device):  # T5-XXL's width, one layer (both pipelines encode the prompts alike)
         t5, vae, dit = t5_xxl_encoder(dtype, shrink=True), wan_vae(dtype), cosmos_dit(dtype, True, args.layers)
-    modules = dict(
-        text_encoder=t5,
-        tokenizer=tokenizer,
-        transformer=dit,
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True),
-        safety_checker=PassThroughSafetyChecker().to(device),
-    )
+    modules = cosmos_pipeline_modules(t5, tokenizer, dit, vae, PassThroughSafetyChecker().to(device))
     if args.tiles:  # image.vae_tiling, as the 24 GB preset draws
         vae.enable_tiling()
     pipes = {"ours": ConditioningVideo2World(**modules), "diffusers": Cosmos2VideoToWorldPipeline(**modules)}

@@ -22,6 +22,7 @@ into a latent frame is causal in the way this relies on; with any other VAE the 
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -44,12 +45,7 @@ class _ConditioningOnlyVAE:
         out = self._vae.encode(video[:, :, : self._frames], *args, **kwargs)
         if isinstance(out, tuple):  # return_dict=False
             return (_Sample(out[0], whole),)
-        return _Encoded(out.latent_dist, whole)
-
-
-class _Encoded:
-    def __init__(self, dist: Any, whole: int) -> None:
-        self.latent_dist = _Sample(dist, whole)
+        return SimpleNamespace(latent_dist=_Sample(out.latent_dist, whole))
 
 
 class _Sample:
@@ -64,13 +60,7 @@ class _Sample:
         shape = (*mean.shape[:2], self.whole, *mean.shape[3:])
         noise = randn_tensor(shape, generator=generator, device=self.dist.parameters.device, dtype=mean.dtype)
         kept = mean + std * noise[:, :, : mean.size(2)]
-        rest = kept.new_zeros((*mean.shape[:2], self.whole - mean.size(2), *mean.shape[3:]))
-        return torch.cat([kept, rest], dim=2)
-
-    def mode(self) -> torch.Tensor:  # retrieve_latents(sample_mode="argmax")
-        mean = self.dist.mean
-        rest = mean.new_zeros((*mean.shape[:2], self.whole - mean.size(2), *mean.shape[3:]))
-        return torch.cat([mean, rest], dim=2)
+        return torch.nn.functional.pad(kept, (0, 0, 0, 0, 0, self.whole - mean.size(2)))  # zero frames after
 
 
 class ConditioningVideo2World(Cosmos2VideoToWorldPipeline):
