@@ -424,9 +424,10 @@ def run_plan(args: argparse.Namespace) -> None:
             f"{'planner, same calls':28s} {o:10.2f} {same:13.2f} {o / same:7.2f}  ({sum(rows[-1]['new'])} new tokens)"
         )
 
-    # Offloaded first (eager, as the 24 GB preset runs), then every model resident again for the rest.
-    if args.offload:
-        from duogen_agents.models.images import vae_tiling
+    # Offloaded first (eager, as the 24 GB preset runs; then, with --offload-compile, compiled as well:
+    # the arena keeps the planner's addresses for its CUDA graphs), then every model resident again.
+    if args.offload or args.offload_compile:
+        from duogen_agents.models.images import compile_dit, vae_tiling
         from duogen_agents.models.residency import offload_image_tool, offload_planner, residency_for
 
         planner.prefix_cache.forget()  # the earlier runs' kept KV caches: a fresh process has none
@@ -437,20 +438,32 @@ def run_plan(args: argparse.Namespace) -> None:
         mode = load_preset("qwen2.5-vl-7b+cosmos2-2b-24gb").image
         horizon, tool.spec.horizon_frames = tool.spec.horizon_frames, args.offload_horizon or mode.horizon_frames
         vae_tiling(tool.text2image.vae, mode.vae_tiling)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
         tiles = ", the VAE in tiles" if mode.vae_tiling else ""
-        variant(
-            f"ours, offloaded (one model on the GPU at a time{tiles}; {tool.spec.horizon_frames} frames ahead)",
-            args.variant_repeats,
-        )
-        if torch.cuda.is_available():
-            print(
-                f"offloaded peak: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
-                f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved (CUDA context not included)",
-                flush=True,
+        runs = [("", False)] if args.offload else []
+        if args.offload_compile:
+            runs.append((", compiled (DiT regional, planner decode with CUDA graphs)", True))
+        for what, compiled in runs:
+            if compiled:
+                res = residency_for(planner.device)
+                for pipe, role in ((tool.text2image, "text2image"), (tool.video2world, "video2world")):
+                    res.use(f"{role}:{id(tool)}")  # compile_dit compiles a DiT whose weights are on the GPU
+                    compile_dit(pipe.transformer)
+                planner.spec.compile = True
+                planner.prefix_cache.forget()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            variant(
+                f"ours, offloaded{what} (one model on the GPU at a time{tiles}; {tool.spec.horizon_frames} frames ahead)",
+                args.variant_repeats,
             )
+            if torch.cuda.is_available():
+                print(
+                    f"offloaded peak: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+                    f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved (CUDA context not included); "
+                    f"arena {residency_for(planner.device).arena_bytes() / 2**30:.2f} GiB",
+                    flush=True,
+                )
         tool.spec.horizon_frames = horizon
         if not tool.spec.vae_tiling:
             tool.text2image.vae.disable_tiling()
@@ -652,6 +665,11 @@ def main() -> None:
         "--first-block-cache", type=float, default=0.0, metavar="T", help="then: First Block Cache at threshold T"
     )
     ap.add_argument("--offload", action="store_true", help="then: only the running model on the GPU")
+    ap.add_argument(
+        "--offload-compile",
+        action="store_true",
+        help="then: offloaded with the planner's CUDA-graph decode and the DiT compiled (after --offload's run)",
+    )
     ap.add_argument(
         "--offload-horizon",
         type=int,

@@ -308,15 +308,6 @@ class Preset(_Strict):
         return {name: max_action_tokens(schema) for name, schema in schemas.items()}
 
     @model_validator(mode="after")
-    def _offload_without_cuda_graphs(self) -> Preset:
-        if self.offload and (self.planner.compile or (self.critic is not None and self.critic.compile)):
-            raise ValueError(
-                "offload and planner.compile cannot be used together (a CUDA graph keeps weight addresses); "
-                "set planner.compile = false"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _aligned_needs_a_local_planner(self) -> Preset:
         images = [self.image, *([self.image.references] if self.image.references else [])]
         aligned = any(i.family == "aligned" and not i.is_remote for i in images)

@@ -12,10 +12,15 @@ from duogen_agents.models.residency import Residency, residency_for
 from duogen_agents.presets import load_preset
 
 
-def test_offloaded_agent_answers_the_same_and_switches_roles(tmp_path) -> None:
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static-cache"])
+def test_offloaded_agent_answers_the_same_and_switches_roles(tmp_path, static) -> None:
+    """``static``: the planner decodes on its static KV cache, the compiled path's (``planner.compile``,
+    whose step on a CPU runs eagerly; the CUDA graphs need the arena's fixed addresses, tested below)."""
     plain = Agent.from_preset("tiny", home=tmp_path / "a")
     preset = load_preset("tiny").model_copy(update={"offload": True})
     agent = Agent.from_preset(preset, home=tmp_path / "b")
+    if static:
+        agent.planner.spec = agent.planner.spec.model_copy(update={"compile": True})
     res = residency_for(agent.planner.device)
     main = agent.image_tool.main
     assert main.residency is res and agent.planner.residency_role in res.roles
@@ -40,6 +45,7 @@ def test_offloaded_agent_answers_the_same_and_switches_roles(tmp_path) -> None:
     assert res.active == agent.planner.residency_role  # the planner wrote the last action
     assert any(s is not None and s.startswith(("text2image", "video2world")) for s in seen[1::2])
     assert res.loads - loads >= 2 * len(a.images)  # planner -> image -> planner for each picture
+    assert (agent.planner._static is not None) == static
 
 
 def test_weights_move_and_come_back() -> None:
@@ -119,9 +125,134 @@ def test_cpu_copies_are_packed_into_slabs(monkeypatch) -> None:
     assert res.loads == 2
 
 
-def test_offload_and_cuda_graph_decode_exclude_each_other() -> None:
+def _ptrs(*modules) -> list[int]:
+    return [t.data_ptr() for m in modules for t in list(m.parameters()) + list(m.buffers())]
+
+
+def _inside(arena, *modules) -> bool:
+    lo, hi = arena.data_ptr(), arena.data_ptr() + arena.numel()
+    return all(lo <= p < hi for p in _ptrs(*modules))
+
+
+def test_roles_take_turns_in_one_arena_and_come_back_at_the_same_addresses() -> None:
+    """A CUDA graph replays against the addresses it captured: a role's weights must come back to
+    the same place at every load. The roles share one arena the size of the largest."""
+    import torch
+
+    torch.manual_seed(0)
+    planner = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.LayerNorm(32))  # 4,352 + 256 bytes
+    dit = torch.nn.Linear(16, 16).to(torch.bfloat16)  # 512 + 32 bytes
+    values = {id(t): t.detach().clone() for m in (planner, dit) for t in m.parameters()}
+    res = Residency("cpu")
+    res.register("planner", [planner])
+    res.register("dit", [dit])
+    assert res.arena is None  # nothing is allocated before a role runs
+    res.use("planner")
+    # the largest role's span, each tensor at a multiple of 256 bytes: weight, bias (128), norm's two (128)
+    assert res.arena.numel() == res.arena_bytes() == 4096 + 256 + 256 + 128
+    first = _ptrs(planner)
+    assert _inside(res.arena, planner)
+    res.use("dit")
+    assert _inside(res.arena, dit)
+    assert all(t.data_ptr() == t._duogen_home.data_ptr() for t in planner.parameters())  # home again
+    res.use("planner")
+    assert _ptrs(planner) == first and res.loads == 3
+    for m in (planner, dit):
+        for t in m.parameters():
+            assert torch.equal(t, values[id(t)])
+    x = torch.randn(2, 32)
+    res.use("dit")
+    res.use("planner")
+    assert _ptrs(planner) == first
+    w, b, g, beta = (values[id(t)] for t in planner.parameters())
+    with torch.no_grad():
+        assert torch.equal(planner(x), torch.nn.functional.layer_norm(x @ w.T + b, (32,), g, beta))
+
+
+def test_a_tensor_two_roles_share_keeps_its_place_and_is_not_copied_again(monkeypatch) -> None:
+    """The two Cosmos pipelines share the text encoder and the VAE: switching between them copies
+    only the DiT, which takes the other DiT's place."""
+    import torch
+
+    text, vae = torch.nn.Linear(32, 32), torch.nn.Linear(8, 8)
+    dit_a, dit_b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+    values = {id(t): t.detach().clone() for m in (text, vae, dit_a, dit_b) for t in m.parameters()}
+    res = Residency("cpu")
+    res.register("t2i", [text, dit_a, vae])
+    res.register("v2w", [text, dit_b, vae])
+    res.use("t2i")
+    shared = _ptrs(text, vae)
+    at_a = _ptrs(dit_a)
+    copies = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(
+        torch.Tensor, "copy_", lambda self, src, **kw: copies.append(src.shape) or real_copy(self, src, **kw)
+    )
+    res.use("v2w")
+    assert _ptrs(text, vae) == shared  # stayed in place
+    assert sorted(copies) == sorted([dit_b.weight.shape, dit_b.bias.shape])  # only the DiT came in
+    assert _ptrs(dit_b) == at_a  # in the other DiT's place: the arena is the larger role, not the sum
+    assert res.arena.numel() == res.arena_bytes() == 4096 + 256 + 1024 + 256 + 256 + 32
+    for m in (text, vae, dit_b):
+        for t in m.parameters():
+            assert torch.equal(t, values[id(t)])
+    res.use("t2i")
+    for m in (text, vae, dit_a):
+        for t in m.parameters():
+            assert torch.equal(t, values[id(t)])
+
+
+def test_a_larger_role_registered_later_grows_the_arena() -> None:
+    import torch
+
+    small, big = torch.nn.Linear(4, 4), torch.nn.Linear(64, 64)
+    values = {id(t): t.detach().clone() for m in (small, big) for t in m.parameters()}
+    res = Residency("cpu")
+    res.register("small", [small])
+    res.use("small")
+    assert res.arena.numel() == 256 + 16
+    res.register("big", [big])  # every role goes home; the next use allocates the larger arena
+    assert res.arena is None and res.active is None
+    assert all(t.data_ptr() == t._duogen_home.data_ptr() for t in small.parameters())
+    res.use("small")
+    assert res.arena.numel() == 64 * 64 * 4 + 256 and _inside(res.arena, small)
+    res.use("big")
+    for m in (small, big):
+        for t in m.parameters():
+            assert torch.equal(t, values[id(t)])
+
+
+def test_compiled_modules_are_not_recompiled_across_offloads() -> None:
+    """The DiT's regional compile and the planner's compiled decode step see their weights change
+    place at every offload: the guards torch.compile installs must still hold (no recompilation)."""
+    import torch
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net, other = (
+        torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8)),
+        torch.nn.Linear(8, 8),
+    )
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = net(x)
+    compiled = torch.compile(net, backend="aot_eager", dynamic=False)
+    res = Residency("cpu")
+    res.register("net", [net])
+    res.register("other", [other])
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        for _ in range(3):
+            res.use("net")
+            assert torch.equal(compiled(x), want)
+            res.use("other")
+    torch._dynamo.reset()
+
+
+def test_offload_and_the_cuda_graph_decode_go_together() -> None:
+    """Since the arena keeps addresses, a preset may offload with ``planner.compile`` on."""
     preset = load_preset("tiny")
-    with pytest.raises(ValueError, match="offload and planner.compile"):
-        preset.model_validate(
-            {**preset.model_dump(), "offload": True, "planner": {**preset.planner.model_dump(), "compile": True}}
-        )
+    both = preset.model_validate(
+        {**preset.model_dump(), "offload": True, "planner": {**preset.planner.model_dump(), "compile": True}}
+    )
+    assert both.offload and both.planner.compile

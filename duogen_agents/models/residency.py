@@ -5,13 +5,19 @@ A 7B planner (about 16.6 GB in bf16) and Cosmos-Predict2-2B with its T5-XXL text
 model at a time anyway (``serial.device_turn``). With ``offload = true`` in a preset, each model
 registers as a *role* (the planner; each image pipeline with its text encoder, DiT and VAE); before a
 role runs, ``Residency.use`` sends the weights of every other role back to their pinned CPU copies
-(free: the copies never change, inference does not write weights) and loads the role's own (one
-host-to-device copy: a picture's pipeline, 13.7 GB, took about 0.3-0.4 s more offloaded than resident on
-an H200). KV caches stay on the GPU. The copies of every role stay in pinned host memory, so the host
-needs about the weights' whole size in RAM.
+(free: the copies never change, inference does not write weights) and copies the role's own in (a
+picture's pipeline, 13.7 GB, took about 0.3-0.4 s more offloaded than resident on an H200). KV caches
+stay on the GPU. The copies of every role stay in pinned host memory, so the host needs about the
+weights' whole size in RAM.
 
-Offload and the planner's CUDA-graph decode (``planner.compile``) exclude each other: a captured
-graph holds the weights' GPU addresses, and loading gives them new ones.
+The roles take turns in one *arena*: a single device buffer the size of the largest role, allocated
+once. Each tensor has a fixed place in it (a tensor two roles share, such as the text encoder of both
+Cosmos pipelines, the same place in both, so switching between them copies only what differs), so a
+role's weights come back at the same addresses every time. That is what lets the planner's CUDA-graph
+decode (``planner.compile``) run offloaded: a captured graph replays against the addresses it
+captured. It also keeps the weights out of the caching allocator, whose blocks a thousand tensors of
+every size, freed and allocated at each switch, would fragment. The price: while a smaller role runs,
+the arena still holds the largest one's size.
 """
 
 from __future__ import annotations
@@ -60,18 +66,41 @@ class Residency:
     def __init__(self, device: str) -> None:
         self.device = device
         self.roles: dict[str, list[weakref.ref[Any]]] = {}  # weak: a dropped model leaves
+        self.layouts: dict[str, dict[int, int]] = {}  # role -> id(tensor) -> its byte offset in the arena
+        self.arena: Any = None  # uint8 on the device, allocated at the first use after a role grew it
         self.active: str | None = None
         self.loads = 0  # host-to-device loads of a role, for tests and benchmarks
 
     def register(self, role: str, modules: list[Any]) -> None:
         """Add a role and send its modules to pinned CPU memory until it is used."""
         kept = [m for m in modules if m is not None]
+        tensors = _unique(t for m in kept for _owner, _name, t in _tensors(m))
         self.roles[role] = [weakref.ref(m) for m in kept]
-        _homes([t for m in kept for _owner, _name, t in _tensors(m)])
+        _homes(tensors)
+        self.layouts[role] = _place(tensors)
         for m in kept:
             self._offload(m)
-        if self.active == role:
-            self.active = None
+        # What was sent home may be the running role's too (a module of both): it is loaded again at
+        # its next ``use``, where whatever stayed in place is not copied again.
+        self.active = None
+        if self.arena is not None and self.arena_bytes() > self.arena.numel():
+            # The arena must grow: every role goes home and the next ``use`` allocates the new one
+            # (addresses change once; a captured CUDA graph re-records against the new ones).
+            for other in self.roles:
+                for m in self.modules(other):
+                    self._offload(m)
+            self._drop_arena()
+
+    def arena_bytes(self) -> int:
+        """The arena's size: the largest role's span (tensors of a role never overlap; roles do)."""
+        spans = [
+            _end(off, t)
+            for role in self.roles
+            for m in self.modules(role)
+            for _owner, _name, t in _tensors(m)
+            if (off := self.layouts[role].get(id(t))) is not None
+        ]
+        return max(spans, default=0)
 
     def modules(self, role: str) -> list[Any]:
         return [m for m in (r() for r in self.roles.get(role, [])) if m is not None]
@@ -87,44 +116,125 @@ class Residency:
             theirs = self.modules(other)
             if not theirs:
                 del self.roles[other]
+                self.layouts.pop(other, None)
                 continue
             for m in theirs:
                 if id(m) not in ids:
                     self._offload(m)
-        for m in mine:
-            self._load(m)
+        self._load(role, mine)
         self.active = role
         self.loads += 1
 
     def release(self) -> None:
-        """Every role's weights back on the device for good, the roles forgotten and their CPU copies
-        dropped (a benchmark comparing with every model resident); they must fit the device together.
-        Whoever set ``residency_role`` or ``residency`` on a model clears it."""
+        """Every role's weights back on the device for good, each in its own memory, the roles forgotten
+        and their CPU copies and the arena dropped (a benchmark comparing with every model resident);
+        they must fit the device together. Whoever set ``residency_role`` or ``residency`` on a model
+        clears it."""
         import torch
 
         for role in list(self.roles):
             for m in self.modules(role):
-                self._load(m)
                 for _owner, _name, t in _tensors(m):
-                    if hasattr(t, "_duogen_home"):
-                        del t._duogen_home
+                    home = getattr(t, "_duogen_home", None)
+                    if home is None:
+                        continue
+                    t.data = home.to(self.device, copy=True)
+                    del t._duogen_home
+                    if hasattr(t, "_duogen_offset"):
+                        del t._duogen_offset
         self.roles.clear()
+        self.layouts.clear()
         self.active = None
+        self._drop_arena()
         if torch.cuda.is_available() and hasattr(torch._C, "_host_emptyCache"):
             torch._C._host_emptyCache()  # the freed slabs would stay pinned in PyTorch's host cache
+
+    def _drop_arena(self) -> None:
+        if self.arena is None:
+            return
+        cuda = self.arena.is_cuda
+        self.arena = None
+        if cuda:  # or the caching allocator keeps its block, and a larger arena is reserved beside it
+            import torch
+
+            torch.cuda.empty_cache()
 
     def _offload(self, module: Any) -> None:
         for _owner, _name, t in _tensors(module):  # every tensor has its home since ``register``
             t.data = t._duogen_home
 
-    def _load(self, module: Any) -> None:
-        for _owner, _name, t in _tensors(module):
+    def _load(self, role: str, modules: list[Any]) -> None:
+        import torch
+
+        if self.arena is None:
+            self.arena = torch.empty(max(self.arena_bytes(), 1), dtype=torch.uint8, device=self.device)
+        layout = self.layouts[role]
+        for _owner, _name, t in _unique_tensors(modules):
             home = getattr(t, "_duogen_home", None)
-            # ``t.data`` is a new tensor object at each read, so "still at home" is told by its storage.
-            if home is not None and t.data_ptr() == home.data_ptr():
-                # A copy on a CPU "device" too (a second copy of the running role there: offloading is
-                # for GPUs; on a CPU it only keeps the same bookkeeping).
-                t.data = home.to(self.device, non_blocking=True, copy=True)
+            off = layout.get(id(t))
+            if home is None or off is None:  # not this role's when it registered (a tensor put in later)
+                continue
+            place = self.arena[off : _end(off, home)]
+            # Already in its place: it belongs to the role that ran last too, whose tensors do not overlap,
+            # so nothing has written there since. (``t.data`` is a new object at each read, so where a
+            # tensor is, is told by its data pointer.)
+            if t.data_ptr() == place.data_ptr() and t.data_ptr() != home.data_ptr():
+                continue
+            view = place.view(home.dtype).view(home.shape)
+            view.copy_(home, non_blocking=True)  # on a CPU "device" too: a second copy, the same bookkeeping
+            t.data = view
+
+
+def _end(offset: int, t: Any) -> int:
+    return offset + t.numel() * t.element_size()
+
+
+def _unique(tensors: Any) -> list[Any]:
+    return list({id(t): t for t in tensors}.values())
+
+
+def _unique_tensors(modules: list[Any]) -> list[tuple[Any, str, Any]]:
+    seen: set[int] = set()
+    out = []
+    for m in modules:
+        for entry in _tensors(m):
+            if id(entry[2]) not in seen:
+                seen.add(id(entry[2]))
+                out.append(entry)
+    return out
+
+
+def _place(tensors: list[Any]) -> dict[int, int]:
+    """Each tensor's byte offset in the arena for one role: a tensor placed by an earlier role keeps its
+    place (``_duogen_offset``) where no other kept place overlaps it; the rest are packed in order from
+    the start, around the kept places, each at a multiple of ``_ALIGN``."""
+    kept: list[tuple[int, int, Any]] = []  # (start, end, tensor), disjoint
+    for t in tensors:
+        off = getattr(t, "_duogen_offset", None)
+        if off is None:
+            continue
+        end = _end(off, t)
+        if all(end <= s or off >= e for s, e, _ in kept):
+            kept.append((off, end, t))
+    kept.sort(key=lambda k: k[0])
+    layout = {id(t): s for s, _e, t in kept}
+    cursor, i = 0, 0
+    for t in tensors:
+        if id(t) in layout:
+            continue
+        n = t.numel() * t.element_size()
+        while True:  # the first aligned place at or after the cursor that overlaps no kept place
+            while i < len(kept) and kept[i][1] <= cursor:
+                i += 1
+            if i < len(kept) and kept[i][0] < cursor + n:
+                cursor = -(-kept[i][1] // _ALIGN) * _ALIGN
+                continue
+            break
+        layout[id(t)] = cursor
+        if getattr(t, "_duogen_offset", None) is None:
+            t._duogen_offset = cursor
+        cursor += -(-n // _ALIGN) * _ALIGN
+    return layout
 
 
 def _homes(tensors: list[Any]) -> None:
@@ -157,13 +267,11 @@ def _homes(tensors: list[Any]) -> None:
 
 def offload_planner(planner: Any) -> None:
     """Make ``planner`` (a ``TransformersPlanner``) a role of its device, its weights on the CPU
-    until its first call. A planner without local weights (a remote one) is left as it is."""
+    until its first call. A planner without local weights (a remote one) is left as it is. With
+    ``planner.compile`` its weights come back to the same arena addresses at every load, so the
+    decode step's CUDA graphs replay without recording again."""
     if getattr(planner, "model", None) is None or not hasattr(planner, "device"):
         return
-    if getattr(planner.spec, "compile", False):
-        from duogen_agents.errors import ConfigError
-
-        raise ConfigError("offload and planner.compile cannot be used together; turn one off")
     role = f"planner:{id(planner)}"
     residency_for(planner.device).register(role, [planner.model])
     planner.residency_role = role
