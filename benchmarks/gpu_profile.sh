@@ -12,11 +12,17 @@
 # (building the random models takes about 2 minutes of it). Add --no-jump for the compiled plan without
 # jump forward, about a minute more. The offloaded run now draws as the 24 GB preset does (the VAE in tiles,
 # Video2World 28 frames ahead, not yet timed: each such draw costs several text-to-image draws); add
-# --offload-horizon 3 to repeat the run above. The next call, for the 24 GB preset as shipped (its peak;
-# benchmarks/memory_estimate.py estimates 15.9 GiB, and came out 1.1 GiB under the measured run) and the
-# Video2World encode check:
+# --offload-horizon 3 to repeat the run above. The next call, for the 24 GB preset as shipped (its peak, with
+# the weights in one arena since 2026-11-27; benchmarks/memory_estimate.py estimates 17.9 GiB, and came out
+# 1.1 GiB under the measured run) and the Video2World encode check:
 #   V2W_CHECK=1 VARIANTS="--offload" PROFILE_TOKENS=0 REPEATS=0 VARIANT_REPEATS=0 BENCH_STEPS=20 BUDGET_S=0 \
 #     bash benchmarks/gpu_profile.sh
+# then, if the device time allows, the preset offloaded with both compile switches (the arena keeps the
+# planner's addresses for its CUDA graphs; peak and time decide whether the preset turns them on):
+#   VARIANTS="--offload-compile" PROFILE_TOKENS=0 REPEATS=0 VARIANT_REPEATS=0 BENCH_STEPS=20 BUDGET_S=0 \
+#     bash benchmarks/gpu_profile.sh
+# Both variants in one call ("--offload --offload-compile") is estimated at about 10 minutes, the most one
+# call may run: PLAN_TIMEOUT=540 and no V2W_CHECK if tried.
 set -uo pipefail
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

@@ -6,7 +6,8 @@ which works out shapes and no values, and a dispatch mode adds up the bytes of t
 call and alive at each moment (its inputs, made in the call, included; views of what existed before it
 not): the peak of a call is the most it held. Attention is counted as the
 GPU's fused kernels run it (flash or memory-efficient: the output and a float32 log-sum-exp, no score
-matrix). A phase's peak is the weights then on the GPU, the planner's KV caches (they stay on the GPU;
+matrix). A phase's peak is the weights then on the GPU (the offload arena, the size of the largest
+role), the planner's KV caches (they stay on the GPU;
 the prefill's own is part of its call), and the largest call of the phase. Not counted: the CUDA context, cuBLAS and cuDNN
 workspaces, the caching allocator's rounding and fragmentation, and the vision tower's activations (a
 picture at the 7B preset's max_pixels is about 2,000 patches of width 1,280: megabytes). One row repeats
@@ -112,6 +113,7 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=704)
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--prompt-tokens", type=int, default=2623, help="the planner's longest prompt (H200 run: 2,623)")
+    ap.add_argument("--static-cache-tokens", type=int, default=16384, help="planner.static_cache_tokens")
     ap.add_argument("--sessions", type=int, default=1, help="sessions whose KV caches the planner keeps (up to 4)")
     args = ap.parse_args()
     quiet_libraries()
@@ -185,7 +187,11 @@ def main() -> None:
         )
     ]
 
-    def draw(label: str, refs: int, ahead: int, tiled: bool, ours: bool) -> float:
+    # The roles take turns in one arena the size of the largest (models/residency.py), so every phase
+    # holds that much; the H200 run's offloading, measured before the arena, held each role's own size.
+    arena = max(w["planner"], w["t5"] + w["t2i"] + w["vae"], w["t5"] + w["v2w"] + w["vae"])
+
+    def draw(label: str, refs: int, ahead: int, tiled: bool, ours: bool, in_arena: bool = True) -> float:
         """Adds the draw's row; returns its largest call."""
         if refs == 0:
             calls = {
@@ -205,19 +211,32 @@ def main() -> None:
             }
             on_gpu = w["t5"] + w["v2w"] + w["vae"]
         name = max(calls, key=calls.__getitem__)
-        rows.append((label, on_gpu, kv, calls[name], name))
+        rows.append((label, arena if in_arena else on_gpu, kv, calls[name], name))
         print(f"  {label}: " + ", ".join(f"{k} {v:.2f}" for k, v in calls.items()), flush=True)
         return calls[name]
 
     print("largest calls of each draw:")
     draw("text-to-image, VAE whole", 0, 0, False, True)
     draw("text-to-image, VAE in tiles", 0, 0, True, True)
-    measured = draw("video2world, 1 earlier, 3 ahead, VAE whole, diffusers' encode (the H200 run)", 1, 3, False, False)
+    measured = draw(
+        "video2world, 1 earlier, 3 ahead, VAE whole, diffusers' encode, no arena (the H200 run)",
+        1,
+        3,
+        False,
+        False,
+        False,
+    )
     draw("video2world, 1 earlier, 28 ahead, VAE in tiles (the preset as shipped)", 1, 28, True, True)
     draw("video2world, 5 earlier, 28 ahead, VAE in tiles (the preset as shipped)", 5, 28, True, True)
     print(f"\n{'phase':84s} {'weights':>8s} {'KV':>5s} {'largest call':>18s} {'total':>6s}")
     for label, on_gpu, beside, call, name in rows:
         print(f"{label:84s} {on_gpu:8.2f} {beside:5.2f} {call:8.2f} {name:>9s} {on_gpu + beside + call:6.2f}")
+    static = args.static_cache_tokens * kv_per_token * 2 / GIB
+    print(
+        f"planner.compile adds its static KV cache of {args.static_cache_tokens} tokens, {static:.2f}, beside every "
+        f"phase (in place of the prefill's own cache), and the CUDA graphs' memory pool (not counted); arena "
+        f"{arena:.2f} (the largest role)"
+    )
     resident = sum(w.values())
     print(
         f"every model resident (no offload): weights {resident:.2f}; with the H200 run's largest call "

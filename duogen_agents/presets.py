@@ -485,8 +485,10 @@ BUILTIN: dict[str, Preset] = {
     ),
     # The same models on a 24 GB card: only the running model's weights on the GPU (see
     # models/residency.py). Peak measured with benchmarks/visual_plan.py --offload on an H200 (random
-    # weights at these shapes, but 3 frames ahead and the VAE whole): 22.34 GiB allocated (24.0 GB),
-    # 26.55 GiB reserved. As below (28 frames ahead, the VAE in tiles), not measured on a GPU.
+    # weights at these shapes, but 3 frames ahead, the VAE whole, before the arena): 22.34 GiB allocated
+    # (24.0 GB), 26.55 GiB reserved. As below (28 frames ahead, the VAE in tiles), not measured on a GPU;
+    # estimated at 17.9 GiB (benchmarks/memory_estimate.py). planner.compile may go with offload (the
+    # arena keeps the weights' addresses) but stays off until the two have been measured together.
     "qwen2.5-vl-7b+cosmos2-2b-24gb": Preset(
         name="qwen2.5-vl-7b+cosmos2-2b-24gb",
         description="Qwen2.5-VL-7B planner, Cosmos-Predict2-2B (704x1280), idle model offloaded: one 24 GB card",

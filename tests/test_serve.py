@@ -505,3 +505,53 @@ def test_shutdown_stops_a_running_turn_after_its_step_and_it_resumes(tiny_agent:
     finally:
         second.stop()
         db.close()
+
+
+def test_a_remote_models_address_is_withheld_from_clients(tiny_agent: Any, tmp_path: Path) -> None:
+    """A failed remote model's error names its address to the operator (``Agent.run``, the CLI, the
+    server's log) and never to the server's clients: HTTP errors, the stored turn's
+    error in a session's history, the OpenAI-compatible surface, MCP tool errors (a stream's error
+    event is the same ``api_error`` line)."""
+    import re
+
+    from duogen_agents import Agent
+    from duogen_agents.errors import GenerationError
+    from duogen_agents.models.remote import WITHHELD
+    from duogen_agents.presets import Preset, load_preset
+    from duogen_agents.serve.app import ServeSettings, create_app
+    from duogen_agents.serve.mcp import _one_line
+    from duogen_agents.sessions import Sessions
+    from duogen_agents.storage.database import Database
+
+    port = free_port()  # nothing listens there
+    url = f"http://127.0.0.1:{port}/v1"
+    base = load_preset("tiny").model_dump()
+    remote = {**base["planner"], "backend": "openai", "base_url": url, "model": "m", "max_retries": 0, "timeout_s": 5}
+    agent = Agent.from_preset(Preset.model_validate({**base, "planner": remote}), home=tiny_agent.home)
+    with pytest.raises(GenerationError, match=re.escape(f"cannot reach the planner at {url}")):
+        agent.run("Plan a picnic")
+
+    def withheld(message: str) -> bool:
+        return WITHHELD in message and str(port) not in message and "127.0.0.1" not in message
+
+    db = Database.open(f"sqlite:///{tmp_path / 'duogen.db'}", home=agent.home)
+    running = Running(create_app(agent, Sessions(db, agent.store), ServeSettings()))
+    try:
+        with http(running.url, token=None) as h:
+            r = h.post("/v1/sessions/picnic/turns", json={"prompt": "Plan a picnic"})
+            assert r.status_code == 500 and withheld(r.json()["error"]["message"]), r.text
+            assert r.json()["error"]["message"].startswith(f"cannot reach the planner at {WITHHELD}")
+            body = {"prompt": "Plan a picnic", "stream": True}
+            with h.stream("POST", "/v1/sessions/streamed/turns", json=body) as s:  # fails before its first event
+                assert s.status_code == 500 and withheld(json.loads(s.read())["error"]["message"])
+            history = h.get("/v1/sessions/picnic").json()["history"]
+            assert history and all(withheld(t["error"]) for t in history), history
+            model = h.get("/v1/models").json()["data"][0]["id"]
+            chat = h.post(
+                "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            )
+            assert chat.status_code == 500 and withheld(chat.json()["error"]["message"]), chat.text
+    finally:
+        running.stop()
+        db.close()
+    assert withheld(_one_line(GenerationError(f"cannot reach the planner at {url}: refused"), "sqlite"))

@@ -65,6 +65,31 @@ def build_planner(spec: PlannerSpec, models_dir: Path | None = None, *, role: st
 # ---- the HTTP client, shared with the image endpoint --------------------------------------------------
 
 
+# The base URLs of the remote models this process built. A server passes its errors on to its clients
+# ("cannot reach the planner at http://10.0.0.7:8000/v1"), and they need not learn where its upstream
+# servers are: ``withhold_upstreams`` takes these addresses out of a message before it leaves.
+_UPSTREAMS: set[str] = set()
+WITHHELD = "(address withheld)"
+
+
+def withhold_upstreams(text: str) -> str:
+    """``text`` with every address of this process's remote models replaced by ``WITHHELD``: the URL,
+    its scheme and host, the host and port, and a host name that cannot be a plain word of a message
+    (an IP address or a dotted name)."""
+    from urllib.parse import urlsplit
+
+    forms: set[str] = set()
+    for url in list(_UPSTREAMS):
+        parts = urlsplit(url)
+        forms.update(f for f in (url, f"{parts.scheme}://{parts.netloc}", parts.netloc) if f)
+        host = parts.hostname or ""
+        if "." in host or ":" in host:
+            forms.add(host)
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, WITHHELD)
+    return text
+
+
 def make_client(spec: PlannerSpec | ImageSpec, role: str) -> tuple[Any, str]:
     """An ``openai.OpenAI`` client for ``spec``'s server and its URL. The key is read from the
     environment variable ``api_key_env`` names, never from ``OPENAI_API_KEY`` unasked."""
@@ -75,6 +100,7 @@ def make_client(spec: PlannerSpec | ImageSpec, role: str) -> tuple[Any, str]:
             f"the remote {role} needs the openai package: pip install 'duogen-agents[serve]' (or pip install openai)"
         ) from None
     url = str(spec.base_url).rstrip("/")
+    _UPSTREAMS.add(url)
     key = "EMPTY"  # what vLLM and SGLang expect when they run without --api-key
     if spec.api_key_env:
         key = os.environ.get(spec.api_key_env, "")

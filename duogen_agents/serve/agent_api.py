@@ -36,6 +36,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from duogen_agents.models.remote import withhold_upstreams
 from duogen_agents.serve.app import ApiError, ServerState, api_error, error_body
 from duogen_agents.serve.gate import Slot, in_thread
 
@@ -125,7 +126,11 @@ async def get_session(session_id: str, request: Request) -> dict[str, Any]:
     _check_id(session_id)
 
     def read() -> dict[str, Any]:
-        return {**_info(state, session_id), "history": jsonable(state.sessions.turns(session_id))}
+        history = jsonable(state.sessions.turns(session_id))
+        for turn in history:  # a failed turn's stored line may name a remote model's address
+            if turn.get("error"):
+                turn["error"] = withhold_upstreams(turn["error"])
+        return {**_info(state, session_id), "history": history}
 
     return await _call(read)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import math
 import threading
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from duogen_agents.errors import (
     StorageError,
     TurnStoppedError,
 )
+from duogen_agents.models.remote import withhold_upstreams
 from duogen_agents.serve.auth import API_KEY_ENV, api_keys_from_env, check_bind, is_loopback
 from duogen_agents.serve.gate import Gate, QueueFull
 
@@ -47,6 +49,8 @@ if TYPE_CHECKING:
 
     from duogen_agents.agent import Agent
     from duogen_agents.sessions import Sessions
+
+log = logging.getLogger("duogen.serve")
 
 DEFAULT_MAX_BODY_MB = 32.0
 SHUTDOWN_MARGIN_S = 60  # after the grace: time for a stopped turn to end its step
@@ -87,6 +91,10 @@ def api_error(e: BaseException) -> ApiError:
         err.headers["Retry-After"] = str(e.retry_after)
         return err
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    public = withhold_upstreams(message)
+    if public != message:  # the operator reads where; the client does not
+        log.warning("%s", message)
+        message = public
     if isinstance(e, SessionNotFoundError):
         return ApiError(404, message, "not_found_error", "session_not_found")
     if isinstance(e, SessionBusyError):

@@ -128,7 +128,18 @@ class BearerAuth:
 
 
 def _one_line(e: BaseException, where: str) -> str:
-    """An error as the one line a caller sees (as the CLI prints it), never a traceback."""
+    """An error as the one line a caller sees (as the CLI prints it, but without the addresses of the
+    remote models: the operator's log has those), never a traceback."""
+    from duogen_agents.models.remote import withhold_upstreams
+
+    line = _full_line(e, where)
+    public = withhold_upstreams(line)
+    if public != line:
+        log.warning("%s", line)
+    return public
+
+
+def _full_line(e: BaseException, where: str) -> str:
     if isinstance(e, DuogenError):
         return str(e)
     from duogen_agents.storage.database import describe_failure
