@@ -174,22 +174,21 @@ def main() -> None:
         f"weights: planner {w['planner']:.2f}, T5-XXL encoder {w['t5']:.2f}, Text2Image DiT {w['t2i']:.2f}, "
         f"Video2World DiT {w['v2w']:.2f}, VAE {w['vae']:.2f}"
     )
+    # The roles take turns in one arena the size of the largest (models/residency.py), so every phase
+    # holds that much; the H200 run's offloading, measured before the arena, held each role's own size.
+    arena = max(w["planner"], w["t5"] + w["t2i"] + w["vae"], w["t5"] + w["v2w"] + w["vae"])
     text_peak = peak_of(encode_text)
     # (what, weights on the GPU, KV caches beside the call, largest call, its name). The prefill's call
     # holds its own session's cache; the other sessions' caches are beside it.
     rows: list[tuple[str, float, float, float, str]] = [
         (
             f"planner prefill, {args.prompt_tokens} tokens",
-            w["planner"],
+            arena,
             kv * (args.sessions - 1) / args.sessions,
             peak_of(prefill),
             "prefill",
         )
     ]
-
-    # The roles take turns in one arena the size of the largest (models/residency.py), so every phase
-    # holds that much; the H200 run's offloading, measured before the arena, held each role's own size.
-    arena = max(w["planner"], w["t5"] + w["t2i"] + w["vae"], w["t5"] + w["v2w"] + w["vae"])
 
     def draw(label: str, refs: int, ahead: int, tiled: bool, ours: bool, in_arena: bool = True) -> float:
         """Adds the draw's row; returns its largest call."""

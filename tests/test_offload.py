@@ -256,3 +256,39 @@ def test_offload_and_the_cuda_graph_decode_go_together() -> None:
         {**preset.model_dump(), "offload": True, "planner": {**preset.planner.model_dump(), "compile": True}}
     )
     assert both.offload and both.planner.compile
+
+
+def test_tensors_put_in_after_register_and_a_role_registered_again_keep_their_values() -> None:
+    """A buffer put into a shared module after its first role registered (placed by a later role
+    only) must not be overwritten while the first role runs; a parameter replaced after register is
+    left where it is; a role name registered again sends its earlier modules out of the arena."""
+    import torch
+
+    shared, big = torch.nn.Linear(4, 4), torch.nn.Linear(64, 64)
+    res = Residency("cpu")
+    res.register("z", [shared, big])
+    shared.register_buffer("extra", torch.arange(16.0))
+    res.register("y", [shared])  # gives `extra` a home and a place in y's layout only
+    res.use("y")
+    res.use("z")
+    assert torch.equal(shared.extra, torch.arange(16.0)) and not res._in_arena(shared.extra)
+
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    res = Residency("cpu")
+    res.register("a", [a])
+    res.register("b", [b])
+    res.use("a")
+    a.weight = torch.nn.Parameter(torch.ones(4, 4))
+    res.use("b")
+    res.use("a")
+    assert torch.equal(a.weight, torch.ones(4, 4))
+
+    p1, p2, image = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+    w1 = p1.weight.detach().clone()
+    res = Residency("cpu")
+    res.register("planner", [p1])
+    res.register("image", [image])
+    res.use("planner")
+    res.register("planner", [p2])  # the same name again (an id() reused), p1 still alive
+    res.use("image")
+    assert torch.equal(p1.weight, w1) and not res._in_arena(p1.weight)

@@ -516,7 +516,7 @@ def test_a_remote_models_address_is_withheld_from_clients(tiny_agent: Any, tmp_p
 
     from duogen_agents import Agent
     from duogen_agents.errors import GenerationError
-    from duogen_agents.models.remote import WITHHELD
+    from duogen_agents.models.remote import WITHHELD, withhold_upstreams, withhold_urls
     from duogen_agents.presets import Preset, load_preset
     from duogen_agents.serve.app import ServeSettings, create_app
     from duogen_agents.serve.mcp import _one_line
@@ -555,3 +555,8 @@ def test_a_remote_models_address_is_withheld_from_clients(tiny_agent: Any, tmp_p
         running.stop()
         db.close()
     assert withheld(_one_line(GenerationError(f"cannot reach the planner at {url}: refused"), "sqlite"))
+    assert withhold_upstreams("127.0.0.10 and 127.0.0.1.") == f"127.0.0.10 and {WITHHELD}."  # whole names only
+    # a stored error of another process, whose remote models this one does not know: any URL
+    assert withhold_urls("GenerationError: cannot reach the planner at http://gpu-7:8000/v1 (x)") == (
+        f"GenerationError: cannot reach the planner at {WITHHELD} (x)"
+    )

@@ -74,20 +74,30 @@ WITHHELD = "(address withheld)"
 
 def withhold_upstreams(text: str) -> str:
     """``text`` with every address of this process's remote models replaced by ``WITHHELD``: the URL,
-    its scheme and host, the host and port, and a host name that cannot be a plain word of a message
-    (an IP address or a dotted name)."""
+    its scheme and host, the host and port, the host as urllib3 quotes it (``host='planner'``), and a
+    host name that cannot be a plain word of a message (an IP address or a dotted name). Each is
+    replaced only where it is whole (``10.0.0.7`` is not withheld out of ``10.0.0.70``)."""
     from urllib.parse import urlsplit
 
     forms: set[str] = set()
     for url in list(_UPSTREAMS):
         parts = urlsplit(url)
-        forms.update(f for f in (url, f"{parts.scheme}://{parts.netloc}", parts.netloc) if f)
         host = parts.hostname or ""
+        forms.update(f for f in (url, f"{parts.scheme}://{parts.netloc}", parts.netloc) if f)
+        if host:
+            forms.update((f"host='{host}'", f'host="{host}"'))
         if "." in host or ":" in host:
             forms.add(host)
     for form in sorted(forms, key=len, reverse=True):
-        text = text.replace(form, WITHHELD)
+        withheld = f"host='{WITHHELD}'" if form.startswith("host=") else WITHHELD
+        text = re.sub(rf"(?<![\w.-]){re.escape(form)}(?![\w-]|\.\w)", withheld, text)
     return text
+
+
+def withhold_urls(text: str) -> str:
+    """``text`` with every http(s) URL withheld: for what was stored by another process, whose remote
+    models this one may not know (a session's failed turn, read back from a shared database)."""
+    return re.sub(r"https?://[^\s'\"<>)]+", WITHHELD, withhold_upstreams(text))
 
 
 def make_client(spec: PlannerSpec | ImageSpec, role: str) -> tuple[Any, str]:

@@ -14,8 +14,8 @@ The roles take turns in one *arena*: a single device buffer the size of the larg
 once. Each tensor has a fixed place in it (a tensor two roles share, such as the text encoder of both
 Cosmos pipelines, the same place in both, so switching between them copies only what differs), so a
 role's weights come back at the same addresses every time. That is what lets the planner's CUDA-graph
-decode (``planner.compile``) run offloaded: a captured graph replays against the addresses it
-captured. It also keeps the weights out of the caching allocator, whose blocks a thousand tensors of
+decode (``planner.compile``) run offloaded: a captured graph replays only at the addresses it captured,
+and at new ones torch records the graphs again (at every load, keeping the old ones). It also keeps the weights out of the caching allocator, whose blocks a thousand tensors of
 every size, freed and allocated at each switch, would fragment. The price: while a smaller role runs,
 the arena still holds the largest one's size.
 """
@@ -74,6 +74,8 @@ class Residency:
     def register(self, role: str, modules: list[Any]) -> None:
         """Add a role and send its modules to pinned CPU memory until it is used."""
         kept = [m for m in modules if m is not None]
+        for m in self.modules(role):  # a name registered again: its earlier modules leave the arena
+            self._offload(m)
         tensors = _unique(t for m in kept for _owner, _name, t in _tensors(m))
         self.roles[role] = [weakref.ref(m) for m in kept]
         _homes(tensors)
@@ -132,22 +134,28 @@ class Residency:
         clears it."""
         import torch
 
-        for role in list(self.roles):
-            for m in self.modules(role):
-                for _owner, _name, t in _tensors(m):
-                    home = getattr(t, "_duogen_home", None)
-                    if home is None:
-                        continue
-                    t.data = home.to(self.device, copy=True)
-                    del t._duogen_home
-                    if hasattr(t, "_duogen_offset"):
-                        del t._duogen_offset
+        modules = [m for role in self.roles for m in self.modules(role)]
+        for m in modules:  # out of the arena first, so that it is freed before the copies are made
+            self._offload(m)
+        self._drop_arena()
+        for m in modules:
+            for _owner, _name, t in _tensors(m):
+                home = getattr(t, "_duogen_home", None)
+                if home is None:
+                    continue
+                t.data = home.to(self.device, copy=True)
+                del t._duogen_home
+                if hasattr(t, "_duogen_offset"):
+                    del t._duogen_offset
         self.roles.clear()
         self.layouts.clear()
         self.active = None
-        self._drop_arena()
         if torch.cuda.is_available() and hasattr(torch._C, "_host_emptyCache"):
             torch._C._host_emptyCache()  # the freed slabs would stay pinned in PyTorch's host cache
+
+    def _in_arena(self, t: Any) -> bool:
+        start = self.arena.data_ptr()
+        return start <= t.data_ptr() < start + self.arena.numel()
 
     def _drop_arena(self) -> None:
         if self.arena is None:
@@ -160,8 +168,10 @@ class Residency:
             torch.cuda.empty_cache()
 
     def _offload(self, module: Any) -> None:
-        for _owner, _name, t in _tensors(module):  # every tensor has its home since ``register``
-            t.data = t._duogen_home
+        for _owner, _name, t in _tensors(module):
+            home = getattr(t, "_duogen_home", None)
+            if home is not None:  # not one put in after ``register`` (it stays where it is)
+                t.data = home
 
     def _load(self, role: str, modules: list[Any]) -> None:
         import torch
@@ -169,11 +179,19 @@ class Residency:
         if self.arena is None:
             self.arena = torch.empty(max(self.arena_bytes(), 1), dtype=torch.uint8, device=self.device)
         layout = self.layouts[role]
-        for _owner, _name, t in _unique_tensors(modules):
+        tensors = _unique_tensors(modules)
+        placed = []
+        for _owner, _name, t in tensors:
             home = getattr(t, "_duogen_home", None)
-            off = layout.get(id(t))
-            if home is None or off is None:  # not this role's when it registered (a tensor put in later)
+            if home is None:  # put in after ``register``: it never left its own memory
                 continue
+            if id(t) in layout:
+                placed.append((t, home, layout[id(t)]))
+            elif t.data_ptr() == home.data_ptr() or self._in_arena(t):
+                # Not this role's when it registered (put in later, or placed by a role registered
+                # since): its own memory, as before the arena, where no copy below can overwrite it.
+                t.data = home.to(self.device, copy=True)
+        for t, home, off in placed:
             place = self.arena[off : _end(off, home)]
             # Already in its place: it belongs to the role that ran last too, whose tensors do not overlap,
             # so nothing has written there since. (``t.data`` is a new object at each read, so where a

@@ -36,7 +36,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from duogen_agents.models.remote import withhold_upstreams
+from duogen_agents.models.remote import withhold_urls
 from duogen_agents.serve.app import ApiError, ServerState, api_error, error_body
 from duogen_agents.serve.gate import Slot, in_thread
 
@@ -127,9 +127,9 @@ async def get_session(session_id: str, request: Request) -> dict[str, Any]:
 
     def read() -> dict[str, Any]:
         history = jsonable(state.sessions.turns(session_id))
-        for turn in history:  # a failed turn's stored line may name a remote model's address
+        for turn in history:  # a failed turn's stored line may name a remote model's address (any process's)
             if turn.get("error"):
-                turn["error"] = withhold_upstreams(turn["error"])
+                turn["error"] = withhold_urls(turn["error"])
         return {**_info(state, session_id), "history": history}
 
     return await _call(read)

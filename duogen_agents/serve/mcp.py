@@ -134,7 +134,9 @@ def _one_line(e: BaseException, where: str) -> str:
 
     line = _full_line(e, where)
     public = withhold_upstreams(line)
-    if public != line:
+    if not isinstance(e, DuogenError):
+        log.error("tool failed: %s", line, exc_info=bool(os.environ.get("DUOGEN_DEBUG")))
+    elif public != line:
         log.warning("%s", line)
     return public
 
@@ -373,10 +375,7 @@ class DuogenMCP:
         try:
             return await anyio.to_thread.run_sync(body, emit)
         except Exception as e:
-            line = _one_line(e, self.where)
-            if not isinstance(e, DuogenError):
-                log.error("tool failed: %s", line, exc_info=bool(os.environ.get("DUOGEN_DEBUG")))
-            return error_result(line)
+            return error_result(_one_line(e, self.where))
 
     def build(self) -> Any:
         """The ``MCPServer`` with the five tools."""
