@@ -275,11 +275,12 @@ def _db_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_presets() -> int:
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from duogen_agents.presets import BUILTIN
 
-    t = Table("preset", "planner", "image tool", "GPU memory", "description")
+    # The name is what a user types: never cut (the other columns wrap)
+    t = Table(Column("preset", no_wrap=True), "planner", "image tool", "GPU memory", "description")
     for name, p in BUILTIN.items():
         mem = f"~{p.gpu_memory_gb:.0f} GB" if p.gpu_memory_gb else "CPU"
         t.add_row(name, p.planner.describe(), p.image.describe(), mem, p.description)

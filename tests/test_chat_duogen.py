@@ -132,6 +132,14 @@ def test_streaming_gives_the_same_text_and_usage_last(chat) -> None:
     assert chunks[-1].usage_metadata and not any(c.usage_metadata for c in chunks[:-1])
 
 
+def test_max_tokens_per_call_as_langchain_passes_it(chat) -> None:
+    """``invoke(..., max_tokens=N)`` and ``bind(max_tokens=N)`` cap the answer, as on other LangChain chat
+    models (they were ignored: only the constructor's field counted)."""
+    assert chat.invoke("Describe a picnic", max_tokens=3).usage_metadata["output_tokens"] <= 3
+    assert chat.bind(max_tokens=2).invoke("Describe a picnic").usage_metadata["output_tokens"] <= 2
+    assert chat.invoke("Describe a picnic").usage_metadata["output_tokens"] > 3  # the default cap is 24
+
+
 def test_stop_sequences_cut_the_text(chat) -> None:
     text = chat.invoke("Describe a picnic").content
     cut = text[len(text) // 2 : len(text) // 2 + 2]

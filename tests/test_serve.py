@@ -253,6 +253,9 @@ def test_session_turns_documents_and_images(server: Running) -> None:
     with http(server) as h:
         sid = h.post("/v1/sessions", json={"id": "garden"}).json()["id"]
         assert sid == "garden"
+        for kwargs in ({}, {"json": {}}):  # no body, or an empty one: a new id
+            fresh = h.post("/v1/sessions", **kwargs)
+            assert fresh.status_code == 201 and fresh.json()["id"] != sid, fresh.text
         first = h.post(f"/v1/sessions/{sid}/turns", json={"prompt": "Plan a garden", "mode": "visual-plan",
                                                           "images": [data_url((0, 128, 0))]})  # fmt: skip
         assert first.status_code == 200, first.text

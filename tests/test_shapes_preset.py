@@ -12,9 +12,12 @@ from duogen_agents.cli import main
 from duogen_agents.presets import SHIPPED, load_preset
 
 
-def test_shapes_is_a_builtin_whose_weights_ship_in_the_package(capsys) -> None:
+def test_shapes_is_a_builtin_whose_weights_ship_in_the_package(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
     assert main(["presets"]) == 0
-    assert "shapes" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "shapes" in out
+    assert "qwen2.5-vl-7b+cosmos2-2b-24gb" in out  # the names are never cut, even at 80 columns
     preset = load_preset("shapes")
     assert preset.is_shipped and not preset.is_tiny and preset.image.family == "aligned"
     assert Path(preset.planner.model).is_dir() and (Path(str(preset.image.model)) / "aligned.json").is_file()

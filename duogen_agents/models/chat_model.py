@@ -235,7 +235,8 @@ class ChatDuogen(PlannerChatModel):
             forced = [t for t in tools if isinstance(choice, str) and t["function"]["name"] == choice]
             required = choice in ("any", "required") or bool(forced)
             schema = _tool_call_schema(forced or tools, required)
-        limit = kwargs.get("max_new_tokens") or self.max_tokens or self.default_max_tokens
+        # per call: invoke(..., max_tokens=N) or bind(max_tokens=N), as LangChain's chat models take it
+        limit = kwargs.get("max_tokens") or kwargs.get("max_new_tokens") or self.max_tokens or self.default_max_tokens
         stop = stop or self.stop
         if schema is not None:
             # Never cut a constrained answer mid-JSON: give it what its schema can take.

@@ -112,8 +112,9 @@ async def list_sessions(request: Request) -> dict[str, Any]:
 
 
 @router.post("/v1/sessions", status_code=201)
-async def new_session(body: NewSession, request: Request) -> dict[str, Any]:
+async def new_session(request: Request, body: NewSession | None = None) -> dict[str, Any]:
     state = _state(request)
+    body = body or NewSession()  # no body, or {}: a new id
     session_id = _check_id(body.id) if body.id is not None else secrets.token_hex(4)
     if await _call(state.sessions.exists, session_id):
         raise ApiError(409, f"session {session_id!r} exists already", "conflict_error", "session_exists")
@@ -146,9 +147,10 @@ async def delete_session(session_id: str, request: Request) -> dict[str, Any]:
 
 
 @router.post("/v1/sessions/{session_id}/fork", status_code=201)
-async def fork_session(session_id: str, body: NewSession, request: Request) -> dict[str, Any]:
+async def fork_session(session_id: str, request: Request, body: NewSession | None = None) -> dict[str, Any]:
     state = _state(request)
     _check_id(session_id)
+    body = body or NewSession()  # no body, or {}: a new id
     if body.id is not None:
         _check_id(body.id)
     info = await _call(state.sessions.fork, session_id, body.id)

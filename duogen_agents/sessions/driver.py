@@ -115,7 +115,7 @@ class Session:
             if self.sessions.unfinished_turn(self.id) is not None:
                 raise SessionStateError(
                     f"session {self.id!r} has an unfinished turn; resume it (duogen run --session {self.id} "
-                    "--resume) or cancel it first"
+                    f"--resume) or drop it and send this prompt (duogen run --session {self.id} --discard PROMPT)"
                 )
             seed = self.agent.preset.seed if seed is None else seed
             base = self.graph.get_state(self._config()).config["configurable"].get("checkpoint_id")

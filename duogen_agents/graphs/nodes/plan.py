@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from langchain_core.messages import AIMessage
@@ -21,6 +22,15 @@ from duogen_agents.graphs.nodes.common import (
     writer,
 )
 from duogen_agents.graphs.state import RESET_BLOCKS, TurnState
+
+_STEP_PREFIX = re.compile(r"\s*step\s*\d+\s*[:.)\-\u2013\u2014]\s*", re.IGNORECASE)
+
+
+def step_title(title: str) -> str:
+    """A plan step's title for its heading ``### Step N: ...``, without a "Step N:" of its own (models
+    often number their titles, which gave "### Step 1: Step 1: ...")."""
+    rest = _STEP_PREFIX.sub("", title, count=1) if _STEP_PREFIX.match(title) else title
+    return rest if rest.strip() else title
 
 
 def inline_images(state: TurnState, deps: GraphDeps) -> dict[str, Any]:
@@ -136,7 +146,7 @@ def plan(state: TurnState, config: RunnableConfig, *, deps: GraphDeps) -> dict[s
         instruction = prompts.STEP.format(number=i + 1, title=steps[i]["title"])
         raw, n = call_planner(state, config, deps, schema, instruction, max_new)
         action = A.parse_action(raw, A.StepAction)
-        heading = f"### Step {i + 1}: {steps[i]['title']}\n\n"
+        heading = f"### Step {i + 1}: {step_title(steps[i]['title'])}\n\n"
         return {
             **base,
             **text_update(heading + action.text, step=i),
