@@ -147,7 +147,9 @@ def test_roles_take_turns_in_one_arena_and_come_back_at_the_same_addresses() -> 
     res.register("planner", [planner])
     res.register("dit", [dit])
     assert res.arena is None  # nothing is allocated before a role runs
-    res.use("planner")
+    with torch.inference_mode():  # as the planner runs; the image pipelines later copy in outside it
+        res.use("planner")
+    assert not res.arena.is_inference()
     # the largest role's span, each tensor at a multiple of 256 bytes: weight, bias (128), norm's two (128)
     assert res.arena.numel() == res.arena_bytes() == 4096 + 256 + 256 + 128
     first = _ptrs(planner)

@@ -177,7 +177,10 @@ class Residency:
         import torch
 
         if self.arena is None:
-            self.arena = torch.empty(max(self.arena_bytes(), 1), dtype=torch.uint8, device=self.device)
+            # A normal tensor even when the first use is inside the planner's inference_mode: the image
+            # pipelines copy into it outside it (an inference tensor forbids in-place writes there).
+            with torch.inference_mode(False):
+                self.arena = torch.empty(max(self.arena_bytes(), 1), dtype=torch.uint8, device=self.device)
         layout = self.layouts[role]
         tensors = _unique_tensors(modules)
         placed = []
