@@ -273,9 +273,11 @@ def plain_video2world(tool: CosmosImageTool) -> Any:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--real-shapes", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each row (at least 1)")
     ap.add_argument("--skip-e2e", action="store_true")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     quiet_libraries()
     home = Path(tempfile.mkdtemp(prefix="duogen-bench-"))
     store = ImageStore(home)

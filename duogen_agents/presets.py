@@ -576,12 +576,33 @@ def _switches_backend(base: dict[str, Any], override: dict[str, Any]) -> bool:
     return "backend" in override and override["backend"] != base.get("backend")
 
 
+def _beside(data: dict[str, Any], folder: Path) -> None:
+    """Model folders named relative to the preset file: a relative path that exists beside the file
+    (``model = "planner"`` in a ``duogen train`` run's or a shipped folder's preset) becomes that
+    folder, whatever the working directory. Anything else (a hub id, ``tiny:...``, an absolute path,
+    a folder relative to the working directory only) is left as written."""
+
+    def fix(section: Any) -> None:
+        if not isinstance(section, dict):
+            return
+        for key in ("model", "text2image", "video2world"):
+            value = section.get(key)
+            if isinstance(value, str) and value and ":" not in value and not Path(value).expanduser().is_absolute():
+                if (folder / value).is_dir():
+                    section[key] = str((folder / value).resolve())
+        fix(section.get("references"))
+
+    for name in ("planner", "critic", "image"):
+        fix(data.get(name))
+
+
 def load_preset(name_or_path: str | Path | Preset) -> Preset:
     """Return a built-in preset by name, or load and validate a ``.toml`` / ``.json`` preset file.
 
     A file may name a built-in preset in ``base`` and override only some fields; a section
     (``planner``, ``image``, ``critic``) that names another ``backend`` than the base's is taken as
-    written, not merged with the base's.
+    written, not merged with the base's. A model folder named relative to the file, and found there,
+    is read from there.
     """
     if isinstance(name_or_path, Preset):
         return name_or_path
@@ -595,6 +616,7 @@ def load_preset(name_or_path: str | Path | Preset) -> Preset:
     if not path.exists():
         raise ConfigError(f"preset file not found: {path}")
     data = _read_file(path)
+    _beside(data, path.resolve().parent)
     base = data.pop("base", None)
     data.setdefault("name", path.stem)
     if base is not None:

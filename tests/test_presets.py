@@ -82,3 +82,22 @@ def test_the_compile_switches_are_on_where_a_gpu_measured_them() -> None:
     assert on["qwen3-vl-8b+flux2-klein-4b"] == (False, False)
     assert on["qwen2.5-vl-7b+cosmos2-2b-24gb"] == (False, False)
     assert on["tiny"] == (False, False)
+
+
+def test_model_folders_named_relative_to_the_preset_file_are_read_from_beside_it(tmp_path, monkeypatch) -> None:
+    """A ``duogen train`` run's or a shipped folder's ``preset.json`` names its models relative to
+    itself; loaded by path from anywhere, it must not send "planner" to the model hub."""
+    from duogen_agents.presets import SHIPPED
+
+    monkeypatch.chdir(tmp_path)
+    shipped = SHIPPED / "shapes" / "preset.json"
+    if shipped.is_file():
+        by_path, builtin = load_preset(shipped), load_preset("shapes")
+        assert by_path.planner.model == builtin.planner.model and by_path.image.model == builtin.image.model
+    run = tmp_path / "run"
+    (run / "planner").mkdir(parents=True)
+    (run / "preset.toml").write_text('base = "tiny"\n[planner]\nmodel = "planner"\n[image]\ntext2image = "not-here"\n')
+    preset = load_preset(run / "preset.toml")
+    assert preset.planner.model == str((run / "planner").resolve())
+    assert preset.image.text2image == "not-here"  # not beside the file: left as written (a hub id, say)
+    assert load_preset("tiny").planner.model.startswith("tiny:")
