@@ -439,6 +439,7 @@ def run_plan(args: argparse.Namespace) -> None:
         horizon, tool.spec.horizon_frames = tool.spec.horizon_frames, args.offload_horizon or mode.horizon_frames
         vae_tiling(tool.text2image.vae, mode.vae_tiling)
         tiles = ", the VAE in tiles" if mode.vae_tiling else ""
+        was_compiled = planner.spec.compile
         runs = [("", False)] if args.offload else []
         if args.offload_compile:
             runs.append((", compiled (DiT regional, planner decode with CUDA graphs)", True))
@@ -470,7 +471,7 @@ def run_plan(args: argparse.Namespace) -> None:
         residency_for(planner.device).release()
         planner.residency_role = tool.residency = None
         if args.offload_compile:  # the later variants decode as they say (the DiT stays compiled)
-            planner.spec.compile = args.compile_planner
+            planner.spec.compile = was_compiled
             planner.prefix_cache.forget()
     # Variants after the baseline, which stays plain. Compiled parts compile once per process.
     if args.compile_dit or args.compile_planner:

@@ -578,14 +578,16 @@ def _switches_backend(base: dict[str, Any], override: dict[str, Any]) -> bool:
 
 def _beside(data: dict[str, Any], folder: Path) -> None:
     """Model folders named relative to the preset file: a relative path that exists beside the file
-    (``model = "planner"`` in a ``duogen train`` run's or a shipped folder's preset) becomes that
-    folder, whatever the working directory. Anything else (a hub id, ``tiny:...``, an absolute path,
-    a folder relative to the working directory only) is left as written."""
+    (``model = "planner"``, as in the shipped ``weights/shapes/preset.json``) becomes that folder,
+    whatever the working directory. Anything else (a hub id, ``tiny:...``, an absolute path, a folder
+    relative to the working directory only) is left as written, and so is a remote section's ``model``
+    (the name its server serves, which may well be "planner")."""
 
     def fix(section: Any) -> None:
         if not isinstance(section, dict):
             return
-        for key in ("model", "text2image", "video2world"):
+        keys = () if section.get("backend") in ("openai", "openai-images") else ("model", "text2image", "video2world")
+        for key in keys:
             value = section.get(key)
             if isinstance(value, str) and value and ":" not in value and not Path(value).expanduser().is_absolute():
                 if (folder / value).is_dir():

@@ -161,8 +161,14 @@ def test_default_preset_comes_from_the_environment(monkeypatch, capsys) -> None:
 def test_a_plan_steps_own_numbering_is_not_repeated_in_its_heading(tmp_path) -> None:
     """Models often number their step titles; the heading numbers them already ("### Step 1: Step 1:")."""
     image = {"prompt": "a pot", "references": [], "kind": "generate"}
-    plan = {"title": "Repot", "steps": [{"title": "Step 1: Water the plant"}, {"title": "Stepping stones"}]}
-    script = [plan, {"text": "Water it.", "image": image}, {"text": "Lay them.", "image": image}]
-    doc = _agent(tmp_path, script, check=False).run("Repot a plant", mode="visual-plan")
-    texts = [b.text for b in doc.blocks if b.type == "text"]
-    assert texts[0].startswith("### Step 1: Water the plant\n") and texts[1].startswith("### Step 2: Stepping stones\n")
+    titles = ["Step 1: Water the plant", "Stepping stones", "Step 3", "Step 1.5 cups of soil"]
+    plan = {"title": "Repot", "steps": [{"title": t} for t in titles]}
+    script = [plan] + [{"text": "Do it.", "image": image}] * 4
+    doc = _agent(tmp_path, script, check=False, max_images=4).run("Repot a plant", mode="visual-plan")
+    headings = [b.text.split("\n")[0] for b in doc.blocks if b.type == "text"]
+    assert headings == [
+        "### Step 1: Water the plant",
+        "### Step 2: Stepping stones",
+        "### Step 3",
+        "### Step 4: Step 1.5 cups of soil",
+    ]

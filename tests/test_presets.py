@@ -101,3 +101,8 @@ def test_model_folders_named_relative_to_the_preset_file_are_read_from_beside_it
     assert preset.planner.model == str((run / "planner").resolve())
     assert preset.image.text2image == "not-here"  # not beside the file: left as written (a hub id, say)
     assert load_preset("tiny").planner.model.startswith("tiny:")
+    # a remote section's model is the name its server serves, even where a folder of that name is beside
+    (run / "remote.toml").write_text(
+        'base = "tiny"\n[planner]\nbackend = "openai"\nbase_url = "http://127.0.0.1:8000/v1"\nmodel = "planner"\n'
+    )
+    assert load_preset(run / "remote.toml").planner.model == "planner"

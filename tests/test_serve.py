@@ -559,7 +559,10 @@ def test_a_remote_models_address_is_withheld_from_clients(tiny_agent: Any, tmp_p
         db.close()
     assert withheld(_one_line(GenerationError(f"cannot reach the planner at {url}: refused"), "sqlite"))
     assert withhold_upstreams("127.0.0.10 and 127.0.0.1.") == f"127.0.0.10 and {WITHHELD}."  # whole names only
-    # a stored error of another process, whose remote models this one does not know: any URL
-    assert withhold_urls("GenerationError: cannot reach the planner at http://gpu-7:8000/v1 (x)") == (
+    # a stored error of another process, whose remote models this one does not know: any address
+    assert withhold_urls("GenerationError: cannot reach the planner at HTTP://gpu-7:8000/v1 (x)") == (
         f"GenerationError: cannot reach the planner at {WITHHELD} (x)"
+    )
+    assert withhold_urls("HTTPConnectionPool(host='gpu-7', port=8000): 10.0.0.9:8000, gpu-7:8000; 12:30") == (
+        f"HTTPConnectionPool(host='{WITHHELD}', port=8000): {WITHHELD}, {WITHHELD}; 12:30"
     )

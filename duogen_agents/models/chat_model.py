@@ -221,8 +221,6 @@ class ChatDuogen(PlannerChatModel):
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "duogen"
         params["ls_model_name"] = kwargs.get("model") or self.model_name
-        if self.max_tokens is not None:
-            params["ls_max_tokens"] = self.max_tokens
         if self.stop:
             params["ls_stop"] = self.stop
         return params

@@ -75,29 +75,44 @@ WITHHELD = "(address withheld)"
 def withhold_upstreams(text: str) -> str:
     """``text`` with every address of this process's remote models replaced by ``WITHHELD``: the URL,
     its scheme and host, the host and port, the host as urllib3 quotes it (``host='planner'``), and a
-    host name that cannot be a plain word of a message (an IP address or a dotted name). Each is
-    replaced only where it is whole (``10.0.0.7`` is not withheld out of ``10.0.0.70``)."""
+    host name that cannot be a plain word of a message (an IP address or a dotted name; a bare name
+    such as ``planner`` only with its port or quoted). Each is replaced only where it is whole
+    (``10.0.0.7`` is not withheld out of ``10.0.0.70``), in any case (host names are)."""
     from urllib.parse import urlsplit
 
     forms: set[str] = set()
     for url in list(_UPSTREAMS):
         parts = urlsplit(url)
         host = parts.hostname or ""
-        forms.update(f for f in (url, f"{parts.scheme}://{parts.netloc}", parts.netloc) if f)
+        named = "." in host or ":" in host  # an IP address or a dotted name
+        forms.update(f for f in (url, f"{parts.scheme}://{parts.netloc}") if f)
+        if parts.netloc and (named or parts.netloc.lower() != host):  # a bare name only with its port
+            forms.add(parts.netloc)
         if host:
             forms.update((f"host='{host}'", f'host="{host}"'))
-        if "." in host or ":" in host:
+        if named:
             forms.add(host)
     for form in sorted(forms, key=len, reverse=True):
         withheld = f"host='{WITHHELD}'" if form.startswith("host=") else WITHHELD
-        text = re.sub(rf"(?<![\w.-]){re.escape(form)}(?![\w-]|\.\w)", withheld, text)
+        text = re.sub(rf"(?<![\w.-]){re.escape(form)}(?![\w-]|\.\w)", withheld, text, flags=re.IGNORECASE)
     return text
 
 
+# In what another process stored: any URL, a quoted host, an IPv4 address, a name with a port.
+_ADDRESSES = re.compile(
+    r"https?://[^\s'\"<>)]+"
+    r"|(?<=host=')[^']+(?=')|(?<=host=\")[^\"]+(?=\")"
+    r"|(?<![\w.-])\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?(?![\w-]|\.\w)"
+    r"|(?<![\w.-])(?=[\w.-]*[a-z])[a-z0-9][\w.-]*:\d{2,5}(?![\w-]|\.\w)",  # a name: a letter in it
+    re.IGNORECASE,
+)
+
+
 def withhold_urls(text: str) -> str:
-    """``text`` with every http(s) URL withheld: for what was stored by another process, whose remote
-    models this one may not know (a session's failed turn, read back from a shared database)."""
-    return re.sub(r"https?://[^\s'\"<>)]+", WITHHELD, withhold_upstreams(text))
+    """``text`` with every address withheld (``_ADDRESSES``, and this process's remote models'): for
+    what was stored by another process, whose remote models this one may not know (a session's failed
+    turn, read back from a shared database)."""
+    return _ADDRESSES.sub(WITHHELD, withhold_upstreams(text))
 
 
 def make_client(spec: PlannerSpec | ImageSpec, role: str) -> tuple[Any, str]:

@@ -114,8 +114,9 @@ class Session:
         with self._writing():
             if self.sessions.unfinished_turn(self.id) is not None:
                 raise SessionStateError(
-                    f"session {self.id!r} has an unfinished turn; resume it (duogen run --session {self.id} "
-                    f"--resume) or drop it and send this prompt (duogen run --session {self.id} --discard PROMPT)"
+                    f"session {self.id!r} has an unfinished turn; resume or drop it first (duogen run --session "
+                    f"{self.id} --resume, or --discard PROMPT to drop it and send PROMPT; over HTTP, POST "
+                    f"/v1/sessions/{self.id}/resume or /cancel)"
                 )
             seed = self.agent.preset.seed if seed is None else seed
             base = self.graph.get_state(self._config()).config["configurable"].get("checkpoint_id")

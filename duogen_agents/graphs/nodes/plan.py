@@ -23,14 +23,14 @@ from duogen_agents.graphs.nodes.common import (
 )
 from duogen_agents.graphs.state import RESET_BLOCKS, TurnState
 
-_STEP_PREFIX = re.compile(r"\s*step\s*\d+\s*[:.)\-\u2013\u2014]\s*", re.IGNORECASE)
+# "Step 3:", "step 3)", "Step 3 -", "Step 3." (a dot or dash only before a space: "Step 1.5 cups" keeps it)
+_STEP_PREFIX = re.compile(r"\s*step\s*\d+\s*(?:[:)]|[.\-\u2013\u2014](?=\s)|$)\s*", re.IGNORECASE)
 
 
 def step_title(title: str) -> str:
     """A plan step's title for its heading ``### Step N: ...``, without a "Step N:" of its own (models
     often number their titles, which gave "### Step 1: Step 1: ...")."""
-    rest = _STEP_PREFIX.sub("", title, count=1) if _STEP_PREFIX.match(title) else title
-    return rest if rest.strip() else title
+    return _STEP_PREFIX.sub("", title, count=1).strip() if _STEP_PREFIX.match(title) else title
 
 
 def inline_images(state: TurnState, deps: GraphDeps) -> dict[str, Any]:
@@ -146,7 +146,8 @@ def plan(state: TurnState, config: RunnableConfig, *, deps: GraphDeps) -> dict[s
         instruction = prompts.STEP.format(number=i + 1, title=steps[i]["title"])
         raw, n = call_planner(state, config, deps, schema, instruction, max_new)
         action = A.parse_action(raw, A.StepAction)
-        heading = f"### Step {i + 1}: {step_title(steps[i]['title'])}\n\n"
+        title = step_title(steps[i]["title"])
+        heading = f"### Step {i + 1}: {title}\n\n" if title else f"### Step {i + 1}\n\n"
         return {
             **base,
             **text_update(heading + action.text, step=i),
