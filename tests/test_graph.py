@@ -164,8 +164,13 @@ def test_a_plan_steps_own_numbering_is_not_repeated_in_its_heading(tmp_path) -> 
     titles = ["Step 1: Water the plant", "Stepping stones", "Step 3", "Step 1.5 cups of soil"]
     plan = {"title": "Repot", "steps": [{"title": t} for t in titles]}
     script = [plan] + [{"text": "Do it.", "image": image}] * 4
-    doc = _agent(tmp_path, script, check=False, max_images=4).run("Repot a plant", mode="visual-plan")
+    agent = _agent(tmp_path, script, check=False, max_images=4)
+    doc = agent.run("Repot a plant", mode="visual-plan")
     headings = [b.text.split("\n")[0] for b in doc.blocks if b.type == "text"]
+    # The planner reads back its step as it wrote the title: trained planners learned from that text.
+    conversation, _schema = agent.planner.calls[-1]
+    said = json.dumps(conversation, default=str)  # pictures as their repr
+    assert "### Step 1: Step 1: Water the plant" in said and "### Step 3: Step 3" in said
     assert headings == [
         "### Step 1: Water the plant",
         "### Step 2: Stepping stones",

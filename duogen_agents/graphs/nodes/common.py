@@ -86,10 +86,13 @@ def call_planner(
     return str(response.content), int(usage.get("output_tokens", 0))
 
 
-def text_update(text: str, step: int | None = None) -> dict[str, Any]:
+def text_update(text: str, step: int | None = None, said: str | None = None) -> dict[str, Any]:
+    """``text`` as the document's block and the stream's event; ``said`` (default: ``text``) as the
+    message the planner reads back in its next calls, where it differs from what the reader sees."""
     block = TextBlock(text=text, step=step)
     writer()({"event": "text", "text": text, "step": step})
-    return {"blocks": [block.model_dump()], "messages": [AIMessage(content=[{"type": "text", "text": text}])]}
+    message = AIMessage(content=[{"type": "text", "text": text if said is None else said}])
+    return {"blocks": [block.model_dump()], "messages": [message]}
 
 
 def pending_from(state: TurnState, req: A.ImageRequest, origin: str, step: int | None) -> PendingImage:

@@ -28,8 +28,8 @@ _STEP_PREFIX = re.compile(r"\s*step\s*\d+\s*(?:[:)]|[.\-\u2013\u2014](?=\s)|$)\s
 
 
 def step_title(title: str) -> str:
-    """A plan step's title for its heading ``### Step N: ...``, without a "Step N:" of its own (models
-    often number their titles, which gave "### Step 1: Step 1: ...")."""
+    """A plan step's title for the reader's heading ``### Step N: ...``, without a "Step N:" of its own
+    (models often number their titles, which gave "### Step 1: Step 1: ...")."""
     return _STEP_PREFIX.sub("", title, count=1).strip() if _STEP_PREFIX.match(title) else title
 
 
@@ -148,9 +148,12 @@ def plan(state: TurnState, config: RunnableConfig, *, deps: GraphDeps) -> dict[s
         action = A.parse_action(raw, A.StepAction)
         title = step_title(steps[i]["title"])
         heading = f"### Step {i + 1}: {title}\n\n" if title else f"### Step {i + 1}\n\n"
+        # The planner reads back the heading as it always has (its title as written): trained planners
+        # (the shapes preset's) learned from that text, and their next pictures follow their states.
+        said = f"### Step {i + 1}: {steps[i]['title']}\n\n" + action.text
         return {
             **base,
-            **text_update(heading + action.text, step=i),
+            **text_update(heading + action.text, step=i, said=said),
             "tokens": state.get("tokens", 0) + n,
             "step": i + 1,
             "pending": pending_from(state, action.image, "generated", i),
