@@ -98,6 +98,15 @@ def withhold_upstreams(text: str) -> str:
     return text
 
 
+def for_clients(line: str, log: Any) -> str:
+    """``line`` as a server's client reads it (``withhold_upstreams``); the whole line goes to ``log``
+    (the operator's) when something was withheld."""
+    public = withhold_upstreams(line)
+    if public != line:
+        log.warning("%s", line)
+    return public
+
+
 # In what another process stored: any URL, a quoted host, an IPv4 address, a name with a port.
 _ADDRESSES = re.compile(
     r"https?://[^\s'\"<>)]+"

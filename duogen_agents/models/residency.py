@@ -15,8 +15,9 @@ once. Each tensor has a fixed place in it (a tensor two roles share, such as the
 Cosmos pipelines, the same place in both, so switching between them copies only what differs), so a
 role's weights come back at the same addresses every time. That is what lets the planner's CUDA-graph
 decode (``planner.compile``) run offloaded: a captured graph replays only at the addresses it captured,
-and at new ones torch records the graphs again (at every load, keeping the old ones). It also keeps the weights out of the caching allocator, whose blocks a thousand tensors of
-every size, freed and allocated at each switch, would fragment. The price: while a smaller role runs,
+and at new ones torch records the graphs again (at every load, keeping the old ones). It also keeps
+the weights out of the caching allocator, whose blocks a thousand tensors of every size, freed and
+allocated at each switch, would fragment. The price: while a smaller role runs,
 the arena still holds the largest one's size.
 """
 
@@ -76,7 +77,7 @@ class Residency:
         kept = [m for m in modules if m is not None]
         for m in self.modules(role):  # a name registered again: its earlier modules leave the arena
             self._offload(m)
-        tensors = _unique(t for m in kept for _owner, _name, t in _tensors(m))
+        tensors = _role_tensors(kept)
         self.roles[role] = [weakref.ref(m) for m in kept]
         _homes(tensors)
         self.layouts[role] = _place(tensors)
@@ -98,8 +99,7 @@ class Residency:
         spans = [
             _end(off, t)
             for role in self.roles
-            for m in self.modules(role)
-            for _owner, _name, t in _tensors(m)
+            for t in _role_tensors(self.modules(role))
             if (off := self.layouts[role].get(id(t))) is not None
         ]
         return max(spans, default=0)
@@ -182,9 +182,8 @@ class Residency:
             with torch.inference_mode(False):
                 self.arena = torch.empty(max(self.arena_bytes(), 1), dtype=torch.uint8, device=self.device)
         layout = self.layouts[role]
-        tensors = _unique_tensors(modules)
         placed = []
-        for _owner, _name, t in tensors:
+        for t in _role_tensors(modules):
             home = getattr(t, "_duogen_home", None)
             if home is None:  # put in after ``register``: it never left its own memory
                 continue
@@ -210,19 +209,9 @@ def _end(offset: int, t: Any) -> int:
     return offset + t.numel() * t.element_size()
 
 
-def _unique(tensors: Any) -> list[Any]:
-    return list({id(t): t for t in tensors}.values())
-
-
-def _unique_tensors(modules: list[Any]) -> list[tuple[Any, str, Any]]:
-    seen: set[int] = set()
-    out = []
-    for m in modules:
-        for entry in _tensors(m):
-            if id(entry[2]) not in seen:
-                seen.add(id(entry[2]))
-                out.append(entry)
-    return out
+def _role_tensors(modules: list[Any]) -> list[Any]:
+    """Every parameter and buffer of ``modules``, each once, in order."""
+    return list({id(t): t for m in modules for _owner, _name, t in _tensors(m)}.values())
 
 
 def _place(tensors: list[Any]) -> dict[int, int]:

@@ -40,7 +40,7 @@ from duogen_agents.errors import (
     StorageError,
     TurnStoppedError,
 )
-from duogen_agents.models.remote import withhold_upstreams
+from duogen_agents.models.remote import for_clients
 from duogen_agents.serve.auth import API_KEY_ENV, api_keys_from_env, check_bind, is_loopback
 from duogen_agents.serve.gate import Gate, QueueFull
 
@@ -91,10 +91,7 @@ def api_error(e: BaseException) -> ApiError:
         err.headers["Retry-After"] = str(e.retry_after)
         return err
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    public = withhold_upstreams(message)
-    if public != message:  # the operator reads where; the client does not
-        log.warning("%s", message)
-        message = public
+    message = for_clients(message, log)  # the operator's log reads where; the client does not
     if isinstance(e, SessionNotFoundError):
         return ApiError(404, message, "not_found_error", "session_not_found")
     if isinstance(e, SessionBusyError):

@@ -130,15 +130,13 @@ class BearerAuth:
 def _one_line(e: BaseException, where: str) -> str:
     """An error as the one line a caller sees (as the CLI prints it, but without the addresses of the
     remote models: the operator's log has those), never a traceback."""
-    from duogen_agents.models.remote import withhold_upstreams
+    from duogen_agents.models.remote import for_clients, withhold_upstreams
 
     line = _full_line(e, where)
-    public = withhold_upstreams(line)
-    if not isinstance(e, DuogenError):
-        log.error("tool failed: %s", line, exc_info=bool(os.environ.get("DUOGEN_DEBUG")))
-    elif public != line:
-        log.warning("%s", line)
-    return public
+    if isinstance(e, DuogenError):
+        return for_clients(line, log)
+    log.error("tool failed: %s", line, exc_info=bool(os.environ.get("DUOGEN_DEBUG")))
+    return withhold_upstreams(line)
 
 
 def _full_line(e: BaseException, where: str) -> str:
