@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,6 +56,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+    from _home import scratch_home
 
     from duogen_agents.agent import Agent
     from duogen_agents.eval.runner import _answer
@@ -68,7 +67,7 @@ def main() -> None:
     base = load_preset(args.preset)
     if base.image.family not in ("aligned", "cosmos2"):
         raise SystemExit(f"{args.preset}: the first-block cache applies to the aligned and cosmos2 families")
-    home = Path(tempfile.mkdtemp(prefix="duogen-fbc-"))
+    home = scratch_home("duogen-fbc-")
     names = ["off"] + [f"{t:g}" for t in args.thresholds]
     agents, logs = {}, {}
     for name, t in zip(names, [0.0, *args.thresholds], strict=True):

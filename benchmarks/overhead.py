@@ -33,6 +33,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _home import scratch_home  # noqa: E402
+
 from duogen_agents.graphs import actions as A  # noqa: E402
 from duogen_agents.models.chat_model import PlannerChatModel  # noqa: E402
 from duogen_agents.models.images.cosmos2 import CosmosImageTool, PassThroughSafetyChecker, conditioning_frames  # noqa: E402
@@ -279,7 +281,7 @@ def main() -> None:
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
     quiet_libraries()
-    home = Path(tempfile.mkdtemp(prefix="duogen-bench-"))
+    home = scratch_home("duogen-bench-")
     store = ImageStore(home)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     if args.real_shapes:

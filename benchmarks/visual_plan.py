@@ -22,7 +22,6 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _home import scratch_home  # noqa: E402
 from overhead import plain_inputs, plain_video2world  # noqa: E402
 
 from duogen_agents.graphs import actions as A  # noqa: E402
@@ -327,7 +327,7 @@ def components(args: argparse.Namespace, home: Path) -> tuple[TransformersPlanne
 def run_plan(args: argparse.Namespace) -> None:
     from duogen_agents.agent import Agent
 
-    home = Path(tempfile.mkdtemp(prefix="duogen-bench-"))
+    home = scratch_home("duogen-bench-")
     planner, tool, preset = components(args, home)
     rec = Recorder(planner, tool)
     agent = Agent(preset, planner=planner, image_tool=tool, home=home)
@@ -517,7 +517,7 @@ def run_session(args: argparse.Namespace) -> None:
     """Prefill tokens per planner call at turns 1, 5 and 10 of one session, with and without reuse."""
     from duogen_agents.agent import Agent
 
-    home = Path(tempfile.mkdtemp(prefix="duogen-bench-"))
+    home = scratch_home("duogen-bench-")
     preset = load_preset(args.preset)
     planner = TransformersPlanner.from_spec(preset.planner, home / "models")
     tool = CosmosImageTool.from_spec(preset.image, home / "models")
@@ -545,7 +545,7 @@ def run_encode(args: argparse.Namespace) -> None:
     from PIL import Image
     from transformers import Qwen2VLImageProcessor
 
-    home = Path(tempfile.mkdtemp(prefix="duogen-bench-"))
+    home = scratch_home("duogen-bench-")
     planner = TransformersPlanner.from_spec(load_preset("tiny").planner, home / "models")
     real = load_preset("qwen2.5-vl-7b+cosmos2-2b")
     planner.processor.image_processor = Qwen2VLImageProcessor(max_pixels=real.planner.max_pixels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -112,8 +113,11 @@ def test_stage1_loss_falls_and_the_planner_loads_back_through_its_preset(data, t
     assert statistics.mean(losses[-5:]) < 0.7 * statistics.mean(losses[:5])
     assert (out / "loss.png").stat().st_size > 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-20", "step-30"]
-    preset = load_preset(out / "preset.json")
-    assert preset.planner.model == str((out / "planner").resolve())
+    assert json.loads((out / "preset.json").read_text())["planner"]["model"] == "planner"  # beside the file
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)  # the run folder works wherever it is
+    preset = load_preset(moved / "preset.json")
+    assert preset.planner.model == str((moved / "planner").resolve())
     planner = TransformersPlanner.from_spec(preset.planner, tmp_path / "models")
     schema = A.plan_schema(min_steps=2, max_steps=3, max_title=20)
     conv = [{"role": "user", "content": [{"type": "text", "text": "Plan a 3x3 grid scene."}]}]
@@ -209,6 +213,28 @@ def test_pretrain_then_stage1_from_its_folder(tmp_path, capsys) -> None:
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad-out").exists()
+
+
+def test_a_stage2_preset_names_its_folders_relative_so_runs_moved_together_still_load(tmp_path) -> None:
+    from duogen_agents.training.stage2 import write_aligned
+
+    runs = tmp_path / "runs"
+    (runs / "s1" / "planner").mkdir(parents=True)
+    (runs / "s2" / "aligned").mkdir(parents=True)
+    spec = load_preset("tiny").model_dump(mode="json")
+    spec["planner"]["model"] = "planner"
+    (runs / "s1" / "preset.json").write_text(json.dumps(spec))
+    stage1_preset = load_preset(runs / "s1" / "preset.json")  # as train stage2 reads it
+    write_aligned(runs / "s2", stage1_preset, runs / "s1" / "planner", size=64, tokens=96, context="planner")
+    written = json.loads((runs / "s2" / "preset.json").read_text())
+    assert written["planner"]["model"] == os.path.join("..", "s1", "planner") and written["image"]["model"] == "aligned"
+    aligned = json.loads((runs / "s2" / "aligned" / "aligned.json").read_text())
+    assert aligned["planner"] == os.path.join("..", "..", "s1", "planner")
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.move(runs, moved)
+    preset = load_preset(moved / "s2" / "preset.json")
+    assert preset.planner.model == str((moved / "s1" / "planner").resolve())
+    assert preset.image.model == str((moved / "s2" / "aligned").resolve())
 
 
 def test_the_connector_regresses_the_regions_of_the_latent_row_by_row() -> None:

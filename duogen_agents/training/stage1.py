@@ -84,14 +84,15 @@ def trainable_io(trained: list[tuple[str, Any]]) -> tuple[Any, Any]:
 
 
 def write_planner_run(out: Path, preset: Any, model: Any, planner: Any, suffix: str, how: str) -> tuple[Path, Path]:
-    """``OUT/planner`` (a ``from_pretrained`` folder) and ``OUT/preset.json`` (``preset`` with that planner)."""
+    """``OUT/planner`` (a ``from_pretrained`` folder) and ``OUT/preset.json`` (``preset`` with that planner,
+    named relative to the file, so the run folder can be moved or copied whole)."""
     final = out / "planner"
     model.save_pretrained(final)
     planner.processor.save_pretrained(final)
     spec = preset.model_dump(mode="json")
     spec["name"] = f"{preset.name}-{suffix}"
     spec["description"] = f"{preset.description} (planner {how})"
-    spec["planner"]["model"] = str(final.resolve())
+    spec["planner"]["model"] = final.name
     preset_path = out / "preset.json"
     preset_path.write_text(json.dumps(spec, indent=2))
     return final, preset_path

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import tempfile
 import warnings
@@ -433,18 +434,32 @@ CONTEXTS = ("planner", "t5")
 ALIGNED_FORMAT = 2
 
 
+def _relative(path: Path, start: Path) -> str:
+    """``path`` as seen from the folder ``start`` (``../stage1/planner``), or absolute where none exists
+    (another drive)."""
+    try:
+        return os.path.relpath(path.resolve(), start.resolve())
+    except ValueError:
+        return str(path.resolve())
+
+
 def write_aligned(out: Path, preset: Any, planner: Path, *, size: int, tokens: int, context: str) -> Path:
     """OUT/aligned/aligned.json (the folder's layout, beside its vae, transformer and connector) and
-    OUT/preset.json: ``preset`` (stage 1's) drawing with the aligned folder. Returns the preset's path."""
+    OUT/preset.json: ``preset`` (stage 1's) drawing with the aligned folder. Returns the preset's path.
+
+    Paths are written relative: the aligned folder as ``"aligned"`` beside the preset file, and stage 1's
+    planner relative to OUT (``"../stage1/planner"``), so runs moved or copied together keep working."""
     final = out / "aligned"
     meta = {"format": ALIGNED_FORMAT, "size": size, "tokens": tokens, "context": context,
-            "planner": str(planner.resolve())}  # fmt: skip
+            "planner": _relative(planner, final)}  # fmt: skip
     (final / "aligned.json").write_text(json.dumps(meta))
     spec = preset.model_dump(mode="json")
+    if spec["planner"].get("backend", "transformers") == "transformers" and Path(spec["planner"]["model"]).is_dir():
+        spec["planner"]["model"] = _relative(Path(spec["planner"]["model"]), out)
     spec["name"] = f"{preset.name}-stage2" + ("" if context == "planner" else f"-{context}")
     spec["description"] = f"{preset.description}; DiT aligned by duogen train stage2 (context: {context})"
     spec["image"] = {
-        "family": "aligned", "model": str(final.resolve()), "height": size, "width": size, "steps": 20,
+        "family": "aligned", "model": final.name, "height": size, "width": size, "steps": 20,
         "guidance": 0.0, "device": "cpu", "dtype": "float32",
     }  # fmt: skip
     preset_path = out / "preset.json"
