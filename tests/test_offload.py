@@ -224,6 +224,31 @@ def test_a_larger_role_registered_later_grows_the_arena() -> None:
             assert torch.equal(t, values[id(t)])
 
 
+def test_the_arena_shrinks_at_the_next_switch_after_the_largest_role_is_dropped() -> None:
+    import gc
+
+    import torch
+
+    big, a, b = torch.nn.Linear(64, 64), torch.nn.Linear(4, 4), torch.nn.Linear(8, 8)
+    values = {id(t): t.detach().clone() for m in (a, b) for t in m.parameters()}
+    res = Residency("cpu")
+    for name, m in (("big", big), ("a", a), ("b", b)):
+        res.register(name, [m])
+    res.use("a")
+    assert res.arena.numel() == 64 * 64 * 4 + 256  # the largest role's size
+    del big
+    gc.collect()
+    res.use("b")
+    assert set(res.roles) == {"a", "b"}
+    assert res.arena.numel() == res.arena_bytes() == 8 * 8 * 4 + 32 and _inside(res.arena, b)
+    assert all(t.data_ptr() == t._duogen_home.data_ptr() for t in a.parameters())  # a went home
+    res.use("a")
+    assert _inside(res.arena, a)
+    for m in (a, b):
+        for t in m.parameters():
+            assert torch.equal(t, values[id(t)])
+
+
 def test_compiled_modules_are_not_recompiled_across_offloads() -> None:
     """The DiT's regional compile and the planner's compiled decode step see their weights change
     place at every offload: the guards torch.compile installs must still hold (no recompilation)."""

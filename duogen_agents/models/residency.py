@@ -18,7 +18,8 @@ decode (``planner.compile``) run offloaded: a captured graph replays only at the
 and at new ones torch records the graphs again (at every load, keeping the old ones). It also keeps
 the weights out of the caching allocator, whose blocks a thousand tensors of every size, freed and
 allocated at each switch, would fragment. The price: while a smaller role runs,
-the arena still holds the largest one's size.
+the arena still holds the largest one's size. It grows when a larger role registers, and shrinks at
+the next switch after the largest role's models are dropped.
 """
 
 from __future__ import annotations
@@ -89,9 +90,7 @@ class Residency:
         if self.arena is not None and self.arena_bytes() > self.arena.numel():
             # The arena must grow: every role goes home and the next ``use`` allocates the new one
             # (addresses change once; a captured CUDA graph re-records against the new ones).
-            for other in self.roles:
-                for m in self.modules(other):
-                    self._offload(m)
+            self._all_home()
             self._drop_arena()
 
     def arena_bytes(self) -> int:
@@ -110,19 +109,21 @@ class Residency:
     def use(self, role: str | None) -> None:
         if role is None or role == self.active or role not in self.roles:
             return
+        if self._forget_dropped() and self.arena is not None and self.arena_bytes() < self.arena.numel():
+            # A role whose models were dropped held the arena's size: every role goes home and this
+            # load allocates an arena the size of the largest role left (addresses change once).
+            self._all_home()
+            self._drop_arena()
+            self.active = None
+        if role not in self.roles:  # its own models were dropped
+            return
         mine = self.modules(role)
         ids = {id(m) for m in mine}
-        for other in list(self.roles):
-            if other == role:
-                continue
-            theirs = self.modules(other)
-            if not theirs:
-                del self.roles[other]
-                self.layouts.pop(other, None)
-                continue
-            for m in theirs:
-                if id(m) not in ids:
-                    self._offload(m)
+        for other in self.roles:
+            if other != role:
+                for m in self.modules(other):
+                    if id(m) not in ids:
+                        self._offload(m)
         self._load(role, mine)
         self.active = role
         self.loads += 1
@@ -152,6 +153,19 @@ class Residency:
         self.active = None
         if torch.cuda.is_available() and hasattr(torch._C, "_host_emptyCache"):
             torch._C._host_emptyCache()  # the freed slabs would stay pinned in PyTorch's host cache
+
+    def _forget_dropped(self) -> bool:
+        """Forget the roles whose models are all gone (garbage-collected); whether there were any."""
+        dropped = [role for role in self.roles if not self.modules(role)]
+        for role in dropped:
+            del self.roles[role]
+            self.layouts.pop(role, None)
+        return bool(dropped)
+
+    def _all_home(self) -> None:
+        for role in self.roles:
+            for m in self.modules(role):
+                self._offload(m)
 
     def _in_arena(self, t: Any) -> bool:
         start = self.arena.data_ptr()
