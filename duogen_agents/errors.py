@@ -4,6 +4,8 @@
 
     DuogenError                 base: every error this package raises on purpose
     ├── ConfigError             bad preset, bad option, bad prompt
+    │   ├── PromptTooLongError      a conversation longer than the planner's context
+    │   └── SessionExistsError      a new session's id is taken
     ├── InputImageError         an input image that cannot be read or is too large
     ├── ModelLoadError          a checkpoint that is missing or fails to load
     ├── GenerationError         a model call that failed (out of memory included)
@@ -35,6 +37,18 @@ class ConfigError(DuogenError):
     code = "config"
 
 
+class PromptTooLongError(ConfigError):
+    """The conversation does not fit the planner's context (OpenAI's ``context_length_exceeded``)."""
+
+    code = "context_length_exceeded"
+
+
+class SessionExistsError(ConfigError):
+    """A session with that id exists already (a fork's or a new session's id)."""
+
+    code = "session_exists"
+
+
 class InputImageError(DuogenError):
     code = "input_image"
 
@@ -59,6 +73,7 @@ class UnsafeCheckpointError(StorageError):
 
 class SessionBusyError(DuogenError):
     code = "session_busy"
+    session_id: str | None = None
 
 
 class SessionNotFoundError(DuogenError):
@@ -82,7 +97,9 @@ __all__ = [
     "GenerationError",
     "InputImageError",
     "ModelLoadError",
+    "PromptTooLongError",
     "SessionBusyError",
+    "SessionExistsError",
     "SessionNotFoundError",
     "SessionStateError",
     "TurnStoppedError",

@@ -20,7 +20,15 @@ class ScriptedPlanner:
         self.calls: list[tuple[Sequence[ChatTurn], dict[str, Any]]] = []
 
     def generate(
-        self, conversation, schema, *, max_new_tokens=None, seed=None, on_token=None, cache_key=None
+        self,
+        conversation,
+        schema,
+        *,
+        max_new_tokens=None,
+        seed=None,
+        on_token=None,
+        cache_key=None,
+        client_schema=False,
     ) -> PlannerOutput:
         self.calls.append((conversation, schema))
         if not self.script:

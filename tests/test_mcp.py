@@ -146,6 +146,10 @@ async def _exercise(client: Client) -> None:
         ("continue_session", {"session_id": "ghost", "prompt": "hi"}, "no session 'ghost'"),
         ("visual_plan", {"prompt": "hi", "session_id": "bad id!"}, "invalid session id"),
         ("draw_image", {"prompt": "cat", "references": ["0123456789ab"]}, "names no earlier image"),
+        # arguments the tool's schema refuses: one line too, not pydantic's report
+        ("visual_plan", {"prompt": ""}, "visual_plan: prompt: String should have at least 1 character"),
+        ("draw_image", {"prompt": "cat", "seed": -1}, "seed: Input should be greater than or equal to 0"),
+        ("answer_with_images", {"prompt": "hi", "mode": "poem"}, "mode: Input should be"),
     ]:
         bad = await client.call_tool(name, args)
         assert bad.is_error, (name, bad)

@@ -107,7 +107,31 @@ def test_jump_forward_keeps_the_token_budget(planner) -> None:
     schema = A.plan_schema(min_steps=2, max_steps=4, max_title=32)
     for budget in (12, 20, 31):
         out = planner.generate(_conv(), schema, seed=1, max_new_tokens=budget)
-        assert out.num_tokens <= budget
+        assert out.num_tokens <= budget and not out.complete
+    assert planner.generate(_conv(), schema, seed=1).complete
+
+
+def test_a_client_schema_decodes_without_jump_forward(planner) -> None:
+    """Token by token: xgrammar's forced-text search has no bound (a required self-reference
+    allocates until the process dies), so a client's schema never enters it."""
+    schema, model = SCHEMAS["step"]
+    ours = planner.generate(_conv(), schema, seed=3)
+    theirs = planner.generate(_conv(), schema, seed=3, client_schema=True)
+    assert ours.forced_tokens > 0 and theirs.forced_tokens == 0
+    A.parse_action(theirs.text, model)
+
+
+def test_a_conversation_longer_than_the_context_is_refused(planner) -> None:
+    from duogen_agents.errors import PromptTooLongError
+
+    window = planner.context_tokens
+    with pytest.raises(PromptTooLongError, match=f"reads at most {window - 1}"):
+        planner.generate(_conv("word " * window), None, max_new_tokens=4)
+    words = window
+    while planner.encode(_conv("word " * words))["input_ids"].shape[1] > window - 30:
+        words -= 50
+    out = planner.generate(_conv("word " * words), None, max_new_tokens=10_000)
+    assert out.prompt_tokens + out.num_tokens <= window  # the answer stops at the context's end
 
 
 def test_text_has_no_control_characters(planner) -> None:

@@ -566,3 +566,93 @@ def test_a_remote_models_address_is_withheld_from_clients(tiny_agent: Any, tmp_p
     assert withhold_urls("HTTPConnectionPool(host='gpu-7', port=8000): 10.0.0.9:8000, gpu-7:8000; 12:30") == (
         f"HTTPConnectionPool(host='{WITHHELD}', port=8000): {WITHHELD}, {WITHHELD}; 12:30"
     )
+
+
+def test_hostile_chat_requests_are_one_line_400s_and_the_server_lives(
+    server: Running, tiny_agent: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Schemas that would exhaust memory, text that cannot be stored or tokenized, conversations longer
+    than the context: each a 400 in the OpenAI shape before any model runs (or, for a client's schema,
+    decoded token by token: xgrammar's jump-forward search has no bound)."""
+
+    def no_jump(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a client's schema went through jump forward")
+
+    monkeypatch.setattr(tiny_agent.planner, "_jump", no_jump)
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
+    recursive = {"$ref": "#/$defs/a", "$defs": {"a": {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}},
+                                                       "required": ["x"]}}}  # fmt: skip
+    with http(server) as h:
+        # A required self-reference: no finite answer, its forced text endless. Cut by max_tokens.
+        r = h.post("/v1/chat/completions", json={**chat, "response_format": json_format(recursive)})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "length" and choice["message"]["content"].startswith('{"x":')
+
+        def refused(body: dict[str, Any], match: str, code: str | None = None, raw: str | None = None) -> None:
+            if raw is not None:
+                r = h.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+            else:
+                r = h.post("/v1/chat/completions", json=body)
+            assert r.status_code == 400, (r.status_code, r.text)
+            error = r.json()["error"]
+            assert match in error["message"] and "\n" not in error["message"], error
+            if code is not None:
+                assert error["code"] == code
+
+        refused({**chat, "response_format": json_format({"type": "string", "pattern": "^a{100000000}$"})}, "repeats")
+        refused({**chat, "response_format": json_format({"type": "string", "pattern": "^(a{500}){500}$"})}, "repeats")
+        refused({**chat, "response_format": json_format({"type": "integer", "minimum": 10**30})}, "grammar")
+        error = h.post("/v1/chat/completions", json={**chat, "response_format": json_format(
+            {"type": "integer", "minimum": 10**30})}).json()["error"]["message"]  # fmt: skip
+        assert "/project/" not in error and ".cc:" not in error  # xgrammar's log prefix dropped
+        refused({**chat, "messages": [{"role": "assistant", "content": None}]}, "none has content")
+        refused({**chat, "messages": [{"role": "user", "content": "hel\u0000lo"}]}, "NUL")
+        raw = '{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+        refused({}, "not valid text", raw=raw)
+        words = tiny_agent.planner.context_tokens + 100
+        refused(
+            {**chat, "messages": [{"role": "user", "content": "word " * words}]}, "context", "context_length_exceeded"
+        )
+        # Starlette's own answers, in the OpenAI shape too
+        r = h.get("/v1/no-such-route")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+        r = h.get("/v1/chat/completions")
+        assert r.status_code == 405 and r.json()["error"]["message"] == "Method Not Allowed"
+        r = h.post("/v1/images/edits", files={"image": ("a.png", png_bytes((0, 0, 0)))}, data={"prompt": "x", "n": "9"})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "n: Input should be less than or equal to 4"
+        assert h.get("/health").json()["status"] == "ok"
+
+
+def test_session_routes_refuse_clearly(server: Running) -> None:
+    with http(server) as h:
+        r = h.post("/v1/sessions/k1/turns", json={"prompt": "hel\u0000lo"})
+        assert r.status_code == 400 and "NUL" in r.json()["error"]["message"]
+        r = h.post("/v1/sessions/k1/turns", json={"prompt": "hi", "seed": True})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("seed:")
+        r = h.post("/v1/sessions/k1/turns")
+        assert r.status_code == 400 and r.json()["error"]["message"] == "a JSON request body is required"
+        assert h.get("/v1/sessions/k1").status_code == 404  # nothing was stored
+        assert h.post("/v1/sessions/k1/turns", json={"prompt": "Show a pot"}).status_code == 200
+        assert h.post("/v1/sessions/k2/turns", json={"prompt": "Show a cup"}).status_code == 200
+        for target in ("k1", "k2"):  # itself (it once answered a false "busy"), or another that exists
+            r = h.post("/v1/sessions/k1/fork", json={"id": target})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "session_exists", r.text
+        r = h.post("/v1/sessions/k1/resume")  # no body, as fork and new sessions take
+        assert r.status_code == 409 and r.json()["error"]["code"] == "session_state"
+        assert len(h.get("/v1/sessions/k1").json()["history"]) == 1
+
+
+def test_a_busy_session_is_worded_for_http_clients(tmp_path: Path) -> None:
+    from duogen_agents.serve.app import api_error
+    from duogen_agents.storage.database import Database
+
+    db = Database.open(f"sqlite:///{tmp_path / 'd.db'}", home=tmp_path)
+    try:
+        err = db._busy("s1", "pid 4242")
+        assert "--wait" in str(err) and "4242" in str(err)  # the CLI's line
+        answer = api_error(err)
+        assert answer.status == 409 and answer.code == "session_busy"
+        assert answer.message == "session 's1' is busy: another turn is writing it; try again when it finishes"
+    finally:
+        db.close()

@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from duogen_agents.errors import GenerationError
+from duogen_agents.errors import GenerationError, PromptTooLongError
 from duogen_agents.models.decoding import (
     CachedPrefix,
     PrefixCache,
@@ -107,6 +107,8 @@ class TransformersPlanner:
         self.image_token = getattr(processor, "image_token", "<|image_pad|>")
         self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(self.image_token))
         self.vocab_size = vocab_size
+        # The most tokens a call may hold, prompt and answer (Qwen2.5-VL-7B: 128,000).
+        self.context_tokens = int(getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 2**31)
         self._token_bytes: list[bytes] = list(info.decoded_vocab)
         self._in_string_list = in_string_lengths(self._token_bytes, vocab_size)
         self._longest_token = max((len(b) for b in self._token_bytes), default=1)
@@ -270,7 +272,7 @@ class TransformersPlanner:
         try:
             grammar = self._compiler.compile_json_schema(json.dumps(stripped), any_whitespace=False)
         except RuntimeError as e:
-            raise GenerationError(f"cannot compile the planner grammar: {str(e).strip().splitlines()[0]}") from e
+            raise GenerationError(f"cannot compile the planner grammar: {_xgrammar_message(e)}") from e
         with self._grammar_lock:
             self._grammars[key] = compiled = (grammar, limits)
             if len(self._grammars) > 64:
@@ -296,11 +298,17 @@ class TransformersPlanner:
         seed: int | None = None,
         on_token: TokenCallback | None = None,
         cache_key: str | None = None,
+        client_schema: bool = False,
     ) -> PlannerOutput:
         """Continue ``conversation``: under the grammar of the JSON ``schema``, or free text (None).
 
         ``cache_key`` names the session: the KV cache of this call is kept under it, and the next
-        call with the same key prefills only what its conversation adds (see ``decoding``)."""
+        call with the same key prefills only what its conversation adds (see ``decoding``).
+        ``client_schema``: a schema from a client decodes without jump forward, whose search for the
+        forced text has no bound in xgrammar (a required self-reference, ``minItems: 1e6`` of a
+        constant: it allocates until the process is killed); token by token, ``max_new_tokens`` bounds it.
+        A conversation longer than the model's context is refused (``PromptTooLongError``), and the
+        new tokens stop at the context's end."""
         import torch
 
         # One call per device at a time: a GPU runs one model faster alone than two side by side,
@@ -310,8 +318,16 @@ class TransformersPlanner:
                 residency_for(self.device).use(self.residency_role)
             grammar, limits = self.compile(schema) if schema is not None else (None, {})
             enc = self.encode(conversation)
+            n = enc["input_ids"].shape[1]
+            if n >= self.context_tokens:
+                raise PromptTooLongError(
+                    f"the conversation is {n} tokens; the planner reads at most {self.context_tokens - 1} "
+                    "before its answer (its context): shorten it"
+                )
             key = "" if cache_key is None else cache_key
-            out = self._decode(enc, grammar, limits, max_new_tokens or self.spec.max_new_tokens, seed, on_token, key)
+            budget = min(max_new_tokens or self.spec.max_new_tokens, self.context_tokens - n)
+            jump = self.spec.jump_forward and not client_schema
+            out = self._decode(enc, grammar, limits, budget, seed, on_token, key, jump)
             self.last_calls[key] = (list(conversation), out.text)
             self.last_calls.move_to_end(key)
             while len(self.last_calls) > 64:
@@ -371,6 +387,7 @@ class TransformersPlanner:
         seed: int | None,
         on_token: TokenCallback | None,
         cache_key: str,
+        jump: bool,
     ) -> PlannerOutput:
         import torch
         import xgrammar as xgr
@@ -452,9 +469,10 @@ class TransformersPlanner:
                 done = matcher.is_terminated()
             else:
                 done = token in stop
+            complete = done
             done = done or len(out) >= budget
             forced: list[int] = []
-            if not done and matcher is not None and self.spec.jump_forward:
+            if not done and matcher is not None and jump:
                 forced = self._jump(matcher, budget - len(out) - 1)
             if not done:  # launched first: on a GPU the forward runs while the CPU works below
                 n_pos, k = n + fed, 1 + len(forced)
@@ -484,7 +502,12 @@ class TransformersPlanner:
         new = [t for t in out if t not in stop]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return PlannerOutput(
-            text=text, num_tokens=len(out), prompt_tokens=n, prefill_tokens=n - keep, forced_tokens=jumped
+            text=text,
+            num_tokens=len(out),
+            prompt_tokens=n,
+            prefill_tokens=n - keep,
+            forced_tokens=jumped,
+            complete=complete,
         )
 
     def _jump(self, matcher: Any, room: int) -> list[int]:
@@ -553,3 +576,9 @@ class TransformersPlanner:
 
             self._in_string = torch.tensor(self._in_string_list, dtype=torch.int32, device=device)
         return self._in_string
+
+
+def _xgrammar_message(e: BaseException) -> str:
+    """xgrammar's first line without its log prefix (``[16:24:48] /project/cpp/...cc:4944: ``)."""
+    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", line)

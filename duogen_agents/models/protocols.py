@@ -56,6 +56,7 @@ class PlannerOutput:
     prompt_tokens: int = 0
     prefill_tokens: int | None = None  # prompt tokens computed by this call (the rest came from a cache)
     forced_tokens: int = 0  # of num_tokens, those the grammar forced (jump forward: not sampled)
+    complete: bool = True  # ended by the grammar or an end-of-turn token, not cut by a token budget
 
 
 class Planner(Protocol):
@@ -70,10 +71,13 @@ class Planner(Protocol):
         seed: int | None = None,
         on_token: TokenCallback | None = None,
         cache_key: str | None = None,
+        client_schema: bool = False,
     ) -> PlannerOutput:
         """``cache_key`` names the session the call belongs to; a planner may keep state per key
         (the local planner keeps the KV cache of the conversation) and must give the same output
-        with or without it."""
+        with or without it. ``client_schema``: ``schema`` came from a client (a server's
+        ``response_format``), not from the library, and is decoded without shortcuts that trust it
+        (the local planner's jump forward)."""
         ...
 
 

@@ -383,8 +383,10 @@ class OpenAIPlanner:
         seed: int | None = None,
         on_token: TokenCallback | None = None,
         cache_key: str | None = None,
+        client_schema: bool = False,
     ) -> PlannerOutput:
-        """Continue ``conversation`` under the JSON ``schema`` (or free text: None) on the server."""
+        """Continue ``conversation`` under the JSON ``schema`` (or free text: None) on the server
+        (which applies its own limits to a client's schema: ``client_schema`` changes nothing here)."""
         import openai
 
         spec = self.spec
@@ -431,6 +433,7 @@ class OpenAIPlanner:
             num_tokens=int(completion) if completion is not None else deltas or max(1, len(text) // 4),
             prompt_tokens=int(prompt or 0),
             prefill_tokens=int(prompt) - int(cached) if prompt is not None and cached is not None else None,
+            complete=finish != "length",
         )
 
     def _complete(self, kwargs: dict[str, Any]) -> tuple[str, str | None, Any, int]:

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from duogen_agents.models.remote import withhold_urls
 from duogen_agents.serve.app import ApiError, ServerState, api_error, error_body
@@ -55,7 +55,7 @@ class NewSession(_Strict):
 class TurnRequest(_Strict):
     prompt: str
     mode: str | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None  # true is not a seed
     images: list[str] = Field(default_factory=list, max_length=MAX_TURN_IMAGES)
     stream: bool = False
 
@@ -295,8 +295,9 @@ async def send_turn(session_id: str, body: TurnRequest, request: Request) -> Any
 
 
 @router.post("/v1/sessions/{session_id}/resume")
-async def resume_turn(session_id: str, body: ResumeRequest, request: Request) -> Any:
+async def resume_turn(session_id: str, request: Request, body: ResumeRequest | None = None) -> Any:
     state = _state(request)
+    body = body or ResumeRequest()  # no body, or {}: not streamed
     session = await _call(_session, state, session_id)
     await _call(state.sessions.get, session_id)
     return await _run_turn(state, body.stream, lambda stop: session.resume(stop=stop))

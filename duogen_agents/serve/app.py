@@ -34,7 +34,9 @@ from duogen_agents.errors import (
     DuogenError,
     GenerationError,
     InputImageError,
+    PromptTooLongError,
     SessionBusyError,
+    SessionExistsError,
     SessionNotFoundError,
     SessionStateError,
     StorageError,
@@ -43,6 +45,7 @@ from duogen_agents.errors import (
 from duogen_agents.models.remote import for_clients
 from duogen_agents.serve.auth import API_KEY_ENV, api_keys_from_env, check_bind, is_loopback
 from duogen_agents.serve.gate import Gate, QueueFull
+from duogen_agents.validation import validation_line
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -95,11 +98,17 @@ def api_error(e: BaseException) -> ApiError:
     if isinstance(e, SessionNotFoundError):
         return ApiError(404, message, "not_found_error", "session_not_found")
     if isinstance(e, SessionBusyError):
+        if (busy := getattr(e, "session_id", None)) is not None:  # the CLI's advice and the holder's pid
+            message = f"session {busy!r} is busy: another turn is writing it; try again when it finishes"
         return ApiError(409, message, "conflict_error", "session_busy")
     if isinstance(e, SessionStateError):
         return ApiError(409, message, "conflict_error", "session_state")
     if isinstance(e, TurnStoppedError):
         return ApiError(503, message, "server_error", "turn_stopped")
+    if isinstance(e, SessionExistsError):
+        return ApiError(409, message, "conflict_error", "session_exists")
+    if isinstance(e, PromptTooLongError):
+        return ApiError(400, message, "invalid_request_error", "context_length_exceeded")
     if isinstance(e, (ConfigError, InputImageError)):
         return ApiError(400, message)
     if isinstance(e, GenerationError):
@@ -108,6 +117,8 @@ def api_error(e: BaseException) -> ApiError:
         return ApiError(500, message, "storage_error")
     if isinstance(e, DuogenError):
         return ApiError(500, message, "server_error")
+    # Not one of ours: a bug. The client gets its type; the operator's log gets the traceback.
+    log.error("internal error answered as 500", exc_info=e)
     return ApiError(500, f"internal error: {type(e).__name__}", "server_error")
 
 
@@ -256,6 +267,7 @@ def create_app(agent: Agent, sessions: Sessions, settings: ServeSettings | None 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     from duogen_agents.serve import agent_api, openai_api
 
@@ -286,10 +298,16 @@ def create_app(agent: Agent, sessions: Sessions, settings: ServeSettings | None 
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return JSONResponse(error_body(f"{where}: {first.get('msg')}" if where else str(first.get("msg")),
-                                       "invalid_request_error"), status_code=400)  # fmt: skip
+        return JSONResponse(error_body(validation_line(e.errors()), "invalid_request_error"), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, e: HTTPException) -> JSONResponse:
+        # Starlette's own answers (404 unknown route, 405 wrong method, a multipart form over its
+        # limits) in the OpenAI error shape too.
+        kinds = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+        kind = kinds.get(e.status_code, "invalid_request_error" if e.status_code < 500 else "server_error")
+        body = error_body(" ".join(str(e.detail).split()), kind)
+        return JSONResponse(body, status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -377,11 +377,11 @@ class DuogenMCP:
 
     def build(self) -> Any:
         """The ``MCPServer`` with the five tools."""
-        from mcp.server.mcpserver import Context, MCPServer
+        from mcp.server.mcpserver import Context
         from mcp.types import CallToolResult, ToolAnnotations
 
         preset = self.agent.preset
-        server = MCPServer(
+        server = _server_class()(
             SERVER_NAME,
             title="duogen-agents",
             version=_version(),
@@ -476,6 +476,29 @@ class DuogenMCP:
             return await app.call(ctx, body)
 
         return server
+
+
+def _server_class() -> Any:
+    """``MCPServer`` whose argument errors are one line (``prompt: String should have at least 1
+    character``), not pydantic's whole report with its links."""
+    from mcp.server.mcpserver import MCPServer
+    from mcp.server.mcpserver.exceptions import ToolError
+    from pydantic import ValidationError
+
+    from duogen_agents.validation import validation_line
+
+    class Server(MCPServer):
+        async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+            try:
+                return await super().call_tool(name, arguments, context)
+            except ToolError as e:
+                if not isinstance(e.__cause__, ValidationError):
+                    raise
+                raise ToolError(
+                    f"Error executing tool {name}: {validation_line(e.__cause__.errors())}"
+                ) from e.__cause__
+
+    return Server
 
 
 def _version() -> str:

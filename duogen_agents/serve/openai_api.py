@@ -7,7 +7,11 @@
   ``seed``, ``stream`` (with ``stream_options.include_usage``). The sampling settings are the
   preset's (``planner.temperature``, ``top_p``); a request's own are not applied.
   ``prompt_cache_key`` (or ``user``, or the ``x-duogen-session`` header) names the conversation whose
-  KV cache the planner keeps between requests (the remote planner sends its session there).
+  KV cache the planner keeps between requests (the remote planner sends its session there). A
+  client's schema decodes token by token (no jump forward: xgrammar's search for forced text has no
+  bound), and a ``pattern`` whose repeat counts multiply past ``MAX_PATTERN_REPEATS`` is refused (the
+  grammar compiler expands repeats: ``a{100000000}`` alone exhausts memory). Messages longer than the
+  planner's context are refused with ``context_length_exceeded``.
 - ``POST /v1/images/generations``: text to image. ``POST /v1/images/edits``: multipart, one or more
   ``image`` (or ``image[]``) files as references; ``kind`` (a form field, this server's extension)
   is ``edit`` (default), ``generate`` (a new picture keeping the referenced subjects) or
@@ -21,17 +25,20 @@ import asyncio
 import base64
 import io
 import json
+import math
+import re
 import secrets
 import time
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from duogen_agents.errors import GenerationError, InputImageError
+from duogen_agents.errors import ConfigError, GenerationError, InputImageError
 from duogen_agents.serve.app import ApiError, ServerState, api_error, error_body
 from duogen_agents.serve.gate import Slot, in_thread
+from duogen_agents.validation import check_text, validation_line
 
 router = APIRouter()
 MAX_TOKENS = 32768
@@ -39,6 +46,9 @@ MAX_IMAGES_PER_REQUEST = 16
 # Decoded pixels of all the images of one request: a small PNG can hold a huge flat canvas, so the
 # body limit alone bounds nothing here (16 images of 40 MP would be ~2 GB of RGB).
 MAX_REQUEST_PIXELS = 4096 * 4096
+# A client schema's regular expressions: the product of their repeat counts ({n}, {n,m}, {n,}).
+MAX_PATTERN_REPEATS = 100_000
+_REPEAT = re.compile(r"(?<!\\)\{(\d+)(?:,(\d*))?\}")
 
 
 class PixelBudget:
@@ -165,12 +175,12 @@ def to_turns(messages: list[dict[str, Any]], allow_remote: bool = False) -> list
         content = m.get("content")
         parts: list[dict[str, Any]] = []
         if isinstance(content, str):
-            parts.append({"type": "text", "text": content})
+            parts.append({"type": "text", "text": _text(content, i)})
         elif isinstance(content, list):
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
-                    parts.append({"type": "text", "text": part["text"]})
+                    parts.append({"type": "text", "text": _text(part["text"], i)})
                 elif kind == "image_url":
                     images += 1
                     if images > MAX_IMAGES_PER_REQUEST:
@@ -185,7 +195,40 @@ def to_turns(messages: list[dict[str, Any]], allow_remote: bool = False) -> list
         else:
             raise ApiError(400, f"messages[{i}]: content must be a string or a list of parts")
         turns.append({"role": role, "content": parts})
+    if not turns:
+        raise ApiError(400, "messages: none has content (an assistant message without content is skipped)")
     return turns
+
+
+def _text(text: str, i: int) -> str:
+    try:
+        return check_text(text, f"messages[{i}]")
+    except ConfigError as e:
+        raise ApiError(400, str(e)) from None
+
+
+def check_client_schema(schema: Any) -> None:
+    """Refuse what would exhaust the grammar compiler: patterns whose repeats multiply past
+    ``MAX_PATTERN_REPEATS`` (anywhere: ``pattern``, ``patternProperties``' keys)."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        if not isinstance(node, dict):
+            continue
+        patterns = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+        if isinstance(node.get("patternProperties"), dict):
+            patterns += [k for k in node["patternProperties"] if isinstance(k, str)]
+        for pattern in patterns:
+            counts = [int(m.group(2) or m.group(1)) for m in _REPEAT.finditer(pattern)]
+            if math.prod(max(c, 1) for c in counts) > MAX_PATTERN_REPEATS:
+                raise ApiError(
+                    400,
+                    f"response_format: the pattern {pattern[:60]!r} repeats more than {MAX_PATTERN_REPEATS:,} "
+                    "times in all; use + or * with maxLength",
+                )
+        stack.extend(node.values())
 
 
 def schema_of(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -209,6 +252,7 @@ def _compile_schema(planner: Any, schema: dict[str, Any] | None) -> None:
     """Refuse a schema the grammar compiler rejects before admitting the request (400, not 500)."""
     if schema is None or not hasattr(planner, "compile"):
         return
+    check_client_schema(schema)
     try:
         planner.compile(schema)
     except GenerationError as e:
@@ -255,8 +299,9 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
             put("start", None)
             on_token = (lambda text: put("token", text)) if body.stream else None
             out = planner.generate(
-                turns, schema, max_new_tokens=max_tokens, seed=body.seed, on_token=on_token, cache_key=cache_key
-            )
+                turns, schema, max_new_tokens=max_tokens, seed=body.seed, on_token=on_token, cache_key=cache_key,
+                client_schema=True,
+            )  # fmt: skip
             put("done", out)
         except BaseException as e:  # answered as an HTTP error, or reported in the stream
             put("error", e)
@@ -267,7 +312,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
         raise api_error(first[1])
 
     def finish_reason(out: Any) -> str:
-        return "length" if out.num_tokens >= max_tokens else "stop"
+        return "length" if out.num_tokens >= max_tokens or not out.complete else "stop"
 
     if not body.stream:
         kind, value = await queue.get()
@@ -391,8 +436,8 @@ async def images_edits(request: Request) -> Any:
             body = ImageRequest.model_validate(
                 {k: fields[k] for k in ("prompt", "model", "n", "size", "response_format", "seed") if k in fields}
             )
-        except ValueError as e:
-            raise ApiError(400, str(e).splitlines()[0] if str(e) else "invalid form") from None
+        except ValidationError as e:
+            raise ApiError(400, validation_line(e.errors())) from None
         kind = fields.get("kind", "edit")
         if kind not in ("generate", "edit", "continue"):
             raise ApiError(400, f"kind {kind!r}: use edit, generate or continue")

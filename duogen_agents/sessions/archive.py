@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from duogen_agents.errors import ConfigError, SessionStateError
+from duogen_agents.errors import ConfigError, SessionExistsError, SessionStateError
 from duogen_agents.storage.database import check_session_id
 from duogen_agents.storage.images import is_image_id, replaceable
 from duogen_agents.storage.records import UNFINISHED, ArtifactRecord, BlockRecord, SessionRecord, TurnRecord, utcnow
@@ -60,6 +60,8 @@ def fork(sessions: Sessions, session_id: str, new_id: str | None = None) -> Sess
     """Copy a session (records and graph state) under a new id; the two then diverge."""
     sessions.get(session_id)
     new_id = check_session_id(new_id) if new_id is not None else f"{session_id[:50]}-{secrets.token_hex(3)}"
+    if new_id == session_id:  # before the locks: the second would wait for the first, held by this process
+        raise SessionExistsError(f"a session {new_id!r} exists already (it is the one to fork); choose another id")
     with sessions.db.lock(session_id):
         if sessions.get(session_id).pending:  # read under the lock: a turn may have started or died
             raise SessionStateError(
@@ -67,7 +69,7 @@ def fork(sessions: Sessions, session_id: str, new_id: str | None = None) -> Sess
             )
         with sessions.db.lock(new_id):
             if sessions.exists(new_id):
-                raise ConfigError(f"a session {new_id!r} exists already; choose another id")
+                raise SessionExistsError(f"a session {new_id!r} exists already; choose another id")
             _copy_records(sessions, session_id, new_id)
             try:
                 values = sessions.state(session_id)

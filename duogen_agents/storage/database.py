@@ -352,10 +352,12 @@ class Database:
 
     def _busy(self, session_id: str, holder: str = "") -> SessionBusyError:
         who = f" ({holder})" if holder else ""
-        return SessionBusyError(
+        error = SessionBusyError(
             f"session {session_id!r} is busy: another process is writing it{who}; wait for it with --wait, "
             "or try again when it finishes"
         )
+        error.session_id = session_id  # a server words it for its clients (no --wait, no pid)
+        return error
 
     def _open_lock_file(self, name: str) -> int:
         assert self.path is not None

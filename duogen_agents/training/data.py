@@ -166,6 +166,7 @@ class Teacher:
         seed: int | None = None,
         on_token: Any = None,
         cache_key: str | None = None,
+        client_schema: bool = False,
     ) -> PlannerOutput:
         if schema is None:
             raise DataError(f"task {self.task}: the graph asked for free text; training covers actions only")
