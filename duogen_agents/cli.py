@@ -99,19 +99,22 @@ def _parser() -> argparse.ArgumentParser:
     tr = sub.add_parser(
         "train",
         help="DuoGen's training: pretrain (optional), stage1 (the planner), stage2 (DiT and connector)",
-        description="Stage 1 instruction-tunes the planner on a data file (the bench format with "
-        "expect.answer, e.g. written by duogen_agents.worlds.shapes.write_dataset).",
+        description="DuoGen's two stages: stage1 instruction-tunes the planner on a data file (the bench "
+        "format with expect.answer, e.g. written by duogen_agents.worlds.shapes.write_dataset); stage2 "
+        "trains a VAE, then aligns a Cosmos DiT to the stage-1 planner's states through a connector. "
+        "pretrain (optional, first) trains a from-scratch planner's language model on plain text. Each "
+        "writes OUT/preset.json; see `duogen train STAGE --help`.",
     )
     trsub = tr.add_subparsers(dest="stage", metavar="STAGE", required=True)
     s1 = trsub.add_parser("stage1", help="fine-tune the planner; writes OUT/planner and OUT/preset.json")
     s1.add_argument("--base", required=True, help="a preset (name or file) or an earlier run's OUT folder")
     s1.add_argument("--data", required=True, type=Path, help="tasks.jsonl with expect.answer")
     s1.add_argument("--out", required=True, type=Path, metavar="DIR")
-    s1.add_argument("--steps", type=int, default=200)
+    s1.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     s1.add_argument("--batch", type=int, default=4, help="examples per optimizer step (default 4)")
-    s1.add_argument("--lr", type=float, default=1e-3)
+    s1.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     s1.add_argument("--warmup", type=int, default=10, help="steps of linear warm-up (default 10)")
-    s1.add_argument("--seed", type=int, default=0)
+    s1.add_argument("--seed", type=int, default=0, help="seed of the data order and initial weights (default 0)")
     s1.add_argument("--save-every", type=int, default=50, metavar="N", help="checkpoint every N steps")
     s1.add_argument("--lora-rank", type=int, default=0, metavar="R", help="train LoRA adapters of rank R (peft)")
     s1.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
@@ -129,12 +132,12 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--base", required=True, help="a preset (name or file) or an earlier run's OUT folder")
     pt.add_argument("--text", required=True, type=Path, help='JSONL of {"text": ...} documents')
     pt.add_argument("--out", required=True, type=Path, metavar="DIR")
-    pt.add_argument("--steps", type=int, default=200)
+    pt.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     pt.add_argument("--batch", type=int, default=32, help="documents per optimizer step, one padded batch (default 32)")
-    pt.add_argument("--lr", type=float, default=1e-3)
+    pt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     pt.add_argument("--warmup", type=int, default=100, help="steps of linear warm-up (default 100)")
     pt.add_argument("--max-tokens", type=int, default=512, help="documents are cut to this many tokens")
-    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--seed", type=int, default=0, help="seed of the data order and initial weights (default 0)")
     pt.add_argument("--save-every", type=int, default=200, metavar="N", help="checkpoint every N steps")
     pt.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
     pt.add_argument(
@@ -151,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     s2.add_argument("--vae-steps", type=int, default=200, help="VAE steps, first (default 200)")
     s2.add_argument("--batch", type=int, default=4, help="DiT examples per step (default 4)")
     s2.add_argument("--vae-batch", type=int, default=16, help="VAE pictures per step (default 16)")
-    s2.add_argument("--lr", type=float, default=1e-3)
+    s2.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the DiT and connector (default 1e-3)")
     s2.add_argument("--vae-lr", type=float, default=1e-3)
     s2.add_argument("--warmup", type=int, default=100, help="steps of linear warm-up, each phase (default 100)")
     s2.add_argument(
@@ -179,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
         help="start the DiT and connector from an earlier stage 2 (its OUT or aligned folder), with its VAE",
     )
     s2.add_argument("--size", type=int, default=64, help="picture side in pixels (a multiple of 16)")
-    s2.add_argument("--seed", type=int, default=0)
+    s2.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and initial weights (default 0)")
     s2.add_argument("--save-every", type=int, default=50, metavar="N")
     s2.add_argument("--resume", action="store_true", help="continue from the last checkpoints in OUT")
     s2.add_argument(

@@ -577,11 +577,12 @@ def _switches_backend(base: dict[str, Any], override: dict[str, Any]) -> bool:
 
 
 def _beside(data: dict[str, Any], folder: Path) -> None:
-    """Model folders named relative to the preset file: a relative path that exists beside the file
-    (``model = "planner"``, as in the shipped ``weights/shapes/preset.json``) becomes that folder,
-    whatever the working directory. Anything else (a hub id, ``tiny:...``, an absolute path, a folder
-    relative to the working directory only) is left as written, and so is a remote section's ``model``
-    (the name its server serves, which may well be "planner")."""
+    """Model folders named relative to the preset file, whatever the working directory: a path that
+    starts with ``./`` or ``../`` (as ``duogen train`` writes them) always, so a missing folder is
+    reported by its place; a bare relative name that exists beside the file (``model = "planner"``, as
+    in the shipped ``weights/shapes/preset.json``). Anything else (a hub id, ``tiny:...``, an absolute
+    path, a bare folder name found only from the working directory) is left as written, and so is a
+    remote section's ``model`` (the name its server serves, which may well be "planner")."""
 
     def fix(section: Any) -> None:
         if not isinstance(section, dict):
@@ -590,7 +591,7 @@ def _beside(data: dict[str, Any], folder: Path) -> None:
         for key in keys:
             value = section.get(key)
             if isinstance(value, str) and value and ":" not in value and not Path(value).expanduser().is_absolute():
-                if (folder / value).is_dir():
+                if value.startswith(("./", "../")) or (folder / value).is_dir():
                     section[key] = str((folder / value).resolve())
         fix(section.get("references"))
 

@@ -113,7 +113,7 @@ def test_stage1_loss_falls_and_the_planner_loads_back_through_its_preset(data, t
     assert statistics.mean(losses[-5:]) < 0.7 * statistics.mean(losses[:5])
     assert (out / "loss.png").stat().st_size > 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-20", "step-30"]
-    assert json.loads((out / "preset.json").read_text())["planner"]["model"] == "planner"  # beside the file
+    assert json.loads((out / "preset.json").read_text())["planner"]["model"] == "./planner"  # beside the file
     moved = tmp_path / "moved"
     shutil.move(out, moved)  # the run folder works wherever it is
     preset = load_preset(moved / "preset.json")
@@ -156,6 +156,29 @@ def test_bad_runs_and_bad_data_are_one_line(data, tmp_path, capsys) -> None:
     assert (out / "metrics.jsonl").read_text() == before  # the earlier run's metrics are kept
     assert _train(tmp_path, data, tmp_path / "none", "--steps", "2", "--resume") == 1
     assert "no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()  # refused before anything was made
+    # A finished run's folder (its preset.json), given as another run's OUT: refused, nothing overwritten.
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "preset.json").write_text("{}")
+    assert _train(tmp_path, data, finished, "--steps", "2") == 1
+    assert "holds an earlier run (preset.json)" in capsys.readouterr().err
+    assert (finished / "preset.json").read_text() == "{}" and sorted(p.name for p in finished.iterdir()) == [
+        "preset.json"
+    ]
+    # --resume with the same inputs named another way (an absolute --data) continues
+    rc = main(["train", "stage1", "--base", "tiny", "--data", str(data.resolve()), "--out", str(out), "--home",
+               str(tmp_path / "home"), "--batch", "4", "--lr", "3e-3", "--warmup", "4", "--steps", "2",
+               "--save-every", "1", "--resume"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    other = data.parent / "other.jsonl"  # beside the images its lines name
+    other.write_text("\n".join(data.read_text().splitlines()[:4]) + "\n")
+    assert _train(tmp_path, other, out, "--steps", "2", "--save-every", "1", "--resume") == 1
+    err = capsys.readouterr().err  # what differs, then and now
+    assert f"data: {data.resolve()} then, {other.resolve()} now" in err and "examples:" in err
+    # a data folder: say which file
+    assert _train(tmp_path, data.parent, tmp_path / "x", "--steps", "2") == 1
+    assert "is a folder; give its tasks.jsonl" in capsys.readouterr().err
 
     lines = data.read_text().splitlines()
     bad = data.parent / "bad.jsonl"  # beside the images its lines name
@@ -227,7 +250,9 @@ def test_a_stage2_preset_names_its_folders_relative_so_runs_moved_together_still
     stage1_preset = load_preset(runs / "s1" / "preset.json")  # as train stage2 reads it
     write_aligned(runs / "s2", stage1_preset, runs / "s1" / "planner", size=64, tokens=96, context="planner")
     written = json.loads((runs / "s2" / "preset.json").read_text())
-    assert written["planner"]["model"] == os.path.join("..", "s1", "planner") and written["image"]["model"] == "aligned"
+    assert (
+        written["planner"]["model"] == os.path.join("..", "s1", "planner") and written["image"]["model"] == "./aligned"
+    )
     aligned = json.loads((runs / "s2" / "aligned" / "aligned.json").read_text())
     assert aligned["planner"] == os.path.join("..", "..", "s1", "planner")
     moved = tmp_path / "elsewhere" / "runs"
@@ -235,6 +260,35 @@ def test_a_stage2_preset_names_its_folders_relative_so_runs_moved_together_still
     preset = load_preset(moved / "s2" / "preset.json")
     assert preset.planner.model == str((moved / "s1" / "planner").resolve())
     assert preset.image.model == str((moved / "s2" / "aligned").resolve())
+
+
+def test_stage2_refuses_before_writing_anything(stage1, data, tmp_path, capsys) -> None:
+    """--resume on nothing, an OUT that is stage 1's own run, --vae-from into a run with its own VAE:
+    one line each, before any model loads, and nothing written."""
+    fresh = tmp_path / "fresh"
+    assert _stage2(tmp_path, stage1, data, fresh, "--steps", "2", "--resume") == EXIT_ERROR
+    assert "--resume: no checkpoint" in capsys.readouterr().err and not fresh.exists()
+    before = sorted(p.relative_to(stage1) for p in stage1.rglob("*"))
+    assert _stage2(tmp_path, stage1, data, stage1, "--steps", "2") == EXIT_ERROR
+    assert "holds an earlier run (preset.json, checkpoints, planner)" in capsys.readouterr().err
+    assert sorted(p.relative_to(stage1) for p in stage1.rglob("*")) == before
+    own = tmp_path / "own"
+    (own / "vae" / "checkpoints" / "step-2").mkdir(parents=True)
+    (own / "vae" / "checkpoints" / "step-2" / "trainer.pt").write_bytes(b"")
+    vae = tmp_path / "vae-run" / "aligned" / "vae"
+    vae.mkdir(parents=True)
+    (vae / "config.json").write_text('{"_class_name": "AutoencoderKLWan"}')
+    assert _stage2(tmp_path, stage1, data, own, "--vae-from", str(vae.parent.parent), "--resume") == EXIT_ERROR
+    assert "trained its own VAE" in capsys.readouterr().err and not (own / "vae_from.json").exists()
+
+
+def test_recorded_inputs_match_by_place() -> None:
+    from duogen_agents.training.loop import _same_input
+
+    here = Path.cwd()
+    assert _same_input("tiny", "tiny") and not _same_input("tiny", "shapes")
+    assert _same_input(str(here), ".") and _same_input(".", str(here))  # one folder, named two ways
+    assert not _same_input(str(here), str(here.parent))
 
 
 def test_the_connector_regresses_the_regions_of_the_latent_row_by_row() -> None:
@@ -327,6 +381,17 @@ def test_stage2_trains_and_the_aligned_family_draws_in_the_graph(stage1, data, t
     finally:
         sys.argv = argv
     assert not (packed / "planner" / "checkpoints").exists() and not (packed / "aligned" / "checkpoints").exists()
+    before = sorted(p.relative_to(packed) for p in packed.rglob("*"))
+    for bad in ([str(tmp_path / "no-such-run"), str(out)], [str(stage1), str(out)]):  # a typo; --out inside a run
+        out_arg = str(packed) if bad[0] != str(stage1) else str(out / "packed")
+        sys.argv = ["ship.py", *bad, "--out", out_arg]
+        try:
+            with pytest.raises(SystemExit, match="nothing changed|inside the run"):
+                runpy.run_path(str(Path(__file__).parents[1] / "examples" / "shapes" / "ship.py"), run_name="__main__")
+        finally:
+            sys.argv = argv
+    assert sorted(p.relative_to(packed) for p in packed.rglob("*")) == before  # the shipped folder as it was
+    assert not (out / "packed").exists() and not list(tmp_path.glob(".packed-*"))
     assert json.loads((packed / "preset.json").read_text())["planner"]["model"] == "planner"
     moved = tmp_path / "moved"
     shutil.move(packed, moved)  # relative paths: the folder works wherever it is

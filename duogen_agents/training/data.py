@@ -67,6 +67,8 @@ def load_tasks(path: Path | str) -> list[TrainingTask]:
     from duogen_agents.eval.tasks import Task
 
     path = Path(path)
+    if path.is_dir() and (path / "tasks.jsonl").is_file():
+        raise DataError(f"{path} is a folder; give its tasks.jsonl ({path / 'tasks.jsonl'})")
     if not path.is_file():
         raise DataError(f"training data not found: {path} (write one with duogen_agents.worlds.shapes.write_dataset)")
     base = path.parent

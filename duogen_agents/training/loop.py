@@ -13,7 +13,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,43 @@ def order(n: int, seed: int) -> Iterator[int]:
         epoch += 1
 
 
+EARLIER_RUN = ("preset.json", "checkpoints", "planner", "vae", "dit", "aligned")  # what any training run leaves
+
+
+def check_out(out: Path, resume: bool, runs: Sequence[Path]) -> None:
+    """Before anything loads or is written: a fresh run refuses an OUT that holds an earlier run of any
+    kind (stage 1's, stage 2's, pretraining's: it would overwrite its preset.json), and ``--resume`` one
+    where none of ``runs`` (the folders whose checkpoints it continues) has a checkpoint."""
+    if resume:
+        if all(latest_checkpoint(r) is None for r in runs):
+            raise ConfigError(f"--resume: no checkpoint in {out}; start it without --resume")
+        return
+    held = [name for name in EARLIER_RUN if (out / name).exists() and not _empty_dir(out / name)]
+    if held:
+        raise ConfigError(
+            f"{out} holds an earlier run ({', '.join(held)}); pass --resume to continue it, or choose another --out"
+        )
+
+
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def path_input(value: str | Path) -> str:
+    """A run's input as recorded for ``--resume``: a path that exists, absolute (``runs/x`` and
+    ``/abs/runs/x`` are the same input); a preset name as given."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else str(value)
+
+
+def _same_input(then: Any, now: Any) -> bool:
+    """Recorded inputs match: equal, or paths to the same place (a run recorded before inputs were
+    resolved named ``runs/x`` as given)."""
+    if then == now:
+        return True
+    return isinstance(then, str) and isinstance(now, str) and path_input(then) == path_input(now)
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint: ``trainer.pt`` is written last, so a folder without it is one
     a crash interrupted, and is passed over."""
@@ -105,7 +142,6 @@ def run(
     from tqdm.auto import tqdm
 
     cfg.check()
-    out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
@@ -118,8 +154,14 @@ def run(
             diff = {k: v for k, v in asdict(cfg).items() if state["config"].get(k) != v}
             raise ConfigError(f"--resume: the checkpoint was trained with other settings ({diff}); use the same ones")
         saved_extra = state.get("extra")  # checkpoints of earlier versions lack it
-        if saved_extra is not None and saved_extra != (extra or {}):
-            diff = {k: v for k, v in (extra or {}).items() if saved_extra.get(k) != v}
+        if saved_extra is not None and any(
+            not _same_input(saved_extra.get(k), (extra or {}).get(k)) for k in {*saved_extra, *(extra or {})}
+        ):
+            now = extra or {}
+            diff = "; ".join(
+                f"{k}: {saved_extra.get(k, 'none')} then, {now.get(k, 'none')} now"
+                for k in sorted({*saved_extra, *now}) if not _same_input(saved_extra.get(k), now.get(k))
+            )  # fmt: skip
             raise ConfigError(f"--resume: the checkpoint was trained with other inputs ({diff}); use the same ones")
         load_model(ckpt)
         opt.load_state_dict(state["optimizer"])
@@ -138,6 +180,7 @@ def run(
         if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
             raise ConfigError(f"{out} holds checkpoints of an earlier run; pass --resume, or choose another --out")
         seed_everything(cfg.seed)
+        out.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("")
     (out / "train.json").write_text(json.dumps({"label": label, "config": asdict(cfg), **(extra or {})}, indent=2))
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from duogen_agents.errors import ConfigError
 from duogen_agents.training.data import DataError
-from duogen_agents.training.loop import TrainConfig, run
+from duogen_agents.training.loop import TrainConfig, check_out, path_input, run
 
 
 @dataclass
@@ -37,10 +37,16 @@ class PretrainResult:
 def load_texts(path: str | Path) -> list[str]:
     """The documents of a JSONL file of ``{"text": ...}``; a line that is not one fails with its number."""
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p} is a folder; give the JSON lines file of its documents")
     if not p.is_file():
         raise DataError(f"{p}: no such file")
     texts = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f'{p}: not UTF-8 text; a text file is JSON lines of {{"text": ...}}') from None
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -83,6 +89,7 @@ def train_pretrain(
         raise ConfigError("--max-tokens must be at least 8")
     out = Path(out)
     preset = local_base(base)
+    check_out(out, resume, [out])
     texts = load_texts(text)  # a bad file fails here, before any model loads
     planner = load_planner(preset, home)
     model, tok = planner.model, planner.tokenizer
@@ -113,7 +120,8 @@ def train_pretrain(
     save, load = trainable_io(trained)
     last = run(
         out, cfg, len(docs), params, loss_of, save, load, resume=resume, label="pretrain", batched=True,
-        extra={"base": str(base), "text": str(Path(text).resolve()), "documents": len(docs), "max_tokens": max_tokens},
+        extra={"base": path_input(base), "text": str(Path(text).resolve()), "documents": len(docs),
+               "max_tokens": max_tokens},
     )  # fmt: skip
 
     model.eval()

@@ -20,7 +20,7 @@ from typing import Any
 
 from duogen_agents.errors import ConfigError
 from duogen_agents.training.data import load_tasks, planner_examples
-from duogen_agents.training.loop import TrainConfig, run
+from duogen_agents.training.loop import TrainConfig, check_out, path_input, run
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -92,7 +92,7 @@ def write_planner_run(out: Path, preset: Any, model: Any, planner: Any, suffix: 
     spec = preset.model_dump(mode="json")
     spec["name"] = f"{preset.name}-{suffix}"
     spec["description"] = f"{preset.description} (planner {how})"
-    spec["planner"]["model"] = final.name
+    spec["planner"]["model"] = f"./{final.name}"  # beside the preset file, wherever the run folder goes
     preset_path = out / "preset.json"
     preset_path.write_text(json.dumps(spec, indent=2))
     return final, preset_path
@@ -145,6 +145,7 @@ def train_stage1(
     cfg.check()
     out = Path(out)
     preset = local_base(base)
+    check_out(out, resume, [out])
     tasks = load_tasks(data)  # a bad file fails here, before any model loads
     with tempfile.TemporaryDirectory(prefix="duogen-teacher-") as tmp:
         examples = planner_examples(tasks, preset, Path(tmp))
@@ -180,7 +181,8 @@ def train_stage1(
     save, load = trainable_io(trained)
     last = run(
         out, cfg, len(encoded), params, loss_of, save, load, resume=resume, label="stage 1",
-        extra={"base": str(base), "data": str(Path(data).resolve()), "examples": len(encoded), "lora_rank": lora_rank},
+        extra={"base": path_input(base), "data": str(Path(data).resolve()), "examples": len(encoded),
+               "lora_rank": lora_rank},
     )  # fmt: skip
 
     model.eval()

@@ -36,7 +36,7 @@ from typing import Any
 
 from duogen_agents.errors import ConfigError
 from duogen_agents.training.data import PlannerExample, load_tasks, planner_examples
-from duogen_agents.training.loop import TrainConfig, run
+from duogen_agents.training.loop import TrainConfig, check_out, run
 
 T_CONDITIONING = 0.0001 / (0.0001 + 1)  # the Video2World pipeline's sigma_conditioning, as a t
 BLANK = (255, 255, 255)
@@ -438,9 +438,10 @@ def _relative(path: Path, start: Path) -> str:
     """``path`` as seen from the folder ``start`` (``../stage1/planner``), or absolute where none exists
     (another drive)."""
     try:
-        return os.path.relpath(path.resolve(), start.resolve())
+        rel = os.path.relpath(path.resolve(), start.resolve())
     except ValueError:
         return str(path.resolve())
+    return rel if rel.startswith("..") else f"./{rel}"  # a path, never a name the hub could take
 
 
 def write_aligned(out: Path, preset: Any, planner: Path, *, size: int, tokens: int, context: str) -> Path:
@@ -459,7 +460,7 @@ def write_aligned(out: Path, preset: Any, planner: Path, *, size: int, tokens: i
     spec["name"] = f"{preset.name}-stage2" + ("" if context == "planner" else f"-{context}")
     spec["description"] = f"{preset.description}; DiT aligned by duogen train stage2 (context: {context})"
     spec["image"] = {
-        "family": "aligned", "model": final.name, "height": size, "width": size, "steps": 20,
+        "family": "aligned", "model": f"./{final.name}", "height": size, "width": size, "steps": 20,
         "guidance": 0.0, "device": "cpu", "dtype": "float32",
     }  # fmt: skip
     preset_path = out / "preset.json"
@@ -507,6 +508,7 @@ def train_stage2(
     cfg.check()
     vae_cfg.check()
     out = Path(out)
+    check_out(out, resume, [out / "vae", out / "dit"])
     run1 = Path(planner_dir)
     if not (run1 / "preset.json").is_file():
         raise ConfigError(f"--planner {planner_dir}: give the OUT folder of `duogen train stage1` (it has preset.json)")
@@ -515,7 +517,7 @@ def train_stage2(
         raise ConfigError(f"--planner {planner_dir}: its planner is remote; stage 2 reads a local planner's states")
     if context == "planner":
         model = Path(preset.planner.model).expanduser()
-        if not preset.planner.model.startswith("tiny:") and model.is_absolute() and not model.is_dir():
+        if not preset.planner.model.startswith("tiny:") and _local_path(preset.planner.model) and not model.is_dir():
             raise ConfigError(f"--planner {planner_dir}: its planner folder {model} is missing")
     init_dir = _aligned_source(init) if init is not None else None
     if init_dir is not None:
@@ -534,8 +536,8 @@ def train_stage2(
     if vae_source is not None:
         if resume and recorded.is_file() and json.loads(recorded.read_text())["vae"] != str(vae_source.resolve()):
             raise ConfigError(f"--resume: {out} was trained with the VAE of {json.loads(recorded.read_text())['vae']}")
-        out.mkdir(parents=True, exist_ok=True)
-        recorded.write_text(json.dumps({"vae": str(vae_source.resolve())}))
+        if resume and not recorded.is_file() and (out / "vae").is_dir():
+            raise ConfigError(f"--resume: {out} trained its own VAE; resume it without --vae-from")
     elif resume and (out / "dit" / "checkpoints").exists() and not (out / "vae").is_dir():
         raise ConfigError(f"--resume: {out} has no VAE of its own; give the --vae-from it was trained with")
     tasks = load_tasks(data)
@@ -633,6 +635,9 @@ def train_stage2(
         gen.set_state(torch.load(ckpt / "noise_rng.pt"))
 
     params = list(transformer.parameters()) + list(connector.parameters())
+    if vae_source is not None:  # written once every refusal is past: a refused command leaves no record
+        out.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(json.dumps({"vae": str(vae_source.resolve())}))
     dit_last = run(
         out / "dit", cfg, len(latents), params, dit_loss, dit_save, dit_load, resume=resume and
         (out / "dit" / "checkpoints").exists(), label="stage 2: DiT + connector", batched=True,
@@ -657,6 +662,11 @@ def train_stage2(
     return Stage2Result(
         out, preset_path, len(latents), (vae_rows[0], vae_rows[-1]), (dit_rows[0], dit_last.get("loss", dit_rows[-1]))
     )
+
+
+def _local_path(model: str) -> bool:
+    """A model named by a path (absolute, or ``./`` / ``../``, as training writes them), not a hub id."""
+    return Path(model).expanduser().is_absolute() or model.startswith(("./", "../"))
 
 
 def _aligned_source(init: str | Path) -> Path:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The fifth shapes run of 2026-11-26 (README, "Training"): DuoGen's two stages from scratch on a 2-core
-# CPU, after a language-model pretraining of the planner. A picture that changes the one before it is an
-# edit whose prompt names the change alone (shapes._answer), and the connector's regression head predicts
-# the change from the conditioning frame. Run from the repository root with the package
-# installed (pip install -e '.[dev]'). Seeds are fixed. About two and a half hours on this 2-core CPU, two runs at a time.
+# The shapes runs of 2026-11-26/27 (README, "Training"): the fifth run, then the sixth's changes at the end
+# (the shipped `shapes` preset). DuoGen's two stages from scratch on a 2-core CPU, after a language-model
+# pretraining of the planner. A picture that changes the one before it is an edit whose prompt names the
+# change alone (shapes._answer), and the connector's regression head predicts the change from the
+# conditioning frame. Run from the repository root with the package installed (pip install -e '.[dev]').
+# Seeds are fixed. About two and a half hours on this 2-core CPU, two runs at a time.
 set -euo pipefail
 export DUOGEN_HOME=${DUOGEN_HOME:-$PWD/runs/home}
 
