@@ -177,3 +177,35 @@ def test_a_plan_steps_own_numbering_is_not_repeated_in_its_heading(tmp_path) -> 
         "### Step 3",
         "### Step 4: Step 1.5 cups of soil",
     ]
+
+
+def test_a_session_longer_than_the_planner_context_leaves_out_its_oldest_turns(home) -> None:
+    """The real planner, its context made small: the third turn does not fit with the first two, so
+    its calls leave out the oldest whole turns (as few as fit) and the turn answers; a turn that does
+    not fit alone is one clear error, and the session goes on."""
+    from duogen_agents import PromptTooLongError
+
+    agent = Agent.from_preset("tiny", home=home)
+    session = agent.session("long")
+    for turn in (1, 2):
+        session.send(f"Turn {turn}: say something short.", mode="interleaved", seed=turn)
+    planner = agent.planner
+    conversation, _ = planner.last_calls["long"]
+    whole = planner.encode(conversation)["input_ids"].shape[1]  # turns 1 and 2
+    planner.context_tokens = whole + 400  # turn 3 cannot keep them all
+    doc = session.send("Turn 3: say something short.", mode="interleaved", seed=3)
+    assert doc.blocks
+    conversation, _ = planner.last_calls["long"]
+    text = json.dumps([part.get("text", "") for t in conversation for part in t["content"]])
+    assert "Turn 1:" not in text and "Turn 3:" in text
+    dropped, _length = agent.deps.dropped_turns["long"]
+    assert dropped >= 1
+    assert planner.encode(conversation)["input_ids"].shape[1] < planner.context_tokens
+    planner.context_tokens = 40  # not even the system prompt and this turn
+    with pytest.raises(PromptTooLongError, match="planner reads at most 39"):
+        session.send("Turn 4: say something short.", mode="interleaved", seed=4)
+    planner.context_tokens = 2**31
+    assert session.cancel()  # the failed turn, as `duogen run --discard` does
+    assert session.send("Turn 4: say something short.", mode="interleaved", seed=4).blocks
+    turns = session.history()  # the refused turn stays on record, cancelled
+    assert [t.status for t in turns] == ["complete", "complete", "complete", "cancelled", "complete"]

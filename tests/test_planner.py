@@ -130,8 +130,16 @@ def test_a_conversation_longer_than_the_context_is_refused(planner) -> None:
     words = window
     while planner.encode(_conv("word " * words))["input_ids"].shape[1] > window - 30:
         words -= 50
-    out = planner.generate(_conv("word " * words), None, max_new_tokens=10_000)
-    assert out.prompt_tokens + out.num_tokens <= window  # the answer stops at the context's end
+    with pytest.raises(PromptTooLongError, match="ran past the planner's context"):
+        planner.generate(_conv("word " * words), None, max_new_tokens=10_000)  # free text: runs to the end
+    short = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    out = planner.generate(_conv("word " * words), short, max_new_tokens=10_000)  # ends before the context does
+    assert out.complete and isinstance(json.loads(out.text)["ok"], bool)
 
 
 def test_text_has_no_control_characters(planner) -> None:

@@ -587,3 +587,16 @@ def test_a_remote_critic_checks_the_images(fake: Fake, tmp_path: Path) -> None:
         any(p["type"] == "image_url" for m in c["messages"] if isinstance(m["content"], list) for p in m["content"])
         for c in checks
     )
+
+
+def test_a_served_models_context_error_is_prompt_too_long() -> None:
+    """So the graph leaves out the oldest turns with a remote planner too (duogen serve's and OpenAI's
+    code, vLLM's wording)."""
+    from types import SimpleNamespace
+
+    from duogen_agents.models.remote import _context_exceeded
+
+    ours = SimpleNamespace(body={"error": {"code": "context_length_exceeded", "message": "..."}})
+    vllm = RuntimeError("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens")
+    other = SimpleNamespace(body={"error": {"code": "invalid_value", "message": "bad seed"}})
+    assert _context_exceeded(ours) and _context_exceeded(vllm) and not _context_exceeded(other)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -25,6 +25,9 @@ class GraphDeps:
     limits: Limits
     critic: Any = None  # ChatDuogen | None
     allow_remote_images: bool = False  # fetch http(s) image URLs found in incoming messages
+    # Per session longer than the planner's context: how many of its oldest turns its last planner call
+    # left out, and how many messages its history had then.
+    dropped_turns: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def checker(self) -> Any:

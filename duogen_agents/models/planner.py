@@ -307,8 +307,8 @@ class TransformersPlanner:
         ``client_schema``: a schema from a client decodes without jump forward, whose search for the
         forced text has no bound in xgrammar (a required self-reference, ``minItems: 1e6`` of a
         constant: it allocates until the process is killed); token by token, ``max_new_tokens`` bounds it.
-        A conversation longer than the model's context is refused (``PromptTooLongError``), and the
-        new tokens stop at the context's end."""
+        A conversation longer than the model's context is refused (``PromptTooLongError``), and so is
+        one whose answer runs past the context's end (rather than an answer cut short there)."""
         import torch
 
         # One call per device at a time: a GPU runs one model faster alone than two side by side,
@@ -325,9 +325,15 @@ class TransformersPlanner:
                     "before its answer (its context): shorten it"
                 )
             key = "" if cache_key is None else cache_key
-            budget = min(max_new_tokens or self.spec.max_new_tokens, self.context_tokens - n)
+            asked = max_new_tokens or self.spec.max_new_tokens
+            budget = min(asked, self.context_tokens - n)
             jump = self.spec.jump_forward and not client_schema
             out = self._decode(enc, grammar, limits, budget, seed, on_token, key, jump)
+            if budget < asked and not out.complete:
+                raise PromptTooLongError(
+                    f"the conversation is {n} tokens; its answer ran past the planner's context "
+                    f"({self.context_tokens} tokens): shorten it"
+                )
             self.last_calls[key] = (list(conversation), out.text)
             self.last_calls.move_to_end(key)
             while len(self.last_calls) > 64:

@@ -43,7 +43,8 @@ from typing import Any
 
 from PIL import Image
 
-from duogen_agents.errors import ConfigError, GenerationError, ModelLoadError
+from duogen_agents.errors import ConfigError, GenerationError, ModelLoadError, PromptTooLongError
+from duogen_agents.models.loading import first_line
 from duogen_agents.models.protocols import ChatTurn, PlannerOutput, TokenCallback
 from duogen_agents.presets import ImageSpec, PlannerSpec
 
@@ -414,6 +415,10 @@ class OpenAIPlanner:
                 text, finish, usage, deltas = self._complete(kwargs)
             else:
                 text, finish, usage, deltas = self._stream(kwargs, on_token)
+        except openai.BadRequestError as e:
+            if _context_exceeded(e):  # the graph then leaves out the session's oldest turns
+                raise PromptTooLongError(f"the {self.role} at {self.url}: {first_line(e)}") from None
+            raise GenerationError(describe_error(e, self.role, self.url, spec)) from None
         except (openai.APIError, OSError) as e:
             raise GenerationError(describe_error(e, self.role, self.url, spec)) from None
         except Exception as e:
@@ -483,3 +488,12 @@ class OpenAIPlanner:
                 f"{where}: it does not match the action schema ({problem}); does the server honour "
                 f"{self.role}.structured_output = {self.spec.structured_output!r}?"
             )
+
+
+def _context_exceeded(e: Any) -> bool:
+    """A 400 that says the messages do not fit the served model's context: OpenAI's and duogen serve's
+    ``context_length_exceeded`` code, or vLLM's and SGLang's wording."""
+    body = getattr(e, "body", None)
+    error = body.get("error", body) if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else getattr(e, "code", None)
+    return code == "context_length_exceeded" or "maximum context length" in str(e).lower()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,14 +11,19 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.config import get_stream_writer
 
 from duogen_agents.document import ImageRef, TextBlock
+from duogen_agents.errors import PromptTooLongError
 from duogen_agents.graphs import actions as A
 from duogen_agents.graphs.deps import GraphDeps
 from duogen_agents.graphs.prompts import SYSTEM_PROMPTS
 from duogen_agents.graphs.state import PendingImage, TurnState
 from duogen_agents.tools.render import Renderer
 
+log = logging.getLogger("duogen.graph")
+
 # The planner may reference the most recent images only: this many per allowed reference.
 RECENT_IMAGES_PER_REFERENCE = 4
+# Sessions whose trimmed history the graph remembers (how many oldest turns their last call left out).
+MAX_TRIMMED_SESSIONS = 1024
 # Spreads the per-call seeds of one turn apart.
 CALL_SEED_STRIDE = 7919
 # Tags of the model calls in a LangGraph ``messages`` stream: the answer's actions, and the checks.
@@ -66,22 +72,48 @@ def call_planner(
     chat: Any = None,
     tag: str = PLANNER_TAG,
 ) -> tuple[str, int]:
-    """One grammar-constrained call over the conversation (plus ``instruction`` with ``images``)."""
+    """One grammar-constrained call over the conversation (plus ``instruction`` with ``images``).
+
+    A session longer than the planner's context leaves out its oldest whole turns, as few as fit
+    (the system prompt and this turn always stay); how many is remembered per session, so later
+    calls start there. A turn that does not fit alone is the planner's ``PromptTooLongError``."""
     mode = state.get("mode", "interleaved")
-    msgs: list[BaseMessage] = [SystemMessage(content=SYSTEM_PROMPTS[mode]), *state.get("messages", [])]
+    history = list(state.get("messages", []))
+    extra: list[BaseMessage] = []
     if instruction is not None:
         content: list[Any] = [{"type": "image", "file_id": i} for i in images]
         content.append({"type": "text", "text": instruction})
-        msgs.append(HumanMessage(content=content))
+        extra.append(HumanMessage(content=content))
     seed = state.get("seed", 0) * CALL_SEED_STRIDE + state.get("calls", 0)
     # Tagged, so a LangGraph ``messages`` stream can tell the planner's JSON actions (and the
     # check's verdicts) from a parent graph's own model output.
     tagged = {**config, "tags": [*(config.get("tags") or []), tag]}
     # The session's id names its kept KV cache: the next call prefills only what this turn added.
     session = (config.get("configurable") or {}).get("thread_id")
-    response = (chat or deps.chat).invoke(
-        msgs, tagged, schema=schema, seed=seed, max_new_tokens=max_new_tokens, cache_key=session
-    )
+    turns = [i for i, m in enumerate(history) if isinstance(m, HumanMessage)]  # where each turn begins
+    most = max(len(turns) - 1, 0)  # earlier turns that may be left out
+    # Start one below what the session's last call needed (its call may have carried a larger
+    # instruction), or from none when its history has shrunk since (a discarded turn).
+    last, length = deps.dropped_turns.get(session, (0, 0))
+    dropped = min(max(last - 1, 0), most) if length <= len(history) else 0
+    while True:
+        kept = history[turns[dropped] :] if dropped else history
+        msgs: list[BaseMessage] = [SystemMessage(content=SYSTEM_PROMPTS[mode]), *kept, *extra]
+        try:
+            response = (chat or deps.chat).invoke(
+                msgs, tagged, schema=schema, seed=seed, max_new_tokens=max_new_tokens, cache_key=session
+            )
+            break
+        except PromptTooLongError:
+            if dropped >= most:
+                raise
+            dropped += 1
+            log.info("session %s: its oldest %d turn(s) left out of the planner's context", session, dropped)
+    if session is not None and (dropped or session in deps.dropped_turns):
+        deps.dropped_turns.pop(session, None)
+        deps.dropped_turns[session] = (dropped, len(history))
+        while len(deps.dropped_turns) > MAX_TRIMMED_SESSIONS:  # the least recently trimmed first
+            deps.dropped_turns.pop(next(iter(deps.dropped_turns)))
     usage = response.usage_metadata or {}
     return str(response.content), int(usage.get("output_tokens", 0))
 
