@@ -270,8 +270,17 @@ def test_stage2_refuses_before_writing_anything(stage1, data, tmp_path, capsys) 
     assert "--resume: no checkpoint" in capsys.readouterr().err and not fresh.exists()
     before = sorted(p.relative_to(stage1) for p in stage1.rglob("*"))
     assert _stage2(tmp_path, stage1, data, stage1, "--steps", "2") == EXIT_ERROR
-    assert "holds an earlier run (preset.json, checkpoints, planner)" in capsys.readouterr().err
+    assert "holds an earlier run (preset.json, planner, checkpoints)" in capsys.readouterr().err
     assert sorted(p.relative_to(stage1) for p in stage1.rglob("*")) == before
+    # stopped before its first complete checkpoint (metrics, a step folder without trainer.pt): starts again
+    crashed = tmp_path / "crashed"
+    (crashed / "vae" / "checkpoints" / "step-2").mkdir(parents=True)
+    (crashed / "vae" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    assert _stage2(tmp_path, stage1, data, crashed, "--resume") == EXIT_ERROR
+    assert "no checkpoint" in capsys.readouterr().err
+    from duogen_agents.training.loop import check_out
+
+    check_out(crashed, False, [crashed / "vae", crashed / "dit"])  # a fresh start is allowed
     own = tmp_path / "own"
     (own / "vae" / "checkpoints" / "step-2").mkdir(parents=True)
     (own / "vae" / "checkpoints" / "step-2" / "trainer.pt").write_bytes(b"")
@@ -382,11 +391,14 @@ def test_stage2_trains_and_the_aligned_family_draws_in_the_graph(stage1, data, t
         sys.argv = argv
     assert not (packed / "planner" / "checkpoints").exists() and not (packed / "aligned" / "checkpoints").exists()
     before = sorted(p.relative_to(packed) for p in packed.rglob("*"))
-    for bad in ([str(tmp_path / "no-such-run"), str(out)], [str(stage1), str(out)]):  # a typo; --out inside a run
-        out_arg = str(packed) if bad[0] != str(stage1) else str(out / "packed")
-        sys.argv = ["ship.py", *bad, "--out", out_arg]
+    for bad in (
+        [str(tmp_path / "no-such-run"), str(out), "--out", str(packed)],  # a typo: the shipped folder stays
+        [str(stage1), str(out), "--out", str(out / "packed")],  # --out inside a run
+        [str(stage1), str(out), "--out", str(tmp_path)],  # a run inside --out (it was deleted with it)
+    ):
+        sys.argv = ["ship.py", *bad]
         try:
-            with pytest.raises(SystemExit, match="nothing changed|inside the run"):
+            with pytest.raises(SystemExit, match="nothing changed|overlap"):
                 runpy.run_path(str(Path(__file__).parents[1] / "examples" / "shapes" / "ship.py"), run_name="__main__")
         finally:
             sys.argv = argv

@@ -279,6 +279,20 @@ class TransformersPlanner:
                 self._grammars.popitem(last=False)
         return compiled
 
+    def check_context(self, conversation: Sequence[ChatTurn]) -> int:
+        """The conversation's tokens; ``PromptTooLongError`` when they leave no room for an answer in
+        the model's context (what ``generate`` checks first: a server checks it before it streams)."""
+        return self._fits(self.encode(conversation))
+
+    def _fits(self, enc: dict[str, Any]) -> int:
+        n = int(enc["input_ids"].shape[1])
+        if n >= self.context_tokens:
+            raise PromptTooLongError(
+                f"the conversation is {n} tokens; the planner reads at most {self.context_tokens - 1} "
+                "before its answer (its context): shorten it"
+            )
+        return n
+
     def forget(self, cache_key: str | None = None) -> None:
         """Drop the kept KV cache of one session (``cache_key``), or of all sessions (and then the
         processed pictures ``encode`` keeps too)."""
@@ -318,12 +332,7 @@ class TransformersPlanner:
                 residency_for(self.device).use(self.residency_role)
             grammar, limits = self.compile(schema) if schema is not None else (None, {})
             enc = self.encode(conversation)
-            n = enc["input_ids"].shape[1]
-            if n >= self.context_tokens:
-                raise PromptTooLongError(
-                    f"the conversation is {n} tokens; the planner reads at most {self.context_tokens - 1} "
-                    "before its answer (its context): shorten it"
-                )
+            n = self._fits(enc)
             key = "" if cache_key is None else cache_key
             asked = max_new_tokens or self.spec.max_new_tokens
             budget = min(asked, self.context_tokens - n)

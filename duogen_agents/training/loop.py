@@ -69,26 +69,28 @@ def order(n: int, seed: int) -> Iterator[int]:
         epoch += 1
 
 
-EARLIER_RUN = ("preset.json", "checkpoints", "planner", "vae", "dit", "aligned")  # what any training run leaves
-
-
 def check_out(out: Path, resume: bool, runs: Sequence[Path]) -> None:
     """Before anything loads or is written: a fresh run refuses an OUT that holds an earlier run of any
-    kind (stage 1's, stage 2's, pretraining's: it would overwrite its preset.json), and ``--resume`` one
-    where none of ``runs`` (the folders whose checkpoints it continues) has a checkpoint."""
+    kind (stage 1's, stage 2's, pretraining's: it would overwrite its preset.json, or mix checkpoints),
+    and ``--resume`` one where none of ``runs`` (the folders whose checkpoints it continues) has a
+    checkpoint. A run stopped before its first complete checkpoint holds nothing to keep: it starts
+    again without ``--resume``."""
     if resume:
         if all(latest_checkpoint(r) is None for r in runs):
             raise ConfigError(f"--resume: no checkpoint in {out}; start it without --resume")
         return
-    held = [name for name in EARLIER_RUN if (out / name).exists() and not _empty_dir(out / name)]
+    held = [name for name in ("preset.json", "planner", "aligned") if _holds(out / name)]
+    held += [
+        f"{name}checkpoints" for name in ("", "vae/", "dit/") if latest_checkpoint(out / name.rstrip("/")) is not None
+    ]
     if held:
         raise ConfigError(
             f"{out} holds an earlier run ({', '.join(held)}); pass --resume to continue it, or choose another --out"
         )
 
 
-def _empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
+def _holds(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
 
 
 def path_input(value: str | Path) -> str:
@@ -177,7 +179,7 @@ def run(
         keep = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in keep if m["step"] <= start))
     else:  # refuse before touching anything of an earlier run
-        if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        if latest_checkpoint(out) is not None:
             raise ConfigError(f"{out} holds checkpoints of an earlier run; pass --resume, or choose another --out")
         seed_everything(cfg.seed)
         out.mkdir(parents=True, exist_ok=True)

@@ -35,8 +35,10 @@ needed += [aligned / part for part in ("vae", "transformer", "connector")]
 if missing := [str(path) for path in needed if not path.exists()]:
     raise SystemExit(f"ship.py: not a finished stage 1 and stage 2 (missing {', '.join(missing)}); nothing changed")
 for run in (args.stage1, args.stage2):
-    if out == run.resolve() or run.resolve() in out.parents:
-        raise SystemExit(f"ship.py: --out {args.out} is inside the run {run}; choose another folder")
+    if out == run.resolve() or run.resolve() in out.parents or out in run.resolve().parents:
+        raise SystemExit(
+            f"ship.py: --out {args.out} and the run {run} overlap (one holds the other); choose another folder"
+        )
 source = load_preset(args.stage2 / "preset.json")
 meta = json.loads((args.stage2 / "aligned" / "aligned.json").read_text())
 if meta.get("context", "planner") != "planner" or source.critic is not None or source.image.references is not None:

@@ -104,8 +104,10 @@ def call_planner(
                 msgs, tagged, schema=schema, seed=seed, max_new_tokens=max_new_tokens, cache_key=session
             )
             break
-        except PromptTooLongError:
+        except PromptTooLongError as e:
             if dropped >= most:
+                if most:
+                    raise PromptTooLongError(f"{e} (this turn alone; the session's earlier turns were left out)") from e
                 raise
             dropped += 1
             log.info("session %s: its oldest %d turn(s) left out of the planner's context", session, dropped)
