@@ -479,6 +479,7 @@ def _resume_defaults(args: argparse.Namespace) -> None:
     args.reference = args.reference or bool(options.get("reference"))
     if args.judge is None and options.get("judge"):
         args.judge, args.judge_model = options["judge"], args.judge_model or options.get("judge_model")
+        args.judge_key_env = args.judge_key_env or options.get("judge_key_env")
 
 
 def _print_summary(results: dict[str, Any], console: Any) -> None:

@@ -39,8 +39,10 @@ _UNSAFE_SCHEME = re.compile(r"(?i)\b(javascript|vbscript|data|file)\s*(\\?:)(?=\
 
 def safe_markdown(text: str) -> str:
     """Model or user text made safe for any Markdown viewer, keeping its Markdown: raw HTML is
-    escaped (it shows as text), and links cannot use a script or data scheme."""
-    return _UNSAFE_SCHEME.sub(lambda m: f"{m.group(1)} {m.group(2)}", html.escape(text, quote=False))
+    escaped (it shows as text), links cannot use a script or data scheme, and it embeds no image
+    (``![x](https://...)`` would be fetched when the page is viewed: it shows as a link)."""
+    text = _UNSAFE_SCHEME.sub(lambda m: f"{m.group(1)} {m.group(2)}", html.escape(text, quote=False))
+    return text.replace("![", "!\\[")
 
 
 def to_markdown(
@@ -68,8 +70,9 @@ def to_markdown(
 def _markdown_html(text: str) -> str:
     from markdown_it import MarkdownIt
 
-    # Raw HTML in model text is escaped, never passed through.
-    return MarkdownIt("commonmark", {"html": False}).render(text)
+    # Raw HTML in model text is escaped, never passed through, and Markdown images are not rendered:
+    # the page is self-contained (nothing is fetched from elsewhere when it is viewed).
+    return MarkdownIt("commonmark", {"html": False}).disable("image").render(text)
 
 
 def to_html(doc: InterleavedDocument, store: ImageStore) -> str:

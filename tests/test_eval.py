@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -297,13 +298,20 @@ def test_judge_errors_are_one_line(home, tmp_path, capsys) -> None:
     ],
 )
 def test_importers(kind, file, ids, images, bad, tmp_path, capsys) -> None:
-    tasks, errors = import_tasks(kind, DATA / file)
+    data = tmp_path / "bench"
+    shutil.copytree(DATA, data)
+    tasks, errors = import_tasks(kind, data / file)
     assert [t.id for t in tasks] == ids and [t.expect["images"] for t in tasks] == images
     assert [e.line for e in errors] == bad
     assert all("<image>" not in t.turns[0].prompt and "<BEGIN>" not in t.turns[0].prompt for t in tasks)
-    out = tmp_path / f"{kind}.jsonl"
-    assert main(["eval", "import", kind, str(DATA / file), "--out", str(out)]) == 0
+    out = data / "imported" / f"{kind}.jsonl"  # below the images: they would be outside its folder
+    if any(t.turns[0].images for t in tasks):
+        assert main(["eval", "import", kind, str(data / file), "--out", str(out)]) == 1
+        assert "does not hold the images" in capsys.readouterr().err and not out.exists()
+    out = data / f"{kind}-imported.jsonl"
+    assert main(["eval", "import", kind, str(data / file), "--out", str(out)]) == 0
     assert f"line {bad[0]}:" in capsys.readouterr().err
+    assert "pot.png" in out.read_text() and str(data) not in out.read_text() or kind == "ueval"  # relative
     loaded, load_errors = load_jsonl(out)
     assert [t.id for t in loaded] == ids and not load_errors
 
@@ -456,6 +464,10 @@ def test_resume_reuses_only_matching_results(home, tmp_path) -> None:
     data = json.loads((out / "results.json").read_text())
     (task,) = data["runs"][0]["tasks"]
     assert task["prompts"] == ["different"] and task["status"] == "error"  # not the shapes result
+    # another preset's run of another bench is not kept beside this one: its scores would not compare
+    run_eval("shapes", ["tiny"], limit=1, out=out, home=home, resume=True)
+    data = json.loads((out / "results.json").read_text())
+    assert [r["preset"] for r in data["runs"]] == ["tiny"] and data["bench"] == "shapes"
 
 
 def test_report_escapes_records_and_fetches_nothing(tmp_path) -> None:
@@ -488,11 +500,75 @@ def test_compare_refuses_what_is_not_a_result(tmp_path, capsys) -> None:
     assert code == 1 and "is not a duogen eval result" in capsys.readouterr().err
 
 
-def test_import_resolves_image_paths_for_a_bench_written_elsewhere(tmp_path) -> None:
+def test_extra_pictures_earn_no_fidelity_and_unmeasured_axes_stay_empty(home) -> None:
+    """A blank answer scored fidelity 0, and 1.0 once it added unrequested blank pictures; axes that
+    no task of a run could measure stay unmeasured (None, shown as "-"), failures or not."""
+    from PIL import Image
+
+    from duogen_agents import InterleavedDocument
+    from duogen_agents.eval.runner import _summary
+    from duogen_agents.storage.images import ImageStore
+
+    store = ImageStore(home)
+    (task,) = [t for t in load_bench("shapes", limit=8)[1] if t.mode == "interleaved"][:1]
+    blank = store.put(Image.new("RGB", (192, 192), "white"))
+    doc = InterleavedDocument(prompt=task.turns[0].prompt, mode="interleaved", preset="x",
+                              blocks=[{"type": "image", "image": blank.model_dump(), "prompt": "p"}] * 5)  # fmt: skip
+    scores = score(task, [doc], store, None)["scores"]
+    assert scores["fidelity"] < 0.5 and scores["structure"] < 1.0
+    tasks = [{"status": "ok", "scores": {"structure": 1.0}}, {"status": "error", "scores": {}}]
+    assert _summary(tasks) == {"structure": 0.5, "text": None, "fidelity": None, "alignment": None, "consistency": None}
+
+
+def test_resume_keeps_its_judge_key_and_files_from_any_folder(tmp_path, monkeypatch) -> None:
+    import argparse
+
+    from duogen_agents.cli import _resume_defaults
+    from duogen_agents.eval.runner import _place
+
+    bench = tmp_path / "b.jsonl"
+    shutil.copy(DATA / "bench.jsonl", bench)
+    monkeypatch.chdir(tmp_path)
+    assert _place("b.jsonl") == str(bench.resolve()) and _place("tiny") == "tiny" and _place(None) is None
+    run = tmp_path / "run"
+    run.mkdir()
+    options = {"bench": _place("b.jsonl"), "presets": ["tiny"], "seed": 0, "limit": 2, "judge": "http://127.0.0.1:9/v1",
+               "judge_model": "m", "judge_key_env": "JKEY"}  # fmt: skip
+    (run / "results.json").write_text(json.dumps({"options": options}))
+    args = argparse.Namespace(resume=run, bench=None, seed=None, limit=None, preset=None, reference=False,
+                              judge=None, judge_model=None, judge_key_env=None)  # fmt: skip
+    _resume_defaults(args)
+    assert args.judge_key_env == "JKEY" and args.bench == str(bench.resolve())
+
+
+def test_bench_images_stay_inside_the_bench_folder(tmp_path, capsys) -> None:
+    """A bench names its images relative to itself, inside its folder: one from elsewhere cannot make
+    the planner (or a remote planner or judge) read other pictures of the machine. The importers keep
+    to it too (an ISG query naming /etc/passwd), and write the bench where its images are inside."""
     out = tmp_path / "elsewhere" / "isg.jsonl"
-    assert main(["eval", "import", "isg", str(DATA / "isg.jsonl"), "--out", str(out)]) == 0
-    tasks, _ = load_jsonl(out)
-    assert Path(tasks[0].turns[0].images[0]).is_file()
+    assert main(["eval", "import", "isg", str(DATA / "isg.jsonl"), "--out", str(out)]) == 1
+    assert "does not hold the images" in capsys.readouterr().err and not out.exists()
+    secret = tmp_path / "secret.png"
+    shutil.copy(DATA / "pot.png", secret)
+    bench = tmp_path / "bench" / "b.jsonl"
+    bench.parent.mkdir()
+    shutil.copy(DATA / "pot.png", bench.parent / "pot.png")
+    lines = [
+        {"id": "ok", "turns": [{"prompt": "p", "images": ["pot.png"]}]},
+        {"id": "up", "turns": [{"prompt": "p", "images": ["../secret.png"]}]},
+        {"id": "abs", "turns": [{"prompt": "p", "images": [str(secret)]}]},
+    ]
+    (bench.parent / "link.png").symlink_to(secret)
+    lines.append({"id": "link", "turns": [{"prompt": "p", "images": ["link.png"]}]})
+    bench.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    tasks, errors = load_jsonl(bench)
+    assert [t.id for t in tasks] == ["ok"] and [e.line for e in errors] == [2, 3, 4]
+    assert all("outside the bench's folder" in e.message for e in errors)
+    isg = tmp_path / "isg.jsonl"
+    isg.write_text(json.dumps({"id": "0001", "Category": "x", "Query": [{"type": "text", "content": "hi"},
+                                {"type": "image", "content": "/etc/passwd"}], "Golden": []}) + "\n")  # fmt: skip
+    imported, bad = import_tasks("isg", isg)
+    assert not imported and "outside" in bad[0].message
 
 
 def test_the_canvas_ceiling_scores_the_ground_truth_at_a_size() -> None:

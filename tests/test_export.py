@@ -43,6 +43,18 @@ def test_model_html_is_escaped(tiny_agent, tmp_path) -> None:
     assert "<script>" not in page
 
 
+def test_exports_embed_no_image_from_elsewhere(tiny_agent) -> None:
+    """Model text with a Markdown image (a tracking pixel) fetches nothing when the export is viewed."""
+    from duogen_agents import InterleavedDocument
+    from duogen_agents.export import to_html, to_markdown
+
+    text = "see ![p](https://evil.example/p.png) and ![r][ref]\n\n[ref]: https://evil.example/r.png"
+    doc = InterleavedDocument(prompt="x", mode="interleaved", preset="x", blocks=[{"type": "text", "text": text}])
+    page = to_html(doc, tiny_agent.store)
+    assert "evil.example" in page and "<img" not in page.split("<main", 1)[-1].replace('<img src="data:', "")
+    assert "![p](https://evil" not in to_markdown(doc) and "![r][ref]" not in to_markdown(doc)
+
+
 def test_failed_write_leaves_nothing(tiny_agent, tmp_path, monkeypatch) -> None:
     doc = tiny_agent.run("Plan a picnic", mode="visual-plan", seed=7)
     calls = {"n": 0}

@@ -6,13 +6,15 @@
 - **OpenING** (``LanceZPF/OpenING``, ``OpenING-benchmark/test_data.jsonl``): ``total_uid``,
   ``meta_task_name``, ``subtask_name`` and ``conversations`` ``[{"input": [steps]}, {"output":
   [steps]}]`` with steps ``{"image": path|null, "text": ...}``; ``<BEGIN>`` and ``<image>`` markers are
-  dropped, input images attached, and the answer should have ``len(output)`` images.
+  dropped, input images attached, and the answer should have as many images as the output steps that
+  have one.
 - **UEval** (Hugging Face ``primerL/UEval``; save it with ``datasets``' ``to_json``): ``id``,
   ``prompt``, ``task_type``, ``image_ref`` (the gold images), ``text_ref``; text-only prompts, and the
   answer should have as many images as ``image_ref``.
 
-Image paths are resolved against ``images_root`` (default: the task file's folder). A malformed line
-is reported with its number and the others are converted.
+Image paths are resolved against ``images_root`` (default: the task file's folder) and must stay inside
+it; the bench file names them relative to itself, so it is written in a folder that holds them. A
+malformed line is reported with its number and the others are converted.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from duogen_agents.errors import ConfigError
-from duogen_agents.eval.tasks import BenchError, Task
+from duogen_agents.eval.tasks import BenchError, Task, _one_line, inside
 
 _MARKERS = re.compile(r"<BEGIN>|<image>")
 
@@ -40,20 +42,22 @@ def _records(path: Path) -> Iterator[tuple[int, Any]]:
             data = json.loads(text)
         except ValueError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: JSON nested too deeply") from None
         yield from enumerate(data, 1)
         return
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 yield number, json.loads(line)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 yield number, e
 
 
 def _isg(record: dict[str, Any], root: Path) -> Task:
     query = record["Query"]
     text = "\n".join(i["content"] for i in query if i["type"] == "text").strip()
-    images = [str((root / i["content"]).resolve()) for i in query if i["type"] == "image"]
+    images = [inside(root, i["content"]) for i in query if i["type"] == "image"]
     golden = record.get("Golden") or []
     return Task(
         id=f"isg-{record['id']}-{_slug(record.get('Category', ''))}",
@@ -73,18 +77,23 @@ def _opening(record: dict[str, Any], root: Path) -> Task:
     steps_in = conv[0]["input"]
     steps_out = conv[1]["output"]
     text = "\n".join(_MARKERS.sub("", s.get("text") or "").strip() for s in steps_in).strip()
-    images = [str((root / s["image"]).resolve()) for s in steps_in if s.get("image")]
+    images = [inside(root, s["image"]) for s in steps_in if s.get("image")]
     return Task(
         id=f"opening-{record['total_uid']}",
         mode="interleaved",
         turns=[{"prompt": text, "images": images}],
-        expect={"images": len(steps_out), "category": f"{record.get('meta_task_name')} / {record.get('subtask_name')}"},
+        expect={
+            "images": sum(1 for s in steps_out if s.get("image")),
+            "category": f"{record.get('meta_task_name')} / {record.get('subtask_name')}",
+        },
         source="OpenING",
     )
 
 
 def _ueval(record: dict[str, Any], root: Path) -> Task:
     refs = record.get("image_ref") or []
+    if not isinstance(refs, list):
+        raise ValueError("image_ref must be a list")
     kind = record.get("task_type") or record.get("domain") or "task"
     return Task(
         id=f"ueval-{_slug(kind)}-{record['id']}",
@@ -123,8 +132,8 @@ def import_tasks(
             task = convert(record, root)
             if task.id in seen:
                 raise ValueError(f"duplicate task id {task.id!r}")
-        except (ValueError, KeyError, TypeError, IndexError) as e:
-            message = f"missing field {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:200]
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
+            message = f"missing field {e}" if isinstance(e, KeyError) else _one_line(e)
             errors.append(BenchError(line=number, message=message))
             continue
         seen.add(task.id)
@@ -133,7 +142,23 @@ def import_tasks(
 
 
 def write_jsonl(tasks: list[Task], out: Path | str) -> Path:
+    """The tasks as a bench file at ``out``, their images named relative to it (a bench names its
+    images inside its own folder: ``--out`` must be in a folder that holds them)."""
     from duogen_agents.storage.images import write_atomic
 
-    body = "".join(t.model_dump_json(exclude_none=True) + "\n" for t in tasks)
-    return write_atomic(Path(out), body.encode())
+    out = Path(out)
+    folder = out.resolve().parent
+    rows = []
+    for t in tasks:
+        row = t.model_copy(deep=True)
+        for turn in row.turns:
+            for k, image in enumerate(turn.images):
+                full = Path(image).resolve()
+                if not full.is_relative_to(folder):
+                    raise ConfigError(
+                        f"--out {out}: its folder {folder} does not hold the images ({full.parent}); a bench names its "
+                        "images inside its own folder, so write it beside or above them"
+                    )
+                turn.images[k] = full.relative_to(folder).as_posix()
+        rows.append(row.model_dump_json(exclude_none=True) + "\n")
+    return write_atomic(out, "".join(rows).encode())

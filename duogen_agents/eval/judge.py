@@ -108,6 +108,7 @@ class OpenAIJudge:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.url = base_url.rstrip("/")
         self.spec = base_url
+        self.api_key_env = api_key_env  # the variable's name (never its value), to resume with the same key
         self.model = model
         self.name = f"{self.url} ({model})"
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=HTTP_TIMEOUT_S, transport=transport)

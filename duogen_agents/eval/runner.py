@@ -112,16 +112,20 @@ def score(task: Task, docs: Sequence[InterleavedDocument], store: ImageStore, ju
 
 
 def _summary(tasks: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Mean per axis over the tasks it applies to; a failed task counts 0 on every axis."""
+    """Mean per axis over the tasks it applies to; a failed task counts 0 on every axis that the run
+    measures (one no task could measure stays ``None``: no judge, no detectors)."""
     out: dict[str, float | None] = {}
     for axis in AXES:
         values = [t["scores"][axis] for t in tasks if t["status"] == "ok" and axis in t["scores"]]
-        values += [0.0 for t in tasks if t["status"] != "ok"]
+        if values or axis == "structure":
+            values += [0.0 for t in tasks if t["status"] != "ok"]
         out[axis] = sum(values) / len(values) if values else None
     return out
 
 
 def _copy_images(docs: Sequence[InterleavedDocument], store: ImageStore, out: Path) -> None:
+    if (out / "images").is_symlink():  # planted: the pictures would land wherever it points
+        raise ConfigError(f"{out / 'images'} is a symbolic link; remove it (the run's pictures go in a real folder)")
     for doc in docs:
         for block in doc.images:
             target = out / "images" / block.image.filename
@@ -147,33 +151,39 @@ def run_eval(
 
     name, tasks, errors = load_bench(bench, limit=limit, seed=seed)
     if not tasks:
+        first = "; ".join(f"line {e.line}: {e.message}" for e in errors[:3])
         raise ConfigError(
-            f"bench {bench!r} has no runnable task" + (f" ({len(errors)} malformed lines)" if errors else "")
+            f"bench {bench!r} has no runnable task" + (f" ({len(errors)} malformed lines; {first})" if errors else "")
         )
     out_dir = Path(out)
     root = Path(home) if home is not None else default_home()
     store = ImageStore(root)
     previous: dict[str, dict[str, Any]] = {}
+    comparable = True  # the earlier runs were scored on the same bench, seed and judge as this one
     results_file = out_dir / "results.json"
     if resume and results_file.exists():
         try:
             old = json.loads(results_file.read_text())
             previous = {r["preset"]: r for r in old.get("runs", []) if isinstance(r, dict) and "preset" in r}
+            then = {"bench": old.get("bench"), "seed": old.get("seed"), "judge": old.get("judge")}
         except (ValueError, TypeError, AttributeError) as e:
             raise ConfigError(f"cannot resume from {results_file}: {e}") from None
+        now = {"bench": name, "seed": seed, "judge": getattr(judge, "name", None)}
+        comparable = all(then[k] == now[k] for k in now)
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "bench": name,
-        "options": {
-            "bench": bench,
-            "presets": list(presets),
+        "options": {  # what --resume continues with: files by absolute path, from any working directory
+            "bench": _place(bench),
+            "presets": [_place(p) for p in presets],
             "limit": limit,
             "seed": seed,
             "reference": reference,
-            "judge": getattr(judge, "spec", None),
+            "judge": _place(getattr(judge, "spec", None)),
             "judge_model": getattr(judge, "model", None),
+            "judge_key_env": getattr(judge, "api_key_env", None),
         },
         "seed": seed,
         "limit": limit,
@@ -183,8 +193,11 @@ def run_eval(
         "prompts": {"system": prompts.JUDGE_SYSTEM, "request": prompts.JUDGE_REQUEST, "axes": prompts.JUDGE_AXES},
         "runs": [],
     }
-    runs = ([REFERENCE] if reference else []) + list(presets)
-    kept = [r for name, r in previous.items() if name not in runs]  # earlier runs of other presets stay
+    runs = ([REFERENCE] if reference else []) + [str(_place(p)) for p in presets]
+    # Earlier runs of other presets stay, if their scores compare with this run's (the same bench, seed
+    # and judge); a preset run again reuses only the tasks whose fingerprint is the same.
+    kept = [r for name, r in previous.items() if name not in runs] if comparable else []
+    results["options"]["presets"] += [r["preset"] for r in kept if r["preset"] != REFERENCE]
     try:
         for run_name in runs:
             run = _run_one(run_name, tasks, previous.get(run_name), seed, judge, store, root, out_dir, progress)
@@ -199,6 +212,14 @@ def run_eval(
     results["runs"] += kept
     _write(results, out_dir, write_report)
     return results
+
+
+def _place(value: str | None) -> str | None:
+    """A preset or bench named by a file that exists: its absolute path; anything else as given."""
+    if value is None or value.startswith(("http://", "https://")):
+        return value
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.is_file() else value
 
 
 def fingerprint(task: Task, seed: int, judge: Any) -> str:

@@ -61,8 +61,10 @@ def structure(task: Task, docs: Sequence[InterleavedDocument]) -> tuple[float, s
 
 def shapes_scores(task: Task, docs: Sequence[InterleavedDocument], store: ImageStore) -> dict[str, tuple[float, str]]:
     """Fidelity, alignment, consistency and text of a shapes task, from the detectors. The answer's
-    images are matched to the expected scenes in order (a draft task: its last sketch); an axis the
-    task gives nothing to check on is left out."""
+    images are matched to the expected scenes in order (a draft task: its last sketch); images beyond
+    them have no scene to be faithful to and are left out of fidelity (``structure`` counts them: a
+    blank extra picture once scored a perfect fidelity); an axis the task gives nothing to check on is
+    left out."""
     from duogen_agents.worlds.shapes import (
         scene_from_json,
         score_alignment,
@@ -82,8 +84,8 @@ def shapes_scores(task: Task, docs: Sequence[InterleavedDocument], store: ImageS
         images = [store.open(b.image) for b in doc.images]
         if task.mode == "draft" and images:
             images = images[-1:]  # the sketch the answer was drawn from
-        for k, image in enumerate(images):
-            fidelity.append(score_fidelity(image, scenes[k] if k < len(scenes) else {}))
+        for image, scene in zip(images, scenes, strict=False):
+            fidelity.append(score_fidelity(image, scene))
         for k, scene in enumerate(scenes):
             alignment.append(score_alignment(images[k], scene) if k < len(images) else 0.0)
         for k in range(1, len(scenes)):

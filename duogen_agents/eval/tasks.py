@@ -7,7 +7,9 @@
      "expect": {"steps": 3, "images": 3}}
 
 ``mode`` is ``interleaved``, ``visual-plan`` or ``draft``; ``turns`` are the user's messages in order
-(``images`` are paths, relative to the bench file, attached to that message); ``expect`` is optional
+(``images`` are paths, relative to the bench file and inside its folder, attached to that message: a
+bench from elsewhere cannot make the planner, or a remote planner or judge, read other pictures on
+the machine); ``expect`` is optional
 and task-specific: ``images`` (how many the answer should have), ``steps`` (of a plan), and for the
 shapes world ``world: "shapes"`` with ``scenes`` (the ground truth of each expected image), ``facts``
 (what the text must state) and, for follow-ups, ``turns`` with the same per turn.
@@ -50,7 +52,7 @@ class BenchError(BaseModel):
 
 def parse_lines(lines: list[str], base: Path | None = None) -> tuple[list[Task], list[BenchError]]:
     """Tasks from JSONL lines; a malformed line becomes a ``BenchError`` with its number (1-based)
-    and the rest still load. Image paths are made relative to ``base``."""
+    and the rest still load. Image paths are resolved against ``base`` and must stay inside it."""
     tasks: list[Task] = []
     errors: list[BenchError] = []
     seen: set[str] = set()
@@ -64,15 +66,27 @@ def parse_lines(lines: list[str], base: Path | None = None) -> tuple[list[Task],
             check_expect(task)
             if task.id in seen:
                 raise ValueError(f"duplicate task id {task.id!r}")
+            if base is not None:
+                for turn in task.turns:
+                    turn.images = [inside(base, p) for p in turn.images]
         except (ValueError, ValidationError, RecursionError) as e:
             errors.append(BenchError(line=number, message=_one_line(e)))
             continue
-        if base is not None:
-            for turn in task.turns:
-                turn.images = [str((base / p).resolve()) if not Path(p).is_absolute() else p for p in turn.images]
         seen.add(task.id)
         tasks.append(task)
     return tasks, errors
+
+
+def inside(base: Path, path: str) -> str:
+    """``path`` (relative to ``base``) resolved, or ``ValueError`` when it leaves ``base``'s folder
+    (an absolute path, ``..``, a link out of it)."""
+    root = base.resolve()
+    full = (root / path).resolve()
+    if Path(path).is_absolute() or not full.is_relative_to(root):
+        raise ValueError(
+            f"image {path[:80]!r} is outside the bench's folder {root}; name images relative to it, inside it"
+        )
+    return str(full)
 
 
 def check_expect(task: Task) -> None:
@@ -119,7 +133,7 @@ def load_bench(bench: str, *, limit: int | None = None, seed: int = 0) -> tuple[
         from duogen_agents.worlds.shapes import tasks
 
         # The fixed evaluation split: the same tasks whatever --seed (which seeds the answers).
-        n = limit if limit is not None else SHAPES_EVAL_TASKS
+        n = min(limit, SHAPES_EVAL_TASKS) if limit is not None else SHAPES_EVAL_TASKS
         return "shapes", [Task.model_validate(t) for t in tasks(n, split="eval", seed=SHAPES_EVAL_SEED)], []
     path = Path(bench)
     if path.suffix.lower() not in (".jsonl", ".json") or not path.exists():

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from duogen_agents.errors import ConfigError, SessionExistsError, SessionStateError
+from duogen_agents.errors import ConfigError, SessionExistsError, SessionStateError, StorageError
 from duogen_agents.storage.database import check_session_id
 from duogen_agents.storage.images import is_image_id, replaceable
 from duogen_agents.storage.records import UNFINISHED, ArtifactRecord, BlockRecord, SessionRecord, TurnRecord, utcnow
@@ -45,6 +45,8 @@ def export(sessions: Sessions, session_id: str, fmt: str, out: Path | str | None
             body = to_markdown(doc, link=lambda ref: str(sessions.store.path(ref.id)))
         else:
             image_dir = f"{out.stem}.images"
+            if (out.parent / image_dir).is_symlink():  # the pictures would land wherever it points
+                raise StorageError(f"{out.parent / image_dir} is a symbolic link; refusing to write images through it")
             body = to_markdown(doc, image_dir)
             for b in doc.images:
                 write_atomic(out.parent / image_dir / b.image.filename, sessions.store.read_bytes(b.image))
