@@ -470,7 +470,10 @@ def _resume_defaults(args: argparse.Namespace) -> None:
     try:
         old = json.loads(f.read_text())
         options = old["options"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        for key in ("seed", "limit"):
+            if options.get(key) is not None and (type(options[key]) is not int):
+                raise ValueError(f"options.{key} is {options[key]!r}, not a whole number")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"cannot resume from {f}: {getattr(e, 'strerror', None) or e}") from None
     args.bench = args.bench or options.get("bench")
     args.seed = options.get("seed") if args.seed is None else args.seed

@@ -498,6 +498,15 @@ def test_compare_refuses_what_is_not_a_result(tmp_path, capsys) -> None:
     (bad / "results.json").write_text("[]")
     code = main(["eval", "compare", str(bad), "--out", str(tmp_path / "c")])
     assert code == 1 and "is not a duogen eval result" in capsys.readouterr().err
+    # hand-edited: runs and summaries there, a task without its id or a score that is not a number
+    run = {"preset": "p", "summary": {"structure": "high"}, "tasks": [{"status": "ok", "scores": {}}]}
+    (bad / "results.json").write_text(json.dumps({"runs": [run]}))
+    code = main(["eval", "compare", str(bad), "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code == 1 and "malformed" in err and "internal error" not in err
+    (bad / "results.json").write_text(json.dumps({"options": {"bench": "shapes", "limit": "x"}}))
+    code = main(["eval", "--resume", str(bad)])
+    assert code == 1 and "options.limit is 'x'" in capsys.readouterr().err
 
 
 def test_extra_pictures_earn_no_fidelity_and_unmeasured_axes_stay_empty(home) -> None:

@@ -337,5 +337,10 @@ def compare(dirs: Sequence[Path | str], out: Path | str | None = None) -> dict[s
             raise ConfigError(f"{f} is not a duogen eval result ({type(e).__name__}: {e})") from None
     merged = {"format": RESULTS_FORMAT, "compare": [str(d) for d in dirs], "runs": runs, "partial": False}
     if out is not None:
-        write_report(merged, Path(out), name="compare.html")
+        try:
+            write_report(merged, Path(out), name="compare.html")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # hand-edited results
+            raise ConfigError(
+                f"the results of {', '.join(map(str, dirs))} are malformed ({type(e).__name__}: {e})"
+            ) from None
     return merged
