@@ -488,6 +488,7 @@ def _resume_defaults(args: argparse.Namespace) -> None:
 def _print_summary(results: dict[str, Any], console: Any) -> None:
     from rich.table import Column, Table
 
+    from duogen_agents.eval.report import run_label
     from duogen_agents.eval.scoring import AXES
     from duogen_agents.terminal.render import safe_text
 
@@ -495,7 +496,7 @@ def _print_summary(results: dict[str, Any], console: Any) -> None:
     for run in results["runs"]:
         s = run.get("summary") or {}
         t.add_row(
-            safe_text(run["preset"]), *("-" if s.get(a) is None else f"{s[a]:.2f}" for a in AXES),
+            safe_text(run_label(run["preset"])), *("-" if s.get(a) is None else f"{s[a]:.2f}" for a in AXES),
             str(len(run["tasks"])), str(run.get("errors", 0)),
         )  # fmt: skip
     console.print(t)

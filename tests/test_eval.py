@@ -538,7 +538,11 @@ def test_resume_keeps_its_judge_key_and_files_from_any_folder(tmp_path, monkeypa
     bench = tmp_path / "b.jsonl"
     shutil.copy(DATA / "bench.jsonl", bench)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").write_text("")  # a file named like a built-in preset: the name stays a name
     assert _place("b.jsonl") == str(bench.resolve()) and _place("tiny") == "tiny" and _place(None) is None
+    from duogen_agents.eval.report import run_label
+
+    assert run_label(str(bench.resolve())) == "b.jsonl" and run_label("tiny") == "tiny"
     run = tmp_path / "run"
     run.mkdir()
     options = {"bench": _place("b.jsonl"), "presets": ["tiny"], "seed": 0, "limit": 2, "judge": "http://127.0.0.1:9/v1",

@@ -198,7 +198,7 @@ def test_a_session_longer_than_the_planner_context_leaves_out_its_oldest_turns(h
     conversation, _ = planner.last_calls["long"]
     text = json.dumps([part.get("text", "") for t in conversation for part in t["content"]])
     assert "Turn 1:" not in text and "Turn 3:" in text
-    dropped, _length = agent.deps.dropped_turns["long"]
+    dropped, _length = agent.deps.dropped_turns[("long", "duogen:planner")]
     assert dropped >= 1
     assert planner.encode(conversation)["input_ids"].shape[1] < planner.context_tokens
     planner.context_tokens = 40  # not even the system prompt and this turn

@@ -130,16 +130,19 @@ def test_a_conversation_longer_than_the_context_is_refused(planner) -> None:
     words = window
     while planner.encode(_conv("word " * words))["input_ids"].shape[1] > window - 30:
         words -= 50
-    with pytest.raises(PromptTooLongError, match="ran past the planner's context"):
-        planner.generate(_conv("word " * words), None, max_new_tokens=10_000)  # free text: runs to the end
+    pieces: list[str] = []
+    with pytest.raises(PromptTooLongError, match="ran past the planner's context"):  # free text: runs to the end
+        planner.generate(_conv("word " * words), None, max_new_tokens=10_000, on_token=pieces.append)
+    assert pieces == []  # a refused answer streams nothing (the graph tries again with fewer turns)
     short = {
         "type": "object",
         "properties": {"ok": {"type": "boolean"}},
         "required": ["ok"],
         "additionalProperties": False,
     }
-    out = planner.generate(_conv("word " * words), short, max_new_tokens=10_000)  # ends before the context does
-    assert out.complete and isinstance(json.loads(out.text)["ok"], bool)
+    out = planner.generate(_conv("word " * words), short, max_new_tokens=10_000, on_token=pieces.append)
+    assert out.complete and isinstance(json.loads(out.text)["ok"], bool)  # ends before the context does
+    assert "".join(pieces) == out.text  # held back until whole, then streamed
 
 
 def test_text_has_no_control_characters(planner) -> None:

@@ -16,6 +16,12 @@ from typing import Any
 from duogen_agents.eval.scoring import AXES
 from duogen_agents.storage.images import write_atomic
 
+
+def run_label(name: str) -> str:
+    """A run as a report names it: a preset file by its file name (its path stays in results.json)."""
+    return Path(name).name if "/" in name or "\\" in name else name
+
+
 BAR_COLORS = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#eeca3b", "#9d755d")
 CHART_HEIGHT = 160
 BAR_WIDTH = 14
@@ -64,7 +70,7 @@ def _table(runs: list[dict[str, Any]]) -> str:
         n = len(r.get("tasks", []))
         count = f"{n} of {_esc(r['of'])}" if r.get("of") not in (None, n) else str(n)
         rows.append(
-            f"<tr><td>{_esc(r['preset'])}{errors}{partial}</td>"
+            f"<tr><td>{_esc(run_label(r['preset']))}{errors}{partial}</td>"
             + "".join(f"<td>{_fmt(s.get(a))}</td>" for a in AXES)
             + f"<td>{count}</td><td>{_esc(r.get('seconds', 0))}</td></tr>"
         )
@@ -89,14 +95,14 @@ def _chart(runs: list[dict[str, Any]]) -> str:
             color = BAR_COLORS[j % len(BAR_COLORS)]
             parts.append(
                 f'<rect x="{x0 + j * BAR_WIDTH}" y="{CHART_HEIGHT - h:.1f}" width="{BAR_WIDTH - 2}" height="{h:.1f}" '
-                f'fill="{color}"><title>{_esc(r["preset"])}: {axis} {_fmt(v)}</title></rect>'
+                f'fill="{color}"><title>{_esc(run_label(r["preset"]))}: {axis} {_fmt(v)}</title></rect>'
             )
         parts.append(f'<text x="{x0}" y="{CHART_HEIGHT + 14}" font-size="11">{axis}</text>')
     for j, r in enumerate(runs):
         color = BAR_COLORS[j % len(BAR_COLORS)]
         parts.append(
             f'<rect x="{34 + j * 150}" y="{CHART_HEIGHT + 24}" width="10" height="10" fill="{color}"/>'
-            f'<text x="{48 + j * 150}" y="{CHART_HEIGHT + 33}" font-size="11">{_esc(r["preset"][:24])}</text>'
+            f'<text x="{48 + j * 150}" y="{CHART_HEIGHT + 33}" font-size="11">{_esc(run_label(r["preset"])[:24])}</text>'
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -160,7 +166,7 @@ def _task_sections(runs: list[dict[str, Any]], out_dir: Path) -> str:
         parts.append(_truth(first.get("expect") or {}))
         for r, t in entries:
             images_dir = Path(r.get("images_dir") or out_dir / "images")
-            parts.append(f"<h4>{_esc(r['preset'])}</h4>")
+            parts.append(f"<h4>{_esc(run_label(r['preset']))}</h4>")
             if t.get("status") != "ok":
                 parts.append(f'<p class="err">failed: {_esc(t.get("error", ""))}</p>')
                 continue

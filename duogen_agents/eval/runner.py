@@ -164,7 +164,10 @@ def run_eval(
     if resume and results_file.exists():
         try:
             old = json.loads(results_file.read_text())
-            previous = {r["preset"]: r for r in old.get("runs", []) if isinstance(r, dict) and "preset" in r}
+            # by place: a run recorded before files were kept by absolute path named them as given
+            previous = {
+                str(_place(r["preset"])): r for r in old.get("runs", []) if isinstance(r, dict) and "preset" in r
+            }
             then = {"bench": old.get("bench"), "seed": old.get("seed"), "judge": old.get("judge")}
         except (ValueError, TypeError, AttributeError) as e:
             raise ConfigError(f"cannot resume from {results_file}: {e}") from None
@@ -197,7 +200,7 @@ def run_eval(
     # Earlier runs of other presets stay, if their scores compare with this run's (the same bench, seed
     # and judge); a preset run again reuses only the tasks whose fingerprint is the same.
     kept = [r for name, r in previous.items() if name not in runs] if comparable else []
-    results["options"]["presets"] += [r["preset"] for r in kept if r["preset"] != REFERENCE]
+    results["options"]["presets"] += [str(_place(r["preset"])) for r in kept if r["preset"] != REFERENCE]
     try:
         for run_name in runs:
             run = _run_one(run_name, tasks, previous.get(run_name), seed, judge, store, root, out_dir, progress)
@@ -215,11 +218,12 @@ def run_eval(
 
 
 def _place(value: str | None) -> str | None:
-    """A preset or bench named by a file that exists: its absolute path; anything else as given."""
+    """A preset or bench file (``.toml``, ``.json``, ``.jsonl``) that exists: its absolute path;
+    anything else (a built-in name such as ``tiny`` or ``shapes``, a URL) as given."""
     if value is None or value.startswith(("http://", "https://")):
         return value
     path = Path(value).expanduser()
-    return str(path.resolve()) if path.is_file() else value
+    return str(path.resolve()) if path.suffix.lower() in (".toml", ".json", ".jsonl") and path.is_file() else value
 
 
 def fingerprint(task: Task, seed: int, judge: Any) -> str:
@@ -319,7 +323,7 @@ def _write(results: dict[str, Any], out_dir: Path, write_report: Callable[[dict[
 
 def compare(dirs: Sequence[Path | str], out: Path | str | None = None) -> dict[str, Any]:
     """Runs from several result folders side by side (one report: table and chart)."""
-    from duogen_agents.eval.report import write_report
+    from duogen_agents.eval.report import run_label, write_report
 
     runs = []
     for d in dirs:
@@ -329,7 +333,7 @@ def compare(dirs: Sequence[Path | str], out: Path | str | None = None) -> dict[s
             for run in data["runs"]:
                 if not isinstance(run.get("tasks"), list) or not isinstance(run.get("summary"), dict):
                     raise ValueError("a run without tasks or summary")
-                label = f"{run['preset']} ({Path(d).name})"
+                label = f"{run_label(run['preset'])} ({Path(d).name})"
                 runs.append({**run, "preset": label, "images_dir": str(Path(d) / "images")})
         except OSError as e:
             raise ConfigError(f"cannot read {f}: {e.strerror or e}") from None

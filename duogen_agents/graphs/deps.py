@@ -25,9 +25,9 @@ class GraphDeps:
     limits: Limits
     critic: Any = None  # ChatDuogen | None
     allow_remote_images: bool = False  # fetch http(s) image URLs found in incoming messages
-    # Per session longer than the planner's context: how many of its oldest turns its last planner call
-    # left out, and how many messages its history had then.
-    dropped_turns: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Per (session, kind of call) longer than the model's context: how many of its oldest turns the last
+    # such call left out, and how many messages the history had then.
+    dropped_turns: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
 
     @property
     def checker(self) -> Any:

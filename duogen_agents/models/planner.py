@@ -337,12 +337,18 @@ class TransformersPlanner:
             asked = max_new_tokens or self.spec.max_new_tokens
             budget = min(asked, self.context_tokens - n)
             jump = self.spec.jump_forward and not client_schema
-            out = self._decode(enc, grammar, limits, budget, seed, on_token, key, jump)
+            # Cut at the context's end, the answer may be refused: its tokens are held back until it
+            # is whole, so a caller that tries again with less (the graph) never streams a refused one.
+            held: list[str] | None = [] if budget < asked and on_token is not None else None
+            stream = held.append if held is not None else on_token
+            out = self._decode(enc, grammar, limits, budget, seed, stream, key, jump)
             if budget < asked and not out.complete:
                 raise PromptTooLongError(
                     f"the conversation is {n} tokens; its answer ran past the planner's context "
                     f"({self.context_tokens} tokens): shorten it"
                 )
+            for piece in held or ():
+                on_token(piece)  # type: ignore[misc]
             self.last_calls[key] = (list(conversation), out.text)
             self.last_calls.move_to_end(key)
             while len(self.last_calls) > 64:

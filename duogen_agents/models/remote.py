@@ -415,11 +415,9 @@ class OpenAIPlanner:
                 text, finish, usage, deltas = self._complete(kwargs)
             else:
                 text, finish, usage, deltas = self._stream(kwargs, on_token)
-        except openai.BadRequestError as e:
-            if _context_exceeded(e):  # the graph then leaves out the session's oldest turns
-                raise PromptTooLongError(f"the {self.role} at {self.url}: {first_line(e)}") from None
-            raise GenerationError(describe_error(e, self.role, self.url, spec)) from None
         except (openai.APIError, OSError) as e:
+            if _context_exceeded(e):  # a 400, or an error event in the stream: the graph leaves out old turns
+                raise PromptTooLongError(f"the {self.role} at {self.url}: {first_line(e)}") from None
             raise GenerationError(describe_error(e, self.role, self.url, spec)) from None
         except Exception as e:
             if _is_transport_error(e):

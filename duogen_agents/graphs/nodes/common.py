@@ -75,8 +75,10 @@ def call_planner(
     """One grammar-constrained call over the conversation (plus ``instruction`` with ``images``).
 
     A session longer than the planner's context leaves out its oldest whole turns, as few as fit
-    (the system prompt and this turn always stay); how many is remembered per session, so later
-    calls start there. A turn that does not fit alone is the planner's ``PromptTooLongError``."""
+    (the system prompt and this turn always stay). How many is remembered per session and kind of
+    call (the planner's actions, the checks: another model, another context), and the next such
+    call starts there: the session only grows, so it needs at least as many (a refused attempt may
+    cost a whole decode). A turn that does not fit alone is the planner's ``PromptTooLongError``."""
     mode = state.get("mode", "interleaved")
     history = list(state.get("messages", []))
     extra: list[BaseMessage] = []
@@ -92,10 +94,11 @@ def call_planner(
     session = (config.get("configurable") or {}).get("thread_id")
     turns = [i for i, m in enumerate(history) if isinstance(m, HumanMessage)]  # where each turn begins
     most = max(len(turns) - 1, 0)  # earlier turns that may be left out
-    # Start one below what the session's last call needed (its call may have carried a larger
-    # instruction), or from none when its history has shrunk since (a discarded turn).
-    last, length = deps.dropped_turns.get(session, (0, 0))
-    dropped = min(max(last - 1, 0), most) if length <= len(history) else 0
+    # Start where this kind of call last needed to, or from none when the history has shrunk since
+    # (a cancelled turn).
+    key = (session, tag)
+    last, length = deps.dropped_turns.get(key, (0, 0))
+    dropped = min(last, most) if length <= len(history) else 0
     while True:
         kept = history[turns[dropped] :] if dropped else history
         msgs: list[BaseMessage] = [SystemMessage(content=SYSTEM_PROMPTS[mode]), *kept, *extra]
@@ -111,11 +114,11 @@ def call_planner(
                 raise
             dropped += 1
             log.info("session %s: its oldest %d turn(s) left out of the planner's context", session, dropped)
-    if session is not None and (dropped or session in deps.dropped_turns):
-        deps.dropped_turns.pop(session, None)
-        deps.dropped_turns[session] = (dropped, len(history))
+    if session is not None and (dropped or key in deps.dropped_turns):
+        deps.dropped_turns.pop(key, None)
+        deps.dropped_turns[key] = (dropped, len(history))
         while len(deps.dropped_turns) > MAX_TRIMMED_SESSIONS:  # the least recently trimmed first
-            deps.dropped_turns.pop(next(iter(deps.dropped_turns)))
+            deps.dropped_turns.pop(next(iter(deps.dropped_turns), None), None)
     usage = response.usage_metadata or {}
     return str(response.content), int(usage.get("output_tokens", 0))
 
