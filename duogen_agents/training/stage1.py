@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,9 +162,11 @@ def train_stage1(
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(cfg.seed)  # the adapters' initial weights follow --seed
-        model = get_peft_model(
-            model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
-        )
+        with warnings.catch_warnings():  # peft asks transformers 5 for a property it renamed (not ours to fix)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(
+                model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
+            )
     else:
         for name, p in model.named_parameters():
             if ".visual." not in f".{name}":
