@@ -131,8 +131,9 @@ def test_a_conversation_longer_than_the_context_is_refused(planner) -> None:
     while planner.encode(_conv("word " * words))["input_ids"].shape[1] > window - 30:
         words -= 50
     pieces: list[str] = []
-    with pytest.raises(PromptTooLongError, match="ran past the planner's context"):  # free text: runs to the end
-        planner.generate(_conv("word " * words), None, max_new_tokens=10_000, on_token=pieces.append)
+    endless = {"type": "array", "items": {"const": "ab"}, "minItems": 200}  # cannot end in the room left
+    with pytest.raises(PromptTooLongError, match="ran past the planner's context"):
+        planner.generate(_conv("word " * words), endless, seed=0, max_new_tokens=10_000, on_token=pieces.append)
     assert pieces == []  # a refused answer streams nothing (the graph tries again with fewer turns)
     short = {
         "type": "object",
@@ -140,7 +141,7 @@ def test_a_conversation_longer_than_the_context_is_refused(planner) -> None:
         "required": ["ok"],
         "additionalProperties": False,
     }
-    out = planner.generate(_conv("word " * words), short, max_new_tokens=10_000, on_token=pieces.append)
+    out = planner.generate(_conv("word " * words), short, seed=0, max_new_tokens=10_000, on_token=pieces.append)
     assert out.complete and isinstance(json.loads(out.text)["ok"], bool)  # ends before the context does
     assert "".join(pieces) == out.text  # held back until whole, then streamed
 
