@@ -433,6 +433,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     judge = make_judge(args.judge, model=args.judge_model, api_key_env=args.judge_key_env, home=args.home)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from duogen_agents.eval.tasks import load_bench
+
+    _, runnable, bench_errors = load_bench(bench, limit=args.limit, seed=seed)
+    if runnable:  # (none: run_eval's error names the first bad lines)
+        for e in bench_errors:  # before the run, not after it
+            err.print(f"[yellow]skipped[/] line {e.line}: {safe_text(e.message)}", highlight=False)
+
     bars = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
     )
@@ -453,8 +460,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"duogen: interrupted; the finished tasks are in {out}/results.json and {out}/report.html (partial)",
               file=sys.stderr)  # fmt: skip
         return EXIT_INTERRUPTED
-    for e in results["bench_errors"]:
-        err.print(f"[yellow]skipped[/] line {e['line']}: {safe_text(e['message'])}", highlight=False)
     _print_summary(results, Console())
     err.print(f"wrote {out}/results.json and {out}/report.html")
     return 0

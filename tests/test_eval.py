@@ -597,3 +597,30 @@ def test_the_canvas_ceiling_scores_the_ground_truth_at_a_size() -> None:
     assert full["size"] == 192 and full["fidelity"] == 1.0 and full["consistency"] == 1.0
     assert full["pictures"] == small["pictures"] > 0 and small["pairs"] > 0
     assert small["fidelity"] < 1.0
+
+
+def test_links_planted_in_out_are_refused_before_the_run(home, tmp_path) -> None:
+    from duogen_agents.errors import ConfigError, StorageError
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for planted, error in (("report.html", StorageError), ("results.json", StorageError), ("images", ConfigError)):
+        out = tmp_path / f"out-{planted}"
+        out.mkdir()
+        (out / planted).symlink_to(elsewhere / planted if planted != "images" else elsewhere)
+        with pytest.raises(error, match="link"):
+            run_eval("shapes", [], limit=1, out=out, reference=True, home=home)
+        assert not (out / "results.json").exists() or planted == "results.json"
+        assert not any(elsewhere.iterdir())  # nothing written through the link
+
+
+def test_skipped_bench_lines_are_said_before_the_run(home, tmp_path, capsys, monkeypatch) -> None:
+    import duogen_agents.eval as ev
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C during the first task
+
+    monkeypatch.setattr(ev, "run_eval", interrupted)
+    code = main(["eval", "--bench", str(DATA / "bench.jsonl"), "--preset", "tiny", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 130 and "skipped line 3" in err and "skipped line 4" in err

@@ -27,7 +27,7 @@ from duogen_agents.errors import ConfigError, DuogenError
 from duogen_agents.eval import prompts
 from duogen_agents.eval.scoring import AXES, shapes_scores, structure
 from duogen_agents.eval.tasks import Task, load_bench
-from duogen_agents.storage.images import ImageStore, default_home, write_atomic
+from duogen_agents.storage.images import ImageStore, default_home, replaceable, write_atomic
 
 RESULTS_FORMAT = 1
 REFERENCE = "reference"
@@ -156,6 +156,12 @@ def run_eval(
             f"bench {bench!r} has no runnable task" + (f" ({len(errors)} malformed lines; {first})" if errors else "")
         )
     out_dir = Path(out)
+    for name_ in ("results.json", "report.html"):  # a planted link or FIFO: refused now, not after the run
+        replaceable(out_dir / name_)
+    if (out_dir / "images").is_symlink():
+        raise ConfigError(
+            f"{out_dir / 'images'} is a symbolic link; remove it (the run's pictures go in a real folder)"
+        )
     root = Path(home) if home is not None else default_home()
     store = ImageStore(root)
     previous: dict[str, dict[str, Any]] = {}
