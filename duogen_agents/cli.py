@@ -433,17 +433,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     judge = make_judge(args.judge, model=args.judge_model, api_key_env=args.judge_key_env, home=args.home)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from duogen_agents.eval.tasks import load_bench
-
-    _, runnable, bench_errors = load_bench(bench, limit=args.limit, seed=seed)
-    if runnable:  # (none: run_eval's error names the first bad lines)
-        for e in bench_errors:  # before the run, not after it
-            err.print(f"[yellow]skipped[/] line {e.line}: {safe_text(e.message)}", highlight=False)
-
     bars = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
     )
     ids: dict[str, Any] = {}
+
+    def skipped(errors: list[Any]) -> None:
+        for e in errors:
+            err.print(f"[yellow]skipped[/] line {e.line}: {safe_text(e.message)}", highlight=False)
 
     def progress(run: str, done: int, total: int) -> None:
         if run not in ids:
@@ -455,6 +452,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             results = run_eval(
                 bench, presets, limit=args.limit, seed=seed, out=out, judge=judge,
                 reference=args.reference, resume=args.resume is not None, home=args.home, progress=progress,
+                on_skipped=skipped,
             )  # fmt: skip
     except KeyboardInterrupt:
         print(f"duogen: interrupted; the finished tasks are in {out}/results.json and {out}/report.html (partial)",

@@ -615,12 +615,12 @@ def test_links_planted_in_out_are_refused_before_the_run(home, tmp_path) -> None
 
 
 def test_skipped_bench_lines_are_said_before_the_run(home, tmp_path, capsys, monkeypatch) -> None:
-    import duogen_agents.eval as ev
+    import duogen_agents.eval.runner as runner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C during the first task
 
-    monkeypatch.setattr(ev, "run_eval", interrupted)
+    monkeypatch.setattr(runner, "_run_one", interrupted)
     code = main(["eval", "--bench", str(DATA / "bench.jsonl"), "--preset", "tiny", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 130 and "skipped line 3" in err and "skipped line 4" in err

@@ -26,7 +26,7 @@ from duogen_agents.document import ImageBlock, InterleavedDocument, TextBlock
 from duogen_agents.errors import ConfigError, DuogenError
 from duogen_agents.eval import prompts
 from duogen_agents.eval.scoring import AXES, shapes_scores, structure
-from duogen_agents.eval.tasks import Task, load_bench
+from duogen_agents.eval.tasks import BenchError, Task, load_bench
 from duogen_agents.storage.images import ImageStore, default_home, replaceable, write_atomic
 
 RESULTS_FORMAT = 1
@@ -123,12 +123,19 @@ def _summary(tasks: list[dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
+def _images_dir(out: Path) -> Path:
+    """``OUT/images``, refused when it is a link (planted: the pictures would land wherever it points)."""
+    folder = out / "images"
+    if folder.is_symlink():
+        raise ConfigError(f"{folder} is a symbolic link; remove it (the run's pictures go in a real folder)")
+    return folder
+
+
 def _copy_images(docs: Sequence[InterleavedDocument], store: ImageStore, out: Path) -> None:
-    if (out / "images").is_symlink():  # planted: the pictures would land wherever it points
-        raise ConfigError(f"{out / 'images'} is a symbolic link; remove it (the run's pictures go in a real folder)")
+    folder = _images_dir(out)
     for doc in docs:
         for block in doc.images:
-            target = out / "images" / block.image.filename
+            target = folder / block.image.filename
             if not target.exists():
                 write_atomic(target, store.read_bytes(block.image))
 
@@ -145,6 +152,7 @@ def run_eval(
     resume: bool = False,
     home: Path | str | None = None,
     progress: Progress | None = None,
+    on_skipped: Callable[[list[BenchError]], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``bench`` with each preset (and the ground truth with ``reference``); see the module doc."""
     from duogen_agents.eval.report import write_report
@@ -155,13 +163,12 @@ def run_eval(
         raise ConfigError(
             f"bench {bench!r} has no runnable task" + (f" ({len(errors)} malformed lines; {first})" if errors else "")
         )
+    if on_skipped is not None and errors:  # said before the run, not after it
+        on_skipped(errors)
     out_dir = Path(out)
     for name_ in ("results.json", "report.html"):  # a planted link or FIFO: refused now, not after the run
         replaceable(out_dir / name_)
-    if (out_dir / "images").is_symlink():
-        raise ConfigError(
-            f"{out_dir / 'images'} is a symbolic link; remove it (the run's pictures go in a real folder)"
-        )
+    _images_dir(out_dir)
     root = Path(home) if home is not None else default_home()
     store = ImageStore(root)
     previous: dict[str, dict[str, Any]] = {}

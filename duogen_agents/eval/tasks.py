@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from duogen_agents.errors import ConfigError
+from duogen_agents.validation import validation_line
 
 MAX_TASK_LINE_CHARS = 1_000_000
 
@@ -149,9 +150,7 @@ SHAPES_EVAL_SEED = 0
 
 def _one_line(e: BaseException) -> str:
     if isinstance(e, ValidationError):
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "(task)"
-        return f"{where}: {first['msg']}"
+        return validation_line(e.errors())
     if isinstance(e, RecursionError):
         return "nested too deeply"
     return " ".join(str(e).split())[:200]

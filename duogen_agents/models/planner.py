@@ -336,13 +336,14 @@ class TransformersPlanner:
             key = "" if cache_key is None else cache_key
             asked = max_new_tokens or self.spec.max_new_tokens
             budget = min(asked, self.context_tokens - n)
+            clamped = budget < asked  # by the context's end
             jump = self.spec.jump_forward and not client_schema
             # Cut at the context's end, the answer may be refused: its tokens are held back until it
             # is whole, so a caller that tries again with less (the graph) never streams a refused one.
-            held: list[str] | None = [] if budget < asked and on_token is not None else None
+            held: list[str] | None = [] if clamped and on_token is not None else None
             stream = held.append if held is not None else on_token
             out = self._decode(enc, grammar, limits, budget, seed, stream, key, jump)
-            if budget < asked and not out.complete:
+            if clamped and not out.complete:
                 raise PromptTooLongError(
                     f"the conversation is {n} tokens; its answer ran past the planner's context "
                     f"({self.context_tokens} tokens): shorten it"

@@ -80,9 +80,7 @@ def check_out(out: Path, resume: bool, runs: Sequence[Path]) -> None:
             raise ConfigError(f"--resume: no checkpoint in {out}; start it without --resume")
         return
     held = [name for name in ("preset.json", "planner", "aligned") if _holds(out / name)]
-    held += [
-        f"{name}checkpoints" for name in ("", "vae/", "dit/") if latest_checkpoint(out / name.rstrip("/")) is not None
-    ]
+    held += [f"{sub}checkpoints" for sub in ("", "vae/", "dit/") if latest_checkpoint(out / sub) is not None]
     if held:
         raise ConfigError(
             f"{out} holds an earlier run ({', '.join(held)}); pass --resume to continue it, or choose another --out"
@@ -155,16 +153,16 @@ def run(
         if state["config"] != asdict(cfg):
             diff = {k: v for k, v in asdict(cfg).items() if state["config"].get(k) != v}
             raise ConfigError(f"--resume: the checkpoint was trained with other settings ({diff}); use the same ones")
-        saved_extra = state.get("extra")  # checkpoints of earlier versions lack it
-        if saved_extra is not None and any(
-            not _same_input(saved_extra.get(k), (extra or {}).get(k)) for k in {*saved_extra, *(extra or {})}
-        ):
-            now = extra or {}
-            diff = "; ".join(
-                f"{k}: {saved_extra.get(k, 'none')} then, {now.get(k, 'none')} now"
-                for k in sorted({*saved_extra, *now}) if not _same_input(saved_extra.get(k), now.get(k))
-            )  # fmt: skip
-            raise ConfigError(f"--resume: the checkpoint was trained with other inputs ({diff}); use the same ones")
+        saved_extra = state.get("extra")
+        now = extra or {}
+        changed = [] if saved_extra is None else [  # checkpoints of earlier versions lack it
+            f"{k}: {saved_extra.get(k, 'none')} then, {now.get(k, 'none')} now"
+            for k in sorted({*saved_extra, *now}) if not _same_input(saved_extra.get(k), now.get(k))
+        ]  # fmt: skip
+        if changed:
+            raise ConfigError(
+                f"--resume: the checkpoint was trained with other inputs ({'; '.join(changed)}); use the same ones"
+            )
         load_model(ckpt)
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
