@@ -22,7 +22,11 @@
 #   VARIANTS="--offload-compile" PROFILE_TOKENS=0 REPEATS=0 VARIANT_REPEATS=0 BENCH_STEPS=20 BUDGET_S=0 \
 #     bash benchmarks/gpu_profile.sh
 # Both variants in one call ("--offload --offload-compile") is estimated at about 10 minutes, the most one
-# call may run: PLAN_TIMEOUT=540 and no V2W_CHECK if tried.
+# call may run: PLAN_TIMEOUT=540 and no V2W_CHECK if tried. CFG_CHECK=1 adds, first, image.cfg_batch
+# against the same tool unbatched and the plain pipeline, compiled (benchmarks/cfg_batch.py: building the
+# T5-XXL, two DiTs and the VAE, then 3 columns x 3 draws x 2 pictures at 20 steps; about 2 minutes):
+#   CFG_CHECK=1 VARIANTS="--offload" PROFILE_TOKENS=0 REPEATS=0 VARIANT_REPEATS=0 BENCH_STEPS=20 BUDGET_S=0 \
+#     bash benchmarks/gpu_profile.sh
 set -uo pipefail
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -36,6 +40,12 @@ echo "setup: $(( $(date +%s) - T0 )) s" | tee -a "$OUT/gpu.txt"
 if [ -n "${V2W_CHECK:-}" ]; then
   timeout 300 python3 benchmarks/video2world_encode.py --size 704x1280 --layers 28 --steps 2 --ahead 28 --tiles \
     --repeats 1 --no-flops 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/video2world_encode.txt"
+fi
+# CFG_CHECK=1: guidance in one batch against unbatched and the plain pipeline, the DiT compiled in every
+# column (benchmarks/cfg_batch.py), Text2Image and Video2World 3 frames ahead.
+if [ -n "${CFG_CHECK:-}" ]; then
+  BENCH_STEPS=${BENCH_STEPS:-35} timeout 240 python3 benchmarks/cfg_batch.py --real-shapes --compile --repeats 2 \
+    --threads 8 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/cfg_batch.txt"
 fi
 BENCH_STEPS=${BENCH_STEPS:-35} timeout ${PLAN_TIMEOUT:-420} python3 benchmarks/visual_plan.py --real-shapes \
   --profile ${PROFILE_TOKENS:-128} --repeats ${REPEATS:-1} --variant-repeats ${VARIANT_REPEATS:-1} \

@@ -190,7 +190,6 @@ def cosmos_dit_inputs(latent_frames: int, height: int, width: int, video2world: 
 
 def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[TransformersPlanner, CosmosImageTool, Any]:
     """Random weights at real shapes, built in memory on the GPU (nothing is downloaded)."""
-    from diffusers import Cosmos2TextToImagePipeline
     from transformers import (
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
@@ -198,7 +197,7 @@ def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[Transforme
         Qwen2VLVideoProcessor,
     )
 
-    from duogen_agents.models.tiny import CHAT_TEMPLATE, _planner_tokenizer, _tiny_text_encoder
+    from duogen_agents.models.tiny import CHAT_TEMPLATE, _planner_tokenizer
 
     preset = load_preset("qwen2.5-vl-7b+cosmos2-2b")
     preset.image.steps = int(os.environ.get("BENCH_STEPS", "20"))
@@ -229,6 +228,18 @@ def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[Transforme
     )
     planner = TransformersPlanner(model, processor, preset.planner, "random 7B-class")
 
+    return planner, real_shape_image_tool(preset), preset
+
+
+def real_shape_image_tool(preset: Any) -> CosmosImageTool:
+    """The Cosmos-Predict2 2B image tool at real shapes, random weights, built in memory on the GPU
+    (``BENCH_SHRINK=1``: two blocks per DiT, to dry-run on a CPU)."""
+    from diffusers import Cosmos2TextToImagePipeline
+
+    from duogen_agents.models.tiny import _tiny_text_encoder
+
+    dev, dt = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    shrink = os.environ.get("BENCH_SHRINK") == "1"
     _, t5_tok = _tiny_text_encoder()
     layers = 2 if shrink else 28  # the first-block cache needs a first and a last block
     with torch.device(dev):
@@ -244,7 +255,7 @@ def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[Transforme
     v2w = ConditioningVideo2World(**cosmos_pipeline_modules(t5, t5_tok, v2w_dit, vae, checker))
     v2w.set_progress_bar_config(disable=True)
     tool._video2world = v2w
-    return planner, tool, preset
+    return tool
 
 
 def plain_inputs(planner: TransformersPlanner, conversation: Any) -> dict[str, Any]:

@@ -189,6 +189,11 @@ class ImageSpec(_Remote):
         "skip the DiT's other blocks at steps where the first block's residual changed less than this, "
         "relative (0: off)",
     )
+    cfg_batch: bool = Field(
+        False,
+        description="cosmos2: guidance's conditional and unconditional DiT calls of a step run as one batch of "
+        "two (the same picture, up to rounding; a second set of activations in memory)",
+    )
     vae_tiling: bool = Field(
         False,
         description="the VAE encodes and decodes in overlapping tiles (diffusers' enable_tiling): at 704x1280 "
@@ -220,6 +225,8 @@ class ImageSpec(_Remote):
             raise ValueError("image.references cannot have references of its own")
         if self.first_block_cache > 0 and (self.backend == "openai-images" or self.family == "flux2-klein"):
             raise ValueError("image.first_block_cache applies to the local cosmos2 and aligned families only")
+        if self.cfg_batch and (self.backend == "openai-images" or self.family != "cosmos2"):
+            raise ValueError("image.cfg_batch applies to the local cosmos2 family only")
         if self.vae_tiling and self.backend == "openai-images":
             raise ValueError("image.vae_tiling applies to local image families only (the server decodes)")
         if self.backend == "openai-images":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -194,8 +195,9 @@ class CosmosImageTool:
                 self._use("text2image")
                 fresh_scheduler(self.text2image)
                 reset_cache(self.text2image.transformer)
-                out = self.text2image(**self._common(prompt, seed, on_step))
-                details = cache_counts(self.text2image.transformer)
+                with self._batched(self.text2image) as paired:
+                    out = self.text2image(**self._common(prompt, seed, on_step))
+                details = {**cache_counts(self.text2image.transformer), **self._counts(paired)}
                 return Drawing(out.images[0].convert("RGB"), self.family, "text2image", details=details)
             pipe = self.video2world
             self._use("video2world")
@@ -205,7 +207,10 @@ class CosmosImageTool:
             frames, num_frames, index = conditioning_frames(
                 fitted, self.spec.horizon_frames, pipe.vae_scale_factor_temporal
             )
-            out = pipe(video=frames, num_frames=num_frames, fps=self.spec.fps, **self._common(prompt, seed, on_step))
+            with self._batched(pipe) as paired:
+                out = pipe(
+                    video=frames, num_frames=num_frames, fps=self.spec.fps, **self._common(prompt, seed, on_step)
+                )
             video = out.frames[0]
             return Drawing(
                 video[index].convert("RGB"),
@@ -213,5 +218,27 @@ class CosmosImageTool:
                 "video2world",
                 frames=len(frames),
                 horizon=index - (len(frames) - 1),
-                details={"num_frames": num_frames, "fps": self.spec.fps, **cache_counts(pipe.transformer)},
+                details={
+                    "num_frames": num_frames,
+                    "fps": self.spec.fps,
+                    **cache_counts(pipe.transformer),
+                    **self._counts(paired),
+                },
             )
+
+    def _batched(self, pipe: Any) -> AbstractContextManager[Any]:
+        """``image.cfg_batch`` with guidance on: the DiT's two calls per step as one batch
+        (``guidance_batch``); otherwise the pipeline as it is."""
+        if self.spec.cfg_batch and self.spec.guidance > 1:
+            from duogen_agents.models.images.guidance_batch import one_batch
+
+            return one_batch(pipe)
+        return nullcontext()
+
+    @staticmethod
+    def _counts(paired: Any) -> dict[str, Any]:
+        if paired is None:
+            return {}
+        from duogen_agents.models.images.guidance_batch import counts
+
+        return counts(paired)
