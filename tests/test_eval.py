@@ -193,6 +193,10 @@ def test_resume_keeps_finished_tasks_and_ctrl_c_writes_a_partial_report(home, tm
     assert "Partial: the run was interrupted" in (out / "report.html").read_text()
     done = run_eval("shapes", [], limit=5, out=out, reference=True, resume=True, home=home)
     assert not done["partial"] and len(done["runs"][0]["tasks"]) == 5
+    # The run's time includes the invocations that made the tasks it reused.
+    assert done["runs"][0]["reused"] == 3 and partial["runs"][0]["reused"] == 2
+    assert done["runs"][0]["seconds"] >= partial["runs"][0]["seconds"] >= first["runs"][0]["seconds"] > 0
+    assert done["runs"][0]["seconds"] >= sum(t["seconds"] for t in done["runs"][0]["tasks"])
 
 
 def test_jsonl_bench_reports_malformed_lines_and_runs_the_rest() -> None:

@@ -271,6 +271,7 @@ def _run_one(
             mark = fingerprint(task, seed, judge)
             if mark in done:
                 run["tasks"].append(done[mark])
+                run["reused"] = run.get("reused", 0) + 1
                 continue
             if agent is None and run_name != REFERENCE:
                 from duogen_agents.agent import Agent
@@ -285,7 +286,10 @@ def _run_one(
     finally:
         del agent
         _free_models()
-    run["seconds"] = round(time.perf_counter() - started, 3)
+    # A resumed run's time is the earlier invocations' (which made the reused tasks) and this one's.
+    earlier = (previous or {}).get("seconds", 0.0) if run.get("reused") else 0.0
+    earlier = earlier if isinstance(earlier, (int, float)) and earlier >= 0 else 0.0
+    run["seconds"] = round(earlier + time.perf_counter() - started, 3)
     run["summary"] = _summary(run["tasks"])
     run["errors"] = sum(t["status"] != "ok" for t in run["tasks"])
     run["of"] = len(tasks)
