@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("file", type=Path)
     imp.add_argument("--out", type=Path, required=True, metavar="FILE")
     imp.add_argument("--images-root", type=Path, default=None, metavar="DIR")
+    imp.add_argument(
+        "--copy-images",
+        action="store_true",
+        help="copy the images into FILE's folder (FILE-stem-images/, named by content), so FILE can be written anywhere",
+    )
 
     tr = sub.add_parser(
         "train",
@@ -402,7 +407,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         tasks, errors = import_tasks(args.kind, args.file, args.images_root)
         for e in errors:
             err.print(f"line {e.line}: {safe_text(e.message)}", highlight=False)
-        write_jsonl(tasks, args.out)
+        write_jsonl(tasks, args.out, copy_images=args.copy_images)
         err.print(f"wrote {len(tasks)} task(s) to {args.out}" + (f"; {len(errors)} malformed" if errors else ""))
         return 0
     if args.eval_action == "compare":

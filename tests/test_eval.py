@@ -318,6 +318,17 @@ def test_importers(kind, file, ids, images, bad, tmp_path, capsys) -> None:
     assert "pot.png" in out.read_text() and str(data) not in out.read_text() or kind == "ueval"  # relative
     loaded, load_errors = load_jsonl(out)
     assert [t.id for t in loaded] == ids and not load_errors
+    # --copy-images: the bench anywhere, its images copied beside it (one file per picture).
+    elsewhere = tmp_path / "elsewhere" / f"{kind}.jsonl"
+    assert main(["eval", "import", kind, str(data / file), "--out", str(elsewhere), "--copy-images"]) == 0
+    copied, copy_errors = load_jsonl(elsewhere)
+    assert [t.id for t in copied] == ids and not copy_errors
+    for a, b in zip(loaded, copied, strict=True):
+        for ta, tb in zip(a.turns, b.turns, strict=True):
+            assert [Path(p).read_bytes() for p in ta.images] == [Path(p).read_bytes() for p in tb.images]
+            assert all(Path(p).parent == elsewhere.parent / f"{kind}-images" for p in tb.images)
+    names = {p for t in copied for turn in t.turns for p in turn.images}
+    assert len(names) == len({Path(p).read_bytes() for p in names})  # the same picture is one file
 
 
 def test_isg_and_opening_attach_the_input_images() -> None:
