@@ -11,8 +11,10 @@ tokens, the graph's custom events (``plan``, ``text``, ``image_start``, ``image_
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,8 @@ from duogen_agents.validation import check_prompt, check_seed
 
 if TYPE_CHECKING:
     from duogen_agents.sessions import Session
+
+log = logging.getLogger(__name__)
 
 # A file path, a PIL image, or an image content block (LangChain standard or OpenAI image_url).
 ImageInput = Any
@@ -62,29 +66,44 @@ def last_document(events: Iterator[dict[str, Any]]) -> InterleavedDocument:
 
 
 async def alast_document(events: AsyncIterator[dict[str, Any]]) -> InterleavedDocument:
-    """``last_document`` for an async event stream."""
+    """``last_document`` for an async event stream; the stream is closed however this ends (a
+    cancelled caller included), so its turn is marked interrupted and its session free again."""
     doc = None
-    async for event in events:
-        if event.get("event") == "document":
-            doc = event["document"]
+    async with aclosing(events) as stream:  # type: ignore[type-var]
+        async for event in stream:
+            if event.get("event") == "document":
+                doc = event["document"]
     assert doc is not None, "the turn's stream ended without a document"
     return doc
 
 
 async def aiterate(events: Iterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-    """A sync event stream as an async one: each step runs in a worker thread; closing the async
-    iterator closes the stream (a session's turn is then marked interrupted, as with Ctrl-C)."""
+    """A sync event stream as an async one. Its steps run in one worker thread of their own, one
+    after the other, so the event loop stays free. Closing the async iterator, or cancelling the task
+    that reads it (``asyncio.wait_for``, a client gone), closes the stream in that thread once its
+    step in progress has returned (at the next token or image step: a stream yields often): a
+    session's turn is then marked interrupted and its session free again, as with Ctrl-C, before
+    the cancellation goes on to the caller."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     done = object()
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duogen-stream")
     try:
         while True:
-            event = await asyncio.to_thread(next, events, done)
+            event = await asyncio.wrap_future(worker.submit(next, events, done))
             if event is done:
                 return
             yield event  # type: ignore[misc]
     finally:
-        await asyncio.to_thread(events.close)
+        closing = worker.submit(events.close)  # after the step in progress: never inside it
+        worker.shutdown(wait=False)
+        try:
+            await asyncio.shield(asyncio.wrap_future(closing))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the stream's own error on closing: the caller's exception (or cancellation) goes on
+            log.exception("closing a turn's event stream failed")
 
 
 class Agent:
@@ -340,8 +359,9 @@ class Agent:
     async def astream(self, prompt: str, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
         """``stream`` for asyncio: the same events; model calls run in a worker thread (and take
         turns per device with every other caller), so the event loop stays free."""
-        async for event in aiterate(self.stream(prompt, **kwargs)):
-            yield event
+        async with aclosing(aiterate(self.stream(prompt, **kwargs))) as events:
+            async for event in events:
+                yield event
 
     async def arun(self, prompt: str, **kwargs: Any) -> InterleavedDocument:
         """``run`` for asyncio (see ``astream``)."""

@@ -167,3 +167,56 @@ def test_create_agent_with_three_parallel_draw_image_calls(tiny_agent) -> None:
     ids = {m.artifact["id"] for m in tool_messages}
     assert len(ids) == 3 and all(tiny_agent.store.exists(i) for i in ids)
     assert all(any(b.get("type") == "image" for b in m.content) for m in tool_messages)
+
+
+def test_cancelling_an_async_turn_marks_it_interrupted_and_frees_the_session(tiny_agent, monkeypatch) -> None:
+    """``asyncio.wait_for`` (or a client gone) cancels ``asend`` while a step runs in the worker: the
+    cancellation reaches the caller, the turn is marked interrupted and the session can be resumed at
+    once (before, the stream was closed inside its running step: 'generator already executing', the
+    turn left running and the session locked until garbage collection)."""
+    from duogen_agents.errors import SessionStateError
+
+    tool = tiny_agent.image_tool
+    entered, release = threading.Event(), threading.Event()
+    real = tool.draw
+
+    def held_draw(*args, **kwargs):
+        entered.set()
+        assert release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tool, "draw", held_draw)
+    session = tiny_agent.session("cancelled-async")
+
+    async def main() -> None:
+        task = asyncio.create_task(session.asend("Plan a picnic", mode="visual-plan", seed=3))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()  # while the worker is inside the draw
+        threading.Timer(0.2, release.set).start()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # By the time the cancellation arrives the turn is closed: no gc, no waiting.
+        assert [t.status for t in session.history()] == ["interrupted"]
+        with pytest.raises(SessionStateError, match="unfinished turn"):
+            await session.asend("and now?")
+
+        async def timed_out() -> None:  # the same through wait_for, on a new session
+            entered.clear()
+            release.clear()
+            threading.Timer(0.5, release.set).start()
+            await asyncio.wait_for(tiny_agent.session("timed-out").asend("A garden", mode="visual-plan"), 0.2)
+
+        with pytest.raises(TimeoutError):
+            await timed_out()
+        assert [t.status for t in tiny_agent.session("timed-out").history()] == ["interrupted"]
+
+    asyncio.run(main())
+    monkeypatch.undo()
+    doc = list(session.resume())[-1]["document"]  # the lock is free: the turn resumes and finishes
+    assert [t.status for t in session.history()] == ["complete"]
+    # The draw that was running when the task was cancelled finished in the worker and was saved
+    # without its step being committed; resuming goes on from it (it used to end the turn there,
+    # without the picture and the steps after it).
+    whole = tiny_agent.session("not-cancelled").send("Plan a picnic", mode="visual-plan", seed=3)
+    assert doc.images and _images(doc) == _images(whole) and doc.text == whole.text

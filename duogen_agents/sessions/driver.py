@@ -129,10 +129,13 @@ class Session:
 
     async def astream(self, prompt: str, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
         """``stream`` for asyncio (model calls in a worker thread)."""
+        from contextlib import aclosing
+
         from duogen_agents.agent import aiterate
 
-        async for event in aiterate(self.stream(prompt, **kwargs)):
-            yield event
+        async with aclosing(aiterate(self.stream(prompt, **kwargs))) as events:
+            async for event in events:
+                yield event
 
     async def asend(self, prompt: str, **kwargs: Any) -> InterleavedDocument:
         """``send`` for asyncio."""
@@ -162,7 +165,11 @@ class Session:
         stop: Any = None,
     ) -> Iterator[dict[str, Any]]:
         try:
-            if graph_input is not None or self.graph.get_state(self._config()).next:
+            # A turn cut short while a node ran in the stream's worker thread may have that node's
+            # writes saved without the step committed: ``next`` is then empty though the graph is not
+            # done; its ``tasks`` are not (and the graph goes on from those writes, not running it again).
+            state = self.graph.get_state(self._config())
+            if graph_input is not None or state.next or state.tasks:
                 yield from self.agent.graph_events(self.graph, graph_input, self._config(), events=events, stop=stop)
             values = dict(self.graph.get_state(self._config()).values)
             self.sessions.commit_turn(turn_id, values)
