@@ -1,5 +1,6 @@
 """``langgraph dev`` serves the graph from the repository's ``langgraph.json``, driven by langgraph-sdk:
-two concurrent runs on one loaded preset, then a follow-up on one thread."""
+two concurrent runs on one loaded preset, then a follow-up on one thread; the server runs as the README
+says, without ``--allow-blocking`` (its models load off the event loop), and serves only its presets."""
 
 from __future__ import annotations
 
@@ -39,12 +40,17 @@ def server(home):
             str(port),
             "--no-browser",
             "--no-reload",
-            "--allow-blocking",
             "--config",
             "langgraph.json",
         ],
         cwd=ROOT,
-        env={**os.environ, "DUOGEN_HOME": str(home), "DUOGEN_PRESET": "tiny", "PYTHONPATH": str(ROOT)},
+        env={
+            **os.environ,
+            "DUOGEN_HOME": str(home),
+            "DUOGEN_PRESET": "tiny",
+            "DUOGEN_PRESETS": "tiny,tiny-flux2",
+            "PYTHONPATH": str(ROOT),
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -109,3 +115,57 @@ def test_langgraph_dev_serves_concurrent_runs_and_a_follow_up(server) -> None:
     )  # fmt: skip
     families = {b["family"] for b in other["blocks"] if b["type"] == "image"}
     assert families == {"flux2-klein"}
+    # Only the presets the operator serves: anything else loads nothing and says so.
+    refused = client.runs.wait(
+        client.threads.create()["thread_id"], "duogen", context={"preset": "tiny-qwen3"},
+        input={"messages": [{"role": "user", "content": "Draw a pot"}]}, raise_error=False,
+    )  # fmt: skip
+    assert refused["__error__"]["error"] == "ConfigError"
+
+
+def test_a_run_chooses_only_among_the_served_presets(monkeypatch) -> None:
+    from duogen_agents.errors import ConfigError
+    from duogen_agents.graphs.server import chosen_preset
+
+    monkeypatch.delenv("DUOGEN_PRESETS", raising=False)
+    monkeypatch.setenv("DUOGEN_PRESET", "tiny")
+    assert chosen_preset({}) == "tiny" and chosen_preset({"context": {"preset": "tiny"}}) == "tiny"
+    for asked in ("tiny-flux2", "/etc/passwd.toml", "qwen2.5-vl-7b+cosmos2-2b", 7):
+        with pytest.raises(ConfigError, match="is not served here; this server serves: tiny"):
+            chosen_preset({"configurable": {"preset": asked}})
+    monkeypatch.setenv("DUOGEN_PRESETS", "tiny, tiny-flux2")
+    assert chosen_preset({"context": {"preset": "tiny-flux2"}}) == "tiny-flux2"
+    assert chosen_preset({"configurable": {"preset": "tiny-flux2"}, "context": {"preset": "tiny"}}) == "tiny"
+
+
+def test_a_preset_loading_holds_only_its_own_runs(monkeypatch) -> None:
+    """While one preset loads (minutes for a real one), runs of an already loaded preset get their
+    graph at once (a test double stands in for the loading)."""
+    import threading
+
+    from duogen_agents.agent import Agent
+    from duogen_agents.graphs import server
+
+    monkeypatch.setattr(server, "_agents", {"ready": "the loaded agent"})
+    monkeypatch.setattr(server, "_loading", {})
+    started, finish = threading.Event(), threading.Event()
+    loads: list[str] = []
+
+    def slow_load(preset, **kwargs):
+        loads.append(preset)
+        started.set()
+        assert finish.wait(30)
+        return f"agent of {preset}"
+
+    monkeypatch.setattr(Agent, "from_preset", staticmethod(slow_load))
+    results: list[str] = []
+    first = threading.Thread(target=lambda: results.append(server.agent_for("slow")))
+    second = threading.Thread(target=lambda: results.append(server.agent_for("slow")))
+    first.start()
+    assert started.wait(30)
+    second.start()
+    assert server.agent_for("ready") == "the loaded agent"  # not held by the load in progress
+    finish.set()
+    first.join(30)
+    second.join(30)
+    assert results == ["agent of slow", "agent of slow"] and loads == ["slow"]  # loaded once
