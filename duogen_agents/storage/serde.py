@@ -11,8 +11,9 @@ imported, and pickle and legacy JSON-constructor payloads are refused outright.
 >>> from langgraph.checkpoint.sqlite import SqliteSaver          # doctest: +SKIP
 >>> SqliteSaver(conn, serde=CheckpointSerializer())              # what ``Database.saver`` does
 
-``harden(checkpointer)`` swaps LangGraph's permissive default serializer of a checkpointer built
-elsewhere (``InMemorySaver()``, a saver a caller passes to ``build_graph``) for this one.
+``harden(checkpointer)`` gives a checkpointer built elsewhere (``InMemorySaver()``, a saver a caller
+passes to ``build_graph``) this serializer in place of LangGraph's permissive default, on a copy that
+shares its storage: the caller's saver itself is left as it was.
 """
 
 from __future__ import annotations
@@ -136,12 +137,20 @@ def _name(key: tuple[Any, Any] | None, inner: Any) -> str:
 
 
 def harden(checkpointer: Any) -> Any:
-    """Give ``checkpointer`` the allow-listing serializer if it still has LangGraph's permissive
-    default (a serializer of the caller's own choosing, e.g. an encrypting one, is left alone)."""
+    """``checkpointer`` reading through the allow-listing serializer.
+
+    A checkpointer with LangGraph's permissive default serializer is not changed: a shallow copy of it
+    with this serializer is returned, sharing its storage (connection, lock, in-memory dicts), so the
+    caller's own graphs on the same saver keep reading the types they store, which duogen never does.
+    One with a serializer of the caller's own choosing (e.g. an encrypting one) is returned as it is."""
+    import copy
+
     serde = getattr(checkpointer, "serde", None)
-    if type(serde) is JsonPlusSerializer:
-        checkpointer.serde = CheckpointSerializer()
-    return checkpointer
+    if type(serde) is not JsonPlusSerializer:
+        return checkpointer
+    hardened = copy.copy(checkpointer)
+    hardened.serde = CheckpointSerializer()
+    return hardened
 
 
 __all__: list[str] = ["ALLOWED_METHODS", "ALLOWED_TYPES", "CheckpointSerializer", "harden"]

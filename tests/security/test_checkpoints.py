@@ -11,11 +11,14 @@ import sqlite3
 
 import ormsgpack
 import pytest
+from pydantic import BaseModel
+from typing_extensions import TypedDict
 from langgraph.checkpoint.serde import jsonplus
 from sqlalchemy import create_engine, text
 
 from duogen_agents.cli import main
 from duogen_agents.errors import UnsafeCheckpointError
+from duogen_agents.graphs.turn import build_state_graph
 from duogen_agents.sessions import Sessions
 from duogen_agents.storage.database import Database
 from duogen_agents.storage.serde import CheckpointSerializer, harden
@@ -173,3 +176,40 @@ def test_harden_swaps_only_the_permissive_default() -> None:
     assert isinstance(harden(InMemorySaver()).serde, CheckpointSerializer)
     own = CallersOwn()
     assert harden(InMemorySaver(serde=own)).serde is own
+
+
+class Order(BaseModel):
+    item: str
+
+
+class HostState(TypedDict):
+    order: Order
+
+
+def test_a_callers_shared_saver_is_left_as_it_was(tmp_path) -> None:
+    """The host application's one checkpointer, shared with duogen's graph: the host's graph still
+    reads back its own types (duogen used to swap the saver's serializer in place, after which the host
+    got UnsafeCheckpointError for its own pydantic state), while duogen's graph reads through the
+    allow-list from the same storage."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.checkpoint.sqlite import SqliteSaver
+    from langgraph.graph import START, StateGraph
+
+    def host(saver):
+        g = StateGraph(HostState)
+        g.add_node("n", lambda s: {"order": Order(item="pot")})
+        g.add_edge(START, "n")
+        return g.compile(checkpointer=saver)
+
+    conn = sqlite3.connect(tmp_path / "host.db", check_same_thread=False)
+    for saver in (InMemorySaver(), SqliteSaver(conn)):
+        permissive = saver.serde
+        mine = host(saver)
+        cfg = {"configurable": {"thread_id": "order-1"}}
+        mine.invoke({"order": Order(item="x")}, cfg)
+        ours = build_state_graph(saver)
+        assert saver.serde is permissive  # not changed
+        assert mine.get_state(cfg).values == {"order": Order(item="pot")}
+        # duogen's graph reads the same storage, through the allow-list: the host's type is refused there.
+        with pytest.raises(UnsafeCheckpointError, match="Order"):
+            ours.get_state(cfg)
