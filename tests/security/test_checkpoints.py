@@ -11,10 +11,10 @@ import sqlite3
 
 import ormsgpack
 import pytest
-from pydantic import BaseModel
-from typing_extensions import TypedDict
 from langgraph.checkpoint.serde import jsonplus
+from pydantic import BaseModel
 from sqlalchemy import create_engine, text
+from typing_extensions import TypedDict
 
 from duogen_agents.cli import main
 from duogen_agents.errors import UnsafeCheckpointError
