@@ -209,3 +209,27 @@ def test_a_session_longer_than_the_planner_context_leaves_out_its_oldest_turns(h
     assert session.send("Turn 4: say something short.", mode="interleaved", seed=4).blocks
     turns = session.history()  # the refused turn stays on record, cancelled
     assert [t.status for t in turns] == ["complete", "complete", "complete", "cancelled", "complete"]
+
+
+def test_the_graph_checks_what_its_own_callers_send(tmp_path) -> None:
+    """A parent graph or a LangGraph server's client calls the graph without ``Agent``'s checks: a
+    wrong mode or seed is a one-line ConfigError (it was a KeyError, a TypeError or an overflow deep
+    in a node), and ``seed: None`` means the default."""
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from duogen_agents import ConfigError, build_graph
+
+    agent = _agent(tmp_path, [{"type": "text", "text": "A pot."}, DONE])
+    graph = build_graph(agent.deps, checkpointer=InMemorySaver())
+    message = {"messages": [{"role": "user", "content": "Draw a pot"}]}
+    for bad, match in (
+        ({"mode": "Visual-Plan"}, "unknown mode 'Visual-Plan'; choose one of: interleaved, visual-plan, draft"),
+        ({"seed": "7"}, "seed '7' is out of range"),
+        ({"seed": -5}, "seed -5 is out of range"),
+        ({"seed": 2**64}, "out of range"),
+        ({"seed": True}, "seed True is out of range"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            graph.invoke({**message, **bad}, {"configurable": {"thread_id": f"bad-{len(str(bad))}"}})
+    out = graph.invoke({**message, "seed": None}, {"configurable": {"thread_id": "none"}})
+    assert out["seed"] == 0 and out["blocks"][0]["text"] == "A pot."

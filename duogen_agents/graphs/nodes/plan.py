@@ -8,6 +8,7 @@ from typing import Any
 from langchain_core.messages import AIMessage
 from langchain_core.runnables import RunnableConfig
 
+from duogen_agents.errors import ConfigError
 from duogen_agents.graphs import actions as A
 from duogen_agents.graphs import prompts
 from duogen_agents.graphs.deps import GraphDeps
@@ -21,7 +22,8 @@ from duogen_agents.graphs.nodes.common import (
     text_update,
     writer,
 )
-from duogen_agents.graphs.state import RESET_BLOCKS, TurnState
+from duogen_agents.graphs.state import MODES, RESET_BLOCKS, TurnState
+from duogen_agents.validation import check_seed
 
 # "Step 3:", "step 3)", "Step 3 -", "Step 3." (a dot or dash only before a space: "Step 1.5 cups" keeps it)
 _STEP_PREFIX = re.compile(r"\s*step\s*\d+\s*(?:[:)]|[.\-\u2013\u2014](?=\s)|$)\s*", re.IGNORECASE)
@@ -73,11 +75,18 @@ def inline_images(state: TurnState, deps: GraphDeps) -> dict[str, Any]:
 
 
 def start(state: TurnState, *, deps: GraphDeps | None = None) -> dict[str, Any]:
-    """Reset the per-turn bookkeeping; a direct request (a redraw) goes straight to ``render``."""
+    """Check what a caller of the graph itself sent (a parent graph, a LangGraph server's client:
+    ``Agent`` checked it already) and reset the per-turn bookkeeping; a direct request (a redraw)
+    goes straight to ``render``."""
+    mode = state.get("mode", "interleaved")
+    if mode not in MODES:
+        raise ConfigError(f"unknown mode {str(mode)[:100]!r}; choose one of: {', '.join(MODES)}")
+    seed = {"seed": 0} if check_seed(state.get("seed")) is None and "seed" in state else {}  # None: the default
     request = state.get("request")
     images = inline_images(state, deps) if deps is not None else {}
     return {
         **images,
+        **seed,
         "request": None,
         "direct": request is not None,
         "blocks": [RESET_BLOCKS],
