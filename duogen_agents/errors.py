@@ -11,7 +11,7 @@
     ├── GenerationError         a model call that failed (out of memory included)
     ├── StorageError            the image store, the database or the output folder failed
     │   └── UnsafeCheckpointError   a stored checkpoint holds a type duogen never writes (refused)
-    ├── SessionBusyError        another process is writing the same session
+    ├── SessionBusyError        another turn (this process or another) is writing the same session
     ├── SessionNotFoundError    no session has that id
     ├── SessionStateError       the session cannot do that now (an unfinished turn, nothing to resume)
     └── TurnStoppedError        a turn stopped between two steps on request (a server shutting down)

@@ -353,8 +353,8 @@ class Database:
     def _busy(self, session_id: str, holder: str = "") -> SessionBusyError:
         who = f" ({holder})" if holder else ""
         error = SessionBusyError(
-            f"session {session_id!r} is busy: another process is writing it{who}; wait for it with --wait, "
-            "or try again when it finishes"
+            f"session {session_id!r} is busy: another turn is writing it{who}; wait for it (--wait, or wait= "
+            "in Python), or try again when it finishes"
         )
         error.session_id = session_id  # a server words it for its clients (no --wait, no pid)
         return error
