@@ -197,3 +197,176 @@ def test_image_blocks_reach_the_model(chat, monkeypatch) -> None:
     )
     (image,) = seen
     assert np.asarray(image)[0, 0].tolist() == [250, 0, 0]
+
+
+# ---- tool_choice, stop sequences, the LLM cache, include_raw ----------------------------------------------
+
+
+def get_weather(city: str) -> str:
+    """Get the weather for a city."""
+    return "sunny"
+
+
+def add(a: int, b: int) -> int:
+    """Add two whole numbers."""
+    return a + b
+
+
+def test_tool_choice_none_is_a_text_answer(chat, monkeypatch) -> None:
+    """``"none"``: no tool's grammar at all, so no call is possible (it was read as ``"auto"``: a call
+    or a text answer, and the tiny model called a tool on some seeds)."""
+    schemas = []
+    real = chat.planner.generate
+
+    def spy(conversation, schema, **kw):
+        schemas.append(schema)
+        return real(conversation, schema, **kw)
+
+    monkeypatch.setattr(chat.planner, "generate", spy)
+    model = chat.bind_tools([get_weather, add], tool_choice="none")
+    replies = [model.invoke("What is 2 + 3?", seed=seed) for seed in range(6)]
+    assert schemas == [None] * 6
+    assert all(not m.tool_calls and isinstance(m.content, str) and m.content for m in replies)
+
+
+def test_tool_choice_names_a_tool_in_every_langchain_form(chat) -> None:
+    """OpenAI's dict, Anthropic's dict and ``True`` with one tool force that tool's call, as a name
+    does (the dicts and ``True`` were ignored: a call of any tool or a text answer)."""
+    forms = [{"type": "function", "function": {"name": "add"}}, {"type": "tool", "name": "add"}, "add"]
+    for form in forms:
+        model = chat.bind_tools([get_weather, add], tool_choice=form)
+        for seed in range(4):
+            (call,) = model.invoke("What is 2 + 3?", seed=seed).tool_calls
+            assert call["name"] == "add", form
+    only = chat.bind_tools([get_weather], tool_choice=True)
+    assert all(only.invoke("Weather?", seed=seed).tool_calls[0]["name"] == "get_weather" for seed in range(4))
+
+
+def test_tool_choice_it_cannot_honour_is_refused_at_bind_time(chat) -> None:
+    with pytest.raises(ValueError, match="exactly one|one bound tool"):
+        chat.bind_tools([get_weather, add], tool_choice=True)  # which one? as ChatGroq, refused
+    for bad in ["subtract", {"type": "function", "function": {"name": "subtract"}}, {"type": "web_search"}, 3]:
+        with pytest.raises(ValueError, match="tool_choice"):
+            chat.bind_tools([get_weather, add], tool_choice=bad)
+
+
+def _stream_text(model, prompt: str, **kw) -> tuple[str, list]:
+    chunks = list(model.stream(prompt, **kw))
+    return "".join(c.content for c in chunks), chunks
+
+
+def test_stream_honours_stop_sequences_as_invoke_does(chat, tiny_home) -> None:
+    """The model's own ``stop`` (ignored by ``stream``) and a call's (``stream`` dropped only the piece
+    that completed it, then streamed on): the stream is the text before the first stop sequence."""
+    full = chat.invoke("Describe a picnic").content
+    cut = full[len(full) // 2 : len(full) // 2 + 2]
+    before = full[: full.index(cut)]
+    assert _stream_text(chat, "Describe a picnic", stop=[cut])[0] == before
+    stopping = ChatDuogen(preset="tiny", default_max_tokens=24, seed=0, home=str(tiny_home), stop=[cut])
+    assert stopping.invoke("Describe a picnic").content == before
+    assert _stream_text(stopping, "Describe a picnic")[0] == before
+
+
+def test_stop_sequence_across_streamed_pieces(chat) -> None:
+    """A stop sequence that begins in one streamed piece and ends in the next: the first piece's part
+    of it is held back, never streamed (it was, and then the rest of the answer too)."""
+    text, chunks = _stream_text(chat, "Describe a picnic")
+    first, second = [c.content for c in chunks if c.content][:2]
+    stop = first[-1] + second[0]
+    assert text.index(stop) == len(first) - 1  # it spans the first two pieces
+    streamed, chunks = _stream_text(chat, "Describe a picnic", stop=[stop])
+    assert streamed == text[: text.index(stop)]
+    assert chunks[-1].usage_metadata is not None  # the last chunk still comes, with the usage
+
+
+def test_stop_sequence_ends_decoding(tiny_home) -> None:
+    """Decoding ends at the stop sequence, so the usage counts the tokens up to it (every call decoded
+    to max_tokens, or the end of the answer, and reported all of them)."""
+    model = ChatDuogen(preset="tiny", max_tokens=60, seed=3, home=str(tiny_home))
+    whole = model.invoke("Describe a picnic")
+    assert whole.usage_metadata["output_tokens"] >= 40
+    stop = whole.content[6:8]
+    assert whole.content.index(stop) <= 6
+    stopped = model.invoke("Describe a picnic", stop=[stop])
+    assert stopped.usage_metadata["output_tokens"] <= 12
+    streamed = list(model.stream("Describe a picnic", stop=[stop]))
+    assert streamed[-1].usage_metadata["output_tokens"] == stopped.usage_metadata["output_tokens"]
+
+
+def test_up_to_stop_holds_back_only_what_may_begin_a_stop_sequence() -> None:
+    from duogen_agents.models.chat_model import _UpToStop
+
+    sent: list[str] = []
+    upto = _UpToStop(["END", "\n\n"], sent.append, halt=True)
+    asked = [upto.feed(p) for p in ["a\n", "b", "cE", "x E", "N", "D tail", "more"]]
+    # "\n" is held until "b" shows it is no "\n\n", "E" until "x" shows it is no "END"
+    assert sent == ["a", "\nb", "c", "Ex "] and asked == [False] * 5 + [True, True]
+    sent.clear()
+    upto = _UpToStop(["END"], sent.append, halt=False)  # a JSON answer: decoding goes on, the text stops
+    assert [upto.feed(p) for p in ["aE", "N"]] == [False, False] and sent == ["a"]
+    upto.flush()  # decoding ended without a stop sequence: the held-back tail goes out
+    assert sent == ["a", "EN"]
+
+
+def test_llm_cache_keys_by_everything_that_changes_the_answer(tiny_home) -> None:
+    """LangChain's LLM cache keys an answer by the model's identifying parameters: with only the
+    preset and model name there, a model with another seed, token cap or stop sequence got the first
+    one's cached answer."""
+    from langchain_core.caches import InMemoryCache
+
+    def model(cache, **fields):
+        return ChatDuogen(preset="tiny", home=str(tiny_home), cache=cache, **{"max_tokens": 10, **fields})
+
+    seed5, seed6 = (model(False, seed=s).invoke("hi").content for s in (5, 6))
+    assert seed5 != seed6  # uncached, the two seeds answer differently
+    cache = InMemoryCache()
+    assert [model(cache, seed=s).invoke("hi").content for s in (5, 6)] == [seed5, seed6]
+
+    cache = InMemoryCache()
+    short = model(cache, max_tokens=3, seed=1).invoke("hello")
+    assert model(cache, max_tokens=50, seed=1).invoke("hello").usage_metadata["output_tokens"] > 3
+    assert model(cache, max_tokens=None, default_max_tokens=50, seed=1).invoke("hello").content != short.content
+
+    cache = InMemoryCache()
+    whole = model(cache, max_tokens=24, seed=1).invoke("hello").content
+    stop = whole[4:6]
+    assert model(cache, max_tokens=24, seed=1, stop=[stop]).invoke("hello").content == whole[: whole.index(stop)]
+
+
+def test_llm_cache_tells_planners_apart() -> None:
+    """Two planners (another spec, or weights from another folder: ``home``) never share answers."""
+    from langchain_core.caches import InMemoryCache
+
+    from tests.fakes import ScriptedPlanner
+
+    cache = InMemoryCache()
+    first, second = ScriptedPlanner(["one"]), ScriptedPlanner(["two"])
+    first.source, second.source = "/home-a/models/tiny", "/home-b/models/tiny"
+    assert ChatDuogen(planner=first, cache=cache).invoke("hi").content == "one"
+    assert ChatDuogen(planner=second, cache=cache).invoke("hi").content == "two"
+
+
+def test_include_raw_returns_a_parsing_error_rather_than_raising(chat) -> None:
+    """LangChain's contract: with ``include_raw``, a parse that fails is ``parsing_error`` (it was
+    raised). A validator the grammar cannot express rejects every answer here."""
+    from langchain_core.exceptions import OutputParserException
+    from langchain_core.messages import AIMessage
+    from pydantic import BaseModel, field_validator
+
+    class Pet(BaseModel):
+        name: str
+
+        @field_validator("name")
+        @classmethod
+        def never(cls, v: str) -> str:
+            raise ValueError("no name will do")
+
+    result = chat.with_structured_output(Pet, include_raw=True).invoke("A dog named Rex")
+    assert isinstance(result["raw"], AIMessage) and result["raw"].content.startswith('{"name"')
+    assert result["parsed"] is None and isinstance(result["parsing_error"], OutputParserException)
+
+    class Step(BaseModel):
+        title: str
+
+    ok = chat.with_structured_output(Step, include_raw=True).invoke("A step")
+    assert isinstance(ok["parsed"], Step) and ok["parsing_error"] is None

@@ -354,6 +354,18 @@ def test_without_on_token_one_plain_completion(fake: Fake) -> None:
     assert free.text == "free text" and "response_format" not in fake.chats[-1]
 
 
+def test_on_token_returning_true_ends_the_stream(fake: Fake) -> None:
+    """A caller that has what it wants (``ChatDuogen``'s stop sequence) returns True: the stream is
+    closed there, and each delta so far counts as a token (the usage comes at the stream's end). Any
+    other value (a ``write``'s count) goes on."""
+    planner = OpenAIPlanner.from_spec(planner_spec(fake.url))  # type: ignore[attr-defined]
+    pieces: list[str] = []
+    out = planner.generate(conversation(), None, on_token=lambda t: pieces.append(t) or True)
+    assert pieces == ["free "] and out.text == "free " and out.num_tokens == 1 and out.complete
+    whole = planner.generate(conversation(), None, on_token=len)
+    assert whole.text == "free text" and whole.num_tokens == 17
+
+
 @pytest.mark.parametrize("field", ["structured_outputs", "guided_json"])
 def test_vllm_structured_output_fields(fake: Fake, field: str) -> None:
     planner = OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL, structured_output=field))  # type: ignore[attr-defined]

@@ -12,11 +12,12 @@ planner can reference it by id. Pass the decoding grammar as the ``schema`` keyw
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
@@ -160,6 +161,81 @@ def _tool_call_schema(tools: list[dict[str, Any]], required: bool) -> dict[str, 
     return {"anyOf": calls} if len(calls) > 1 else calls[0]
 
 
+def _tool_choice(choice: Any, names: list[str]) -> str | None:
+    """``tool_choice`` as LangChain's chat models take it (ChatOpenAI's forms, and ``True`` as
+    ChatGroq's: the one tool), as what the grammar does with it: None (a call of any tool or a text
+    answer), ``"none"`` (a text answer), ``"any"`` (a call of any tool) or a tool's name (a call of
+    that tool). What it cannot mean is refused, so a choice is never silently dropped."""
+    if isinstance(choice, dict):
+        given, kind = choice, choice.get("type")
+        if kind == "function":  # OpenAI: {"type": "function", "function": {"name": ...}}
+            choice = (choice.get("function") or {}).get("name")
+        elif kind == "tool":  # Anthropic: {"type": "tool", "name": ...}
+            choice = choice.get("name")
+        elif kind in ("auto", "any", "none"):  # Anthropic: {"type": "any"}, ...
+            choice = kind
+        if not isinstance(choice, str):
+            raise ValueError(
+                f"tool_choice {given!r}: name a tool as {{'type': 'function', 'function': {{'name': ...}}}}"
+            )
+    if choice is None or choice is False or choice == "auto":
+        return None
+    if choice is True:
+        if len(names) != 1:
+            raise ValueError(
+                f"tool_choice=True calls the one bound tool, and {len(names)} are bound; "
+                "name one, or use 'any' for a call of any of them"
+            )
+        return names[0]
+    if not isinstance(choice, str):
+        raise ValueError(f"tool_choice {choice!r}: use a tool's name, 'auto', 'none', 'any' or 'required'")
+    if choice in names:  # a tool's name first, as ChatOpenAI reads it
+        return choice
+    if choice in ("any", "required", "none"):
+        return "none" if choice == "none" else "any"
+    raise ValueError(
+        f"tool_choice {choice!r} is not a bound tool ({', '.join(names) or 'none bound'}) "
+        "nor 'auto', 'none', 'any' or 'required'"
+    )
+
+
+class _UpToStop:
+    """Streamed text up to the first stop sequence, handed on to ``emit``. A stop sequence can span
+    pieces (``"E"`` then ``"ND"``), so a tail that may begin one is held back until the next pieces
+    show it does not. ``feed`` is the planner's token callback: with ``halt`` it returns True once a
+    stop sequence has appeared, which ends decoding. ``flush`` hands on the tail once decoding ended
+    without one."""
+
+    def __init__(self, stop: list[str], emit: Callable[[str], object], halt: bool) -> None:
+        self.stop = [s for s in stop if s]
+        self.emit = emit
+        self.halt = halt
+        self.held = ""  # text not handed on yet: it may begin a stop sequence
+        self.stopped = False
+
+    def feed(self, piece: str) -> bool:
+        if self.stopped:
+            return self.halt
+        text = self.held + piece
+        found = [i for s in self.stop if (i := text.find(s)) >= 0]
+        if found:
+            self.stopped = True
+            end = min(found)
+        else:
+            # only a tail shorter than the longest stop sequence can begin one (a longer one would be whole)
+            tails = range(max(0, len(text) - max(map(len, self.stop), default=0) + 1), len(text))
+            end = next((i for i in tails if any(s.startswith(text[i:]) for s in self.stop)), len(text))
+        if end:
+            self.emit(text[:end])
+        self.held = text[end:]
+        return self.stopped and self.halt
+
+    def flush(self) -> None:
+        if not self.stopped and self.held:
+            self.emit(self.held)
+            self.held = ""
+
+
 _PLANNERS: dict[tuple[str, str], Any] = {}
 _PLANNERS_LOCK = threading.Lock()
 
@@ -215,24 +291,45 @@ class ChatDuogen(PlannerChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"preset": self.preset, "model_name": self.model_name}
+        """Every field that changes the answer: LangChain's LLM cache keys an answer by these (and
+        the call's own arguments), so two models that differ in any of them never share one. The
+        planner is known by a digest of its resolved spec and where its weights came from (the
+        models folder, which ``home`` picks; a server's URL), or by its class when it has no spec.
+        The stop sequences go in through ``_get_invocation_params``."""
+        planner = self.planner
+        dump = getattr(getattr(planner, "spec", None), "model_dump_json", None)
+        described = dump() if dump is not None else type(planner).__qualname__
+        source = getattr(planner, "source", None) or getattr(planner, "url", None) or ""
+        return {
+            "preset": self.preset,
+            "model_name": self.model_name,
+            "planner": hashlib.sha256(f"{described}\n{source}".encode()).hexdigest()[:16],
+            "seed": self.seed,
+            "max_tokens": self.max_tokens,
+            "default_max_tokens": self.default_max_tokens,
+        }
+
+    def _get_invocation_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+        """With the stop sequences the call uses (its own, else the model's), for the cache key and traces."""
+        return super()._get_invocation_params(stop=stop or self.stop, **kwargs)
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
-        params = super()._get_ls_params(stop=stop, **kwargs)
+        params = super()._get_ls_params(stop=stop or self.stop, **kwargs)
         params["ls_provider"] = "duogen"
         params["ls_model_name"] = kwargs.get("model") or self.model_name
-        if self.stop:
-            params["ls_stop"] = self.stop
         return params
 
     def _call(self, messages: list[BaseMessage], stop: list[str] | None, on_token: Any, **kwargs: Any) -> AIMessage:
+        """One answer. ``on_token`` gets the text as it streams, up to the first stop sequence
+        (``stop``, else the model's); a text answer's decoding ends there."""
         tools = kwargs.get("tools") or []
-        choice = kwargs.get("tool_choice")
+        choice = _tool_choice(kwargs.get("tool_choice"), [t["function"]["name"] for t in tools])
+        if choice == "none":  # a text answer: no tool's grammar
+            tools = []
         schema = kwargs.get("schema")
         if tools and schema is None:
-            forced = [t for t in tools if isinstance(choice, str) and t["function"]["name"] == choice]
-            required = choice in ("any", "required") or bool(forced)
-            schema = _tool_call_schema(forced or tools, required)
+            forced = [t for t in tools if t["function"]["name"] == choice]
+            schema = _tool_call_schema(forced or tools, required=choice is not None)
         # per call: invoke(..., max_tokens=N) or bind(max_tokens=N), as LangChain's chat models take it
         limit = kwargs.get("max_tokens") or kwargs.get("max_new_tokens") or self.max_tokens or self.default_max_tokens
         stop = stop or self.stop
@@ -245,14 +342,19 @@ class ChatDuogen(PlannerChatModel):
             except (ValueError, KeyError, TypeError):  # unbounded strings: the planner's own cap
                 need = getattr(getattr(self.planner, "spec", None), "max_new_tokens", None) or 0
             limit = max(limit or 0, need) or None
+        # A tool call's JSON is not streamed. A JSON answer decodes on to its end (a server checks it
+        # whole) and is cut below like any answer; a text answer's decoding ends at its stop sequence.
+        upto = _UpToStop(stop or [], on_token, halt=schema is None) if on_token is not None and not tools else None
         out = self.planner.generate(
             to_chat_turns(messages, self._load_image),
             schema,
             max_new_tokens=limit,
             seed=kwargs.get("seed", self.seed),
-            on_token=on_token if not tools else None,
+            on_token=upto.feed if upto is not None else None,
             cache_key=kwargs.get("cache_key"),
         )
+        if upto is not None:
+            upto.flush()
         text = out.text
         for s in stop or []:
             if s and s in text:
@@ -290,8 +392,9 @@ class ChatDuogen(PlannerChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        """Tokens as they are decoded (the model runs in a worker thread), then one last chunk with
-        the usage metadata (and the tool call, for a turn with tools)."""
+        """Tokens as they are decoded (the model runs in a worker thread) up to the first stop
+        sequence, then one last chunk with the usage metadata (and the tool call, for a turn with
+        tools)."""
         import queue
 
         tokens: queue.Queue[Any] = queue.Queue()
@@ -300,7 +403,7 @@ class ChatDuogen(PlannerChatModel):
 
         def work() -> None:
             try:
-                result["message"] = self._call(messages, None, tokens.put, **kwargs)
+                result["message"] = self._call(messages, stop, tokens.put, **kwargs)
             except BaseException as e:  # handed to the caller's thread
                 result["error"] = e
             finally:
@@ -309,10 +412,7 @@ class ChatDuogen(PlannerChatModel):
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
         text = ""
-        while (token := tokens.get()) is not done:
-            piece = token
-            if stop and any(s in text + piece for s in stop):
-                continue  # past a stop sequence: the rest is dropped
+        while (piece := tokens.get()) is not done:
             text += piece
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
             if run_manager is not None:
@@ -334,21 +434,29 @@ class ChatDuogen(PlannerChatModel):
         )
         yield ChatGenerationChunk(message=last)
 
-    def bind_tools(self, tools: Sequence[Any], *, tool_choice: str | None = None, **kwargs: Any) -> Any:
+    def bind_tools(
+        self, tools: Sequence[Any], *, tool_choice: str | dict[str, Any] | bool | None = None, **kwargs: Any
+    ) -> Any:
         """Tools as OpenAI function schemas; each call's arguments are decoded under its parameters
-        schema. ``tool_choice``: a tool's name, ``"any"``/``"required"`` (must call one), or None."""
+        schema. ``tool_choice``: None, False or ``"auto"`` (a call or a text answer), ``"none"`` (a
+        text answer), ``"any"``/``"required"`` (a call of any tool), a tool's name or
+        ``{"type": "function", "function": {"name": ...}}`` (a call of that tool; Anthropic's dicts
+        too), ``True`` (a call of the one tool). Anything else is a ValueError here."""
         from langchain_core.utils.function_calling import convert_to_openai_tool
 
         formatted = [convert_to_openai_tool(t) for t in tools]
-        if tool_choice in ("auto", "none"):
-            tool_choice = None
-        return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+        choice = _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
+        return self.bind(tools=formatted, tool_choice=choice, **kwargs)
 
     def with_structured_output(
         self, schema: Any, *, method: str = "json_schema", include_raw: bool = False, **kwargs: Any
     ) -> Any:
         """Output under ``schema`` (a pydantic class, a TypedDict or a JSON schema), enforced by the
-        grammar; parsed into the class for pydantic, a dict otherwise."""
+        grammar; parsed into the class for pydantic, a dict otherwise. With ``include_raw``, a
+        parse that fails (a validator the grammar cannot express) is ``parsing_error``, not raised,
+        as LangChain's chat models do."""
+        from operator import itemgetter
+
         from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
         from langchain_core.runnables import RunnableMap, RunnablePassthrough
         from langchain_core.utils.function_calling import convert_to_json_schema
@@ -368,5 +476,8 @@ class ChatDuogen(PlannerChatModel):
         parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
         if not include_raw:
             return llm | parser
-        parse = RunnablePassthrough.assign(parsed=lambda x: parser.invoke(x["raw"]), parsing_error=lambda _: None)
-        return RunnableMap(raw=llm) | parse
+        parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        parse_or_none = parse.with_fallbacks(
+            [RunnablePassthrough.assign(parsed=lambda _: None)], exception_key="parsing_error"
+        )
+        return RunnableMap(raw=llm) | parse_or_none

@@ -71,13 +71,16 @@ class _Streamer:
     prefix: int = 0  # window start: context for the decoder (a leading space, say)
     read: int = 0  # tokens handed on
 
-    def push(self, token: int) -> None:
+    def push(self, token: int) -> bool:
+        """Whether ``on_token`` asked to end decoding (returned True)."""
         self.ids.append(token)
         before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
         text = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
         if len(text) > len(before) and not text.endswith("\ufffd"):  # else a character is incomplete
-            self.on_token(text[len(before) :])
+            halt = self.on_token(text[len(before) :]) is True
             self.prefix, self.read = self.read, len(self.ids)
+            return halt
+        return False
 
 
 class TransformersPlanner:
@@ -513,8 +516,8 @@ class TransformersPlanner:
             for t in (token, *forced):
                 if tracker is not None:
                     tracker.feed(self._token_bytes[t] if t < len(self._token_bytes) else b"")
-                if streamer is not None and t not in stop:
-                    streamer.push(t)
+                if streamer is not None and t not in stop and streamer.push(t):
+                    complete = done = True  # the caller has what it wants (a stop sequence)
             if done:
                 break
             if matcher is not None:

@@ -31,7 +31,10 @@ ImageKind = Literal["generate", "edit", "continue"]
 KINDS: tuple[ImageKind, ...] = ("generate", "edit", "continue")
 
 StepCallback = Callable[[int, int], None]
-TokenCallback = Callable[[str], None]
+# Gets each piece of text as it is decoded. Returning ``True`` (exactly: any other value, ``None``
+# or a ``write``'s count, goes on) asks the planner to end decoding there: a chat model's stop
+# sequence has appeared, so the tokens after it would be decoded only to be thrown away.
+TokenCallback = Callable[[str], object]
 
 
 class TextPart(TypedDict):
@@ -56,7 +59,9 @@ class PlannerOutput:
     prompt_tokens: int = 0
     prefill_tokens: int | None = None  # prompt tokens computed by this call (the rest came from a cache)
     forced_tokens: int = 0  # of num_tokens, those the grammar forced (jump forward: not sampled)
-    complete: bool = True  # ended by the grammar or an end-of-turn token, not cut by a token budget
+    # ended by the grammar, an end-of-turn token or the caller (``on_token`` returned True), not cut
+    # by a token budget
+    complete: bool = True
 
 
 class Planner(Protocol):
@@ -75,9 +80,11 @@ class Planner(Protocol):
     ) -> PlannerOutput:
         """``cache_key`` names the session the call belongs to; a planner may keep state per key
         (the local planner keeps the KV cache of the conversation) and must give the same output
-        with or without it. ``client_schema``: ``schema`` came from a client (a server's
-        ``response_format``), not from the library, and is decoded without shortcuts that trust it
-        (the local planner's jump forward)."""
+        with or without it. ``on_token`` gets the text as it is decoded; when it returns ``True``
+        the planner ends decoding there (a planner may decode a few more tokens first, and one that
+        cannot stop early decodes on: the caller cuts the text itself). ``client_schema``:
+        ``schema`` came from a client (a server's ``response_format``), not from the library, and is
+        decoded without shortcuts that trust it (the local planner's jump forward)."""
         ...
 
 

@@ -459,7 +459,10 @@ class OpenAIPlanner:
                     delta = choice.delta.content if choice.delta is not None else None
                     if delta:
                         pieces.append(delta)
-                        on_token(delta)
+                        if on_token(delta) is True:
+                            # The caller has what it wants (a stop sequence): closing the stream ends the
+                            # server's decoding. Its usage never comes, so each delta counts as a token.
+                            return "".join(pieces), finish, usage, len(pieces)
                     if choice.finish_reason:
                         finish = choice.finish_reason
         finally:
