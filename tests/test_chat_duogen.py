@@ -293,6 +293,31 @@ def test_stop_sequence_ends_decoding(tiny_home) -> None:
     assert streamed[-1].usage_metadata["output_tokens"] == stopped.usage_metadata["output_tokens"]
 
 
+def test_a_stream_closed_early_ends_decoding(tiny_home, monkeypatch) -> None:
+    """A reader that breaks off a stream (a client gone) ends the decode at the next piece, freeing the
+    device for the next caller (it decoded on to the end of the answer in the background)."""
+    import threading
+
+    model = ChatDuogen(preset="tiny", max_tokens=200, seed=3, home=str(tiny_home))
+    whole = model.invoke("Describe a picnic")
+    assert whole.usage_metadata["output_tokens"] >= 150
+    planner = model.planner
+    real, finished, decoded = planner.generate, threading.Event(), []
+
+    def recorded(*args, **kwargs):
+        out = real(*args, **kwargs)
+        decoded.append(out.num_tokens)
+        finished.set()
+        return out
+
+    monkeypatch.setattr(planner, "generate", recorded)
+    stream = model.stream("Describe a picnic")
+    next(stream)
+    stream.close()
+    assert finished.wait(60)
+    assert decoded[0] < 20  # the pieces already decoded when the reader left, not the whole answer
+
+
 def test_up_to_stop_holds_back_only_what_may_begin_a_stop_sequence() -> None:
     from duogen_agents.models.chat_model import _UpToStop
 

@@ -225,10 +225,9 @@ class _UpToStop:
             # only a tail shorter than the longest stop sequence can begin one (a longer one would be whole)
             tails = range(max(0, len(text) - max(map(len, self.stop), default=0) + 1), len(text))
             end = next((i for i in tails if any(s.startswith(text[i:]) for s in self.stop)), len(text))
-        if end:
-            self.emit(text[:end])
+        asked = end > 0 and self.emit(text[:end]) is True  # the reader asks to end (it has gone)
         self.held = text[end:]
-        return self.stopped and self.halt
+        return (self.stopped and self.halt) or asked
 
     def flush(self) -> None:
         if not self.stopped and self.held:
@@ -400,10 +399,15 @@ class ChatDuogen(PlannerChatModel):
         tokens: queue.Queue[Any] = queue.Queue()
         done = object()
         result: dict[str, Any] = {}
+        gone = threading.Event()  # the reader closed the stream early: decoding ends at the next piece
+
+        def put(piece: str) -> bool:
+            tokens.put(piece)
+            return gone.is_set()
 
         def work() -> None:
             try:
-                result["message"] = self._call(messages, stop, tokens.put, **kwargs)
+                result["message"] = self._call(messages, stop, put, **kwargs)
             except BaseException as e:  # handed to the caller's thread
                 result["error"] = e
             finally:
@@ -412,12 +416,15 @@ class ChatDuogen(PlannerChatModel):
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
         text = ""
-        while (piece := tokens.get()) is not done:
-            text += piece
-            chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
-            if run_manager is not None:
-                run_manager.on_llm_new_token(piece, chunk=chunk)
-            yield chunk
+        try:
+            while (piece := tokens.get()) is not done:
+                text += piece
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(piece, chunk=chunk)
+                yield chunk
+        finally:
+            gone.set()  # closed early (a reader that broke off): the planner stops, freeing the device
         worker.join()
         if "error" in result:
             raise result["error"]
