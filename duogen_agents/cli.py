@@ -311,6 +311,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--resume continues the interrupted turn; give no prompt or images with it")
     if args.discard and args.session is None:
         raise ConfigError("--discard needs --session ID")
+    if args.resume and args.discard:  # before anything is touched: --discard would drop what --resume continues
+        raise ConfigError("--resume continues the interrupted turn and --discard drops it; give one of them")
     if args.session is not None:
         from duogen_agents.storage.database import check_session_id
 
@@ -643,7 +645,12 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
         elif args.action == "export":
             result = sessions.export(args.id, args.format, args.out)
             if args.out is None:
-                sys.stdout.write(str(result))
+                text = str(result)
+                if sys.stdout.isatty():  # stored text on a terminal: no escape sequences it would obey
+                    from duogen_agents.terminal.render import strip_controls
+
+                    text = strip_controls(text)
+                sys.stdout.write(text)
             else:
                 err.print(f"wrote {result}", highlight=False)
         elif args.action == "fork":

@@ -45,6 +45,17 @@ def safe_markdown(text: str) -> str:
     return text.replace("![", "!\\[")
 
 
+def _destination(target: str) -> str:
+    """A link destination CommonMark reads whole: a path with spaces or parentheses in ``<...>``
+    (``my garden.images/x.png``, readable as it is); one with ``<``, ``>`` or a line break, which
+    ``<...>`` cannot hold, percent-encoded."""
+    from urllib.parse import quote
+
+    if any(c in target for c in "<>\n\r"):
+        return quote(target, safe="/:")
+    return f"<{target}>" if any(c in target for c in " ()") else target
+
+
 def to_markdown(
     doc: InterleavedDocument, image_dir: str = "images", *, link: Callable[[ImageRef], str] | None = None
 ) -> str:
@@ -61,7 +72,7 @@ def to_markdown(
         else:
             alt = safe_markdown(_caption(block)).replace("[", "(").replace("]", ")").replace("\n", " ")
             target = link(block.image) if link is not None else f"{image_dir}/{block.image.filename}"
-            lines += [f"![{alt}]({target})", ""]
+            lines += [f"![{alt}]({_destination(target)})", ""]
             if block.draft:
                 lines += ["*Draft sketch: the agent drew this to think, not as part of the answer.*", ""]
     return "\n".join(lines).rstrip() + "\n"

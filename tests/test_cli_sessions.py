@@ -65,6 +65,7 @@ def test_session_errors_are_one_line(home, tmp_path, capsys) -> None:
         (("run", "--session", "bad id!", "hi"), "invalid session id"),
         (("run", "--session", "s", "hi", "--db", f"sqlite:///{bad}"), "not a usable SQLite database"),
         (("run", "--session", "ghost", "--resume"), "no session 'ghost'"),
+        (("run", "--session", "s", "--resume", "--discard"), "--resume continues the interrupted turn and --discard"),
         (("sessions", "show", "ghost"), "no session 'ghost'"),
         (("sessions", "list", "--db", "mysql://u@h/d"), "unsupported database"),
     ]:
@@ -73,3 +74,34 @@ def test_session_errors_are_one_line(home, tmp_path, capsys) -> None:
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert len(lines) == 1 and match in lines[0] and "Traceback" not in err, (argv, err)
     assert bad.read_bytes() == b"not a database" * 100
+
+
+def test_export_never_replaces_the_sessions_and_reads_well_everywhere(home, tmp_path, capsys, monkeypatch) -> None:
+    """``sessions export --out`` naming the session database (or a file in the image store) is
+    refused, and both are intact (it replaced the database, losing every session); Markdown image links
+    hold a name with spaces; on a terminal the export carries no escape sequence from stored text."""
+    from markdown_it import MarkdownIt
+
+    prompt = "\x1b]0;pwned\x07\x1b[2Jdraw a pot"
+    code, out, err = _run(capsys, "run", "--session", "esc", prompt, "--mode", "visual-plan", "--no-preview")
+    assert code == 0, err
+    db = home / "duogen.db"
+    before = db.read_bytes()
+    pictures = sorted((home / "images").rglob("*.png"))
+    assert pictures
+    for target in (db, db.with_name("duogen.db-wal"), pictures[0], home / "images" / "new.json"):
+        code, out, err = _run(capsys, "sessions", "export", "esc", "--format", "json", "--out", str(target))
+        assert code == 1 and ("session database" in err or "image store" in err), (target, err)
+    assert db.read_bytes() == before and not (home / "images" / "new.json").exists()
+    code, out, err = _run(capsys, "sessions", "show", "esc")
+    assert code == 0 and "draw a pot" in out
+
+    md = tmp_path / "my garden.md"
+    assert _run(capsys, "sessions", "export", "esc", "--format", "md", "--out", str(md))[0] == 0
+    html = MarkdownIt("commonmark").render(md.read_text())
+    assert html.count("<img") == len(pictures) and "my%20garden.images/" in html
+
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    for fmt in ("md", "html"):
+        code, out, err = _run(capsys, "sessions", "export", "esc", "--format", fmt)
+        assert code == 0 and "draw a pot" in out and "\x1b" not in out and "\x07" not in out

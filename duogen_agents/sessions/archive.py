@@ -35,6 +35,9 @@ def export(sessions: Sessions, session_id: str, fmt: str, out: Path | str | None
         folder = str(out).endswith(("/", os.sep)) or Path(out).is_dir()
         out = Path(out) / f"{session_id}.{fmt}" if folder else Path(out)
         replaceable(out)  # refuse a FIFO, device or symlink before doing the work
+        _not_storage(sessions, out)
+        if fmt == "md":
+            _not_storage(sessions, out.parent / f"{out.stem}.images" / "x.png")
     doc = sessions.document(session_id)
     if fmt == "html":
         body = to_html(doc, sessions.store)
@@ -53,6 +56,20 @@ def export(sessions: Sessions, session_id: str, fmt: str, out: Path | str | None
     if out is None:
         return body
     return write_atomic(out, body.encode())
+
+
+def _not_storage(sessions: Sessions, out: Path) -> None:
+    """Refuse an export target that is the session database (or a file SQLite keeps beside it) or in
+    the image store: writing there would replace every session, or a picture, with the export."""
+    target = out.expanduser().resolve()
+    db = getattr(sessions.db, "path", None)
+    if db is not None:
+        beside = [db.with_name(db.name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+        if target in beside or target.is_relative_to(db.with_name(db.name + ".locks")):
+            raise ConfigError(f"--out {out} is the session database {db} (or its own file); choose another file")
+    store = sessions.store.images_dir.expanduser().resolve()
+    if target.is_relative_to(store):
+        raise ConfigError(f"--out {out} is inside the image store {store}; choose a file outside it")
 
 
 # ---- changing -------------------------------------------------------------------------------
