@@ -207,3 +207,55 @@ def test_chat_in_tmux(home, tmp_path) -> None:
         statuses = [r[0] for r in c.execute("SELECT status FROM duogen_turns ORDER BY number")]
         assert c.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert statuses == ["complete", "cancelled", "complete"]
+
+
+def test_chat_resumes_or_discards_an_unfinished_turn(home, tmp_path) -> None:
+    """A session whose last turn was cut short (a crash, a kill) is not a dead end in the chat: a
+    message says what to do, /resume finishes the turn, /discard drops one (before, only `duogen run`
+    could, and every chat message was refused)."""
+    import io
+
+    from rich.console import Console
+
+    from duogen_agents import Agent
+    from duogen_agents.sessions import Sessions
+    from duogen_agents.storage.database import Database
+    from duogen_agents.terminal.chat import ChatApp
+
+    db_url = f"sqlite:///{tmp_path / 'chat.db'}"
+    agent = Agent.from_preset("tiny", home=home)
+
+    def cut_short(prompt: str) -> None:
+        db = Database.open(db_url, home=home)
+        events = agent.session("pend", database=db).stream(prompt, mode="visual-plan")
+        next(events)
+        events.close()  # the turn is marked interrupted, as after Ctrl-C or a kill
+        db.close()
+
+    def statuses() -> list[str]:
+        sessions = Sessions.open(db_url, home=home)
+        try:
+            return [t.status for t in sessions.turns("pend")]
+        finally:
+            sessions.close()
+
+    def chat(*lines: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        app = ChatApp(
+            preset="tiny", session_id="pend", db=db_url, home=home, images="none", interactive=False,
+            console=Console(file=out, width=200), err=Console(file=err, width=200),
+        )  # fmt: skip
+        code = app.run(stdin=[f"{line}\n" for line in lines])
+        return code, out.getvalue(), err.getvalue()
+
+    cut_short("Plan a picnic")
+    code, out, err = chat("Now add a blanket")
+    assert code == 1 and "has an unfinished turn: /resume continues it, /discard drops it" in err
+    code, out, err = chat("/resume", "/discard")
+    assert "no unfinished turn; nothing to discard" in err  # /resume finished it
+    assert statuses() == ["complete"]
+    cut_short("Now add a blanket")
+    code, out, err = chat("/discard", "Draw a pot")
+    assert code == 0, err
+    assert "dropped the unfinished turn" in out
+    assert statuses() == ["complete", "cancelled", "complete"]

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from duogen_agents import interrupts
-from duogen_agents.errors import ConfigError, DuogenError
+from duogen_agents.errors import ConfigError, DuogenError, SessionStateError
 from duogen_agents.terminal.events import EventRenderer
 from duogen_agents.terminal.render import detect_image_mode, safe_text, sessions_table
 
@@ -36,6 +36,8 @@ COMMANDS = {
     "/preset P": "switch preset (a built-in name or a .toml/.json file)",
     "/attach PATH": "attach an image to the next message",
     "/redraw N": "draw image N of this session again",
+    "/resume": "continue this session's unfinished turn (cut short by a crash or kill)",
+    "/discard": "drop this session's unfinished turn: the session is as it was before it",
     "/export [html|md|json]": "write this session to ./<session>.<format>",
     "/help": "this list",
     "/quit": "leave (Ctrl-D and Ctrl-C at the prompt do too)",
@@ -211,16 +213,27 @@ class ChatApp:
     # ---- messages -------------------------------------------------------------------------------
 
     def send(self, text: str) -> None:
+        if self.sessions.exists(self.session_id) and self.sessions.get(self.session_id).pending:
+            raise SessionStateError(
+                f"session {self.session_id!r} has an unfinished turn: /resume continues it, /discard drops it"
+            )
         session = self.session()
         attachments, self.attachments = self.attachments, []
         self._answer(session, session.stream(text, mode=self.mode, images=attachments))
 
-    def _answer(self, session: Any, events: Iterator[dict[str, Any]]) -> None:
+    def _answer(self, session: Any, events: Iterator[dict[str, Any]], *, cancel: bool = True) -> None:
+        """Show a turn. Ctrl-C cancels it (the session as it was before the message), or with
+        ``cancel=False`` (a resumed turn, whose earlier progress a cancel would throw away) leaves it
+        unfinished for another /resume."""
         try:
             self.show(events)
         except KeyboardInterrupt:
             events.close()  # the turn is marked interrupted and its lock released
-            if session.cancel():
+            if not cancel:
+                self.err.print(
+                    "[yellow]stopped[/]: the turn is still unfinished; /resume continues it, /discard drops it"
+                )
+            elif session.cancel():
                 self.err.print("[yellow]cancelled[/]: the session is as it was before this message")
             else:
                 self.err.print("[yellow]cancelled[/] after the answer was stored")
@@ -291,6 +304,13 @@ class ChatApp:
                 raise ConfigError("usage: /redraw N (the image number shown under each image)")
             session = self.session()
             self._answer(session, session.redraw(int(arg)))
+        elif name == "/resume":
+            session = self.session()
+            self._answer(session, session.resume(), cancel=False)
+        elif name == "/discard":
+            if not self.sessions.exists(self.session_id) or not self.session().cancel():
+                raise SessionStateError(f"session {self.session_id!r} has no unfinished turn; nothing to discard")
+            self.console.print("dropped the unfinished turn: the session is as it was before it")
         elif name == "/export":
             fmt = arg or "html"
             if fmt not in ("html", "md", "json"):
