@@ -2,6 +2,11 @@
 
 Writes are atomic (temporary file, then ``os.replace``), so a crash never leaves a half-written image
 under its final name, and storing the same pixels twice is free.
+
+Reads treat the store as untrusted input, like an upload: a file larger than any PNG duogen writes at
+``MAX_PIXELS`` (``MAX_STORED_BYTES``) is refused before it is read, a file whose bytes do not hash to
+its id, or that is not a PNG, or whose header declares more than ``MAX_PIXELS`` pixels, is refused
+before it is decoded.
 """
 
 from __future__ import annotations
@@ -17,18 +22,27 @@ import secrets
 import stat
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from duogen_agents.document import SHORT_ID_LENGTH, ImageRef
 from duogen_agents.errors import StorageError
+from duogen_agents.inputs import MAX_PIXELS
 from duogen_agents.storage.locks import flocked, open_lock_file, try_flock
 
 LEASE_MARGIN_S = 2.0
 STALE_TMP_LEASE_S = 60.0
 IMAGE_ID = re.compile(r"[0-9a-f]{64}")
+# The largest file a stored image may be: no PNG that ``encode_png`` writes at ``MAX_PIXELS`` comes
+# near it. Its raw scanlines are at most 5 bytes a pixel (4 channels of RGBA, the widest mode it keeps,
+# plus one filter byte a row, and a row is at least one pixel); zlib grows incompressible data by at
+# most ~0.03% (``deflateBound``), each IDAT chunk (64 KiB or more) adds 12 bytes, and the header and
+# IEND under a KiB. 1% over 5 bytes a pixel covers all of that: ~202 MB at 40 M pixels, where a
+# replaced file of any size was read whole into memory before.
+MAX_STORED_BYTES = MAX_PIXELS * 5 * 101 // 100
 
 
 def is_image_id(value: object) -> bool:
@@ -242,8 +256,12 @@ class ImageStore:
             yield cutoff
 
     def _read(self, image_id: str) -> bytes:
-        """The bytes of one stored image. The store is untrusted too: only a regular file is read
-        (never through a symlink, never blocking on a FIFO)."""
+        """The bytes of one stored image, checked. The store is untrusted too (a shared folder, a
+        restored backup): only a regular file is read (never through a symlink, never blocking on a
+        FIFO), only up to ``MAX_STORED_BYTES`` (its size is taken from the open file before reading),
+        and only bytes that hash to the image's id, hold a PNG, and declare at most ``MAX_PIXELS``
+        pixels are returned. The hash costs ~1.5 ms for a 704x1280 PNG of noise (2.7 MB), a tenth of
+        decoding it (~13 ms), and it makes exports and the HTML's base64 copies checked too."""
         p = self.path(image_id)
         short = image_id[:SHORT_ID_LENGTH]
         try:
@@ -253,31 +271,72 @@ class ImageStore:
         except OSError as e:
             raise StorageError(f"cannot read image {short} at {p}: {e.strerror or e}") from None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise StorageError(f"image {short} at {p} is not a regular file")
+            if st.st_size > MAX_STORED_BYTES:
+                raise StorageError(
+                    f"image {short} at {p} is {st.st_size / 2**20:.0f} MiB, larger than any image duogen stores "
+                    f"(the limit is {MAX_STORED_BYTES / 2**20:.0f} MiB); it was changed outside duogen, so it was "
+                    "not read"
+                )
             with os.fdopen(os.dup(fd), "rb") as f:
-                return f.read()
+                data = f.read(MAX_STORED_BYTES + 1)  # the file may grow after fstat
         finally:
             os.close(fd)
+        if len(data) > MAX_STORED_BYTES or hashlib.sha256(data).hexdigest() != image_id:
+            raise StorageError(
+                f"image {short} in the store is damaged: its bytes do not match its id (sha256); it was changed "
+                "outside duogen"
+            )
+        self._header(image_id, data)
+        return data
+
+    @staticmethod
+    def _header(image_id: str, data: bytes) -> tuple[int, int]:
+        """The size a stored PNG declares, read from its header without decoding it; more than
+        ``MAX_PIXELS`` (the cap on uploads) is refused, so a small file that would inflate to
+        gigabytes (a 13000x13000 PNG is 164 KB on disk) is never decoded."""
+        short = image_id[:SHORT_ID_LENGTH]
+        try:
+            # Pillow warns from ~89 M pixels: the stricter check below refuses those with its own line.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+                    width, height = im.size
+        except UnidentifiedImageError:
+            raise StorageError(f"image {short} in the store is not a PNG; it was changed outside duogen") from None
+        except Image.DecompressionBombError as e:
+            raise StorageError(f"image {short} in the store is too large to decode safely ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise StorageError(f"image {short} in the store is damaged ({e})") from None
+        if width * height > MAX_PIXELS:
+            raise StorageError(
+                f"image {short} in the store is {width}x{height} pixels, more than duogen accepts (the limit is "
+                f"{MAX_PIXELS:,} pixels); it was changed outside duogen, so it was not decoded"
+            )
+        return width, height
 
     def open(self, ref: ImageRef | str) -> Image.Image:
         image_id = ref.id if isinstance(ref, ImageRef) else ref
         data = self._read(image_id)
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                return im.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            # Pillow's own bomb check warns (it does not refuse) between its two limits: an error here.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+                    im.load()
+                    return im.convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise StorageError(
+                f"image {image_id[:SHORT_ID_LENGTH]} in the store is too large to decode safely ({e})"
+            ) from None
+        except (OSError, SyntaxError, ValueError) as e:
             raise StorageError(f"image {image_id[:SHORT_ID_LENGTH]} in the store is damaged ({e})") from None
 
     def ref(self, image_id: str) -> ImageRef:
         """The ``ImageRef`` of a stored image (its size read from the PNG header, no decoding)."""
-        data = self._read(image_id)
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-        except (OSError, SyntaxError, ValueError) as e:
-            raise StorageError(f"image {image_id[:SHORT_ID_LENGTH]} in the store is damaged ({e})") from None
+        width, height = self._header(image_id, self._read(image_id))
         return ImageRef(id=image_id, width=width, height=height)
 
     def read_bytes(self, ref: ImageRef | str) -> bytes:
