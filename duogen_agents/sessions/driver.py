@@ -172,8 +172,11 @@ class Session:
             if graph_input is not None or state.next or state.tasks:
                 yield from self.agent.graph_events(self.graph, graph_input, self._config(), events=events, stop=stop)
             values = dict(self.graph.get_state(self._config()).values)
+            self.db.check_lock(self.id)  # each checkpoint write checked it (PostgreSQL); so does the commit
             self.sessions.commit_turn(turn_id, values)
         except BaseException as e:  # Ctrl-C, an error, or the caller closing the stream
+            if not self.db.holds_lock(self.id):
+                raise  # the lock died with its connection: the turn may be another writer's now
             error = None if isinstance(e, (KeyboardInterrupt, GeneratorExit)) else f"{type(e).__name__}: {e}"
             self.sessions.set_turn_status(turn_id, "interrupted", error)
             raise

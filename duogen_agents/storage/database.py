@@ -10,6 +10,9 @@ database is refused, never written) and applies pending migrations.
 
 Locks are per session and die with their process: ``flock`` on a file beside the SQLite database,
 a session-level advisory lock on PostgreSQL. A second writer gets ``SessionBusyError`` or waits.
+A PostgreSQL lock also dies with its connection (a server restart, ``idle_session_timeout``, a proxy):
+the holder checks it before each checkpoint write and before it commits a turn (``check_lock``), so it
+fails its turn rather than write over the writer that took the lock next.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +31,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
@@ -98,6 +102,7 @@ class Database:
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
         self._saver: Any = None
         self._saver_conn: Any = None
+        self._held: dict[str, _HeldLock] = {}  # PostgreSQL session locks this object holds, by session
 
     # ---- opening --------------------------------------------------------------------------------
 
@@ -319,9 +324,8 @@ class Database:
             with self._file_lock("_setup", deadline):
                 _retry_locked(saver.setup, deadline)
             return saver
-        from langgraph.checkpoint.postgres import PostgresSaver
-
-        saver = PostgresSaver(conn, serde=CheckpointSerializer())
+        saver = _lock_checking_saver()(conn, serde=CheckpointSerializer())
+        saver.check_lock = self.check_lock
         # Several processes may open a fresh database at once; the saver's own setup is not atomic.
         # Poll, never block: a blocked lock call is an open transaction, which the saver's
         # CREATE INDEX CONCURRENTLY in the process holding the lock would wait for (deadlock).
@@ -397,12 +401,33 @@ class Database:
                 if deadline is None or time.monotonic() >= deadline:
                     raise self._busy(session_id)
                 time.sleep(0.1)
+            held = self._held[session_id] = _HeldLock(session_id, conn, key)
             try:
                 yield
             finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                self._held.pop(session_id, None)
+                held.release()
         finally:
             conn.close()
+
+    def check_lock(self, session_id: str) -> None:
+        """Raise ``StorageError`` if this object took the write lock of ``session_id`` on PostgreSQL
+        and no longer holds it: its connection dropped, and another process may be writing the session
+        now. A no-op on SQLite (a ``flock`` lives as long as its process) and for a session not
+        locked here. Costs one query on the lock's own connection: 0.26 ms on a local server
+        (measured 2026-11-27)."""
+        held = self._held.get(session_id)
+        if held is not None:
+            held.check()
+
+    def holds_lock(self, session_id: str) -> bool:
+        """False only when this object took ``session_id``'s PostgreSQL lock and has lost it (see
+        ``check_lock``): a turn that failed then writes nothing more, not even its own status."""
+        try:
+            self.check_lock(session_id)
+        except StorageError:
+            return False
+        return True
 
     def close(self) -> None:
         if self._saver_conn is not None:
@@ -420,6 +445,79 @@ class Database:
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 NO_SPACE = "no space left on the device"
+
+
+class _HeldLock:
+    """A session-level advisory lock held on one PostgreSQL connection, which is otherwise idle for
+    the whole turn. The lock lives exactly as long as that backend: asking the backend whether it
+    still holds it (``pg_locks``, not just ``SELECT 1``, so a proxy that reconnected behind our back
+    is caught too) tells whether another writer can have taken it. Checkpoint writes may come from
+    LangGraph's worker threads: the connection is used under a mutex."""
+
+    def __init__(self, session_id: str, conn: Connection, key: int) -> None:
+        self.session_id, self.conn, self.key = session_id, conn, key
+        self.mutex = threading.Lock()
+        self.lost = False
+
+    def check(self) -> None:
+        with self.mutex:
+            if not self.lost:
+                try:
+                    self.lost = not self.conn.execute(
+                        text(
+                            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                            "AND pid = pg_backend_pid() AND objsubid = 1 AND classid::bigint = :hi "
+                            "AND objid::bigint = :lo)"
+                        ),
+                        {"hi": (self.key >> 32) & 0xFFFFFFFF, "lo": self.key & 0xFFFFFFFF},
+                    ).scalar()
+                except SQLAlchemyError:  # a dropped connection, or one SQLAlchemy invalidated already
+                    self.lost = True
+        if self.lost:
+            raise StorageError(
+                f"session {self.session_id!r}: the session's lock was lost (the database connection dropped); the "
+                f"turn was not committed; resume it (duogen run --session {self.session_id} --resume)"
+            )
+
+    def release(self) -> None:
+        """Unlock. On a dead connection there is nothing to unlock (the lock died with it): that is
+        not an error, least of all after a turn that succeeded. Any failure closes the connection
+        instead of pooling it, so a lock it might still hold goes with it."""
+        with self.mutex:
+            try:
+                if not self.lost:
+                    self.conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+                    return
+            except SQLAlchemyError:
+                pass
+            with contextlib.suppress(Exception):
+                self.conn.invalidate()
+
+
+def _lock_checking_saver() -> type:
+    """``PostgresSaver`` that checks the session's lock (``check_lock``, set per instance) before each
+    checkpoint write: a turn whose lock died with its connection stops at its next step instead of
+    writing checkpoints under a second writer's turn."""
+    global _LockCheckingSaver
+    if _LockCheckingSaver is None:
+        from langgraph.checkpoint.postgres import PostgresSaver
+
+        class LockCheckingPostgresSaver(PostgresSaver):
+            check_lock: Any = staticmethod(lambda session_id: None)
+
+            def put(self, config: Any, checkpoint: Any, metadata: Any, new_versions: Any) -> Any:
+                self.check_lock(config["configurable"]["thread_id"])
+                return super().put(config, checkpoint, metadata, new_versions)
+
+            def put_writes(self, config: Any, writes: Any, task_id: str, task_path: str = "") -> None:
+                self.check_lock(config["configurable"]["thread_id"])
+                return super().put_writes(config, writes, task_id, task_path)
+
+        _LockCheckingSaver = LockCheckingPostgresSaver
+    return _LockCheckingSaver
+
+
+_LockCheckingSaver: type | None = None
 
 
 def is_disk_full(e: BaseException) -> bool:
