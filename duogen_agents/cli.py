@@ -657,13 +657,18 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
             info = sessions.fork(args.id, args.new_id)
             out.print(f"forked {args.id} -> {info.id}")
         elif args.action == "delete":
-            removed = sessions.delete(args.id, wait=args.wait)
+            notes: list[str] = []
+            removed = sessions.delete(args.id, wait=args.wait, notes=notes)
             out.print(f"deleted session {args.id} and {removed} image file(s) no other session uses")
+            for note in notes:
+                err.print(safe_text(note), highlight=False, soft_wrap=True)
         elif args.action == "gc":
             report = sessions.gc(grace_seconds=args.grace)
             out.print(
                 f"removed {report.removed} unreferenced image file(s), {report.freed_bytes:,} bytes; kept {report.kept}"
             )
+            if report.note:
+                err.print(safe_text(report.note), highlight=False, soft_wrap=True)
     finally:
         sessions.close()
     return 0

@@ -329,7 +329,8 @@ class DuogenMCP:
         items = self.sessions.list()
         lines = [
             f"{s.id}: {s.title or '(untitled)'} [{s.mode}, {s.turns} turn(s), {s.images} image(s), "
-            f"updated {s.updated_at:%Y-%m-%d %H:%M}{', unfinished turn' if s.pending else ''}]"
+            f"updated {s.updated_at:%Y-%m-%d %H:%M}{', unfinished turn' if s.pending else ''}"
+            f"{', malformed: changed outside duogen' if s.malformed else ''}]"
             for s in items
         ]
         structured = {
@@ -344,6 +345,7 @@ class DuogenMCP:
                     "parent_id": s.parent_id,
                     "updated_at": s.updated_at.isoformat(),
                     "last_status": s.last_status,
+                    "malformed": s.malformed,
                 }
                 for s in items
             ]

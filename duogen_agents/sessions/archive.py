@@ -6,20 +6,41 @@ the repository of records stays small.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import String, select, text, type_coerce
+from sqlalchemy import delete as sql_delete
 
-from duogen_agents.errors import ConfigError, SessionExistsError, SessionStateError, StorageError
-from duogen_agents.storage.database import check_session_id
-from duogen_agents.storage.images import is_image_id, replaceable
+from duogen_agents.errors import (
+    ConfigError,
+    SessionExistsError,
+    SessionNotFoundError,
+    SessionStateError,
+    StorageError,
+)
+from duogen_agents.storage.database import _first_line, _redact, check_session_id
+from duogen_agents.storage.images import LEASE_MARGIN_S, is_image_id, replaceable
 from duogen_agents.storage.records import UNFINISHED, ArtifactRecord, BlockRecord, SessionRecord, TurnRecord, utcnow
+from duogen_agents.storage.registry import (
+    UNFINISHED_SQL,
+    DatabaseGone,
+    identity,
+    open_read_only,
+    registered,
+    unregister,
+)
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session as OrmSession
+
     from duogen_agents.sessions.repository import GcReport, SessionInfo, Sessions
+    from duogen_agents.storage.database import Database
 
 
 def export(sessions: Sessions, session_id: str, fmt: str, out: Path | str | None) -> str | Path:
@@ -81,6 +102,7 @@ def fork(sessions: Sessions, session_id: str, new_id: str | None = None) -> Sess
     new_id = check_session_id(new_id) if new_id is not None else f"{session_id[:50]}-{secrets.token_hex(3)}"
     if new_id == session_id:  # before the locks: the second would wait for the first, held by this process
         raise SessionExistsError(f"a session {new_id!r} exists already (it is the one to fork); choose another id")
+    sessions.db.saver  # noqa: B018 -- its tables exist before _copy_records' transaction (clear_checkpoints)
     with sessions.db.lock(session_id):
         if sessions.get(session_id).pending:  # read under the lock: a turn may have started or died
             raise SessionStateError(
@@ -97,13 +119,14 @@ def fork(sessions: Sessions, session_id: str, new_id: str | None = None) -> Sess
                         {"configurable": {"thread_id": new_id}}, values, as_node="finish"
                     )
             except BaseException:
-                _delete_records(sessions, new_id)
+                _delete_rows(sessions, new_id)
                 raise
     return sessions.get(new_id)
 
 
 def _copy_records(sessions: Sessions, src_id: str, new_id: str) -> None:
     with sessions.db.transaction() as s:
+        clear_checkpoints(sessions.db, s, new_id)  # the copy never inherits state left under its id
         src = s.get(SessionRecord, src_id)
         assert src is not None
         now = utcnow()
@@ -160,54 +183,97 @@ def _copy_records(sessions: Sessions, src_id: str, new_id: str) -> None:
             )
 
 
-def _delete_records(sessions: Sessions, session_id: str) -> list[str]:
+def _delete_rows(sessions: Sessions, session_id: str) -> None:
+    """Delete the session's records and its checkpoints in one transaction: a failure leaves the
+    whole session, never records without state or state without records. The session row goes by id
+    alone (the database cascades to turns, blocks and artifacts), so a malformed stored value in it
+    does not stand in the way."""
     with sessions.db.transaction() as s:
-        shas = list(s.scalars(select(ArtifactRecord.sha256).where(ArtifactRecord.session_id == session_id)))
-        rec = s.get(SessionRecord, session_id)
-        if rec is not None:
-            s.delete(rec)
-        return shas
+        clear_checkpoints(sessions.db, s, session_id)
+        s.execute(sql_delete(SessionRecord).where(SessionRecord.id == session_id))
 
 
-def delete(sessions: Sessions, session_id: str, *, wait: float | None = None) -> int:
+# The tables in which each LangGraph saver keeps a thread's checkpoints, as its ``delete_thread``
+# deletes them. They live in the same database as the records, so one transaction covers both.
+CHECKPOINT_TABLES = {
+    "sqlite": ("checkpoints", "writes"),
+    "postgresql": ("checkpoints", "checkpoint_blobs", "checkpoint_writes"),
+}
+
+
+def clear_checkpoints(db: Database, s: OrmSession, thread_id: str) -> None:
+    """Delete a thread's checkpoints inside the records' transaction ``s``. Touch ``db.saver``
+    before opening ``s``: the saver creates its tables on first use, and on SQLite that set-up would
+    wait for this very transaction."""
+    for table in CHECKPOINT_TABLES[db.backend]:
+        s.execute(text(f"DELETE FROM {table} WHERE thread_id = :t"), {"t": thread_id})
+
+
+def delete(sessions: Sessions, session_id: str, *, wait: float | None = None, notes: list[str] | None = None) -> int:
     """Delete the session's records, its checkpoints, and the image files no other session
-    references. Returns the number of image files removed."""
-    sessions.get(session_id)
+    references (in this database or any other database that shares the image store). Returns the
+    number of image files removed.
+
+    Everything is read before anything is deleted, and the records and checkpoints go in one
+    transaction, so a failure leaves the whole session or none of it. Reading never fails the
+    delete: an unfinished turn whose state cannot be read keeps every file written since it began;
+    another database that cannot be read keeps every image, and a line saying so goes to ``notes``."""
+    check_session_id(session_id)
+    if not _session_exists(sessions, session_id):  # before the lock: an unknown id never waits
+        raise _not_found(session_id)
+    sessions.db.saver  # noqa: B018 -- its tables exist before the transactions below (see clear_checkpoints)
     with sessions.db.lock(session_id, wait=wait):
-        shas = _delete_records(sessions, session_id)
-        sessions.db.saver.delete_thread(session_id)
-        removed = 0
         with sessions.store.collecting(0.0) as cutoff:
             with sessions.db.transaction() as s:
-                still = set(s.scalars(select(ArtifactRecord.sha256).where(ArtifactRecord.sha256.in_(shas))))
-                pending = list(s.scalars(select(TurnRecord.session_id).where(TurnRecord.status.in_(UNFINISHED))))
-            # Images are shared by content: another session's unfinished turn may hold one in its
-            # checkpoints only (not yet in its records); it must still resume.
-            for sid in pending:
-                still |= _images_in_state(sessions, sid)
+                if s.scalar(select(SessionRecord.id).where(SessionRecord.id == session_id)) is None:
+                    raise _not_found(session_id)  # deleted while we waited for the lock
+                shas = set(s.scalars(select(ArtifactRecord.sha256).where(ArtifactRecord.session_id == session_id)))
+            kept = _references(sessions, exclude=session_id)
+            _delete_rows(sessions, session_id)
+            if kept.note is not None:
+                if notes is not None:
+                    notes.append(kept.note)
+                return 0
+            removed = 0
             # Only well-formed ids name a file of the store; a tampered row names nothing to remove.
-            for sha in {sha for sha in shas if is_image_id(sha)} - still:
-                if sessions.store.remove(sha, older_than=cutoff):
+            for sha in sorted({sha for sha in shas if is_image_id(sha)} - kept.ids):
+                if sessions.store.remove(sha, older_than=min(cutoff, kept.since)):
                     removed += 1
-        return removed
+            return removed
+
+
+def _session_exists(sessions: Sessions, session_id: str) -> bool:
+    with sessions.db.transaction() as s:
+        return s.scalar(select(SessionRecord.id).where(SessionRecord.id == session_id)) is not None
+
+
+def _not_found(session_id: str) -> SessionNotFoundError:
+    return SessionNotFoundError(f"no session {session_id!r}; `duogen sessions list` shows the sessions")
 
 
 def gc(sessions: Sessions, *, grace_seconds: float = 3600.0) -> GcReport:
-    """Remove image files that no session references.
+    """Remove image files that no session references, in this database or in any other database
+    that shares the image store (see ``storage/registry.py``).
 
     Kept: files younger than ``grace_seconds`` (a tool call outside any session may be drawing
     them), every file written since the oldest turn still running in any process began (turns
-    hold a lease on the store), and the images an unfinished turn's checkpoints refer to, so that
-    it can still be resumed. The store is held still while gc decides and deletes."""
+    hold a lease on the store), the images an unfinished turn's checkpoints refer to, so that it
+    can still be resumed (every file written since it began, when its state cannot be read). When
+    another database on the store cannot be read (a server down, a password that is not in
+    ``PGPASSWORD`` or ``~/.pgpass``), nothing is removed: its sessions may use any image, and a lost
+    image is lost for good while a kept one costs only space. ``GcReport.note`` then says which.
+    The store is held still while gc decides and deletes."""
+    from duogen_agents.sessions.repository import GcReport
+
     removed = freed = kept = 0
     with sessions.store.collecting(grace_seconds) as cutoff:
-        with sessions.db.transaction() as s:
-            referenced = set(s.scalars(select(ArtifactRecord.sha256)))
-            pending = list(s.scalars(select(TurnRecord.session_id).where(TurnRecord.status.in_(UNFINISHED))))
-        for sid in pending:
-            referenced |= _images_in_state(sessions, sid)
-        for image_id, path in sessions.store.iter_files():
-            if image_id in referenced:
+        refs = _references(sessions)
+        files = sessions.store.iter_files()
+        if refs.note is not None:
+            return GcReport(removed=0, freed_bytes=0, kept=sum(1 for image_id, _ in files if image_id), note=refs.note)
+        cutoff = min(cutoff, refs.since)
+        for image_id, path in files:
+            if image_id in refs.ids:
                 kept += 1
                 continue
             try:
@@ -220,17 +286,98 @@ def gc(sessions: Sessions, *, grace_seconds: float = 3600.0) -> GcReport:
             path.unlink(missing_ok=True)
             removed += 1
             freed += st.st_size
-    from duogen_agents.sessions.repository import GcReport
-
     return GcReport(removed=removed, freed_bytes=freed, kept=kept)
 
 
-def _images_in_state(sessions: Sessions, session_id: str) -> set[str]:
+# ---- what the sessions of every database on the store reference ------------------------------------
+
+
+@dataclass
+class _Kept:
+    """What garbage collection must keep: image ids some session references; ``since``: files
+    modified after this time (an unfinished turn's start, when its state could not be read); ``note``:
+    set when a database could not be read at all, and then nothing may be removed."""
+
+    ids: set[str] = field(default_factory=set)
+    since: float = math.inf
+    note: str | None = None
+
+
+def _references(sessions: Sessions, *, exclude: str | None = None) -> _Kept:
+    """The references of every session of this database (but ``exclude``) and of every other
+    database registered on the store. Never raises for what it reads: stored data is untrusted."""
+    from duogen_agents.graphs.turn import build_state_graph
+
+    kept = _Kept()
+    with sessions.db.transaction() as s:
+        artifacts = s.execute(select(ArtifactRecord.sha256).where(ArtifactRecord.session_id != exclude)).all()
+        pending = s.execute(
+            select(TurnRecord.session_id, type_coerce(TurnRecord.created_at, String)).where(
+                TurnRecord.status.in_(UNFINISHED), TurnRecord.session_id != exclude
+            )
+        ).all()
+    _scan(kept, artifacts, pending, sessions.state)
+
+    own = identity(sessions.db.url)
+    others = {name: file for name, file in registered(sessions.store)}
+    default = sessions.store.root / "duogen.db"  # used before databases were registered, perhaps
+    if default.is_file():
+        others.setdefault(identity(f"sqlite:///{default}"), None)
+    unreadable: list[str] = []
+    for name, file in others.items():
+        if name == own:
+            continue
+        try:
+            with open_read_only(name) as other:
+                graph = build_state_graph(other.saver)
+                _scan(
+                    kept,
+                    other.rows("SELECT sha256 FROM duogen_artifacts"),
+                    other.rows(f"SELECT session_id, created_at FROM duogen_turns WHERE status IN {UNFINISHED_SQL}"),
+                    lambda sid, g=graph: dict(g.get_state({"configurable": {"thread_id": sid}}).values or {}),
+                )
+        except DatabaseGone:
+            if file is not None:
+                unregister(file)  # it references nothing any more
+        except Exception as e:  # any failure to read it means: keep everything
+            unreadable.append(f"{_redact(name)} ({_first_line(e)[:120]})" + (f", listed in {file}" if file else ""))
+    if unreadable:
+        kept.note = (
+            "kept every image file: could not read the sessions of "
+            + "; ".join(unreadable)
+            + ", which share this image store; gc removes images once it can read them (a PostgreSQL password "
+            "comes from PGPASSWORD or ~/.pgpass), or remove the listed file if that database is gone"
+        )
+    return kept
+
+
+def _scan(kept: _Kept, artifacts: Any, pending: Any, read_state: Any) -> None:
+    kept.ids.update(row[0] for row in artifacts if is_image_id(row[0]))
+    for session_id, started in pending:
+        try:
+            kept.ids |= _images_in_state(read_state(session_id))
+        except Exception:  # unreadable state: keep whatever it may reference (below)
+            at = _timestamp(started)
+            kept.since = min(kept.since, at - LEASE_MARGIN_S if at is not None else -math.inf)
+
+
+def _timestamp(value: object) -> float | None:
+    """A turn's stored start time as a POSIX time (SQLite gives text, PostgreSQL a datetime), or None."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return (value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _images_in_state(values: dict[str, Any]) -> set[str]:
     """The image ids an unfinished turn's checkpoints hold. Read without the session's lock: gc
     must never make a writer fail as busy, and it need not: the read is one consistent snapshot,
     and anything the turn writes after it is newer than the turn's lease, so the cut-off keeps it.
     Stored state is untrusted: anything but the expected shapes is ignored."""
-    values = sessions.state(session_id)
     ids: set[object] = set()
     known = values.get("known_images")
     if isinstance(known, dict):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import String, func, select, type_coerce
 
 from duogen_agents.document import ImageRef, InterleavedDocument, TextBlock
 from duogen_agents.errors import (
@@ -26,9 +26,12 @@ from duogen_agents.errors import (
     UnsafeCheckpointError,
 )
 from duogen_agents.sessions import archive
+from duogen_agents.storage import registry
 from duogen_agents.storage.database import Database, check_session_id
 from duogen_agents.storage.images import ImageStore
 from duogen_agents.storage.records import UNFINISHED, ArtifactRecord, BlockRecord, SessionRecord, TurnRecord, utcnow
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class SessionInfo:
     turns: int
     images: int
     last_status: str | None
+    malformed: str | None = None
+    """Set when the session's own record holds a value that does not decode (it was changed outside
+    duogen): the reason. Its dates then read as the epoch; ``delete`` still removes it."""
 
     @property
     def pending(self) -> bool:
@@ -69,6 +75,8 @@ class GcReport:
     removed: int
     freed_bytes: int
     kept: int
+    note: str | None = None
+    """Why nothing was removed, when another database on the image store could not be read."""
 
 
 @contextlib.contextmanager
@@ -82,6 +90,29 @@ def _naming(session_id: str) -> Iterator[None]:
         raise UnsafeCheckpointError(
             f"session {session_id!r}: {e}. Its stored state was changed outside duogen; export or delete it"
         ) from None
+
+
+# A stored value that does not decode: invalid JSON in a block or a turn's uploads, a date that is
+# not one (SQLite stores whatever it is given; PostgreSQL's column types refuse these on write).
+_DECODE_ERRORS = (ValueError, TypeError)
+
+
+def _malformed(where: str, e: BaseException) -> StorageError:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return StorageError(f"{where}: the stored record is malformed ({reason}); it was changed outside duogen")
+
+
+@contextlib.contextmanager
+def _decoding(session_id: str, number: object = None) -> Iterator[None]:
+    """Report a stored value that does not decode as a malformed record, in one line naming the
+    session (and turn), as the structurally wrong ones are: never an internal error."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except _DECODE_ERRORS as e:
+        where = f"session {session_id!r}" + (f" turn {number}" if number is not None else "")
+        raise _malformed(where, e) from None
 
 
 def _turn_info(t: TurnRecord) -> TurnInfo:
@@ -124,6 +155,9 @@ class Sessions:
         self.db = db
         self.store = store
         self._reader: Any = None
+        # gc and delete on any database sharing this store must see this one's references.
+        if store is not None:  # some callers only read records
+            registry.register(store, db.url)
 
     @classmethod
     def open(cls, url: str | None = None, *, home: Path | str | None = None) -> Sessions:
@@ -153,7 +187,26 @@ class Sessions:
         with _naming(session_id):
             return dict(self.state_reader.get_state({"configurable": {"thread_id": session_id}}).values or {})
 
-    def _info(self, s: Any, rec: SessionRecord) -> SessionInfo:
+    def _info(self, s: Any, session_id: str) -> SessionInfo:
+        """One session's summary. A record whose own values do not decode is still listed, flagged
+        ``malformed`` with its dates at the epoch, so that one bad row never hides the others."""
+        malformed = None
+        try:
+            with _decoding(session_id):
+                rec = s.get(SessionRecord, session_id)
+        except StorageError as e:
+            malformed = str(e)
+            row = s.execute(
+                select(SessionRecord.title, SessionRecord.preset, SessionRecord.mode, SessionRecord.parent_id).where(
+                    SessionRecord.id == session_id
+                )
+            ).one()
+            rec = SessionRecord(
+                id=session_id, title=row[0], preset=row[1], mode=row[2], parent_id=row[3], created_at=_EPOCH,
+                updated_at=_EPOCH,
+            )  # fmt: skip
+        if rec is None:
+            raise SessionNotFoundError(f"no session {session_id!r}; `duogen sessions list` shows the sessions")
         turns = s.scalar(select(func.count()).select_from(TurnRecord).where(TurnRecord.session_id == rec.id)) or 0
         images = (
             s.scalar(
@@ -177,34 +230,47 @@ class Sessions:
             turns=turns,
             images=images,
             last_status=last,
+            malformed=malformed,
         )
 
     def exists(self, session_id: str) -> bool:
         with self.db.transaction() as s:
-            return s.get(SessionRecord, session_id) is not None
+            return s.scalar(select(SessionRecord.id).where(SessionRecord.id == session_id)) is not None
 
     def get(self, session_id: str) -> SessionInfo:
+        """The session's summary; ``StorageError`` naming it when its record is malformed."""
         check_session_id(session_id)
         with self.db.transaction() as s:
-            rec = s.get(SessionRecord, session_id)
-            if rec is None:
-                raise SessionNotFoundError(f"no session {session_id!r}; `duogen sessions list` shows the sessions")
-            return self._info(s, rec)
+            info = self._info(s, session_id)
+        if info.malformed:
+            raise StorageError(info.malformed)
+        return info
 
     def list(self) -> list[SessionInfo]:
-        """All sessions, most recently updated first."""
+        """All sessions, most recently updated first; a malformed one is listed and flagged ``malformed``."""
         with self.db.transaction() as s:
-            recs = s.scalars(select(SessionRecord).order_by(SessionRecord.updated_at.desc())).all()
-            return [self._info(s, r) for r in recs]
+            ids = s.scalars(select(SessionRecord.id).order_by(SessionRecord.updated_at.desc())).all()
+            return [self._info(s, i) for i in ids]
 
     def turns(self, session_id: str) -> list[TurnInfo]:
         """Every turn of the session in order, each with its document."""
         self.get(session_id)
         with self.db.transaction() as s:
-            recs = s.scalars(
-                select(TurnRecord).where(TurnRecord.session_id == session_id).order_by(TurnRecord.number)
-            ).all()
-            return [_turn_info(t) for t in recs]
+            query = select(TurnRecord).where(TurnRecord.session_id == session_id).order_by(TurnRecord.number)
+            try:
+                return [_turn_info(t) for t in s.scalars(query).all()]
+            except _DECODE_ERRORS:
+                pass  # a value that does not decode: find the turn it is in, to name it
+            s.expunge_all()
+            out = []
+            for turn_id, number in s.execute(
+                select(TurnRecord.id, TurnRecord.number)
+                .where(TurnRecord.session_id == session_id)
+                .order_by(TurnRecord.number)
+            ):
+                with _decoding(session_id, number):
+                    out.append(_turn_info(s.get_one(TurnRecord, turn_id)))
+            return out
 
     def last_turn(self, session_id: str) -> TurnInfo | None:
         turns = self.turns(session_id) if self.exists(session_id) else []
@@ -267,9 +333,11 @@ class Sessions:
         """Copy a session (records and graph state) under a new id; the two then diverge."""
         return archive.fork(self, session_id, new_id)
 
-    def delete(self, session_id: str, *, wait: float | None = None) -> int:
-        """Delete a session, its checkpoints and the image files no other session references."""
-        return archive.delete(self, session_id, wait=wait)
+    def delete(self, session_id: str, *, wait: float | None = None, notes: list[str] | None = None) -> int:
+        """Delete a session, its checkpoints and the image files no other session references; see
+        ``archive.delete`` (``notes`` gets a line when images were kept because another database on
+        the store could not be read)."""
+        return archive.delete(self, session_id, wait=wait, notes=notes)
 
     def gc(self, *, grace_seconds: float = 3600.0) -> GcReport:
         """Remove image files that no session references; see ``archive.gc`` for what is kept."""
@@ -288,11 +356,19 @@ class Sessions:
         inputs: Sequence[ImageRef],
         base_checkpoint_id: str | None,
     ) -> int:
-        """Create the session if needed and record a ``running`` turn with its uploads; one transaction."""
+        """Create the session if needed and record a ``running`` turn with its uploads; one transaction.
+
+        A new session starts from no state: checkpoints left under its id (a delete cut short by an
+        older duogen, a saver used outside a session) are cleared in the same transaction, so it never
+        inherits another conversation."""
+        self.db.saver  # noqa: B018 -- its tables exist before the transaction (see archive.clear_checkpoints)
         with self.db.transaction() as s:
-            rec = s.get(SessionRecord, session_id)
+            with _decoding(session_id):
+                rec = s.get(SessionRecord, session_id)
             now = utcnow()
             if rec is None:
+                archive.clear_checkpoints(self.db, s, session_id)
+                base_checkpoint_id = None
                 rec = SessionRecord(id=session_id, preset=preset, mode=mode, created_at=now, updated_at=now)
                 s.add(rec)
             number = (s.scalar(select(func.max(TurnRecord.number)).where(TurnRecord.session_id == session_id)) or 0) + 1
@@ -408,10 +484,25 @@ class Sessions:
 
     def unfinished_turn(self, session_id: str) -> TurnRecord | None:
         with self.db.transaction() as s:
-            t = s.scalar(
-                select(TurnRecord)
+            last = s.execute(
+                select(TurnRecord.id, TurnRecord.number, TurnRecord.status)
                 .where(TurnRecord.session_id == session_id)
                 .order_by(TurnRecord.number.desc())
                 .limit(1)
-            )
-            return t if t is not None and t.status in UNFINISHED else None
+            ).first()
+            if last is None or last.status not in UNFINISHED:
+                return None
+            try:
+                return s.get_one(TurnRecord, last.id)
+            except _DECODE_ERRORS:
+                pass
+            # A value of it does not decode: the turn as far as it reads, its uploads as the raw
+            # text (resuming it then says they are malformed; cancelling it needs none of them).
+            s.expunge_all()
+            cols = ("id", "session_id", "number", "prompt", "mode", "preset", "seed", "status", "base_checkpoint_id")
+            row = s.execute(
+                select(*(getattr(TurnRecord, c) for c in cols), type_coerce(TurnRecord.inputs, String)).where(
+                    TurnRecord.id == last.id
+                )
+            ).one()
+            return TurnRecord(**dict(zip(cols, row[:-1], strict=True)), inputs=row[-1])

@@ -209,7 +209,8 @@ def sessions_table(items: Any, current: str | None = None) -> Any:
     rows = [
         (
             ("* " if i.id == current else "") + i.id, str(i.turns), str(i.images), i.mode, i.preset,
-            i.updated_at.strftime("%Y-%m-%d %H:%M"), "unfinished turn" if i.pending else "ok",
+            "?" if i.malformed else i.updated_at.strftime("%Y-%m-%d %H:%M"),
+            "malformed" if i.malformed else "unfinished turn" if i.pending else "ok",
         )
         for i in items
     ]  # fmt: skip
