@@ -250,6 +250,31 @@ def test_tool_choice_it_cannot_honour_is_refused_at_bind_time(chat) -> None:
             chat.bind_tools([get_weather, add], tool_choice=bad)
 
 
+def test_a_tool_called_none_or_auto_is_forced_by_its_name(chat) -> None:
+    """A plain string names a bound tool first, as ChatOpenAI reads it (``"none"`` turned the tools off
+    and ``"auto"`` forced nothing even with tools of those names bound); Anthropic's ``{"type":
+    "auto"}`` still means auto."""
+
+    def none(a: int) -> int:
+        """A tool called none."""
+        return a
+
+    def auto(a: int) -> int:
+        """A tool called auto."""
+        return a
+
+    for name, fn in (("none", none), ("auto", auto)):
+        model = chat.bind_tools([get_weather, fn], tool_choice=name)
+        for seed in range(3):
+            (call,) = model.invoke("Go", seed=seed).tool_calls
+            assert call["name"] == name
+    from duogen_agents.models.chat_model import _tool_choice
+
+    assert _tool_choice({"type": "auto"}, ["auto"]) == _tool_choice("auto", ["x"]) == ("auto", None)
+    assert _tool_choice({"type": "none"}, ["none"]) == ("none", None)
+    assert _tool_choice("none", ["none"]) == ("tool", "none") and _tool_choice("required", []) == ("any", None)
+
+
 def _stream_text(model, prompt: str, **kw) -> tuple[str, list]:
     chunks = list(model.stream(prompt, **kw))
     return "".join(c.content for c in chunks), chunks
@@ -331,6 +356,12 @@ def test_up_to_stop_holds_back_only_what_may_begin_a_stop_sequence() -> None:
     assert [upto.feed(p) for p in ["aE", "N"]] == [False, False] and sent == ["a"]
     upto.flush()  # decoding ended without a stop sequence: the held-back tail goes out
     assert sent == ["a", "EN"]
+    # A reader that has left ends any decode, also a JSON answer's past its stop sequence.
+    left = []
+    upto = _UpToStop(["END"], sent.append, halt=False, gone=lambda: bool(left))
+    assert [upto.feed(p) for p in ["aEND", "more"]] == [False, False]
+    left.append(True)
+    assert upto.feed("more") is True
 
 
 def test_llm_cache_keys_by_everything_that_changes_the_answer(tiny_home) -> None:

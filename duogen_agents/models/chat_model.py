@@ -161,38 +161,43 @@ def _tool_call_schema(tools: list[dict[str, Any]], required: bool) -> dict[str, 
     return {"anyOf": calls} if len(calls) > 1 else calls[0]
 
 
-def _tool_choice(choice: Any, names: list[str]) -> str | None:
-    """``tool_choice`` as LangChain's chat models take it (ChatOpenAI's forms, and ``True`` as
-    ChatGroq's: the one tool), as what the grammar does with it: None (a call of any tool or a text
-    answer), ``"none"`` (a text answer), ``"any"`` (a call of any tool) or a tool's name (a call of
-    that tool). What it cannot mean is refused, so a choice is never silently dropped."""
+def _tool_choice(choice: Any, names: list[str]) -> tuple[str, str | None]:
+    """``tool_choice`` as LangChain's chat models take it (ChatOpenAI's forms, Anthropic's dicts, and
+    ``True`` as ChatGroq's: the one tool), as what the grammar does with it: ``("auto", None)`` (a
+    call of any tool or a text answer), ``("none", None)`` (a text answer), ``("any", None)`` (a call
+    of any tool) or ``("tool", name)``. A plain string names a bound tool first, as ChatOpenAI reads
+    it, so a tool called ``none`` or ``auto`` can be forced. What it cannot mean is refused, so a
+    choice is never silently dropped."""
     if isinstance(choice, dict):
-        given, kind = choice, choice.get("type")
+        kind = choice.get("type")
+        name = None
         if kind == "function":  # OpenAI: {"type": "function", "function": {"name": ...}}
-            choice = (choice.get("function") or {}).get("name")
+            name = (choice.get("function") or {}).get("name")
         elif kind == "tool":  # Anthropic: {"type": "tool", "name": ...}
-            choice = choice.get("name")
+            name = choice.get("name")
         elif kind in ("auto", "any", "none"):  # Anthropic: {"type": "any"}, ...
-            choice = kind
-        if not isinstance(choice, str):
+            return str(kind), None
+        if not isinstance(name, str) or name not in names:
             raise ValueError(
-                f"tool_choice {given!r}: name a tool as {{'type': 'function', 'function': {{'name': ...}}}}"
+                f"tool_choice {choice!r}: name a bound tool ({', '.join(names) or 'none bound'}) as "
+                "{'type': 'function', 'function': {'name': ...}}"
             )
-    if choice is None or choice is False or choice == "auto":
-        return None
+        return "tool", name
+    if choice is None or choice is False:
+        return "auto", None
     if choice is True:
         if len(names) != 1:
             raise ValueError(
                 f"tool_choice=True calls the one bound tool, and {len(names)} are bound; "
                 "name one, or use 'any' for a call of any of them"
             )
-        return names[0]
+        return "tool", names[0]
     if not isinstance(choice, str):
         raise ValueError(f"tool_choice {choice!r}: use a tool's name, 'auto', 'none', 'any' or 'required'")
-    if choice in names:  # a tool's name first, as ChatOpenAI reads it
-        return choice
-    if choice in ("any", "required", "none"):
-        return "none" if choice == "none" else "any"
+    if choice in names:
+        return "tool", choice
+    if choice in ("auto", "none", "any", "required"):
+        return ("any" if choice == "required" else choice), None
     raise ValueError(
         f"tool_choice {choice!r} is not a bound tool ({', '.join(names) or 'none bound'}) "
         "nor 'auto', 'none', 'any' or 'required'"
@@ -202,20 +207,23 @@ def _tool_choice(choice: Any, names: list[str]) -> str | None:
 class _UpToStop:
     """Streamed text up to the first stop sequence, handed on to ``emit``. A stop sequence can span
     pieces (``"E"`` then ``"ND"``), so a tail that may begin one is held back until the next pieces
-    show it does not. ``feed`` is the planner's token callback: with ``halt`` it returns True once a
-    stop sequence has appeared, which ends decoding. ``flush`` hands on the tail once decoding ended
-    without one."""
+    show it does not. ``feed`` is the planner's token callback: it returns True, which ends decoding,
+    once a stop sequence has appeared (with ``halt``) or once ``gone()`` says the reader has left.
+    ``flush`` hands on the tail once decoding ended without one."""
 
-    def __init__(self, stop: list[str], emit: Callable[[str], object], halt: bool) -> None:
+    def __init__(
+        self, stop: list[str], emit: Callable[[str], object], halt: bool, gone: Callable[[], bool] = lambda: False
+    ) -> None:
         self.stop = [s for s in stop if s]
         self.emit = emit
         self.halt = halt
+        self.gone = gone
         self.held = ""  # text not handed on yet: it may begin a stop sequence
         self.stopped = False
 
     def feed(self, piece: str) -> bool:
         if self.stopped:
-            return self.halt
+            return self.halt or self.gone()
         text = self.held + piece
         found = [i for s in self.stop if (i := text.find(s)) >= 0]
         if found:
@@ -225,9 +233,10 @@ class _UpToStop:
             # only a tail shorter than the longest stop sequence can begin one (a longer one would be whole)
             tails = range(max(0, len(text) - max(map(len, self.stop), default=0) + 1), len(text))
             end = next((i for i in tails if any(s.startswith(text[i:]) for s in self.stop)), len(text))
-        asked = end > 0 and self.emit(text[:end]) is True  # the reader asks to end (it has gone)
+        if end:
+            self.emit(text[:end])
         self.held = text[end:]
-        return (self.stopped and self.halt) or asked
+        return (self.stopped and self.halt) or self.gone()
 
     def flush(self) -> None:
         if not self.stopped and self.held:
@@ -318,17 +327,25 @@ class ChatDuogen(PlannerChatModel):
         params["ls_model_name"] = kwargs.get("model") or self.model_name
         return params
 
-    def _call(self, messages: list[BaseMessage], stop: list[str] | None, on_token: Any, **kwargs: Any) -> AIMessage:
+    def _call(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        on_token: Any,
+        gone: Callable[[], bool] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
         """One answer. ``on_token`` gets the text as it streams, up to the first stop sequence
-        (``stop``, else the model's); a text answer's decoding ends there."""
+        (``stop``, else the model's); a text answer's decoding ends there. Decoding also ends once
+        ``gone()`` says the stream's reader has left (any answer: text, JSON or a tool call)."""
         tools = kwargs.get("tools") or []
-        choice = _tool_choice(kwargs.get("tool_choice"), [t["function"]["name"] for t in tools])
-        if choice == "none":  # a text answer: no tool's grammar
+        kind, name = _tool_choice(kwargs.get("tool_choice"), [t["function"]["name"] for t in tools])
+        if kind == "none":  # a text answer: no tool's grammar
             tools = []
         schema = kwargs.get("schema")
         if tools and schema is None:
-            forced = [t for t in tools if t["function"]["name"] == choice]
-            schema = _tool_call_schema(forced or tools, required=choice is not None)
+            forced = [t for t in tools if t["function"]["name"] == name]
+            schema = _tool_call_schema(forced or tools, required=kind != "auto")
         # per call: invoke(..., max_tokens=N) or bind(max_tokens=N), as LangChain's chat models take it
         limit = kwargs.get("max_tokens") or kwargs.get("max_new_tokens") or self.max_tokens or self.default_max_tokens
         stop = stop or self.stop
@@ -343,13 +360,17 @@ class ChatDuogen(PlannerChatModel):
             limit = max(limit or 0, need) or None
         # A tool call's JSON is not streamed. A JSON answer decodes on to its end (a server checks it
         # whole) and is cut below like any answer; a text answer's decoding ends at its stop sequence.
-        upto = _UpToStop(stop or [], on_token, halt=schema is None) if on_token is not None and not tools else None
+        upto = None
+        callback = None if gone is None else (lambda piece: gone())  # a tool call: not streamed, only ended
+        if on_token is not None and not tools:
+            upto = _UpToStop(stop or [], on_token, halt=schema is None, gone=gone or (lambda: False))
+            callback = upto.feed
         out = self.planner.generate(
             to_chat_turns(messages, self._load_image),
             schema,
             max_new_tokens=limit,
             seed=kwargs.get("seed", self.seed),
-            on_token=upto.feed if upto is not None else None,
+            on_token=callback,
             cache_key=kwargs.get("cache_key"),
         )
         if upto is not None:
@@ -401,13 +422,9 @@ class ChatDuogen(PlannerChatModel):
         result: dict[str, Any] = {}
         gone = threading.Event()  # the reader closed the stream early: decoding ends at the next piece
 
-        def put(piece: str) -> bool:
-            tokens.put(piece)
-            return gone.is_set()
-
         def work() -> None:
             try:
-                result["message"] = self._call(messages, stop, put, **kwargs)
+                result["message"] = self._call(messages, stop, tokens.put, gone.is_set, **kwargs)
             except BaseException as e:  # handed to the caller's thread
                 result["error"] = e
             finally:
@@ -452,8 +469,8 @@ class ChatDuogen(PlannerChatModel):
         from langchain_core.utils.function_calling import convert_to_openai_tool
 
         formatted = [convert_to_openai_tool(t) for t in tools]
-        choice = _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
-        return self.bind(tools=formatted, tool_choice=choice, **kwargs)
+        _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])  # refused here, not at the call
+        return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(
         self, schema: Any, *, method: str = "json_schema", include_raw: bool = False, **kwargs: Any
