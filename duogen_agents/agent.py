@@ -85,18 +85,22 @@ async def aiterate(events: Iterator[dict[str, Any]]) -> AsyncIterator[dict[str, 
     session's turn is then marked interrupted and its session free again, as with Ctrl-C, before
     the cancellation goes on to the caller."""
     import asyncio
+    import contextvars
     from concurrent.futures import ThreadPoolExecutor
 
     done = object()
+    # The caller's context (a parent runnable's config and callbacks, tracing) goes with every step,
+    # as asyncio.to_thread would carry it: one copy, so what a step sets stays for the next.
+    context = contextvars.copy_context()
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duogen-stream")
     try:
         while True:
-            event = await asyncio.wrap_future(worker.submit(next, events, done))
+            event = await asyncio.wrap_future(worker.submit(context.run, next, events, done))
             if event is done:
                 return
             yield event  # type: ignore[misc]
     finally:
-        closing = worker.submit(events.close)  # after the step in progress: never inside it
+        closing = worker.submit(context.run, events.close)  # after the step in progress: never inside it
         worker.shutdown(wait=False)
         try:
             await asyncio.shield(asyncio.wrap_future(closing))

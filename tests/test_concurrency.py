@@ -220,3 +220,37 @@ def test_cancelling_an_async_turn_marks_it_interrupted_and_frees_the_session(tin
     # without the picture and the steps after it).
     whole = tiny_agent.session("not-cancelled").send("Plan a picnic", mode="visual-plan", seed=3)
     assert doc.images and _images(doc) == _images(whole) and doc.text == whole.text
+
+
+def test_an_async_turn_runs_in_its_callers_context(tiny_agent) -> None:
+    """A parent runnable's callbacks (and tracing) see the graph runs of an ``astream`` turn, as they
+    do a ``stream`` turn's: the steps run in the caller's context (they ran in an empty one, so the
+    parent's handler saw only its own run)."""
+    from langchain_core.callbacks import BaseCallbackHandler
+    from langchain_core.runnables import RunnableLambda
+
+    class Starts(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.names: list[str] = []
+
+        def on_chain_start(self, serialized, inputs, **kwargs) -> None:
+            self.names.append(kwargs.get("name") or "")
+
+    def seen(run_async: bool) -> list[str]:
+        handler = Starts()
+
+        async def body_async(_: str) -> int:
+            return len([e async for e in tiny_agent.astream("Draw a pot", seed=1)])
+
+        def body_sync(_: str) -> int:
+            return len(list(tiny_agent.stream("Draw a pot", seed=1)))
+
+        if run_async:
+            asyncio.run(RunnableLambda(body_async).ainvoke("x", config={"callbacks": [handler]}))
+        else:
+            RunnableLambda(body_sync).invoke("x", config={"callbacks": [handler]})
+        return handler.names
+
+    sync, in_async = seen(False), seen(True)
+    assert "LangGraph" in sync and "plan" in sync  # the turn's graph and its nodes, under the parent's run
+    assert sorted(in_async) == sorted(n.replace("body_sync", "body_async") for n in sync)
