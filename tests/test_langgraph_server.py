@@ -136,6 +136,15 @@ def test_a_run_chooses_only_among_the_served_presets(monkeypatch) -> None:
     monkeypatch.setenv("DUOGEN_PRESETS", "tiny, tiny-flux2")
     assert chosen_preset({"context": {"preset": "tiny-flux2"}}) == "tiny-flux2"
     assert chosen_preset({"configurable": {"preset": "tiny-flux2"}, "context": {"preset": "tiny"}}) == "tiny"
+    # Only DUOGEN_PRESETS: a run that names none gets its first (it was refused: 'tiny' is not served).
+    monkeypatch.delenv("DUOGEN_PRESET")
+    monkeypatch.setenv("DUOGEN_PRESETS", "tiny-flux2,tiny-qwen3")
+    assert chosen_preset({}) == "tiny-flux2" and chosen_preset({"context": {"preset": "tiny-qwen3"}}) == "tiny-qwen3"
+    with pytest.raises(ConfigError, match="this server serves: tiny-flux2, tiny-qwen3"):
+        chosen_preset({"context": {"preset": "tiny"}})
+    # DUOGEN_PRESET outside DUOGEN_PRESETS is served too (it is the operator's default).
+    monkeypatch.setenv("DUOGEN_PRESET", "tiny")
+    assert chosen_preset({}) == "tiny" and chosen_preset({"context": {"preset": "tiny-qwen3"}}) == "tiny-qwen3"
 
 
 def test_a_preset_loading_holds_only_its_own_runs(monkeypatch) -> None:

@@ -2,10 +2,9 @@
 
 ``langgraph.json`` at the repository root names ``make_graph``: a factory that builds the graph for
 the preset a run asks for (``context["preset"]`` or ``configurable.preset``, else ``$DUOGEN_PRESET``,
-else ``tiny``), loading each preset's models once per server process and sharing them between runs
+else the first of ``$DUOGEN_PRESETS``, else ``tiny``), loading each preset's models once per server process and sharing them between runs
 (the library takes model calls in turns per device). A run may choose only among the presets the
-operator serves: ``$DUOGEN_PRESETS`` (comma-separated names or preset files), else the default preset
-alone; a caller's name loads nothing else (no multi-GB download or preset file of the caller's
+operator serves: ``$DUOGEN_PRESETS`` (comma-separated names or preset files) and the default preset; a caller's name loads nothing else (no multi-GB download or preset file of the caller's
 choosing). The factory is async and loads in a worker thread, so a server's event loop (health
 checks, other runs) is never held by a model load, and ``langgraph dev`` needs no ``--allow-blocking``.
 A preset that is loading holds only its own runs. The server's input and output schemas show only
@@ -46,14 +45,22 @@ _loading: dict[str, threading.Lock] = {}  # one per preset: a load holds only th
 _lock = threading.Lock()  # guards the two dicts, never held during a load
 
 
+def _listed() -> list[str]:
+    return [p.strip() for p in os.environ.get("DUOGEN_PRESETS", "").split(",") if p.strip()]
+
+
 def default_preset() -> str:
-    return os.environ.get("DUOGEN_PRESET") or DEFAULT_PRESET
+    """A run's preset when it names none: ``$DUOGEN_PRESET``, else the first of ``$DUOGEN_PRESETS``,
+    else ``tiny``."""
+    return os.environ.get("DUOGEN_PRESET") or next(iter(_listed()), DEFAULT_PRESET)
 
 
 def served_presets() -> list[str]:
-    """What a run may ask for: ``$DUOGEN_PRESETS`` (comma-separated), else the default preset."""
-    listed = [p.strip() for p in os.environ.get("DUOGEN_PRESETS", "").split(",") if p.strip()]
-    return listed or [default_preset()]
+    """What a run may ask for: ``$DUOGEN_PRESETS`` (comma-separated) and the default preset, or the
+    default preset alone."""
+    listed = _listed()
+    default = default_preset()
+    return listed if default in listed else [default, *listed]
 
 
 def agent_for(preset: str) -> Any:
