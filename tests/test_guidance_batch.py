@@ -36,11 +36,11 @@ def test_both_kinds_pair_every_step_and_draw_the_unbatched_picture(models_dir) -
     assert plain.spec.guidance > 1
     a, b = plain.draw("a pot", seed=3), batched.draw("a pot", seed=3)
     assert "cfg_batch" not in a.details
-    assert b.details["cfg_batch"] == {"paired": steps, "unpaired": 0}
+    assert b.details["cfg_batch"] == {"paired": steps, "unpaired": 0, "wasted": 0}
     assert _close(a.image, b.image) <= 1  # uint8 pixels: the same picture up to a batched matmul's rounding
     c = plain.draw("a pot", kind="continue", references=[a.image], seed=5)
     d = batched.draw("a pot", kind="continue", references=[a.image], seed=5)
-    assert d.pipeline == "video2world" and d.details["cfg_batch"] == {"paired": steps, "unpaired": 0}
+    assert d.pipeline == "video2world" and d.details["cfg_batch"] == {"paired": steps, "unpaired": 0, "wasted": 0}
     assert _close(c.image, d.image) <= 1
     # The pipelines are their own again after each draw.
     for pipe in (batched.text2image, batched.video2world):
@@ -92,12 +92,12 @@ def test_an_unrecognised_call_runs_as_the_pipeline_asked(models_dir) -> None:
         # The second call's latents differ from the first's: the DiT runs on them, not the kept half.
         other = paired(**dict(inputs, hidden_states=hidden + 1), encoder_hidden_states=uncond, return_dict=False)[0]
         torch.testing.assert_close(other, want_other, rtol=1e-4, atol=1e-4)
-        assert (paired.paired, paired.unpaired) == (0, 1)
+        assert (paired.paired, paired.unpaired, paired.wasted) == (0, 1, 1)  # a batch of two, then a third call
         # A pair that matches is served from the batch.
         paired(**inputs, encoder_hidden_states=cond, return_dict=False)
         got_u = paired(**inputs, encoder_hidden_states=uncond, return_dict=False)[0]
         torch.testing.assert_close(got_u, want_u, rtol=1e-4, atol=1e-4)
-        assert (paired.paired, paired.unpaired) == (1, 1)
+        assert (paired.paired, paired.unpaired, paired.wasted) == (1, 1, 1)
         # return_dict=True, positional arguments, or states it was not armed with: the DiT's own call.
         out = paired(**inputs, encoder_hidden_states=cond)
         torch.testing.assert_close(out.sample, want_c)
@@ -123,3 +123,23 @@ def test_preset_switch_is_checked() -> None:
         ImageSpec(family="flux2-klein", model="x", cfg_batch=True)
     with pytest.raises(ValueError, match="cfg_batch applies to the local cosmos2 family only"):
         ImageSpec(backend="openai-images", base_url="http://127.0.0.1:1/v1", model="m", cfg_batch=True)
+
+
+def test_a_batch_that_runs_out_of_memory_falls_back_to_the_pipelines_calls(models_dir, monkeypatch) -> None:
+    """Two halves need a second set of activations: when the batch of two runs out of GPU memory (here a
+    test double raises torch's OutOfMemoryError for any batch of two), the draw goes on with the
+    pipeline's own two calls, batches no more, and says so; the picture is the unbatched one."""
+    plain = _tool(models_dir).draw("a pot", seed=3)
+    tool = _tool(models_dir, cfg_batch=True)
+    dit = tool.text2image.transformer
+
+    def no_room_for_two(module, args, kwargs):
+        if kwargs["hidden_states"].shape[0] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (test double)")
+
+    dit.register_forward_pre_hook(no_room_for_two, with_kwargs=True)
+    drawing = tool.draw("a pot", seed=3)
+    assert drawing.details["cfg_batch"] == {
+        "paired": 0, "unpaired": 2 * tool.spec.steps, "wasted": 0, "out_of_memory": True,
+    }  # fmt: skip
+    assert _close(plain.image, drawing.image) == 0

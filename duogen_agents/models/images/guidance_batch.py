@@ -8,9 +8,10 @@ tensors; Video2World builds equal ones for the second call). For the length of o
 the pipeline's own ``encode_prompt``; at the conditional call it runs both halves together (the inputs
 stacked, the two prompts' states as one batch) and returns the first half; at the unconditional call,
 when every input equals the first call's, it returns the kept second half without running the DiT.
-Anything else (another argument layout, a callback that changed the states, inputs that differ) runs
-the DiT as the pipeline asked, so the result is always the pipeline's; ``counts()`` says how many
-steps were paired and how many ran unpaired.
+Anything else (another argument layout, a callback that changed the states, inputs that differ, a
+batch of two that runs out of GPU memory: then batching stops for the rest of the draw) runs the DiT as
+the pipeline asked, so the result is always the pipeline's; ``counts()`` says how many steps were
+paired, how many DiT calls ran unpaired, and how many batched halves went unused.
 
 Same result up to the rounding of a batched matmul, for the memory of a second set of activations. Whether
 it is faster depends on the card and size: a DiT that already fills the GPU gains little (the issue's
@@ -52,8 +53,10 @@ class _PairedDiT:
         self._uncond: Any = None
         self._both: Any = None  # the two prompts' states as one batch, built once per call
         self._kept: tuple[dict[str, Any], Any] | None = None  # the conditional call's inputs, the second half
-        self.paired = 0
-        self.unpaired = 0
+        self.paired = 0  # steps whose two calls ran as one batch
+        self.unpaired = 0  # DiT calls run as the pipeline asked
+        self.wasted = 0  # batched calls whose second half went unused (the other call's inputs differed)
+        self.batching = True  # off for the rest of the draw once a batch ran out of memory
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._dit, name)
@@ -65,10 +68,15 @@ class _PairedDiT:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         context = kwargs.get("encoder_hidden_states")
-        plain = args or kwargs.get("return_dict", True) or self._cond is None
+        plain = args or kwargs.get("return_dict", True) or self._cond is None or not self.batching
         if not plain and context is self._cond:
-            return self._both_halves(kwargs)
-        if not plain and context is self._uncond and self._kept is not None:
+            if self._kept is not None:
+                self.wasted += 1  # the last batch's second half was never asked for
+            self._kept = None
+            out = self._both_halves(kwargs)
+            if out is not None:
+                return out
+        elif not plain and context is self._uncond and self._kept is not None:
             inputs, second = self._kept
             self._kept = None
             if inputs.keys() == kwargs.keys() and all(
@@ -76,11 +84,14 @@ class _PairedDiT:
             ):
                 self.paired += 1
                 return (second,)
-        self._kept = None
+            self.wasted += 1
         self.unpaired += 1
         return self._dit(*args, **kwargs)
 
     def _both_halves(self, kwargs: dict[str, Any]) -> Any:
+        """Both halves in one call, the first returned and the second kept; None where this call
+        cannot be batched (an argument layout this does not know, or no memory for a batch of two:
+        then no later step tries, and the pipeline's own calls run)."""
         hidden = kwargs.get("hidden_states")
         batch = hidden.shape[0] if isinstance(hidden, torch.Tensor) else None
         stacked = dict(kwargs, encoder_hidden_states=self._both)
@@ -89,10 +100,16 @@ class _PairedDiT:
             if v is None:
                 continue
             if not (isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch):
-                self.unpaired += 1  # a layout this does not know: the pipeline's own call
-                return self._dit(**kwargs)
+                return None
             stacked[k] = torch.cat([v, v])
-        out = self._dit(**stacked)[0]
+        try:
+            out = self._dit(**stacked)[0]
+        except torch.OutOfMemoryError:
+            del stacked
+            self.batching = False
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return None
         first, second = out.chunk(2)
         self._kept = (dict(kwargs), second)
         return (first,)
@@ -121,9 +138,15 @@ def one_batch(pipe: Any) -> Iterator[_PairedDiT]:
     finally:
         pipe.__dict__["transformer"] = dit
         del pipe.__dict__["encode_prompt"]
+        if paired._kept is not None:
+            paired.wasted += 1
         paired._kept = paired._both = paired._cond = paired._uncond = None
 
 
 def counts(paired: _PairedDiT) -> dict[str, Any]:
-    """For a drawing's details."""
-    return {"cfg_batch": {"paired": paired.paired, "unpaired": paired.unpaired}}
+    """For a drawing's details: steps paired, DiT calls run unpaired, batched halves wasted, and
+    whether batching stopped for want of memory."""
+    out = {"paired": paired.paired, "unpaired": paired.unpaired, "wasted": paired.wasted}
+    if not paired.batching:
+        out["out_of_memory"] = True
+    return {"cfg_batch": out}
