@@ -166,6 +166,10 @@ class ImageStore:
         return p
 
     def put(self, image: Image.Image) -> ImageRef:
+        if image.width * image.height > MAX_PIXELS:  # reads refuse it: never store what cannot be read back
+            raise StorageError(
+                f"a {image.width}x{image.height} image is more than the store keeps (the limit is {MAX_PIXELS:,} pixels)"
+            )
         data = encode_png(image)
         image_id = hashlib.sha256(data).hexdigest()
         target = self.path(image_id)

@@ -12,7 +12,9 @@ Every call asks for ``response_format = "b64_json"`` at ``size = "{width}x{heigh
 sends the request's ``seed`` (vLLM-Omni and SGLang Diffusion take it); engine settings such as
 ``num_inference_steps`` or ``guidance_scale`` go in ``image.extra_body``. References are letterboxed
 to the canvas (never cropped) and sent as PNG, oldest first. A server is one step to us: ``on_step``
-hears ``(1, 1)`` when the image is back.
+hears ``(1, 1)`` when the image is back. The answer is untrusted input: over ``inputs.MAX_PIXELS`` it is
+refused before decoding, and one of another size than asked is letterboxed to the canvas (the size
+the server sent is in the drawing's details).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from duogen_agents.errors import GenerationError
+from duogen_agents.inputs import MAX_PIXELS
 from duogen_agents.models.protocols import Drawing, ImageKind, StepCallback, letterbox, refusal
 from duogen_agents.models.remote import _is_transport_error, describe_error, make_client, served_model
 from duogen_agents.presets import ImageSpec
@@ -93,15 +97,13 @@ class OpenAIImagesTool:
                 ) from None
             raise
         image = self._decode(response, endpoint)
+        details: dict[str, Any] = {"endpoint": f"/images/{endpoint}", "references": len(references), "kind": kind}
+        if image.size != canvas:  # a server that snaps sizes: fitted to the canvas, never cropped
+            details["served_size"] = list(image.size)
+            image = letterbox(image, canvas)
         if on_step is not None:
             on_step(1, 1)
-        return Drawing(
-            image,
-            family=FAMILY,
-            pipeline=self.model or "served model",
-            frames=0,
-            details={"endpoint": f"/images/{endpoint}", "references": len(references), "kind": kind},
-        )
+        return Drawing(image, family=FAMILY, pipeline=self.model or "served model", frames=0, details=details)
 
     def _decode(self, response: Any, endpoint: str) -> Image.Image:
         where = f"the image server at {self.url}/images/{endpoint}"
@@ -110,9 +112,20 @@ class OpenAIImagesTool:
         if not b64:
             raise GenerationError(f"{where} sent no b64_json image (does it support response_format = b64_json?)")
         try:
-            image = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
-            image.load()
-        except (binascii.Error, ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+            # The server's answer is untrusted input, like an upload: its size is read from the header
+            # and held to MAX_PIXELS before anything is decoded (Pillow's own bomb warning is an error).
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
+                if image.width * image.height > MAX_PIXELS:
+                    raise GenerationError(
+                        f"{where} sent a {image.width}x{image.height} image, more than duogen accepts (the limit is "
+                        f"{MAX_PIXELS:,} pixels; it asked for {self.spec.width}x{self.spec.height})"
+                    )
+                image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise GenerationError(f"{where} sent an image too large to decode safely: {e}") from None
+        except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as e:
             raise GenerationError(f"{where} sent an image that cannot be read: {e}") from None
         return image.convert("RGB")
 
