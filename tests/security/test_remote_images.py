@@ -76,3 +76,41 @@ def test_the_store_never_keeps_what_it_would_refuse_to_read(tmp_path) -> None:
     with pytest.raises(StorageError, match="more than the store keeps"):
         store.put(big)
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_through_a_real_http_server(tmp_path) -> None:
+    """The same over the openai client and HTTP (a local server answering /v1/images/generations):
+    an oversized answer is one line and nothing is stored; an odd size reaches the document fitted."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answers: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            body = json.dumps({"created": 0, "data": [{"b64_json": base64.b64encode(answers[0]).decode()}]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        spec = ImageSpec(backend="openai-images", base_url=url, model="m", width=64, height=48, max_retries=0)
+        tool = OpenAIImagesTool.from_spec(spec)
+        answers[:] = [_claiming(7100, 7100)]
+        with pytest.raises(GenerationError, match="sent a 7100x7100 image, more than duogen accepts"):
+            tool.draw("a pot")
+        answers[:] = [_png((13, 300))]
+        drawing = tool.draw("a pot")
+        assert drawing.image.size == (64, 48) and drawing.details["served_size"] == [13, 300]
+    finally:
+        server.shutdown()
