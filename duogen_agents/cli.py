@@ -218,6 +218,12 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument(
         "--grace", type=float, default=3600.0, metavar="SECONDS", help="keep files younger than this (default 3600)"
     )
+    gc.add_argument(
+        "--forget",
+        metavar="NAME",
+        help="first drop the database NAME (as gc's note names it) from the store's list of databases that share "
+        "it, once that database is gone for good",
+    )
     _db_args(gc)
 
     srv = sub.add_parser(
@@ -663,6 +669,13 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
             for note in notes:
                 err.print(safe_text(note), highlight=False, soft_wrap=True)
         elif args.action == "gc":
+            if args.forget is not None:
+                from duogen_agents.errors import ConfigError
+                from duogen_agents.storage.registry import forget
+
+                if not forget(sessions.store, args.forget):
+                    raise ConfigError(f"--forget {args.forget}: no such database in the store's list")
+                out.print(f"forgot {args.forget}", highlight=False)
             report = sessions.gc(grace_seconds=args.grace)
             out.print(
                 f"removed {report.removed} unreferenced image file(s), {report.freed_bytes:,} bytes; kept {report.kept}"

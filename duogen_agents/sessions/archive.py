@@ -27,14 +27,7 @@ from duogen_agents.errors import (
 from duogen_agents.storage.database import _first_line, _redact, check_session_id
 from duogen_agents.storage.images import LEASE_MARGIN_S, is_image_id, replaceable
 from duogen_agents.storage.records import UNFINISHED, ArtifactRecord, BlockRecord, SessionRecord, TurnRecord, utcnow
-from duogen_agents.storage.registry import (
-    UNFINISHED_SQL,
-    DatabaseGone,
-    identity,
-    open_read_only,
-    registered,
-    unregister,
-)
+from duogen_agents.storage.registry import UNFINISHED_SQL, identity, open_read_only, registered
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session as OrmSession
@@ -319,13 +312,16 @@ def _references(sessions: Sessions, *, exclude: str | None = None) -> _Kept:
     _scan(kept, artifacts, pending, sessions.state)
 
     own = identity(sessions.db.url)
-    others = {name: file for name, file in registered(sessions.store)}
-    default = sessions.store.root / "duogen.db"  # used before databases were registered, perhaps
-    if default.is_file():
-        others.setdefault(identity(f"sqlite:///{default}"), None)
+    others: list[tuple[str | None, Any]] = list(registered(sessions.store))  # (name, None: unreadable; file)
+    default = identity(f"sqlite:///{sessions.store.root / 'duogen.db'}")  # used before registering, perhaps
+    if Path(default.removeprefix("sqlite:///")).is_file() and default not in {n for n, _ in others}:
+        others.append((default, None))
     unreadable: list[str] = []
-    for name, file in others.items():
+    for name, file in others:
         if name == own:
+            continue
+        if name is None:
+            unreadable.append(f"the database named in {file}, which cannot be read")
             continue
         try:
             with open_read_only(name) as other:
@@ -336,17 +332,15 @@ def _references(sessions: Sessions, *, exclude: str | None = None) -> _Kept:
                     other.rows(f"SELECT session_id, created_at FROM duogen_turns WHERE status IN {UNFINISHED_SQL}"),
                     lambda sid, g=graph: dict(g.get_state({"configurable": {"thread_id": sid}}).values or {}),
                 )
-        except DatabaseGone:
-            if file is not None:
-                unregister(file)  # it references nothing any more
         except Exception as e:  # any failure to read it means: keep everything
-            unreadable.append(f"{_redact(name)} ({_first_line(e)[:120]})" + (f", listed in {file}" if file else ""))
+            unreadable.append(f"{_redact(name)} ({_first_line(e)[:160]})")
     if unreadable:
         kept.note = (
-            "kept every image file: could not read the sessions of "
+            "kept every image file: they may be used by the sessions of "
             + "; ".join(unreadable)
-            + ", which share this image store; gc removes images once it can read them (a PostgreSQL password "
-            "comes from PGPASSWORD or ~/.pgpass), or remove the listed file if that database is gone"
+            + ", which share this image store (gc reads another SQLite database on it, never another server: "
+            "run gc with that database's --db, or give each database its own DUOGEN_HOME; once a database is "
+            "gone for good, `duogen sessions gc --forget NAME` drops it)"
         )
     return kept
 

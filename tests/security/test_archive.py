@@ -59,17 +59,21 @@ def test_gc_and_delete_keep_what_another_database_on_the_store_references(pg_url
     pg = Sessions.open(pg_url, home=home)
     lite = Sessions.open(sqlite_url, home=home)
     try:
-        # gc on SQLite keeps the PostgreSQL sessions' images (registered when it was opened).
-        lite.gc(grace_seconds=0)
-        assert all(store.exists(i) for i in _ids(local) | _ids(remote)) and not store.exists(orphan)
-        # gc on PostgreSQL keeps the SQLite session's images (the default database of the home).
+        # gc on SQLite never connects to the PostgreSQL server on the store's list: it keeps everything.
+        report = lite.gc(grace_seconds=0)
+        assert report.removed == 0 and "kept every image file" in report.note and "postgresql://" in report.note
+        assert store.exists(orphan) and all(store.exists(i) for i in _ids(local) | _ids(remote))
+        notes: list[str] = []
+        assert lite.delete("local", notes=notes) == 0 and "kept every image file" in notes[0]
+        # gc on PostgreSQL reads the SQLite database on the store (a local file): only the orphan goes.
         report = pg.gc(grace_seconds=0)
-        assert report.removed == 0 and report.note is None
+        assert report.removed == 1 and report.note is None and not store.exists(orphan)
         assert all(store.exists(i) for i in _ids(local) | _ids(remote))
-        # Deleting in one database keeps an image the other database still uses.
-        assert lite.delete("local") == 0 and all(store.exists(i) for i in _ids(local))
+        # Deleting in PostgreSQL removes what no session of either database uses.
+        local_again = make_session(sqlite_url, home, "local", script=[TEXT, image("a local pot"), OK, DONE])
+        assert _ids(local_again) == _ids(local)
         assert pg.delete("remote") == 1 and not any(store.exists(i) for i in _ids(remote))
-        assert pg.delete("shared") == 1 and not any(store.exists(i) for i in _ids(local))
+        assert pg.delete("shared") == 0 and all(store.exists(i) for i in _ids(local))  # SQLite's "local" uses it
     finally:
         pg.close()
         lite.close()
@@ -79,36 +83,62 @@ def test_a_database_that_cannot_be_read_keeps_every_image_and_says_which(db_url,
     make_session(db_url, home, "garden")
     store = ImageStore(home)
     orphan = _orphan(store)
-    register(store, "postgresql://nobody:secret@127.0.0.1:1/elsewhere")  # nothing listens on port 1
+    # A server gc must not connect to (nothing listens on port 1, and an entry anyone who can write the
+    # store could plant must not make gc send PGPASSWORD anywhere); options that hold secrets are not kept.
+    register(store, "postgresql://nobody:secret@127.0.0.1:1/elsewhere?sslpassword=s3cret&sslmode=require")
     code = main(["sessions", "gc", "--grace", "0", "--db", db_url])
     cap = capsys.readouterr()
     assert code == 0 and "removed 0" in cap.out and store.exists(orphan)
     note = one_line(cap.err)
     assert "kept every image file" in note and "127.0.0.1:1/elsewhere" in note and "secret" not in note
-    assert "secret" not in "".join(p.read_text() for p in (store.images_dir / ".databases").iterdir())
+    entries = "".join(p.read_text() for p in (store.images_dir / ".databases").iterdir())
+    assert "secret" not in entries and "s3cret" not in entries and "sslmode" not in entries
     code = main(["sessions", "delete", "garden", "--db", db_url])
     cap = capsys.readouterr()
     assert code == 0 and "0 image file(s)" in cap.out and "kept every image file" in one_line(cap.err)
     assert store.exists(orphan) and len(list(store.iter_files())) > 1
+    # An entry that cannot be read stands for any database: everything is kept too.
+    assert main(["sessions", "gc", "--forget", "postgresql://nobody@127.0.0.1:1/elsewhere", "--db", db_url]) == 0
+    assert "removed 1" in capsys.readouterr().out and not store.exists(orphan)  # forgotten: gc goes on
+    orphan = _orphan(store, (8, 8, 8))
+    (store.images_dir / ".databases" / ("0" * 32 + ".db")).write_bytes(b"\xff\xfe not a name")
+    assert main(["sessions", "gc", "--grace", "0", "--db", db_url]) == 0
+    cap = capsys.readouterr()
+    assert "removed 0" in cap.out and "cannot be read" in one_line(cap.err) and store.exists(orphan)
 
 
-def test_a_database_that_is_gone_is_forgotten(db_url, home, tmp_path) -> None:
-    gone = tmp_path / "gone.db"
+def test_a_database_whose_file_is_not_there_keeps_its_images_until_it_is_forgotten(
+    db_url, home, tmp_path, capsys
+) -> None:
+    """Not there is no proof of gone (an unmounted disk, another container): its entry stays and its
+    images are kept, until ``gc --forget`` says the database is gone for good."""
+    gone = tmp_path / "disk" / "gone.db"
+    gone.parent.mkdir()
     make_session(f"sqlite:///{gone}", home, "old", script=[TEXT, image("an old pot"), OK, DONE])
-    for suffix in ("", "-wal", "-shm"):
-        gone.with_name(gone.name + suffix).unlink(missing_ok=True)
+    away = tmp_path / "unmounted"
+    gone.parent.rename(away)
     store = ImageStore(home)
     old = time.time() - 7200
     for _, path in store.iter_files():
         os.utime(path, (old, old))
-    entries = len(list((store.images_dir / ".databases").iterdir()))
     sessions = Sessions.open(db_url, home=home)
     try:
         report = sessions.gc(grace_seconds=0)
+        assert report.removed == 0 and "is not there" in report.note and len(store.iter_files()) == 1
+        away.rename(gone.parent)  # mounted again: its session reads its picture
+        back = Sessions.open(f"sqlite:///{gone}", home=home)
+        assert back.document("old").images
+        back.close()
+        away_again = tmp_path / "unmounted"
+        gone.parent.rename(away_again)
+        code = main(["sessions", "gc", "--grace", "0", "--forget", f"sqlite:///{gone}", "--db", db_url])
+        cap = capsys.readouterr()
+        assert code == 0 and f"forgot sqlite:///{gone}" in cap.out and "removed 1" in cap.out
+        assert store.iter_files() == []
+        assert main(["sessions", "gc", "--forget", f"sqlite:///{gone}", "--db", db_url]) == 1
+        assert "no such database" in one_line(capsys.readouterr().err)
     finally:
         sessions.close()
-    assert report.note is None and report.removed == 1 and store.iter_files() == []
-    assert len(list((store.images_dir / ".databases").iterdir())) == entries  # gone.db's entry went, db_url's came
 
 
 # ---- 2. delete: everything read first; records and checkpoints together -------------------------------
@@ -134,13 +164,15 @@ def test_delete_is_not_stopped_by_another_sessions_unreadable_state(db_url, home
 
 
 def _fail_checkpoint_deletes(db_url: str) -> None:
+    """The delete's last statement fails (the session row's), after its checkpoints were deleted in
+    the same transaction: only an atomic delete leaves the checkpoints."""
     if db_url.startswith("sqlite"):
-        _sql(db_url, "CREATE TRIGGER fail BEFORE DELETE ON checkpoints BEGIN SELECT RAISE(ABORT, 'simulated'); END")
+        _sql(db_url, "CREATE TRIGGER fail BEFORE DELETE ON duogen_sessions BEGIN SELECT RAISE(ABORT, 'simulated'); END")
     else:
         _sql(
             db_url,
             "CREATE FUNCTION fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'simulated'; END $$",
-            "CREATE TRIGGER fail BEFORE DELETE ON checkpoints FOR EACH ROW EXECUTE FUNCTION fail()",
+            "CREATE TRIGGER fail BEFORE DELETE ON duogen_sessions FOR EACH ROW EXECUTE FUNCTION fail()",
         )
 
 
@@ -155,7 +187,7 @@ def test_a_delete_that_fails_leaves_the_whole_session(db_url, home) -> None:
             sessions.delete("garden")
         assert sessions.get("garden").turns == 1 and len(sessions.turns("garden")) == 1
         assert sessions.state("garden") == before and all(store.exists(i) for i in _ids(doc))
-    _sql(db_url, "DROP TRIGGER fail ON checkpoints" if db_url.startswith("postgresql") else "DROP TRIGGER fail")
+    _sql(db_url, "DROP TRIGGER fail ON duogen_sessions" if db_url.startswith("postgresql") else "DROP TRIGGER fail")
     with Database.open(db_url, home=home) as db:
         sessions = Sessions(db, store)
         assert sessions.delete("garden") == 1
