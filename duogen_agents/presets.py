@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,28 @@ class _Strict(BaseModel):
 
 
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+_AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)(.*)$", re.DOTALL)
+
+
+def strip_userinfo(url: str) -> str:
+    """``url`` without a ``user:password@`` part (what a message may show of it)."""
+    parts = _AUTHORITY.match(url)
+    if parts is None or "@" not in parts[2]:
+        return url
+    return parts[1] + parts[2].rsplit("@", 1)[1] + parts[3]
+
+
+def userinfo_problem(role: str, url: str) -> str | None:
+    """Why ``url`` cannot be a base URL, or None: credentials in it (``http://user:password@host``)
+    would be shown in every error line, stored turn and checkpoint that names the server."""
+    if strip_userinfo(url) == url:
+        return None
+    return (
+        f"{role} base_url {strip_userinfo(url)!r} carries credentials (user:password@); remove them "
+        "and put the key in an environment variable named by api_key_env"
+    )
 
 
 class _Remote(_Strict):
@@ -58,7 +81,11 @@ class _Remote(_Strict):
             if not self.base_url:
                 raise ValueError(f"a remote {role} needs base_url, e.g. http://localhost:8000/v1")
             if not self.base_url.startswith(("http://", "https://")):
-                raise ValueError(f"{role} base_url {self.base_url!r} must start with http:// or https://")
+                raise ValueError(
+                    f"{role} base_url {strip_userinfo(self.base_url)!r} must start with http:// or https://"
+                )
+            if problem := userinfo_problem(role, self.base_url):
+                raise ValueError(problem)
 
 
 PlannerBackend = Literal["transformers", "openai"]

@@ -612,3 +612,19 @@ def test_a_served_models_context_error_is_prompt_too_long() -> None:
     vllm = RuntimeError("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens")
     other = SimpleNamespace(body={"error": {"code": "invalid_value", "message": "bad seed"}})
     assert _context_exceeded(ours) and _context_exceeded(vllm) and not _context_exceeded(other)
+
+
+def test_a_base_url_with_credentials_is_refused(tmp_path: Path) -> None:
+    """user:password@ in base_url would be in every error line, stored turn and checkpoint that names
+    the server: refused when the preset loads (or a spec is made), without showing the password."""
+    f = tmp_path / "p.toml"
+    f.write_text('base = "tiny"\n[planner]\nbackend = "openai"\nbase_url = "http://user:hunter2@h:8000/v1"\n')
+    with pytest.raises(ConfigError, match="carries credentials .* api_key_env") as err:
+        load_preset(f)
+    assert "hunter2" not in str(err.value) and "'http://h:8000/v1'" in str(err.value)
+    with pytest.raises(ValueError, match="carries credentials") as err2:
+        image_spec("http://user:hunter2@h:8001/v1")
+    assert "hunter2" not in str(err2.value)
+    with pytest.raises(ValueError, match="must start with http") as err3:
+        planner_spec("ftp://user:hunter2@h/v1")
+    assert "hunter2" not in str(err3.value)
