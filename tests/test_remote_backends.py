@@ -628,3 +628,13 @@ def test_a_base_url_with_credentials_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="must start with http") as err3:
         planner_spec("ftp://user:hunter2@h/v1")
     assert "hunter2" not in str(err3.value)
+
+
+def test_openai_organization_and_project_are_not_read_from_the_environment(
+    fake: Fake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-private")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-private")
+    OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL)).generate(conversation(), check_schema())  # type: ignore[attr-defined]
+    sent = {k.lower() for k in fake.headers[-1]}
+    assert "authorization" in sent and "openai-organization" not in sent and "openai-project" not in sent

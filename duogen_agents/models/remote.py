@@ -127,7 +127,9 @@ def withhold_urls(text: str) -> str:
 
 def make_client(spec: PlannerSpec | ImageSpec, role: str) -> tuple[Any, str]:
     """An ``openai.OpenAI`` client for ``spec``'s server and its URL. The key is read from the
-    environment variable ``api_key_env`` names, never from ``OPENAI_API_KEY`` unasked."""
+    environment variable ``api_key_env`` names, never from ``OPENAI_API_KEY`` unasked; nor are
+    ``OPENAI_ORG_ID`` and ``OPENAI_PROJECT_ID`` (the client would send them to the server as
+    ``OpenAI-Organization`` / ``OpenAI-Project``)."""
     try:
         import openai
     except ImportError:
@@ -145,6 +147,9 @@ def make_client(spec: PlannerSpec | ImageSpec, role: str) -> tuple[Any, str]:
                 f"export it with the key of {url}, or remove api_key_env from the preset"
             )
     client = openai.OpenAI(base_url=url, api_key=key, timeout=spec.timeout_s, max_retries=spec.max_retries)
+    # None at construction means "read the environment": cleared after it, they are not sent.
+    client.organization = None
+    client.project = None
     return client, url
 
 
