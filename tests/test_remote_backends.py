@@ -37,7 +37,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
 
 from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from fastapi.responses import JSONResponse, Response, StreamingResponse  # noqa: E402
 
 from duogen_agents.models.images.remote import OpenAIImagesTool  # noqa: E402
 from duogen_agents.models.remote import OpenAIPlanner, build_planner, schema_problem  # noqa: E402
@@ -88,7 +88,8 @@ class Fake:
 
     def reset(self) -> None:
         self.fail: list[int] = []  # statuses to answer with first, one per request
-        self.chat = "ok"  # ok | invalid_json | mismatch | hang
+        self.fail_body: tuple[str, str] | None = None  # (content type, body) of those, else JSON
+        self.chat = "ok"  # ok | invalid_json | mismatch | hang | echo_key
         self.chats: list[dict[str, Any]] = []
         self.images: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
@@ -104,7 +105,10 @@ def make_app(fake: Fake) -> Any:
         if fake.fail:
             status = fake.fail.pop(0)
             # retry-after-ms keeps the client's backoff short in tests (it honours the header).
-            return JSONResponse({"error": {"message": f"fake status {status}"}}, status, {"retry-after-ms": "10"})
+            wait = {"retry-after-ms": "10"}
+            if fake.fail_body is not None:
+                return Response(fake.fail_body[1], status, wait, media_type=fake.fail_body[0])
+            return JSONResponse({"error": {"message": f"fake status {status}"}}, status, wait)
         return None
 
     @app.get("/v1/models")
@@ -126,6 +130,8 @@ def make_app(fake: Fake) -> Any:
         schema = (body.get("response_format") or {}).get("json_schema", {}).get("schema")
         if schema is None:
             schema = (body.get("structured_outputs") or {}).get("json") or body.get("guided_json")
+        if fake.chat == "echo_key":
+            return JSONResponse({"error": {"message": f"invalid key {request.headers['authorization']}"}}, 401)
         if fake.chat == "invalid_json":
             text = '{"title": "cut'
         elif fake.chat == "mismatch":
@@ -638,3 +644,35 @@ def test_openai_organization_and_project_are_not_read_from_the_environment(
     OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL)).generate(conversation(), check_schema())  # type: ignore[attr-defined]
     sent = {k.lower() for k in fake.headers[-1]}
     assert "authorization" in sent and "openai-organization" not in sent and "openai-project" not in sent
+
+
+def test_a_key_the_server_echoes_is_not_in_the_error(fake: Fake, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error line is stored with the turn: the key the server echoes back is not in it."""
+    monkeypatch.setenv("DUOGEN_TEST_KEY", "sk-very-secret-42")
+    planner = OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL, api_key_env="DUOGEN_TEST_KEY"))  # type: ignore[attr-defined]
+    fake.chat = "echo_key"
+    with pytest.raises(GenerationError) as err:
+        planner.generate(conversation(), check_schema())
+    assert str(err.value) == f"the planner at {fake.url} answered HTTP 401: invalid key Bearer ***"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (("text/plain", "model not loaded\x1b[0m\r\nretry later"), "model not loaded retry later"),
+        (
+            (
+                "text/html",
+                "<html><head><title>400</title><style>h1 {x: y}</style></head><body><h1>Bad &amp; wrong</h1>",
+            ),
+            "400 Bad & wrong",
+        ),
+        (("text/plain", "x" * 5000), "x" * 200 + "..."),
+    ],
+)
+def test_a_plain_text_or_html_error_body_is_shown_on_one_line(fake: Fake, body: tuple[str, str], detail: str) -> None:
+    planner = OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL, max_retries=0))  # type: ignore[attr-defined]
+    fake.fail, fake.fail_body = [400], body
+    with pytest.raises(GenerationError) as err:
+        planner.generate(conversation(), check_schema())
+    assert str(err.value) == f"the planner at {fake.url} answered HTTP 400: {detail}"  # type: ignore[attr-defined]

@@ -125,6 +125,19 @@ def withhold_urls(text: str) -> str:
     return _ADDRESSES.sub(WITHHELD, withhold_upstreams(text))
 
 
+# The keys of the clients this process built: ``redact`` takes them out of any message (a server may
+# echo the key it was sent: "invalid key Bearer s3cret").
+_SECRETS: set[str] = set()
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """``text`` with every API key of this process's remote models replaced by ``REDACTED``."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
 def make_client(spec: PlannerSpec | ImageSpec, role: str) -> tuple[Any, str]:
     """An ``openai.OpenAI`` client for ``spec``'s server and its URL. The key is read from the
     environment variable ``api_key_env`` names, never from ``OPENAI_API_KEY`` unasked; nor are
@@ -146,11 +159,28 @@ def make_client(spec: PlannerSpec | ImageSpec, role: str) -> tuple[Any, str]:
                 f"{role}.api_key_env names the environment variable {spec.api_key_env}, which is not set; "
                 f"export it with the key of {url}, or remove api_key_env from the preset"
             )
+        _SECRETS.add(key)
     client = openai.OpenAI(base_url=url, api_key=key, timeout=spec.timeout_s, max_retries=spec.max_retries)
     # None at construction means "read the environment": cleared after it, they are not sent.
     client.organization = None
     client.project = None
     return client, url
+
+
+_TAGS = re.compile(r"<(script|style)\b.*?</\1\s*>|<!--.*?-->|<[^>]*>", re.IGNORECASE | re.DOTALL)
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # colours too
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """A server's text as part of a message: HTML tags dropped (an error page of a proxy), control
+    characters removed, on one line, its first ``limit`` characters."""
+    import html
+
+    text = text[: limit * 50]  # a 5 MB body is not read to the end for 200 characters
+    if "<" in text:
+        text = html.unescape(_TAGS.sub(" ", text))
+    text = " ".join(_CONTROL.sub("", text).split())
+    return text[:limit] + ("..." if len(text) > limit else "")
 
 
 def _status_detail(e: Any) -> str:
@@ -160,28 +190,33 @@ def _status_detail(e: Any) -> str:
         err = body.get("error", body)
         detail = err.get("message") or err.get("detail") if isinstance(err, Mapping) else err
         detail = detail or body.get("detail") or body.get("message")
-    text = " ".join(str(detail if detail else getattr(e, "message", e)).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
+    elif isinstance(body, str):  # a plain-text or HTML body (the client keeps only "Error code: 400")
+        detail = one_line(body)
+    text = one_line(str(detail if detail else getattr(e, "message", e)), 300)
+    return text or "(an empty body)"
 
 
 def describe_error(e: BaseException, what: str, url: str, spec: PlannerSpec | ImageSpec) -> str:
-    """One line for a failed request: what failed, where, and what to try."""
+    """One line for a failed request: what failed, where, and what to try; no API key of this process
+    in it (``redact``: a server may echo the key it was sent)."""
     import openai
 
     tries = f" (tried {spec.max_retries + 1} times)" if spec.max_retries else ""
     if isinstance(e, openai.APITimeoutError) or "timeout" in type(e).__name__.lower():
-        return (
+        line = (
             f"the {what} at {url} did not answer within {spec.timeout_s:g} s{tries}; "
             "check the server, or raise timeout_s in the preset"
         )
-    if isinstance(e, openai.APIConnectionError) or _is_transport_error(e):
+    elif isinstance(e, openai.APIConnectionError) or _is_transport_error(e):
         cause = e.__cause__ or e.__context__ or e
         reason = " ".join(str(cause).split()) or type(cause).__name__
-        return f"cannot reach the {what} at {url}{tries}: {reason}; is the server running at that address?"
-    if isinstance(e, openai.APIStatusError):
+        line = f"cannot reach the {what} at {url}{tries}: {reason}; is the server running at that address?"
+    elif isinstance(e, openai.APIStatusError):
         retried = tries if e.status_code in (408, 409, 429) or e.status_code >= 500 else ""
-        return f"the {what} at {url} answered HTTP {e.status_code}{retried}: {_status_detail(e)}"
-    return f"the {what} at {url} failed: {' '.join(str(e).split()) or type(e).__name__}"
+        line = f"the {what} at {url} answered HTTP {e.status_code}{retried}: {_status_detail(e)}"
+    else:
+        line = f"the {what} at {url} failed: {' '.join(str(e).split()) or type(e).__name__}"
+    return redact(line)
 
 
 def _is_transport_error(e: BaseException) -> bool:
@@ -422,7 +457,7 @@ class OpenAIPlanner:
                 text, finish, usage, deltas = self._stream(kwargs, on_token)
         except (openai.APIError, OSError) as e:
             if _context_exceeded(e):  # a 400, or an error event in the stream: the graph leaves out old turns
-                raise PromptTooLongError(f"the {self.role} at {self.url}: {first_line(e)}") from None
+                raise PromptTooLongError(redact(f"the {self.role} at {self.url}: {first_line(e)}")) from None
             raise GenerationError(describe_error(e, self.role, self.url, spec)) from None
         except Exception as e:
             if _is_transport_error(e):
