@@ -64,7 +64,11 @@ class _Remote(_Strict):
         None, pattern=_ENV_NAME, description="remote backends: NAME of the environment variable holding the API key"
     )
     timeout_s: float = Field(
-        300.0, gt=0, le=3600, description="remote backends: seconds to connect, and to wait for each part of an answer"
+        300.0,
+        gt=0,
+        le=3600,
+        description="remote backends: seconds each wait may last (to connect, for each part of an answer, before a "
+        "retry); a call's deadline is timeout_s x (max_retries + 1)",
     )
     max_retries: int = Field(
         2,

@@ -4,8 +4,10 @@
 A small fake server (FastAPI + uvicorn on a loopback port, in a thread) answers ``/v1/models``,
 ``/v1/chat/completions`` (plain and SSE streaming, with an action that matches the schema it was sent),
 ``/v1/images/generations`` and ``/v1/images/edits`` (multipart); it can be told to fail with a status a
-few times, to answer invalid JSON or a mismatching action, or to hang. The real client code runs
-against it: the whole agent in visual-plan mode, streaming, retries, timeouts and errors.
+few times, to answer invalid JSON or a mismatching action, or to hang, or to misbehave as servers and
+proxies do (keepalive comments and nothing else, a body dripping a byte at a time, malformed JSON, an
+HTML page). The real client code runs against it: the whole agent in visual-plan mode, streaming,
+retries, timeouts and errors.
 """
 
 from __future__ import annotations
@@ -89,7 +91,13 @@ class Fake:
     def reset(self) -> None:
         self.fail: list[int] = []  # statuses to answer with first, one per request
         self.fail_body: tuple[str, str] | None = None  # (content type, body) of those, else JSON
-        self.chat = "ok"  # ok | invalid_json | mismatch | hang | echo_key
+        self.retry_after: str | None = None  # their Retry-After (else retry-after-ms: 10)
+        self.fail_after = 0.0  # seconds before each of those
+        # ok | invalid_json | mismatch | hang, or a misbehaviour: keepalive | empty_deltas | drip | bad_event |
+        # not_utf8 | html | no_message | cut | echo_key
+        self.chat = "ok"
+        self.image = "ok"  # ok | drip
+        self.models: tuple[str, bytes] | None = None  # (content type, body) of /v1/models, else the list
         self.chats: list[dict[str, Any]] = []
         self.images: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
@@ -105,19 +113,30 @@ def make_app(fake: Fake) -> Any:
         if fake.fail:
             status = fake.fail.pop(0)
             # retry-after-ms keeps the client's backoff short in tests (it honours the header).
-            wait = {"retry-after-ms": "10"}
+            wait = {"retry-after": fake.retry_after} if fake.retry_after else {"retry-after-ms": "10"}
             if fake.fail_body is not None:
                 return Response(fake.fail_body[1], status, wait, media_type=fake.fail_body[0])
             return JSONResponse({"error": {"message": f"fake status {status}"}}, status, wait)
         return None
 
+    def dawdle(piece: bytes, every: float = 0.05, seconds: float = 6.0) -> Any:
+        """``piece`` again and again, for a while: a keepalive comment, a byte of a body."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not fake.stopping:
+            yield piece
+            time.sleep(every)
+
     @app.get("/v1/models")
     async def models() -> Any:
+        if fake.models is not None:
+            return Response(fake.models[1], media_type=fake.models[0])
         return {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "fake"}]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         fake.headers.append(dict(request.headers))
+        if fake.fail and fake.fail_after:
+            await asyncio.sleep(fake.fail_after)
         if (bad := failure()) is not None:
             return bad
         body = await request.json()
@@ -130,6 +149,28 @@ def make_app(fake: Fake) -> Any:
         schema = (body.get("response_format") or {}).get("json_schema", {}).get("schema")
         if schema is None:
             schema = (body.get("structured_outputs") or {}).get("json") or body.get("guided_json")
+        stream = bool(body.get("stream"))
+        base = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": body["model"]}
+        if fake.chat == "keepalive" and stream:
+            return StreamingResponse(dawdle(b": ping\n\n"), media_type="text/event-stream")
+        if fake.chat == "empty_deltas" and stream:
+            chunk = {**base, "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]}
+            return StreamingResponse(dawdle(f"data: {json.dumps(chunk)}\n\n".encode()), media_type="text/event-stream")
+        if fake.chat == "drip" and not stream:
+            return StreamingResponse(dawdle(b" "), media_type="application/json")
+        if fake.chat == "bad_event" and stream:
+            return StreamingResponse(iter([b"data: {not json\n\n"]), media_type="text/event-stream")
+        if fake.chat == "not_utf8":
+            chunk = {**base, "choices": [{"index": 0, "delta": {"content": "@@"}, "finish_reason": None}]}
+            data = json.dumps(chunk).encode().replace(b"@@", b"\xff\xfe")
+            if stream:
+                return StreamingResponse(iter([b"data: " + data + b"\n\n"]), media_type="text/event-stream")
+            return Response(data, media_type="application/json")
+        if fake.chat == "html":  # a proxy's login page, with 200, to either kind of request
+            return Response("<html><body><h1>Sign in</h1></body></html>", media_type="text/html")
+        if fake.chat == "no_message" and not stream:
+            return {"id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "message": None, "finish_reason": "stop"}]}  # fmt: skip
         if fake.chat == "echo_key":
             return JSONResponse({"error": {"message": f"invalid key {request.headers['authorization']}"}}, 401)
         if fake.chat == "invalid_json":
@@ -152,11 +193,12 @@ def make_app(fake: Fake) -> Any:
             }
 
         def events() -> Any:
-            base = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": body["model"]}
             pieces = [text[i : i + 5] for i in range(0, len(text), 5)]
             for piece in pieces:
                 delta = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
                 yield f"data: {json.dumps({**base, 'choices': [delta]})}\n\n"
+            if fake.chat == "cut":  # the connection closes mid-answer: no finish_reason, no [DONE]
+                return
             end = {"index": 0, "delta": {}, "finish_reason": "stop"}
             yield f"data: {json.dumps({**base, 'choices': [end]})}\n\n"
             if (body.get("stream_options") or {}).get("include_usage"):
@@ -176,6 +218,8 @@ def make_app(fake: Fake) -> Any:
             return bad
         body = await request.json()
         fake.images.append({"endpoint": "generations", **body})
+        if fake.image == "drip":
+            return StreamingResponse(dawdle(b" "), media_type="application/json")
         return image_answer(body["size"], 0)
 
     @app.post("/v1/images/edits")
@@ -620,6 +664,113 @@ def test_a_served_models_context_error_is_prompt_too_long() -> None:
     assert _context_exceeded(ours) and _context_exceeded(vllm) and not _context_exceeded(other)
 
 
+# ---- misbehaving servers -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chat", ["keepalive", "empty_deltas"])
+def test_a_stream_that_does_not_move_fails_within_timeout_s(fake: Fake, chat: str) -> None:
+    """Keepalive comments (``: ping``) or empty deltas, and nothing else: each keeps the socket busy, so
+    the client's read timeout never fires; the stream must move within timeout_s."""
+    planner = OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL, timeout_s=0.5, max_retries=2))  # type: ignore[attr-defined]
+    fake.chat = chat
+    start = time.monotonic()
+    with pytest.raises(GenerationError) as err:
+        planner.generate(conversation(), check_schema(), on_token=lambda _t: None)
+    assert time.monotonic() - start < 2
+    assert str(err.value) == (
+        f"the planner at {fake.url} did not answer within 0.5 s; check the server, or raise timeout_s in the preset"  # type: ignore[attr-defined]
+    )
+
+
+def test_a_dripping_body_fails_at_the_calls_deadline(fake: Fake) -> None:
+    """A body that comes a byte at a time never trips a read timeout: the call's deadline,
+    timeout_s x (max_retries + 1), ends it, for the planner and for the image tool."""
+    planner = OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL, timeout_s=0.4, max_retries=1))  # type: ignore[attr-defined]
+    fake.chat = "drip"
+    start = time.monotonic()
+    with pytest.raises(GenerationError, match=f"^the planner at {fake.url} did not answer within 0.8 s;"):  # type: ignore[attr-defined]
+        planner.generate(conversation(), check_schema())
+    assert time.monotonic() - start < 2.5
+    tool = OpenAIImagesTool.from_spec(image_spec(fake.url, model=IMAGE_MODEL, timeout_s=0.4, max_retries=1))  # type: ignore[attr-defined]
+    fake.image = "drip"
+    start = time.monotonic()
+    with pytest.raises(GenerationError, match=f"^the image server at {fake.url}/images/generations did not answer"):  # type: ignore[attr-defined]
+        tool.draw("a pot")
+    assert time.monotonic() - start < 2.5
+
+
+def test_a_retry_after_wait_is_cut_to_timeout_s(fake: Fake) -> None:
+    """The client would wait the 5 s a 429 asks for (it honours up to two minutes): a call waits at
+    most timeout_s, and not at all where that would take it past its deadline (it fails with the 429)."""
+    planner = OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL, timeout_s=0.5, max_retries=2))  # type: ignore[attr-defined]
+    fake.fail, fake.retry_after = [429], "5"
+    start = time.monotonic()
+    out = planner.generate(conversation(), check_schema())
+    assert json.loads(out.text)["verdict"] == "ok" and fake.attempts == 2
+    assert 0.4 < time.monotonic() - start < 2
+    # Each 429 after 0.7 s: the first at 0.7 (2.3 s left of 3: a wait of 1 s), the second at 2.4 (0.6 s left).
+    planner = OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL, timeout_s=1.0, max_retries=2))  # type: ignore[attr-defined]
+    fake.attempts, fake.fail, fake.fail_after = 0, [429] * 4, 0.7
+    start = time.monotonic()
+    with pytest.raises(GenerationError) as err:
+        planner.generate(conversation(), check_schema())
+    assert time.monotonic() - start < 3 and fake.attempts == 2
+    assert str(err.value) == f"the planner at {fake.url} answered HTTP 429 (tried 2 times): fake status 429"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("chat", "streamed", "problem"),
+    [
+        ("bad_event", True, "an event that is not JSON"),
+        ("not_utf8", True, "an event that is not UTF-8 text"),
+        ("not_utf8", False, "a body that is not UTF-8 text"),
+        ("html", False, "a body that is not JSON (text/html; charset=utf-8): 'Sign in'"),
+        ("html", True, "a body of text/html; charset=utf-8 to a streamed request, not text/event-stream"),
+        ("no_message", False, "its first choice has no message"),
+    ],
+)
+def test_a_malformed_answer_is_one_line_naming_the_server(fake: Fake, chat: str, streamed: bool, problem: str) -> None:
+    planner = OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL, max_retries=0))  # type: ignore[attr-defined]
+    fake.chat = chat
+    with pytest.raises(GenerationError) as err:
+        planner.generate(conversation(), check_schema(), on_token=(lambda _t: None) if streamed else None)
+    assert str(err.value).startswith(f"the planner at {fake.url} sent a malformed response: {problem}")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("models", "problem"),
+    [
+        (
+            ("text/html", b"<html><body>Welcome to nginx</body></html>"),
+            "a body that is not JSON (text/html; charset=utf-8): 'Welcome to nginx'",
+        ),
+        (("application/json", b'{"object": "list", "data": "nope"}'), "no list of models in its 'data'"),
+        (("application/json", b'{"object": "list", "data": [{"object": "model"}]}'), "a model without an id"),
+    ],
+)
+def test_a_malformed_model_list_is_one_line(fake: Fake, models: tuple[str, bytes], problem: str) -> None:
+    fake.models = models
+    with pytest.raises(ModelLoadError) as err:
+        OpenAIPlanner.from_spec(planner_spec(fake.url, max_retries=0))  # type: ignore[attr-defined]
+    assert str(err.value).startswith(
+        f"the planner server at {fake.url} sent a malformed response at /models: {problem}"
+    )  # type: ignore[attr-defined]
+    assert str(err.value).endswith("(set planner.model in the preset to skip this lookup)")
+
+
+def test_a_stream_cut_before_its_finish_reason_is_an_error(fake: Fake) -> None:
+    """A stream that stops without a finish_reason (and without [DONE]) lost the rest of its answer; one
+    the caller stopped (on_token returned True) did not."""
+    planner = OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL))  # type: ignore[attr-defined]
+    fake.chat = "cut"
+    with pytest.raises(
+        GenerationError, match=f"^the planner at {fake.url}: the stream ended before the answer finished"
+    ):  # type: ignore[attr-defined]
+        planner.generate(conversation(), None, on_token=lambda _t: None)
+    out = planner.generate(conversation(), None, on_token=lambda _t: True)
+    assert out.text == "free " and out.complete
+
+
 def test_a_base_url_with_credentials_is_refused(tmp_path: Path) -> None:
     """user:password@ in base_url would be in every error line, stored turn and checkpoint that names
     the server: refused when the preset loads (or a spec is made), without showing the password."""
@@ -636,16 +787,6 @@ def test_a_base_url_with_credentials_is_refused(tmp_path: Path) -> None:
     assert "hunter2" not in str(err3.value)
 
 
-def test_openai_organization_and_project_are_not_read_from_the_environment(
-    fake: Fake, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("OPENAI_ORG_ID", "org-private")
-    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-private")
-    OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL)).generate(conversation(), check_schema())  # type: ignore[attr-defined]
-    sent = {k.lower() for k in fake.headers[-1]}
-    assert "authorization" in sent and "openai-organization" not in sent and "openai-project" not in sent
-
-
 def test_a_key_the_server_echoes_is_not_in_the_error(fake: Fake, monkeypatch: pytest.MonkeyPatch) -> None:
     """The error line is stored with the turn: the key the server echoes back is not in it."""
     monkeypatch.setenv("DUOGEN_TEST_KEY", "sk-very-secret-42")
@@ -654,6 +795,16 @@ def test_a_key_the_server_echoes_is_not_in_the_error(fake: Fake, monkeypatch: py
     with pytest.raises(GenerationError) as err:
         planner.generate(conversation(), check_schema())
     assert str(err.value) == f"the planner at {fake.url} answered HTTP 401: invalid key Bearer ***"  # type: ignore[attr-defined]
+
+
+def test_openai_organization_and_project_are_not_read_from_the_environment(
+    fake: Fake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-private")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-private")
+    OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL)).generate(conversation(), check_schema())  # type: ignore[attr-defined]
+    sent = {k.lower() for k in fake.headers[-1]}
+    assert "authorization" in sent and "openai-organization" not in sent and "openai-project" not in sent
 
 
 @pytest.mark.parametrize(

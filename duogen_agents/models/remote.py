@@ -24,7 +24,9 @@ Why the ``openai`` client, not LangChain's ``ChatOpenAI`` (langchain-openai 1.7.
 - The ``openai`` client itself gives what matters, tested: timeouts, retries with exponential backoff and
   jitter on 408/409/429/5xx and lost connections (honouring ``Retry-After``), SSE streaming with usage,
   ``seed`` / ``max_tokens`` / ``extra_body``, and multipart uploads of several images (``image[]``) for
-  the image endpoint (``models/images/remote.py``).
+  the image endpoint (``models/images/remote.py``). What it leaves open is added here, through its
+  HTTP client's hooks: a deadline for each call (``Call``), and answers that are checked before use
+  (``Malformed``).
 
 The ``openai`` package comes with the ``serve`` extra (``pip install 'duogen-agents[serve]'``); nothing
 here imports it, or torch, until a remote model is built.
@@ -33,11 +35,15 @@ here imports it, or torch, until a remote model is built.
 from __future__ import annotations
 
 import base64
+import contextvars
+import functools
 import io
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +52,7 @@ from PIL import Image
 from duogen_agents.errors import ConfigError, GenerationError, ModelLoadError, PromptTooLongError
 from duogen_agents.models.loading import first_line
 from duogen_agents.models.protocols import ChatTurn, PlannerOutput, TokenCallback
-from duogen_agents.presets import ImageSpec, PlannerSpec
+from duogen_agents.presets import ImageSpec, PlannerSpec, userinfo_problem
 
 # ---- the planner a spec asks for -------------------------------------------------------------------
 
@@ -142,7 +148,7 @@ def make_client(spec: PlannerSpec | ImageSpec, role: str) -> tuple[Any, str]:
     """An ``openai.OpenAI`` client for ``spec``'s server and its URL. The key is read from the
     environment variable ``api_key_env`` names, never from ``OPENAI_API_KEY`` unasked; nor are
     ``OPENAI_ORG_ID`` and ``OPENAI_PROJECT_ID`` (the client would send them to the server as
-    ``OpenAI-Organization`` / ``OpenAI-Project``)."""
+    ``OpenAI-Organization`` / ``OpenAI-Project``). Its HTTP client enforces each call's ``deadline``."""
     try:
         import openai
     except ImportError:
@@ -150,6 +156,8 @@ def make_client(spec: PlannerSpec | ImageSpec, role: str) -> tuple[Any, str]:
             f"the remote {role} needs the openai package: pip install 'duogen-agents[serve]' (or pip install openai)"
         ) from None
     url = str(spec.base_url).rstrip("/")
+    if problem := userinfo_problem(role, url):  # a spec made in code, past the preset's check
+        raise ConfigError(problem)
     _UPSTREAMS.add(url)
     key = "EMPTY"  # what vLLM and SGLang expect when they run without --api-key
     if spec.api_key_env:
@@ -160,11 +168,176 @@ def make_client(spec: PlannerSpec | ImageSpec, role: str) -> tuple[Any, str]:
                 f"export it with the key of {url}, or remove api_key_env from the preset"
             )
         _SECRETS.add(key)
-    client = openai.OpenAI(base_url=url, api_key=key, timeout=spec.timeout_s, max_retries=spec.max_retries)
+    http = openai.DefaultHttpxClient(event_hooks={"request": [_on_request], "response": [_on_response]})
+    client = openai.OpenAI(
+        base_url=url, api_key=key, timeout=spec.timeout_s, max_retries=spec.max_retries, http_client=http
+    )
     # None at construction means "read the environment": cleared after it, they are not sent.
     client.organization = None
     client.project = None
     return client, url
+
+
+# ---- one call's deadline ------------------------------------------------------------------------------
+
+
+class Call:
+    """The clock of one remote call and its retries (a planner request, an image, the model lookup).
+
+    The client's ``timeout`` bounds each socket operation, not a call: a server that sends one byte a
+    second, or SSE keepalive comments (``: ping``) and nothing else, holds a call open for ever, and the
+    client honours a ``Retry-After`` of up to two minutes before each retry, whatever ``timeout_s`` says.
+    So each call has a deadline, ``timeout_s x (max_retries + 1)`` from its start, which the HTTP
+    client's hooks check before every attempt and after every piece of a body (``_on_request``,
+    ``_on_response``), and a ``Retry-After`` wait is cut to ``timeout_s`` (and to what is left).
+
+    A streamed answer must also move: from its headers, each step (text, a finish reason, the usage:
+    ``progress``) must come within ``timeout_s`` of the one before, or the call fails there. Once its
+    text flows, only this rule holds: a long answer that keeps coming is not cut at the deadline (its
+    length is ``max_tokens``' and the server's speed, which the deadline cannot know)."""
+
+    def __init__(self, spec: PlannerSpec | ImageSpec, *, stream: bool = False) -> None:
+        self.timeout = float(spec.timeout_s)
+        self.deadline_s = self.timeout * (spec.max_retries + 1)
+        self.end = time.monotonic() + self.deadline_s
+        self.stream = stream
+        self.attempts = 0
+        self.last: float | None = None  # a stream's last step (its headers, then each progress)
+        self.flowing = False  # a stream's text has begun
+
+    def left(self) -> float:
+        """Seconds left before this call fails."""
+        now = time.monotonic()
+        if self.last is None:
+            return self.end - now
+        quiet = self.last + self.timeout - now
+        return quiet if self.flowing else min(quiet, self.end - now)
+
+    def expired(self) -> bool:
+        """The whole deadline (not a stream's quiet time) has passed."""
+        return time.monotonic() >= self.end
+
+    def answered(self) -> None:
+        """A response's headers came: a stream's quiet time counts from here."""
+        if self.stream:
+            self.last = time.monotonic()
+
+    def progress(self) -> None:
+        """A streamed answer moved (text, a finish reason, the usage)."""
+        self.last = time.monotonic()
+        self.flowing = True
+
+
+_CALL: contextvars.ContextVar[Call | None] = contextvars.ContextVar("duogen_remote_call", default=None)
+
+
+@contextmanager
+def deadline(spec: PlannerSpec | ImageSpec, *, stream: bool = False) -> Iterator[Call]:
+    """Run the remote call in this block under a ``Call``'s deadline (the thread's requests see it)."""
+    call = Call(spec, stream=stream)
+    token = _CALL.set(call)
+    try:
+        yield call
+    finally:
+        _CALL.reset(token)
+
+
+def _out_of_time(request: Any) -> BaseException:
+    """The client's own timeout error: raised in a hook, it ends the call without another retry (the
+    client passes its own errors on as they are) and reads as every timeout does (``describe_error``)."""
+    import openai
+
+    return openai.APITimeoutError(request=request)
+
+
+def _on_request(request: Any) -> None:
+    """Before each attempt: count it, fail if the deadline has passed (a retry's wait used it up), and
+    give no socket operation more time than is left."""
+    call = _CALL.get()
+    if call is None:
+        return
+    try:  # the client numbers its attempts; a redirect is not one
+        call.attempts = max(call.attempts, int(request.headers.get("x-stainless-retry-count", "")) + 1)
+    except ValueError:
+        call.attempts += 1
+    left = call.left()
+    if left <= 0:
+        raise _out_of_time(request)
+    timeouts = request.extensions.get("timeout")
+    if isinstance(timeouts, dict):
+        request.extensions["timeout"] = {k: left if v is None else min(v, left) for k, v in timeouts.items()}
+
+
+def _retry_after(headers: Any) -> float | None:
+    """The wait a response asks for before a retry, in seconds (``retry-after-ms``, ``retry-after`` in
+    seconds or as a date), or None."""
+    import email.utils
+
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return float(value) * scale
+        except ValueError:
+            pass
+    try:
+        when = email.utils.parsedate_tz(headers.get("retry-after") or "")
+        return float(email.utils.mktime_tz(when) - time.time()) if when else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _on_response(response: Any) -> None:
+    """Each response: a ``Retry-After`` wait cut to ``timeout_s``, or, where even that does not fit in
+    what is left, no retry (the call fails now, with the server's answer); its body read under the
+    deadline (``_watched_type``)."""
+    call = _CALL.get()
+    if call is None:
+        return
+    status = response.status_code
+    if status < 400:
+        call.answered()
+    elif status in (408, 409, 429) or status >= 500:
+        wait = _retry_after(response.headers)
+        if wait is not None and wait > 0:
+            wait = min(wait, call.timeout)
+            if wait >= call.end - time.monotonic():
+                response.headers["x-should-retry"] = "false"
+            else:
+                response.headers["retry-after-ms"] = f"{max(wait * 1000, 1):.0f}"
+    response.stream = _watched_type()(response.stream, call, response.request)
+
+
+@functools.cache
+def _watched_type() -> type:
+    """The type of a watched response body, made when first needed (httpx2 comes with openai, which is
+    imported only once a remote model is built)."""
+    import httpx2
+
+    class Watched(httpx2.SyncByteStream):
+        """A response body read under a ``Call``: a piece that comes after the call's time is up ends it
+        (a body dripping a byte a second, a stream of keepalive comments)."""
+
+        def __init__(self, inner: Any, call: Call, request: Any) -> None:
+            self._inner = inner
+            self._call = call
+            self._request = request
+
+        def __iter__(self) -> Iterator[bytes]:
+            for piece in self._inner:
+                if self._call.left() <= 0:
+                    raise _out_of_time(self._request)
+                yield piece
+
+        def close(self) -> None:
+            self._inner.close()
+
+        @property
+        def elapsed(self) -> Any:  # what httpx2 reads back from the stream it made
+            return getattr(self._inner, "elapsed", None)
+
+    return Watched
 
 
 _TAGS = re.compile(r"<(script|style)\b.*?</\1\s*>|<!--.*?-->|<[^>]*>", re.IGNORECASE | re.DOTALL)
@@ -196,15 +369,22 @@ def _status_detail(e: Any) -> str:
     return text or "(an empty body)"
 
 
-def describe_error(e: BaseException, what: str, url: str, spec: PlannerSpec | ImageSpec) -> str:
+def describe_error(
+    e: BaseException, what: str, url: str, spec: PlannerSpec | ImageSpec, call: Call | None = None
+) -> str:
     """One line for a failed request: what failed, where, and what to try; no API key of this process
-    in it (``redact``: a server may echo the key it was sent)."""
+    in it (``redact``: a server may echo the key it was sent). With the ``call`` it failed in, the
+    attempts counted are the ones made, and a timeout names the deadline when that is what passed."""
     import openai
 
-    tries = f" (tried {spec.max_retries + 1} times)" if spec.max_retries else ""
+    if call is not None:
+        tries = f" (tried {call.attempts} times)" if call.attempts > 1 else ""
+    else:
+        tries = f" (tried {spec.max_retries + 1} times)" if spec.max_retries else ""
     if isinstance(e, openai.APITimeoutError) or "timeout" in type(e).__name__.lower():
+        within = call.deadline_s if call is not None and call.expired() else spec.timeout_s
         line = (
-            f"the {what} at {url} did not answer within {spec.timeout_s:g} s{tries}; "
+            f"the {what} at {url} did not answer within {within:g} s{tries}; "
             "check the server, or raise timeout_s in the preset"
         )
     elif isinstance(e, openai.APIConnectionError) or _is_transport_error(e):
@@ -212,7 +392,7 @@ def describe_error(e: BaseException, what: str, url: str, spec: PlannerSpec | Im
         reason = " ".join(str(cause).split()) or type(cause).__name__
         line = f"cannot reach the {what} at {url}{tries}: {reason}; is the server running at that address?"
     elif isinstance(e, openai.APIStatusError):
-        retried = tries if e.status_code in (408, 409, 429) or e.status_code >= 500 else ""
+        retried = tries if e.status_code in (408, 409, 429) or e.status_code >= 500 or call is not None else ""
         line = f"the {what} at {url} answered HTTP {e.status_code}{retried}: {_status_detail(e)}"
     else:
         line = f"the {what} at {url} failed: {' '.join(str(e).split()) or type(e).__name__}"
@@ -226,25 +406,66 @@ def _is_transport_error(e: BaseException) -> bool:
     )
 
 
+class Malformed(Exception):
+    """A response that is not what the API promises (not JSON, not UTF-8, a field of the wrong type):
+    its text says what was wrong, for ``the ... at URL sent a malformed response: ...``."""
+
+
+def parsed(raw: Any) -> Any:
+    """The object of a raw response (``with_raw_response``), or ``Malformed``: a body that is not
+    UTF-8 or not JSON (the client hands back the text of a non-JSON body, e.g. a proxy's HTML page)."""
+    try:
+        value = raw.parse()
+    except UnicodeDecodeError:
+        raise Malformed("a body that is not UTF-8 text") from None
+    except ValueError as e:
+        raise Malformed(f"a body that is not JSON ({e})") from None
+    if isinstance(value, (str, bytes)):
+        kind = raw.headers.get("content-type") or "no content-type"
+        text = value if isinstance(value, str) else value.decode("utf-8", "replace")
+        raise Malformed(f"a body that is not JSON ({kind}): {one_line(text, 80)!r}")
+    return value
+
+
 def served_model(client: Any, url: str, role: str, spec: PlannerSpec | ImageSpec) -> str:
     """The first model the server lists at ``/v1/models`` (asked once, when the model is built); on a
     ``duogen serve``, which lists its planner and its image model, the one of this ``role``."""
     import openai
 
+    skip = f" (set {role}.model in the preset to skip this lookup)"
+    with deadline(spec) as call:
+        try:
+            raw = client.models.with_raw_response.list()
+        except (openai.APIError, OSError) as e:
+            raise ModelLoadError(describe_error(e, f"{role} server", url, spec, call) + skip) from None
+        except Exception as e:
+            if _is_transport_error(e):
+                raise ModelLoadError(describe_error(e, f"{role} server", url, spec, call) + skip) from None
+            raise
     try:
-        listed = list(client.models.list().data)
-        models = [m.id for m in listed]
-    except (openai.APIError, OSError) as e:
+        try:
+            listing = raw.http_response.json()
+        except UnicodeDecodeError:
+            raise Malformed("a body that is not UTF-8 text") from None
+        except ValueError:
+            kind = raw.headers.get("content-type") or "no content-type"
+            raise Malformed(f"a body that is not JSON ({kind}): {one_line(raw.http_response.text, 80)!r}") from None
+        data = listing.get("data") if isinstance(listing, dict) else None
+        if not isinstance(data, list) or not all(isinstance(m, dict) for m in data):
+            raise Malformed("no list of models in its 'data'")
+        if any(not isinstance(m.get("id"), str) or not m["id"] for m in data):
+            raise Malformed("a model without an id")
+    except Malformed as e:
         raise ModelLoadError(
-            describe_error(e, f"{role} server", url, spec) + f" (set {role}.model in the preset to skip this lookup)"
+            redact(f"the {role} server at {url} sent a malformed response at /models: {e}") + skip
         ) from None
-    if not models:
+    if not data:
         raise ModelLoadError(f"the {role} server at {url} lists no model at /models; set {role}.model in the preset")
     want = "image" if role == "image" else "planner"
-    for m in listed:
-        if (getattr(m, "model_extra", None) or {}).get("duogen_role") == want:
-            return str(m.id)
-    return str(models[0])
+    for m in data:
+        if m.get("duogen_role") == want:
+            return str(m["id"])
+    return str(data[0]["id"])
 
 
 def png_data_url(image: Image.Image) -> str:
@@ -450,63 +671,97 @@ class OpenAIPlanner:
             extra.update(body)
         if extra:
             kwargs["extra_body"] = extra
-        try:
-            if on_token is None:
-                text, finish, usage, deltas = self._complete(kwargs)
-            else:
-                text, finish, usage, deltas = self._stream(kwargs, on_token)
-        except (openai.APIError, OSError) as e:
-            if _context_exceeded(e):  # a 400, or an error event in the stream: the graph leaves out old turns
-                raise PromptTooLongError(redact(f"the {self.role} at {self.url}: {first_line(e)}")) from None
-            raise GenerationError(describe_error(e, self.role, self.url, spec)) from None
-        except Exception as e:
-            if _is_transport_error(e):
-                raise GenerationError(describe_error(e, self.role, self.url, spec)) from None
-            raise
+        with deadline(spec, stream=on_token is not None) as call:
+            try:
+                if on_token is None:
+                    text, finish, usage, deltas = self._complete(kwargs)
+                else:
+                    text, finish, usage, deltas = self._stream(kwargs, on_token, call)
+            except (openai.APIError, OSError) as e:
+                if _context_exceeded(e):  # a 400, or an error event in the stream: the graph leaves out old turns
+                    raise PromptTooLongError(redact(f"the {self.role} at {self.url}: {first_line(e)}")) from None
+                raise GenerationError(describe_error(e, self.role, self.url, spec, call)) from None
+            except Malformed as e:
+                raise GenerationError(redact(f"the {self.role} at {self.url} sent a malformed response: {e}")) from None
+            except Exception as e:
+                if _is_transport_error(e):
+                    raise GenerationError(describe_error(e, self.role, self.url, spec, call)) from None
+                raise
         if schema is not None:
             self._check(text, schema, finish, limit)
-        completion = getattr(usage, "completion_tokens", None)
-        prompt = getattr(usage, "prompt_tokens", None)
-        details = getattr(usage, "prompt_tokens_details", None)
-        cached = getattr(details, "cached_tokens", None)
+        completion = _count(getattr(usage, "completion_tokens", None))
+        prompt = _count(getattr(usage, "prompt_tokens", None))
+        cached = _count(getattr(getattr(usage, "prompt_tokens_details", None), "cached_tokens", None))
         return PlannerOutput(
             text=text,
             # Without usage (a server that sends none), each streamed delta counts as a token, or
             # every four characters do: the turn's token budget still ends the turn.
-            num_tokens=int(completion) if completion is not None else deltas or max(1, len(text) // 4),
-            prompt_tokens=int(prompt or 0),
-            prefill_tokens=int(prompt) - int(cached) if prompt is not None and cached is not None else None,
+            num_tokens=completion if completion is not None else deltas or max(1, len(text) // 4),
+            prompt_tokens=prompt or 0,
+            prefill_tokens=prompt - cached if prompt is not None and cached is not None else None,
             complete=finish != "length",
         )
 
     def _complete(self, kwargs: dict[str, Any]) -> tuple[str, str | None, Any, int]:
-        response = self.client.chat.completions.create(**kwargs)
-        if not response.choices:
+        response = parsed(self.client.chat.completions.with_raw_response.create(**kwargs))
+        choices = getattr(response, "choices", None)
+        if not isinstance(choices, list):
+            raise Malformed("no list of choices")
+        if not choices:
             raise GenerationError(f"the {self.role} at {self.url} answered with no choices")
-        choice = response.choices[0]
-        return choice.message.content or "", choice.finish_reason, response.usage, 0
+        message = getattr(choices[0], "message", None)
+        content = getattr(message, "content", None)
+        if message is None or not isinstance(content, (str, type(None))):
+            raise Malformed(
+                "its first choice has no message" if message is None else "a message whose content is not text"
+            )
+        return content or "", _finish_reason(choices[0]), getattr(response, "usage", None), 0
 
-    def _stream(self, kwargs: dict[str, Any], on_token: TokenCallback) -> tuple[str, str | None, Any, int]:
-        stream = self.client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    def _stream(self, kwargs: dict[str, Any], on_token: TokenCallback, call: Call) -> tuple[str, str | None, Any, int]:
+        """The answer as it streams, each text delta handed to ``on_token``. Only a stream that says how
+        it finished (``finish_reason``) is a whole answer, or one the caller ended (``on_token``
+        returned True): one cut off without it (a server that died, a proxy that closed the
+        connection) is an error, not a shorter answer."""
+        raw = self.client.chat.completions.with_raw_response.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        )
+        kind = raw.headers.get("content-type") or "no content-type"
+        if not kind.lower().startswith("text/event-stream"):  # e.g. a proxy's login page, with 200
+            raw.http_response.close()
+            raise Malformed(f"a body of {kind} to a streamed request, not text/event-stream")
+        stream = raw.parse()
         pieces: list[str] = []
         finish: str | None = None
         usage: Any = None
+        chunks = iter(stream)
         try:
-            for chunk in stream:
-                if getattr(chunk, "usage", None) is not None:
-                    usage = chunk.usage
-                for choice in chunk.choices or []:
-                    delta = choice.delta.content if choice.delta is not None else None
-                    if delta:
-                        pieces.append(delta)
-                        if on_token(delta) is True:
-                            # The caller has what it wants (a stop sequence): closing the stream ends the
-                            # server's decoding. Its usage never comes, so each delta counts as a token.
-                            return "".join(pieces), finish, usage, len(pieces)
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
+            while True:
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    break
+                except UnicodeDecodeError:
+                    raise Malformed("an event that is not UTF-8 text") from None
+                except ValueError as e:  # the JSON of an event
+                    raise Malformed(f"an event that is not JSON ({e})") from None
+                moved, texts, chunk_usage, chunk_finish = _read_chunk(chunk)
+                if moved:
+                    call.progress()
+                usage = chunk_usage if chunk_usage is not None else usage
+                finish = chunk_finish or finish
+                for delta in texts:
+                    pieces.append(delta)
+                    if on_token(delta) is True:
+                        # The caller has what it wants (a stop sequence): closing the stream ends the
+                        # server's decoding. Its usage never comes, so each delta counts as a token.
+                        return "".join(pieces), finish, usage, len(pieces)
         finally:
             stream.close()
+        if finish is None:
+            raise GenerationError(
+                f"the {self.role} at {self.url}: the stream ended before the answer finished (no finish_reason "
+                f"after {len(pieces)} text deltas); check the server, or the proxy in front of it"
+            )
         return "".join(pieces), finish, usage, len(pieces)
 
     def _check(self, text: str, schema: dict[str, Any], finish: str | None, limit: int) -> None:
@@ -529,6 +784,44 @@ class OpenAIPlanner:
                 f"{where}: it does not match the action schema ({problem}); does the server honour "
                 f"{self.role}.structured_output = {self.spec.structured_output!r}?"
             )
+
+
+def _count(value: Any) -> int | None:
+    """A token count of the usage, or None where it is not one (a server's null or string)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _finish_reason(choice: Any) -> str | None:
+    finish = getattr(choice, "finish_reason", None)
+    if finish is not None and not isinstance(finish, str):
+        raise Malformed("a finish_reason that is not a string")
+    return finish or None
+
+
+def _read_chunk(chunk: Any) -> tuple[bool, list[str], Any, str | None]:
+    """(whether it moved the answer, its text deltas, its usage, its finish reason) of a stream's
+    chunk, or ``Malformed``. Moving is anything but an empty delta: text (or reasoning, or a tool
+    call), a finish reason, the usage; a server that sends only empty deltas is as still as one that
+    sends keepalive comments."""
+    choices = getattr(chunk, "choices", None)
+    usage = getattr(chunk, "usage", None)
+    if not isinstance(choices, list) and not (choices is None and usage is not None):
+        raise Malformed("an event without a list of choices")
+    texts: list[str] = []
+    finish: str | None = None
+    moved = usage is not None
+    for choice in choices or []:
+        delta = getattr(choice, "delta", None)
+        content = getattr(delta, "content", None)
+        if not isinstance(content, (str, type(None))):
+            raise Malformed("a delta whose content is not text")
+        if content:
+            texts.append(content)
+        fields = {**(getattr(delta, "__dict__", None) or {}), **(getattr(delta, "model_extra", None) or {})}
+        moved = moved or any(value for name, value in fields.items() if name != "role")
+        finish = _finish_reason(choice) or finish
+        moved = moved or finish is not None
+    return moved, texts, usage, finish
 
 
 def _context_exceeded(e: Any) -> bool:

@@ -31,7 +31,16 @@ from PIL import Image, UnidentifiedImageError
 from duogen_agents.errors import GenerationError
 from duogen_agents.inputs import MAX_PIXELS
 from duogen_agents.models.protocols import Drawing, ImageKind, StepCallback, letterbox, refusal
-from duogen_agents.models.remote import _is_transport_error, describe_error, make_client, served_model
+from duogen_agents.models.remote import (
+    Malformed,
+    _is_transport_error,
+    deadline,
+    describe_error,
+    make_client,
+    parsed,
+    redact,
+    served_model,
+)
 from duogen_agents.presets import ImageSpec
 
 FAMILY = "openai-images"
@@ -78,24 +87,26 @@ class OpenAIImagesTool:
         if self.model:
             kwargs["model"] = self.model
         endpoint = "edits" if references else "generations"
-        try:
-            if references:
-                files = [
-                    (f"reference-{i}.png", _png(letterbox(im, canvas)), "image/png") for i, im in enumerate(references)
-                ]
-                # ``kind`` says what the references are for; duogen serve reads it, other servers ignore it.
-                kwargs["extra_body"] = {"kind": kind, **kwargs["extra_body"]}
-                response = self.client.images.edit(image=files, **kwargs)
-            else:
-                response = self.client.images.generate(**kwargs)
-        except (openai.APIError, OSError) as e:
-            raise GenerationError(describe_error(e, "image server", f"{self.url}/images/{endpoint}", spec)) from None
-        except Exception as e:
-            if _is_transport_error(e):
-                raise GenerationError(
-                    describe_error(e, "image server", f"{self.url}/images/{endpoint}", spec)
-                ) from None
-            raise
+        where = f"{self.url}/images/{endpoint}"
+        if references:
+            # ``kind`` says what the references are for; duogen serve reads it, other servers ignore it.
+            kwargs["extra_body"] = {"kind": kind, **kwargs["extra_body"]}
+            kwargs["image"] = [
+                (f"reference-{i}.png", _png(letterbox(im, canvas)), "image/png") for i, im in enumerate(references)
+            ]
+        with deadline(spec) as call:
+            try:
+                images = self.client.images.with_raw_response
+                raw = images.edit(**kwargs) if references else images.generate(**kwargs)
+                response = parsed(raw)
+            except (openai.APIError, OSError) as e:
+                raise GenerationError(describe_error(e, "image server", where, spec, call)) from None
+            except Malformed as e:
+                raise GenerationError(redact(f"the image server at {where} sent a malformed response: {e}")) from None
+            except Exception as e:
+                if _is_transport_error(e):
+                    raise GenerationError(describe_error(e, "image server", where, spec, call)) from None
+                raise
         image = self._decode(response, endpoint)
         details: dict[str, Any] = {"endpoint": f"/images/{endpoint}", "references": len(references), "kind": kind}
         if image.size != canvas:  # a server that snaps sizes: fitted to the canvas, never cropped
