@@ -9,7 +9,6 @@ import base64
 import io
 import struct
 import zlib
-from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -38,54 +37,15 @@ def _claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-class _Server:
-    """Stands in for the openai client's transport: answers every request with ``png``."""
-
-    def __init__(self, png: bytes) -> None:
-        self.images = SimpleNamespace(generate=self._answer, edit=self._answer)
-        self.png = png
-
-    def _answer(self, **kwargs):
-        return SimpleNamespace(data=[SimpleNamespace(b64_json=base64.b64encode(self.png).decode())])
-
-
-def _tool(png: bytes) -> OpenAIImagesTool:
-    spec = ImageSpec(backend="openai-images", base_url="http://127.0.0.1:1/v1", width=64, height=48)
-    return OpenAIImagesTool(_Server(png), spec, "http://127.0.0.1:1/v1", "m")
-
-
-def test_an_answer_over_max_pixels_is_refused_before_decoding() -> None:
-    side = int(MAX_PIXELS**0.5) + 10
-    with pytest.raises(GenerationError, match=rf"sent a {side}x{side} image, more than duogen accepts"):
-        _tool(_claiming(side, side)).draw("a pot")
-    for width, height in ((10000, 10000), (15000, 15000)):  # past Pillow's own warning, and its error
-        with pytest.raises(GenerationError, match="sent an image too large to decode safely"):
-            _tool(_claiming(width, height)).draw("a pot")
-
-
-def test_an_answer_of_another_size_is_fitted_to_the_canvas() -> None:
-    drawing = _tool(_png((13, 300))).draw("a pot")
-    assert drawing.image.size == (64, 48) and drawing.details["served_size"] == [13, 300]
-    exact = _tool(_png((64, 48))).draw("a pot")
-    assert exact.image.size == (64, 48) and "served_size" not in exact.details
-
-
-def test_the_store_never_keeps_what_it_would_refuse_to_read(tmp_path) -> None:
-    store = ImageStore(tmp_path)
-    big = Image.new("L", (MAX_PIXELS // 1000 + 1, 1000))
-    with pytest.raises(StorageError, match="more than the store keeps"):
-        store.put(big)
-    assert not list(tmp_path.rglob("*.png"))
-
-
-def test_through_a_real_http_server(tmp_path) -> None:
-    """The same over the openai client and HTTP (a local server answering /v1/images/generations):
-    an oversized answer is one line and nothing is stored; an odd size reaches the document fitted."""
+@pytest.fixture(scope="module")
+def serve():
+    """A local image server (over HTTP, through the openai client) answering every request with the
+    PNG ``serve`` is called with; returns the tool."""
     import json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    answers: list[bytes] = []
+    answers: list[bytes] = [b""]
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -102,15 +62,37 @@ def test_through_a_real_http_server(tmp_path) -> None:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        spec = ImageSpec(backend="openai-images", base_url=url, model="m", width=64, height=48, max_retries=0)
-        tool = OpenAIImagesTool.from_spec(spec)
-        answers[:] = [_claiming(7100, 7100)]
-        with pytest.raises(GenerationError, match="sent a 7100x7100 image, more than duogen accepts"):
-            tool.draw("a pot")
-        answers[:] = [_png((13, 300))]
-        drawing = tool.draw("a pot")
-        assert drawing.image.size == (64, 48) and drawing.details["served_size"] == [13, 300]
-    finally:
-        server.shutdown()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    spec = ImageSpec(backend="openai-images", base_url=url, model="m", width=64, height=48, max_retries=0)
+    tool = OpenAIImagesTool.from_spec(spec)
+
+    def answering(png: bytes) -> OpenAIImagesTool:
+        answers[0] = png
+        return tool
+
+    yield answering
+    server.shutdown()
+
+
+def test_an_answer_over_max_pixels_is_refused_before_decoding(serve) -> None:
+    side = int(MAX_PIXELS**0.5) + 10
+    with pytest.raises(GenerationError, match=rf"sent a {side}x{side} image, more than duogen accepts"):
+        serve(_claiming(side, side)).draw("a pot")
+    for width, height in ((10000, 10000), (15000, 15000)):  # past Pillow's own warning, and its error
+        with pytest.raises(GenerationError, match="sent an image too large to decode safely"):
+            serve(_claiming(width, height)).draw("a pot")
+
+
+def test_an_answer_of_another_size_is_fitted_to_the_canvas(serve) -> None:
+    drawing = serve(_png((13, 300))).draw("a pot")
+    assert drawing.image.size == (64, 48) and drawing.details["served_size"] == [13, 300]
+    exact = serve(_png((64, 48))).draw("a pot")
+    assert exact.image.size == (64, 48) and "served_size" not in exact.details
+
+
+def test_the_store_never_keeps_what_it_would_refuse_to_read(tmp_path) -> None:
+    store = ImageStore(tmp_path)
+    big = Image.new("L", (MAX_PIXELS // 1000 + 1, 1000))
+    with pytest.raises(StorageError, match="more than the store keeps"):
+        store.put(big)
+    assert not list(tmp_path.rglob("*.png"))
