@@ -114,6 +114,8 @@ def make_app(fake: Fake) -> Any:
             status = fake.fail.pop(0)
             # retry-after-ms keeps the client's backoff short in tests (it honours the header).
             wait = {"retry-after": fake.retry_after} if fake.retry_after else {"retry-after-ms": "10"}
+            if fake.retry_after == "none":  # the client's own backoff decides
+                wait = {}
             if fake.fail_body is not None:
                 return Response(fake.fail_body[1], status, wait, media_type=fake.fail_body[0])
             return JSONResponse({"error": {"message": f"fake status {status}"}}, status, wait)
@@ -718,6 +720,27 @@ def test_a_retry_after_wait_is_cut_to_timeout_s(fake: Fake) -> None:
     assert str(err.value) == f"the planner at {fake.url} answered HTTP 429 (tried 2 times): fake status 429"  # type: ignore[attr-defined]
 
 
+def test_a_slow_reader_of_the_stream_is_not_the_servers_silence(fake: Fake) -> None:
+    """A caller that takes longer than timeout_s with a piece (a slow callback) does not make a
+    healthy stream time out: its quiet time counts from when the caller is done."""
+    planner = OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL, timeout_s=0.5, max_retries=0))  # type: ignore[attr-defined]
+    slow = [0.6]  # the first piece only: the next read comes 0.6 s after the server sent it
+    out = planner.generate(conversation(), check_schema(), on_token=lambda _t: time.sleep(slow.pop() if slow else 0))
+    assert json.loads(out.text)["verdict"] == "ok"
+
+
+def test_the_clients_own_backoff_is_held_to_the_deadline_too(fake: Fake) -> None:
+    """Without a Retry-After the client backs off 0.5, 1, 2, 4 s (less up to a quarter): four retries
+    of a 503 with timeout_s = 1 spent more than the call's 5 s and failed as a timeout; each wait is now
+    at most timeout_s, so the fifth attempt answers."""
+    planner = OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL, timeout_s=1.0, max_retries=4))  # type: ignore[attr-defined]
+    fake.fail, fake.retry_after = [503] * 4, "none"
+    start = time.monotonic()
+    out = planner.generate(conversation(), check_schema())
+    assert json.loads(out.text)["verdict"] == "ok" and fake.attempts == 5
+    assert time.monotonic() - start < 4.5
+
+
 @pytest.mark.parametrize(
     ("chat", "streamed", "problem"),
     [
@@ -802,9 +825,14 @@ def test_openai_organization_and_project_are_not_read_from_the_environment(
 ) -> None:
     monkeypatch.setenv("OPENAI_ORG_ID", "org-private")
     monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-private")
-    OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL)).generate(conversation(), check_schema())  # type: ignore[attr-defined]
-    sent = {k.lower() for k in fake.headers[-1]}
-    assert "authorization" in sent and "openai-organization" not in sent and "openai-project" not in sent
+    # The client reads these headers at construction too; an Authorization among them replaced the key.
+    monkeypatch.setenv("OPENAI_CUSTOM_HEADERS", "X-Gateway-Key: gw-private\nAuthorization: Bearer sk-private")
+    monkeypatch.setenv("SERVER_KEY", "s3cret")
+    spec = planner_spec(fake.url, model=MODEL, api_key_env="SERVER_KEY")
+    OpenAIPlanner.from_spec(spec).generate(conversation(), check_schema())  # type: ignore[attr-defined]
+    sent = {k.lower(): v for k, v in fake.headers[-1].items()}
+    assert sent["authorization"] == "Bearer s3cret" and "x-gateway-key" not in sent
+    assert "openai-organization" not in sent and "openai-project" not in sent
 
 
 @pytest.mark.parametrize(

@@ -172,9 +172,12 @@ def make_client(spec: PlannerSpec | ImageSpec, role: str) -> tuple[Any, str]:
     client = openai.OpenAI(
         base_url=url, api_key=key, timeout=spec.timeout_s, max_retries=spec.max_retries, http_client=http
     )
-    # None at construction means "read the environment": cleared after it, they are not sent.
+    # None at construction means "read the environment": cleared after it, they are not sent. The
+    # headers of OPENAI_CUSTOM_HEADERS are read at construction too, and could even replace the key
+    # named by api_key_env: the client's own (private) copy of them is emptied, as nothing else can.
     client.organization = None
     client.project = None
+    client._custom_headers = {}
     return client, url
 
 
@@ -256,13 +259,13 @@ def _on_request(request: Any) -> None:
     call = _CALL.get()
     if call is None:
         return
+    left = call.left()
+    if left <= 0:  # not sent: not an attempt
+        raise _out_of_time(request)
     try:  # the client numbers its attempts; a redirect is not one
         call.attempts = max(call.attempts, int(request.headers.get("x-stainless-retry-count", "")) + 1)
     except ValueError:
         call.attempts += 1
-    left = call.left()
-    if left <= 0:
-        raise _out_of_time(request)
     timeouts = request.extensions.get("timeout")
     if isinstance(timeouts, dict):
         request.extensions["timeout"] = {k: left if v is None else min(v, left) for k, v in timeouts.items()}
@@ -289,23 +292,29 @@ def _retry_after(headers: Any) -> float | None:
 
 
 def _on_response(response: Any) -> None:
-    """Each response: a ``Retry-After`` wait cut to ``timeout_s``, or, where even that does not fit in
-    what is left, no retry (the call fails now, with the server's answer); its body read under the
-    deadline (``_watched_type``)."""
+    """Each response: the wait before a retry made ours (the server's ``Retry-After``, else the
+    client's own backoff without its jitter), cut to ``timeout_s``; where even that does not fit in
+    what is left, no retry (the call fails now, with the server's answer). A streamed answer's reads
+    get ``timeout_s`` each again (a late retry's connection was given only what was left), and its body
+    is read under the deadline (``_watched_type``)."""
     call = _CALL.get()
     if call is None:
         return
     status = response.status_code
     if status < 400:
         call.answered()
-    elif status in (408, 409, 429) or status >= 500:
+        timeouts = response.request.extensions.get("timeout")
+        if call.stream and isinstance(timeouts, dict):
+            timeouts["read"] = call.timeout  # a flowing stream is held to its quiet time, not the deadline
+    else:  # any error the client may retry (it retries a 4xx that says x-should-retry: true)
         wait = _retry_after(response.headers)
-        if wait is not None and wait > 0:
-            wait = min(wait, call.timeout)
-            if wait >= call.end - time.monotonic():
-                response.headers["x-should-retry"] = "false"
-            else:
-                response.headers["retry-after-ms"] = f"{max(wait * 1000, 1):.0f}"
+        if wait is None or wait <= 0:
+            wait = min(0.5 * 2 ** max(call.attempts - 1, 0), 8.0)  # the client's backoff, at most
+        wait = min(wait, call.timeout)
+        if wait >= call.end - time.monotonic():
+            response.headers["x-should-retry"] = "false"
+        else:
+            response.headers["retry-after-ms"] = f"{max(wait * 1000, 1):.0f}"
     response.stream = _watched_type()(response.stream, call, response.request)
 
 
@@ -755,6 +764,8 @@ class OpenAIPlanner:
                         # The caller has what it wants (a stop sequence): closing the stream ends the
                         # server's decoding. Its usage never comes, so each delta counts as a token.
                         return "".join(pieces), finish, usage, len(pieces)
+                if moved and texts:
+                    call.progress()  # the caller's time with the text is not the server's silence
         finally:
             stream.close()
         if finish is None:

@@ -68,8 +68,10 @@ def registered(store: ImageStore) -> list[tuple[str | None, Path]]:
     an entry that cannot be read or is not one (it may stand for any database)."""
     folder = store.images_dir / REGISTRY_DIR
     try:
-        if folder.is_symlink() or not folder.is_dir():
+        if not folder.exists() and not folder.is_symlink():
             return []
+        if folder.is_symlink() or not folder.is_dir():  # planted: it may stand for any database
+            return [(None, folder)]
         files = sorted(folder.glob("*.db"))
     except OSError:
         return [(None, folder)]
@@ -84,16 +86,21 @@ def registered(store: ImageStore) -> list[tuple[str | None, Path]]:
 
 
 def forget(store: ImageStore, name: str) -> bool:
-    """Drop the registry entry of the database ``name`` (a URL, as gc's note prints it or with its
-    password): gc stops keeping images for it. Returns whether there was one."""
+    """Drop the registry entries of the database ``name`` (a URL as gc's note prints it, or with its
+    password), or the entry file ``name`` itself (gc's note names the file of an entry it cannot read):
+    gc stops keeping images for it. An entry is matched by what it holds, whatever its file is called.
+    Returns whether there was one."""
     try:
-        path = _entry_file(store, identity(name))
-    except Exception:  # not a database URL
-        return False
-    if not path.is_file():
-        return False
-    path.unlink()
-    return True
+        wanted = {name, identity(name)}
+    except Exception:  # not a database URL: perhaps an entry's file
+        wanted = {name}
+    dropped = False
+    for entry, path in registered(store):
+        if entry in wanted or str(path) == name or (entry is None and path.name == name):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                dropped = True
+    return dropped
 
 
 @dataclass

@@ -101,10 +101,20 @@ def test_a_database_that_cannot_be_read_keeps_every_image_and_says_which(db_url,
     assert main(["sessions", "gc", "--forget", "postgresql://nobody@127.0.0.1:1/elsewhere", "--db", db_url]) == 0
     assert "removed 1" in capsys.readouterr().out and not store.exists(orphan)  # forgotten: gc goes on
     orphan = _orphan(store, (8, 8, 8))
-    (store.images_dir / ".databases" / ("0" * 32 + ".db")).write_bytes(b"\xff\xfe not a name")
+    bad = store.images_dir / ".databases" / ("0" * 32 + ".db")
+    bad.write_bytes(b"\xff\xfe not a name")
     assert main(["sessions", "gc", "--grace", "0", "--db", db_url]) == 0
     cap = capsys.readouterr()
     assert "removed 0" in cap.out and "cannot be read" in one_line(cap.err) and store.exists(orphan)
+    # --forget takes the entry's file as the note names it, and an entry by what it holds, whatever its
+    # file is called (a hand-copied one, or one an earlier version wrote with query options).
+    legacy = store.images_dir / ".databases" / "legacy.db"
+    legacy.write_text("postgresql://u@db.example:5432/app?sslmode=require\n")
+    assert main(["sessions", "gc", "--forget", str(bad), "--db", db_url]) == 0
+    assert (
+        main(["sessions", "gc", "--forget", "postgresql://u@db.example:5432/app?sslmode=require", "--db", db_url]) == 0
+    )
+    assert not bad.exists() and not legacy.exists() and not store.exists(orphan)
 
 
 def test_a_database_whose_file_is_not_there_keeps_its_images_until_it_is_forgotten(
