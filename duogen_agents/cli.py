@@ -675,7 +675,7 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
 
                 if not forget(sessions.store, args.forget):
                     raise ConfigError(f"--forget {args.forget}: no such database in the store's list")
-                out.print(f"forgot {args.forget}", highlight=False)
+                out.print(f"forgot {args.forget}", highlight=False, soft_wrap=True)
             report = sessions.gc(grace_seconds=args.grace)
             out.print(
                 f"removed {report.removed} unreferenced image file(s), {report.freed_bytes:,} bytes; kept {report.kept}"
