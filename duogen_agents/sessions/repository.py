@@ -259,18 +259,22 @@ class Sessions:
             query = select(TurnRecord).where(TurnRecord.session_id == session_id).order_by(TurnRecord.number)
             try:
                 return [_turn_info(t) for t in s.scalars(query).all()]
-            except _DECODE_ERRORS:
-                pass  # a value that does not decode: find the turn it is in, to name it
-            s.expunge_all()
-            out = []
-            for turn_id, number in s.execute(
-                select(TurnRecord.id, TurnRecord.number)
-                .where(TurnRecord.session_id == session_id)
-                .order_by(TurnRecord.number)
-            ):
-                with _decoding(session_id, number):
-                    out.append(_turn_info(s.get_one(TurnRecord, turn_id)))
-            return out
+            except _DECODE_ERRORS:  # a value that does not decode: read turn by turn to name the one
+                s.expunge_all()
+                return self._turns_one_by_one(s, session_id)
+
+    @staticmethod
+    def _turns_one_by_one(s: Any, session_id: str) -> list[TurnInfo]:
+        """``turns``, each turn loaded alone, so that a malformed one is a ``StorageError`` naming it."""
+        out = []
+        for turn_id, number in s.execute(
+            select(TurnRecord.id, TurnRecord.number)
+            .where(TurnRecord.session_id == session_id)
+            .order_by(TurnRecord.number)
+        ):
+            with _decoding(session_id, number):
+                out.append(_turn_info(s.get_one(TurnRecord, turn_id)))
+        return out
 
     def last_turn(self, session_id: str) -> TurnInfo | None:
         turns = self.turns(session_id) if self.exists(session_id) else []

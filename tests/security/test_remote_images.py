@@ -72,6 +72,7 @@ def serve():
 
     yield answering
     server.shutdown()
+    server.server_close()
 
 
 def test_an_answer_over_max_pixels_is_refused_before_decoding(serve) -> None:
