@@ -12,6 +12,7 @@ code relies on, on the tiny preset (real models, random weights).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -426,3 +427,123 @@ def test_include_raw_returns_a_parsing_error_rather_than_raising(chat) -> None:
 
     ok = chat.with_structured_output(Step, include_raw=True).invoke("A step")
     assert isinstance(ok["parsed"], Step) and ok["parsing_error"] is None
+
+
+# ---- a turn with tools streams: its text answer, or its call in pieces ----------------------------------
+
+
+def _joined(chunks):
+    full = chunks[0]
+    for c in chunks[1:]:
+        full = full + c
+    return full
+
+
+def _calls(message) -> list[tuple[str, dict]]:
+    return [(c["name"], c["args"]) for c in message.tool_calls]
+
+
+def test_a_turn_with_tools_streams_its_call_and_its_text(chat) -> None:
+    """With tools bound, ``stream`` gave nothing until the end: the whole JSON was decoded, then one
+    chunk carried the call (or the text). Now a text answer streams as text, and a call streams as
+    ChatOpenAI's does: its name and id first, then its arguments piece by piece; joined, the chunks
+    are the message ``invoke`` returns."""
+    seen = {"text": 0, "call": 0}
+    for choice in ("any", "auto"):
+        model = chat.bind_tools([get_weather, add], tool_choice=choice)
+        for seed in range(4):
+            chunks = list(model.stream("What is 2 + 3?", seed=seed))
+            whole = model.invoke("What is 2 + 3?", seed=seed)
+            joined = _joined(chunks)
+            assert joined.content == whole.content and _calls(joined) == _calls(whole)
+            if whole.tool_calls:
+                seen["call"] += 1
+                pieces = [c.tool_call_chunks[0] for c in chunks if c.tool_call_chunks]
+                assert pieces[0]["name"] == whole.tool_calls[0]["name"] and pieces[0]["args"] == ""
+                assert pieces[0]["id"] == joined.tool_calls[0]["id"]
+                assert len(pieces) > 2 and all(p["name"] is None and p["args"] for p in pieces[1:])
+                assert not chunks[-1].tool_call_chunks  # not sent twice (joined, the arguments would double)
+            else:
+                seen["text"] += 1
+                assert len([c for c in chunks if c.content]) > 2 and whole.content
+            assert chunks[-1].usage_metadata and not any(c.usage_metadata for c in chunks[:-1])
+    assert seen["call"] and seen["text"]  # both kinds of answer were streamed
+
+
+def test_stop_sequences_cut_a_text_answer_never_a_call(chat) -> None:
+    """A stop sequence cut the raw JSON of a turn with tools, so a call whose arguments held it, or a
+    text answer, failed as "not complete JSON". Now a text answer ends at the stop sequence (and so
+    does its decoding), and a call is never cut."""
+    model = chat.bind_tools([get_weather, add], tool_choice="auto")
+    seed, text = next((s, m) for s in range(8) if len((m := model.invoke("Hi", seed=s)).content) >= 8)
+    stop = text.content[4:6]
+    cut = text.content[: text.content.index(stop)]
+    assert model.invoke("Hi", seed=seed, stop=[stop]).content == cut
+    assert "".join(c.content for c in model.stream("Hi", seed=seed, stop=[stop])) == cut
+    stopped = model.invoke("Hi", seed=seed, stop=[stop]).usage_metadata["output_tokens"]
+    assert stopped < text.usage_metadata["output_tokens"]
+
+    forced = chat.bind_tools([get_weather, add], tool_choice="any")
+    (call,) = forced.invoke("What is 2 + 3?", seed=3).tool_calls
+    inside = json.dumps(call["args"])[2:4]  # a stop sequence inside the call's own JSON
+    for answer in (
+        forced.invoke("What is 2 + 3?", seed=3, stop=[inside]),
+        _joined(list(forced.stream("What is 2 + 3?", seed=3, stop=[inside]))),
+    ):
+        assert _calls(answer) == [(call["name"], call["args"])]
+
+
+def test_tool_turn_reader_at_every_split() -> None:
+    """The reader of a turn with tools, fed the answer in pieces of every size: the text decoded from
+    its JSON string (escapes, a surrogate pair, an escape split between pieces), the call's name
+    once and its arguments' JSON as written; another layout is read whole at the end."""
+    from duogen_agents.models.chat_model import _ToolTurn
+
+    answers = [
+        '{"tool": "add", "arguments": {"a": 2, "b": {"c": "x}\\"{", "d": [1, {"e": "]"}]}}}',
+        '{"text": "h\\u00e9llo \\ud83d\\ude00 \\"q\\" \\\\ \\n end"}',
+        '{ "text" : "ab" }',
+        '{\n  "tool" : "get_weather" ,\n  "arguments" : { "city" : "Oslo" }\n}',
+    ]
+    for raw in answers:
+        data = json.loads(raw)
+        for size in (1, 2, 3, 5, 8, len(raw)):
+            got: list = []
+            turn = _ToolTurn([], got.append, got.append)
+            assert not any(turn.feed(raw[i : i + size]) for i in range(0, len(raw), size))
+            turn.flush()
+            text = "".join(g for g in got if isinstance(g, str))
+            calls = [g for g in got if isinstance(g, dict)]
+            if "text" in data:
+                assert text == data["text"] and not calls and turn.is_text
+            else:
+                assert [c["name"] for c in calls if c["name"]] == [data["tool"]] and not text
+                assert json.loads("".join(c["args"] for c in calls)) == data["arguments"]
+                assert {c["id"] for c in calls} - {None} == {turn.call_id}
+    other = _ToolTurn([], print, print)
+    other.feed('{"arguments": {}, "tool": "add"}')
+    assert other.state == "whole" and not other.started
+    stopped: list = []
+    turn = _ToolTurn(["END"], stopped.append, stopped.append)
+    asked = [turn.feed(p) for p in ['{"text": "one E', "N", 'D two"}']]
+    assert asked == [False, False, True] and "".join(stopped) == "one " and turn.stopped
+
+
+def test_messages_stream_mode_of_a_graph_sees_the_call_as_it_decodes(chat) -> None:
+    """LangGraph's ``stream_mode="messages"`` (a ReAct agent's UI) gets the call's pieces from the
+    node's plain ``invoke`` (the chunks used to come all at once, at the end)."""
+    from langgraph.graph import END, START, MessagesState, StateGraph
+
+    model = chat.bind_tools([get_weather, add], tool_choice="any")
+    graph = StateGraph(MessagesState)
+    graph.add_node("agent", lambda state: {"messages": [model.invoke(state["messages"], seed=3)]})
+    graph.add_edge(START, "agent")
+    graph.add_edge("agent", END)
+    pieces = [
+        chunk.tool_call_chunks[0]
+        for chunk, _ in graph.compile().stream({"messages": [("user", "What is 2 + 3?")]}, stream_mode="messages")
+        if getattr(chunk, "tool_call_chunks", None)
+    ]
+    (call,) = model.invoke("What is 2 + 3?", seed=3).tool_calls
+    assert pieces[0]["name"] == call["name"] and len(pieces) > 2
+    assert json.loads("".join(p["args"] for p in pieces)) == call["args"]

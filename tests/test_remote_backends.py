@@ -418,6 +418,28 @@ def test_on_token_returning_true_ends_the_stream(fake: Fake) -> None:
     assert whole.text == "free text" and whole.num_tokens == 17
 
 
+def test_chat_duogen_over_a_served_planner_streams_a_call_and_a_text_answer(fake: Fake) -> None:
+    """``ChatDuogen`` over a server's planner: a call streams as ``tool_call_chunks`` as the server's
+    deltas arrive (name first, then the arguments in pieces), and a text answer as text; joined, they
+    are ``invoke``'s message."""
+    from duogen_agents.models.chat_model import ChatDuogen
+
+    def get_weather(city: str) -> str:
+        """Get the weather for a city."""
+        return "sunny"
+
+    chat = ChatDuogen(planner=OpenAIPlanner.from_spec(planner_spec(fake.url)))  # type: ignore[attr-defined]
+    chunks = list(chat.bind_tools([get_weather], tool_choice="any").stream("Weather in Oslo?"))
+    pieces = [c.tool_call_chunks[0] for c in chunks if c.tool_call_chunks]
+    assert pieces[0]["name"] == "get_weather" and len(pieces) > 3
+    joined = chunks[0]
+    for c in chunks[1:]:
+        joined = joined + c
+    assert [(c["name"], c["args"]) for c in joined.tool_calls] == [("get_weather", {"city": "a fake answer"})]
+    text = list(chat.bind_tools([get_weather], tool_choice="auto").stream("Hello"))
+    assert [c.content for c in text if c.content] == ["a fak", "e ans", "wer"]  # as the server's deltas came
+
+
 @pytest.mark.parametrize("field", ["structured_outputs", "guided_json"])
 def test_vllm_structured_output_fields(fake: Fake, field: str) -> None:
     planner = OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL, structured_output=field))  # type: ignore[attr-defined]

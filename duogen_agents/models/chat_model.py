@@ -204,6 +204,13 @@ def _tool_choice(choice: Any, names: list[str]) -> tuple[str, str | None]:
     )
 
 
+def _chunk(piece: str | dict[str, Any]) -> tuple[str, ChatGenerationChunk]:
+    """A streamed piece (text, or a ``tool_call_chunk``) as the token and chunk callbacks take it."""
+    if isinstance(piece, dict):
+        return "", ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[piece]))
+    return piece, ChatGenerationChunk(message=AIMessageChunk(content=piece))
+
+
 class _UpToStop:
     """Streamed text up to the first stop sequence, handed on to ``emit``. A stop sequence can span
     pieces (``"E"`` then ``"ND"``), so a tail that may begin one is held back until the next pieces
@@ -242,6 +249,208 @@ class _UpToStop:
         if not self.stopped and self.held:
             self.emit(self.held)
             self.held = ""
+
+
+class _ToolTurn:
+    """A turn with tools, read as it is decoded. The grammar's answer is ``{"tool": NAME, "arguments":
+    {...}}`` or ``{"text": "..."}``; ``feed`` (the planner's token callback) hands on, as they arrive:
+
+    - a text answer's characters, decoded from its JSON string, to ``on_text``, through ``_UpToStop``:
+      the text ends at the first stop sequence, and so does decoding;
+    - a call's start once its name is whole (``{"name", "id", "args": "", "index": 0}``), then its
+      arguments' JSON as the model writes it, piece by piece (``{"args": piece, "index": 0}``), to
+      ``on_call``: LangChain's ``tool_call_chunks``. Stop sequences never cut a call.
+
+    Another layout (a server whose grammar writes ``arguments`` first) is read whole at the end
+    instead: nothing of it streams, nothing is lost. ``feed`` returns True to end decoding: at a stop
+    sequence in a text answer, or once ``gone()`` says the reader has left."""
+
+    def __init__(
+        self,
+        stop: list[str],
+        on_text: Callable[[str], object] | None,
+        on_call: Callable[[dict[str, Any]], object] | None,
+        gone: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.raw = ""  # everything decoded
+        self.pos = 0  # how far ``raw`` has been read
+        self.state = "open"  # open, key, text, name, comma, arguments, args, end; or whole
+        self.text: list[str] = []  # the text answer handed on (up to a stop sequence)
+        self.decoded = ""  # text answer decoded but not yet handed to ``upto``
+        self.upto = _UpToStop(stop, self._emit_text, halt=True, gone=gone)
+        self.on_text = on_text
+        self.on_call = on_call
+        self.gone = gone
+        self.call_id = f"call_{uuid.uuid4().hex[:12]}"
+        self.name: str | None = None
+        self.started = False  # the call's start went out: its chunks are streamed
+        self.depth = 0  # the arguments' nesting
+        self.in_string = False  # inside a string of the arguments
+        self.escaped = False
+
+    @property
+    def stopped(self) -> bool:
+        """A text answer cut at a stop sequence (its JSON is cut there too)."""
+        return self.upto.stopped
+
+    @property
+    def is_text(self) -> bool:
+        return self.state == "text" or (self.state == "end" and self.name is None)
+
+    def feed(self, piece: str) -> bool:
+        self.raw += piece
+        while self._step():
+            pass
+        if self.decoded or self.stopped:
+            text, self.decoded = self.decoded, ""
+            return self.upto.feed(text)
+        return self.gone()
+
+    def flush(self) -> None:
+        self.upto.flush()
+
+    def _emit_text(self, piece: str) -> None:
+        self.text.append(piece)
+        if self.on_text is not None:
+            self.on_text(piece)
+
+    # -- reading ``raw`` from ``pos``: each state reads one whole unit, or waits with ``pos`` unmoved --
+
+    def _step(self) -> bool:
+        """One unit read; False when the reader waits for more text or has nothing left to read."""
+        start, state = self.pos, self.state
+        if state == "text":
+            return self._read_text()
+        if state == "args":
+            return self._read_args()
+        if state in ("end", "whole"):
+            return False
+        if not self._skip():
+            return False
+        c = self.raw[self.pos]
+        if state in ("open", "comma"):
+            if c != ("{" if state == "open" else ","):
+                return self._whole()
+            self.pos += 1
+            self.state = "key" if state == "open" else "arguments"
+            return True
+        if c != '"':
+            return self._whole()
+        value = self._string()
+        if value is None:
+            return self._wait(start)
+        if state == "name":
+            self.name, self.state = value, "comma"
+            return True
+        # a key: "tool", "text" (first) or "arguments" (after the name), then its colon
+        if not self._skip():
+            return self._wait(start)
+        if self.raw[self.pos] != ":" or value not in (("tool", "text") if state == "key" else ("arguments",)):
+            return self._whole()
+        self.pos += 1
+        if value == "arguments":
+            self._skip()  # the arguments' JSON as written starts at its first character
+            self.state, self.started = "args", True
+            if self.on_call is not None:
+                self.on_call({"name": self.name, "args": "", "id": self.call_id, "index": 0, "type": "tool_call_chunk"})
+            return True
+        if value == "tool":
+            self.state = "name"
+            return True
+        if not self._skip():  # "text": its string's opening quote
+            return self._wait(start)
+        if self.raw[self.pos] != '"':
+            return self._whole()
+        self.pos += 1
+        self.state = "text"
+        return True
+
+    def _skip(self) -> bool:
+        """Past whitespace; False at the end of what has been decoded so far."""
+        while self.pos < len(self.raw) and self.raw[self.pos] in " \t\n\r":
+            self.pos += 1
+        return self.pos < len(self.raw)
+
+    def _wait(self, start: int) -> bool:
+        self.pos = start
+        return False
+
+    def _whole(self) -> bool:
+        """Not the layout this reader streams: the answer is read whole at the end."""
+        self.state = "whole"
+        return False
+
+    def _string(self) -> str | None:
+        """A whole JSON string at ``pos`` (its opening quote), or None until its closing quote is decoded."""
+        end = self.pos + 1
+        while end < len(self.raw):
+            if self.raw[end] == "\\":
+                end += 2
+            elif self.raw[end] == '"':
+                try:
+                    value = json.loads(self.raw[self.pos : end + 1])
+                except ValueError:
+                    return None
+                self.pos = end + 1
+                return value if isinstance(value, str) else None
+            else:
+                end += 1
+        return None
+
+    def _read_args(self) -> bool:
+        """The arguments' JSON as decoded so far, handed on; the call ends where its object closes."""
+        start = self.pos
+        while self.pos < len(self.raw) and self.state == "args":
+            c = self.raw[self.pos]
+            self.pos += 1
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self.in_string = False
+            elif c == '"':
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth <= 0:
+                    self.state = "end"
+        piece = self.raw[start : self.pos]
+        if piece and self.on_call is not None:
+            self.on_call({"name": None, "args": piece, "id": None, "index": 0, "type": "tool_call_chunk"})
+        return False
+
+    def _read_text(self) -> bool:
+        """A text answer's string, decoded as far as whole characters go (an escape waits for its end)."""
+        out = []
+        while self.pos < len(self.raw):
+            c = self.raw[self.pos]
+            if c == '"':
+                self.pos += 1
+                self.state = "end"
+                break
+            if c != "\\":
+                out.append(c)
+                self.pos += 1
+                continue
+            size = 6 if self.raw[self.pos + 1 : self.pos + 2] == "u" else 2
+            escape = self.raw[self.pos : self.pos + size]
+            try:
+                if len(escape) == 6 and 0xD800 <= int(escape[2:], 16) <= 0xDBFF:  # a surrogate pair: both halves
+                    size = 12
+                    escape = self.raw[self.pos : self.pos + size]
+                if len(escape) < size:
+                    break
+                out.append(json.loads(f'"{escape}"'))
+            except ValueError:  # not JSON's escape: the answer is read (and refused) whole at the end
+                self.state = "whole"
+                break
+            self.pos += size
+        self.decoded += "".join(out)
+        return False
 
 
 _PLANNERS: dict[tuple[str, str], Any] = {}
@@ -358,11 +567,17 @@ class ChatDuogen(PlannerChatModel):
             except (ValueError, KeyError, TypeError):  # unbounded strings: the planner's own cap
                 need = getattr(getattr(self.planner, "spec", None), "max_new_tokens", None) or 0
             limit = max(limit or 0, need) or None
-        # A tool call's JSON is not streamed. A JSON answer decodes on to its end (a server checks it
-        # whole) and is cut below like any answer; a text answer's decoding ends at its stop sequence.
-        upto = None
-        callback = None if gone is None else (lambda piece: gone())  # a tool call: not streamed, only ended
-        if on_token is not None and not tools:
+        # A turn with tools streams its text answer (up to a stop sequence, where decoding ends) or its
+        # call (the name, then the arguments as written). A JSON answer decodes on to its end (a server
+        # checks it whole) and is cut below like any answer; a text answer's decoding ends at its stop
+        # sequence. Decoding also ends once the stream's reader has left.
+        upto: _UpToStop | None = None
+        turn: _ToolTurn | None = None
+        callback = None if gone is None else (lambda piece: gone())
+        if tools and kwargs.get("schema") is None:
+            turn = _ToolTurn(stop or [], on_token, on_token, gone=gone or (lambda: False))
+            callback = turn.feed
+        elif on_token is not None and not tools:
             upto = _UpToStop(stop or [], on_token, halt=schema is None, gone=gone or (lambda: False))
             callback = upto.feed
         out = self.planner.generate(
@@ -373,23 +588,27 @@ class ChatDuogen(PlannerChatModel):
             on_token=callback,
             cache_key=kwargs.get("cache_key"),
         )
-        if upto is not None:
-            upto.flush()
-        text = out.text
-        for s in stop or []:
-            if s and s in text:
-                text = text[: text.index(s)]
+        for reader in (upto, turn):
+            if reader is not None:
+                reader.flush()
         usage = usage_of(out)
         meta = {"model_name": self.model_name, "model_provider": "duogen"}
+        if turn is not None and turn.is_text and turn.stopped:  # its JSON ends at the stop sequence
+            return AIMessage(content="".join(turn.text), usage_metadata=usage, response_metadata=meta)
+        text = out.text
         if tools and schema is not None:
             try:
                 data = json.loads(text)
             except ValueError as e:
                 raise GenerationError(f"the model's tool call is not complete JSON ({e}); raise max_tokens") from None
             if "tool" in data:
-                call = {"name": data["tool"], "args": data["arguments"], "id": f"call_{uuid.uuid4().hex[:12]}"}
+                call_id = turn.call_id if turn is not None else f"call_{uuid.uuid4().hex[:12]}"
+                call = {"name": data["tool"], "args": data["arguments"], "id": call_id}
                 return AIMessage(content="", tool_calls=[call], usage_metadata=usage, response_metadata=meta)
             text = data.get("text", "")
+        for s in stop or []:  # a stop sequence cuts text, never a call
+            if s and s in text:
+                text = text[: text.index(s)]
         return AIMessage(content=text, usage_metadata=usage, response_metadata=meta)
 
     def _generate(
@@ -399,9 +618,10 @@ class ChatDuogen(PlannerChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        def on_token(token: str) -> None:
+        def on_token(piece: str | dict[str, Any]) -> None:
             if run_manager is not None:
-                run_manager.on_llm_new_token(token, chunk=ChatGenerationChunk(message=AIMessageChunk(content=token)))
+                token, chunk = _chunk(piece)
+                run_manager.on_llm_new_token(token, chunk=chunk)
 
         return ChatResult(generations=[ChatGeneration(message=self._call(messages, stop, on_token, **kwargs))])
 
@@ -413,8 +633,9 @@ class ChatDuogen(PlannerChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         """Tokens as they are decoded (the model runs in a worker thread) up to the first stop
-        sequence, then one last chunk with the usage metadata (and the tool call, for a turn with
-        tools)."""
+        sequence, then one last chunk with the usage metadata. With tools, a text answer streams the
+        same way, and a call as ``tool_call_chunks``: its name and id once the name is whole, then its
+        arguments' JSON piece by piece, as ChatOpenAI streams one."""
         import queue
 
         tokens: queue.Queue[Any] = queue.Queue()
@@ -433,12 +654,14 @@ class ChatDuogen(PlannerChatModel):
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
         text = ""
+        streamed_call = False  # the tool call went out in pieces (its name, then its arguments)
         try:
             while (piece := tokens.get()) is not done:
-                text += piece
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
+                token, chunk = _chunk(piece)
+                text += token
+                streamed_call = streamed_call or isinstance(piece, dict)
                 if run_manager is not None:
-                    run_manager.on_llm_new_token(piece, chunk=chunk)
+                    run_manager.on_llm_new_token(token, chunk=chunk)
                 yield chunk
         finally:
             gone.set()  # closed early (a reader that broke off): the planner stops, freeing the device
@@ -450,7 +673,9 @@ class ChatDuogen(PlannerChatModel):
             content="" if text or not isinstance(message.content, str) else message.content,
             usage_metadata=message.usage_metadata,
             response_metadata=message.response_metadata,
-            tool_call_chunks=[
+            tool_call_chunks=[]
+            if streamed_call
+            else [
                 {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i, "type": "tool_call_chunk"}
                 for i, c in enumerate(message.tool_calls)
             ],
