@@ -522,7 +522,7 @@ def test_tool_turn_reader_at_every_split() -> None:
                 assert {c["id"] for c in calls} - {None} == {turn.call_id}
     other = _ToolTurn([], print, print)
     other.feed('{"arguments": {}, "tool": "add"}')
-    assert other.state == "whole" and not other.started
+    assert other.state == "whole" and other.name is None
     stopped: list = []
     turn = _ToolTurn(["END"], stopped.append, stopped.append)
     asked = [turn.feed(p) for p in ['{"text": "one E', "N", 'D two"}']]

@@ -283,7 +283,6 @@ class _ToolTurn:
         self.gone = gone
         self.call_id = f"call_{uuid.uuid4().hex[:12]}"
         self.name: str | None = None
-        self.started = False  # the call's start went out: its chunks are streamed
         self.depth = 0  # the arguments' nesting
         self.in_string = False  # inside a string of the arguments
         self.escaped = False
@@ -350,7 +349,7 @@ class _ToolTurn:
         self.pos += 1
         if value == "arguments":
             self._skip()  # the arguments' JSON as written starts at its first character
-            self.state, self.started = "args", True
+            self.state = "args"
             if self.on_call is not None:
                 self.on_call({"name": self.name, "args": "", "id": self.call_id, "index": 0, "type": "tool_call_chunk"})
             return True
