@@ -520,9 +520,10 @@ def test_tool_turn_reader_at_every_split() -> None:
                 assert [c["name"] for c in calls if c["name"]] == [data["tool"]] and not text
                 assert json.loads("".join(c["args"] for c in calls)) == data["arguments"]
                 assert {c["id"] for c in calls} - {None} == {turn.call_id}
-    other = _ToolTurn([], print, print)
+    nothing: list = []
+    other = _ToolTurn([], nothing.append, nothing.append)
     other.feed('{"arguments": {}, "tool": "add"}')
-    assert other.state == "whole" and other.name is None
+    assert other.state == "whole" and not nothing  # read whole at the end, as before
     stopped: list = []
     turn = _ToolTurn(["END"], stopped.append, stopped.append)
     asked = [turn.feed(p) for p in ['{"text": "one E', "N", 'D two"}']]
