@@ -548,3 +548,36 @@ def test_messages_stream_mode_of_a_graph_sees_the_call_as_it_decodes(chat) -> No
     (call,) = model.invoke("What is 2 + 3?", seed=3).tool_calls
     assert pieces[0]["name"] == call["name"] and len(pieces) > 2
     assert json.loads("".join(p["args"] for p in pieces)) == call["args"]
+
+
+def test_the_model_is_told_its_tools_in_the_system_prompt(chat, monkeypatch) -> None:
+    """The grammar made any answer well-formed, but the prompt never said what the tools are: a real
+    model saw no tool's name, description or parameters, and no word of the answer's layout. Now the
+    system prompt carries them (after the caller's own system text, the same on every call of a loop)."""
+    seen = []
+    real = chat.planner.generate
+
+    def spy(conversation, schema, **kw):
+        seen.append(conversation)
+        return real(conversation, schema, **kw)
+
+    monkeypatch.setattr(chat.planner, "generate", spy)
+
+    def system_text(conversation) -> str:
+        assert conversation[0]["role"] == "system"
+        return "".join(p["text"] for p in conversation[0]["content"] if p["type"] == "text")
+
+    chat.bind_tools([get_weather, add]).invoke("Weather?")
+    told = system_text(seen[-1])
+    assert "get_weather" in told and "Get the weather for a city." in told and '"city"' in told
+    assert "Add two whole numbers." in told and '{"text": <your answer>}' in told
+    assert [t["role"] for t in seen[-1]] == ["system", "user"]
+
+    chat.bind_tools([get_weather, add], tool_choice="add").invoke([("system", "Be brief."), ("user", "2 + 3?")])
+    told = system_text(seen[-1])
+    assert told.startswith("Be brief.") and "Add two whole numbers." in told
+    assert "get_weather" not in told and '{"text"' not in told  # only the tool it must call; a call it must be
+    assert [t["role"] for t in seen[-1]] == ["system", "user"]
+
+    chat.bind_tools([get_weather, add], tool_choice="none").invoke("Weather?")
+    assert seen[-1][0]["role"] == "user"  # no tools: nothing added

@@ -161,6 +161,34 @@ def _tool_call_schema(tools: list[dict[str, Any]], required: bool) -> dict[str, 
     return {"anyOf": calls} if len(calls) > 1 else calls[0]
 
 
+def tools_prompt(tools: list[dict[str, Any]], required: bool) -> str:
+    """What a turn with tools tells the model, in its system prompt: each tool's name, description and
+    parameters (OpenAI function schemas), and the layout the grammar holds the answer to. The grammar
+    alone makes any answer well-formed; only this tells the model what the tools are for."""
+    lines = ["# Tools", "", "You can call these tools (their parameters are JSON schemas):"]
+    for t in tools:
+        f = t["function"]
+        entry = {"name": f["name"], "description": f.get("description") or "", "parameters": f.get("parameters") or {}}
+        lines.append(json.dumps(entry, ensure_ascii=False))
+    lines += ["", 'To call a tool, answer with {"tool": <its name>, "arguments": <its arguments>}.']
+    if required:
+        lines.append("Answer with a call of one of them.")
+    else:
+        lines.append('To answer without a tool, answer with {"text": <your answer>}.')
+    lines.append("A call's result comes back in the next message.")
+    return "\n".join(lines)
+
+
+def with_system_text(turns: list[ChatTurn], text: str) -> list[ChatTurn]:
+    """``turns`` with ``text`` at the end of the system prompt (a system turn first if there is none):
+    the same for every call of an agent loop, so the kept KV cache still covers it."""
+    part = {"type": "text", "text": text}
+    if turns and turns[0]["role"] == "system":
+        first = {**turns[0], "content": [*turns[0]["content"], {"type": "text", "text": "\n\n"}, part]}
+        return [first, *turns[1:]]  # type: ignore[list-item]
+    return [{"role": "system", "content": [part]}, *turns]  # type: ignore[list-item]
+
+
 def _tool_choice(choice: Any, names: list[str]) -> tuple[str, str | None]:
     """``tool_choice`` as LangChain's chat models take it (ChatOpenAI's forms, Anthropic's dicts, and
     ``True`` as ChatGroq's: the one tool), as what the grammar does with it: ``("auto", None)`` (a
@@ -551,9 +579,11 @@ class ChatDuogen(PlannerChatModel):
         if kind == "none":  # a text answer: no tool's grammar
             tools = []
         schema = kwargs.get("schema")
+        turns = to_chat_turns(messages, self._load_image)
         if tools and schema is None:
-            forced = [t for t in tools if t["function"]["name"] == name]
-            schema = _tool_call_schema(forced or tools, required=kind != "auto")
+            allowed = [t for t in tools if t["function"]["name"] == name] or tools
+            schema = _tool_call_schema(allowed, required=kind != "auto")
+            turns = with_system_text(turns, tools_prompt(allowed, required=kind != "auto"))
         # per call: invoke(..., max_tokens=N) or bind(max_tokens=N), as LangChain's chat models take it
         limit = kwargs.get("max_tokens") or kwargs.get("max_new_tokens") or self.max_tokens or self.default_max_tokens
         stop = stop or self.stop
@@ -580,7 +610,7 @@ class ChatDuogen(PlannerChatModel):
             upto = _UpToStop(stop or [], on_token, halt=schema is None, gone=gone or (lambda: False))
             callback = upto.feed
         out = self.planner.generate(
-            to_chat_turns(messages, self._load_image),
+            turns,
             schema,
             max_new_tokens=limit,
             seed=kwargs.get("seed", self.seed),
