@@ -213,20 +213,26 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
-def test_tool_choice_none_is_a_text_answer(chat, monkeypatch) -> None:
-    """``"none"``: no tool's grammar at all, so no call is possible (it was read as ``"auto"``: a call
-    or a text answer, and the tiny model called a tool on some seeds)."""
-    schemas = []
+@pytest.fixture
+def planner_calls(chat, monkeypatch) -> list[tuple[list, dict | None]]:
+    """The (conversation, schema) of each planner call the test makes."""
+    calls = []
     real = chat.planner.generate
 
     def spy(conversation, schema, **kw):
-        schemas.append(schema)
+        calls.append((conversation, schema))
         return real(conversation, schema, **kw)
 
     monkeypatch.setattr(chat.planner, "generate", spy)
+    return calls
+
+
+def test_tool_choice_none_is_a_text_answer(chat, planner_calls) -> None:
+    """``"none"``: no tool's grammar at all, so no call is possible (it was read as ``"auto"``: a call
+    or a text answer, and the tiny model called a tool on some seeds)."""
     model = chat.bind_tools([get_weather, add], tool_choice="none")
     replies = [model.invoke("What is 2 + 3?", seed=seed) for seed in range(6)]
-    assert schemas == [None] * 6
+    assert [schema for _, schema in planner_calls] == [None] * 6
     assert all(not m.tool_calls and isinstance(m.content, str) and m.content for m in replies)
 
 
@@ -550,34 +556,26 @@ def test_messages_stream_mode_of_a_graph_sees_the_call_as_it_decodes(chat) -> No
     assert json.loads("".join(p["args"] for p in pieces)) == call["args"]
 
 
-def test_the_model_is_told_its_tools_in_the_system_prompt(chat, monkeypatch) -> None:
+def test_the_model_is_told_its_tools_in_the_system_prompt(chat, planner_calls) -> None:
     """The grammar made any answer well-formed, but the prompt never said what the tools are: a real
     model saw no tool's name, description or parameters, and no word of the answer's layout. Now the
     system prompt carries them (after the caller's own system text, the same on every call of a loop)."""
-    seen = []
-    real = chat.planner.generate
-
-    def spy(conversation, schema, **kw):
-        seen.append(conversation)
-        return real(conversation, schema, **kw)
-
-    monkeypatch.setattr(chat.planner, "generate", spy)
 
     def system_text(conversation) -> str:
         assert conversation[0]["role"] == "system"
         return "".join(p["text"] for p in conversation[0]["content"] if p["type"] == "text")
 
     chat.bind_tools([get_weather, add]).invoke("Weather?")
-    told = system_text(seen[-1])
+    told = system_text(planner_calls[-1][0])
     assert "get_weather" in told and "Get the weather for a city." in told and '"city"' in told
     assert "Add two whole numbers." in told and '{"text": <your answer>}' in told
-    assert [t["role"] for t in seen[-1]] == ["system", "user"]
+    assert [t["role"] for t in planner_calls[-1][0]] == ["system", "user"]
 
     chat.bind_tools([get_weather, add], tool_choice="add").invoke([("system", "Be brief."), ("user", "2 + 3?")])
-    told = system_text(seen[-1])
+    told = system_text(planner_calls[-1][0])
     assert told.startswith("Be brief.") and "Add two whole numbers." in told
     assert "get_weather" not in told and '{"text"' not in told  # only the tool it must call; a call it must be
-    assert [t["role"] for t in seen[-1]] == ["system", "user"]
+    assert [t["role"] for t in planner_calls[-1][0]] == ["system", "user"]
 
     chat.bind_tools([get_weather, add], tool_choice="none").invoke("Weather?")
-    assert seen[-1][0]["role"] == "user"  # no tools: nothing added
+    assert planner_calls[-1][0][0]["role"] == "user"  # no tools: nothing added

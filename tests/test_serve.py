@@ -146,6 +146,152 @@ def test_chat_completion_streams_the_same_text(client: Any) -> None:
     assert reasons[-1] == "stop" and usage is not None and usage.completion_tokens > 0
 
 
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Get the weather for a city.",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                    "required": ["city"]}}},
+    {"type": "function", "function": {"name": "add", "description": "Add two whole numbers.",
+     "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                    "required": ["a", "b"]}}},
+]  # fmt: skip
+
+
+def _streamed_call(client: Any, **args: Any) -> tuple[list[Any], str | None]:
+    deltas, reasons = [], []
+    for chunk in client.chat.completions.create(**args, stream=True):
+        if chunk.choices:
+            deltas += chunk.choices[0].delta.tool_calls or []
+            reasons.append(chunk.choices[0].finish_reason)
+    return deltas, reasons[-1]
+
+
+def test_tool_calls_through_the_openai_client(client: Any, tiny_agent: Any, monkeypatch: Any) -> None:
+    """``tools`` and ``tool_choice`` were ignored (an OpenAI client got free text and never a call).
+    Now a call comes as ``tool_calls`` (arguments under the tool's schema, ``finish_reason``
+    ``tool_calls``), streamed as OpenAI streams one (id and name first, then the arguments in pieces);
+    the model is told the tools; an agent loop's history (the call, then the tool's result) reads back."""
+    seen = []
+    real = tiny_agent.planner.generate
+    monkeypatch.setattr(
+        tiny_agent.planner, "generate", lambda conv, *a, **kw: seen.append(conv) or real(conv, *a, **kw)
+    )
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "What is 2 + 3?"}], tools=TOOLS, seed=3)
+    r = client.chat.completions.create(**ask, tool_choice={"type": "function", "function": {"name": "add"}})
+    (call,) = r.choices[0].message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "add" and set(args) == {"a", "b"} and all(isinstance(v, int) for v in args.values())
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    told = "".join(p["text"] for p in seen[-1][0]["content"] if p["type"] == "text")
+    assert seen[-1][0]["role"] == "system" and "Add two whole numbers." in told
+
+    whole = client.chat.completions.create(**ask, tool_choice="required").choices[0].message.tool_calls[0]
+    deltas, reason = _streamed_call(client, **ask, tool_choice="required")
+    assert reason == "tool_calls" and deltas[0].id and deltas[0].function.name == whole.function.name
+    assert len(deltas) > 2 and all(d.id is None and d.function.name is None for d in deltas[1:])
+    assert "".join(d.function.arguments for d in deltas) == whole.function.arguments  # same seed, same call
+
+    history = [
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+    ]  # fmt: skip
+    after = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, tool_choice="none", seed=1)
+    assert isinstance(after.choices[0].message.content, str) and not after.choices[0].message.tool_calls
+    texts = ["".join(p["text"] for p in t["content"]) for t in seen[-1]]
+    assert texts == [
+        "What is 2 + 3?",
+        '{"tool": "add", "arguments": {"a": 2, "b": 3}}',
+        "Result of tool call call_1: 5",
+    ]
+    assert [t["role"] for t in seen[-1]] == ["user", "assistant", "user"]
+    assert seen[-1][0]["role"] == "user"  # tool_choice none: a text answer, no tools told
+
+
+def test_a_text_answer_beside_tools_and_stop_sequences(client: Any) -> None:
+    """With ``tool_choice`` auto a text answer is ``content``, streamed as text; ``stop`` cuts a text
+    answer (it was ignored), and ends its decoding."""
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Hello"}], tools=TOOLS, max_tokens=40)
+    seed, text = next(
+        (seed, m) for seed in range(12)
+        if len((m := client.chat.completions.create(**ask, seed=seed).choices[0].message).content or "") >= 8
+    )  # fmt: skip
+    assert not text.tool_calls
+    parts = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**ask, seed=seed, stream=True)
+        if c.choices
+    ]
+    assert "".join(parts) == text.content and len([p for p in parts if p]) > 1
+    stop = text.content[4:6]
+    cut = client.chat.completions.create(**ask, seed=seed, stop=[stop])
+    assert cut.choices[0].message.content == text.content[: text.content.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+    free = dict(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=30, seed=2)
+    plain = client.chat.completions.create(**free).choices[0].message.content
+    stop = plain[5:7]
+    stopped = client.chat.completions.create(**free, stop=stop)
+    assert (
+        stopped.choices[0].message.content == plain[: plain.index(stop)] and stopped.choices[0].finish_reason == "stop"
+    )
+    assert stopped.usage.completion_tokens < client.chat.completions.create(**free).usage.completion_tokens
+    streamed = client.chat.completions.create(**free, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == plain[: plain.index(stop)]
+
+
+def test_langchains_chat_openai_calls_tools_on_duogen_serve(server: Running) -> None:
+    """The way an agent framework reaches it: ``ChatOpenAI`` pointed at ``duogen serve``, tools bound."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+
+    def add(a: int, b: int) -> int:
+        """Add two whole numbers."""
+        return a + b
+
+    chat = langchain_openai.ChatOpenAI(base_url=f"{server.url}/v1", api_key=TOKEN, model="tiny", seed=3, max_retries=0)
+    model = chat.bind_tools([add], tool_choice="add")
+    (call,) = model.invoke("What is 2 + 3?").tool_calls
+    assert call["name"] == "add" and set(call["args"]) == {"a", "b"}
+    joined = None
+    for piece in model.stream("What is 2 + 3?"):
+        joined = piece if joined is None else joined + piece
+    assert [(c["name"], c["args"]) for c in joined.tool_calls] == [("add", call["args"])]
+
+
+def test_tool_requests_it_cannot_honour_are_one_line_400s(server: Running) -> None:
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    bad = [
+        ({"tools": [{"type": "web_search"}]}, "only function tools"),
+        ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "function.name"),
+        ({"tools": [TOOLS[1], TOOLS[1]]}, "same name"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "subtract"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "needs tools"),
+        ({"tools": TOOLS, "response_format": json_format(SCHEMA)}, "response_format with tools"),
+        ({"stop": ["a"] * 17}, "stop"),
+        ({"messages": [{"role": "tool", "content": "5"}]}, "tool_call_id"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {"id": "c", "type": "function", "function": {"name": "add", "arguments": "{not json"}}
+                        ],
+                    }
+                ]
+            },
+            "not JSON",
+        ),  # fmt: skip
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "object"),
+    ]
+    with http(server) as h:
+        for extra, words in bad:
+            r = h.post("/v1/chat/completions", json={**base, **extra})
+            assert r.status_code == 400, (extra, r.text)
+            message = r.json()["error"]["message"]
+            assert words in message and "\n" not in message, (extra, message)
+
+
 def test_images_generate_and_edit_with_two_references(client: Any) -> None:
     gen = client.images.generate(model="tiny-image", prompt="a red circle", size="96x64", response_format="b64_json")
     image = Image.open(io.BytesIO(base64.b64decode(gen.data[0].b64_json)))

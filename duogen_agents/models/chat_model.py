@@ -311,6 +311,7 @@ class _ToolTurn:
         self.gone = gone
         self.call_id = f"call_{uuid.uuid4().hex[:12]}"
         self.name: str | None = None
+        self.arguments = ""  # the call's arguments' JSON as written so far
         self.depth = 0  # the arguments' nesting
         self.in_string = False  # inside a string of the arguments
         self.escaped = False
@@ -446,6 +447,7 @@ class _ToolTurn:
                 if self.depth <= 0:
                     self.state = "end"
         piece = self.raw[start : self.pos]
+        self.arguments += piece
         if piece and self.on_call is not None:
             self.on_call({"name": None, "args": piece, "id": None, "index": 0, "type": "tool_call_chunk"})
         return False

@@ -11,7 +11,12 @@
   client's schema decodes token by token (no jump forward: xgrammar's search for forced text has no
   bound), and a ``pattern`` that expands past ``MAX_PATTERN_SIZE`` pieces is refused (the grammar
   compiler writes bounded repeats out: ``a{100000000}`` alone exhausts memory). Messages longer than the
-  planner's context are refused with ``context_length_exceeded``.
+  planner's context are refused with ``context_length_exceeded``. ``tools`` (function tools) and
+  ``tool_choice`` (``auto``, ``none``, ``required``, a function by name) as OpenAI's: the model is told
+  the tools in its system prompt, the answer decodes under a grammar of one call or a text answer, and
+  a call comes as ``tool_calls`` (streamed: id and name first, then the arguments in pieces) with
+  ``finish_reason`` ``tool_calls``. History messages carry an assistant's ``tool_calls`` and ``tool``
+  results. ``stop`` cuts a text answer and ends its decoding (never a call).
 - ``POST /v1/images/generations``: text to image. ``POST /v1/images/edits``: multipart, one or more
   ``image`` (or ``image[]``) files as references; ``kind`` (a form field, this server's extension)
   is ``edit`` (default), ``generate`` (a new picture keeping the referenced subjects) or
@@ -101,6 +106,10 @@ class ChatRequest(_Loose):
     n: int = Field(1, ge=1, le=1)
     user: str | None = Field(None, max_length=128)
     prompt_cache_key: str | None = Field(None, max_length=128)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # one call per answer at most either way
+    stop: str | list[str] | None = None
 
 
 class ImageRequest(_Loose):
@@ -163,17 +172,27 @@ def _client_image(part: dict[str, Any], allow_remote: bool, budget: PixelBudget,
 
 
 def to_turns(messages: list[dict[str, Any]], allow_remote: bool = False) -> list[dict[str, Any]]:
-    """OpenAI chat messages as the planner's ``ChatTurn`` list."""
-    roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+    """OpenAI chat messages as the planner's ``ChatTurn`` list. An assistant's tool calls and a tool's
+    result read as ``ChatDuogen`` writes them: the call as the JSON the grammar decodes, the result as
+    a user turn that names its call."""
+    roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "user"}
     turns: list[dict[str, Any]] = []
     images = 0
     budget = PixelBudget()
     for i, m in enumerate(messages):
         role = roles.get(str(m.get("role")))
         if role is None:
-            raise ApiError(400, f"messages[{i}]: role {m.get('role')!r} is not supported (system, user, assistant)")
+            raise ApiError(
+                400, f"messages[{i}]: role {m.get('role')!r} is not supported (system, user, assistant, tool)"
+            )
         content = m.get("content")
         parts: list[dict[str, Any]] = []
+        calls = _tool_calls(m.get("tool_calls"), i) if role == "assistant" else []
+        if m.get("role") == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not 0 < len(call_id) <= 128:
+                raise ApiError(400, f"messages[{i}]: a tool message needs its tool_call_id (1 to 128 characters)")
+            parts.append({"type": "text", "text": f"Result of tool call {_text(call_id, i)}: "})
         if isinstance(content, str):
             parts.append({"type": "text", "text": _text(content, i)})
         elif isinstance(content, list):
@@ -191,13 +210,37 @@ def to_turns(messages: list[dict[str, Any]], allow_remote: bool = False) -> list
                 else:
                     raise ApiError(400, f"messages[{i}]: content part of type {kind!r} is not supported")
         elif content is None and role == "assistant":
-            continue
+            if not calls:
+                continue
         else:
             raise ApiError(400, f"messages[{i}]: content must be a string or a list of parts")
+        parts += [{"type": "text", "text": call} for call in calls]
         turns.append({"role": role, "content": parts})
     if not turns:
         raise ApiError(400, "messages: none has content (an assistant message without content is skipped)")
     return turns
+
+
+def _tool_calls(calls: Any, i: int) -> list[str]:
+    """An assistant message's ``tool_calls``, each as the JSON text the planner wrote it in."""
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise ApiError(400, f"messages[{i}].tool_calls must be a list")
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not isinstance(fn.get("arguments"), str):  # type: ignore[union-attr]
+            raise ApiError(
+                400, f"messages[{i}].tool_calls[{j}]: needs function.name and function.arguments (a JSON string)"
+            )
+        try:
+            arguments = json.loads(fn["arguments"])  # type: ignore[index]
+        except ValueError:
+            raise ApiError(400, f"messages[{i}].tool_calls[{j}].function.arguments is not JSON") from None
+        out.append(_text(json.dumps({"tool": name, "arguments": arguments}), i))
+    return out
 
 
 def _text(text: str, i: int) -> str:
@@ -207,7 +250,7 @@ def _text(text: str, i: int) -> str:
         raise ApiError(400, str(e)) from None
 
 
-def _pattern_size(pattern: str) -> int:
+def _pattern_size(pattern: str, where: str = "response_format") -> int:
     """How many pieces the grammar compiler makes of ``pattern`` (bounded repeats written out)."""
     import re._parser as sre  # the standard library's parser of regular expressions
 
@@ -230,12 +273,10 @@ def _pattern_size(pattern: str) -> int:
     try:
         return size(sre.parse(pattern))
     except (re.error, OverflowError, RecursionError) as e:
-        raise ApiError(
-            400, f"response_format: the pattern {pattern[:60]!r} is not a regular expression ({e})"
-        ) from None
+        raise ApiError(400, f"{where}: the pattern {pattern[:60]!r} is not a regular expression ({e})") from None
 
 
-def check_client_schema(schema: Any) -> None:
+def check_client_schema(schema: Any, where: str = "response_format") -> None:
     """Refuse what would exhaust the grammar compiler: patterns (``pattern``, ``patternProperties``'
     keys) that expand past ``MAX_PATTERN_SIZE`` pieces."""
     stack = [schema]
@@ -249,10 +290,10 @@ def check_client_schema(schema: Any) -> None:
         if isinstance(node.get("patternProperties"), dict):
             patterns += [k for k in node["patternProperties"] if isinstance(k, str)]
         for pattern in patterns:
-            if (n := _pattern_size(pattern)) > MAX_PATTERN_SIZE:
+            if (n := _pattern_size(pattern, where)) > MAX_PATTERN_SIZE:
                 raise ApiError(
                     400,
-                    f"response_format: the pattern {pattern[:60]!r} expands to {n:,} pieces (bounded repeats "
+                    f"{where}: the pattern {pattern[:60]!r} expands to {n:,} pieces (bounded repeats "
                     f"written out), over {MAX_PATTERN_SIZE:,}; use + or * with maxLength",
                 )
         stack.extend(node.values())
@@ -275,17 +316,72 @@ def schema_of(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
     raise ApiError(400, f"response_format type {kind!r} is not supported (json_schema, json_object, text)")
 
 
-def _compile_schema(planner: Any, schema: dict[str, Any] | None) -> None:
+def _compile_schema(planner: Any, schema: dict[str, Any] | None, where: str = "response_format") -> None:
     """Refuse a schema the grammar compiler rejects before admitting the request (400, not 500)."""
     if schema is None or not hasattr(planner, "compile"):
         return
-    check_client_schema(schema)
+    check_client_schema(schema, where)
     try:
         planner.compile(schema)
     except GenerationError as e:
-        raise ApiError(400, f"response_format: {e}") from None
+        raise ApiError(400, f"{where}: {e}") from None
     except (ValueError, TypeError, KeyError, RecursionError) as e:
-        raise ApiError(400, f"response_format: invalid JSON schema ({type(e).__name__}: {e})") from None
+        raise ApiError(400, f"{where}: invalid JSON schema ({type(e).__name__}: {e})") from None
+
+
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_TOOLS = 128
+MAX_STOPS = 16
+
+
+def tools_of(body: ChatRequest) -> tuple[list[dict[str, Any]], bool] | None:
+    """The request's function tools and ``tool_choice``, checked, as (the tools a call may use,
+    whether a call is required); None when the answer is text (no tools, or ``tool_choice`` none)."""
+    from duogen_agents.models.chat_model import _tool_choice
+
+    if not body.tools:
+        if body.tool_choice not in (None, "none", "auto"):
+            raise ApiError(400, f"tool_choice {body.tool_choice!r} needs tools")
+        return None
+    if len(body.tools) > MAX_TOOLS:
+        raise ApiError(400, f"tools: at most {MAX_TOOLS}")
+    tools = []
+    for i, tool in enumerate(body.tools):
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(fn, dict):
+            raise ApiError(
+                400, f"tools[{i}]: only function tools are supported: {{'type': 'function', 'function': {{...}}}}"
+            )
+        name, params = fn.get("name"), fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+            raise ApiError(400, f"tools[{i}].function.name must be 1 to 64 letters, digits, _ or -")
+        if not isinstance(params, dict) or params.get("type", "object") != "object":
+            raise ApiError(400, f"tools[{i}].function.parameters must be a JSON schema of an object")
+        description = fn.get("description") or ""
+        if not isinstance(description, str):
+            raise ApiError(400, f"tools[{i}].function.description must be a string")
+        try:
+            description = check_text(description, f"tools[{i}].function.description")
+        except ConfigError as e:
+            raise ApiError(400, str(e)) from None
+        tools.append({"type": "function", "function": {"name": name, "description": description, "parameters": params}})
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) < len(names):
+        raise ApiError(400, "tools: two tools have the same name")
+    try:
+        kind, forced = _tool_choice(body.tool_choice, names)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    if kind == "none":
+        return None
+    return [t for t in tools if t["function"]["name"] == forced] or tools, kind != "auto"
+
+
+def stops_of(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS or not all(0 < len(s) <= 256 for s in stops):
+        raise ApiError(400, f"stop: at most {MAX_STOPS} sequences of 1 to 256 characters")
+    return stops
 
 
 def _usage(out: Any) -> dict[str, Any]:
@@ -301,11 +397,20 @@ def _usage(out: Any) -> dict[str, Any]:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request) -> Any:
+    from duogen_agents.models.chat_model import _tool_call_schema, _ToolTurn, _UpToStop, tools_prompt, with_system_text
+
     state = _state(request)
     _check_model(state, body.model, "planner")
     planner = state.agent.planner
     schema = schema_of(body.response_format)
+    tooling = tools_of(body)
+    if tooling is not None and schema is not None:
+        raise ApiError(400, "response_format with tools is not supported: a text answer beside a call is free text")
+    stop = stops_of(body.stop)
     turns = await asyncio.to_thread(to_turns, body.messages, state.agent.allow_remote_images)
+    if tooling is not None:
+        schema = _tool_call_schema(*tooling)
+        turns = with_system_text(turns, tools_prompt(*tooling))
     max_tokens = body.max_completion_tokens or body.max_tokens or state.agent.preset.planner.max_new_tokens
     cache_key = request.headers.get("x-duogen-session") or body.prompt_cache_key or body.user
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"
@@ -316,22 +421,34 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     headers = {"x-duogen-queue-wait-ms": f"{slot.waited * 1000:.1f}"}
 
     def run() -> None:
-        """The model call (in a worker thread); its progress and end go to ``queue``."""
+        """The model call (in a worker thread); its progress and end go to ``queue``: ``token`` (text),
+        ``call`` (a piece of a tool call), then ``done`` with the message and its finish reason."""
 
         def put(kind: str, value: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
         try:
-            _compile_schema(planner, schema)
+            _compile_schema(planner, schema, "tools" if tooling is not None else "response_format")
             if hasattr(planner, "check_context"):  # too long: a 400, streamed or not (a remote planner's server says)
                 planner.check_context(turns)
             put("start", None)
-            on_token = (lambda text: put("token", text)) if body.stream else None
+            text = (lambda piece: put("token", piece)) if body.stream else None
+            reader: _ToolTurn | _UpToStop | None = None
+            if tooling is not None:
+                reader = _ToolTurn(stop, text, (lambda piece: put("call", piece)) if body.stream else None)
+            elif stop or text is not None:  # a JSON answer decodes on to its end; its text is cut
+                reader = _UpToStop(stop, text or (lambda piece: None), halt=schema is None)
             out = planner.generate(
-                turns, schema, max_new_tokens=max_tokens, seed=body.seed, on_token=on_token, cache_key=cache_key,
-                client_schema=True,
+                turns, schema, max_new_tokens=max_tokens, seed=body.seed,
+                on_token=None if reader is None else reader.feed, cache_key=cache_key, client_schema=True,
             )  # fmt: skip
-            put("done", out)
+            if reader is not None:
+                reader.flush()
+            message, reason = _answer(out, reader, stop, max_tokens)
+            if isinstance(reader, _ToolTurn) and reader.state == "whole" and body.stream:
+                for kind, piece in _late_pieces(message):  # a layout read whole: sent now
+                    put(kind, piece)
+            put("done", (out, message, reason))
         except BaseException as e:  # answered as an HTTP error, or reported in the stream
             put("error", e)
 
@@ -340,19 +457,17 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     if first[0] == "error":  # a schema the grammar compiler refuses: 400 before anything streams
         raise api_error(first[1])
 
-    def finish_reason(out: Any) -> str:
-        return "length" if out.num_tokens >= max_tokens or not out.complete else "stop"
-
     if not body.stream:
         kind, value = await queue.get()
         if kind == "error":
             raise api_error(value)
+        out, message, reason = value
         return JSONResponse(
             {
                 "id": completion_id, "object": "chat.completion", "created": created, "model": state.planner_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": value.text},
-                             "finish_reason": finish_reason(value), "logprobs": None}],
-                "usage": _usage(value),
+                "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": reason,
+                             "logprobs": None}],
+                "usage": _usage(out),
             },
             headers=headers,
         )  # fmt: skip
@@ -374,10 +489,13 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
             kind, value = await queue.get()
             if kind == "token":
                 yield chunk({"content": value})
+            elif kind == "call":
+                yield chunk({"tool_calls": [_call_delta(value)]})
             elif kind == "done":
-                yield chunk({}, finish_reason(value))
+                out, _, reason = value
+                yield chunk({}, reason)
                 if body.stream_options is not None and body.stream_options.include_usage:
-                    yield chunk({}, usage=_usage(value))
+                    yield chunk({}, usage=_usage(out))
                 break
             else:
                 err = api_error(value)
@@ -386,6 +504,55 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def _answer(out: Any, reader: Any, stop: list[str], max_tokens: int) -> tuple[dict[str, Any], str]:
+    """The assistant message (``content``, or ``tool_calls`` with ``content`` null) and its finish
+    reason: ``tool_calls``, ``stop`` (the answer's end or a stop sequence) or ``length``."""
+    from duogen_agents.models.chat_model import _ToolTurn
+
+    cut = out.num_tokens >= max_tokens or not out.complete
+    if isinstance(reader, _ToolTurn) and reader.state != "whole":
+        if reader.name is not None:  # a call: whole, or cut at max_tokens with its arguments so far
+            call = {"id": reader.call_id, "type": "function",
+                    "function": {"name": reader.name, "arguments": reader.arguments}}  # fmt: skip
+            return {"content": None, "tool_calls": [call]}, "tool_calls" if reader.state == "end" else "length"
+        whole = reader.stopped or reader.state == "end"
+        return {"content": "".join(reader.text)}, "stop" if whole else "length"
+    text = out.text
+    if isinstance(reader, _ToolTurn):  # another layout (a served planner's grammar): read whole
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return {"content": text}, "length"
+        if "tool" in data:
+            call = {"id": reader.call_id, "type": "function",
+                    "function": {"name": data["tool"], "arguments": json.dumps(data.get("arguments", {}))}}  # fmt: skip
+            return {"content": None, "tool_calls": [call]}, "tool_calls"
+        text = str(data.get("text", ""))
+    found = [i for s in stop if (i := text.find(s)) >= 0]
+    if found:
+        return {"content": text[: min(found)]}, "stop"
+    return {"content": text}, "length" if cut else "stop"
+
+
+def _call_delta(piece: dict[str, Any]) -> dict[str, Any]:
+    """A piece of a tool call (``_ToolTurn``'s) as OpenAI streams one: the first with its id and name."""
+    if piece["name"] is not None:
+        return {"index": 0, "id": piece["id"], "type": "function", "function": {"name": piece["name"], "arguments": ""}}
+    return {"index": 0, "function": {"arguments": piece["args"]}}
+
+
+def _late_pieces(message: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A message read whole at the end, as the stream's pieces."""
+    if message.get("tool_calls"):
+        (call,) = message["tool_calls"]
+        fn = call["function"]
+        return [
+            ("call", {"name": fn["name"], "args": "", "id": call["id"]}),
+            ("call", {"name": None, "args": fn["arguments"], "id": None}),
+        ]
+    return [("token", message["content"])] if message["content"] else []
 
 
 # ---- images -------------------------------------------------------------------------------------------
