@@ -526,10 +526,34 @@ def test_tool_turn_reader_at_every_split() -> None:
                 assert [c["name"] for c in calls if c["name"]] == [data["tool"]] and not text
                 assert json.loads("".join(c["args"] for c in calls)) == data["arguments"]
                 assert {c["id"] for c in calls} - {None} == {turn.call_id}
-    nothing: list = []
-    other = _ToolTurn([], nothing.append, nothing.append)
-    other.feed('{"arguments": {}, "tool": "add"}')
-    assert other.state == "whole" and not nothing  # read whole at the end, as before
+    for layout in (
+        '{"arguments": {}, "tool": "add"}',
+        '{"tool": "f", "arguments": 5}',
+        '{"tool": "f", "arguments": "x"}',
+    ):
+        nothing: list = []
+        other = _ToolTurn([], nothing.append, nothing.append)
+        other.feed(layout)
+        assert other.state == "whole" and not nothing, layout  # read whole at the end, as before
+    # A raw control character in an argument's string (xgrammar lets one through maxLength) goes out escaped.
+    pieces: list = []
+    turn = _ToolTurn([], pieces.append, pieces.append)
+    turn.feed('{"tool": "f", "arguments": {"a": "x\ny\t"}}')
+    args = "".join(p["args"] for p in pieces)
+    assert args == turn.arguments == '{"a": "x\\ny\\t"}' and json.loads(args) == {"a": "x\ny\t"}
+    # A lone surrogate (the grammar lets one through) is U+FFFD at every split; a pair is its character.
+    for raw, text in [
+        ('{"text": "Hello \\ud83d\\n\\u00e9 end"}', "Hello \ufffd\né end"),
+        ('{"text": "Hello \\ud83d"}', "Hello \ufffd"),
+        ('{"text": "a\\udc00b\\ud83d\\ude00"}', "a\ufffdb\U0001f600"),
+    ]:
+        for size in range(1, 8):
+            got = []
+            turn = _ToolTurn([], got.append, got.append)
+            for i in range(0, len(raw), size):
+                turn.feed(raw[i : i + size])
+            turn.flush()
+            assert "".join(got) == text and turn.state == "end", (raw, size, got)
     stopped: list = []
     turn = _ToolTurn(["END"], stopped.append, stopped.append)
     asked = [turn.feed(p) for p in ['{"text": "one E', "N", 'D two"}']]
@@ -579,3 +603,33 @@ def test_the_model_is_told_its_tools_in_the_system_prompt(chat, planner_calls) -
 
     chat.bind_tools([get_weather, add], tool_choice="none").invoke("Weather?")
     assert planner_calls[-1][0][0]["role"] == "user"  # no tools: nothing added
+
+
+def test_tool_parameters_with_references_resolve_in_their_own_schema(chat) -> None:
+    """A tool's ``$ref`` (to its own ``$defs``, or ``#`` for a recursive one) resolved against the
+    wrapper grammar: ``#/$defs/Point`` failed to compile, and ``#`` recursed into the ``{"tool": ...}``
+    envelope, so the arguments broke the tool's own schema."""
+    point = {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+             "required": ["x", "y"], "additionalProperties": False}  # fmt: skip
+    move = {"type": "function", "function": {"name": "move", "description": "Move to a point.", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/Point"}}, "required": ["to"],
+        "additionalProperties": False, "$defs": {"Point": point}}}}  # fmt: skip
+    tree = {"type": "function", "function": {"name": "tree", "description": "A tree.", "parameters": {
+        "type": "object", "properties": {"label": {"type": "string", "maxLength": 4}, "child": {"$ref": "#"}},
+        "required": ["label"], "additionalProperties": False}}}  # fmt: skip
+    (call,) = chat.bind_tools([move], tool_choice="move").invoke("Go", seed=1).tool_calls
+    assert set(call["args"]["to"]) == {"x", "y"} and all(isinstance(v, int) for v in call["args"]["to"].values())
+
+    def nodes(value):
+        yield value
+        if "child" in value:
+            yield from nodes(value["child"])
+
+    for seed in range(4):
+        (call,) = chat.bind_tools([tree], tool_choice="tree").invoke("Grow", seed=seed).tool_calls
+        assert all(set(node) <= {"label", "child"} for node in nodes(call["args"])), call["args"]
+
+
+def test_a_tool_choice_dict_it_cannot_read_is_a_value_error(chat) -> None:
+    with pytest.raises(ValueError, match="tool_choice"):
+        chat.bind_tools([add], tool_choice={"type": "function", "function": "add"})

@@ -240,6 +240,27 @@ def test_a_text_answer_beside_tools_and_stop_sequences(client: Any) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == plain[: plain.index(stop)]
 
 
+def test_a_tool_from_the_openai_sdks_pydantic_helper(client: Any) -> None:
+    """``openai.pydantic_function_tool`` of a model with a nested one gives ``$ref``s to its ``$defs``:
+    they were resolved in the wrapper grammar and refused as a 400."""
+    from pydantic import BaseModel
+
+    class Point(BaseModel):
+        x: int
+        y: int
+
+    class Move(BaseModel):
+        to: Point
+
+    tool = openai.pydantic_function_tool(Move)
+    assert "$ref" in json.dumps(tool)
+    r = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Go"}], tools=[tool], tool_choice="required", seed=1
+    )
+    (call,) = r.choices[0].message.tool_calls
+    assert Move.model_validate_json(call.function.arguments)
+
+
 def test_langchains_chat_openai_calls_tools_on_duogen_serve(server: Running) -> None:
     """The way an agent framework reaches it: ``ChatOpenAI`` pointed at ``duogen serve``, tools bound."""
     langchain_openai = pytest.importorskip("langchain_openai")
@@ -283,6 +304,25 @@ def test_tool_requests_it_cannot_honour_are_one_line_400s(server: Running) -> No
             "not JSON",
         ),  # fmt: skip
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "object"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"enum": [5]}}}]}, "object"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": "add"}}, "tool_choice"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "c",
+                                "type": "function",
+                                "function": {"name": "add", "arguments": "[" * 100_000 + "]" * 100_000},
+                            }
+                        ],
+                    }
+                ]
+            },
+            "not JSON",
+        ),  # fmt: skip
     ]
     with http(server) as h:
         for extra, words in bad:

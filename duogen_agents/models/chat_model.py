@@ -134,21 +134,45 @@ class PlannerChatModel(BaseChatModel):
 # ---- ChatDuogen: a preset's planner as a chat model other code can use --------------------------------
 
 
+def _rebased(node: Any, base: str) -> Any:
+    """``node`` with each local ``$ref`` (``#...``) moved under ``base`` (``#/$defs/tool0``)."""
+    if isinstance(node, list):
+        return [_rebased(item, base) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _rebased(v, base) for k, v in node.items()}
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        out["$ref"] = base + ref[1:]
+    return out
+
+
+def _has_ref(node: Any) -> bool:
+    if isinstance(node, list):
+        return any(_has_ref(item) for item in node)
+    return isinstance(node, dict) and ("$ref" in node or any(_has_ref(v) for v in node.values()))
+
+
 def _tool_call_schema(tools: list[dict[str, Any]], required: bool) -> dict[str, Any]:
     """The grammar of one turn with tools: a call of one tool with arguments under its parameters
-    schema, or (unless a call is required) a text answer."""
-    calls = [
-        {
-            "type": "object",
-            "properties": {
-                "tool": {"const": t["function"]["name"]},
-                "arguments": t["function"].get("parameters") or {"type": "object"},
-            },
-            "required": ["tool", "arguments"],
-            "additionalProperties": False,
-        }
-        for t in tools
-    ]
+    schema, or (unless a call is required) a text answer. Parameters with references (``$ref`` to
+    their own ``$defs``, or ``#`` for a recursive one) go under the root's ``$defs``, their
+    references rebased, so they resolve in the tool's schema and not in this wrapper."""
+    defs: dict[str, Any] = {}
+    calls = []
+    for i, t in enumerate(tools):
+        arguments = t["function"].get("parameters") or {"type": "object"}
+        if _has_ref(arguments):
+            defs[f"tool{i}"] = _rebased(arguments, f"#/$defs/tool{i}")
+            arguments = {"$ref": f"#/$defs/tool{i}"}
+        calls.append(
+            {
+                "type": "object",
+                "properties": {"tool": {"const": t["function"]["name"]}, "arguments": arguments},
+                "required": ["tool", "arguments"],
+                "additionalProperties": False,
+            }
+        )
     if not required:
         calls.append(
             {
@@ -158,7 +182,8 @@ def _tool_call_schema(tools: list[dict[str, Any]], required: bool) -> dict[str, 
                 "additionalProperties": False,
             }
         )
-    return {"anyOf": calls} if len(calls) > 1 else calls[0]
+    schema = {"anyOf": calls} if len(calls) > 1 else calls[0]
+    return {"$defs": defs, **schema} if defs else schema
 
 
 def tools_prompt(tools: list[dict[str, Any]], required: bool) -> str:
@@ -200,7 +225,8 @@ def _tool_choice(choice: Any, names: list[str]) -> tuple[str, str | None]:
         kind = choice.get("type")
         name = None
         if kind == "function":  # OpenAI: {"type": "function", "function": {"name": ...}}
-            name = (choice.get("function") or {}).get("name")
+            function = choice.get("function")
+            name = function.get("name") if isinstance(function, dict) else None
         elif kind == "tool":  # Anthropic: {"type": "tool", "name": ...}
             name = choice.get("name")
         elif kind in ("auto", "any", "none"):  # Anthropic: {"type": "any"}, ...
@@ -376,8 +402,11 @@ class _ToolTurn:
         if self.raw[self.pos] != ":" or value not in (("tool", "text") if state == "key" else ("arguments",)):
             return self._whole()
         self.pos += 1
-        if value == "arguments":
-            self._skip()  # the arguments' JSON as written starts at its first character
+        if value == "arguments":  # streamed from its first character, an object's "{"
+            if not self._skip():
+                return self._wait(start)
+            if self.raw[self.pos] != "{":
+                return self._whole()
             self.state = "args"
             if self.on_call is not None:
                 self.on_call({"name": self.name, "args": "", "id": self.call_id, "index": 0, "type": "tool_call_chunk"})
@@ -426,8 +455,10 @@ class _ToolTurn:
         return None
 
     def _read_args(self) -> bool:
-        """The arguments' JSON as decoded so far, handed on; the call ends where its object closes."""
-        start = self.pos
+        """The arguments' JSON as decoded so far, handed on; the call ends where its object closes.
+        A raw control character inside a string (xgrammar lets one through a string with
+        ``maxLength``) is handed on escaped, so the arguments are always JSON."""
+        piece = []
         while self.pos < len(self.raw) and self.state == "args":
             c = self.raw[self.pos]
             self.pos += 1
@@ -438,6 +469,8 @@ class _ToolTurn:
                     self.escaped = True
                 elif c == '"':
                     self.in_string = False
+                elif c < " ":
+                    c = json.dumps(c)[1:-1]
             elif c == '"':
                 self.in_string = True
             elif c in "{[":
@@ -446,14 +479,17 @@ class _ToolTurn:
                 self.depth -= 1
                 if self.depth <= 0:
                     self.state = "end"
-        piece = self.raw[start : self.pos]
-        self.arguments += piece
-        if piece and self.on_call is not None:
-            self.on_call({"name": None, "args": piece, "id": None, "index": 0, "type": "tool_call_chunk"})
+            piece.append(c)
+        text = "".join(piece)
+        self.arguments += text
+        if text and self.on_call is not None:
+            self.on_call({"name": None, "args": text, "id": None, "index": 0, "type": "tool_call_chunk"})
         return False
 
     def _read_text(self) -> bool:
-        """A text answer's string, decoded as far as whole characters go (an escape waits for its end)."""
+        """A text answer's string, decoded as far as whole characters go (an escape waits for its
+        end). A lone surrogate (the grammar lets ``\\ud83d`` through alone) reads as U+FFFD, so the
+        text is valid Unicode wherever it goes; an escape JSON does not have is kept as written."""
         out = []
         while self.pos < len(self.raw):
             c = self.raw[self.pos]
@@ -465,21 +501,52 @@ class _ToolTurn:
                 out.append(c)
                 self.pos += 1
                 continue
-            size = 6 if self.raw[self.pos + 1 : self.pos + 2] == "u" else 2
-            escape = self.raw[self.pos : self.pos + size]
-            try:
-                if len(escape) == 6 and 0xD800 <= int(escape[2:], 16) <= 0xDBFF:  # a surrogate pair: both halves
-                    size = 12
-                    escape = self.raw[self.pos : self.pos + size]
-                if len(escape) < size:
+            if self.raw[self.pos + 1 : self.pos + 2] != "u":
+                escape = self.raw[self.pos : self.pos + 2]
+                if len(escape) < 2:
                     break
-                out.append(json.loads(f'"{escape}"'))
-            except ValueError:  # not JSON's escape: the answer is read (and refused) whole at the end
-                self.state = "whole"
-                break
+                out.append(_SIMPLE_ESCAPES.get(escape[1], escape))
+                self.pos += 2
+                continue
+            code = _hex4(self.raw[self.pos + 2 : self.pos + 6])
+            if code is None:
+                if len(self.raw) - self.pos < 6:
+                    break  # the escape's digits are still to come
+                out.append(self.raw[self.pos : self.pos + 2])  # not an escape: kept as written
+                self.pos += 2
+                continue
+            size = 6
+            if 0xD800 <= code <= 0xDBFF:  # a high surrogate: a pair only with a low one right after
+                after = self.raw[self.pos + 6 : self.pos + 12]
+                if len(after) < 6 and "\\u".startswith(after[:2]):
+                    break  # what follows is not decoded yet
+                low = _hex4(after[2:]) if after.startswith("\\u") else None
+                if low is not None and 0xDC00 <= low <= 0xDFFF:
+                    out.append(chr(0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)))
+                    self.pos += 12
+                    continue
+                code = 0xFFFD
+            elif 0xDC00 <= code <= 0xDFFF:
+                code = 0xFFFD
+            out.append(chr(code))
             self.pos += size
         self.decoded += "".join(out)
         return False
+
+
+_SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def valid_unicode(text: str) -> str:
+    """``text`` with each lone surrogate (JSON lets ``"\\ud83d"`` stand alone) as U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _hex4(digits: str) -> int | None:
+    """Four hex digits' value, or None (too few, or not hex)."""
+    if len(digits) < 4 or any(d not in "0123456789abcdefABCDEF" for d in digits[:4]):
+        return None
+    return int(digits[:4], 16)
 
 
 _PLANNERS: dict[tuple[str, str], Any] = {}
@@ -624,19 +691,19 @@ class ChatDuogen(PlannerChatModel):
                 reader.flush()
         usage = usage_of(out)
         meta = {"model_name": self.model_name, "model_provider": "duogen"}
-        if turn is not None and turn.is_text and turn.stopped:  # its JSON ends at the stop sequence
+        if turn is not None and turn.is_text and (turn.stopped or turn.state == "end"):  # as it streamed
             return AIMessage(content="".join(turn.text), usage_metadata=usage, response_metadata=meta)
         text = out.text
         if tools and schema is not None:
             try:
-                data = json.loads(text)
+                data = json.loads(text, strict=False)  # a raw control character in a string: see _read_args
             except ValueError as e:
                 raise GenerationError(f"the model's tool call is not complete JSON ({e}); raise max_tokens") from None
             if "tool" in data:
                 call_id = turn.call_id if turn is not None else f"call_{uuid.uuid4().hex[:12]}"
                 call = {"name": data["tool"], "args": data["arguments"], "id": call_id}
                 return AIMessage(content="", tool_calls=[call], usage_metadata=usage, response_metadata=meta)
-            text = data.get("text", "")
+            text = valid_unicode(str(data.get("text", "")))
         for s in stop or []:  # a stop sequence cuts text, never a call
             if s and s in text:
                 text = text[: text.index(s)]

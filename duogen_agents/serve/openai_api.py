@@ -237,7 +237,7 @@ def _tool_calls(calls: Any, i: int) -> list[str]:
             )
         try:
             arguments = json.loads(fn["arguments"])  # type: ignore[index]
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ApiError(400, f"messages[{i}].tool_calls[{j}].function.arguments is not JSON") from None
         out.append(_text(json.dumps({"tool": name, "arguments": arguments}), i))
     return out
@@ -352,11 +352,11 @@ def tools_of(body: ChatRequest) -> tuple[list[dict[str, Any]], bool] | None:
             raise ApiError(
                 400, f"tools[{i}]: only function tools are supported: {{'type': 'function', 'function': {{...}}}}"
             )
-        name, params = fn.get("name"), fn.get("parameters", {"type": "object", "properties": {}})
+        name, params = fn.get("name"), fn.get("parameters") or {"type": "object", "properties": {}}
         if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
             raise ApiError(400, f"tools[{i}].function.name must be 1 to 64 letters, digits, _ or -")
-        if not isinstance(params, dict) or params.get("type", "object") != "object":
-            raise ApiError(400, f"tools[{i}].function.parameters must be a JSON schema of an object")
+        if not isinstance(params, dict) or params.get("type") != "object":  # arguments are an object
+            raise ApiError(400, f'tools[{i}].function.parameters must be a JSON schema with "type": "object"')
         description = fn.get("description") or ""
         if not isinstance(description, str):
             raise ApiError(400, f"tools[{i}].function.description must be a string")
@@ -509,7 +509,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
 def _answer(out: Any, reader: Any, stop: list[str], max_tokens: int) -> tuple[dict[str, Any], str]:
     """The assistant message (``content``, or ``tool_calls`` with ``content`` null) and its finish
     reason: ``tool_calls``, ``stop`` (the answer's end or a stop sequence) or ``length``."""
-    from duogen_agents.models.chat_model import _ToolTurn
+    from duogen_agents.models.chat_model import _ToolTurn, valid_unicode
 
     cut = out.num_tokens >= max_tokens or not out.complete
     if isinstance(reader, _ToolTurn) and reader.state != "whole":
@@ -522,14 +522,14 @@ def _answer(out: Any, reader: Any, stop: list[str], max_tokens: int) -> tuple[di
     text = out.text
     if isinstance(reader, _ToolTurn):  # another layout (a served planner's grammar): read whole
         try:
-            data = json.loads(text)
+            data = json.loads(text, strict=False)
         except ValueError:
             return {"content": text}, "length"
         if "tool" in data:
             call = {"id": reader.call_id, "type": "function",
                     "function": {"name": data["tool"], "arguments": json.dumps(data.get("arguments", {}))}}  # fmt: skip
             return {"content": None, "tool_calls": [call]}, "tool_calls"
-        text = str(data.get("text", ""))
+        text = valid_unicode(str(data.get("text", "")))
     found = [i for s in stop if (i := text.find(s)) >= 0]
     if found:
         return {"content": text[: min(found)]}, "stop"
