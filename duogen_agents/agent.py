@@ -204,6 +204,11 @@ class Agent:
             if (file_id := block_file_id(image)) is not None:
                 return self.store.open(file_id)  # an id from the caller is validated like any other
             return image_from_block(image, allow_remote=self.allow_remote_images)
+        if isinstance(image, str) and image.startswith(("http://", "https://", "data:", "file://")):
+            # a URL as a plain string is the URL, as in a block (it was looked for as a file name)
+            return image_from_block(
+                {"type": "image_url", "image_url": {"url": image}}, allow_remote=self.allow_remote_images
+            )
         return load_input_image(image)
 
     def _stored(self, image: Any) -> ImageRef:

@@ -237,14 +237,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    srv.add_argument("--queue", type=int, default=16, metavar="N", help="requests that may wait per model (429 above)")
+    srv.add_argument(
+        "--queue", type=int, default=16, metavar="N", help="requests that may wait per model, 429 above (default 16)"
+    )
     srv.add_argument("--turns", type=int, default=4, metavar="N", help="agent turns that run at once (default 4)")
     srv.add_argument("--max-body-mb", type=float, default=32.0, metavar="MB", help="request body limit (default 32)")
     srv.add_argument(
         "--cors-origin", action="append", default=[], metavar="ORIGIN", help="allow this browser origin (repeatable)"
     )
     srv.add_argument(
-        "--grace", type=float, default=30.0, metavar="SECONDS", help="on shutdown, wait this long for running turns"
+        "--grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on shutdown, wait this long for running turns (default 30)",
     )
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _db_args(srv)

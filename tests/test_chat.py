@@ -103,6 +103,8 @@ def test_piped_input_is_split_into_messages_and_commands() -> None:
         "second",
         "/quit",
     ]
+    # the interactive continuation marker, piped: dropped as it is when typed (it reached the planner)
+    assert piped_messages("first line \\\nsecond line\n") == ["first line \nsecond line"]
 
 
 def _duogen() -> list[str]:

@@ -89,12 +89,13 @@ def test_remote_urls_are_refused_unless_enabled(home) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/x.png"
     try:
-        with pytest.raises(InputImageError, match="remote images are off"):
-            scripted_agent(home, [TEXT, DONE]).run("x", images=[{"type": "image", "url": url}])
-        agent = scripted_agent(home, [TEXT, DONE])
-        agent.allow_remote_images = True
-        doc = agent.run("x", images=[{"type": "image", "url": url}])
-        assert np.asarray(agent.store.open(doc.inputs[0]))[0, 0].tolist() == [0, 0, 250]
+        for image in ({"type": "image", "url": url}, url):  # a block, or the URL as a plain string
+            with pytest.raises(InputImageError, match="remote images are off"):
+                scripted_agent(home, [TEXT, DONE]).run("x", images=[image])
+            agent = scripted_agent(home, [TEXT, DONE])
+            agent.allow_remote_images = True
+            doc = agent.run("x", images=[image])
+            assert np.asarray(agent.store.open(doc.inputs[0]))[0, 0].tolist() == [0, 0, 250]
     finally:
         server.shutdown()
         server.server_close()

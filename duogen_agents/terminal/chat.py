@@ -5,8 +5,8 @@ and renders the events (streamed Markdown, a progress bar per image, the image i
 Interactive: readline input with history (``<home>/chat_history``), a trailing ``\\`` continues a
 message on the next line, Ctrl-C during an answer cancels that turn (the session goes back to where
 it was), Ctrl-C or Ctrl-D at the prompt exits. Piped: stdin is read as messages separated by blank
-lines (a line starting with ``/`` is a command), each answer is printed, and the exit code is 0 when
-every message was answered.
+lines (a line starting with ``/`` is a command; a trailing ``\\`` is dropped, as typed), each answer is
+printed, and the exit code is 0 when every message and command succeeded, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ COMMANDS = {
 
 
 def piped_messages(text: str) -> list[str]:
-    """Split piped input: blank lines separate messages; a line starting with ``/`` is a command."""
+    """Split piped input: blank lines separate messages; a line starting with ``/`` is a command. A
+    message's lines are joined as typed ones are, so a trailing ``\\`` (the interactive way to go on
+    to the next line) is dropped here too rather than reaching the planner."""
     items: list[str] = []
     buf: list[str] = []
 
@@ -61,7 +63,7 @@ def piped_messages(text: str) -> list[str]:
         elif not line.strip():
             flush()
         else:
-            buf.append(line)
+            buf.append(line[:-1] if line.endswith("\\") else line)
     flush()
     return items
 
