@@ -633,3 +633,36 @@ def test_tool_parameters_with_references_resolve_in_their_own_schema(chat) -> No
 def test_a_tool_choice_dict_it_cannot_read_is_a_value_error(chat) -> None:
     with pytest.raises(ValueError, match="tool_choice"):
         chat.bind_tools([add], tool_choice={"type": "function", "function": "add"})
+
+
+def test_token_counts_are_the_planners_own(chat) -> None:
+    """LangChain's default counted with GPT-2's tokenizer, downloaded from the hub at run time (no hub
+    here: it failed after its retries). Now a count is what the planner reads, chat template, images
+    and tools' prompt included: the same number the call reports as its input tokens."""
+    import base64
+    import io
+
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, trim_messages
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (30, 120, 200)).save(buf, format="PNG")
+    picture = {"type": "image", "base64": base64.b64encode(buf.getvalue()).decode(), "mime_type": "image/png"}
+    messages = [
+        SystemMessage("Be brief."),
+        HumanMessage([{"type": "text", "text": "What is in this picture?"}, picture]),
+        AIMessage("A blue square."),
+        HumanMessage("And its colour?"),
+    ]
+    assert chat.get_num_tokens_from_messages(messages) == chat.invoke(messages).usage_metadata["input_tokens"]
+    with_tools = chat.get_num_tokens_from_messages(messages, tools=[get_weather, add])
+    assert with_tools == chat.bind_tools([get_weather, add]).invoke(messages).usage_metadata["input_tokens"]
+    assert chat.get_num_tokens("hello world") == len(chat.planner.tokenizer("hello world")["input_ids"])
+    # trim_messages adds the counts of its pieces, and each count holds the template's own tokens, so
+    # what it keeps never reads more than the budget (it may keep a little less than fits).
+    whole = chat.get_num_tokens_from_messages(messages)
+    trim = dict(token_counter=chat, strategy="last", include_system=True)
+    assert trim_messages(messages, max_tokens=2 * whole, **trim) == messages
+    for budget in (whole, whole - 1, whole // 2):
+        kept = trim_messages(messages, max_tokens=budget, **trim)
+        assert kept[0] == messages[0] and chat.get_num_tokens_from_messages(kept) <= budget

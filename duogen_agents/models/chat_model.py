@@ -22,7 +22,7 @@ from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, PrivateAttr
 
@@ -98,6 +98,42 @@ class PlannerChatModel(BaseChatModel):
         if len(self._decoded) > 64:
             self._decoded.popitem(last=False)
         return image
+
+    # LangChain's defaults count tokens with GPT-2's tokenizer, fetched from the Hugging Face hub: a
+    # download at run time, and the wrong count. These count as the planner reads.
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """``text``'s ids in the planner's own tokenizer. A served planner has none here: LangChain's
+        estimate by characters (``count_tokens_approximately``) then stands in, in
+        ``get_num_tokens_from_messages``."""
+        tokenizer = getattr(self.planner, "tokenizer", None)
+        if tokenizer is None:
+            raise NotImplementedError(
+                "a served planner's tokenizer is on its server; count with get_num_tokens_from_messages"
+            )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def get_num_tokens(self, text: str) -> int:
+        if getattr(self.planner, "tokenizer", None) is None:
+            from langchain_core.messages.utils import count_tokens_approximately
+
+            return count_tokens_approximately([HumanMessage(text)])
+        return len(self.get_token_ids(text))
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        """The tokens the planner reads for ``messages`` (and ``tools``' prompt): its chat template,
+        each image's tokens and the opening of its answer, as ``trim_messages(token_counter=model)``
+        needs. A served planner: LangChain's estimate by characters."""
+        if not hasattr(self.planner, "encode"):
+            from langchain_core.messages.utils import count_tokens_approximately
+
+            return count_tokens_approximately(messages, tools=tools)
+        turns = to_chat_turns(list(messages), self._load_image)
+        if tools:
+            from langchain_core.utils.function_calling import convert_to_openai_tool
+
+            turns = with_system_text(turns, tools_prompt([convert_to_openai_tool(t) for t in tools], required=False))
+        return int(self.planner.encode(turns)["input_ids"].shape[1])
 
     @property
     def _llm_type(self) -> str:
