@@ -438,6 +438,12 @@ def test_chat_duogen_over_a_served_planner_streams_a_call_and_a_text_answer(fake
     assert [(c["name"], c["args"]) for c in joined.tool_calls] == [("get_weather", {"city": "a fake answer"})]
     text = list(chat.bind_tools([get_weather], tool_choice="auto").stream("Hello"))
     assert [c.content for c in text if c.content] == ["a fak", "e ans", "wer"]  # as the server's deltas came
+    # no tokenizer here: LangChain's estimate (its default fetched GPT-2's tokenizer from the hub)
+    from langchain_core.messages import HumanMessage
+    from langchain_core.messages.utils import count_tokens_approximately
+
+    messages = [HumanMessage("Weather in Oslo?")]
+    assert chat.get_num_tokens_from_messages(messages) == count_tokens_approximately(messages) > 0
 
 
 @pytest.mark.parametrize("field", ["structured_outputs", "guided_json"])
