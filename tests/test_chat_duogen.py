@@ -666,3 +666,14 @@ def test_token_counts_are_the_planners_own(chat) -> None:
     for budget in (whole, whole - 1, whole // 2):
         kept = trim_messages(messages, max_tokens=budget, **trim)
         assert kept[0] == messages[0] and chat.get_num_tokens_from_messages(kept) <= budget
+
+
+def test_the_model_profile_says_what_it_does(chat) -> None:
+    """``model.profile`` (LangChain's middleware reads it: ``SummarizationMiddleware`` takes the context
+    from ``max_input_tokens``) was empty."""
+    profile = chat.profile
+    assert profile["max_input_tokens"] == chat.planner.context_tokens - 1
+    assert profile["tool_calling"] and profile["tool_call_streaming"] and profile["structured_output"]
+    assert profile["image_inputs"] and not profile["image_url_inputs"] and not profile["audio_inputs"]
+    mine = ChatDuogen(planner=chat.planner, store=chat.store, profile={"max_input_tokens": 100})
+    assert mine.profile == {"max_input_tokens": 100}  # the caller's own stays

@@ -629,6 +629,31 @@ class ChatDuogen(PlannerChatModel):
                 self.planner = _PLANNERS[key]
             if self.store is None:
                 self.store = ImageStore(root)
+        if self.profile is None:
+            self.profile = self._profile()
+
+    def _profile(self) -> dict[str, Any]:
+        """What LangChain's model profile asks (``model.profile``: middleware such as
+        ``SummarizationMiddleware`` reads ``max_input_tokens`` from it), as this model does it."""
+        profile: dict[str, Any] = {
+            "open_weights": True,
+            "text_inputs": True,
+            "image_inputs": True,
+            "image_url_inputs": False,  # http(s) image URLs are refused here; data: URLs are read
+            "image_tool_message": True,
+            "pdf_inputs": False,
+            "audio_inputs": False,
+            "video_inputs": False,
+            "text_outputs": True,
+            "image_outputs": False,
+            "tool_calling": True,
+            "tool_choice": True,
+            "tool_call_streaming": True,
+            "structured_output": True,
+        }
+        if context := getattr(self.planner, "context_tokens", None):
+            profile["max_input_tokens"] = int(context) - 1  # the planner's own limit (PromptTooLongError past it)
+        return profile
 
     @property
     def model_name(self) -> str:
