@@ -158,6 +158,22 @@ def test_default_preset_comes_from_the_environment(monkeypatch, capsys) -> None:
     assert "unknown preset 'no-such-preset'" in capsys.readouterr().err
 
 
+def test_a_steps_text_does_not_repeat_its_headings_number(tmp_path) -> None:
+    """A step's text that starts with its own "Step N:" (the shapes planner writes "Step 1: red circle
+    top-left" under "### Step 1: ..."; real models often do too) reads without it; another number,
+    or "Step" as a word, stays. The planner still reads back what it wrote."""
+    image = {"prompt": "a pot", "references": [], "kind": "generate"}
+    texts = ["Step 1: Water the plant.", "step 2) Drain it.", "Step 2: then the third.", "Stepping on is fine."]
+    plan = {"title": "Repot", "steps": [{"title": t} for t in ["Water", "Drain", "Dry", "Walk"]]}
+    script = [plan] + [{"text": t, "image": image} for t in texts]
+    agent = _agent(tmp_path, script, check=False, max_images=4)
+    doc = agent.run("Repot a plant", mode="visual-plan")
+    bodies = [b.text.split("\n\n", 1)[1] for b in doc.blocks if b.type == "text"]
+    assert bodies == ["Water the plant.", "Drain it.", "Step 2: then the third.", "Stepping on is fine."]
+    conversation, _schema = agent.planner.calls[-1]
+    assert "Step 1: Water the plant." in json.dumps(conversation, default=str)
+
+
 def test_a_plan_steps_own_numbering_is_not_repeated_in_its_heading(tmp_path) -> None:
     """Models often number their step titles; the heading numbers them already ("### Step 1: Step 1:")."""
     image = {"prompt": "a pot", "references": [], "kind": "generate"}

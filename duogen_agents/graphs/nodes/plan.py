@@ -35,6 +35,15 @@ def step_title(title: str) -> str:
     return _STEP_PREFIX.sub("", title, count=1).strip() if _STEP_PREFIX.match(title) else title
 
 
+def step_body(text: str, number: int) -> str:
+    """A step's text for the reader, under its heading ``### Step N: ...``, without a leading "Step N:"
+    of the same number (the heading has it: "### Step 1: Water\n\nStep 1: Water the pot ...")."""
+    found = _STEP_PREFIX.match(text)
+    if found is None or re.match(r"\s*step\s*(\d+)", text, re.IGNORECASE).group(1) != str(number):  # type: ignore[union-attr]
+        return text
+    return text[found.end() :]
+
+
 def inline_images(state: TurnState, deps: GraphDeps) -> dict[str, Any]:
     """Images that came in as pixels (a parent graph's message with LangChain base64 or URL image
     blocks, OpenAI ``image_url`` parts) are stored once and become ``file_id`` blocks and known
@@ -162,7 +171,7 @@ def plan(state: TurnState, config: RunnableConfig, *, deps: GraphDeps) -> dict[s
         said = f"### Step {i + 1}: {steps[i]['title']}\n\n" + action.text
         return {
             **base,
-            **text_update(heading + action.text, step=i, said=said),
+            **text_update(heading + step_body(action.text, i + 1), step=i, said=said),
             "tokens": state.get("tokens", 0) + n,
             "step": i + 1,
             "pending": pending_from(state, action.image, "generated", i),
