@@ -677,3 +677,21 @@ def test_the_model_profile_says_what_it_does(chat) -> None:
     assert profile["image_inputs"] and not profile["image_url_inputs"] and not profile["audio_inputs"]
     mine = ChatDuogen(planner=chat.planner, store=chat.store, profile={"max_input_tokens": 100})
     assert mine.profile == {"max_input_tokens": 100}  # the caller's own stays
+
+
+def test_finish_reason_as_chat_openai_reports_it(chat) -> None:
+    """``response_metadata["finish_reason"]``: "length" for an answer its token budget cut (a caller
+    could not tell a cut answer from a whole one), "stop" at its end or a stop sequence, "tool_calls"
+    for a call; streamed too."""
+    cut = chat.invoke("Describe a picnic", max_tokens=3)
+    assert cut.usage_metadata["output_tokens"] == 3 and cut.response_metadata["finish_reason"] == "length"
+    whole = chat.invoke("Describe a picnic")
+    stop = whole.content[4:6]
+    assert chat.invoke("Describe a picnic", stop=[stop]).response_metadata["finish_reason"] == "stop"
+    assert _joined(list(chat.stream("Describe a picnic", max_tokens=3))).response_metadata["finish_reason"] == "length"
+    call = chat.bind_tools([add], tool_choice="add").invoke("What is 2 + 3?")
+    assert call.tool_calls and call.response_metadata["finish_reason"] == "tool_calls"
+    structured = chat.with_structured_output({"type": "object", "properties": {"n": {"type": "integer"}},
+                                              "required": ["n"]}, include_raw=True).invoke("A number")  # fmt: skip
+    assert structured["raw"].response_metadata["finish_reason"] == "stop"
+    assert isinstance(structured["parsed"]["n"], int)  # a JSON schema without a title (LangChain refused it)

@@ -751,7 +751,12 @@ class ChatDuogen(PlannerChatModel):
             if reader is not None:
                 reader.flush()
         usage = usage_of(out)
-        meta = {"model_name": self.model_name, "model_provider": "duogen"}
+        # as ChatOpenAI reports it: "length" for an answer cut by its token budget
+        meta = {
+            "model_name": self.model_name,
+            "model_provider": "duogen",
+            "finish_reason": "stop" if out.complete else "length",
+        }
         if turn is not None and turn.is_text and (turn.stopped or turn.state == "end"):  # as it streamed
             return AIMessage(content="".join(turn.text), usage_metadata=usage, response_metadata=meta)
         text = out.text
@@ -763,6 +768,7 @@ class ChatDuogen(PlannerChatModel):
             if "tool" in data:
                 call_id = turn.call_id if turn is not None else f"call_{uuid.uuid4().hex[:12]}"
                 call = {"name": data["tool"], "args": data["arguments"], "id": call_id}
+                meta["finish_reason"] = "tool_calls"
                 return AIMessage(content="", tool_calls=[call], usage_metadata=usage, response_metadata=meta)
             text = valid_unicode(str(data.get("text", "")))
         for s in stop or []:  # a stop sequence cuts text, never a call
@@ -875,8 +881,12 @@ class ChatDuogen(PlannerChatModel):
         is_pydantic = is_v1 or (isinstance(schema, type) and issubclass(schema, _BaseModel))
         if is_v1:
             json_schema = schema.schema()
+        elif is_pydantic:
+            json_schema = schema.model_json_schema()
+        elif isinstance(schema, dict) and "title" not in schema and ("type" in schema or "anyOf" in schema):
+            json_schema = dict(schema)  # a plain JSON schema: LangChain's conversion wants a title
         else:
-            json_schema = schema.model_json_schema() if is_pydantic else convert_to_json_schema(schema)
+            json_schema = convert_to_json_schema(schema)
         json_schema = {k: v for k, v in json_schema.items() if k not in ("title", "description")}
         llm = self.bind(
             schema=json_schema, ls_structured_output_format={"schema": schema, "kwargs": {"method": method}}
