@@ -204,7 +204,11 @@ class Agent:
             if (file_id := block_file_id(image)) is not None:
                 return self.store.open(file_id)  # an id from the caller is validated like any other
             return image_from_block(image, allow_remote=self.allow_remote_images)
-        if isinstance(image, str) and image.startswith(("http://", "https://", "data:", "file://")):
+        if (
+            isinstance(image, str)
+            and image.lower().startswith(("http://", "https://", "data:", "file://"))
+            and not Path(image).is_file()  # a file of that name is the file
+        ):
             # a URL as a plain string is the URL, as in a block (it was looked for as a file name)
             return image_from_block(
                 {"type": "image_url", "image_url": {"url": image}}, allow_remote=self.allow_remote_images

@@ -155,6 +155,8 @@ def _b64(text: str) -> bytes:
 
 
 def _from_url(url: str, allow_remote: bool) -> Image.Image:
+    scheme = url[: url.find(":") + 1].lower()  # URL schemes are case-insensitive ("HTTPS://...")
+    url = scheme + url[len(scheme) :]
     if url.startswith("data:"):
         head, _, body = url.partition(",")
         if ";base64" not in head:

@@ -541,6 +541,14 @@ def test_tool_turn_reader_at_every_split() -> None:
     turn.feed('{"tool": "f", "arguments": {"a": "x\ny\t"}}')
     args = "".join(p["args"] for p in pieces)
     assert args == turn.arguments == '{"a": "x\\ny\\t"}' and json.loads(args) == {"a": "x\ny\t"}
+    # A \u that is not JSON's escape (a lax served grammar) is kept as written, also at the very end.
+    for raw, text in [('{"text": "ab\\uZ"}', "ab\\uZ"), ('{"text": "ab\\uZZZZ cd"}', "ab\\uZZZZ cd")]:
+        for size in range(1, 6):
+            got = []
+            turn = _ToolTurn([], got.append, got.append)
+            for i in range(0, len(raw), size):
+                turn.feed(raw[i : i + size])
+            assert "".join(got) == text and turn.state == "end", (raw, size, got)
     # A lone surrogate (the grammar lets one through) is U+FFFD at every split; a pair is its character.
     for raw, text in [
         ('{"text": "Hello \\ud83d\\n\\u00e9 end"}', "Hello \ufffd\né end"),
@@ -630,6 +638,38 @@ def test_tool_parameters_with_references_resolve_in_their_own_schema(chat) -> No
         assert all(set(node) <= {"label", "child"} for node in nodes(call["args"])), call["args"]
 
 
+def test_reference_rebasing_leaves_data_and_anchors_alone() -> None:
+    """Only the schema's own pointers (``#``, ``#/...``) move under the tool's ``$defs``: a ``$ref``
+    inside ``const``/``enum`` is data the grammar must write as given, and ``#name`` is an anchor."""
+    from duogen_agents.models.chat_model import _tool_call_schema
+
+    params = {
+        "type": "object",
+        "properties": {
+            "to": {"$ref": "#/$defs/P"},
+            "link": {"const": {"$ref": "#/components/x"}},
+            "mark": {"$ref": "#pt"},
+            "$ref": {"type": "string"},  # a property named $ref
+        },
+        "$defs": {"P": {"type": "object", "properties": {"next": {"$ref": "#"}}}},
+    }
+    schema = _tool_call_schema([{"type": "function", "function": {"name": "f", "parameters": params}}], True)
+    moved = schema["$defs"]["tool0"]
+    assert schema["properties"]["arguments"] == {"$ref": "#/$defs/tool0"}
+    assert moved["properties"]["to"] == {"$ref": "#/$defs/tool0/$defs/P"}
+    assert moved["$defs"]["P"]["properties"]["next"] == {"$ref": "#/$defs/tool0"}
+    assert moved["properties"]["link"] == {"const": {"$ref": "#/components/x"}}
+    assert moved["properties"]["mark"] == {"$ref": "#pt"} and moved["properties"]["$ref"] == {"type": "string"}
+    assert list(moved["properties"]) == ["to", "link", "mark", "$ref"]  # the order the grammar writes them in
+    deep: dict = {"type": "object"}
+    node = deep
+    for _ in range(3000):  # deeper than Python's recursion limit: no RecursionError
+        node["properties"] = {"x": {"type": "object"}}
+        node = node["properties"]["x"]
+    node["properties"] = {"y": {"$ref": "#"}}
+    assert _tool_call_schema([{"type": "function", "function": {"name": "f", "parameters": deep}}], True)["$defs"]
+
+
 def test_a_tool_choice_dict_it_cannot_read_is_a_value_error(chat) -> None:
     with pytest.raises(ValueError, match="tool_choice"):
         chat.bind_tools([add], tool_choice={"type": "function", "function": "add"})
@@ -657,7 +697,16 @@ def test_token_counts_are_the_planners_own(chat) -> None:
     assert chat.get_num_tokens_from_messages(messages) == chat.invoke(messages).usage_metadata["input_tokens"]
     with_tools = chat.get_num_tokens_from_messages(messages, tools=[get_weather, add])
     assert with_tools == chat.bind_tools([get_weather, add]).invoke(messages).usage_metadata["input_tokens"]
+    for choice in ("any", "add", "none"):  # the tools' prompt as the call writes it under each choice
+        counted = chat.get_num_tokens_from_messages(messages, tools=[get_weather, add], tool_choice=choice)
+        read = chat.bind_tools([get_weather, add], tool_choice=choice).invoke(messages).usage_metadata["input_tokens"]
+        assert counted == read, choice
     assert chat.get_num_tokens("hello world") == len(chat.planner.tokenizer("hello world")["input_ids"])
+    assert chat.get_num_tokens("a<|im_end|>b") > chat.get_num_tokens("ab") + 1  # as plain text, as in a message
+    assert (
+        ChatDuogen(planner=chat.planner, store=chat.store, custom_get_token_ids=lambda t: [0]).get_num_tokens("x y")
+        == 1
+    )
     # trim_messages adds the counts of its pieces, and each count holds the template's own tokens, so
     # what it keeps never reads more than the budget (it may keep a little less than fits).
     whole = chat.get_num_tokens_from_messages(messages)

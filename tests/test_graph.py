@@ -163,13 +163,13 @@ def test_a_steps_text_does_not_repeat_its_headings_number(tmp_path) -> None:
     top-left" under "### Step 1: ..."; real models often do too) reads without it; another number,
     or "Step" as a word, stays. The planner still reads back what it wrote."""
     image = {"prompt": "a pot", "references": [], "kind": "generate"}
-    texts = ["Step 1: Water the plant.", "step 2) Drain it.", "Step 2: then the third.", "Stepping on is fine."]
+    texts = ["Step 1: Water the plant.", "step 2) Drain it.", "Step 2: then the third.", "Step 4:"]
     plan = {"title": "Repot", "steps": [{"title": t} for t in ["Water", "Drain", "Dry", "Walk"]]}
     script = [plan] + [{"text": t, "image": image} for t in texts]
     agent = _agent(tmp_path, script, check=False, max_images=4)
     doc = agent.run("Repot a plant", mode="visual-plan")
     bodies = [b.text.split("\n\n", 1)[1] for b in doc.blocks if b.type == "text"]
-    assert bodies == ["Water the plant.", "Drain it.", "Step 2: then the third.", "Stepping on is fine."]
+    assert bodies == ["Water the plant.", "Drain it.", "Step 2: then the third.", "Step 4:"]  # nothing else: kept
     conversation, _schema = agent.planner.calls[-1]
     assert "Step 1: Water the plant." in json.dumps(conversation, default=str)
 

@@ -8,6 +8,7 @@ import io
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,7 +90,8 @@ def test_remote_urls_are_refused_unless_enabled(home) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/x.png"
     try:
-        for image in ({"type": "image", "url": url}, url):  # a block, or the URL as a plain string
+        upper = url.replace("http://", "HTTP://")  # schemes are case-insensitive
+        for image in ({"type": "image", "url": url}, url, upper):  # a block, or the URL as a plain string
             with pytest.raises(InputImageError, match="remote images are off"):
                 scripted_agent(home, [TEXT, DONE]).run("x", images=[image])
             agent = scripted_agent(home, [TEXT, DONE])
@@ -265,3 +267,11 @@ def test_a_documents_images_work_with_an_openai_compatible_model(home) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_file_whose_name_looks_like_a_url_is_the_file(home, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("data:photo.png").write_bytes(_png((250, 0, 0)))
+    agent = scripted_agent(home, [TEXT, DONE])
+    doc = agent.run("x", images=["data:photo.png"])
+    assert np.asarray(agent.store.open(doc.inputs[0]))[0, 0].tolist() == [250, 0, 0]

@@ -324,7 +324,17 @@ def test_tool_requests_it_cannot_honour_are_one_line_400s(server: Running) -> No
             "not JSON",
         ),  # fmt: skip
     ]
+    deep: dict = {"type": "object"}
+    node = deep
+    for _ in range(250):  # a few KB: it was a 500 (the rebasing of references recursed)
+        node["properties"] = {"x": {"type": "object"}}
+        node = node["properties"]["x"]
     with http(server) as h:
+        r = h.post(
+            "/v1/chat/completions",
+            json={**base, "tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}]},
+        )
+        assert r.status_code == 400 and "\n" not in r.json()["error"]["message"], r.text
         for extra, words in bad:
             r = h.post("/v1/chat/completions", json={**base, **extra})
             assert r.status_code == 400, (extra, r.text)

@@ -22,7 +22,7 @@ from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, PrivateAttr
 
@@ -103,36 +103,36 @@ class PlannerChatModel(BaseChatModel):
     # download at run time, and the wrong count. These count as the planner reads.
 
     def get_token_ids(self, text: str) -> list[int]:
-        """``text``'s ids in the planner's own tokenizer. A served planner has none here: LangChain's
-        estimate by characters (``count_tokens_approximately``) then stands in, in
-        ``get_num_tokens_from_messages``."""
+        """``text``'s ids as the planner reads a message's text (its own tokenizer; a special token's
+        text is plain text there), or ``custom_get_token_ids``. A served planner's tokenizer is on its
+        server: ``NotImplementedError`` (``get_num_tokens`` then estimates)."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
         tokenizer = getattr(self.planner, "tokenizer", None)
         if tokenizer is None:
-            raise NotImplementedError(
-                "a served planner's tokenizer is on its server; count with get_num_tokens_from_messages"
-            )
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            raise NotImplementedError("a served planner's tokenizer is on its server; count with get_num_tokens")
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def get_num_tokens(self, text: str) -> int:
-        if getattr(self.planner, "tokenizer", None) is None:
-            from langchain_core.messages.utils import count_tokens_approximately
-
-            return count_tokens_approximately([HumanMessage(text)])
+        if self.custom_get_token_ids is None and getattr(self.planner, "tokenizer", None) is None:
+            return -(-len(text) // 4)  # LangChain's estimate: four characters a token
         return len(self.get_token_ids(text))
 
-    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
-        """The tokens the planner reads for ``messages`` (and ``tools``' prompt): its chat template,
-        each image's tokens and the opening of its answer, as ``trim_messages(token_counter=model)``
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None, **kwargs: Any
+    ) -> int:
+        """The tokens the planner reads for ``messages``: its chat template, each image's tokens, the
+        opening of its answer and, with ``tools`` (and ``tool_choice``, as ``bind_tools`` takes it),
+        the tools' prompt as the call writes it. This is what ``trim_messages(token_counter=model)``
         needs. A served planner: LangChain's estimate by characters."""
+        from langchain_core.utils.function_calling import convert_to_openai_tool
+
+        formatted = [convert_to_openai_tool(t) for t in tools or []]
         if not hasattr(self.planner, "encode"):
             from langchain_core.messages.utils import count_tokens_approximately
 
-            return count_tokens_approximately(messages, tools=tools)
-        turns = to_chat_turns(list(messages), self._load_image)
-        if tools:
-            from langchain_core.utils.function_calling import convert_to_openai_tool
-
-            turns = with_system_text(turns, tools_prompt([convert_to_openai_tool(t) for t in tools], required=False))
+            return count_tokens_approximately(messages, tools=formatted or None)
+        turns, _, _ = with_tools(to_chat_turns(list(messages), self._load_image), formatted, kwargs.get("tool_choice"))
         return int(self.planner.encode(turns)["input_ids"].shape[1])
 
     @property
@@ -170,23 +170,50 @@ class PlannerChatModel(BaseChatModel):
 # ---- ChatDuogen: a preset's planner as a chat model other code can use --------------------------------
 
 
+_VALUES = ("const", "enum", "default", "examples")  # keywords whose values are data, not schemas
+
+
+def _local_ref(ref: Any) -> bool:
+    """A JSON pointer into the schema itself: ``#`` or ``#/...`` (not an ``$anchor``'s ``#name``)."""
+    return isinstance(ref, str) and (ref == "#" or ref.startswith("#/"))
+
+
 def _rebased(node: Any, base: str) -> Any:
-    """``node`` with each local ``$ref`` (``#...``) moved under ``base`` (``#/$defs/tool0``)."""
-    if isinstance(node, list):
-        return [_rebased(item, base) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _rebased(v, base) for k, v in node.items()}
-    ref = node.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#"):
-        out["$ref"] = base + ref[1:]
-    return out
+    """``node`` with each local ``$ref`` (``#`` or ``#/...``) moved under ``base`` (``#/$defs/tool0``);
+    data (``const``, ``enum``, ``default``, ``examples``) is copied as it is. Iterative: a client's
+    schema may nest deeper than Python's recursion limit."""
+    root: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any]] = [(node, root, 0)]
+    while stack:
+        value, parent, key = stack.pop()
+        if isinstance(value, list):
+            copy: Any = [None] * len(value)
+            stack.extend((item, copy, i) for i, item in enumerate(value))
+        elif isinstance(value, dict):
+            copy = dict.fromkeys(value)  # the keys in their order (a grammar writes properties in it)
+            for k, v in value.items():
+                if k in _VALUES or (k == "$ref" and not isinstance(v, (dict, list))):
+                    copy[k] = base + v[1:] if k == "$ref" and _local_ref(v) else v
+                else:
+                    stack.append((v, copy, k))
+        else:
+            copy = value
+        parent[key] = copy
+    return root[0]
 
 
 def _has_ref(node: Any) -> bool:
-    if isinstance(node, list):
-        return any(_has_ref(item) for item in node)
-    return isinstance(node, dict) and ("$ref" in node or any(_has_ref(v) for v in node.values()))
+    """Whether a local ``$ref`` is anywhere in ``node`` (outside data); iterative, as ``_rebased``."""
+    stack = [node]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            if _local_ref(value.get("$ref")):
+                return True
+            stack.extend(v for k, v in value.items() if k not in _VALUES)
+    return False
 
 
 def _tool_call_schema(tools: list[dict[str, Any]], required: bool) -> dict[str, Any]:
@@ -248,6 +275,20 @@ def with_system_text(turns: list[ChatTurn], text: str) -> list[ChatTurn]:
         first = {**turns[0], "content": [*turns[0]["content"], {"type": "text", "text": "\n\n"}, part]}
         return [first, *turns[1:]]  # type: ignore[list-item]
     return [{"role": "system", "content": [part]}, *turns]  # type: ignore[list-item]
+
+
+def with_tools(
+    turns: list[ChatTurn], tools: list[dict[str, Any]], tool_choice: Any
+) -> tuple[list[ChatTurn], dict[str, Any] | None, list[dict[str, Any]]]:
+    """A call with ``tools`` (OpenAI function schemas) under ``tool_choice``: the turns with the tools'
+    prompt, the grammar of one call (or a text answer), and the tools it may call; ``(turns, None,
+    [])`` when it may call none (``"none"``, or no tools)."""
+    kind, name = _tool_choice(tool_choice, [t["function"]["name"] for t in tools])
+    if kind == "none" or not tools:
+        return turns, None, []
+    allowed = [t for t in tools if t["function"]["name"] == name] or tools
+    required = kind != "auto"
+    return with_system_text(turns, tools_prompt(allowed, required)), _tool_call_schema(allowed, required), allowed
 
 
 def _tool_choice(choice: Any, names: list[str]) -> tuple[str, str | None]:
@@ -544,9 +585,10 @@ class _ToolTurn:
                 out.append(_SIMPLE_ESCAPES.get(escape[1], escape))
                 self.pos += 2
                 continue
-            code = _hex4(self.raw[self.pos + 2 : self.pos + 6])
+            digits = self.raw[self.pos + 2 : self.pos + 6]
+            code = _hex4(digits)
             if code is None:
-                if len(self.raw) - self.pos < 6:
+                if len(digits) < 4 and all(d in "0123456789abcdefABCDEF" for d in digits):
                     break  # the escape's digits are still to come
                 out.append(self.raw[self.pos : self.pos + 2])  # not an escape: kept as written
                 self.pos += 2
@@ -704,16 +746,11 @@ class ChatDuogen(PlannerChatModel):
         """One answer. ``on_token`` gets the text as it streams, up to the first stop sequence
         (``stop``, else the model's); a text answer's decoding ends there. Decoding also ends once
         ``gone()`` says the stream's reader has left (any answer: text, JSON or a tool call)."""
-        tools = kwargs.get("tools") or []
-        kind, name = _tool_choice(kwargs.get("tool_choice"), [t["function"]["name"] for t in tools])
-        if kind == "none":  # a text answer: no tool's grammar
-            tools = []
-        schema = kwargs.get("schema")
+        schema = kwargs.get("schema")  # a caller's own grammar (structured output) wins over tools
         turns = to_chat_turns(messages, self._load_image)
-        if tools and schema is None:
-            allowed = [t for t in tools if t["function"]["name"] == name] or tools
-            schema = _tool_call_schema(allowed, required=kind != "auto")
-            turns = with_system_text(turns, tools_prompt(allowed, required=kind != "auto"))
+        tools: list[dict[str, Any]] = []
+        if schema is None:
+            turns, schema, tools = with_tools(turns, kwargs.get("tools") or [], kwargs.get("tool_choice"))
         # per call: invoke(..., max_tokens=N) or bind(max_tokens=N), as LangChain's chat models take it
         limit = kwargs.get("max_tokens") or kwargs.get("max_new_tokens") or self.max_tokens or self.default_max_tokens
         stop = stop or self.stop
@@ -733,7 +770,7 @@ class ChatDuogen(PlannerChatModel):
         upto: _UpToStop | None = None
         turn: _ToolTurn | None = None
         callback = None if gone is None else (lambda piece: gone())
-        if tools and kwargs.get("schema") is None:
+        if tools:
             turn = _ToolTurn(stop or [], on_token, on_token, gone=gone or (lambda: False))
             callback = turn.feed
         elif on_token is not None and not tools:
@@ -760,7 +797,7 @@ class ChatDuogen(PlannerChatModel):
         if turn is not None and turn.is_text and (turn.stopped or turn.state == "end"):  # as it streamed
             return AIMessage(content="".join(turn.text), usage_metadata=usage, response_metadata=meta)
         text = out.text
-        if tools and schema is not None:
+        if tools:
             try:
                 data = json.loads(text, strict=False)  # a raw control character in a string: see _read_args
             except ValueError as e:

@@ -409,8 +409,11 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     stop = stops_of(body.stop)
     turns = await asyncio.to_thread(to_turns, body.messages, state.agent.allow_remote_images)
     if tooling is not None:
-        schema = _tool_call_schema(*tooling)
-        turns = with_system_text(turns, tools_prompt(*tooling))
+        try:
+            schema = _tool_call_schema(*tooling)
+            turns = with_system_text(turns, tools_prompt(*tooling))
+        except RecursionError:
+            raise ApiError(400, "tools: a function's parameters nest too deeply") from None
     max_tokens = body.max_completion_tokens or body.max_tokens or state.agent.preset.planner.max_new_tokens
     cache_key = request.headers.get("x-duogen-session") or body.prompt_cache_key or body.user
     completion_id = f"chatcmpl-{secrets.token_hex(12)}"

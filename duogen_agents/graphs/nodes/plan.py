@@ -41,7 +41,7 @@ def step_body(text: str, number: int) -> str:
     found = _STEP_PREFIX.match(text)
     if found is None or re.match(r"\s*step\s*(\d+)", text, re.IGNORECASE).group(1) != str(number):  # type: ignore[union-attr]
         return text
-    return text[found.end() :]
+    return text[found.end() :] or text  # nothing but "Step N:" stays as written
 
 
 def inline_images(state: TurnState, deps: GraphDeps) -> dict[str, Any]:
