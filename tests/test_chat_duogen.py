@@ -744,3 +744,18 @@ def test_finish_reason_as_chat_openai_reports_it(chat) -> None:
                                               "required": ["n"]}, include_raw=True).invoke("A number")  # fmt: skip
     assert structured["raw"].response_metadata["finish_reason"] == "stop"
     assert isinstance(structured["parsed"]["n"], int)  # a JSON schema without a title (LangChain refused it)
+
+
+def test_a_json_answer_is_json_even_where_xgrammar_lets_control_characters_through(chat) -> None:
+    """xgrammar 0.2.8 lets raw control characters through a string with ``maxLength``; JSON forbids
+    them, so ``json.loads`` (and the output parsers) refused answers the grammar had passed. They are
+    escaped now, in the stream too: the value is the same, the text is JSON."""
+    schema = {"type": "object", "properties": {"label": {"type": "string", "maxLength": 4},
+              "child": {"type": "string", "maxLength": 4}}, "required": ["label", "child"],
+              "additionalProperties": False}  # fmt: skip
+    model = chat.bind(schema=schema, max_tokens=60)
+    answers = [model.invoke("Grow", seed=seed).content for seed in range(8)]
+    assert any("\\u00" in a for a in answers)  # some held a control character (seeds 2 and 5 here)
+    for seed, answer in enumerate(answers):
+        assert set(json.loads(answer)) == {"label", "child"}
+        assert "".join(c.content for c in model.stream("Grow", seed=seed)) == answer

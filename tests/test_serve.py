@@ -261,6 +261,22 @@ def test_a_tool_from_the_openai_sdks_pydantic_helper(client: Any) -> None:
     assert Move.model_validate_json(call.function.arguments)
 
 
+def test_a_response_format_answer_is_json_even_with_control_characters(client: Any) -> None:
+    """xgrammar lets raw control characters through a ``maxLength`` string: the content failed
+    ``json.loads``. They are escaped (the stream too)."""
+    schema = {"type": "object", "properties": {"label": {"type": "string", "maxLength": 4},
+              "child": {"type": "string", "maxLength": 4}}, "required": ["label", "child"],
+              "additionalProperties": False}  # fmt: skip
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Grow"}], max_tokens=60,
+               response_format=json_format(schema))  # fmt: skip
+    contents = [client.chat.completions.create(**ask, seed=seed).choices[0].message.content for seed in range(8)]
+    assert any("\\u00" in c for c in contents)
+    for seed, content in enumerate(contents):
+        assert set(json.loads(content)) == {"label", "child"}
+        streamed = client.chat.completions.create(**ask, seed=seed, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == content
+
+
 def test_langchains_chat_openai_calls_tools_on_duogen_serve(server: Running) -> None:
     """The way an agent framework reaches it: ``ChatOpenAI`` pointed at ``duogen serve``, tools bound."""
     langchain_openai = pytest.importorskip("langchain_openai")

@@ -416,8 +416,7 @@ class _ToolTurn:
         self.name: str | None = None
         self.arguments = ""  # the call's arguments' JSON as written so far
         self.depth = 0  # the arguments' nesting
-        self.in_string = False  # inside a string of the arguments
-        self.escaped = False
+        self.controls = JsonControls()  # where the arguments' strings are, and their control characters
 
     @property
     def stopped(self) -> bool:
@@ -539,24 +538,14 @@ class _ToolTurn:
         while self.pos < len(self.raw) and self.state == "args":
             c = self.raw[self.pos]
             self.pos += 1
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif c == "\\":
-                    self.escaped = True
-                elif c == '"':
-                    self.in_string = False
-                elif c < " ":
-                    c = json.dumps(c)[1:-1]
-            elif c == '"':
-                self.in_string = True
-            elif c in "{[":
+            outside = not self.controls.in_string
+            piece.append(self.controls.char(c))
+            if outside and c in "{[":
                 self.depth += 1
-            elif c in "}]":
+            elif outside and c in "}]":
                 self.depth -= 1
                 if self.depth <= 0:
                     self.state = "end"
-            piece.append(c)
         text = "".join(piece)
         self.arguments += text
         if text and self.on_call is not None:
@@ -613,6 +602,34 @@ class _ToolTurn:
 
 
 _SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+class JsonControls:
+    """A JSON answer's text with each raw control character inside a string escaped (``\\n``,
+    ``\\u001b``), fed piece by piece as it streams. xgrammar 0.2.8 lets control characters through a
+    string with ``maxLength``; JSON forbids them there, so ``json.loads`` refused an answer the
+    grammar had passed. Escaped, the string's value is the same and the text is JSON."""
+
+    def __init__(self) -> None:
+        self.in_string = False
+        self.escaped = False
+
+    def feed(self, piece: str) -> str:
+        return "".join(map(self.char, piece))
+
+    def char(self, c: str) -> str:
+        """One character of the answer, as it goes on (escaped where it is a raw control character)."""
+        if not self.in_string:
+            self.in_string = c == '"'
+        elif self.escaped:
+            self.escaped = False
+        elif c == "\\":
+            self.escaped = True
+        elif c == '"':
+            self.in_string = False
+        elif c < " ":
+            return json.dumps(c)[1:-1]
+        return c
 
 
 def valid_unicode(text: str) -> str:
@@ -776,6 +793,9 @@ class ChatDuogen(PlannerChatModel):
         elif on_token is not None and not tools:
             upto = _UpToStop(stop or [], on_token, halt=schema is None, gone=gone or (lambda: False))
             callback = upto.feed
+            if schema is not None:  # a JSON answer streams as JSON (see JsonControls)
+                controls, feed = JsonControls(), upto.feed
+                callback = lambda piece: feed(controls.feed(piece))  # noqa: E731
         out = self.planner.generate(
             turns,
             schema,
@@ -796,7 +816,7 @@ class ChatDuogen(PlannerChatModel):
         }
         if turn is not None and turn.is_text and (turn.stopped or turn.state == "end"):  # as it streamed
             return AIMessage(content="".join(turn.text), usage_metadata=usage, response_metadata=meta)
-        text = out.text
+        text = out.text if schema is None or tools else JsonControls().feed(out.text)
         if tools:
             try:
                 data = json.loads(text, strict=False)  # a raw control character in a string: see _read_args

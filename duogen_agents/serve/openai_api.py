@@ -397,7 +397,14 @@ def _usage(out: Any) -> dict[str, Any]:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request) -> Any:
-    from duogen_agents.models.chat_model import _tool_call_schema, _ToolTurn, _UpToStop, tools_prompt, with_system_text
+    from duogen_agents.models.chat_model import (
+        JsonControls,
+        _tool_call_schema,
+        _ToolTurn,
+        _UpToStop,
+        tools_prompt,
+        with_system_text,
+    )
 
     state = _state(request)
     _check_model(state, body.model, "planner")
@@ -441,12 +448,18 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
                 reader = _ToolTurn(stop, text, (lambda piece: put("call", piece)) if body.stream else None)
             elif stop or text is not None:  # a JSON answer decodes on to its end; its text is cut
                 reader = _UpToStop(stop, text or (lambda piece: None), halt=schema is None)
+            on_token = None if reader is None else reader.feed
+            if reader is not None and tooling is None and schema is not None:  # JSON, streamed as JSON
+                controls, feed = JsonControls(), reader.feed
+                on_token = lambda piece: feed(controls.feed(piece))  # noqa: E731
             out = planner.generate(
                 turns, schema, max_new_tokens=max_tokens, seed=body.seed,
-                on_token=None if reader is None else reader.feed, cache_key=cache_key, client_schema=True,
+                on_token=on_token, cache_key=cache_key, client_schema=True,
             )  # fmt: skip
             if reader is not None:
                 reader.flush()
+            if tooling is None and schema is not None:
+                out.text = JsonControls().feed(out.text)
             message, reason = _answer(out, reader, stop, max_tokens)
             if isinstance(reader, _ToolTurn) and reader.state == "whole" and body.stream:
                 for kind, piece in _late_pieces(message):  # a layout read whole: sent now
