@@ -673,6 +673,9 @@ def test_reference_rebasing_leaves_data_and_anchors_alone() -> None:
 def test_a_tool_choice_dict_it_cannot_read_is_a_value_error(chat) -> None:
     with pytest.raises(ValueError, match="tool_choice"):
         chat.bind_tools([add], tool_choice={"type": "function", "function": "add"})
+    scalar = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
+    with pytest.raises(ValueError, match="object"):  # its call ended in pydantic's ValidationError
+        chat.bind_tools([scalar])
 
 
 def test_token_counts_are_the_planners_own(chat) -> None:

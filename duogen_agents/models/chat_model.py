@@ -916,6 +916,12 @@ class ChatDuogen(PlannerChatModel):
         from langchain_core.utils.function_calling import convert_to_openai_tool
 
         formatted = [convert_to_openai_tool(t) for t in tools]
+        for t in formatted:  # a call's arguments are an object (LangChain's tool_calls hold a dict)
+            params = t["function"].get("parameters") or {"type": "object"}
+            if params.get("type") != "object":
+                raise ValueError(
+                    f'tool {t["function"]["name"]!r}: its parameters must be a JSON schema with "type": "object"'
+                )
         _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])  # refused here, not at the call
         return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
