@@ -607,6 +607,31 @@ def test_a_client_that_hangs_up_gives_its_slot_back(server: Running) -> None:
         assert r.status_code == 200
 
 
+def test_a_streaming_client_that_hangs_up_ends_its_decode(server: Running, tiny_agent: Any, monkeypatch: Any) -> None:
+    """A streamed chat completion whose client hangs up ends its decode at the next piece, freeing the
+    device (it decoded on to max_tokens for nobody)."""
+    real, decoded = tiny_agent.planner.generate, []
+    finished = threading.Event()
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        decoded.append(out.num_tokens)
+        finished.set()
+        return out
+
+    monkeypatch.setattr(tiny_agent.planner, "generate", recorded)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "seed": 3}
+    with http(server) as h:
+        whole = h.post("/v1/chat/completions", json=body).json()
+        assert whole["usage"]["completion_tokens"] >= 200  # the answer runs long when nobody leaves
+        finished.clear()
+        with h.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
+    assert finished.wait(60)
+    assert decoded[-1] < 60, decoded
+
+
 def test_the_pixels_of_one_request_are_bounded_before_decoding(server: Running) -> None:
     buf = io.BytesIO()
     Image.new("RGB", (4200, 4200), (255, 255, 255)).save(buf, format="PNG")  # ~60 KB, 17.6 MP

@@ -16,7 +16,8 @@
   the tools in its system prompt, the answer decodes under a grammar of one call or a text answer, and
   a call comes as ``tool_calls`` (streamed: id and name first, then the arguments in pieces) with
   ``finish_reason`` ``tool_calls``. History messages carry an assistant's ``tool_calls`` and ``tool``
-  results. ``stop`` cuts a text answer and ends its decoding (never a call).
+  results. ``stop`` cuts a text answer and ends its decoding (never a call). A streamed answer whose
+  client hangs up ends its decoding at the next piece.
 - ``POST /v1/images/generations``: text to image. ``POST /v1/images/edits``: multipart, one or more
   ``image`` (or ``image[]``) files as references; ``kind`` (a form field, this server's extension)
   is ``edit`` (default), ``generate`` (a new picture keeping the referenced subjects) or
@@ -32,6 +33,7 @@ import io
 import json
 import re
 import secrets
+import threading
 import time
 from typing import Any, Literal
 
@@ -429,6 +431,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
     slot = await Slot(state.gates["planner"]).enter()  # schemas compile inside: a flood of them waits too
     headers = {"x-duogen-queue-wait-ms": f"{slot.waited * 1000:.1f}"}
+    gone = threading.Event()  # a streaming client hung up: decoding ends at the next piece
 
     def run() -> None:
         """The model call (in a worker thread); its progress and end go to ``queue``: ``token`` (text),
@@ -445,9 +448,10 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
             text = (lambda piece: put("token", piece)) if body.stream else None
             reader: _ToolTurn | _UpToStop | None = None
             if tooling is not None:
-                reader = _ToolTurn(stop, text, (lambda piece: put("call", piece)) if body.stream else None)
+                calls = (lambda piece: put("call", piece)) if body.stream else None
+                reader = _ToolTurn(stop, text, calls, gone=gone.is_set)
             elif stop or text is not None:  # a JSON answer decodes on to its end; its text is cut
-                reader = _UpToStop(stop, text or (lambda piece: None), halt=schema is None)
+                reader = _UpToStop(stop, text or (lambda piece: None), halt=schema is None, gone=gone.is_set)
             on_token = None if reader is None else reader.feed
             if reader is not None and tooling is None and schema is not None:  # JSON, streamed as JSON
                 controls, feed = JsonControls(), reader.feed
@@ -498,26 +502,29 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
         return f"data: {json.dumps(data)}\n\n"
 
     async def events() -> Any:
-        # No await may stand between a hang-up and the end of this generator: the model call goes on
-        # in its thread, and its slot is given back when it ends (``in_thread``).
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            kind, value = await queue.get()
-            if kind == "token":
-                yield chunk({"content": value})
-            elif kind == "call":
-                yield chunk({"tool_calls": [_call_delta(value)]})
-            elif kind == "done":
-                out, _, reason = value
-                yield chunk({}, reason)
-                if body.stream_options is not None and body.stream_options.include_usage:
-                    yield chunk({}, usage=_usage(out))
-                break
-            else:
-                err = api_error(value)
-                yield f"data: {json.dumps(error_body(err.message, err.kind, err.code))}\n\n"
-                break
-        yield "data: [DONE]\n\n"
+        # No await may stand between a hang-up and the end of this generator: the model call ends at
+        # its next piece (``gone``), in its thread, and its slot is given back then (``in_thread``).
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                kind, value = await queue.get()
+                if kind == "token":
+                    yield chunk({"content": value})
+                elif kind == "call":
+                    yield chunk({"tool_calls": [_call_delta(value)]})
+                elif kind == "done":
+                    out, _, reason = value
+                    yield chunk({}, reason)
+                    if body.stream_options is not None and body.stream_options.include_usage:
+                        yield chunk({}, usage=_usage(out))
+                    break
+                else:
+                    err = api_error(value)
+                    yield f"data: {json.dumps(error_body(err.message, err.kind, err.code))}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            gone.set()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
