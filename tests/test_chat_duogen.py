@@ -674,8 +674,15 @@ def test_a_tool_choice_dict_it_cannot_read_is_a_value_error(chat) -> None:
     with pytest.raises(ValueError, match="tool_choice"):
         chat.bind_tools([add], tool_choice={"type": "function", "function": "add"})
     scalar = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
-    with pytest.raises(ValueError, match="object"):  # its call ended in pydantic's ValidationError
-        chat.bind_tools([scalar])
+    scalars = {"type": "function", "function": {"name": "g", "parameters": {"anyOf": [{"type": "integer"}]}}}
+    for tool in (scalar, scalars):
+        with pytest.raises(ValueError, match="object"):  # its call ended in pydantic's ValidationError
+            chat.bind_tools([tool])
+    # parameters written by hand without a "type" are an object's, as they always were
+    typeless = {"type": "function", "function": {"name": "f", "parameters": {"properties": {"x": {"type": "string"}},
+                "required": ["x"]}}}  # fmt: skip
+    (call,) = chat.bind_tools([typeless], tool_choice="f").invoke("Go", seed=1).tool_calls
+    assert set(call["args"]) == {"x"}
 
 
 def test_token_counts_are_the_planners_own(chat) -> None:

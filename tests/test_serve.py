@@ -320,6 +320,7 @@ def test_tool_requests_it_cannot_honour_are_one_line_400s(server: Running) -> No
             "not JSON",
         ),  # fmt: skip
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "object"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": ["string"]}}}]}, "object"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"enum": [5]}}}]}, "object"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": "add"}}, "tool_choice"),
         (

@@ -277,6 +277,25 @@ def with_system_text(turns: list[ChatTurn], text: str) -> list[ChatTurn]:
     return [{"role": "system", "content": [part]}, *turns]  # type: ignore[list-item]
 
 
+def object_parameters(params: Any) -> dict[str, Any] | None:
+    """A tool's parameters as the schema of an object: none is an object without properties, and a
+    schema without a ``type`` (``{"properties": ...}``, as written by hand) gets ``"type": "object"``;
+    None for anything else (a call's arguments are an object: LangChain's ``tool_calls`` hold a dict)."""
+    if not params:
+        return {"type": "object", "properties": {}}
+    if not isinstance(params, dict):
+        return None
+    if "type" not in params and any(k in params for k in _NOT_AN_OBJECT_ALONE):
+        return None  # {"enum": [5]}, {"anyOf": [integer, string]}: the grammar would follow those
+    if params.get("type", "object") not in ("object", ["object"]):
+        return None
+    return {**params, "type": "object"}
+
+
+# Keywords that, without a "type", let a schema be something other than an object.
+_NOT_AN_OBJECT_ALONE = ("anyOf", "oneOf", "allOf", "not", "enum", "const", "$ref", "items", "prefixItems")
+
+
 def with_tools(
     turns: list[ChatTurn], tools: list[dict[str, Any]], tool_choice: Any
 ) -> tuple[list[ChatTurn], dict[str, Any] | None, list[dict[str, Any]]]:
@@ -917,11 +936,9 @@ class ChatDuogen(PlannerChatModel):
 
         formatted = [convert_to_openai_tool(t) for t in tools]
         for t in formatted:  # a call's arguments are an object (LangChain's tool_calls hold a dict)
-            params = t["function"].get("parameters") or {"type": "object"}
-            if params.get("type") != "object":
-                raise ValueError(
-                    f'tool {t["function"]["name"]!r}: its parameters must be a JSON schema with "type": "object"'
-                )
+            t["function"]["parameters"] = object_parameters(t["function"].get("parameters"))
+            if t["function"]["parameters"] is None:
+                raise ValueError(f"tool {t['function']['name']!r}: its parameters must be a JSON schema of an object")
         _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])  # refused here, not at the call
         return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 

@@ -339,7 +339,7 @@ MAX_STOPS = 16
 def tools_of(body: ChatRequest) -> tuple[list[dict[str, Any]], bool] | None:
     """The request's function tools and ``tool_choice``, checked, as (the tools a call may use,
     whether a call is required); None when the answer is text (no tools, or ``tool_choice`` none)."""
-    from duogen_agents.models.chat_model import _tool_choice
+    from duogen_agents.models.chat_model import _tool_choice, object_parameters
 
     if not body.tools:
         if body.tool_choice not in (None, "none", "auto"):
@@ -354,11 +354,11 @@ def tools_of(body: ChatRequest) -> tuple[list[dict[str, Any]], bool] | None:
             raise ApiError(
                 400, f"tools[{i}]: only function tools are supported: {{'type': 'function', 'function': {{...}}}}"
             )
-        name, params = fn.get("name"), fn.get("parameters") or {"type": "object", "properties": {}}
+        name, params = fn.get("name"), object_parameters(fn.get("parameters"))
         if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
             raise ApiError(400, f"tools[{i}].function.name must be 1 to 64 letters, digits, _ or -")
-        if not isinstance(params, dict) or params.get("type") != "object":  # arguments are an object
-            raise ApiError(400, f'tools[{i}].function.parameters must be a JSON schema with "type": "object"')
+        if params is None:  # arguments are an object
+            raise ApiError(400, f"tools[{i}].function.parameters must be a JSON schema of an object")
         description = fn.get("description") or ""
         if not isinstance(description, str):
             raise ApiError(400, f"tools[{i}].function.description must be a string")
