@@ -683,6 +683,7 @@ def test_a_tool_choice_dict_it_cannot_read_is_a_value_error(chat) -> None:
                 "required": ["x"]}}}  # fmt: skip
     (call,) = chat.bind_tools([typeless], tool_choice="f").invoke("Go", seed=1).tool_calls
     assert set(call["args"]) == {"x"}
+    assert "type" not in typeless["function"]["parameters"]  # the caller's own dict is left as it was
 
 
 def test_token_counts_are_the_planners_own(chat) -> None:

@@ -444,6 +444,9 @@ def test_chat_duogen_over_a_served_planner_streams_a_call_and_a_text_answer(fake
 
     messages = [HumanMessage("Weather in Oslo?")]
     assert chat.get_num_tokens_from_messages(messages) == count_tokens_approximately(messages) > 0
+    assert chat.get_num_tokens("Weather in Oslo?") == 4  # four characters a token
+    with pytest.raises(NotImplementedError, match="on its server"):  # its ids are the server's to know
+        chat.get_token_ids("Weather in Oslo?")
 
 
 @pytest.mark.parametrize("field", ["structured_outputs", "guided_json"])

@@ -934,11 +934,13 @@ class ChatDuogen(PlannerChatModel):
         too), ``True`` (a call of the one tool). Anything else is a ValueError here."""
         from langchain_core.utils.function_calling import convert_to_openai_tool
 
-        formatted = [convert_to_openai_tool(t) for t in tools]
-        for t in formatted:  # a call's arguments are an object (LangChain's tool_calls hold a dict)
-            t["function"]["parameters"] = object_parameters(t["function"].get("parameters"))
-            if t["function"]["parameters"] is None:
+        formatted = []
+        for tool in tools:  # copies: an OpenAI dict comes back from the conversion as the caller's own
+            t = convert_to_openai_tool(tool)
+            params = object_parameters(t["function"].get("parameters"))
+            if params is None:  # a call's arguments are an object (LangChain's tool_calls hold a dict)
                 raise ValueError(f"tool {t['function']['name']!r}: its parameters must be a JSON schema of an object")
+            formatted.append({**t, "function": {**t["function"], "parameters": params}})
         _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])  # refused here, not at the call
         return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 

@@ -336,15 +336,15 @@ MAX_TOOLS = 128
 MAX_STOPS = 16
 
 
-def tools_of(body: ChatRequest) -> tuple[list[dict[str, Any]], bool] | None:
-    """The request's function tools and ``tool_choice``, checked, as (the tools a call may use,
-    whether a call is required); None when the answer is text (no tools, or ``tool_choice`` none)."""
+def tools_of(body: ChatRequest) -> list[dict[str, Any]]:
+    """The request's function tools, checked with its ``tool_choice``; none when the answer is text
+    (no tools, or ``tool_choice`` none). ``with_tools`` makes the call's prompt and grammar of them."""
     from duogen_agents.models.chat_model import _tool_choice, object_parameters
 
     if not body.tools:
         if body.tool_choice not in (None, "none", "auto"):
             raise ApiError(400, f"tool_choice {body.tool_choice!r} needs tools")
-        return None
+        return []
     if len(body.tools) > MAX_TOOLS:
         raise ApiError(400, f"tools: at most {MAX_TOOLS}")
     tools = []
@@ -371,12 +371,10 @@ def tools_of(body: ChatRequest) -> tuple[list[dict[str, Any]], bool] | None:
     if len(set(names)) < len(names):
         raise ApiError(400, "tools: two tools have the same name")
     try:
-        kind, forced = _tool_choice(body.tool_choice, names)
+        kind, _ = _tool_choice(body.tool_choice, names)
     except ValueError as e:
         raise ApiError(400, str(e)) from None
-    if kind == "none":
-        return None
-    return [t for t in tools if t["function"]["name"] == forced] or tools, kind != "auto"
+    return [] if kind == "none" else tools
 
 
 def stops_of(stop: str | list[str] | None) -> list[str]:
@@ -399,28 +397,20 @@ def _usage(out: Any) -> dict[str, Any]:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request) -> Any:
-    from duogen_agents.models.chat_model import (
-        JsonControls,
-        _tool_call_schema,
-        _ToolTurn,
-        _UpToStop,
-        tools_prompt,
-        with_system_text,
-    )
+    from duogen_agents.models.chat_model import JsonControls, _ToolTurn, _UpToStop, with_tools
 
     state = _state(request)
     _check_model(state, body.model, "planner")
     planner = state.agent.planner
     schema = schema_of(body.response_format)
-    tooling = tools_of(body)
-    if tooling is not None and schema is not None:
+    tools = tools_of(body)
+    if tools and schema is not None:
         raise ApiError(400, "response_format with tools is not supported: a text answer beside a call is free text")
     stop = stops_of(body.stop)
     turns = await asyncio.to_thread(to_turns, body.messages, state.agent.allow_remote_images)
-    if tooling is not None:
+    if tools:
         try:
-            schema = _tool_call_schema(*tooling)
-            turns = with_system_text(turns, tools_prompt(*tooling))
+            turns, schema, _ = with_tools(turns, tools, body.tool_choice)
         except RecursionError:
             raise ApiError(400, "tools: a function's parameters nest too deeply") from None
     max_tokens = body.max_completion_tokens or body.max_tokens or state.agent.preset.planner.max_new_tokens
@@ -441,19 +431,19 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
         try:
-            _compile_schema(planner, schema, "tools" if tooling is not None else "response_format")
+            _compile_schema(planner, schema, "tools" if tools else "response_format")
             if hasattr(planner, "check_context"):  # too long: a 400, streamed or not (a remote planner's server says)
                 planner.check_context(turns)
             put("start", None)
             text = (lambda piece: put("token", piece)) if body.stream else None
             reader: _ToolTurn | _UpToStop | None = None
-            if tooling is not None:
+            if tools:
                 calls = (lambda piece: put("call", piece)) if body.stream else None
                 reader = _ToolTurn(stop, text, calls, gone=gone.is_set)
             elif stop or text is not None:  # a JSON answer decodes on to its end; its text is cut
                 reader = _UpToStop(stop, text or (lambda piece: None), halt=schema is None, gone=gone.is_set)
             on_token = None if reader is None else reader.feed
-            if reader is not None and tooling is None and schema is not None:  # JSON, streamed as JSON
+            if reader is not None and not tools and schema is not None:  # JSON, streamed as JSON
                 controls, feed = JsonControls(), reader.feed
                 on_token = lambda piece: feed(controls.feed(piece))  # noqa: E731
             out = planner.generate(
@@ -462,7 +452,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
             )  # fmt: skip
             if reader is not None:
                 reader.flush()
-            if tooling is None and schema is not None:
+            if not tools and schema is not None:
                 out.text = JsonControls().feed(out.text)
             message, reason = _answer(out, reader, stop, max_tokens)
             if isinstance(reader, _ToolTurn) and reader.state == "whole" and body.stream:
