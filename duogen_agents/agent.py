@@ -206,8 +206,8 @@ class Agent:
             return image_from_block(image, allow_remote=self.allow_remote_images)
         if (
             isinstance(image, str)
-            and image.lower().startswith(("http://", "https://", "data:", "file://"))
-            and not Path(image).is_file()  # a file of that name is the file
+            and image[:8].lower().startswith(("http://", "https://", "data:", "file://"))
+            and not _is_file(image)  # a file of that name is the file
         ):
             # a URL as a plain string is the URL, as in a block (it was looked for as a file name)
             return image_from_block(
@@ -414,3 +414,12 @@ class Agent:
         from duogen_agents.export import write_document
 
         return write_document(doc, self.store, out_dir)
+
+
+def _is_file(name: str) -> bool:
+    """Whether ``name`` names a file; False for a name no file can have (a long ``data:`` URL is
+    longer than a file name may be: ``is_file`` raises there)."""
+    try:
+        return Path(name).is_file()
+    except (OSError, ValueError):
+        return False

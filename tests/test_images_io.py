@@ -275,3 +275,17 @@ def test_a_file_whose_name_looks_like_a_url_is_the_file(home, tmp_path, monkeypa
     agent = scripted_agent(home, [TEXT, DONE])
     doc = agent.run("x", images=["data:photo.png"])
     assert np.asarray(agent.store.open(doc.inputs[0]))[0, 0].tolist() == [250, 0, 0]
+
+
+def test_a_data_url_as_a_plain_string(home) -> None:
+    """Longer than a file name may be (``Path.is_file`` raised "File name too long" on it)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    assert len(url) > 8000
+    agent = scripted_agent(home, [TEXT, DONE])
+    doc = agent.run("x", images=[url])
+    assert np.asarray(agent.store.open(doc.inputs[0])).tolist() == noise.tolist()
