@@ -161,10 +161,12 @@ def test_structured_output_and_tool_calls_follow_their_schemas(chat) -> None:
         """Add two whole numbers."""
         return a + b
 
-    message = chat.bind_tools([add], tool_choice="any").invoke("What is 2 + 3?")
-    (call,) = message.tool_calls
-    assert call["name"] == "add" and set(call["args"]) == {"a", "b"}
-    assert all(isinstance(v, int) for v in call["args"].values())
+    for parallel in (None, False):
+        message = chat.bind_tools([add], tool_choice="any", parallel_tool_calls=parallel).invoke("What is 2 + 3?")
+        assert message.tool_calls and (parallel is None or len(message.tool_calls) == 1)
+        for call in message.tool_calls:
+            assert call["name"] == "add" and set(call["args"]) == {"a", "b"}
+            assert all(isinstance(v, int) for v in call["args"].values())
 
 
 def test_image_blocks_reach_the_model(chat, monkeypatch) -> None:
@@ -247,6 +249,101 @@ def test_tool_choice_names_a_tool_in_every_langchain_form(chat) -> None:
             assert call["name"] == "add", form
     only = chat.bind_tools([get_weather], tool_choice=True)
     assert all(only.invoke("Weather?", seed=seed).tool_calls[0]["name"] == "get_weather" for seed in range(4))
+
+
+def test_several_calls_in_one_answer_as_openai_and_langgraph_take_them(chat, planner_calls) -> None:
+    """An answer held one call at most, so a ReAct agent asked two independent things went round the
+    loop twice. Now an answer may hold several calls (``parallel_tool_calls``, default on, as
+    OpenAI's), each with its own id and its own stream index, and LangGraph's ``ToolNode`` answers
+    each; ``parallel_tool_calls=False`` (or Anthropic's ``disable_parallel_tool_use``) holds it to one."""
+    from langchain_core.messages import HumanMessage
+    from langgraph.graph import END, START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode
+
+    from duogen_agents.models.chat_model import MAX_CALLS
+
+    model = chat.bind_tools([get_weather, add], tool_choice="any")
+    answers = [model.invoke("Weather in Oslo, and 2 + 3?", seed=seed) for seed in range(6)]
+    several = [m for m in answers if len(m.tool_calls) > 1]
+    assert several, [len(m.tool_calls) for m in answers]  # the tiny model writes 1 to 3 calls here
+    told = "".join(p["text"] for p in planner_calls[-1][0][0]["content"] if p["type"] == "text")
+    assert f"up to {MAX_CALLS}" in told and planner_calls[-1][1]["properties"]["calls"]["maxItems"] == MAX_CALLS
+    for m in answers:
+        assert m.response_metadata["finish_reason"] == "tool_calls" and not m.invalid_tool_calls
+        assert len({c["id"] for c in m.tool_calls}) == len(m.tool_calls) <= MAX_CALLS
+        for c in m.tool_calls:
+            assert c["name"] in ("get_weather", "add") and isinstance(c["args"], dict)
+    seed = answers.index(several[0])
+    joined = _joined(list(model.stream("Weather in Oslo, and 2 + 3?", seed=seed)))
+    assert _calls(joined) == _calls(several[0]) and len({c["id"] for c in joined.tool_calls}) == len(
+        several[0].tool_calls
+    )
+
+    # LangGraph's ToolNode runs every call; the model reads the calls and their results back.
+    graph = StateGraph(MessagesState)
+    graph.add_node("tools", ToolNode([get_weather, add], handle_tool_errors=True))
+    graph.add_edge(START, "tools")
+    graph.add_edge("tools", END)
+    results = graph.compile().invoke({"messages": [several[0]]})["messages"][1:]
+    assert [r.tool_call_id for r in results] == [c["id"] for c in several[0].tool_calls]
+    history = [HumanMessage("Weather in Oslo, and 2 + 3?"), several[0], *results]
+    chat.bind_tools([get_weather, add]).invoke(history, seed=0)
+    conversation = planner_calls[-1][0]
+    written = [p["text"] for t in conversation if t["role"] == "assistant" for p in t["content"] if p["text"]]
+    assert [json.loads(w) for w in written] == [
+        {"calls": [{"tool": c["name"], "arguments": c["args"]} for c in several[0].tool_calls]}
+    ]  # the calls as the model writes them: one answer, not one message per call
+
+    for one in (
+        chat.bind_tools([get_weather, add], tool_choice="any", parallel_tool_calls=False),
+        chat.bind_tools([get_weather, add], tool_choice={"type": "any", "disable_parallel_tool_use": True}),
+    ):
+        assert all(len(one.invoke("Weather in Oslo, and 2 + 3?", seed=s).tool_calls) == 1 for s in range(6))
+        assert planner_calls[-1][1]["properties"]["calls"]["maxItems"] == 1
+        told = "".join(p["text"] for p in planner_calls[-1][0][0]["content"] if p["type"] == "text")
+        assert "To call a tool," in told and "up to" not in told
+
+
+def test_an_answer_cut_by_its_token_budget_keeps_its_whole_calls() -> None:
+    """An answer with tools cut by the token budget was a GenerationError, losing the calls it had
+    written whole. Now the whole calls stay, and the cut one is an invalid call (as ChatOpenAI
+    reports one), with ``finish_reason`` "length"; a cut text answer is its text so far."""
+    from duogen_agents.models.chat_model import _ToolTurn
+
+    turn = _ToolTurn([], None, None)
+    turn.feed('{"calls": [{"tool": "add", "arguments": {"a": 1, "b": 2}}, {"tool": "add", "arguments": {"a": 3')
+    meta = {"finish_reason": "length"}
+    message = ChatDuogen._answer_with_tools(turn, turn.raw, [], None, meta)
+    assert _calls(message) == [("add", {"a": 1, "b": 2})] and meta["finish_reason"] == "length"
+    (cut,) = message.invalid_tool_calls
+    assert cut["name"] == "add" and cut["args"] == '{"a": 3' and "max_tokens" in cut["error"]
+    text = _ToolTurn([], None, None)
+    text.feed('{"text": "half an ans')
+    text.flush()
+    assert ChatDuogen._answer_with_tools(text, text.raw, [], None, {}).content == "half an ans"
+
+
+def test_calls_in_another_layout_stream_once(chat, monkeypatch) -> None:
+    """A served planner whose grammar writes a call's keys in another order: the call that streamed
+    stays as it went out, the rest come in the last chunk, and joined the stream is ``invoke``'s."""
+    from duogen_agents.models.protocols import PlannerOutput
+
+    raw = '{"calls": [{"tool": "add", "arguments": {"a": 1, "b": 2}}, {"arguments": {"a": 2, "b": 3}, "tool": "add"}]}'
+
+    def generate(conversation, schema, *, on_token=None, **kw) -> PlannerOutput:
+        for i in range(0, len(raw), 5):
+            if on_token is not None:
+                on_token(raw[i : i + 5])
+        return PlannerOutput(text=raw, num_tokens=len(raw) // 5 + 1)
+
+    monkeypatch.setattr(chat.planner, "generate", generate)
+    model = chat.bind_tools([add], tool_choice="any")
+    chunks = list(model.stream("2 + 3?"))
+    joined = _joined(chunks)
+    expected = [("add", {"a": 1, "b": 2}), ("add", {"a": 2, "b": 3})]
+    assert _calls(joined) == _calls(model.invoke("2 + 3?")) == expected
+    assert [c["index"] for c in chunks[-1].tool_call_chunks] == [1]  # only the call that did not stream
+    assert len({c["id"] for c in joined.tool_calls}) == 2
 
 
 def test_tool_choice_it_cannot_honour_is_refused_at_bind_time(chat) -> None:
@@ -465,9 +562,11 @@ def test_a_turn_with_tools_streams_its_call_and_its_text(chat) -> None:
             if whole.tool_calls:
                 seen["call"] += 1
                 pieces = [c.tool_call_chunks[0] for c in chunks if c.tool_call_chunks]
-                assert pieces[0]["name"] == whole.tool_calls[0]["name"] and pieces[0]["args"] == ""
-                assert pieces[0]["id"] == joined.tool_calls[0]["id"]
-                assert len(pieces) > 2 and all(p["name"] is None and p["args"] for p in pieces[1:])
+                for i, call in enumerate(whole.tool_calls):  # each call: its name and id, then its arguments
+                    mine = [p for p in pieces if p["index"] == i]
+                    assert mine[0]["name"] == call["name"] and mine[0]["args"] == ""
+                    assert mine[0]["id"] == joined.tool_calls[i]["id"]
+                    assert len(mine) > 2 and all(p["name"] is None and p["args"] for p in mine[1:])
                 assert not chunks[-1].tool_call_chunks  # not sent twice (joined, the arguments would double)
             else:
                 seen["text"] += 1
@@ -490,13 +589,13 @@ def test_stop_sequences_cut_a_text_answer_never_a_call(chat) -> None:
     assert stopped < text.usage_metadata["output_tokens"]
 
     forced = chat.bind_tools([get_weather, add], tool_choice="any")
-    (call,) = forced.invoke("What is 2 + 3?", seed=3).tool_calls
-    inside = json.dumps(call["args"])[2:4]  # a stop sequence inside the call's own JSON
+    calls = _calls(forced.invoke("What is 2 + 3?", seed=3))
+    inside = json.dumps(calls[0][1])[2:4]  # a stop sequence inside the call's own JSON
     for answer in (
         forced.invoke("What is 2 + 3?", seed=3, stop=[inside]),
         _joined(list(forced.stream("What is 2 + 3?", seed=3, stop=[inside]))),
     ):
-        assert _calls(answer) == [(call["name"], call["args"])]
+        assert _calls(answer) == calls
 
 
 def test_tool_turn_reader_at_every_split() -> None:
@@ -506,10 +605,12 @@ def test_tool_turn_reader_at_every_split() -> None:
     from duogen_agents.models.chat_model import _ToolTurn
 
     answers = [
-        '{"tool": "add", "arguments": {"a": 2, "b": {"c": "x}\\"{", "d": [1, {"e": "]"}]}}}',
+        '{"calls": [{"tool": "add", "arguments": {"a": 2, "b": {"c": "x}\\"{", "d": [1, {"e": "]"}]}}}]}',
         '{"text": "h\\u00e9llo \\ud83d\\ude00 \\"q\\" \\\\ \\n end"}',
         '{ "text" : "ab" }',
-        '{\n  "tool" : "get_weather" ,\n  "arguments" : { "city" : "Oslo" }\n}',
+        '{\n  "calls" : [ {\n  "tool" : "get_weather" ,\n  "arguments" : { "city" : "Oslo" }\n} ] }',
+        '{"calls": [{"tool": "add", "arguments": {"a": 1}}, {"tool": "add", "arguments": {"a": "]}"}},'
+        ' {"tool": "get_weather", "arguments": {}}]}',
     ]
     for raw in answers:
         data = json.loads(raw)
@@ -519,28 +620,43 @@ def test_tool_turn_reader_at_every_split() -> None:
             assert not any(turn.feed(raw[i : i + size]) for i in range(0, len(raw), size))
             turn.flush()
             text = "".join(g for g in got if isinstance(g, str))
-            calls = [g for g in got if isinstance(g, dict)]
+            pieces = [g for g in got if isinstance(g, dict)]
             if "text" in data:
-                assert text == data["text"] and not calls and turn.is_text
-            else:
-                assert [c["name"] for c in calls if c["name"]] == [data["tool"]] and not text
-                assert json.loads("".join(c["args"] for c in calls)) == data["arguments"]
-                assert {c["id"] for c in calls} - {None} == {turn.call_id}
+                assert text == data["text"] and not pieces and turn.is_text and turn.whole
+                continue
+            assert not text and turn.state == "end" and turn.streamed == len(data["calls"])
+            for i, call in enumerate(data["calls"]):  # each call: its start (name, id), then its arguments
+                mine = [p for p in pieces if p["index"] == i]
+                assert mine[0]["name"] == call["tool"] and mine[0]["args"] == "" and mine[0]["id"]
+                assert all(p["name"] is None and p["id"] is None for p in mine[1:])
+                assert json.loads("".join(p["args"] for p in mine)) == call["arguments"]
+                assert turn.calls[i]["id"] == mine[0]["id"] and turn.calls[i]["name"] == call["tool"]
+            assert [p["index"] for p in pieces] == sorted(p["index"] for p in pieces)  # one call after another
+            assert len({c["id"] for c in turn.calls}) == len(data["calls"])
     for layout in (
-        '{"arguments": {}, "tool": "add"}',
-        '{"tool": "f", "arguments": 5}',
-        '{"tool": "f", "arguments": "x"}',
+        '{"calls": [{"arguments": {}, "tool": "add"}]}',
+        '{"calls": [{"tool": "f", "arguments": 5}]}',
+        '{"tool": "f", "arguments": {}}',
     ):
         nothing: list = []
         other = _ToolTurn([], nothing.append, nothing.append)
         other.feed(layout)
         assert other.state == "whole" and not nothing, layout  # read whole at the end, as before
+    # Another layout after a streamed call: the rest is read whole at the end, and nothing is sent twice.
+    pieces = []
+    turn = _ToolTurn([], pieces.append, pieces.append)
+    raw = '{"calls": [{"tool": "add", "arguments": {"a": 1}}, {"arguments": {"a": 2}, "tool": "sub"}]}'
+    turn.feed(raw)
+    assert turn.state == "whole" and turn.streamed == 1 and [p["index"] for p in pieces] == [0, 0]
+    turn.read_whole(raw)
+    assert [(c["name"], json.loads(c["arguments"])) for c in turn.calls] == [("add", {"a": 1}), ("sub", {"a": 2})]
+    assert turn.calls[0]["id"] == pieces[0]["id"] != turn.calls[1]["id"]
     # A raw control character in an argument's string (xgrammar lets one through maxLength) goes out escaped.
     pieces: list = []
     turn = _ToolTurn([], pieces.append, pieces.append)
-    turn.feed('{"tool": "f", "arguments": {"a": "x\ny\t"}}')
+    turn.feed('{"calls": [{"tool": "f", "arguments": {"a": "x\ny\t"}}]}')
     args = "".join(p["args"] for p in pieces)
-    assert args == turn.arguments == '{"a": "x\\ny\\t"}' and json.loads(args) == {"a": "x\ny\t"}
+    assert args == turn.calls[0]["arguments"] == '{"a": "x\\ny\\t"}' and json.loads(args) == {"a": "x\ny\t"}
     # A \u that is not JSON's escape (a lax served grammar) is kept as written, also at the very end.
     for raw, text in [('{"text": "ab\\uZ"}', "ab\\uZ"), ('{"text": "ab\\uZZZZ cd"}', "ab\\uZZZZ cd")]:
         for size in range(1, 6):
@@ -583,9 +699,9 @@ def test_messages_stream_mode_of_a_graph_sees_the_call_as_it_decodes(chat) -> No
         for chunk, _ in graph.compile().stream({"messages": [("user", "What is 2 + 3?")]}, stream_mode="messages")
         if getattr(chunk, "tool_call_chunks", None)
     ]
-    (call,) = model.invoke("What is 2 + 3?", seed=3).tool_calls
+    call = model.invoke("What is 2 + 3?", seed=3).tool_calls[0]
     assert pieces[0]["name"] == call["name"] and len(pieces) > 2
-    assert json.loads("".join(p["args"] for p in pieces)) == call["args"]
+    assert json.loads("".join(p["args"] for p in pieces if p["index"] == 0)) == call["args"]
 
 
 def test_the_model_is_told_its_tools_in_the_system_prompt(chat, planner_calls) -> None:
@@ -653,9 +769,9 @@ def test_reference_rebasing_leaves_data_and_anchors_alone() -> None:
         },
         "$defs": {"P": {"type": "object", "properties": {"next": {"$ref": "#"}}}},
     }
-    schema = _tool_call_schema([{"type": "function", "function": {"name": "f", "parameters": params}}], True)
+    schema = _tool_call_schema([{"type": "function", "function": {"name": "f", "parameters": params}}], True, True)
     moved = schema["$defs"]["tool0"]
-    assert schema["properties"]["arguments"] == {"$ref": "#/$defs/tool0"}
+    assert schema["properties"]["calls"]["items"]["properties"]["arguments"] == {"$ref": "#/$defs/tool0"}
     assert moved["properties"]["to"] == {"$ref": "#/$defs/tool0/$defs/P"}
     assert moved["$defs"]["P"]["properties"]["next"] == {"$ref": "#/$defs/tool0"}
     assert moved["properties"]["link"] == {"const": {"$ref": "#/components/x"}}
@@ -667,7 +783,7 @@ def test_reference_rebasing_leaves_data_and_anchors_alone() -> None:
         node["properties"] = {"x": {"type": "object"}}
         node = node["properties"]["x"]
     node["properties"] = {"y": {"$ref": "#"}}
-    assert _tool_call_schema([{"type": "function", "function": {"name": "f", "parameters": deep}}], True)["$defs"]
+    assert _tool_call_schema([{"type": "function", "function": {"name": "f", "parameters": deep}}], True, True)["$defs"]
 
 
 def test_a_tool_choice_dict_it_cannot_read_is_a_value_error(chat) -> None:

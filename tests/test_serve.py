@@ -184,11 +184,14 @@ def test_tool_calls_through_the_openai_client(client: Any, tiny_agent: Any, monk
     told = "".join(p["text"] for p in seen[-1][0]["content"] if p["type"] == "text")
     assert seen[-1][0]["role"] == "system" and "Add two whole numbers." in told
 
-    whole = client.chat.completions.create(**ask, tool_choice="required").choices[0].message.tool_calls[0]
+    calls = client.chat.completions.create(**ask, tool_choice="required").choices[0].message.tool_calls
     deltas, reason = _streamed_call(client, **ask, tool_choice="required")
-    assert reason == "tool_calls" and deltas[0].id and deltas[0].function.name == whole.function.name
-    assert len(deltas) > 2 and all(d.id is None and d.function.name is None for d in deltas[1:])
-    assert "".join(d.function.arguments for d in deltas) == whole.function.arguments  # same seed, same call
+    assert reason == "tool_calls" and sorted({d.index for d in deltas}) == list(range(len(calls)))
+    for i, whole in enumerate(calls):  # each call: its id and name first, then its arguments in pieces
+        mine = [d for d in deltas if d.index == i]
+        assert mine[0].id and mine[0].function.name == whole.function.name
+        assert len(mine) > 2 and all(d.id is None and d.function.name is None for d in mine[1:])
+        assert "".join(d.function.arguments for d in mine) == whole.function.arguments  # same seed, same call
 
     history = [
         {"role": "user", "content": "What is 2 + 3?"},
@@ -201,11 +204,69 @@ def test_tool_calls_through_the_openai_client(client: Any, tiny_agent: Any, monk
     texts = ["".join(p["text"] for p in t["content"]) for t in seen[-1]]
     assert texts == [
         "What is 2 + 3?",
-        '{"tool": "add", "arguments": {"a": 2, "b": 3}}',
+        '{"calls": [{"tool": "add", "arguments": {"a": 2, "b": 3}}]}',
         "Result of tool call call_1: 5",
     ]
     assert [t["role"] for t in seen[-1]] == ["user", "assistant", "user"]
     assert seen[-1][0]["role"] == "user"  # tool_choice none: a text answer, no tools told
+
+
+def test_parallel_tool_calls_as_openai_has_them(client: Any, tiny_agent: Any, monkeypatch: Any) -> None:
+    """An answer held one call at most, and ``parallel_tool_calls`` was ignored. Now an answer may
+    hold several calls (default, as OpenAI's), each with its own id and stream index; an assistant
+    message with several calls reads back as one answer; ``parallel_tool_calls: false`` holds it to one."""
+    seen = []
+    real = tiny_agent.planner.generate
+    monkeypatch.setattr(
+        tiny_agent.planner, "generate", lambda conv, *a, **kw: seen.append(conv) or real(conv, *a, **kw)
+    )
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Weather in Oslo, and 2 + 3?"}], tools=TOOLS,
+               tool_choice="required")  # fmt: skip
+    answers = [client.chat.completions.create(**ask, seed=seed).choices[0] for seed in range(6)]
+    seed, several = next((s, a) for s, a in enumerate(answers) if len(a.message.tool_calls) > 1)
+    assert all(a.finish_reason == "tool_calls" for a in answers)
+    calls = several.message.tool_calls
+    assert len({c.id for c in calls}) == len(calls) and all(json.loads(c.function.arguments) is not None for c in calls)
+    deltas, reason = _streamed_call(client, **ask, seed=seed)
+    streamed = ["".join(d.function.arguments for d in deltas if d.index == i) for i in range(len(calls))]
+    assert reason == "tool_calls" and streamed == [c.function.arguments for c in calls]
+
+    history = [*ask["messages"], several.message.model_dump(exclude_none=True)]
+    history += [{"role": "tool", "tool_call_id": c.id, "content": "ok"} for c in calls]
+    client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, seed=1)
+    (written,) = ["".join(p["text"] for p in t["content"]) for t in seen[-1] if t["role"] == "assistant"]
+    assert json.loads(written) == {
+        "calls": [{"tool": c.function.name, "arguments": json.loads(c.function.arguments)} for c in calls]
+    }
+    for s in range(6):
+        one = client.chat.completions.create(**ask, seed=s, parallel_tool_calls=False).choices[0].message
+        assert len(one.tool_calls) == 1
+
+
+def test_calls_in_another_layout_are_read_whole_and_sent_once(client: Any, tiny_agent: Any, monkeypatch: Any) -> None:
+    """A served planner whose grammar writes a call's keys in another order: the calls that streamed
+    stay as they went out, the rest are read whole at the end and sent then, none of them twice."""
+    from duogen_agents.models.protocols import PlannerOutput
+
+    raw = '{"calls": [{"tool": "add", "arguments": {"a": 1, "b": 2}}, {"arguments": {"a": 2, "b": 3}, "tool": "add"}]}'
+
+    def generate(conversation: Any, schema: Any, *, on_token: Any = None, **kw: Any) -> PlannerOutput:
+        for i in range(0, len(raw), 7):
+            if on_token is not None:
+                on_token(raw[i : i + 7])
+        return PlannerOutput(text=raw, num_tokens=len(raw) // 7 + 1)
+
+    monkeypatch.setattr(tiny_agent.planner, "generate", generate)
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "2 + 3?"}], tools=TOOLS, tool_choice="required")
+    calls = client.chat.completions.create(**ask).choices[0].message.tool_calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("add", {"a": 1, "b": 2}), ("add", {"a": 2, "b": 3})
+    ]  # fmt: skip
+    deltas, reason = _streamed_call(client, **ask)
+    assert reason == "tool_calls" and [d.index for d in deltas if d.id] == [0, 1]
+    assert [json.loads("".join(d.function.arguments for d in deltas if d.index == i)) for i in (0, 1)] == [
+        {"a": 1, "b": 2}, {"a": 2, "b": 3}
+    ]  # fmt: skip
 
 
 def test_a_text_answer_beside_tools_and_stop_sequences(client: Any) -> None:

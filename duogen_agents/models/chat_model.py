@@ -55,8 +55,8 @@ def to_chat_turns(messages: list[BaseMessage], load_image: Any) -> list[ChatTurn
                 parts.append({"type": "image", "image": load_image(block["file_id"])})
             elif is_image_block(block):  # base64, data:/file:// URL, OpenAI image_url
                 parts.append({"type": "image", "image": image_from_block(block)})
-        for call in getattr(m, "tool_calls", None) or []:  # the model's earlier tool calls, as it wrote them
-            parts.append({"type": "text", "text": json.dumps({"tool": call["name"], "arguments": call["args"]})})
+        if calls := getattr(m, "tool_calls", None):  # the model's earlier tool calls, as it wrote them
+            parts.append({"type": "text", "text": calls_text([(c["name"], c["args"]) for c in calls])})
         if m.type == "tool":
             parts.insert(0, {"type": "text", "text": f"Result of tool call {getattr(m, 'tool_call_id', '')}: "})
         if turns and turns[-1]["role"] == role and role == "system":
@@ -216,11 +216,22 @@ def _has_ref(node: Any) -> bool:
     return False
 
 
-def _tool_call_schema(tools: list[dict[str, Any]], required: bool) -> dict[str, Any]:
-    """The grammar of one turn with tools: a call of one tool with arguments under its parameters
-    schema, or (unless a call is required) a text answer. Parameters with references (``$ref`` to
-    their own ``$defs``, or ``#`` for a recursive one) go under the root's ``$defs``, their
-    references rebased, so they resolve in the tool's schema and not in this wrapper."""
+# The most calls in one answer (a weak model under the grammar could go on calling to its token budget).
+MAX_CALLS = 8
+
+
+def calls_text(calls: list[tuple[str, Any]]) -> str:
+    """Tool calls (name, arguments) as the model writes them under the grammar of a turn with tools:
+    how an earlier answer's calls read in the history."""
+    return json.dumps({"calls": [{"tool": name, "arguments": arguments} for name, arguments in calls]})
+
+
+def _tool_call_schema(tools: list[dict[str, Any]], required: bool, parallel: bool) -> dict[str, Any]:
+    """The grammar of one turn with tools: ``{"calls": [...]}``, calls of the tools with arguments
+    under their parameters schemas (up to ``MAX_CALLS``; one unless ``parallel``), or (unless a call is
+    required) a text answer, ``{"text": ...}``. Parameters with references (``$ref`` to their own
+    ``$defs``, or ``#`` for a recursive one) go under the root's ``$defs``, their references rebased,
+    so they resolve in the tool's schema and not in this wrapper."""
     defs: dict[str, Any] = {}
     calls = []
     for i, t in enumerate(tools):
@@ -236,8 +247,22 @@ def _tool_call_schema(tools: list[dict[str, Any]], required: bool) -> dict[str, 
                 "additionalProperties": False,
             }
         )
+    items = {
+        "type": "array",
+        "items": {"anyOf": calls} if len(calls) > 1 else calls[0],
+        "minItems": 1,
+        "maxItems": MAX_CALLS if parallel else 1,
+    }
+    answers = [
+        {
+            "type": "object",
+            "properties": {"calls": items},
+            "required": ["calls"],
+            "additionalProperties": False,
+        }
+    ]
     if not required:
-        calls.append(
+        answers.append(
             {
                 "type": "object",
                 "properties": {"text": {"type": "string"}},
@@ -245,11 +270,11 @@ def _tool_call_schema(tools: list[dict[str, Any]], required: bool) -> dict[str, 
                 "additionalProperties": False,
             }
         )
-    schema = {"anyOf": calls} if len(calls) > 1 else calls[0]
+    schema = {"anyOf": answers} if len(answers) > 1 else answers[0]
     return {"$defs": defs, **schema} if defs else schema
 
 
-def tools_prompt(tools: list[dict[str, Any]], required: bool) -> str:
+def tools_prompt(tools: list[dict[str, Any]], required: bool, parallel: bool) -> str:
     """What a turn with tools tells the model, in its system prompt: each tool's name, description and
     parameters (OpenAI function schemas), and the layout the grammar holds the answer to. The grammar
     alone makes any answer well-formed; only this tells the model what the tools are for."""
@@ -258,12 +283,19 @@ def tools_prompt(tools: list[dict[str, Any]], required: bool) -> str:
         f = t["function"]
         entry = {"name": f["name"], "description": f.get("description") or "", "parameters": f.get("parameters") or {}}
         lines.append(json.dumps(entry, ensure_ascii=False))
-    lines += ["", 'To call a tool, answer with {"tool": <its name>, "arguments": <its arguments>}.']
+    lines.append("")
+    if parallel:
+        lines.append(
+            'To call tools, answer with {"calls": [{"tool": <its name>, "arguments": <its arguments>}, ...]}: '
+            f"one call, or up to {MAX_CALLS} that do not depend on each other's results."
+        )
+    else:
+        lines.append('To call a tool, answer with {"calls": [{"tool": <its name>, "arguments": <its arguments>}]}.')
     if required:
-        lines.append("Answer with a call of one of them.")
+        lines.append("Answer with a call.")
     else:
         lines.append('To answer without a tool, answer with {"text": <your answer>}.')
-    lines.append("A call's result comes back in the next message.")
+    lines.append("The results of your calls come back in the next messages.")
     return "\n".join(lines)
 
 
@@ -297,17 +329,23 @@ _NOT_AN_OBJECT_ALONE = ("anyOf", "oneOf", "allOf", "not", "enum", "const", "$ref
 
 
 def with_tools(
-    turns: list[ChatTurn], tools: list[dict[str, Any]], tool_choice: Any
+    turns: list[ChatTurn], tools: list[dict[str, Any]], tool_choice: Any, parallel: bool | None = None
 ) -> tuple[list[ChatTurn], dict[str, Any] | None, list[dict[str, Any]]]:
     """A call with ``tools`` (OpenAI function schemas) under ``tool_choice``: the turns with the tools'
-    prompt, the grammar of one call (or a text answer), and the tools it may call; ``(turns, None,
-    [])`` when it may call none (``"none"``, or no tools)."""
+    prompt, the grammar of the answer (calls, or a text answer), and the tools it may call; ``(turns,
+    None, [])`` when it may call none (``"none"``, or no tools). ``parallel`` (OpenAI's
+    ``parallel_tool_calls``; None is True, as there): several calls in one answer. A tool forced by
+    name is called once, as OpenAI does."""
     kind, name = _tool_choice(tool_choice, [t["function"]["name"] for t in tools])
     if kind == "none" or not tools:
         return turns, None, []
     allowed = [t for t in tools if t["function"]["name"] == name] or tools
     required = kind != "auto"
-    return with_system_text(turns, tools_prompt(allowed, required)), _tool_call_schema(allowed, required), allowed
+    if isinstance(tool_choice, dict) and tool_choice.get("disable_parallel_tool_use"):  # Anthropic's
+        parallel = False
+    several = parallel is not False and kind != "tool"
+    prompt = tools_prompt(allowed, required, several)
+    return with_system_text(turns, prompt), _tool_call_schema(allowed, required, several), allowed
 
 
 def _tool_choice(choice: Any, names: list[str]) -> tuple[str, str | None]:
@@ -402,18 +440,21 @@ class _UpToStop:
 
 
 class _ToolTurn:
-    """A turn with tools, read as it is decoded. The grammar's answer is ``{"tool": NAME, "arguments":
-    {...}}`` or ``{"text": "..."}``; ``feed`` (the planner's token callback) hands on, as they arrive:
+    """A turn with tools, read as it is decoded. The grammar's answer is ``{"calls": [{"tool": NAME,
+    "arguments": {...}}, ...]}`` or ``{"text": "..."}``; ``feed`` (the planner's token callback)
+    hands on, as they arrive:
 
     - a text answer's characters, decoded from its JSON string, to ``on_text``, through ``_UpToStop``:
       the text ends at the first stop sequence, and so does decoding;
-    - a call's start once its name is whole (``{"name", "id", "args": "", "index": 0}``), then its
-      arguments' JSON as the model writes it, piece by piece (``{"args": piece, "index": 0}``), to
-      ``on_call``: LangChain's ``tool_call_chunks``. Stop sequences never cut a call.
+    - each call's start once its name is whole (``{"name", "id", "args": "", "index": i}``), then its
+      arguments' JSON as the model writes it, piece by piece (``{"args": piece, "index": i}``), to
+      ``on_call``: LangChain's ``tool_call_chunks``, the ``i``-th call of the answer. Stop sequences
+      never cut a call.
 
     Another layout (a server whose grammar writes ``arguments`` first) is read whole at the end
-    instead: nothing of it streams, nothing is lost. ``feed`` returns True to end decoding: at a stop
-    sequence in a text answer, or once ``gone()`` says the reader has left."""
+    (``read_whole``) from where it left this one: nothing of it streams, nothing is lost, nothing
+    is sent twice. ``feed`` returns True to end decoding: at a stop sequence in a text answer, or
+    once ``gone()`` says the reader has left."""
 
     def __init__(
         self,
@@ -424,17 +465,17 @@ class _ToolTurn:
     ) -> None:
         self.raw = ""  # everything decoded
         self.pos = 0  # how far ``raw`` has been read
-        self.state = "open"  # open, key, text, name, comma, arguments, args, end; or whole
+        self.state = "open"  # a key of _PUNCTUATION or _KEYS, or name, text, args, end, whole
+        self.kind: str | None = None  # "calls" or "text", once its key is read
         self.text: list[str] = []  # the text answer handed on (up to a stop sequence)
         self.decoded = ""  # text answer decoded but not yet handed to ``upto``
         self.upto = _UpToStop(stop, self._emit_text, halt=True, gone=gone)
         self.on_text = on_text
         self.on_call = on_call
         self.gone = gone
-        self.call_id = f"call_{uuid.uuid4().hex[:12]}"
-        self.name: str | None = None
-        self.arguments = ""  # the call's arguments' JSON as written so far
-        self.depth = 0  # the arguments' nesting
+        self.calls: list[dict[str, Any]] = []  # {"id", "name", "arguments" (its JSON as written so far)}
+        self.streamed = 0  # how many of ``calls`` went out through ``on_call``
+        self.depth = 0  # the current call's arguments' nesting
         self.controls = JsonControls()  # where the arguments' strings are, and their control characters
 
     @property
@@ -444,7 +485,12 @@ class _ToolTurn:
 
     @property
     def is_text(self) -> bool:
-        return self.state == "text" or (self.state == "end" and self.name is None)
+        return self.kind == "text"
+
+    @property
+    def whole(self) -> bool:
+        """The answer's layout was read to its end (a cut one ends in the middle)."""
+        return self.state == "end" or self.stopped
 
     def feed(self, piece: str) -> bool:
         self.raw += piece
@@ -457,6 +503,24 @@ class _ToolTurn:
 
     def flush(self) -> None:
         self.upto.flush()
+
+    def read_whole(self, text: str) -> None:
+        """At the end of decoding, an answer this reader could not stream (``state == "whole"``),
+        read from its whole ``text``: the calls after those already streamed, or its text. A
+        ValueError when it is not complete JSON of either layout."""
+        data = json.loads(text, strict=False)  # a raw control character in a string: see _read_args
+        calls = data.get("calls") if isinstance(data, dict) else None
+        if isinstance(calls, list) and all(isinstance(c, dict) and isinstance(c.get("tool"), str) for c in calls):
+            self.kind = "calls"
+            for c in calls[len(self.calls) :]:
+                arguments = json.dumps(c.get("arguments", {}))
+                self.calls.append({"id": f"call_{uuid.uuid4().hex[:12]}", "name": c["tool"], "arguments": arguments})
+        elif isinstance(data, dict) and isinstance(data.get("text"), str) and not self.calls:
+            self.kind = "text"
+            self.text = [valid_unicode(data["text"])]
+        else:
+            raise ValueError("neither calls nor a text answer")
+        self.state = "end"
 
     def _emit_text(self, piece: str) -> None:
         self.text.append(piece)
@@ -477,11 +541,12 @@ class _ToolTurn:
         if not self._skip():
             return False
         c = self.raw[self.pos]
-        if state in ("open", "comma"):
-            if c != ("{" if state == "open" else ","):
+        if state in _PUNCTUATION:
+            after = _PUNCTUATION[state].get(c)
+            if after is None:
                 return self._whole()
             self.pos += 1
-            self.state = "key" if state == "open" else "arguments"
+            self.state = after
             return True
         if c != '"':
             return self._whole()
@@ -489,32 +554,35 @@ class _ToolTurn:
         if value is None:
             return self._wait(start)
         if state == "name":
-            self.name, self.state = value, "comma"
+            self.calls.append({"id": f"call_{uuid.uuid4().hex[:12]}", "name": value, "arguments": ""})
+            self.state = "comma"
             return True
-        # a key: "tool", "text" (first) or "arguments" (after the name), then its colon
+        # a key ("calls" or "text" first; in a call, "tool" then "arguments") and its colon
         if not self._skip():
             return self._wait(start)
-        if self.raw[self.pos] != ":" or value not in (("tool", "text") if state == "key" else ("arguments",)):
+        if self.raw[self.pos] != ":" or value not in _KEYS[state]:
             return self._whole()
         self.pos += 1
-        if value == "arguments":  # streamed from its first character, an object's "{"
-            if not self._skip():
-                return self._wait(start)
-            if self.raw[self.pos] != "{":
-                return self._whole()
-            self.state = "args"
-            if self.on_call is not None:
-                self.on_call({"name": self.name, "args": "", "id": self.call_id, "index": 0, "type": "tool_call_chunk"})
+        if value in ("calls", "tool"):
+            self.kind = self.kind or value
+            self.state = "list" if value == "calls" else "name"
             return True
-        if value == "tool":
-            self.state = "name"
-            return True
-        if not self._skip():  # "text": its string's opening quote
+        if not self._skip():  # the value's first character: the arguments' "{", or the text's opening quote
             return self._wait(start)
-        if self.raw[self.pos] != '"':
+        if self.raw[self.pos] != ("{" if value == "arguments" else '"'):
             return self._whole()
-        self.pos += 1
-        self.state = "text"
+        if value == "text":
+            self.pos += 1
+            self.kind = self.state = "text"
+            return True
+        self.state, self.depth = "args", 0  # streamed from its first character, an object's "{"
+        call = self.calls[-1]
+        self.streamed += 1
+        if self.on_call is not None:
+            index = len(self.calls) - 1
+            self.on_call(
+                {"name": call["name"], "args": "", "id": call["id"], "index": index, "type": "tool_call_chunk"}
+            )
         return True
 
     def _skip(self) -> bool:
@@ -550,9 +618,9 @@ class _ToolTurn:
         return None
 
     def _read_args(self) -> bool:
-        """The arguments' JSON as decoded so far, handed on; the call ends where its object closes.
-        A raw control character inside a string (xgrammar lets one through a string with
-        ``maxLength``) is handed on escaped, so the arguments are always JSON."""
+        """The current call's arguments' JSON as decoded so far, handed on; they end where their
+        object closes. A raw control character inside a string (xgrammar lets one through a string
+        with ``maxLength``) is handed on escaped, so the arguments are always JSON."""
         piece = []
         while self.pos < len(self.raw) and self.state == "args":
             c = self.raw[self.pos]
@@ -564,12 +632,13 @@ class _ToolTurn:
             elif outside and c in "}]":
                 self.depth -= 1
                 if self.depth <= 0:
-                    self.state = "end"
+                    self.state = "call_end"
         text = "".join(piece)
-        self.arguments += text
+        self.calls[-1]["arguments"] += text
         if text and self.on_call is not None:
-            self.on_call({"name": None, "args": text, "id": None, "index": 0, "type": "tool_call_chunk"})
-        return False
+            index = len(self.calls) - 1
+            self.on_call({"name": None, "args": text, "id": None, "index": index, "type": "tool_call_chunk"})
+        return self.state != "args"
 
     def _read_text(self) -> bool:
         """A text answer's string, decoded as far as whole characters go (an escape waits for its
@@ -619,6 +688,19 @@ class _ToolTurn:
         self.decoded += "".join(out)
         return False
 
+
+# The layout of a turn with tools, for ``_ToolTurn``: at a state, the character it reads and the state after it ...
+_PUNCTUATION = {
+    "open": {"{": "key"},
+    "list": {"[": "call"},
+    "call": {"{": "tool"},
+    "comma": {",": "arguments"},
+    "call_end": {"}": "next"},
+    "next": {",": "call", "]": "close"},
+    "close": {"}": "end"},
+}
+# ... or the keys it reads there.
+_KEYS = {"key": ("calls", "text"), "tool": ("tool",), "arguments": ("arguments",)}
 
 _SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
@@ -786,7 +868,9 @@ class ChatDuogen(PlannerChatModel):
         turns = to_chat_turns(messages, self._load_image)
         tools: list[dict[str, Any]] = []
         if schema is None:
-            turns, schema, tools = with_tools(turns, kwargs.get("tools") or [], kwargs.get("tool_choice"))
+            turns, schema, tools = with_tools(
+                turns, kwargs.get("tools") or [], kwargs.get("tool_choice"), kwargs.get("parallel_tool_calls")
+            )
         # per call: invoke(..., max_tokens=N) or bind(max_tokens=N), as LangChain's chat models take it
         limit = kwargs.get("max_tokens") or kwargs.get("max_new_tokens") or self.max_tokens or self.default_max_tokens
         stop = stop or self.stop
@@ -833,24 +917,45 @@ class ChatDuogen(PlannerChatModel):
             "model_provider": "duogen",
             "finish_reason": "stop" if out.complete else "length",
         }
-        if turn is not None and turn.is_text and (turn.stopped or turn.state == "end"):  # as it streamed
-            return AIMessage(content="".join(turn.text), usage_metadata=usage, response_metadata=meta)
-        text = out.text if schema is None or tools else JsonControls().feed(out.text)
-        if tools:
-            try:
-                data = json.loads(text, strict=False)  # a raw control character in a string: see _read_args
-            except ValueError as e:
-                raise GenerationError(f"the model's tool call is not complete JSON ({e}); raise max_tokens") from None
-            if "tool" in data:
-                call_id = turn.call_id if turn is not None else f"call_{uuid.uuid4().hex[:12]}"
-                call = {"name": data["tool"], "args": data["arguments"], "id": call_id}
-                meta["finish_reason"] = "tool_calls"
-                return AIMessage(content="", tool_calls=[call], usage_metadata=usage, response_metadata=meta)
-            text = valid_unicode(str(data.get("text", "")))
-        for s in stop or []:  # a stop sequence cuts text, never a call
+        if turn is not None:
+            return self._answer_with_tools(turn, out.text, stop or [], usage, meta)
+        text = out.text if schema is None else JsonControls().feed(out.text)
+        for s in stop or []:
             if s and s in text:
                 text = text[: text.index(s)]
         return AIMessage(content=text, usage_metadata=usage, response_metadata=meta)
+
+    @staticmethod
+    def _answer_with_tools(turn: _ToolTurn, raw: str, stop: list[str], usage: Any, meta: dict[str, Any]) -> AIMessage:
+        """The message of a turn with tools: its calls, or its text answer as it streamed (cut at a
+        stop sequence). One cut by the token budget (``finish_reason`` "length") is what it holds:
+        the text so far, or the whole calls and the cut one as an invalid call."""
+        if turn.state == "whole":  # another layout: read whole now
+            try:
+                turn.read_whole(raw)
+            except ValueError as e:
+                raise GenerationError(
+                    f"the model's answer with tools is not complete JSON ({e}); raise max_tokens"
+                ) from None
+            if turn.is_text:
+                text = turn.text[0]
+                for s in stop:  # a stop sequence cuts text, never a call
+                    if s and s in text:
+                        text = text[: text.index(s)]
+                turn.text = [text]
+        if turn.is_text or not turn.calls:  # a text answer (or an answer cut before its first call)
+            return AIMessage(content="".join(turn.text), usage_metadata=usage, response_metadata=meta)
+        calls, invalid = [], []
+        for i, c in enumerate(turn.calls):
+            if i < len(turn.calls) - 1 or turn.state == "end":
+                calls.append({"name": c["name"], "args": json.loads(c["arguments"], strict=False), "id": c["id"]})
+            else:  # cut by the token budget, as ChatOpenAI reports one: an invalid call beside the whole ones
+                error = "cut by the token budget (finish_reason 'length'): raise max_tokens"
+                invalid.append({"name": c["name"], "args": c["arguments"], "id": c["id"], "error": error})
+        meta["finish_reason"] = "tool_calls" if turn.state == "end" else "length"
+        return AIMessage(
+            content="", tool_calls=calls, invalid_tool_calls=invalid, usage_metadata=usage, response_metadata=meta
+        )
 
     def _generate(
         self,
@@ -895,12 +1000,12 @@ class ChatDuogen(PlannerChatModel):
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
         text = ""
-        streamed_call = False  # the tool call went out in pieces (its name, then its arguments)
+        streamed = 0  # tool calls that went out in pieces (each its name, then its arguments)
         try:
             while (piece := tokens.get()) is not done:
                 token, chunk = _chunk(piece)
                 text += token
-                streamed_call = streamed_call or isinstance(piece, dict)
+                streamed += isinstance(piece, dict) and piece["name"] is not None
                 if run_manager is not None:
                     run_manager.on_llm_new_token(token, chunk=chunk)
                 yield chunk
@@ -914,24 +1019,31 @@ class ChatDuogen(PlannerChatModel):
             content="" if text or not isinstance(message.content, str) else message.content,
             usage_metadata=message.usage_metadata,
             response_metadata=message.response_metadata,
-            tool_call_chunks=[]
-            if streamed_call
-            else [
+            tool_call_chunks=[  # calls read whole at the end (another layout), not streamed
                 {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i, "type": "tool_call_chunk"}
                 for i, c in enumerate(message.tool_calls)
+                if i >= streamed
             ],
             chunk_position="last",
         )
         yield ChatGenerationChunk(message=last)
 
     def bind_tools(
-        self, tools: Sequence[Any], *, tool_choice: str | dict[str, Any] | bool | None = None, **kwargs: Any
+        self,
+        tools: Sequence[Any],
+        *,
+        tool_choice: str | dict[str, Any] | bool | None = None,
+        parallel_tool_calls: bool | None = None,
+        **kwargs: Any,
     ) -> Any:
         """Tools as OpenAI function schemas; each call's arguments are decoded under its parameters
-        schema. ``tool_choice``: None, False or ``"auto"`` (a call or a text answer), ``"none"`` (a
-        text answer), ``"any"``/``"required"`` (a call of any tool), a tool's name or
+        schema. ``tool_choice``: None, False or ``"auto"`` (calls or a text answer), ``"none"`` (a
+        text answer), ``"any"``/``"required"`` (calls of any tools), a tool's name or
         ``{"type": "function", "function": {"name": ...}}`` (a call of that tool; Anthropic's dicts
-        too), ``True`` (a call of the one tool). Anything else is a ValueError here."""
+        too), ``True`` (a call of the one tool). Anything else is a ValueError here.
+        ``parallel_tool_calls`` (as ChatOpenAI's; None is True): an answer may hold several calls,
+        which LangGraph's ``ToolNode`` runs at once; False (or Anthropic's
+        ``disable_parallel_tool_use`` in ``tool_choice``) holds it to one."""
         from langchain_core.utils.function_calling import convert_to_openai_tool
 
         formatted = []
@@ -942,6 +1054,8 @@ class ChatDuogen(PlannerChatModel):
                 raise ValueError(f"tool {t['function']['name']!r}: its parameters must be a JSON schema of an object")
             formatted.append({**t, "function": {**t["function"], "parameters": params}})
         _tool_choice(tool_choice, [t["function"]["name"] for t in formatted])  # refused here, not at the call
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
         return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     def with_structured_output(

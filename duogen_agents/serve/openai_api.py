@@ -13,9 +13,10 @@
   compiler writes bounded repeats out: ``a{100000000}`` alone exhausts memory). Messages longer than the
   planner's context are refused with ``context_length_exceeded``. ``tools`` (function tools) and
   ``tool_choice`` (``auto``, ``none``, ``required``, a function by name) as OpenAI's: the model is told
-  the tools in its system prompt, the answer decodes under a grammar of one call or a text answer, and
-  a call comes as ``tool_calls`` (streamed: id and name first, then the arguments in pieces) with
-  ``finish_reason`` ``tool_calls``. History messages carry an assistant's ``tool_calls`` and ``tool``
+  the tools in its system prompt, the answer decodes under a grammar of calls or a text answer, and
+  calls come as ``tool_calls`` (streamed: each call's id and name first, then its arguments in
+  pieces) with ``finish_reason`` ``tool_calls``. ``parallel_tool_calls`` (default true, as OpenAI's):
+  an answer may hold several calls; false holds it to one (as does a function forced by name). History messages carry an assistant's ``tool_calls`` and ``tool``
   results. ``stop`` cuts a text answer and ends its decoding (never a call). A streamed answer whose
   client hangs up ends its decoding at the next piece.
 - ``POST /v1/images/generations``: text to image. ``POST /v1/images/edits``: multipart, one or more
@@ -110,7 +111,7 @@ class ChatRequest(_Loose):
     prompt_cache_key: str | None = Field(None, max_length=128)
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # one call per answer at most either way
+    parallel_tool_calls: bool | None = None  # None: True, as OpenAI's
     stop: str | list[str] | None = None
 
 
@@ -177,6 +178,8 @@ def to_turns(messages: list[dict[str, Any]], allow_remote: bool = False) -> list
     """OpenAI chat messages as the planner's ``ChatTurn`` list. An assistant's tool calls and a tool's
     result read as ``ChatDuogen`` writes them: the call as the JSON the grammar decodes, the result as
     a user turn that names its call."""
+    from duogen_agents.models.chat_model import calls_text
+
     roles = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "user"}
     turns: list[dict[str, Any]] = []
     images = 0
@@ -216,15 +219,16 @@ def to_turns(messages: list[dict[str, Any]], allow_remote: bool = False) -> list
                 continue
         else:
             raise ApiError(400, f"messages[{i}]: content must be a string or a list of parts")
-        parts += [{"type": "text", "text": call} for call in calls]
+        if calls:
+            parts.append({"type": "text", "text": _text(calls_text(calls), i)})
         turns.append({"role": role, "content": parts})
     if not turns:
         raise ApiError(400, "messages: none has content (an assistant message without content is skipped)")
     return turns
 
 
-def _tool_calls(calls: Any, i: int) -> list[str]:
-    """An assistant message's ``tool_calls``, each as the JSON text the planner wrote it in."""
+def _tool_calls(calls: Any, i: int) -> list[tuple[str, Any]]:
+    """An assistant message's ``tool_calls``: each one's name and arguments."""
     if calls is None:
         return []
     if not isinstance(calls, list):
@@ -241,7 +245,7 @@ def _tool_calls(calls: Any, i: int) -> list[str]:
             arguments = json.loads(fn["arguments"])  # type: ignore[index]
         except (ValueError, RecursionError):
             raise ApiError(400, f"messages[{i}].tool_calls[{j}].function.arguments is not JSON") from None
-        out.append(_text(json.dumps({"tool": name, "arguments": arguments}), i))
+        out.append((name, arguments))
     return out
 
 
@@ -410,7 +414,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     turns = await asyncio.to_thread(to_turns, body.messages, state.agent.allow_remote_images)
     if tools:
         try:
-            turns, schema, _ = with_tools(turns, tools, body.tool_choice)
+            turns, schema, _ = with_tools(turns, tools, body.tool_choice, body.parallel_tool_calls)
         except RecursionError:
             raise ApiError(400, "tools: a function's parameters nest too deeply") from None
     max_tokens = body.max_completion_tokens or body.max_tokens or state.agent.preset.planner.max_new_tokens
@@ -454,10 +458,11 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
                 reader.flush()
             if not tools and schema is not None:
                 out.text = JsonControls().feed(out.text)
+            late = isinstance(reader, _ToolTurn) and reader.state == "whole"
             message, reason = _answer(out, reader, stop, max_tokens)
-            if isinstance(reader, _ToolTurn) and reader.state == "whole" and body.stream:
-                for kind, piece in _late_pieces(message):  # a layout read whole: sent now
-                    put(kind, piece)
+            if late and body.stream:
+                for kind, piece in _late_pieces(message, reader.streamed):  # type: ignore[union-attr]
+                    put(kind, piece)  # a layout read whole: what did not stream, sent now
             put("done", (out, message, reason))
         except BaseException as e:  # answered as an HTTP error, or reported in the stream
             put("error", e)
@@ -522,27 +527,24 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
 def _answer(out: Any, reader: Any, stop: list[str], max_tokens: int) -> tuple[dict[str, Any], str]:
     """The assistant message (``content``, or ``tool_calls`` with ``content`` null) and its finish
     reason: ``tool_calls``, ``stop`` (the answer's end or a stop sequence) or ``length``."""
-    from duogen_agents.models.chat_model import _ToolTurn, valid_unicode
+    from duogen_agents.models.chat_model import _ToolTurn
 
     cut = out.num_tokens >= max_tokens or not out.complete
-    if isinstance(reader, _ToolTurn) and reader.state != "whole":
-        if reader.name is not None:  # a call: whole, or cut at max_tokens with its arguments so far
-            call = {"id": reader.call_id, "type": "function",
-                    "function": {"name": reader.name, "arguments": reader.arguments}}  # fmt: skip
-            return {"content": None, "tool_calls": [call]}, "tool_calls" if reader.state == "end" else "length"
-        whole = reader.stopped or reader.state == "end"
-        return {"content": "".join(reader.text)}, "stop" if whole else "length"
     text = out.text
-    if isinstance(reader, _ToolTurn):  # another layout (a served planner's grammar): read whole
-        try:
-            data = json.loads(text, strict=False)
-        except ValueError:
-            return {"content": text}, "length"
-        if "tool" in data:
-            call = {"id": reader.call_id, "type": "function",
-                    "function": {"name": data["tool"], "arguments": json.dumps(data.get("arguments", {}))}}  # fmt: skip
-            return {"content": None, "tool_calls": [call]}, "tool_calls"
-        text = valid_unicode(str(data.get("text", "")))
+    if isinstance(reader, _ToolTurn):
+        streamed = reader.state != "whole"
+        if not streamed:  # another layout (a served planner's grammar): read whole
+            try:
+                reader.read_whole(text)
+            except ValueError:
+                return {"content": text}, "length"
+        if reader.calls:  # whole, or the last cut at max_tokens with its arguments so far
+            calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                     for c in reader.calls]  # fmt: skip
+            return {"content": None, "tool_calls": calls}, "tool_calls" if reader.state == "end" else "length"
+        if streamed:
+            return {"content": "".join(reader.text)}, "stop" if reader.whole else "length"
+        text = reader.text[0]
     found = [i for s in stop if (i := text.find(s)) >= 0]
     if found:
         return {"content": text[: min(found)]}, "stop"
@@ -552,19 +554,21 @@ def _answer(out: Any, reader: Any, stop: list[str], max_tokens: int) -> tuple[di
 def _call_delta(piece: dict[str, Any]) -> dict[str, Any]:
     """A piece of a tool call (``_ToolTurn``'s) as OpenAI streams one: the first with its id and name."""
     if piece["name"] is not None:
-        return {"index": 0, "id": piece["id"], "type": "function", "function": {"name": piece["name"], "arguments": ""}}
-    return {"index": 0, "function": {"arguments": piece["args"]}}
+        return {"index": piece["index"], "id": piece["id"], "type": "function",
+                "function": {"name": piece["name"], "arguments": ""}}  # fmt: skip
+    return {"index": piece["index"], "function": {"arguments": piece["args"]}}
 
 
-def _late_pieces(message: dict[str, Any]) -> list[tuple[str, Any]]:
-    """A message read whole at the end, as the stream's pieces."""
+def _late_pieces(message: dict[str, Any], streamed: int) -> list[tuple[str, Any]]:
+    """What of a message read whole at the end did not stream (the calls after the first
+    ``streamed``, or its text), as the stream's pieces."""
     if message.get("tool_calls"):
-        (call,) = message["tool_calls"]
-        fn = call["function"]
-        return [
-            ("call", {"name": fn["name"], "args": "", "id": call["id"]}),
-            ("call", {"name": None, "args": fn["arguments"], "id": None}),
-        ]
+        pieces: list[tuple[str, Any]] = []
+        for i, call in enumerate(message["tool_calls"][streamed:], start=streamed):
+            fn = call["function"]
+            pieces.append(("call", {"name": fn["name"], "args": "", "id": call["id"], "index": i}))
+            pieces.append(("call", {"name": None, "args": fn["arguments"], "id": None, "index": i}))
+        return pieces
     return [("token", message["content"])] if message["content"] else []
 
 
