@@ -364,6 +364,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with db.lock(args.session, wait=args.wait):  # fail fast, before loading the models
             if sessions.exists(args.session):
                 sessions.state(args.session)  # a tampered checkpoint is refused here, not after the load
+                if not (args.resume or args.discard) and sessions.unfinished_turn(args.session) is not None:
+                    from duogen_agents.errors import SessionStateError
+
+                    raise SessionStateError(
+                        f"session {args.session!r} has an unfinished turn; resume it (--resume) or drop it and "
+                        "send this message (--discard)"
+                    )
 
     if preset.is_tiny:
         err.print(f"[yellow]note:[/] preset {preset.name!r} uses random weights: its words and pictures are noise.")
@@ -630,8 +637,10 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
                 return 0
             from duogen_agents.terminal.render import sessions_table
 
-            t = sessions_table(items)
-            out.print(t)
+            if out.is_terminal:
+                out.print(sessions_table(items, width=out.width))
+            else:  # piped: whole rows, as wide as they are (a console's width caps what it prints)
+                Console(width=100_000).print(sessions_table(items))
         elif args.action == "show":
             info = sessions.get(args.id)
             fork = f", forked from {info.parent_id}" if info.parent_id else ""
@@ -666,7 +675,7 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
             else:
                 err.print(f"wrote {result}", highlight=False)
         elif args.action == "fork":
-            info = sessions.fork(args.id, args.new_id)
+            info = sessions.fork(args.id, args.new_id, wait=args.wait)
             out.print(f"forked {args.id} -> {info.id}")
         elif args.action == "delete":
             notes: list[str] = []

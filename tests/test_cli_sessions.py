@@ -105,3 +105,69 @@ def test_export_never_replaces_the_sessions_and_reads_well_everywhere(home, tmp_
     for fmt in ("md", "html"):
         code, out, err = _run(capsys, "sessions", "export", "esc", "--format", fmt)
         assert code == 0 and "draw a pot" in out and "\x1b" not in out and "\x07" not in out
+
+
+def test_a_message_to_a_session_with_an_unfinished_turn_is_refused_before_the_models_load(
+    home, tmp_path, capsys, monkeypatch
+) -> None:
+    """``duogen run --session S "..."`` on a session with an interrupted turn loaded the preset first
+    (seconds with the tiny one, minutes with a 7B), then refused. Now it refuses at once, saying what
+    to do; ``--discard`` still drops the turn and sends the message."""
+    from duogen_agents import Agent
+    from duogen_agents.presets import load_preset
+    from duogen_agents.sessions import Sessions
+    from tests.fakes import FailingImageTool, ScriptedPlanner
+
+    url = f"sqlite:///{tmp_path / 'duogen.db'}"
+    script = [{"type": "image", "prompt": "a pot", "references": [], "kind": "generate"}]
+    agent = Agent(load_preset("tiny"), planner=ScriptedPlanner(script), image_tool=FailingImageTool(1), home=home)
+    with pytest.raises(RuntimeError):
+        agent.session("s", database=agent_db(url, home)).send("draw a pot")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the models were loaded")
+
+    monkeypatch.setattr(Agent, "from_preset", no_load)
+    code, out, err = _run(capsys, "run", "--session", "s", "something else", "--db", url)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 1 and "unfinished turn" in lines[-1] and "--resume" in lines[-1] and "--discard" in lines[-1]
+    assert Sessions.open(url, home=home).last_turn("s").status == "interrupted"  # nothing changed
+
+
+def agent_db(url, home):
+    from duogen_agents.storage.database import Database
+
+    return Database.open(url, home=home)
+
+
+def test_sessions_list_piped_keeps_every_column(home, tmp_path, capsys) -> None:
+    """Piped (80 columns), ``sessions list`` dropped whole columns: the id, or the state that says a
+    turn is unfinished. Piped, rows are now whole; in a narrow terminal the least needed columns go."""
+    from datetime import datetime
+
+    from duogen_agents import Agent
+    from duogen_agents.presets import load_preset
+    from duogen_agents.sessions.repository import SessionInfo
+    from duogen_agents.terminal.render import sessions_table
+    from tests.fakes import FailingImageTool, ScriptedPlanner
+    from tests.test_chat import _render
+
+    url = f"sqlite:///{tmp_path / 'duogen.db'}"
+    script = [{"type": "text", "text": "Water the pots."}, {"type": "image", "prompt": "a pot", "references": [],
+              "kind": "generate"}]  # fmt: skip
+    agent = Agent(load_preset("tiny"), planner=ScriptedPlanner(script), image_tool=FailingImageTool(1), home=home)
+    name = "balcony-garden-for-the-summer-of-2026"
+    with pytest.raises(RuntimeError):
+        agent.session(name, database=agent_db(url, home)).send("Plan a balcony garden with tomatoes and herbs")
+    code, out, err = _run(capsys, "sessions", "list", "--db", url)
+    header, row = out.splitlines()[:2]
+    assert header.split()[:7] == ["id", "turns", "images", "mode", "preset", "updated", "state"]
+    assert row.startswith(name) and "unfinished turn" in row and "tiny" in row and len(row) > 80
+
+    t = datetime(2026, 11, 26, 9, 30)
+    info = SessionInfo(name, "Balcony garden", "qwen2.5-vl-7b+cosmos2-2b", "visual-plan", None, t, t, 2, 4,
+                       "interrupted")  # fmt: skip
+    for width in (60, 80, 100):  # a terminal: what fits, the id and the state always whole
+        header, row = _render(sessions_table([info], width=width), width=width).splitlines()[:2]
+        assert header.split()[0] == "id" and "state" in header.split(), (width, header)
+        assert row.startswith(name) and "unfinished turn" in row, (width, row)

@@ -268,3 +268,83 @@ def test_checkpoint_bytes_do_not_grow_with_the_images_of_a_session(db, tmp_path,
     # messages and known_images are DeltaChannels: a checkpoint stores what its step wrote, not the
     # history, so 19 more images (and their messages) add nothing per checkpoint.
     assert per_turn[20] < per_turn[1] * 1.05 + 32
+
+
+def test_image_count_is_the_pictures_the_answers_show(db, tmp_path) -> None:
+    """The session's image count took in the pictures a check rejected, so it said 3 where ``show``,
+    exports and ``/redraw`` knew 2 (``/redraw 3``: "this session has 2 image(s)")."""
+    redraw = {"verdict": "redraw", "note": "the pot should be red"}
+    revised = {"prompt": "a red pot", "references": [], "kind": "generate"}
+    a = _agent(tmp_path, [_image("a pot"), redraw, revised, OK, _image("a rake"), OK, DONE], redraw_budget=1)
+    doc = a.session("garden", database=db).send("draw a pot and a rake")
+    sessions = Sessions(db, a.store)
+    assert len(doc.images) == 2 and len(doc.images[0].rejected) == 1  # three drawn, one rejected
+    assert sessions.get("garden").images == sessions.list()[0].images == 2
+
+
+def test_fork_waits_for_a_writer_when_asked(db_url, tmp_path) -> None:
+    """``sessions fork --wait`` was taken and ignored: a fork of a session a turn was writing failed at
+    once as busy, its message advising the very ``--wait`` it had been given."""
+    d = Database.open(db_url, home=tmp_path)
+    try:
+        a = _agent(tmp_path, [TEXT, DONE])
+        a.session("s", database=d).send("hi")
+        sessions = Sessions(d, a.store)
+        other = Database.open(db_url, home=tmp_path)  # another writer, holding the session's lock for a while
+        try:
+            held, release = threading.Event(), threading.Event()
+
+            def writer() -> None:
+                with other.lock("s"):
+                    held.set()
+                    release.wait(10)
+
+            thread = threading.Thread(target=writer)
+            thread.start()
+            held.wait(10)
+            with pytest.raises(SessionBusyError):
+                sessions.fork("s", "t1")
+            threading.Timer(0.5, release.set).start()
+            assert sessions.fork("s", "t2", wait=10).parent_id == "s"
+            thread.join()
+        finally:
+            other.close()
+    finally:
+        d.close()
+
+
+def test_a_malformed_row_fails_a_fork_in_one_line_and_writes_nothing(tmp_path) -> None:
+    """Forking a session with a malformed stored value (a date, a block's JSON) was an internal error;
+    ``show`` and ``export`` of the same rows give the one-line "malformed" message, and so does it now.
+    (SQLite: PostgreSQL's own types refuse such values when they are written.)"""
+    from sqlalchemy import text
+
+    from duogen_agents.errors import StorageError
+
+    db = Database.open(f"sqlite:///{tmp_path / 'duogen.db'}", home=tmp_path)
+    a = _agent(tmp_path, [TEXT, _image("a pot"), OK, DONE])
+    a.session("s", database=db).send("hi")
+    sessions = Sessions(db, a.store)
+    with db.transaction() as s:
+        s.execute(text("UPDATE duogen_blocks SET data = '{bad' WHERE position = 0"))
+    try:
+        with pytest.raises(StorageError, match="session 's'.*malformed"):
+            sessions.fork("s", "copy")
+        assert not sessions.exists("copy") and [i.id for i in sessions.list()] == ["s"]
+    finally:
+        db.close()
+
+
+def test_a_markdown_export_with_a_missing_picture_writes_nothing(db, tmp_path) -> None:
+    """A Markdown export whose session lost a picture from the store gave its one-line error, but left
+    the pictures copied before the missing one in the export's folder, beside no Markdown file."""
+    from duogen_agents.errors import StorageError
+
+    a = _agent(tmp_path, [_image("a pot"), OK, _image("a rake"), OK, DONE])
+    doc = a.session("s", database=db).send("draw")
+    a.store.path(doc.images[1].image.id).unlink()
+    out = tmp_path / "export"
+    out.mkdir()
+    with pytest.raises(StorageError):
+        Sessions(db, a.store).export("s", "md", out)
+    assert list(out.rglob("*")) == []

@@ -65,6 +65,8 @@ def export(sessions: Sessions, session_id: str, fmt: str, out: Path | str | None
             if (out.parent / image_dir).is_symlink():  # the pictures would land wherever it points
                 raise StorageError(f"{out.parent / image_dir} is a symbolic link; refusing to write images through it")
             body = to_markdown(doc, image_dir)
+            for b in doc.images:  # every picture read (and checked) before any is written: a missing
+                sessions.store.read_bytes(b.image)  # one leaves no half-written export behind
             for b in doc.images:
                 write_atomic(out.parent / image_dir / b.image.filename, sessions.store.read_bytes(b.image))
     if out is None:
@@ -89,14 +91,15 @@ def _not_storage(sessions: Sessions, out: Path) -> None:
 # ---- changing -------------------------------------------------------------------------------
 
 
-def fork(sessions: Sessions, session_id: str, new_id: str | None = None) -> SessionInfo:
-    """Copy a session (records and graph state) under a new id; the two then diverge."""
+def fork(sessions: Sessions, session_id: str, new_id: str | None = None, *, wait: float | None = None) -> SessionInfo:
+    """Copy a session (records and graph state) under a new id; the two then diverge. ``wait``:
+    seconds to wait for a turn that is writing the session (None: fail at once as busy)."""
     sessions.get(session_id)
     new_id = check_session_id(new_id) if new_id is not None else f"{session_id[:50]}-{secrets.token_hex(3)}"
     if new_id == session_id:  # before the locks: the second would wait for the first, held by this process
         raise SessionExistsError(f"a session {new_id!r} exists already (it is the one to fork); choose another id")
     sessions.db.saver  # noqa: B018 -- its tables exist before _copy_records' transaction (clear_checkpoints)
-    with sessions.db.lock(session_id):
+    with sessions.db.lock(session_id, wait=wait):
         if sessions.get(session_id).pending:  # read under the lock: a turn may have started or died
             raise SessionStateError(
                 f"session {session_id!r} has an unfinished turn; resume or cancel it before forking"
@@ -118,62 +121,69 @@ def fork(sessions: Sessions, session_id: str, new_id: str | None = None) -> Sess
 
 
 def _copy_records(sessions: Sessions, src_id: str, new_id: str) -> None:
+    from duogen_agents.sessions.repository import _decoding
+
     with sessions.db.transaction() as s:
         clear_checkpoints(sessions.db, s, new_id)  # the copy never inherits state left under its id
-        src = s.get(SessionRecord, src_id)
-        assert src is not None
-        now = utcnow()
-        dst = SessionRecord(
-            id=new_id,
-            title=src.title,
-            preset=src.preset,
-            mode=src.mode,
-            parent_id=src_id,
-            created_at=now,
-            updated_at=now,
+        with _decoding(src_id):  # stored values are untrusted: a malformed one is one line, not a traceback
+            _copy_rows(s, src_id, new_id)
+
+
+def _copy_rows(s: OrmSession, src_id: str, new_id: str) -> None:
+    src = s.get(SessionRecord, src_id)
+    assert src is not None
+    now = utcnow()
+    dst = SessionRecord(
+        id=new_id,
+        title=src.title,
+        preset=src.preset,
+        mode=src.mode,
+        parent_id=src_id,
+        created_at=now,
+        updated_at=now,
+    )
+    s.add(dst)
+    turn_map: dict[int, TurnRecord] = {}
+    for t in src.turns:
+        nt = TurnRecord(
+            session_id=new_id,
+            number=t.number,
+            prompt=t.prompt,
+            mode=t.mode,
+            preset=t.preset,
+            seed=t.seed,
+            status=t.status,
+            stop_reason=t.stop_reason,
+            error=t.error,
+            title=t.title,
+            base_checkpoint_id=None,
+            inputs=t.inputs,
+            created_at=t.created_at,
+            finished_at=t.finished_at,
         )
-        s.add(dst)
-        turn_map: dict[int, TurnRecord] = {}
-        for t in src.turns:
-            nt = TurnRecord(
+        nt.blocks = [
+            BlockRecord(position=b.position, type=b.type, text=b.text, image_sha256=b.image_sha256, data=b.data)
+            for b in t.blocks
+        ]
+        s.add(nt)
+        turn_map[t.id] = nt
+    s.flush()
+    for a in src.artifacts:
+        s.add(
+            ArtifactRecord(
                 session_id=new_id,
-                number=t.number,
-                prompt=t.prompt,
-                mode=t.mode,
-                preset=t.preset,
-                seed=t.seed,
-                status=t.status,
-                stop_reason=t.stop_reason,
-                error=t.error,
-                title=t.title,
-                base_checkpoint_id=None,
-                inputs=t.inputs,
-                created_at=t.created_at,
-                finished_at=t.finished_at,
+                turn_id=turn_map[a.turn_id].id if a.turn_id in turn_map else None,
+                sha256=a.sha256,
+                mime=a.mime,
+                size=a.size,
+                width=a.width,
+                height=a.height,
+                origin=a.origin,
+                parent_sha256=a.parent_sha256,
+                request=a.request,
+                created_at=a.created_at,
             )
-            nt.blocks = [
-                BlockRecord(position=b.position, type=b.type, text=b.text, image_sha256=b.image_sha256, data=b.data)
-                for b in t.blocks
-            ]
-            s.add(nt)
-            turn_map[t.id] = nt
-        s.flush()
-        for a in src.artifacts:
-            s.add(
-                ArtifactRecord(
-                    session_id=new_id,
-                    turn_id=turn_map[a.turn_id].id if a.turn_id in turn_map else None,
-                    sha256=a.sha256,
-                    mime=a.mime,
-                    size=a.size,
-                    width=a.width,
-                    height=a.height,
-                    origin=a.origin,
-                    parent_sha256=a.parent_sha256,
-                    request=a.request,
-                    created_at=a.created_at,
-                )
-            )
+        )
 
 
 def _delete_rows(sessions: Sessions, session_id: str) -> None:

@@ -208,11 +208,12 @@ class Sessions:
         if rec is None:
             raise SessionNotFoundError(f"no session {session_id!r}; `duogen sessions list` shows the sessions")
         turns = s.scalar(select(func.count()).select_from(TurnRecord).where(TurnRecord.session_id == rec.id)) or 0
-        images = (
+        images = (  # the pictures its answers show (not uploads, nor the ones a check rejected), as `show` does
             s.scalar(
                 select(func.count())
-                .select_from(ArtifactRecord)
-                .where(ArtifactRecord.session_id == rec.id, ArtifactRecord.origin != "upload")
+                .select_from(BlockRecord)
+                .join(TurnRecord, BlockRecord.turn_id == TurnRecord.id)
+                .where(TurnRecord.session_id == rec.id, BlockRecord.image_sha256.is_not(None))
             )
             or 0
         )
@@ -333,9 +334,10 @@ class Sessions:
         ``archive.export``."""
         return archive.export(self, session_id, fmt, out)
 
-    def fork(self, session_id: str, new_id: str | None = None) -> SessionInfo:
-        """Copy a session (records and graph state) under a new id; the two then diverge."""
-        return archive.fork(self, session_id, new_id)
+    def fork(self, session_id: str, new_id: str | None = None, *, wait: float | None = None) -> SessionInfo:
+        """Copy a session (records and graph state) under a new id; the two then diverge. ``wait``:
+        seconds to wait for a turn writing it (None: fail at once as busy)."""
+        return archive.fork(self, session_id, new_id, wait=wait)
 
     def delete(self, session_id: str, *, wait: float | None = None, notes: list[str] | None = None) -> int:
         """Delete a session, its checkpoints and the image files no other session references; see

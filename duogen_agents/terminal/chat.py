@@ -275,7 +275,7 @@ class ChatApp:
         elif name == "/sessions":
             items = self.sessions.list()
             if items:
-                self.console.print(sessions_table(items, current=self.session_id))
+                self.console.print(sessions_table(items, current=self.session_id, width=self.console.width))
             else:
                 self.console.print("no sessions yet")
         elif name == "/open":

@@ -202,10 +202,13 @@ def safe_text(text: object) -> str:
     return escape(strip_controls(text))
 
 
-def sessions_table(items: Any, current: str | None = None) -> Any:
-    """The sessions as a borderless table; the title column takes what width is left."""
+def sessions_table(items: Any, current: str | None = None, width: int | None = None) -> Any:
+    """The sessions as a borderless table; the title column takes what width is left. In a
+    ``width`` too narrow for every column, the least needed go (preset, mode, updated, images,
+    turns, in that order): the id and the state always show, whole."""
     from rich.table import Table
 
+    names = ("id", "turns", "images", "mode", "preset", "updated", "state")
     rows = [
         (
             ("* " if i.id == current else "") + i.id, str(i.turns), str(i.images), i.mode, i.preset,
@@ -214,10 +217,16 @@ def sessions_table(items: Any, current: str | None = None) -> Any:
         )
         for i in items
     ]  # fmt: skip
+    widths = [max(len(name), *(len(r[k]) for r in rows)) for k, name in enumerate(names)]
+    shown = list(range(len(names)))
+    for k in (4, 3, 5, 2, 1):  # past ``width``, rich would shrink any column, the id's too, to nothing
+        if width is None or sum(widths[j] + 2 for j in shown) <= width:
+            break
+        shown.remove(k)
     t = Table(box=None, pad_edge=False)
-    for k, name in enumerate(("id", "turns", "images", "mode", "preset", "updated", "state")):
-        t.add_column(name, no_wrap=True, min_width=max(len(name), *(len(r[k]) for r in rows)))
+    for k in shown:
+        t.add_column(names[k], no_wrap=True, min_width=widths[k])
     t.add_column("title", no_wrap=True, overflow="ellipsis")
     for i, row in zip(items, rows, strict=True):
-        t.add_row(*(safe_text(c) for c in row), safe_text(i.title or ""))
+        t.add_row(*(safe_text(row[k]) for k in shown), safe_text(i.title or ""))
     return t
