@@ -124,17 +124,18 @@ def block_file_id(block: Mapping[str, Any]) -> str | None:
     return block.get("file_id") if block.get("type") == "image" and isinstance(block.get("file_id"), str) else None
 
 
-def image_from_block(block: Mapping[str, Any], *, allow_remote: bool = False) -> Image.Image:
+def image_from_block(block: Mapping[str, Any], *, allow_remote: bool = False, allow_files: bool = True) -> Image.Image:
     """The pixels of an image content block that carries them: LangChain v1 ``{"type": "image",
-    "base64": ...}`` or ``"url"`` (``data:``, ``file://`` or, only with ``allow_remote``, ``http(s)``),
-    the v0 form ``{"source_type": "base64", "data": ...}``, and OpenAI ``{"type": "image_url",
-    "image_url": {"url": ...}}``. (A ``file_id`` names an image of the store; the caller resolves it.)"""
+    "base64": ...}`` or ``"url"`` (``data:``, ``file://`` unless ``allow_files`` is off (a caller on
+    another machine), or, only with ``allow_remote``, ``http(s)``), the v0 form ``{"source_type":
+    "base64", "data": ...}``, and OpenAI ``{"type": "image_url", "image_url": {"url": ...}}``. (A
+    ``file_id`` names an image of the store; the caller resolves it.)"""
     if block.get("type") == "image_url":
         inner = block.get("image_url")
         url = inner.get("url") if isinstance(inner, Mapping) else inner
         if not isinstance(url, str):
             raise InputImageError("an image_url part without a url")
-        return _from_url(url, allow_remote)
+        return _from_url(url, allow_remote, allow_files)
     if isinstance(block.get("base64"), str):
         return decode_image(_b64(block["base64"]), "a base64 image block")
     if block.get("source_type") == "base64" and isinstance(block.get("data"), str):
@@ -143,7 +144,7 @@ def image_from_block(block: Mapping[str, Any], *, allow_remote: bool = False) ->
     if url is None and block.get("source_type") == "url" and isinstance(block.get("data"), str):
         url = block["data"]
     if url is not None:
-        return _from_url(url, allow_remote)
+        return _from_url(url, allow_remote, allow_files)
     raise InputImageError("an image block with neither base64 data, a url nor a file_id")
 
 
@@ -154,7 +155,7 @@ def _b64(text: str) -> bytes:
         raise InputImageError(f"an image block's base64 data is not valid base64 ({e})") from None
 
 
-def _from_url(url: str, allow_remote: bool) -> Image.Image:
+def _from_url(url: str, allow_remote: bool, allow_files: bool = True) -> Image.Image:
     scheme = url[: url.find(":") + 1].lower()  # URL schemes are case-insensitive ("HTTPS://...")
     url = scheme + url[len(scheme) :]
     if url.startswith("data:"):
@@ -163,6 +164,11 @@ def _from_url(url: str, allow_remote: bool) -> Image.Image:
             raise InputImageError("a data: URL image must be base64-encoded")
         return decode_image(_b64(body), "a data: URL image")
     if url.startswith("file://"):
+        if not allow_files:
+            raise InputImageError(
+                "refusing a file:// image URL: it would be read from this server's disk; send the pixels "
+                "(base64, or a data: URL)"
+            )
         from urllib.parse import unquote, urlparse
 
         return load_input_image(unquote(urlparse(url).path))

@@ -249,3 +249,38 @@ def test_the_graph_checks_what_its_own_callers_send(tmp_path) -> None:
             graph.invoke({**message, **bad}, {"configurable": {"thread_id": f"bad-{len(str(bad))}"}})
     out = graph.invoke({**message, "seed": None}, {"configurable": {"thread_id": "none"}})
     assert out["seed"] == 0 and out["blocks"][0]["text"] == "A pot."
+
+
+def test_a_picture_in_a_tool_result_is_stored_and_may_be_referenced(tmp_path) -> None:
+    """Images were taken in from user messages only: a picture in a tool's result (``draw_image``'s
+    own ToolMessage carries a base64 block, as LangChain tools return images) never became a known
+    image, so the planner could not reference it, and its pixels stayed in the graph state (and so in
+    every checkpoint)."""
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from duogen_agents import build_graph
+
+    maker = _agent(tmp_path, [])
+    result = maker.renderer.as_langchain_tool().invoke(
+        {"type": "tool_call", "name": "draw_image", "args": {"prompt": "a terracotta pot"}, "id": "c1"}
+    )
+    assert any("base64" in b for b in result.content if isinstance(b, dict))
+    pot = result.artifact["short_id"]
+    edit = {"type": "image", "prompt": "repotting, the same pot", "references": [pot], "kind": "edit"}
+    agent = _agent(tmp_path, [edit, {"verdict": "ok"}, DONE])
+    history = [
+        HumanMessage("Draw a terracotta pot"),
+        AIMessage("", tool_calls=[{"name": "draw_image", "args": {"prompt": "a terracotta pot"}, "id": "c1"}]),
+        result,
+        HumanMessage("Now illustrate repotting, keeping that same pot"),
+    ]
+    graph = build_graph(agent.deps, checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "t"}}
+    graph.invoke({"messages": history}, config)
+    state = graph.get_state(config).values
+    assert pot in state["known_images"]
+    (drawn,) = [b for b in state["blocks"] if b["type"] == "image"]
+    assert drawn["references"] == [result.artifact["id"]]  # the tool's picture was the edit's reference
+    tool_message = next(m for m in state["messages"] if m.type == "tool")
+    assert not any("base64" in b for b in tool_message.content if isinstance(b, dict))  # no pixels in state

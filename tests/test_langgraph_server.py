@@ -178,3 +178,51 @@ def test_a_preset_loading_holds_only_its_own_runs(monkeypatch) -> None:
     first.join(30)
     second.join(30)
     assert results == ["agent of slow", "agent of slow"] and loads == ["slow"]  # loaded once
+
+
+def test_the_served_graph_reads_no_file_of_the_server_and_names_none(tmp_path, monkeypatch) -> None:
+    """The LangGraph server's graph read ``file://`` image URLs from its clients' messages: any image
+    file on the server's disk went into the store and back to the client as a ``file_id`` (and the
+    error told files that exist from files that do not), and its ``custom`` stream sent each picture's
+    path on the server. Now such a URL is refused, pixels (base64, ``data:``) are taken, and events
+    name no path. A library user's own graph still reads local files."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from duogen_agents.agent import Agent
+    from duogen_agents.errors import InputImageError
+    from duogen_agents.graphs import server
+    from duogen_agents.graphs.turn import build_graph
+    from duogen_agents.presets import load_preset
+    from tests.fakes import ScriptedPlanner, SolidImageTool
+
+    draw = {"type": "image", "prompt": "a pot", "references": [], "kind": "generate"}
+    script = [draw, {"verdict": "ok"}, {"type": "done"}] * 3
+    agent = Agent(load_preset("tiny"), planner=ScriptedPlanner(script), image_tool=SolidImageTool(), home=tmp_path)
+    monkeypatch.setattr(server, "_agents", {"tiny": agent})
+    monkeypatch.setenv("DUOGEN_PRESET", "tiny")
+    monkeypatch.delenv("DUOGEN_PRESETS", raising=False)
+    graph = server._graph({})
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(secret)
+
+    def ask(url: str) -> dict:
+        image = {"type": "image", "url": url}
+        return {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "describe it"}]}]}
+
+    for url in (f"file://{secret}", "file:///etc/passwd", "file:///no/such/file.png"):
+        with pytest.raises(InputImageError, match="refusing a file:// image URL"):
+            graph.invoke(ask(url))
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(buf, format="PNG")
+    events = [e for _, e in graph.stream(ask("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()),
+                                         stream_mode=["custom", "values"]) if "event" in e]  # fmt: skip
+    ready = [e for e in events if e["event"] == "image_ready"]
+    assert ready and all("path" not in e for e in ready)
+    assert str(tmp_path) not in repr(events)
+
+    own = build_graph(agent.deps)  # the library's own graph: a local file is the caller's own
+    out = own.invoke(ask(f"file://{secret}"), {"configurable": {"thread_id": "t"}})
+    assert out["messages"][0].content[0]["type"] == "image" and "file_id" in out["messages"][0].content[0]

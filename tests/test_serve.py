@@ -542,6 +542,8 @@ def test_session_turns_documents_and_images(server: Running) -> None:
         names = [n for n, _ in events]
         assert names[-2:] == ["document", "end"] and "token" in names and "image_ready" in names
         assert events[-2][1]["document"]["prompt"] == "Now in winter"
+        ready = [data for name, data in events if name == "image_ready"]
+        assert all("path" not in data and data["image"]["id"] for data in ready)  # ids, no path on the server
 
         info = h.get(f"/v1/sessions/{sid}").json()
         assert info["turns"] == 2 and [t["prompt"] for t in info["history"]] == ["Plan a garden", "Now in winter"]

@@ -25,6 +25,9 @@ class GraphDeps:
     limits: Limits
     critic: Any = None  # ChatDuogen | None
     allow_remote_images: bool = False  # fetch http(s) image URLs found in incoming messages
+    # Callers on another machine (a LangGraph server's clients): a file:// image URL is refused (it
+    # would read this machine's files), and events name no path on this machine.
+    remote_callers: bool = False
     # Per (session, kind of call) longer than the model's context: how many of its oldest turns the last
     # such call left out, and how many messages the history had then.
     dropped_turns: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)

@@ -15,6 +15,7 @@ what a caller sends (``messages``, optional ``mode`` and ``seed``) and gets (``m
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from typing import Any
@@ -109,8 +110,9 @@ def _graph(config: RunnableConfig | None) -> Any:
     from duogen_agents.graphs.turn import build_graph
 
     agent = agent_for(chosen_preset(config))
+    deps = dataclasses.replace(agent.deps, remote_callers=True)  # no file:// images, no paths in events
     graph = build_graph(
-        agent.deps, compile=False, input_schema=TurnInput, output_schema=TurnOutput, context_schema=DuogenContext
+        deps, compile=False, input_schema=TurnInput, output_schema=TurnOutput, context_schema=DuogenContext
     )
     return graph.compile()
 

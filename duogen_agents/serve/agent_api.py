@@ -242,8 +242,8 @@ async def _run_turn(state: ServerState, stream: bool, events: Callable[[Any], It
         try:
             put("start", None)
             for event in events(state.stop_turns):
-                if stream:
-                    put("event", jsonable(event))
+                if stream:  # a path on this machine is no business of a client's (images go as ids)
+                    put("event", jsonable({k: v for k, v in event.items() if k != "path"}))
                 elif event.get("event") == "document":
                     put("document", jsonable(event["document"]))
             put("end", None)

@@ -48,8 +48,6 @@ def inline_images(state: TurnState, deps: GraphDeps) -> dict[str, Any]:
     """Images that came in as pixels (a parent graph's message with LangChain base64 or URL image
     blocks, OpenAI ``image_url`` parts) are stored once and become ``file_id`` blocks and known
     images, so the planner sees them and can reference them. Returns the state update."""
-    from langchain_core.messages import HumanMessage
-
     from duogen_agents.document import SHORT_ID_LENGTH
     from duogen_agents.inputs import block_file_id, image_from_block, is_image_block
     from duogen_agents.storage.images import is_image_id
@@ -66,21 +64,44 @@ def inline_images(state: TurnState, deps: GraphDeps) -> dict[str, Any]:
             file_id = block_file_id(block) if isinstance(block, dict) else None
             if file_id is not None and file_id[:SHORT_ID_LENGTH] not in already and is_image_id(file_id):
                 known[file_id[:SHORT_ID_LENGTH]] = deps.store.ref(file_id).model_dump()
-        if not isinstance(message, HumanMessage):
-            continue
-        blocks = list(message.content)
+        blocks = list(message.content)  # any message's: a tool's result may carry the picture it drew
         if not any(is_image_block(b) and block_file_id(b) is None for b in blocks):  # type: ignore[arg-type]
             continue
         new_blocks: list[Any] = []
         for block in blocks:
             if is_image_block(block) and block_file_id(block) is None:  # type: ignore[arg-type]
-                ref = deps.store.put(image_from_block(block, allow_remote=deps.allow_remote_images))  # type: ignore[arg-type]
+                ref = _stored_copy(block, deps.store) or deps.store.put(  # type: ignore[arg-type]
+                    image_from_block(
+                        block,  # type: ignore[arg-type]
+                        allow_remote=deps.allow_remote_images,
+                        allow_files=not deps.remote_callers,
+                    )
+                )
                 known[ref.short] = ref.model_dump()
                 block = {"type": "image", "file_id": ref.id, "mime_type": ref.mime}
             new_blocks.append(block)
         changed.append(message.model_copy(update={"content": new_blocks}))  # same id: replaces it
     update: dict[str, Any] = {"known_images": known} if known else {}
     return {**update, "messages": changed} if changed else update
+
+
+def _stored_copy(block: dict[str, Any], store: Any) -> Any:
+    """The stored picture whose own bytes a base64 block carries (``draw_image``'s result carries its
+    PNG), or None: that picture is referenced as it is, not stored again after a decode."""
+    import base64
+    import binascii
+    import hashlib
+
+    data = block.get("base64") if isinstance(block.get("base64"), str) else None
+    if data is None and block.get("source_type") == "base64" and isinstance(block.get("data"), str):
+        data = block["data"]
+    if data is None:
+        return None
+    try:
+        image_id = hashlib.sha256(base64.b64decode(data, validate=True)).hexdigest()
+    except (binascii.Error, ValueError):
+        return None  # image_from_block says what is wrong with it
+    return store.ref(image_id) if store.exists(image_id) else None
 
 
 def start(state: TurnState, *, deps: GraphDeps | None = None) -> dict[str, Any]:

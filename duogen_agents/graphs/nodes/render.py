@@ -72,7 +72,7 @@ def accept(state: TurnState, pending: PendingImage, ref: ImageRef, *, deps: Grap
             "event": "image_ready",
             "index": state.get("images", 0) + 1,
             "image": ref.model_dump(),
-            "path": str(deps.store.path(ref.id)),
+            **({} if deps.remote_callers else {"path": str(deps.store.path(ref.id))}),
             "prompt": pending["prompt"],
             "kind": pending["kind"],
             "origin": pending["origin"],
