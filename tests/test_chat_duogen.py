@@ -346,6 +346,54 @@ def test_calls_in_another_layout_stream_once(chat, monkeypatch) -> None:
     assert len({c["id"] for c in joined.tool_calls}) == 2
 
 
+def test_response_format_beside_tools_as_create_agent_binds_it(chat) -> None:
+    """``create_agent(ChatDuogen, response_format=Model)`` picks LangChain's ProviderStrategy (the
+    profile says structured output), which binds OpenAI's ``response_format`` beside the agent's tools:
+    it was ignored, the model wrote free text, and every run failed to parse. Now an answer that is not
+    a call is JSON under the schema (streamed as its text), alone or beside tools."""
+    from langchain.agents import create_agent
+    from pydantic import BaseModel
+
+    class Pot(BaseModel):
+        colour: str
+        litres: int
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "Pot", "schema": Pot.model_json_schema(), "strict": True}}
+    out = create_agent(chat, tools=[], response_format=Pot).invoke({"messages": [("user", "Describe a pot")]})
+    assert isinstance(out["structured_response"], Pot)
+
+    model = chat.bind_tools([get_weather, add], response_format=fmt)
+    kinds = set()
+    for seed in range(8):
+        message = model.invoke("Describe a pot, or look up the weather", seed=seed)
+        if message.tool_calls:
+            kinds.add("call")
+            continue
+        kinds.add("answer")
+        Pot.model_validate_json(message.content)
+        streamed = _joined(list(model.stream("Describe a pot, or look up the weather", seed=seed)))
+        assert streamed.content == message.content and not streamed.tool_calls
+    assert kinds == {"call", "answer"}, kinds
+
+
+def test_malformed_blocks_are_one_line_errors(chat) -> None:
+    """A text block without its text was a KeyError from deep inside; a ``file_id`` that is not a
+    duogen image (an OpenAI file id, a short id) blamed a tampered database. An OpenAI tool given to
+    ``with_structured_output`` (a form LangChain documents) failed to compile as a schema."""
+    from langchain_core.messages import HumanMessage
+
+    from duogen_agents.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="text block without its text"):
+        chat.invoke([HumanMessage([{"type": "text"}])])
+    for file_id in ("file-abc123", "0123456789ab"):
+        with pytest.raises(ConfigError, match="not a duogen image id"):
+            chat.invoke([HumanMessage([{"type": "image", "file_id": file_id}, {"type": "text", "text": "hi"}])])
+    tool = {"type": "function", "function": {"name": "Pot", "description": "A pot.", "parameters": {
+        "type": "object", "properties": {"litres": {"type": "integer"}}, "required": ["litres"]}}}  # fmt: skip
+    assert isinstance(chat.with_structured_output(tool).invoke("a pot")["litres"], int)
+
+
 def test_tool_choice_it_cannot_honour_is_refused_at_bind_time(chat) -> None:
     with pytest.raises(ValueError, match="exactly one|one bound tool"):
         chat.bind_tools([get_weather, add], tool_choice=True)  # which one? as ChatGroq, refused

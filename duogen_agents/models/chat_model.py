@@ -27,9 +27,10 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict, PrivateAttr
 
 from duogen_agents.document import SHORT_ID_LENGTH
-from duogen_agents.errors import GenerationError
+from duogen_agents.errors import ConfigError, GenerationError
 from duogen_agents.inputs import image_from_block, is_image_block
 from duogen_agents.models.protocols import ChatTurn, Planner, PlannerOutput
+from duogen_agents.storage.images import is_image_id
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system"}
 
@@ -49,6 +50,8 @@ def to_chat_turns(messages: list[BaseMessage], load_image: Any) -> list[ChatTurn
             if isinstance(block, str):
                 parts.append({"type": "text", "text": block})
             elif block.get("type") == "text":
+                if not isinstance(block.get("text"), str):
+                    raise ConfigError(f"a text block without its text (a string): {str(block)[:80]}")
                 parts.append({"type": "text", "text": block["text"]})
             elif block.get("type") == "image" and block.get("file_id"):
                 parts.append({"type": "text", "text": image_label(block["file_id"])})
@@ -88,15 +91,23 @@ class PlannerChatModel(BaseChatModel):
     # Decoded history images by id. Ids are content hashes, so an entry can never go stale; without
     # this every planner call of a turn would decode every earlier PNG again.
     _decoded: OrderedDict[str, Any] = PrivateAttr(default_factory=OrderedDict)
+    _decoded_lock: Any = PrivateAttr(default_factory=threading.Lock)  # calls from many threads share it
 
     def _load_image(self, image_id: str) -> Any:
-        if image_id in self._decoded:
-            self._decoded.move_to_end(image_id)
-            return self._decoded[image_id]
+        if not is_image_id(image_id):  # a caller's own block: an OpenAI file id, a short id
+            raise ConfigError(
+                f"an image block's file_id {str(image_id)[:80]!r} is not a duogen image id (the 64 hex digits of "
+                "a stored image); send other pictures as base64 or a data: URL"
+            )
+        with self._decoded_lock:
+            if image_id in self._decoded:
+                self._decoded.move_to_end(image_id)
+                return self._decoded[image_id]
         image = self.store.open(image_id)
-        self._decoded[image_id] = image
-        if len(self._decoded) > 64:
-            self._decoded.popitem(last=False)
+        with self._decoded_lock:
+            self._decoded[image_id] = image
+            if len(self._decoded) > 64:
+                self._decoded.popitem(last=False)
         return image
 
     # LangChain's defaults count tokens with GPT-2's tokenizer, fetched from the Hugging Face hub: a
@@ -226,10 +237,32 @@ def calls_text(calls: list[tuple[str, Any]]) -> str:
     return json.dumps({"calls": [{"tool": name, "arguments": arguments} for name, arguments in calls]})
 
 
-def _tool_call_schema(tools: list[dict[str, Any]], required: bool, parallel: bool) -> dict[str, Any]:
+def response_schema(response_format: Any) -> dict[str, Any] | None:
+    """OpenAI's ``response_format`` as the JSON schema of the answer: ``json_schema``'s schema,
+    ``json_object``'s any object, ``text``'s (or none) None. A ValueError for anything else."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+        return schema
+    raise ValueError(f"response_format type {str(kind)[:40]!r} is not supported (json_schema, json_object, text)")
+
+
+def _tool_call_schema(
+    tools: list[dict[str, Any]], required: bool, parallel: bool, answer: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The grammar of one turn with tools: ``{"calls": [...]}``, calls of the tools with arguments
     under their parameters schemas (up to ``MAX_CALLS``; one unless ``parallel``), or (unless a call is
-    required) a text answer, ``{"text": ...}``. Parameters with references (``$ref`` to their own
+    required) an answer: text, ``{"text": ...}``, or JSON under the ``answer`` schema (a
+    ``response_format``), ``{"answer": ...}``. Parameters with references (``$ref`` to their own
     ``$defs``, or ``#`` for a recursive one) go under the root's ``$defs``, their references rebased,
     so they resolve in the tool's schema and not in this wrapper."""
     defs: dict[str, Any] = {}
@@ -262,19 +295,17 @@ def _tool_call_schema(tools: list[dict[str, Any]], required: bool, parallel: boo
         }
     ]
     if not required:
-        answers.append(
-            {
-                "type": "object",
-                "properties": {"text": {"type": "string"}},
-                "required": ["text"],
-                "additionalProperties": False,
-            }
-        )
+        key, value = ("text", {"type": "string"}) if answer is None else ("answer", {"$ref": "#/$defs/answer"})
+        if answer is not None:
+            defs["answer"] = _rebased(answer, "#/$defs/answer") if _has_ref(answer) else answer
+        answers.append({"type": "object", "properties": {key: value}, "required": [key], "additionalProperties": False})
     schema = {"anyOf": answers} if len(answers) > 1 else answers[0]
     return {"$defs": defs, **schema} if defs else schema
 
 
-def tools_prompt(tools: list[dict[str, Any]], required: bool, parallel: bool) -> str:
+def tools_prompt(
+    tools: list[dict[str, Any]], required: bool, parallel: bool, answer: dict[str, Any] | None = None
+) -> str:
     """What a turn with tools tells the model, in its system prompt: each tool's name, description and
     parameters (OpenAI function schemas), and the layout the grammar holds the answer to. The grammar
     alone makes any answer well-formed; only this tells the model what the tools are for."""
@@ -293,8 +324,11 @@ def tools_prompt(tools: list[dict[str, Any]], required: bool, parallel: bool) ->
         lines.append('To call a tool, answer with {"calls": [{"tool": <its name>, "arguments": <its arguments>}]}.')
     if required:
         lines.append("Answer with a call.")
-    else:
+    elif answer is None:
         lines.append('To answer without a tool, answer with {"text": <your answer>}.')
+    else:
+        shown = json.dumps(answer, ensure_ascii=False)
+        lines.append(f'To answer without a tool, answer with {{"answer": <your answer>}}, your answer under: {shown}')
     lines.append("The results of your calls come back in the next messages.")
     return "\n".join(lines)
 
@@ -329,13 +363,18 @@ _NOT_AN_OBJECT_ALONE = ("anyOf", "oneOf", "allOf", "not", "enum", "const", "$ref
 
 
 def with_tools(
-    turns: list[ChatTurn], tools: list[dict[str, Any]], tool_choice: Any, parallel: bool | None = None
+    turns: list[ChatTurn],
+    tools: list[dict[str, Any]],
+    tool_choice: Any,
+    parallel: bool | None = None,
+    answer: dict[str, Any] | None = None,
 ) -> tuple[list[ChatTurn], dict[str, Any] | None, list[dict[str, Any]]]:
     """A call with ``tools`` (OpenAI function schemas) under ``tool_choice``: the turns with the tools'
     prompt, the grammar of the answer (calls, or a text answer), and the tools it may call; ``(turns,
     None, [])`` when it may call none (``"none"``, or no tools). ``parallel`` (OpenAI's
     ``parallel_tool_calls``; None is True, as there): several calls in one answer. A tool forced by
-    name is called once, as OpenAI does."""
+    name is called once, as OpenAI does. ``answer``: the schema of an answer that is not a call (a
+    ``response_format``), else it is text."""
     kind, name = _tool_choice(tool_choice, [t["function"]["name"] for t in tools])
     if kind == "none" or not tools:
         return turns, None, []
@@ -344,8 +383,8 @@ def with_tools(
     if isinstance(tool_choice, dict) and tool_choice.get("disable_parallel_tool_use"):  # Anthropic's
         parallel = False
     several = parallel is not False and kind != "tool"
-    prompt = tools_prompt(allowed, required, several)
-    return with_system_text(turns, prompt), _tool_call_schema(allowed, required, several), allowed
+    prompt = tools_prompt(allowed, required, several, answer)
+    return with_system_text(turns, prompt), _tool_call_schema(allowed, required, several, answer), allowed
 
 
 def _tool_choice(choice: Any, names: list[str]) -> tuple[str, str | None]:
@@ -474,6 +513,7 @@ class _ToolTurn:
         self.on_call = on_call
         self.gone = gone
         self.calls: list[dict[str, Any]] = []  # {"id", "name", "arguments" (its JSON as written so far)}
+        self.answer = ""  # a JSON answer's JSON (a response_format's) as written so far
         self.streamed = 0  # how many of ``calls`` went out through ``on_call``
         self.depth = 0  # the current call's arguments' nesting
         self.controls = JsonControls()  # where the arguments' strings are, and their control characters
@@ -518,6 +558,9 @@ class _ToolTurn:
         elif isinstance(data, dict) and isinstance(data.get("text"), str) and not self.calls:
             self.kind = "text"
             self.text = [valid_unicode(data["text"])]
+        elif isinstance(data, dict) and "answer" in data and not self.calls:
+            self.kind = "answer"
+            self.answer = json.dumps(data["answer"], ensure_ascii=False)
         else:
             raise ValueError("neither calls nor a text answer")
         self.state = "end"
@@ -567,15 +610,18 @@ class _ToolTurn:
             self.kind = self.kind or value
             self.state = "list" if value == "calls" else "name"
             return True
-        if not self._skip():  # the value's first character: the arguments' "{", or the text's opening quote
+        if not self._skip():  # the value's first character: an object's "{", or the text's opening quote
             return self._wait(start)
-        if self.raw[self.pos] != ("{" if value == "arguments" else '"'):
+        if self.raw[self.pos] not in {"arguments": "{", "text": '"', "answer": "{["}[value]:
             return self._whole()
         if value == "text":
             self.pos += 1
             self.kind = self.state = "text"
             return True
         self.state, self.depth = "args", 0  # streamed from its first character, an object's "{"
+        if value == "answer":
+            self.kind = "answer"
+            return True
         call = self.calls[-1]
         self.streamed += 1
         if self.on_call is not None:
@@ -618,9 +664,9 @@ class _ToolTurn:
         return None
 
     def _read_args(self) -> bool:
-        """The current call's arguments' JSON as decoded so far, handed on; they end where their
-        object closes. A raw control character inside a string (xgrammar lets one through a string
-        with ``maxLength``) is handed on escaped, so the arguments are always JSON."""
+        """The current call's arguments' JSON (or a JSON answer) as decoded so far, handed on; it
+        ends where its object closes. A raw control character inside a string (xgrammar lets one
+        through a string with ``maxLength``) is handed on escaped, so it is always JSON."""
         piece = []
         while self.pos < len(self.raw) and self.state == "args":
             c = self.raw[self.pos]
@@ -632,8 +678,13 @@ class _ToolTurn:
             elif outside and c in "}]":
                 self.depth -= 1
                 if self.depth <= 0:
-                    self.state = "call_end"
+                    self.state = "close" if self.kind == "answer" else "call_end"
         text = "".join(piece)
+        if self.kind == "answer":  # a JSON answer streams as its text does
+            self.answer += text
+            if text and self.on_text is not None:
+                self.on_text(text)
+            return self.state != "args"
         self.calls[-1]["arguments"] += text
         if text and self.on_call is not None:
             index = len(self.calls) - 1
@@ -700,7 +751,7 @@ _PUNCTUATION = {
     "close": {"}": "end"},
 }
 # ... or the keys it reads there.
-_KEYS = {"key": ("calls", "text"), "tool": ("tool",), "arguments": ("arguments",)}
+_KEYS = {"key": ("calls", "text", "answer"), "tool": ("tool",), "arguments": ("arguments",)}
 
 _SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
@@ -868,9 +919,18 @@ class ChatDuogen(PlannerChatModel):
         turns = to_chat_turns(messages, self._load_image)
         tools: list[dict[str, Any]] = []
         if schema is None:
+            # OpenAI's response_format (LangChain's ProviderStrategy binds it beside an agent's tools):
+            # the answer that is not a call is JSON under its schema
+            answer = response_schema(kwargs.get("response_format"))
             turns, schema, tools = with_tools(
-                turns, kwargs.get("tools") or [], kwargs.get("tool_choice"), kwargs.get("parallel_tool_calls")
+                turns,
+                kwargs.get("tools") or [],
+                kwargs.get("tool_choice"),
+                kwargs.get("parallel_tool_calls"),
+                answer,
             )
+            if not tools:
+                schema = answer
         # per call: invoke(..., max_tokens=N) or bind(max_tokens=N), as LangChain's chat models take it
         limit = kwargs.get("max_tokens") or kwargs.get("max_new_tokens") or self.max_tokens or self.default_max_tokens
         stop = stop or self.stop
@@ -927,8 +987,8 @@ class ChatDuogen(PlannerChatModel):
 
     @staticmethod
     def _answer_with_tools(turn: _ToolTurn, raw: str, stop: list[str], usage: Any, meta: dict[str, Any]) -> AIMessage:
-        """The message of a turn with tools: its calls, or its text answer as it streamed (cut at a
-        stop sequence). One cut by the token budget (``finish_reason`` "length") is what it holds:
+        """The message of a turn with tools: its calls, or its answer as it streamed (text cut at a
+        stop sequence, or JSON under the call's ``response_format``). One cut by the token budget (``finish_reason`` "length") is what it holds:
         the text so far, or the whole calls and the cut one as an invalid call."""
         if turn.state == "whole":  # another layout: read whole now
             try:
@@ -943,6 +1003,8 @@ class ChatDuogen(PlannerChatModel):
                     if s and s in text:
                         text = text[: text.index(s)]
                 turn.text = [text]
+        if turn.kind == "answer":  # JSON under the response_format: its text, as it streamed
+            return AIMessage(content=turn.answer, usage_metadata=usage, response_metadata=meta)
         if turn.is_text or not turn.calls:  # a text answer (or an answer cut before its first call)
             return AIMessage(content="".join(turn.text), usage_metadata=usage, response_metadata=meta)
         calls, invalid = [], []
@@ -1079,7 +1141,12 @@ class ChatDuogen(PlannerChatModel):
             json_schema = schema.schema()
         elif is_pydantic:
             json_schema = schema.model_json_schema()
-        elif isinstance(schema, dict) and "title" not in schema and ("type" in schema or "anyOf" in schema):
+        elif (
+            isinstance(schema, dict)
+            and "title" not in schema
+            and ("type" in schema or "anyOf" in schema)
+            and schema.get("type") != "function"  # an OpenAI tool ({"type": "function", ...}): converted below
+        ):
             json_schema = dict(schema)  # a plain JSON schema: LangChain's conversion wants a title
         else:
             json_schema = convert_to_json_schema(schema)

@@ -3,7 +3,8 @@
 - ``POST /v1/chat/completions``: the planner continues the messages (text, and images as ``image_url``
   parts with ``data:`` URLs). ``response_format`` ``{"type": "json_schema", "json_schema": {"schema":
   ...}}`` decodes under the schema's grammar (xgrammar: every answer parses and matches), ``json_object``
-  under any JSON object, ``text`` or none as free text. ``max_tokens`` / ``max_completion_tokens``,
+  under any JSON object, ``text`` or none as free text; beside ``tools``, it is the schema of an answer
+  that is not a call. ``max_tokens`` / ``max_completion_tokens``,
   ``seed``, ``stream`` (with ``stream_options.include_usage``). The sampling settings are the
   preset's (``planner.temperature``, ``top_p``); a request's own are not applied.
   ``prompt_cache_key`` (or ``user``, or the ``x-duogen-session`` header) names the conversation whose
@@ -306,20 +307,12 @@ def check_client_schema(schema: Any, where: str = "response_format") -> None:
 
 
 def schema_of(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
-    if response_format is None:
-        return None
-    kind = response_format.get("type")
-    if kind in (None, "text"):
-        return None
-    if kind == "json_object":
-        return {"type": "object"}
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object")
-        return schema
-    raise ApiError(400, f"response_format type {kind!r} is not supported (json_schema, json_object, text)")
+    from duogen_agents.models.chat_model import response_schema
+
+    try:
+        return response_schema(response_format)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
 
 
 def _compile_schema(planner: Any, schema: dict[str, Any] | None, where: str = "response_format") -> None:
@@ -408,13 +401,11 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     planner = state.agent.planner
     schema = schema_of(body.response_format)
     tools = tools_of(body)
-    if tools and schema is not None:
-        raise ApiError(400, "response_format with tools is not supported: a text answer beside a call is free text")
     stop = stops_of(body.stop)
     turns = await asyncio.to_thread(to_turns, body.messages, state.agent.allow_remote_images)
     if tools:
         try:
-            turns, schema, _ = with_tools(turns, tools, body.tool_choice, body.parallel_tool_calls)
+            turns, schema, _ = with_tools(turns, tools, body.tool_choice, body.parallel_tool_calls, schema)
         except RecursionError:
             raise ApiError(400, "tools: a function's parameters nest too deeply") from None
     max_tokens = body.max_completion_tokens or body.max_tokens or state.agent.preset.planner.max_new_tokens
@@ -542,6 +533,8 @@ def _answer(out: Any, reader: Any, stop: list[str], max_tokens: int) -> tuple[di
             calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
                      for c in reader.calls]  # fmt: skip
             return {"content": None, "tool_calls": calls}, "tool_calls" if reader.state == "end" else "length"
+        if reader.kind == "answer":  # JSON under the response_format
+            return {"content": reader.answer}, "stop" if reader.state == "end" else "length"
         if streamed:
             return {"content": "".join(reader.text)}, "stop" if reader.whole else "length"
         text = reader.text[0]
