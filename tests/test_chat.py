@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -75,8 +75,18 @@ def test_image_mode_detection() -> None:
     assert detect_image_mode(tty, {"TERM": "xterm-kitty", "TMUX": "/tmp/x"}) == "halfcell"
 
 
-def test_sessions_table() -> None:
-    t = datetime(2026, 11, 26, 9, 30)
+def test_sessions_table(monkeypatch) -> None:
+    monkeypatch.setenv("TZ", "America/New_York")  # stored times are UTC; the table shows local time
+    time.tzset()
+    try:
+        _check_sessions_table()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def _check_sessions_table() -> None:
+    t = datetime(2026, 11, 26, 14, 30, tzinfo=timezone.utc)
     info = SessionInfo("balcony", "Balcony garden", "tiny", "visual-plan", None, t, t, 2, 4, "complete")
     lines = _render(sessions_table([info], current="balcony"), width=100).splitlines()
     assert lines[0].split() == ["id", "turns", "images", "mode", "preset", "updated", "state", "title"]

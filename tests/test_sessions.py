@@ -348,3 +348,78 @@ def test_a_markdown_export_with_a_missing_picture_writes_nothing(db, tmp_path) -
     with pytest.raises(StorageError):
         Sessions(db, a.store).export("s", "md", out)
     assert list(out.rglob("*")) == []
+
+
+@pytest.fixture
+def new_york_time(monkeypatch):
+    """This process's local time zone is New York's for the test (the CLI shows local time)."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_times_read_back_as_the_same_aware_utc_datetimes_on_sqlite_and_postgresql(
+    pg_url, tmp_path, monkeypatch, capsys, new_york_time
+) -> None:
+    """The same session on SQLite and on a PostgreSQL connection whose ``TimeZone`` is not UTC: every
+    time the storage layer gives back is the same aware UTC datetime, and the CLI lists the same time.
+    (SQLite used to give naive datetimes, PostgreSQL aware ones in the connection's zone.)"""
+    from datetime import datetime, timedelta, timezone
+    from zoneinfo import ZoneInfo
+
+    from sqlalchemy import func, select, text
+
+    from duogen_agents.cli import main
+    from duogen_agents.sessions import archive, repository
+    from duogen_agents.storage.records import ArtifactRecord, SessionRecord
+
+    moment = datetime(2026, 11, 27, 23, 35, 12, 345678, tzinfo=timezone.utc)
+    # Written as an aware time in yet another zone: it must be stored as the same instant.
+    monkeypatch.setattr(repository, "utcnow", lambda: moment.astimezone(ZoneInfo("Asia/Kolkata")))
+    monkeypatch.setattr(archive, "utcnow", lambda: moment.astimezone(ZoneInfo("Asia/Kolkata")))
+    monkeypatch.setenv("DUOGEN_HOME", str(tmp_path))
+    new_york = moment.astimezone(ZoneInfo("America/New_York"))
+    urls = {
+        "sqlite": f"sqlite:///{tmp_path / 'duogen.db'}",
+        "postgresql": pg_url + "?options=-cTimeZone%3DAmerica/New_York",
+    }
+    seen = {}
+    for backend, url in urls.items():
+        db = Database.open(url, home=tmp_path)
+        try:
+            if backend == "postgresql":
+                with db.engine.connect() as c:
+                    assert c.execute(text("SHOW TimeZone")).scalar() == "America/New_York"
+            agent = _agent(tmp_path, [TEXT, _image("a terracotta pot"), OK, DONE])
+            agent.session("balcony", database=db).send("Plan a small balcony garden")
+            sessions = Sessions(db, agent.store)
+            sessions.fork("balcony", "balcony-2")
+            info, (turn,) = sessions.get("balcony"), sessions.turns("balcony")
+            (listed, _fork) = sorted(sessions.list(), key=lambda i: i.id)
+            with db.transaction() as s:
+                artifact_times = list(s.scalars(select(ArtifactRecord.created_at)))
+                # Bound values compare as instants, whatever their zone.
+                matching = s.scalar(select(func.count()).where(SessionRecord.updated_at == new_york))
+                later = s.scalar(
+                    select(func.count()).where(SessionRecord.updated_at > new_york - timedelta(microseconds=1))
+                )
+                newer = s.scalar(select(func.count()).where(SessionRecord.updated_at > new_york))
+        finally:
+            db.close()
+        times = [
+            info.created_at, info.updated_at, listed.created_at, listed.updated_at,
+            turn.created_at, turn.finished_at, *artifact_times,
+        ]  # fmt: skip
+        assert len(artifact_times) == 2  # the image, and its copy in the fork
+        for t in times:
+            assert t is not None and t.tzinfo is timezone.utc, (backend, t)
+            assert t == moment and t < datetime.now(timezone.utc), (backend, t)
+        assert (matching, later, newer) == (2, 2, 0), backend
+        seen[backend] = times
+        assert main(["sessions", "list", "--db", url]) == 0
+        out = capsys.readouterr().out
+        assert "2026-11-27 18:35" in out and "23:35" not in out, (backend, out)  # New York's local time
+    assert seen["sqlite"] == seen["postgresql"]
+    assert [repr(t) for t in seen["sqlite"]] == [repr(t) for t in seen["postgresql"]]

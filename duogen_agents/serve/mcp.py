@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
+from datetime import timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -329,7 +330,7 @@ class DuogenMCP:
         items = self.sessions.list()
         lines = [
             f"{s.id}: {s.title or '(untitled)'} [{s.mode}, {s.turns} turn(s), {s.images} image(s), "
-            f"updated {s.updated_at:%Y-%m-%d %H:%M}{', unfinished turn' if s.pending else ''}"
+            f"updated {s.updated_at.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC{', unfinished turn' if s.pending else ''}"
             f"{', malformed: changed outside duogen' if s.malformed else ''}]"
             for s in items
         ]

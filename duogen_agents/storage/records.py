@@ -20,12 +20,38 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import JSON, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
-from sqlalchemy.types import DateTime
+from sqlalchemy.types import DateTime, TypeDecorator
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A point in time, given back as an aware ``datetime`` in UTC on every backend.
+
+    The column is ``DateTime(timezone=True)`` as the migrations create it (no schema change). Written:
+    any aware value is converted to UTC first; a naive one is taken to be UTC already. SQLite keeps
+    the text of a naive UTC time (as duogen always wrote there: text order is time order, and values
+    bound in a query compare with it); PostgreSQL gets the aware UTC value for its ``timestamptz``.
+    Read: SQLite's naive text is UTC, and PostgreSQL's value, which arrives in the connection's
+    ``TimeZone``, is converted to UTC. A stored value that is not a date still raises ``ValueError``."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if not isinstance(value, datetime):
+            return value  # None, or a wrong type that the column's own type refuses
+        value = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if not isinstance(value, datetime):
+            return value
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 class Base(DeclarativeBase):
@@ -45,8 +71,8 @@ class SessionRecord(Base):
     preset: Mapped[str] = mapped_column(String(200))
     mode: Mapped[str] = mapped_column(String(20))
     parent_id: Mapped[str | None] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     turns: Mapped[list[TurnRecord]] = relationship(
         back_populates="session", cascade="all, delete-orphan", order_by="TurnRecord.number", passive_deletes=True
@@ -71,8 +97,8 @@ class TurnRecord(Base):
     title: Mapped[str | None] = mapped_column(Text)
     base_checkpoint_id: Mapped[str | None] = mapped_column(String(64))
     inputs: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     session: Mapped[SessionRecord] = relationship(back_populates="turns")
     blocks: Mapped[list[BlockRecord]] = relationship(
@@ -110,4 +136,4 @@ class ArtifactRecord(Base):
     origin: Mapped[str] = mapped_column(String(20))
     parent_sha256: Mapped[str | None] = mapped_column(String(64))
     request: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

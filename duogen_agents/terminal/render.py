@@ -12,6 +12,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from PIL import Image
@@ -202,6 +203,12 @@ def safe_text(text: object) -> str:
     return escape(strip_controls(text))
 
 
+def local_time(when: datetime) -> str:
+    """A stored time (aware, UTC) as the terminal shows it: in this machine's local time zone, to the
+    minute. Both backends give the same instant, so the same session reads the same on either."""
+    return when.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
 def sessions_table(items: Any, current: str | None = None, width: int | None = None) -> Any:
     """The sessions as a borderless table; the title column takes what width is left. In a
     ``width`` too narrow for every column, the least needed go (preset, mode, updated, images,
@@ -212,7 +219,7 @@ def sessions_table(items: Any, current: str | None = None, width: int | None = N
     rows = [
         (
             ("* " if i.id == current else "") + i.id, str(i.turns), str(i.images), i.mode, i.preset,
-            "?" if i.malformed else i.updated_at.strftime("%Y-%m-%d %H:%M"),
+            "?" if i.malformed else local_time(i.updated_at),
             "malformed" if i.malformed else "unfinished turn" if i.pending else "ok",
         )
         for i in items
