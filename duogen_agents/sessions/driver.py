@@ -234,12 +234,27 @@ class Session:
                     f"session {self.id!r} turn {turn.number}: its stored uploads are malformed; it was changed "
                     "outside duogen (cancel the turn with --discard)"
                 ) from None
-            current = self.graph.get_state(self._config()).config["configurable"].get("checkpoint_id")
             graph_input = None
-            if current == turn.base_checkpoint_id:
-                # Interrupted before its first checkpoint: start the turn again from its message.
+            if self._at_start(turn.base_checkpoint_id):
+                # Interrupted before its first checkpoint, or a cancel cut short after it reverted the
+                # state: nothing of the turn is in the state, so it starts again from its message
+                # (committing the state as it is would store the previous turn's answer as this one's).
                 graph_input = self.agent.input_state(turn.prompt, turn.mode, refs, turn.seed)
             yield from self._drive(turn.id, graph_input, turn.prompt, turn.mode, refs, stop=stop)
+
+    def _at_start(self, base: str | None) -> bool:
+        """Whether the session's graph state is where a turn that began at checkpoint ``base`` (``None``:
+        no state) began: that checkpoint, or a copy of it (same channel versions). ``cancel`` reverts
+        the state by copying the base, then marks the turn cancelled in a second transaction; a process
+        killed between the two leaves the turn unfinished over a copy."""
+        base = base if isinstance(base, str) and base else None  # a tampered value names no checkpoint
+        current = self.db.saver.get_tuple(self._config())
+        if current is None or base is None:
+            return current is None and base is None
+        if current.config["configurable"].get("checkpoint_id") == base:
+            return True
+        start = self.db.saver.get_tuple(self._config(base))
+        return start is not None and start.checkpoint["channel_versions"] == current.checkpoint["channel_versions"]
 
     def cancel(self) -> bool:
         """Drop the unfinished last turn: the graph state goes back to where the turn began and the
