@@ -152,6 +152,14 @@ def test_cancel_restores_the_state_before_the_turn(db, tmp_path) -> None:
         sd.send("first")
     assert sd.cancel() is True
     assert not sd.graph.get_state(sd._config()).values
+    # The next turn starts from no state as well (its record names no checkpoint): it is dropped too.
+    e = _agent(tmp_path, [_image("y")], tool=FailingImageTool(fail_on=1))
+    se = e.session("c2", database=db)
+    with pytest.raises(RuntimeError):
+        se.send("second")
+    assert se.cancel() is True
+    assert not se.graph.get_state(se._config()).values
+    assert [t.status for t in se.history()] == ["cancelled", "cancelled"]
 
 
 def test_a_cancel_cut_short_after_its_revert_never_answers_with_the_previous_turn(db, tmp_path, monkeypatch) -> None:

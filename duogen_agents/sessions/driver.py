@@ -258,15 +258,30 @@ class Session:
 
     def cancel(self) -> bool:
         """Drop the unfinished last turn: the graph state goes back to where the turn began and the
-        turn is marked ``cancelled``. Returns whether there was one."""
+        turn is marked ``cancelled``. Returns whether there was one. Raises ``StorageError`` (and
+        changes nothing) when the turn's record names no state to go back to that exists."""
         with self._writing():
             turn = self.sessions.unfinished_turn(self.id)
             if turn is None:
                 return False
-            if turn.base_checkpoint_id:
-                base = {"configurable": {"thread_id": self.id, "checkpoint_id": turn.base_checkpoint_id}}
-                self.graph.update_state(base, None, as_node="__copy__")
+            where = f"session {self.id!r} turn {turn.number}"
+            advice = "it was changed outside duogen; resume the turn, or export or delete the session"
+            base = turn.base_checkpoint_id or None
+            if base is not None:
+                if not isinstance(base, str) or self.db.saver.get_tuple(self._config(base)) is None:
+                    raise StorageError(
+                        f"{where}: the stored record is malformed (the checkpoint it started from, "
+                        f"{str(base)[:64]!r}, does not exist); {advice}"
+                    )
+                self.graph.update_state(self._config(base), None, as_node="__copy__")
             else:
+                # No state before the turn: only true while no earlier turn was answered (the state
+                # of the answered ones would go with the thread).
+                if self.sessions.answered_before(self.id, turn.number):
+                    raise StorageError(
+                        f"{where}: the stored record is malformed (it names no checkpoint to start from, "
+                        f"though earlier turns were answered); {advice}"
+                    )
                 self.db.saver.delete_thread(self.id)
             self.sessions.set_turn_status(turn.id, "cancelled")
             self.agent.forget(self.id)
