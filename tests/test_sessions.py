@@ -152,6 +152,59 @@ def test_cancel_restores_the_state_before_the_turn(db, tmp_path) -> None:
         sd.send("first")
     assert sd.cancel() is True
     assert not sd.graph.get_state(sd._config()).values
+    # The next turn starts from no state as well (its record names no checkpoint): it is dropped too.
+    e = _agent(tmp_path, [_image("y")], tool=FailingImageTool(fail_on=1))
+    se = e.session("c2", database=db)
+    with pytest.raises(RuntimeError):
+        se.send("second")
+    assert se.cancel() is True
+    assert not se.graph.get_state(se._config()).values
+    assert [t.status for t in se.history()] == ["cancelled", "cancelled"]
+
+
+def test_a_cancel_cut_short_after_its_revert_never_answers_with_the_previous_turn(db, tmp_path, monkeypatch) -> None:
+    """``cancel`` reverts the state, then marks the turn cancelled in a second transaction. A process
+    killed between the two (the chat's second Ctrl-C) leaves the turn unfinished over the reverted
+    state: resuming it answers the turn's own message, and a second cancel finishes the first."""
+    for sid in ("r1", "d1"):
+        a = _agent(tmp_path, [TEXT, _image("a red pot"), OK, DONE])
+        a.session(sid, database=db).send("turn one")
+        broken = _agent(tmp_path, [_image("a blue square")], tool=FailingImageTool(fail_on=1))
+        sb = broken.session(sid, database=db)
+        with pytest.raises(RuntimeError):
+            sb.send("turn two: draw a blue square")
+        write_status = sb.sessions.set_turn_status
+
+        def killed(turn_id, status, error=None, write_status=write_status):
+            if status == "cancelled":
+                raise SystemExit(130)  # os._exit(130) between the revert and the status write
+            write_status(turn_id, status, error)
+
+        monkeypatch.setattr(sb.sessions, "set_turn_status", killed)
+        with pytest.raises(SystemExit):
+            sb.cancel()
+        assert [t.status for t in sb.history()] == ["complete", "interrupted"]
+
+    # Resumed (a new process): the turn runs again from its message, and its answer is its own.
+    c = _agent(tmp_path, [_image("a blue square"), OK, DONE])
+    sc = c.session("r1", database=db)
+    list(sc.resume())
+    one, two = sc.history()
+    assert two.status == "complete" and [i.prompt for i in two.document.images] == ["a blue square"]
+    assert [i.prompt for i in one.document.images] == ["a red pot"]
+    texts = [p.get("text", "") for t in c.planner.calls[0][0] for p in t["content"]]
+    assert any("turn one" in t for t in texts) and any("turn two: draw a blue square" in t for t in texts)
+    messages = sc.graph.get_state(sc._config()).values["messages"]
+    assert sum("turn two: draw a blue square" in str(m.content) for m in messages) == 1
+
+    # Discarded instead: the cancel is finished, and the state is turn one's.
+    d = _agent(tmp_path, [])
+    sd = d.session("d1", database=db)
+    assert sd.cancel() is True
+    assert [t.status for t in sd.history()] == ["complete", "cancelled"]
+    messages = sd.graph.get_state(sd._config()).values["messages"]
+    contents = [str(m.content) for m in messages]
+    assert any("turn one" in c for c in contents) and not any("turn two" in c for c in contents)
 
 
 def test_second_writer_is_busy_or_waits(db_url, tmp_path) -> None:

@@ -234,24 +234,54 @@ class Session:
                     f"session {self.id!r} turn {turn.number}: its stored uploads are malformed; it was changed "
                     "outside duogen (cancel the turn with --discard)"
                 ) from None
-            current = self.graph.get_state(self._config()).config["configurable"].get("checkpoint_id")
             graph_input = None
-            if current == turn.base_checkpoint_id:
-                # Interrupted before its first checkpoint: start the turn again from its message.
+            if self._at_start(turn.base_checkpoint_id):
+                # Interrupted before its first checkpoint, or a cancel cut short after it reverted the
+                # state: nothing of the turn is in the state, so it starts again from its message
+                # (committing the state as it is would store the previous turn's answer as this one's).
                 graph_input = self.agent.input_state(turn.prompt, turn.mode, refs, turn.seed)
             yield from self._drive(turn.id, graph_input, turn.prompt, turn.mode, refs, stop=stop)
 
+    def _at_start(self, base: str | None) -> bool:
+        """Whether the session's graph state is where a turn that began at checkpoint ``base`` (``None``:
+        no state) began: that checkpoint, or a copy of it (same channel versions). ``cancel`` reverts
+        the state by copying the base, then marks the turn cancelled in a second transaction; a process
+        killed between the two leaves the turn unfinished over a copy."""
+        base = base if isinstance(base, str) and base else None  # a tampered value names no checkpoint
+        current = self.db.saver.get_tuple(self._config())
+        if current is None or base is None:
+            return current is None and base is None
+        if current.config["configurable"].get("checkpoint_id") == base:
+            return True
+        start = self.db.saver.get_tuple(self._config(base))
+        return start is not None and start.checkpoint["channel_versions"] == current.checkpoint["channel_versions"]
+
     def cancel(self) -> bool:
         """Drop the unfinished last turn: the graph state goes back to where the turn began and the
-        turn is marked ``cancelled``. Returns whether there was one."""
+        turn is marked ``cancelled``. Returns whether there was one. Raises ``StorageError`` (and
+        changes nothing) when the turn's record names no state to go back to that exists."""
         with self._writing():
             turn = self.sessions.unfinished_turn(self.id)
             if turn is None:
                 return False
-            if turn.base_checkpoint_id:
-                base = {"configurable": {"thread_id": self.id, "checkpoint_id": turn.base_checkpoint_id}}
-                self.graph.update_state(base, None, as_node="__copy__")
+            where = f"session {self.id!r} turn {turn.number}"
+            advice = "it was changed outside duogen; resume the turn, or export or delete the session"
+            base = turn.base_checkpoint_id or None
+            if base is not None:
+                if not isinstance(base, str) or self.db.saver.get_tuple(self._config(base)) is None:
+                    raise StorageError(
+                        f"{where}: the stored record is malformed (the checkpoint it started from, "
+                        f"{str(base)[:64]!r}, does not exist); {advice}"
+                    )
+                self.graph.update_state(self._config(base), None, as_node="__copy__")
             else:
+                # No state before the turn: only true while no earlier turn was answered (the state
+                # of the answered ones would go with the thread).
+                if self.sessions.answered_before(self.id, turn.number):
+                    raise StorageError(
+                        f"{where}: the stored record is malformed (it names no checkpoint to start from, "
+                        f"though earlier turns were answered); {advice}"
+                    )
                 self.db.saver.delete_thread(self.id)
             self.sessions.set_turn_status(turn.id, "cancelled")
             self.agent.forget(self.id)

@@ -488,6 +488,14 @@ class Sessions:
                 for a in s.scalars(select(ArtifactRecord).where(ArtifactRecord.turn_id == turn_id)):
                     s.delete(a)
 
+    def answered_before(self, session_id: str, number: int) -> bool:
+        """Whether a turn before turn ``number`` of the session was answered (is ``complete``)."""
+        with self.db.transaction() as s:
+            query = select(TurnRecord.id).where(
+                TurnRecord.session_id == session_id, TurnRecord.number < number, TurnRecord.status == "complete"
+            )
+            return s.scalar(query.limit(1)) is not None
+
     def unfinished_turn(self, session_id: str) -> TurnRecord | None:
         with self.db.transaction() as s:
             last = s.execute(

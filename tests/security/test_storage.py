@@ -423,3 +423,34 @@ def test_malformed_session_mode_is_one_line(db_url, home, capsys) -> None:
     code = main(["sessions", "export", "m", "--format", "json", "--db", db_url])
     line = one_line(capsys.readouterr().err)
     assert code == 1 and "session 'm'" in line and "malformed" in line
+
+
+@pytest.mark.parametrize("base", [None, "not-a-checkpoint"], ids=["null", "unknown"])
+def test_discard_of_a_turn_with_a_tampered_start_deletes_nothing(db_url, home, base) -> None:
+    """A turn's record names the checkpoint it started from; ``cancel`` (``--discard``) goes back to
+    it. Named as none (only a session's first answer starts from no state) or as one that does not
+    exist, the turn is refused in one line: the earlier turns' state stays, and the turn resumes."""
+    with Database.open(db_url, home=home) as db:
+        a = scripted_agent(home, [TEXT, image("a terracotta pot"), OK, DONE, TEXT, DONE])
+        s = a.session("t", database=db)
+        s.send("turn one")
+        s.send("turn two")
+        broken = scripted_agent(home, [image("x")], tool=FailingImageTool(fail_on=1))
+        sb = broken.session("t", database=db)
+        with pytest.raises(RuntimeError):
+            sb.send("turn three")
+        before = sb.graph.get_state(sb._config())
+        _sql(db_url, "UPDATE duogen_turns SET base_checkpoint_id=:b WHERE session_id='t' AND number=3", b=base)
+
+        with pytest.raises(StorageError, match=r"^session 't' turn 3: the stored record is malformed") as e:
+            sb.cancel()
+        assert "\n" not in str(e.value)
+        after = sb.graph.get_state(sb._config())
+        assert after.config["configurable"]["checkpoint_id"] == before.config["configurable"]["checkpoint_id"]
+        assert len(after.values["messages"]) == len(before.values["messages"])
+        assert after.values["known_images"] == before.values["known_images"]
+        assert [t.status for t in sb.history()] == ["complete", "complete", "interrupted"]
+
+        c = scripted_agent(home, [OK, DONE])
+        list(c.session("t", database=db).resume())
+        assert [t.status for t in c.session("t", database=db).history()] == ["complete"] * 3
