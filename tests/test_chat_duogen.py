@@ -376,6 +376,30 @@ def test_response_format_beside_tools_as_create_agent_binds_it(chat) -> None:
     assert kinds == {"call", "answer"}, kinds
 
 
+def test_response_formats_and_history_as_written() -> None:
+    """A pydantic class as ``response_format`` (ChatOpenAI takes one) and a format without a type were
+    silently free text; a patterned string's ``maxLength`` in a format beside tools was not enforced
+    (xgrammar ignores it beside a pattern, and the limit was looked for outside the answer); earlier
+    calls read back with their non-ASCII characters escaped, not as the model wrote them."""
+    from pydantic import BaseModel
+
+    from duogen_agents.models.chat_model import calls_text, response_schema, with_tools
+    from duogen_agents.models.decoding import split_limits
+
+    class Pot(BaseModel):
+        colour: str
+
+    assert response_schema(Pot) == Pot.model_json_schema()
+    for bad in ({"json_schema": {"schema": {}}}, {}, "json"):
+        with pytest.raises(ValueError, match="response_format"):
+            response_schema(bad)
+    code = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[a-z]*$", "maxLength": 3}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    _, grammar, _ = with_tools([], [tool], "auto", None, code)
+    assert split_limits(grammar)[1] == {("answer", "code"): 3}
+    assert calls_text([("f", {"city": "Zürich"})]) == '{"calls": [{"tool": "f", "arguments": {"city": "Zürich"}}]}'
+
+
 def test_malformed_blocks_are_one_line_errors(chat) -> None:
     """A text block without its text was a KeyError from deep inside; a ``file_id`` that is not a
     duogen image (an OpenAI file id, a short id) blamed a tampered database. An OpenAI tool given to
@@ -392,6 +416,39 @@ def test_malformed_blocks_are_one_line_errors(chat) -> None:
     tool = {"type": "function", "function": {"name": "Pot", "description": "A pot.", "parameters": {
         "type": "object", "properties": {"litres": {"type": "integer"}}, "required": ["litres"]}}}  # fmt: skip
     assert isinstance(chat.with_structured_output(tool).invoke("a pot")["litres"], int)
+
+
+@pytest.mark.parametrize(
+    ("raw", "calls", "content"),
+    [
+        # cut by the token budget after a whole call: the call stays whole (it was reported invalid)
+        ('{"calls": [{"tool": "add", "arguments": {"a": 1, "b": 2}}', [("add", {"a": 1, "b": 2})], ""),
+        ('{"calls": [{"tool": "add", "arguments": {"a": 1, "b": 2}}, {', [("add", {"a": 1, "b": 2})], ""),
+        ('{"calls": [{"tool": "add", "arguments": {"a": 1, "b": 2}}]', [("add", {"a": 1, "b": 2})], ""),
+        # cut after a name, before its arguments: no call, streamed or not (invoke had an invalid one)
+        ('{"calls": [{"tool": "add"', [], ""),
+        # another layout right after a name: the call is read whole (its arguments were lost)
+        ('{"calls": [{"tool": "add", "id": "x", "arguments": {"a": 1, "b": 2}}]}', [("add", {"a": 1, "b": 2})], ""),
+        ('{"answer": {"litres": 3}}', [], '{"litres": 3}'),
+    ],
+)
+def test_cut_answers_and_other_layouts_read_the_same_streamed_or_not(chat, monkeypatch, raw, calls, content) -> None:
+    from duogen_agents.models.protocols import PlannerOutput
+
+    def generate(conversation, schema, *, on_token=None, **kw) -> PlannerOutput:
+        for i in range(0, len(raw), 3):
+            if on_token is not None:
+                on_token(raw[i : i + 3])
+        return PlannerOutput(text=raw, num_tokens=len(raw) // 3 + 1, complete=raw.endswith("}}]}"))
+
+    monkeypatch.setattr(chat.planner, "generate", generate)
+    fmt = {"type": "json_schema", "json_schema": {"name": "Pot", "schema": {"type": "object"}}}
+    model = chat.bind_tools([add], response_format=fmt)
+    whole = model.invoke("2 + 3?")
+    joined = _joined(list(model.stream("2 + 3?")))
+    for message in (whole, joined):
+        assert _calls(message) == calls and message.content == content and not message.invalid_tool_calls, raw
+    assert whole.response_metadata["finish_reason"] == joined.response_metadata["finish_reason"]
 
 
 def test_tool_choice_it_cannot_honour_is_refused_at_bind_time(chat) -> None:

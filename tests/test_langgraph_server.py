@@ -192,7 +192,7 @@ def test_the_served_graph_reads_no_file_of_the_server_and_names_none(tmp_path, m
     from PIL import Image
 
     from duogen_agents.agent import Agent
-    from duogen_agents.errors import InputImageError
+    from duogen_agents.errors import ConfigError, InputImageError
     from duogen_agents.graphs import server
     from duogen_agents.graphs.turn import build_graph
     from duogen_agents.presets import load_preset
@@ -215,6 +215,10 @@ def test_the_served_graph_reads_no_file_of_the_server_and_names_none(tmp_path, m
     for url in (f"file://{secret}", "file:///etc/passwd", "file:///no/such/file.png"):
         with pytest.raises(InputImageError, match="refusing a file:// image URL"):
             graph.invoke(ask(url))
+    for file_id in ("", "0123456789ab"):  # a block that names a file_id too is never read as its url
+        sneaky = {"type": "image", "file_id": file_id, "url": f"file://{secret}"}
+        with pytest.raises(ConfigError, match="not a duogen image id"):
+            graph.invoke({"messages": [{"role": "user", "content": [sneaky, {"type": "text", "text": "hi"}]}]})
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (10, 200, 10)).save(buf, format="PNG")
     events = [e for _, e in graph.stream(ask("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()),

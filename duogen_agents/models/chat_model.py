@@ -53,9 +53,9 @@ def to_chat_turns(messages: list[BaseMessage], load_image: Any) -> list[ChatTurn
                 if not isinstance(block.get("text"), str):
                     raise ConfigError(f"a text block without its text (a string): {str(block)[:80]}")
                 parts.append({"type": "text", "text": block["text"]})
-            elif block.get("type") == "image" and block.get("file_id"):
-                parts.append({"type": "text", "text": image_label(block["file_id"])})
+            elif block.get("type") == "image" and "file_id" in block:  # an empty one too: never read as a url
                 parts.append({"type": "image", "image": load_image(block["file_id"])})
+                parts.insert(-1, {"type": "text", "text": image_label(block["file_id"])})
             elif is_image_block(block):  # base64, data:/file:// URL, OpenAI image_url
                 parts.append({"type": "image", "image": image_from_block(block)})
         if calls := getattr(m, "tool_calls", None):  # the model's earlier tool calls, as it wrote them
@@ -94,7 +94,7 @@ class PlannerChatModel(BaseChatModel):
     _decoded_lock: Any = PrivateAttr(default_factory=threading.Lock)  # calls from many threads share it
 
     def _load_image(self, image_id: str) -> Any:
-        if not is_image_id(image_id):  # a caller's own block: an OpenAI file id, a short id
+        if not is_image_id(image_id):  # a caller's own block: an OpenAI file id, a short id, ""
             raise ConfigError(
                 f"an image block's file_id {str(image_id)[:80]!r} is not a duogen image id (the 64 hex digits of "
                 "a stored image); send other pictures as base64 or a data: URL"
@@ -234,16 +234,20 @@ MAX_CALLS = 8
 def calls_text(calls: list[tuple[str, Any]]) -> str:
     """Tool calls (name, arguments) as the model writes them under the grammar of a turn with tools:
     how an earlier answer's calls read in the history."""
-    return json.dumps({"calls": [{"tool": name, "arguments": arguments} for name, arguments in calls]})
+    written = [{"tool": name, "arguments": arguments} for name, arguments in calls]
+    return json.dumps({"calls": written}, ensure_ascii=False)
 
 
 def response_schema(response_format: Any) -> dict[str, Any] | None:
     """OpenAI's ``response_format`` as the JSON schema of the answer: ``json_schema``'s schema,
-    ``json_object``'s any object, ``text``'s (or none) None. A ValueError for anything else."""
+    ``json_object``'s any object, a pydantic class's schema, ``text``'s (or none) None. A ValueError
+    for anything else."""
     if response_format is None:
         return None
+    if isinstance(response_format, type) and hasattr(response_format, "model_json_schema"):
+        return response_format.model_json_schema()  # a pydantic class, as ChatOpenAI takes one
     kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind in (None, "text"):
+    if kind == "text":
         return None
     if kind == "json_object":
         return {"type": "object"}
@@ -295,9 +299,10 @@ def _tool_call_schema(
         }
     ]
     if not required:
-        key, value = ("text", {"type": "string"}) if answer is None else ("answer", {"$ref": "#/$defs/answer"})
-        if answer is not None:
-            defs["answer"] = _rebased(answer, "#/$defs/answer") if _has_ref(answer) else answer
+        key, value = ("text", {"type": "string"}) if answer is None else ("answer", answer)
+        if answer is not None and _has_ref(answer):  # as a tool's parameters with references (see above)
+            defs["answer"] = _rebased(answer, "#/$defs/answer")
+            value = {"$ref": "#/$defs/answer"}
         answers.append({"type": "object", "properties": {key: value}, "required": [key], "additionalProperties": False})
     schema = {"anyOf": answers} if len(answers) > 1 else answers[0]
     return {"$defs": defs, **schema} if defs else schema
@@ -550,20 +555,31 @@ class _ToolTurn:
         ValueError when it is not complete JSON of either layout."""
         data = json.loads(text, strict=False)  # a raw control character in a string: see _read_args
         calls = data.get("calls") if isinstance(data, dict) else None
-        if isinstance(calls, list) and all(isinstance(c, dict) and isinstance(c.get("tool"), str) for c in calls):
+        if isinstance(calls, list) and all(
+            isinstance(c, dict) and isinstance(c.get("tool"), str) and isinstance(c.get("arguments"), dict)
+            for c in calls
+        ):
             self.kind = "calls"
-            for c in calls[len(self.calls) :]:
-                arguments = json.dumps(c.get("arguments", {}))
-                self.calls.append({"id": f"call_{uuid.uuid4().hex[:12]}", "name": c["tool"], "arguments": arguments})
-        elif isinstance(data, dict) and isinstance(data.get("text"), str) and not self.calls:
+            del self.calls[self.streamed :]  # a call whose name was read, but not its arguments: read again
+            for c in calls[self.streamed :]:
+                arguments = json.dumps(c["arguments"], ensure_ascii=False)
+                call_id = f"call_{uuid.uuid4().hex[:12]}"
+                self.calls.append({"id": call_id, "name": c["tool"], "arguments": arguments, "done": True})
+        elif isinstance(data, dict) and isinstance(data.get("text"), str) and not self.streamed:
             self.kind = "text"
             self.text = [valid_unicode(data["text"])]
-        elif isinstance(data, dict) and "answer" in data and not self.calls:
+        elif isinstance(data, dict) and "answer" in data and not self.streamed:
             self.kind = "answer"
             self.answer = json.dumps(data["answer"], ensure_ascii=False)
         else:
             raise ValueError("neither calls nor a text answer")
         self.state = "end"
+
+    def finished_calls(self) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """The calls written whole, and the one the token budget cut in its arguments (None if none).
+        A call cut before its arguments began is none: nothing of it streamed."""
+        cut = next((c for c in self.calls[: self.streamed] if not c.get("done")), None)
+        return [c for c in self.calls if c.get("done")], cut
 
     def _emit_text(self, piece: str) -> None:
         self.text.append(piece)
@@ -679,6 +695,8 @@ class _ToolTurn:
                 self.depth -= 1
                 if self.depth <= 0:
                     self.state = "close" if self.kind == "answer" else "call_end"
+                    if self.kind != "answer":
+                        self.calls[-1]["done"] = True
         text = "".join(piece)
         if self.kind == "answer":  # a JSON answer streams as its text does
             self.answer += text
@@ -995,7 +1013,8 @@ class ChatDuogen(PlannerChatModel):
                 turn.read_whole(raw)
             except ValueError as e:
                 raise GenerationError(
-                    f"the model's answer with tools is not complete JSON ({e}); raise max_tokens"
+                    f"the model's answer with tools is neither calls nor an answer ({e}); if it was cut, raise "
+                    "max_tokens"
                 ) from None
             if turn.is_text:
                 text = turn.text[0]
@@ -1005,15 +1024,14 @@ class ChatDuogen(PlannerChatModel):
                 turn.text = [text]
         if turn.kind == "answer":  # JSON under the response_format: its text, as it streamed
             return AIMessage(content=turn.answer, usage_metadata=usage, response_metadata=meta)
-        if turn.is_text or not turn.calls:  # a text answer (or an answer cut before its first call)
+        whole, cut = turn.finished_calls()
+        if not whole and cut is None:  # a text answer (or an answer cut before its first call)
             return AIMessage(content="".join(turn.text), usage_metadata=usage, response_metadata=meta)
-        calls, invalid = [], []
-        for i, c in enumerate(turn.calls):
-            if i < len(turn.calls) - 1 or turn.state == "end":
-                calls.append({"name": c["name"], "args": json.loads(c["arguments"], strict=False), "id": c["id"]})
-            else:  # cut by the token budget, as ChatOpenAI reports one: an invalid call beside the whole ones
-                error = "cut by the token budget (finish_reason 'length'): raise max_tokens"
-                invalid.append({"name": c["name"], "args": c["arguments"], "id": c["id"], "error": error})
+        calls = [{"name": c["name"], "args": json.loads(c["arguments"], strict=False), "id": c["id"]} for c in whole]
+        invalid = []
+        if cut is not None:  # cut by the token budget, as ChatOpenAI reports one: invalid, beside the whole ones
+            error = "cut by the token budget (finish_reason 'length'): raise max_tokens"
+            invalid.append({"name": cut["name"], "args": cut["arguments"], "id": cut["id"], "error": error})
         meta["finish_reason"] = "tool_calls" if turn.state == "end" else "length"
         return AIMessage(
             content="", tool_calls=calls, invalid_tool_calls=invalid, usage_metadata=usage, response_metadata=meta

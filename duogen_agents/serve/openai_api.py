@@ -529,9 +529,10 @@ def _answer(out: Any, reader: Any, stop: list[str], max_tokens: int) -> tuple[di
                 reader.read_whole(text)
             except ValueError:
                 return {"content": text}, "length"
-        if reader.calls:  # whole, or the last cut at max_tokens with its arguments so far
+        whole, cut = reader.finished_calls()
+        if whole or cut is not None:  # and the one cut at max_tokens, with its arguments so far (as OpenAI's)
             calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
-                     for c in reader.calls]  # fmt: skip
+                     for c in [*whole, *([cut] if cut else [])]]  # fmt: skip
             return {"content": None, "tool_calls": calls}, "tool_calls" if reader.state == "end" else "length"
         if reader.kind == "answer":  # JSON under the response_format
             return {"content": reader.answer}, "stop" if reader.state == "end" else "length"
