@@ -249,3 +249,35 @@ def test_the_graph_checks_what_its_own_callers_send(tmp_path) -> None:
             graph.invoke({**message, **bad}, {"configurable": {"thread_id": f"bad-{len(str(bad))}"}})
     out = graph.invoke({**message, "seed": None}, {"configurable": {"thread_id": "none"}})
     assert out["seed"] == 0 and out["blocks"][0]["text"] == "A pot."
+
+
+def test_the_graph_checks_a_direct_request_and_fills_in_the_rest(tmp_path) -> None:
+    """A caller of the graph's own ``request`` key (a redraw without the planner) may give only the
+    prompt: the rest takes its defaults (it was a KeyError 'attempt' deep in ``render``), and a
+    malformed request is a one-line ConfigError naming the field, before anything is drawn."""
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from duogen_agents import ConfigError, build_graph
+
+    tool = SolidImageTool()
+    agent = _agent(tmp_path, [{"verdict": "ok"}], tool=tool)
+    graph = build_graph(agent.deps, checkpointer=InMemorySaver())
+    message = {"messages": [{"role": "user", "content": "redraw it"}]}
+    for bad, match in (
+        ({"prompt": "a blue pot", "attempt": 0}, r"^request\.attempt: Input should be greater than or equal to 1;"),
+        ({"prompt": "a blue pot", "colour": "blue"}, r"^request\.colour: Extra inputs are not permitted;"),
+        ({"references": []}, r"^request\.prompt: Field required;"),
+        ({"prompt": "a pot", "kind": "paint"}, r"^request\.kind: Input should be 'generate', 'edit' or 'continue';"),
+        ({"prompt": " "}, "request.prompt is blank"),
+        ("a blue pot", r"^request must be an image request: \{'prompt': str\}.*; got str"),
+    ):
+        with pytest.raises(ConfigError, match=match) as e:
+            graph.invoke({**message, "request": bad}, {"configurable": {"thread_id": f"bad-{bad!s:.20}"}})
+        assert "\n" not in str(e.value)
+    assert tool.requests == []
+    out = graph.invoke({**message, "request": {"prompt": "a blue pot"}}, {"configurable": {"thread_id": "ok"}})
+    assert [r["prompt"] for r in tool.requests] == ["a blue pot"]
+    (block,) = out["blocks"]
+    assert block["type"] == "image" and block["prompt"] == "a blue pot" and block["attempts"] == 1
+    assert block["kind"] == "generate" and block["origin"] == "generated" and block["references"] == []
+    assert out["pending"] is None and out["direct"] is True
