@@ -78,10 +78,13 @@ def test_unknown_reference_is_a_generation_error(tmp_path) -> None:
 
 def test_state_and_checkpoints_hold_no_pixels(tiny_agent) -> None:
     """Every checkpoint of a real tiny run is small and holds ids, never image bytes."""
-    tiny_agent.run("Plan a picnic", mode="visual-plan", seed=4)
+    from duogen_agents.agent import last_document
+
+    # A named thread keeps its checkpoints (a one-shot ``run`` deletes them when it ends).
+    last_document(tiny_agent.stream("Plan a picnic", mode="visual-plan", seed=4, thread_id="no-pixels"))
     saver = tiny_agent.checkpointer
     checked = 0
-    for tup in saver.list(None):
+    for tup in saver.list({"configurable": {"thread_id": "no-pixels"}}):
         type_, blob = saver.serde.dumps_typed(tup.checkpoint)
         assert b"\x89PNG" not in blob and b"iVBORw0KGgo" not in blob  # PNG bytes, raw or base64
         assert len(blob) < 64 * 1024

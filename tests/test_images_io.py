@@ -168,6 +168,48 @@ def test_the_agent_as_one_tool(home) -> None:
     assert msg.artifact["blocks"][1]["type"] == "image" and msg.artifact["mode"] == "interleaved"
 
 
+def _saved(agent) -> dict:
+    """What the agent's in-memory checkpointer holds, by thread."""
+    saver = agent.checkpointer
+    threads = {*saver.storage, *(k[0] for k in saver.writes), *(k[0] for k in saver.blobs)}
+    return {t: len(saver.storage.get(t, {}).get("", {})) for t in threads}
+
+
+def test_one_shot_turns_keep_no_checkpoints(home) -> None:
+    """A tool call, ``run``, ``arun``, a failed turn and a stream closed early each leave nothing in
+    the agent's checkpointer (each kept its whole turn, about 50 KB, under a random thread id that
+    was never returned or deleted); a turn given a ``thread_id`` keeps it, and the next turn with
+    that id continues the conversation."""
+    from duogen_agents.errors import GenerationError
+
+    def fails(conversation, schema):
+        raise GenerationError("the planner fell over (simulated)")
+
+    agent = scripted_agent(home, [TEXT, image("a pot"), OK, DONE, TEXT, DONE, TEXT, DONE, TEXT, fails])
+    tool = agent.as_tool(mode="interleaved")
+    msg = tool.invoke({"type": "tool_call", "name": tool.name, "args": {"request": "draw a pot"}, "id": "c1"})
+    assert msg.status == "success" and _saved(agent) == {}
+    assert agent.run("and water it").text and _saved(agent) == {}
+    assert asyncio.run(agent.arun("and again")).text and _saved(agent) == {}
+    with pytest.raises(GenerationError, match="fell over"):
+        agent.run("once more")
+    assert _saved(agent) == {}
+
+    agent.planner.script = [TEXT, image("a pot"), OK, DONE]
+    events = agent.stream("draw a pot")
+    assert next(e for e in events if e["event"] == "text")
+    events.close()  # the caller stops reading halfway
+    assert _saved(agent) == {}
+
+    agent.planner.script = [TEXT, DONE, TEXT, DONE]
+    first = list(agent.stream("draw a pot", thread_id="kept"))[-1]
+    assert first["thread_id"] == "kept" and list(_saved(agent)) == ["kept"]
+    list(agent.stream("and now?", thread_id="kept"))
+    seen = [p["text"] for t in agent.planner.calls[-1][0] for p in t["content"] if p["type"] == "text"]
+    assert "draw a pot" in seen and "and now?" in seen  # the second turn read the first
+    assert list(_saved(agent)) == ["kept"]
+
+
 def test_a_parent_messages_state_graph_keeps_image_references_across_turns(home) -> None:
     """The subgraph contract: a parent ``MessagesState`` (no ``known_images``) still lets a follow-up
     reference the image of an earlier turn, and the planner's tokens are tagged in its stream."""
