@@ -400,8 +400,11 @@ class Agent:
     def as_tool(self, *, name: str = "illustrated_answer", mode: str = "visual-plan") -> Any:
         """The whole agent as one LangChain tool for other agents: it answers a request with text
         and pictures; the content is text plus standard base64 image blocks (the calling model sees
-        the pictures), the artifact the ``InterleavedDocument`` as JSON. Each call is a one-shot turn,
-        which keeps no checkpoints once it ends."""
+        the pictures), the artifact the ``InterleavedDocument`` as JSON. ``ainvoke`` runs the turn as
+        ``arun`` does: cancelling the caller stops it after the step in progress. Each call is a
+        one-shot turn, which keeps no checkpoints once it ends."""
+        import asyncio
+
         from langchain_core.tools import StructuredTool, ToolException
         from pydantic import BaseModel, Field
 
@@ -418,8 +421,21 @@ class Agent:
                 raise ToolException(str(e)) from None
             return doc.content_blocks(agent.store), doc.model_dump(mode="json")
 
+        async def aillustrated_answer(
+            request: str, mode: str = default_mode
+        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            # As ``arun``: a cancelled caller (a timeout, a client gone) stops the turn after its
+            # step in progress; run in an executor, the turn went on to its end unseen.
+            try:
+                doc = await agent.arun(request, mode=mode)
+                blocks = await asyncio.to_thread(doc.content_blocks, agent.store)  # reads the PNGs
+            except DuogenError as e:
+                raise ToolException(str(e)) from None
+            return blocks, doc.model_dump(mode="json")
+
         return StructuredTool.from_function(
             func=illustrated_answer,
+            coroutine=aillustrated_answer,
             name=name,
             description="Answer a request with an illustrated, step-by-step answer: text and images.",
             args_schema=IllustratedAnswerArgs,
