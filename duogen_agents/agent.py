@@ -312,9 +312,12 @@ class Agent:
     ) -> Iterator[dict[str, Any]]:
         """Run one turn, yielding events; the last event carries the ``InterleavedDocument``.
 
-        Without a session the turn lives in this agent's checkpointer (in memory by default); use
-        ``agent.session(...)`` for a persisted, resumable conversation. ``version="v2"`` yields the
-        same events as LangGraph v2 stream parts (see ``as_stream_parts``).
+        Without ``thread_id`` the turn is one-shot: it runs in this agent's checkpointer (in memory
+        by default) and its checkpoints are deleted when it ends, finished, failed or closed early.
+        With ``thread_id`` they are kept under that id, and the next turn with the same id continues
+        the conversation (the document event then carries ``thread_id``). Use ``agent.session(...)``
+        for a persisted, resumable conversation. ``version="v2"`` yields the same events as
+        LangGraph v2 stream parts (see ``as_stream_parts``).
         """
         if version not in ("v1", "v2"):
             raise ConfigError(f"unknown stream version {version!r}; use v1 (event dicts) or v2 (stream parts)")
@@ -334,13 +337,27 @@ class Agent:
         events: bool,
     ) -> Iterator[dict[str, Any]]:
         check_seed(seed)
-        with self.store.lease():  # `duogen sessions gc` keeps what this turn writes
-            refs = self.store_inputs(prompt, mode, images)
-            state = self.input_state(prompt, mode, refs, self.preset.seed if seed is None else seed)
-            config = self.config(thread_id or uuid.uuid4().hex)
-            yield from self.graph_events(self.graph, state, config, events=events)
-            doc = self.document(self.graph.get_state(config).values, prompt, mode, refs)
-        yield {"event": "document", "document": doc, "thread_id": config["configurable"]["thread_id"]}
+        one_shot = not thread_id
+        config = self.config(thread_id or uuid.uuid4().hex)
+        try:
+            with self.store.lease():  # `duogen sessions gc` keeps what this turn writes
+                refs = self.store_inputs(prompt, mode, images)
+                state = self.input_state(prompt, mode, refs, self.preset.seed if seed is None else seed)
+                yield from self.graph_events(self.graph, state, config, events=events)
+                doc = self.document(self.graph.get_state(config).values, prompt, mode, refs)
+        finally:
+            if one_shot:  # nothing can name its thread again
+                self._drop_thread(config["configurable"]["thread_id"])
+        named = {} if one_shot else {"thread_id": thread_id}
+        yield {"event": "document", "document": doc, **named}
+
+    def _drop_thread(self, thread_id: str) -> None:
+        """Delete a one-shot turn's checkpoints (finished, failed or closed early): without this each
+        ``run`` or tool call kept its whole turn in the checkpointer, under an id nobody knew."""
+        try:
+            self.graph.checkpointer.delete_thread(thread_id)
+        except Exception:  # a saver that cannot delete: the turn's own outcome (or error) goes on
+            log.warning("could not delete the checkpoints of one-shot turn %s", thread_id, exc_info=True)
 
     def session(self, session_id: str | None = None, *, database: Any = None, wait: float | None = None) -> Session:
         """Open (or create on the first turn) a persisted session in ``database`` (a ``Database``, a URL,
@@ -383,7 +400,11 @@ class Agent:
     def as_tool(self, *, name: str = "illustrated_answer", mode: str = "visual-plan") -> Any:
         """The whole agent as one LangChain tool for other agents: it answers a request with text
         and pictures; the content is text plus standard base64 image blocks (the calling model sees
-        the pictures), the artifact the ``InterleavedDocument`` as JSON."""
+        the pictures), the artifact the ``InterleavedDocument`` as JSON. ``ainvoke`` runs the turn as
+        ``arun`` does: cancelling the caller stops it after the step in progress. Each call is a
+        one-shot turn, which keeps no checkpoints once it ends."""
+        import asyncio
+
         from langchain_core.tools import StructuredTool, ToolException
         from pydantic import BaseModel, Field
 
@@ -400,8 +421,21 @@ class Agent:
                 raise ToolException(str(e)) from None
             return doc.content_blocks(agent.store), doc.model_dump(mode="json")
 
+        async def aillustrated_answer(
+            request: str, mode: str = default_mode
+        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            # As ``arun``: a cancelled caller (a timeout, a client gone) stops the turn after its
+            # step in progress; run in an executor, the turn went on to its end unseen.
+            try:
+                doc = await agent.arun(request, mode=mode)
+                blocks = await asyncio.to_thread(doc.content_blocks, agent.store)  # reads the PNGs
+            except DuogenError as e:
+                raise ToolException(str(e)) from None
+            return blocks, doc.model_dump(mode="json")
+
         return StructuredTool.from_function(
             func=illustrated_answer,
+            coroutine=aillustrated_answer,
             name=name,
             description="Answer a request with an illustrated, step-by-step answer: text and images.",
             args_schema=IllustratedAnswerArgs,

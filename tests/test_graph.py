@@ -78,10 +78,13 @@ def test_unknown_reference_is_a_generation_error(tmp_path) -> None:
 
 def test_state_and_checkpoints_hold_no_pixels(tiny_agent) -> None:
     """Every checkpoint of a real tiny run is small and holds ids, never image bytes."""
-    tiny_agent.run("Plan a picnic", mode="visual-plan", seed=4)
+    from duogen_agents.agent import last_document
+
+    # A named thread keeps its checkpoints (a one-shot ``run`` deletes them when it ends).
+    last_document(tiny_agent.stream("Plan a picnic", mode="visual-plan", seed=4, thread_id="no-pixels"))
     saver = tiny_agent.checkpointer
     checked = 0
-    for tup in saver.list(None):
+    for tup in saver.list({"configurable": {"thread_id": "no-pixels"}}):
         type_, blob = saver.serde.dumps_typed(tup.checkpoint)
         assert b"\x89PNG" not in blob and b"iVBORw0KGgo" not in blob  # PNG bytes, raw or base64
         assert len(blob) < 64 * 1024
@@ -284,3 +287,35 @@ def test_a_picture_in_a_tool_result_is_stored_and_may_be_referenced(tmp_path) ->
     assert drawn["references"] == [result.artifact["id"]]  # the tool's picture was the edit's reference
     tool_message = next(m for m in state["messages"] if m.type == "tool")
     assert not any("base64" in b for b in tool_message.content if isinstance(b, dict))  # no pixels in state
+
+
+def test_the_graph_checks_a_direct_request_and_fills_in_the_rest(tmp_path) -> None:
+    """A caller of the graph's own ``request`` key (a redraw without the planner) may give only the
+    prompt: the rest takes its defaults (it was a KeyError 'attempt' deep in ``render``), and a
+    malformed request is a one-line ConfigError naming the field, before anything is drawn."""
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from duogen_agents import ConfigError, build_graph
+
+    tool = SolidImageTool()
+    agent = _agent(tmp_path, [{"verdict": "ok"}], tool=tool)
+    graph = build_graph(agent.deps, checkpointer=InMemorySaver())
+    message = {"messages": [{"role": "user", "content": "redraw it"}]}
+    for bad, match in (
+        ({"prompt": "a blue pot", "attempt": 0}, r"^request\.attempt: Input should be greater than or equal to 1;"),
+        ({"prompt": "a blue pot", "colour": "blue"}, r"^request\.colour: Extra inputs are not permitted;"),
+        ({"references": []}, r"^request\.prompt: Field required;"),
+        ({"prompt": "a pot", "kind": "paint"}, r"^request\.kind: Input should be 'generate', 'edit' or 'continue';"),
+        ({"prompt": " "}, "request.prompt is blank"),
+        ("a blue pot", r"^request must be an image request: \{'prompt': str\}.*; got str"),
+    ):
+        with pytest.raises(ConfigError, match=match) as e:
+            graph.invoke({**message, "request": bad}, {"configurable": {"thread_id": f"bad-{bad!s:.20}"}})
+        assert "\n" not in str(e.value)
+    assert tool.requests == []
+    out = graph.invoke({**message, "request": {"prompt": "a blue pot"}}, {"configurable": {"thread_id": "ok"}})
+    assert [r["prompt"] for r in tool.requests] == ["a blue pot"]
+    (block,) = out["blocks"]
+    assert block["type"] == "image" and block["prompt"] == "a blue pot" and block["attempts"] == 1
+    assert block["kind"] == "generate" and block["origin"] == "generated" and block["references"] == []
+    assert out["pending"] is None and out["direct"] is True

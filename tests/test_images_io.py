@@ -161,11 +161,90 @@ def test_async_twins(home, tmp_path) -> None:
 
 
 def test_the_agent_as_one_tool(home) -> None:
-    agent = scripted_agent(home, [TEXT, image("a pot"), OK, DONE])
+    agent = scripted_agent(home, [TEXT, image("a pot"), OK, DONE, TEXT, image("a pot"), OK, DONE])
     tool = agent.as_tool(mode="interleaved")
     msg = tool.invoke({"type": "tool_call", "name": tool.name, "args": {"request": "draw a pot"}, "id": "c1"})
     assert [b["type"] for b in msg.content] == ["text", "image"]
     assert msg.artifact["blocks"][1]["type"] == "image" and msg.artifact["mode"] == "interleaved"
+    # Awaited (an async agent's ToolNode): the same answer, and a bad request is the same tool error.
+    call = {"type": "tool_call", "name": tool.name, "args": {"request": "draw a pot"}, "id": "c2"}
+    amsg = asyncio.run(tool.ainvoke(call))
+    assert [b["type"] for b in amsg.content] == ["text", "image"] and amsg.content[0] == msg.content[0]
+    assert amsg.status == "success" and amsg.artifact["blocks"][1]["prompt"] == "a pot"
+    bad = asyncio.run(tool.ainvoke({**call, "args": {"request": "draw a pot", "mode": "comic"}}))
+    assert bad.status == "error" and "unknown mode 'comic'" in bad.content
+
+
+def _saved(agent) -> dict:
+    """What the agent's in-memory checkpointer holds, by thread."""
+    saver = agent.checkpointer
+    threads = {*saver.storage, *(k[0] for k in saver.writes), *(k[0] for k in saver.blobs)}
+    return {t: len(saver.storage.get(t, {}).get("", {})) for t in threads}
+
+
+def test_one_shot_turns_keep_no_checkpoints(home) -> None:
+    """A tool call, ``run``, ``arun``, a failed turn and a stream closed early each leave nothing in
+    the agent's checkpointer (each kept its whole turn, about 50 KB, under a random thread id that
+    was never returned or deleted); a turn given a ``thread_id`` keeps it, and the next turn with
+    that id continues the conversation."""
+    from duogen_agents.errors import GenerationError
+
+    def fails(conversation, schema):
+        raise GenerationError("the planner fell over (simulated)")
+
+    agent = scripted_agent(home, [TEXT, image("a pot"), OK, DONE, TEXT, DONE, TEXT, DONE, TEXT, fails])
+    tool = agent.as_tool(mode="interleaved")
+    msg = tool.invoke({"type": "tool_call", "name": tool.name, "args": {"request": "draw a pot"}, "id": "c1"})
+    assert msg.status == "success" and _saved(agent) == {}
+    assert agent.run("and water it").text and _saved(agent) == {}
+    assert asyncio.run(agent.arun("and again")).text and _saved(agent) == {}
+    with pytest.raises(GenerationError, match="fell over"):
+        agent.run("once more")
+    assert _saved(agent) == {}
+
+    agent.planner.script = [TEXT, image("a pot"), OK, DONE]
+    events = agent.stream("draw a pot")
+    assert next(e for e in events if e["event"] == "text")
+    events.close()  # the caller stops reading halfway
+    assert _saved(agent) == {}
+
+    agent.planner.script = [TEXT, DONE, TEXT, DONE]
+    first = list(agent.stream("draw a pot", thread_id="kept"))[-1]
+    assert first["thread_id"] == "kept" and list(_saved(agent)) == ["kept"]
+    list(agent.stream("and now?", thread_id="kept"))
+    seen = [p["text"] for t in agent.planner.calls[-1][0] for p in t["content"] if p["type"] == "text"]
+    assert "draw a pot" in seen and "and now?" in seen  # the second turn read the first
+    assert list(_saved(agent)) == ["kept"]
+
+
+def test_cancelling_an_async_tool_call_stops_its_turn(home) -> None:
+    """An async agent's tool call (``ToolNode`` awaits ``ainvoke``) cancelled by its caller (a
+    timeout, a client gone) stops the turn after the step in progress, as ``arun`` does, and keeps
+    nothing (it ran in an executor: the turn went on to its end, asking the planner and drawing)."""
+    entered, release = threading.Event(), threading.Event()
+    agent = scripted_agent(home, [TEXT, image("a pot"), OK, image("a hat"), OK, DONE])
+    real = agent.image_tool.draw
+
+    def held_draw(*args, **kwargs):
+        entered.set()
+        assert release.wait(30)
+        return real(*args, **kwargs)
+
+    agent.image_tool.draw = held_draw
+    tool = agent.as_tool(mode="interleaved")
+    call = {"type": "tool_call", "name": tool.name, "args": {"request": "draw a pot"}, "id": "c1"}
+
+    async def main() -> None:
+        threading.Timer(0.5, release.set).start()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(tool.ainvoke(call), 0.2)
+        assert entered.is_set()
+        await asyncio.sleep(1.0)  # time enough for a turn that went on to finish
+
+    asyncio.run(main())
+    assert len(agent.planner.calls) == 2  # the text and the image request: not the check nor what follows
+    assert [r["prompt"] for r in agent.image_tool.requests] == ["a pot"]  # the draw in progress only
+    assert _saved(agent) == {}
 
 
 def test_a_parent_messages_state_graph_keeps_image_references_across_turns(home) -> None:

@@ -83,7 +83,9 @@ class TurnState(TypedDict, total=False):
     known_images: KnownImages
     mode: Mode
     seed: int
-    # Input only: an image request to draw directly (a redraw), without asking the planner.
+    # Input only: an image request to draw directly (a redraw), without asking the planner:
+    # {"prompt": ...} and optionally references, kind, origin, step, attempt and seed; ``start``
+    # checks it and fills in the rest (``nodes.plan.direct_request``).
     request: PendingImage | None
     direct: bool
     # Per-turn bookkeeping, reset by the start node.

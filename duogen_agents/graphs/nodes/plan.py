@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.messages import AIMessage
 from langchain_core.runnables import RunnableConfig
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from duogen_agents.errors import ConfigError
 from duogen_agents.graphs import actions as A
@@ -22,8 +23,8 @@ from duogen_agents.graphs.nodes.common import (
     text_update,
     writer,
 )
-from duogen_agents.graphs.state import MODES, RESET_BLOCKS, TurnState
-from duogen_agents.validation import check_seed
+from duogen_agents.graphs.state import MODES, RESET_BLOCKS, PendingImage, TurnState
+from duogen_agents.validation import MAX_PROMPT_CHARS, MAX_SEED, check_seed, check_text, validation_line
 
 # "Step 3:", "step 3)", "Step 3 -", "Step 3." (a dot or dash only before a space: "Step 1.5 cups" keeps it)
 _STEP_PREFIX = re.compile(r"\s*step\s*\d+\s*(?:[:)]|[.\-\u2013\u2014](?=\s)|$)\s*", re.IGNORECASE)
@@ -104,6 +105,38 @@ def _stored_copy(block: dict[str, Any], store: Any) -> Any:
     return store.ref(image_id) if store.exists(image_id) else None
 
 
+class DirectRequest(BaseModel):
+    """A caller's direct image request (``request``: a redraw): a prompt, the rest optional."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    references: list[str] = Field(default_factory=list, max_length=64)  # ids of earlier images
+    kind: Literal["generate", "edit", "continue"] = "generate"
+    origin: Literal["generated", "draft"] = "generated"
+    step: int | None = Field(default=None, ge=0)
+    attempt: int = Field(default=1, ge=1, le=1_000)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)  # the render node sets the drawing's own seed
+
+
+def direct_request(request: object) -> PendingImage | None:
+    """``request`` as the render node takes it, the defaults filled in; a malformed one is a one-line
+    ``ConfigError`` (it was a KeyError inside ``render``)."""
+    if request is None:
+        return None
+    shape = "an image request: {'prompt': str} and optionally references, kind, origin, step, attempt, seed"
+    if not isinstance(request, dict):
+        raise ConfigError(f"request must be {shape}; got {type(request).__name__}")
+    try:
+        checked = DirectRequest.model_validate(request)
+    except ValidationError as e:
+        raise ConfigError(f"request.{validation_line(e.errors())}; it must be {shape}") from None
+    if not checked.prompt.strip():
+        raise ConfigError("request.prompt is blank; say what to draw")
+    check_text(checked.prompt, "request.prompt")
+    return {**checked.model_dump(), "rejections": []}  # type: ignore[return-value]
+
+
 def start(state: TurnState, *, deps: GraphDeps | None = None) -> dict[str, Any]:
     """Check what a caller of the graph itself sent (a parent graph, a LangGraph server's client:
     ``Agent`` checked it already) and reset the per-turn bookkeeping; a direct request (a redraw)
@@ -112,7 +145,7 @@ def start(state: TurnState, *, deps: GraphDeps | None = None) -> dict[str, Any]:
     if mode not in MODES:
         raise ConfigError(f"unknown mode {str(mode)[:100]!r}; choose one of: {', '.join(MODES)}")
     seed = {"seed": 0} if check_seed(state.get("seed")) is None and "seed" in state else {}  # None: the default
-    request = state.get("request")
+    request = direct_request(state.get("request"))
     images = inline_images(state, deps) if deps is not None else {}
     return {
         **images,
