@@ -335,6 +335,7 @@ class Agent:
         thread_id: str | None,
         *,
         events: bool,
+        stop: Any = None,
     ) -> Iterator[dict[str, Any]]:
         check_seed(seed)
         one_shot = not thread_id
@@ -343,7 +344,7 @@ class Agent:
             with self.store.lease():  # `duogen sessions gc` keeps what this turn writes
                 refs = self.store_inputs(prompt, mode, images)
                 state = self.input_state(prompt, mode, refs, self.preset.seed if seed is None else seed)
-                yield from self.graph_events(self.graph, state, config, events=events)
+                yield from self.graph_events(self.graph, state, config, events=events, stop=stop)
                 doc = self.document(self.graph.get_state(config).values, prompt, mode, refs)
         finally:
             if one_shot:  # nothing can name its thread again
@@ -393,9 +394,29 @@ class Agent:
             async for event in events:
                 yield event
 
-    async def arun(self, prompt: str, **kwargs: Any) -> InterleavedDocument:
-        """``run`` for asyncio (see ``astream``)."""
-        return await alast_document(self.astream(prompt, **kwargs))
+    async def arun(
+        self,
+        prompt: str,
+        *,
+        mode: str = "interleaved",
+        images: Sequence[ImageInput] = (),
+        seed: int | None = None,
+    ) -> InterleavedDocument:
+        """``run`` for asyncio: the turn runs in a worker thread, so the event loop stays free, and as
+        ``run`` produces no events (the planner decodes at full speed: see ``graph_events``).
+        Cancelling the caller (a timeout, a client gone) stops the turn after its step in progress."""
+        import asyncio
+        import threading
+
+        stop = threading.Event()
+
+        def turn() -> InterleavedDocument:
+            return last_document(self._turn(prompt, mode, images, seed, None, events=False, stop=stop))
+
+        try:
+            return await asyncio.to_thread(turn)
+        finally:
+            stop.set()  # cancelled: the turn, still running in its thread, ends after its step
 
     def as_tool(self, *, name: str = "illustrated_answer", mode: str = "visual-plan") -> Any:
         """The whole agent as one LangChain tool for other agents: it answers a request with text
