@@ -413,10 +413,15 @@ class Agent:
         def turn() -> InterleavedDocument:
             return last_document(self._turn(prompt, mode, images, seed, None, events=False, stop=stop))
 
+        running = asyncio.ensure_future(asyncio.to_thread(turn))
         try:
-            return await asyncio.to_thread(turn)
-        finally:
-            stop.set()  # cancelled: the turn, still running in its thread, ends after its step
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            stop.set()  # the turn, running in its thread, ends after its step: the caller waits for that
+            await asyncio.wait({running})
+            if not running.cancelled():
+                running.exception()  # retrieved: the turn's TurnStoppedError is the cancellation's own doing
+            raise
 
     def as_tool(self, *, name: str = "illustrated_answer", mode: str = "visual-plan") -> Any:
         """The whole agent as one LangChain tool for other agents: it answers a request with text

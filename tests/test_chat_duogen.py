@@ -430,6 +430,12 @@ def test_malformed_blocks_are_one_line_errors(chat) -> None:
         # another layout right after a name: the call is read whole (its arguments were lost)
         ('{"calls": [{"tool": "add", "id": "x", "arguments": {"a": 1, "b": 2}}]}', [("add", {"a": 1, "b": 2})], ""),
         ('{"answer": {"litres": 3}}', [], '{"litres": 3}'),
+        # another layout after a streamed call, then cut: the streamed call stays (it was an error)
+        (
+            '{"calls": [{"tool": "add", "arguments": {"a": 1, "b": 2}}, {"arguments": {"a"',
+            [("add", {"a": 1, "b": 2})],
+            "",
+        ),
     ],
 )
 def test_cut_answers_and_other_layouts_read_the_same_streamed_or_not(chat, monkeypatch, raw, calls, content) -> None:

@@ -983,3 +983,20 @@ def test_a_busy_session_is_worded_for_http_clients(tmp_path: Path) -> None:
         assert answer.message == "session 's1' is busy: another turn is writing it; try again when it finishes"
     finally:
         db.close()
+
+
+def test_the_servers_reading_of_cut_and_odd_answers_matches_the_chat_models() -> None:
+    """An answer cut after a streamed call in another layout kept nothing on the server (its raw JSON
+    came back as content), and ``{"calls": []}`` read whole was an IndexError (a 500)."""
+    from duogen_agents.models.chat_model import _ToolTurn
+    from duogen_agents.models.protocols import PlannerOutput
+    from duogen_agents.serve.openai_api import _answer
+
+    def answer(raw: str) -> tuple[dict, str]:
+        reader = _ToolTurn([], None, None)
+        reader.feed(raw)
+        return _answer(PlannerOutput(text=raw, num_tokens=9, complete=False), reader, [], 100)
+
+    message, reason = answer('{"calls": [{"tool": "add", "arguments": {"a": 1}}, {"arguments": {"a"')
+    assert reason == "length" and [c["function"]["arguments"] for c in message["tool_calls"]] == ['{"a": 1}']
+    assert answer('{"calls": []}') == ({"content": ""}, "length")

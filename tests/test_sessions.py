@@ -207,6 +207,43 @@ def test_a_cancel_cut_short_after_its_revert_never_answers_with_the_previous_tur
     assert any("turn one" in c for c in contents) and not any("turn two" in c for c in contents)
 
 
+def test_a_redraw_cut_short_is_drawn_again_on_resume_and_a_forks_turn_can_be_dropped(db, tmp_path, monkeypatch) -> None:
+    """A redraw whose cancel was cut short after its revert was resumed as a message to plan: nothing
+    was drawn and the turn was stored complete without its image. And a failed turn of a fork could
+    not be dropped on SQLite (a raw KeyError: the fork's only checkpoint had no namespace)."""
+    a = _agent(tmp_path, [TEXT, _image("a red pot"), OK, DONE])
+    a.session("s", database=db).send("draw a pot")
+    broken = _agent(tmp_path, [], tool=FailingImageTool(fail_on=1))
+    sb = broken.session("s", database=db)
+    with pytest.raises(RuntimeError):
+        list(sb.redraw(1, seed=7))
+    write_status = sb.sessions.set_turn_status
+
+    def killed(turn_id, status, error=None):
+        if status == "cancelled":
+            raise SystemExit(130)
+        write_status(turn_id, status, error)
+
+    monkeypatch.setattr(sb.sessions, "set_turn_status", killed)
+    with pytest.raises(SystemExit):
+        sb.cancel()
+    tool = SolidImageTool()
+    c = _agent(tmp_path, [OK, DONE], tool=tool)
+    list(c.session("s", database=db).resume())
+    assert [r["prompt"] for r in tool.requests] == ["a red pot"]  # drawn again, not re-planned
+    _, again = c.session("s", database=db).history()
+    assert again.status == "complete" and [i.prompt for i in again.document.images] == ["a red pot"]
+
+    sessions = Sessions(db, a.store)
+    sessions.fork("s", "f")
+    failing = _agent(tmp_path, [_image("a hat")], tool=FailingImageTool(fail_on=1))
+    sf = failing.session("f", database=db)
+    with pytest.raises(RuntimeError):
+        sf.send("and a hat")
+    assert sf.cancel() is True
+    assert [t.status for t in sf.history()][-1] == "cancelled"
+
+
 def test_second_writer_is_busy_or_waits(db_url, tmp_path) -> None:
     db1 = Database.open(db_url, home=tmp_path)
     db2 = Database.open(db_url, home=tmp_path)

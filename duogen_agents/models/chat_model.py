@@ -1012,6 +1012,8 @@ class ChatDuogen(PlannerChatModel):
             try:
                 turn.read_whole(raw)
             except ValueError as e:
+                if turn.finished_calls()[0]:  # cut after calls that streamed whole: those stay
+                    return ChatDuogen._calls_message(turn, usage, meta)
                 raise GenerationError(
                     f"the model's answer with tools is neither calls nor an answer ({e}); if it was cut, raise "
                     "max_tokens"
@@ -1024,15 +1026,20 @@ class ChatDuogen(PlannerChatModel):
                 turn.text = [text]
         if turn.kind == "answer":  # JSON under the response_format: its text, as it streamed
             return AIMessage(content=turn.answer, usage_metadata=usage, response_metadata=meta)
-        whole, cut = turn.finished_calls()
-        if not whole and cut is None:  # a text answer (or an answer cut before its first call)
+        if not any(turn.finished_calls()):  # a text answer (or an answer cut before its first call)
             return AIMessage(content="".join(turn.text), usage_metadata=usage, response_metadata=meta)
+        return ChatDuogen._calls_message(turn, usage, meta)
+
+    @staticmethod
+    def _calls_message(turn: _ToolTurn, usage: Any, meta: dict[str, Any]) -> AIMessage:
+        """The calls written whole, and the one cut in its arguments as an invalid call."""
+        whole, cut = turn.finished_calls()
         calls = [{"name": c["name"], "args": json.loads(c["arguments"], strict=False), "id": c["id"]} for c in whole]
         invalid = []
         if cut is not None:  # cut by the token budget, as ChatOpenAI reports one: invalid, beside the whole ones
             error = "cut by the token budget (finish_reason 'length'): raise max_tokens"
             invalid.append({"name": cut["name"], "args": cut["arguments"], "id": cut["id"], "error": error})
-        meta["finish_reason"] = "tool_calls" if turn.state == "end" else "length"
+        meta = {**meta, "finish_reason": "tool_calls" if turn.state == "end" else "length"}
         return AIMessage(
             content="", tool_calls=calls, invalid_tool_calls=invalid, usage_metadata=usage, response_metadata=meta
         )

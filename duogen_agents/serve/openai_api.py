@@ -528,17 +528,18 @@ def _answer(out: Any, reader: Any, stop: list[str], max_tokens: int) -> tuple[di
             try:
                 reader.read_whole(text)
             except ValueError:
-                return {"content": text}, "length"
-        whole, cut = reader.finished_calls()
-        if whole or cut is not None:  # and the one cut at max_tokens, with its arguments so far (as OpenAI's)
+                if not reader.finished_calls()[0]:  # else: cut after calls that streamed whole, which stay
+                    return {"content": text}, "length"
+        whole, partial = reader.finished_calls()
+        if whole or partial is not None:  # and the one cut at max_tokens, with its arguments so far (as OpenAI's)
             calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
-                     for c in [*whole, *([cut] if cut else [])]]  # fmt: skip
+                     for c in [*whole, *([partial] if partial else [])]]  # fmt: skip
             return {"content": None, "tool_calls": calls}, "tool_calls" if reader.state == "end" else "length"
         if reader.kind == "answer":  # JSON under the response_format
             return {"content": reader.answer}, "stop" if reader.state == "end" else "length"
         if streamed:
             return {"content": "".join(reader.text)}, "stop" if reader.whole else "length"
-        text = reader.text[0]
+        text = reader.text[0] if reader.text else ""  # read whole: its text, if any
     found = [i for s in stop if (i := text.find(s)) >= 0]
     if found:
         return {"content": text[: min(found)]}, "stop"

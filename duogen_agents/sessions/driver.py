@@ -19,6 +19,7 @@ until then the turn is ``running`` (or ``interrupted``) and its progress lives i
 from __future__ import annotations
 
 import contextlib
+import re
 import secrets
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -59,8 +60,8 @@ class Session:
 
     def _config(self, checkpoint_id: str | None = None) -> dict[str, Any]:
         config = self.agent.config(self.id)
-        if checkpoint_id:
-            config["configurable"]["checkpoint_id"] = checkpoint_id
+        if checkpoint_id:  # with its namespace: SqliteSaver hands this config back as the checkpoint's own
+            config["configurable"].update(checkpoint_id=checkpoint_id, checkpoint_ns="")
         return config
 
     def info(self) -> SessionInfo:
@@ -191,12 +192,11 @@ class Session:
         with self._writing(), self.agent.store.lease():
             if self.sessions.unfinished_turn(self.id) is not None:
                 raise SessionStateError(f"session {self.id!r} has an unfinished turn; resume or cancel it first")
-            images = [b for t in self.history() if t.status == "complete" for b in t.document.images]
+            images = self._images()
             if not 1 <= number <= len(images):
                 raise ConfigError(f"no image {number}: this session has {len(images)} image(s)")
-            old = images[number - 1]
             seed = secrets.randbelow(MAX_SEED + 1) if check_seed(seed) is None else seed
-            prompt = f"Draw image {number} again: {old.prompt}"
+            prompt, request = _redraw(number, images[number - 1])
             mode = self.sessions.get(self.id).mode
             base = self.graph.get_state(self._config()).config["configurable"].get("checkpoint_id")
             turn_id = self.sessions.begin_turn(
@@ -207,17 +207,24 @@ class Session:
                 "messages": [HumanMessage(content=[{"type": "text", "text": prompt}])],
                 "mode": mode,
                 "seed": seed,
-                "request": {
-                    "prompt": old.prompt,
-                    "references": list(old.references),
-                    "kind": old.kind,
-                    "origin": "draft" if old.origin == "draft" else "generated",
-                    "step": old.step,
-                    "attempt": 1,
-                    "seed": 0,
-                },
+                "request": request,
             }
             yield from self._drive(turn_id, state, prompt, mode, [])
+
+    def _images(self) -> list[Any]:
+        """The image blocks of the session's answers, in order: what ``redraw`` numbers from 1."""
+        return [b for t in self.history() if t.status == "complete" for b in t.document.images]
+
+    def _redraw_request(self, prompt: str) -> dict[str, Any] | None:
+        """The request of a redraw turn, known by its message (``redraw`` writes "Draw image N again:
+        <that image's prompt>"), else None: a redraw that starts again draws, it is not re-planned."""
+        found = re.match(r"Draw image (\d+) again: ", prompt)
+        images = self._images() if found else []
+        number = int(found.group(1)) if found else 0
+        if not 1 <= number <= len(images):
+            return None
+        again, request = _redraw(number, images[number - 1])
+        return request if again == prompt else None
 
     def resume(self, *, stop: Any = None) -> Iterator[dict[str, Any]]:
         """Continue the unfinished last turn from its last checkpoint, yielding its events.
@@ -240,6 +247,8 @@ class Session:
                 # state: nothing of the turn is in the state, so it starts again from its message
                 # (committing the state as it is would store the previous turn's answer as this one's).
                 graph_input = self.agent.input_state(turn.prompt, turn.mode, refs, turn.seed)
+                if (request := self._redraw_request(turn.prompt)) is not None:
+                    graph_input["request"] = request
             yield from self._drive(turn.id, graph_input, turn.prompt, turn.mode, refs, stop=stop)
 
     def _at_start(self, base: str | None) -> bool:
@@ -286,3 +295,17 @@ class Session:
             self.sessions.set_turn_status(turn.id, "cancelled")
             self.agent.forget(self.id)
             return True
+
+
+def _redraw(number: int, old: Any) -> tuple[str, dict[str, Any]]:
+    """The message and the direct request of a turn that draws image ``number`` (block ``old``) again."""
+    request = {
+        "prompt": old.prompt,
+        "references": list(old.references),
+        "kind": old.kind,
+        "origin": "draft" if old.origin == "draft" else "generated",
+        "step": old.step,
+        "attempt": 1,
+        "seed": 0,
+    }
+    return f"Draw image {number} again: {old.prompt}", request

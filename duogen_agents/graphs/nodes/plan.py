@@ -131,8 +131,6 @@ def direct_request(request: object) -> PendingImage | None:
         checked = DirectRequest.model_validate(request)
     except ValidationError as e:
         raise ConfigError(f"request.{validation_line(e.errors())}; it must be {shape}") from None
-    if not checked.prompt.strip():
-        raise ConfigError("request.prompt is blank; say what to draw")
     check_text(checked.prompt, "request.prompt")
     return {**checked.model_dump(), "rejections": []}  # type: ignore[return-value]
 
