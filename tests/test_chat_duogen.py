@@ -395,7 +395,7 @@ def test_response_formats_and_history_as_written() -> None:
             response_schema(bad)
     code = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[a-z]*$", "maxLength": 3}}}
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    _, grammar, _ = with_tools([], [tool], "auto", None, code)
+    _, grammar, _ = with_tools([], [tool], "auto", answer=code)
     assert split_limits(grammar)[1] == {("answer", "code"): 3}
     assert calls_text([("f", {"city": "Zürich"})]) == '{"calls": [{"tool": "f", "arguments": {"city": "Zürich"}}]}'
 

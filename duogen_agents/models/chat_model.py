@@ -133,8 +133,8 @@ class PlannerChatModel(BaseChatModel):
         self, messages: list[BaseMessage], tools: Sequence[Any] | None = None, **kwargs: Any
     ) -> int:
         """The tokens the planner reads for ``messages``: its chat template, each image's tokens, the
-        opening of its answer and, with ``tools`` (and ``tool_choice``, as ``bind_tools`` takes it),
-        the tools' prompt as the call writes it. This is what ``trim_messages(token_counter=model)``
+        opening of its answer and, with ``tools`` (and ``tool_choice``, ``parallel_tool_calls`` and
+        ``response_format``, as ``bind_tools`` takes them), the tools' prompt as the call writes it. This is what ``trim_messages(token_counter=model)``
         needs. A served planner: LangChain's estimate by characters."""
         from langchain_core.utils.function_calling import convert_to_openai_tool
 
@@ -143,7 +143,13 @@ class PlannerChatModel(BaseChatModel):
             from langchain_core.messages.utils import count_tokens_approximately
 
             return count_tokens_approximately(messages, tools=formatted or None)
-        turns, _, _ = with_tools(to_chat_turns(list(messages), self._load_image), formatted, kwargs.get("tool_choice"))
+        turns, _, _ = with_tools(
+            to_chat_turns(list(messages), self._load_image),
+            formatted,
+            kwargs.get("tool_choice"),
+            parallel=kwargs.get("parallel_tool_calls"),
+            answer=response_schema(kwargs.get("response_format")),
+        )
         return int(self.planner.encode(turns)["input_ids"].shape[1])
 
     @property
@@ -371,6 +377,7 @@ def with_tools(
     turns: list[ChatTurn],
     tools: list[dict[str, Any]],
     tool_choice: Any,
+    *,
     parallel: bool | None = None,
     answer: dict[str, Any] | None = None,
 ) -> tuple[list[ChatTurn], dict[str, Any] | None, list[dict[str, Any]]]:
@@ -510,7 +517,7 @@ class _ToolTurn:
         self.raw = ""  # everything decoded
         self.pos = 0  # how far ``raw`` has been read
         self.state = "open"  # a key of _PUNCTUATION or _KEYS, or name, text, args, end, whole
-        self.kind: str | None = None  # "calls" or "text", once its key is read
+        self.kind: str | None = None  # "calls", "text" or "answer" (JSON), once its key is read
         self.text: list[str] = []  # the text answer handed on (up to a stop sequence)
         self.decoded = ""  # text answer decoded but not yet handed to ``upto``
         self.upto = _UpToStop(stop, self._emit_text, halt=True, gone=gone)
@@ -622,9 +629,11 @@ class _ToolTurn:
         if self.raw[self.pos] != ":" or value not in _KEYS[state]:
             return self._whole()
         self.pos += 1
-        if value in ("calls", "tool"):
-            self.kind = self.kind or value
-            self.state = "list" if value == "calls" else "name"
+        if value == "calls":
+            self.kind, self.state = "calls", "list"
+            return True
+        if value == "tool":
+            self.state = "name"
             return True
         if not self._skip():  # the value's first character: an object's "{", or the text's opening quote
             return self._wait(start)
@@ -944,8 +953,8 @@ class ChatDuogen(PlannerChatModel):
                 turns,
                 kwargs.get("tools") or [],
                 kwargs.get("tool_choice"),
-                kwargs.get("parallel_tool_calls"),
-                answer,
+                parallel=kwargs.get("parallel_tool_calls"),
+                answer=answer,
             )
             if not tools:
                 schema = answer

@@ -17,8 +17,8 @@
   the tools in its system prompt, the answer decodes under a grammar of calls or a text answer, and
   calls come as ``tool_calls`` (streamed: each call's id and name first, then its arguments in
   pieces) with ``finish_reason`` ``tool_calls``. ``parallel_tool_calls`` (default true, as OpenAI's):
-  an answer may hold several calls; false holds it to one (as does a function forced by name). History messages carry an assistant's ``tool_calls`` and ``tool``
-  results. ``stop`` cuts a text answer and ends its decoding (never a call). A streamed answer whose
+  an answer may hold several calls; false holds it to one (as does a function forced by name).
+  History messages carry an assistant's ``tool_calls`` and ``tool`` results. ``stop`` cuts a text answer and ends its decoding (never a call). A streamed answer whose
   client hangs up ends its decoding at the next piece.
 - ``POST /v1/images/generations``: text to image. ``POST /v1/images/edits``: multipart, one or more
   ``image`` (or ``image[]``) files as references; ``kind`` (a form field, this server's extension)
@@ -405,7 +405,9 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     turns = await asyncio.to_thread(to_turns, body.messages, state.agent.allow_remote_images)
     if tools:
         try:
-            turns, schema, _ = with_tools(turns, tools, body.tool_choice, body.parallel_tool_calls, schema)
+            turns, schema, _ = with_tools(
+                turns, tools, body.tool_choice, parallel=body.parallel_tool_calls, answer=schema
+            )
         except RecursionError:
             raise ApiError(400, "tools: a function's parameters nest too deeply") from None
     max_tokens = body.max_completion_tokens or body.max_tokens or state.agent.preset.planner.max_new_tokens
