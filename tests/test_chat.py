@@ -271,3 +271,33 @@ def test_chat_resumes_or_discards_an_unfinished_turn(home, tmp_path) -> None:
     assert code == 0, err
     assert "dropped the unfinished turn" in out
     assert statuses() == ["complete", "cancelled", "complete"]
+
+
+def test_chat_loads_a_preset_by_what_it_is_and_ctrl_c_while_loading_keeps_the_chat(home, tmp_path, monkeypatch) -> None:
+    """``/preset`` kept agents by preset name, so a second file of the same name (or the same file
+    edited) silently used the first one's models and settings; Ctrl-C while a preset loaded left the
+    chat altogether, where during an answer it only cancels that message."""
+    from duogen_agents import Agent
+    from duogen_agents.errors import ConfigError
+    from duogen_agents.presets import load_preset
+    from duogen_agents.terminal.chat import ChatApp
+
+    for folder, steps in (("a", 3), ("b", 9)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.toml").write_text(f'base = "tiny"\nname = "x"\n\n[image]\nsteps = {steps}\n')
+    loaded: list[int] = []
+    monkeypatch.setattr(Agent, "from_preset", staticmethod(lambda preset, **kw: loaded.append(preset.image.steps)))
+    app = ChatApp(preset="tiny", session_id="p", db=f"sqlite:///{tmp_path / 'chat.db'}", home=home,
+                  images="none", interactive=False)  # fmt: skip
+    for folder in ("a", "b", "a"):
+        app.preset = load_preset(str(tmp_path / folder / "x.toml"))
+        app.agent()
+    assert loaded == [3, 9]  # each file's own settings; the first again without a reload
+
+    def interrupted(preset, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Agent, "from_preset", staticmethod(interrupted))
+    app.preset = load_preset("tiny")
+    with pytest.raises(ConfigError, match="loading preset 'tiny' was interrupted; nothing was sent"):
+        app.agent()

@@ -27,7 +27,7 @@ from duogen_agents.errors import ConfigError  # noqa: E402
 from duogen_agents.serve import mcp as duogen_mcp  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TOOLS = {"visual_plan", "answer_with_images", "continue_session", "list_sessions", "draw_image"}
+TOOLS = {"visual_plan", "answer_with_images", "continue_session", "finish_turn", "list_sessions", "draw_image"}
 START_TIMEOUT_S = 120
 TEST_TIMEOUT_S = 240
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -322,3 +322,64 @@ def test_missing_sdk_is_one_config_error(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "mcp", None)  # import mcp -> ImportError
     with pytest.raises(ConfigError, match=re.escape("pip install 'duogen-agents[serve]'")):
         duogen_mcp._require_sdk()
+
+
+async def test_a_progress_notification_nobody_reads_never_holds_the_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over streamable HTTP, a call cancelled (or whose client left) while it sent progress held its
+    turn for good: the worker thread waited on a notification nobody would read, the session stayed
+    busy, and the server ignored SIGTERM. Now a notification that cannot go out is dropped, and so are
+    the ones after it; the turn goes on to its end."""
+    import time
+
+    monkeypatch.setattr(duogen_mcp, "PROGRESS_TIMEOUT_S", 0.3)
+    sent: list[float] = []
+
+    class StuckContext:
+        async def report_progress(self, progress: float, total: float | None, message: str) -> None:
+            sent.append(progress)
+            await anyio.sleep_forever()  # a stream nobody reads any more
+
+    def body(emit: Any) -> str:
+        for step in range(5):
+            emit(step, 5, f"step {step}")
+        return "finished"
+
+    server = duogen_mcp.DuogenMCP(agent=None, sessions=None, where="test")
+    started = time.monotonic()
+    with anyio.fail_after(10):
+        assert await server.call(StuckContext(), body) == "finished"
+    assert sent == [0] and time.monotonic() - started < 5  # one try, then no more
+
+
+def test_finish_turn_resumes_or_drops_a_turn_cut_short(tmp_path: Path) -> None:
+    """A client that left mid-turn (a stdio client quitting takes its server along) left the session
+    with an unfinished turn that every MCP tool refused, pointing at `duogen run` and HTTP: an
+    MCP-only user was stuck for good. ``finish_turn`` resumes it to its answer, or drops it."""
+    from duogen_agents import Agent
+    from duogen_agents.errors import SessionStateError
+    from duogen_agents.presets import load_preset
+    from duogen_agents.sessions import Sessions
+    from tests.fakes import FailingImageTool, ScriptedPlanner
+
+    pot = {"type": "image", "prompt": "a pot", "references": [], "kind": "generate"}
+    script = [pot, {"verdict": "ok"}, {"type": "done"}, pot]
+    agent = Agent(load_preset("tiny"), planner=ScriptedPlanner(script), image_tool=FailingImageTool(1), home=tmp_path)
+    sessions = Sessions.open(f"sqlite:///{tmp_path / 'mcp.db'}", home=tmp_path)
+    app = duogen_mcp.DuogenMCP(agent, sessions, where="test")
+    events: list[dict[str, Any]] = []
+    with pytest.raises(RuntimeError):
+        app.turn("draw a pot", "s", "interleaved", None, events.append)
+    with pytest.raises(SessionStateError, match="finish_turn resumes it or drops it"):
+        app.turn("and a hat", "s", None, None, events.append)
+    resumed = app.finish("s", "resume", events.append)
+    assert resumed.structured_content["session_id"] == "s" and not resumed.is_error
+    assert [t.status for t in sessions.turns("s")] == ["complete"]
+    agent.image_tool.calls, agent.image_tool.fail_on = 0, 1  # the next drawing fails again
+    with pytest.raises(RuntimeError):
+        app.turn("and a hat", "s", None, None, events.append)
+    dropped = app.finish("s", "discard", events.append)
+    assert dropped.structured_content == {"session_id": "s", "dropped": True}
+    assert [t.status for t in sessions.turns("s")] == ["complete", "cancelled"]
+    with pytest.raises(SessionStateError, match="nothing to drop"):
+        app.finish("s", "discard", events.append)
+    sessions.close()

@@ -22,6 +22,7 @@ import hmac
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from datetime import timezone
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from duogen_agents.errors import ConfigError, DuogenError, SessionNotFoundError
+from duogen_agents.errors import ConfigError, DuogenError, SessionNotFoundError, SessionStateError
 from duogen_agents.serve.auth import API_KEY_ENV, api_keys_from_env, check_bind, is_loopback
 
 DEFAULT_HOST = "127.0.0.1"
@@ -37,6 +38,9 @@ DEFAULT_PORT = 8765
 MCP_PATH = "/mcp"
 SERVER_NAME = "duogen"
 INSTALL_HINT = "pip install 'duogen-agents[serve]'"
+# A progress notification that has not gone out by then never will (the call was cancelled, or its
+# client left): the turn goes on without it, and without further ones.
+PROGRESS_TIMEOUT_S = 5.0
 
 log = logging.getLogger("duogen.mcp")
 
@@ -267,9 +271,40 @@ class DuogenMCP:
             check_session_id(session_id)
         if must_exist and (session_id is None or not self.sessions.exists(session_id)):
             raise SessionNotFoundError(f"no session {session_id!r}; list_sessions shows the sessions")
+        if session_id is not None and self.sessions.unfinished_turn(session_id) is not None:
+            raise SessionStateError(
+                f"session {session_id!r} has an unfinished turn (cut short: a client or server that left); "
+                "finish_turn resumes it or drops it"
+            )
         session = self.agent.session(session_id, database=self.sessions.db, wait=self.wait)
+        return self._result(session, session.stream(prompt, mode=mode, seed=seed), on_event)
+
+    def finish(self, session_id: str, action: str, on_event: Callable[[dict[str, Any]], None]) -> Any:
+        """The unfinished turn of a session (a client or server that left mid-turn): resumed to its
+        answer, or dropped (the session as it was before that message)."""
+        from mcp.types import CallToolResult, TextContent
+
+        from duogen_agents.storage.database import check_session_id
+
+        check_session_id(session_id)
+        if not self.sessions.exists(session_id):
+            raise SessionNotFoundError(f"no session {session_id!r}; list_sessions shows the sessions")
+        session = self.agent.session(session_id, database=self.sessions.db, wait=self.wait)
+        if action == "resume":
+            return self._result(session, session.resume(), on_event)
+        if not session.cancel():
+            raise SessionStateError(f"session {session_id!r} has no unfinished turn; nothing to drop")
+        text = f"dropped the unfinished turn of session {session_id}: the session is as it was before it"
+        return CallToolResult(
+            content=[TextContent(type="text", text=text)],
+            structured_content={"session_id": session_id, "dropped": True},
+        )
+
+    def _result(
+        self, session: Any, events: Iterator[dict[str, Any]], on_event: Callable[[dict[str, Any]], None]
+    ) -> Any:
+        """A turn's events followed to its document, as the tool's result."""
         doc = None
-        events = session.stream(prompt, mode=mode, seed=seed)
         try:
             for event in events:
                 if event.get("event") == "document":
@@ -277,7 +312,7 @@ class DuogenMCP:
                 elif event.get("event") != "token":
                     on_event(event)
         finally:
-            events.close()
+            events.close()  # type: ignore[attr-defined]
         assert doc is not None, "the turn's stream ended without a document"
         last = self.sessions.last_turn(session.id)
         return document_result(doc, self.agent.store, session.id, last.number if last is not None else None)
@@ -363,13 +398,19 @@ class DuogenMCP:
         import anyio.from_thread
         import anyio.to_thread
 
+        silent = threading.Event()  # a notification that did not go out: the client is gone, send no more
+
         async def report(progress: float, total: float | None, message: str) -> None:
             try:
-                await ctx.report_progress(progress, total, message)
-            except Exception as e:  # a client that went away must not fail the turn
+                with anyio.fail_after(PROGRESS_TIMEOUT_S):
+                    await ctx.report_progress(progress, total, message)
+            except Exception as e:  # a client that went away (or cancelled) must not fail, nor hold, the turn
+                silent.set()
                 log.debug("progress notification failed: %s", e)
 
         def emit(progress: float, total: float | None, message: str) -> None:
+            if silent.is_set():
+                return
             with contextlib.suppress(Exception):
                 anyio.from_thread.run(report, progress, total, message)
 
@@ -379,7 +420,7 @@ class DuogenMCP:
             return error_result(_one_line(e, self.where))
 
     def build(self) -> Any:
-        """The ``MCPServer`` with the five tools."""
+        """The ``MCPServer`` with its six tools."""
         from mcp.server.mcpserver import Context
         from mcp.types import CallToolResult, ToolAnnotations
 
@@ -446,6 +487,22 @@ class DuogenMCP:
         ) -> CallToolResult:
             def body(emit: Callable[[float, float | None, str], None]) -> Any:
                 return app.turn(prompt, session_id, mode, seed, TurnProgress(emit), must_exist=True)
+
+            return await app.call(ctx, body)
+
+        @server.tool(
+            description="Finish a session's unfinished turn (one cut short when a client or the server left "
+            "mid-turn; other tools refuse the session until then): resume continues it to its answer, "
+            "discard drops it, leaving the session as it was before that message.",
+            annotations=turn_hints,
+        )
+        async def finish_turn(
+            session_id: Annotated[str, Field(description="a session with an unfinished turn (see list_sessions)")],
+            ctx: Context,
+            action: Annotated[Literal["resume", "discard"], Field(description="resume or discard")] = "resume",
+        ) -> CallToolResult:
+            def body(emit: Callable[[float, float | None, str], None]) -> Any:
+                return app.finish(session_id, action, TurnProgress(emit))
 
             return await app.call(ctx, body)
 

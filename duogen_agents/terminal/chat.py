@@ -111,14 +111,19 @@ class ChatApp:
     def agent(self) -> Any:
         from duogen_agents.agent import Agent
 
-        key = self.preset.name
+        name = self.preset.name
+        key = self.preset.model_dump_json()  # two preset files of one name (or one file edited) differ
         if key not in self._agents:
             if self.preset.is_tiny:
                 self.err.print(
-                    f"[yellow]note:[/] preset {key!r} uses random weights: its words and pictures are noise."
+                    f"[yellow]note:[/] preset {name!r} uses random weights: its words and pictures are noise."
                 )
-            with self.err.status(f"loading preset {key}..."):
-                self._agents[key] = Agent.from_preset(self.preset, home=self.home)
+            try:
+                with self.err.status(f"loading preset {name}..."):
+                    self._agents[key] = Agent.from_preset(self.preset, home=self.home)
+            except KeyboardInterrupt:  # as Ctrl-C during an answer: back to the prompt, not out of the chat
+                interrupts.handled()
+                raise ConfigError(f"loading preset {name!r} was interrupted; nothing was sent") from None
         return self._agents[key]
 
     def session(self) -> Any:
