@@ -350,6 +350,16 @@ async def test_a_progress_notification_nobody_reads_never_holds_the_turn(monkeyp
         assert await server.call(StuckContext(), body) == "finished"
     assert sent == [0] and time.monotonic() - started < 5  # one try, then no more
 
+    class CancelledContext:  # the call's task cancelled: its cancellation came back into the turn's thread
+        async def report_progress(self, progress: float, total: float | None, message: str) -> None:
+            sent.append(progress)
+            raise anyio.get_cancelled_exc_class()()
+
+    sent.clear()
+    with anyio.fail_after(10):
+        assert await server.call(CancelledContext(), body) == "finished"  # it ended the turn mid-way
+    assert sent == [0]
+
 
 def test_finish_turn_resumes_or_drops_a_turn_cut_short(tmp_path: Path) -> None:
     """A client that left mid-turn (a stdio client quitting takes its server along) left the session

@@ -411,8 +411,12 @@ class DuogenMCP:
         def emit(progress: float, total: float | None, message: str) -> None:
             if silent.is_set():
                 return
-            with contextlib.suppress(Exception):
+            try:
                 anyio.from_thread.run(report, progress, total, message)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # the call was cancelled (its task's cancellation comes back here): the
+                silent.set()  # turn goes on without its progress, to be kept in its session
 
         try:
             return await anyio.to_thread.run_sync(body, emit)
