@@ -393,3 +393,14 @@ def test_finish_turn_resumes_or_drops_a_turn_cut_short(tmp_path: Path) -> None:
     with pytest.raises(SessionStateError, match="nothing to drop"):
         app.finish("s", "discard", events.append)
     sessions.close()
+
+
+def test_a_busy_session_reads_as_a_server_says_it() -> None:
+    """A busy session's error over MCP gave the CLI's advice (``--wait``) and the writer's pid, where
+    ``duogen serve`` words it for its clients."""
+    from duogen_agents.errors import SessionBusyError
+
+    error = SessionBusyError("session 's' is busy: another turn is writing it (pid 30177); wait for it (--wait, ...)")
+    error.session_id = "s"  # as Database.lock raises it
+    line = duogen_mcp._one_line(error, "test")
+    assert line == "session 's' is busy: another turn is writing it; try again when it finishes"

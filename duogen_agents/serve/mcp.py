@@ -30,7 +30,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from duogen_agents.errors import ConfigError, DuogenError, SessionNotFoundError, SessionStateError
+from duogen_agents.errors import (
+    ConfigError,
+    DuogenError,
+    SessionBusyError,
+    SessionNotFoundError,
+    SessionStateError,
+)
 from duogen_agents.serve.auth import API_KEY_ENV, api_keys_from_env, check_bind, is_loopback
 
 DEFAULT_HOST = "127.0.0.1"
@@ -145,6 +151,9 @@ def _one_line(e: BaseException, where: str) -> str:
 
 
 def _full_line(e: BaseException, where: str) -> str:
+    if isinstance(e, SessionBusyError) and (busy := getattr(e, "session_id", None)) is not None:
+        # as duogen serve says it: not the CLI's advice, nor the pid of the process that writes it
+        return f"session {busy!r} is busy: another turn is writing it; try again when it finishes"
     if isinstance(e, DuogenError):
         return str(e)
     from duogen_agents.storage.database import describe_failure
