@@ -124,6 +124,16 @@ def block_file_id(block: Mapping[str, Any]) -> str | None:
     return block.get("file_id") if block.get("type") == "image" and isinstance(block.get("file_id"), str) else None
 
 
+def block_base64(block: Mapping[str, Any]) -> str | None:
+    """The base64 text an image block carries (LangChain v1 ``base64``, or v0 ``source_type``
+    ``base64`` with ``data``), else None."""
+    if isinstance(block.get("base64"), str):
+        return block["base64"]
+    if block.get("source_type") == "base64" and isinstance(block.get("data"), str):
+        return block["data"]
+    return None
+
+
 def image_from_block(block: Mapping[str, Any], *, allow_remote: bool = False, allow_files: bool = True) -> Image.Image:
     """The pixels of an image content block that carries them: LangChain v1 ``{"type": "image",
     "base64": ...}`` or ``"url"`` (``data:``, ``file://`` unless ``allow_files`` is off (a caller on
@@ -136,10 +146,8 @@ def image_from_block(block: Mapping[str, Any], *, allow_remote: bool = False, al
         if not isinstance(url, str):
             raise InputImageError("an image_url part without a url")
         return _from_url(url, allow_remote, allow_files)
-    if isinstance(block.get("base64"), str):
-        return decode_image(_b64(block["base64"]), "a base64 image block")
-    if block.get("source_type") == "base64" and isinstance(block.get("data"), str):
-        return decode_image(_b64(block["data"]), "a base64 image block")
+    if (data := block_base64(block)) is not None:
+        return decode_image(_b64(data), "a base64 image block")
     url = block.get("url") if isinstance(block.get("url"), str) else None
     if url is None and block.get("source_type") == "url" and isinstance(block.get("data"), str):
         url = block["data"]

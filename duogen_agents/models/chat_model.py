@@ -443,6 +443,12 @@ def _tool_choice(choice: Any, names: list[str]) -> tuple[str, str | None]:
     )
 
 
+def up_to_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """``text`` up to its first stop sequence, and whether one was there."""
+    found = [i for s in stop if s and (i := text.find(s)) >= 0]
+    return (text[: min(found)], True) if found else (text, False)
+
+
 def _chunk(piece: str | dict[str, Any]) -> tuple[str, ChatGenerationChunk]:
     """A streamed piece (text, or a ``tool_call_chunk``) as the token and chunk callbacks take it."""
     if isinstance(piece, dict):
@@ -1007,10 +1013,7 @@ class ChatDuogen(PlannerChatModel):
         if turn is not None:
             return self._answer_with_tools(turn, out.text, stop or [], usage, meta)
         text = out.text if schema is None else JsonControls().feed(out.text)
-        for s in stop or []:
-            if s and s in text:
-                text = text[: text.index(s)]
-        return AIMessage(content=text, usage_metadata=usage, response_metadata=meta)
+        return AIMessage(content=up_to_stop(text, stop or [])[0], usage_metadata=usage, response_metadata=meta)
 
     @staticmethod
     def _answer_with_tools(turn: _ToolTurn, raw: str, stop: list[str], usage: Any, meta: dict[str, Any]) -> AIMessage:
@@ -1027,12 +1030,8 @@ class ChatDuogen(PlannerChatModel):
                     f"the model's answer with tools is neither calls nor an answer ({e}); if it was cut, raise "
                     "max_tokens"
                 ) from None
-            if turn.is_text:
-                text = turn.text[0]
-                for s in stop:  # a stop sequence cuts text, never a call
-                    if s and s in text:
-                        text = text[: text.index(s)]
-                turn.text = [text]
+            if turn.is_text:  # a stop sequence cuts text, never a call
+                turn.text = [up_to_stop(turn.text[0], stop)[0]]
         if turn.kind == "answer":  # JSON under the response_format: its text, as it streamed
             return AIMessage(content=turn.answer, usage_metadata=usage, response_metadata=meta)
         if not any(turn.finished_calls()):  # a text answer (or an answer cut before its first call)

@@ -520,7 +520,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
 def _answer(out: Any, reader: Any, stop: list[str], max_tokens: int) -> tuple[dict[str, Any], str]:
     """The assistant message (``content``, or ``tool_calls`` with ``content`` null) and its finish
     reason: ``tool_calls``, ``stop`` (the answer's end or a stop sequence) or ``length``."""
-    from duogen_agents.models.chat_model import _ToolTurn
+    from duogen_agents.models.chat_model import _ToolTurn, up_to_stop
 
     cut = out.num_tokens >= max_tokens or not out.complete
     text = out.text
@@ -542,10 +542,8 @@ def _answer(out: Any, reader: Any, stop: list[str], max_tokens: int) -> tuple[di
         if streamed:
             return {"content": "".join(reader.text)}, "stop" if reader.whole else "length"
         text = reader.text[0] if reader.text else ""  # read whole: its text, if any
-    found = [i for s in stop if (i := text.find(s)) >= 0]
-    if found:
-        return {"content": text[: min(found)]}, "stop"
-    return {"content": text}, "length" if cut else "stop"
+    text, stopped = up_to_stop(text, stop)
+    return {"content": text}, "length" if cut and not stopped else "stop"
 
 
 def _call_delta(piece: dict[str, Any]) -> dict[str, Any]:

@@ -93,9 +93,9 @@ def _stored_copy(block: dict[str, Any], store: Any) -> Any:
     import binascii
     import hashlib
 
-    data = block.get("base64") if isinstance(block.get("base64"), str) else None
-    if data is None and block.get("source_type") == "base64" and isinstance(block.get("data"), str):
-        data = block["data"]
+    from duogen_agents.inputs import block_base64
+
+    data = block_base64(block)
     if data is None:
         return None
     try:
