@@ -34,23 +34,28 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "from importlib.metadata import version as v; print(*(f'{p} {v(p)}' for p in ('torch', 'transformers', 'diffusers', 'xgrammar')))" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
 echo "setup: $(( $(date +%s) - T0 )) s" | tee -a "$OUT/gpu.txt"
-# V2W_CHECK=1: first, one Video2World draw at real shapes, 28 frames ahead, the VAE in tiles, 2 steps:
-# ours (conditioning frames encoded only) against diffusers' pipeline, time, peak beyond the weights, and
-# whether the latents are the same on this GPU (about a minute).
-if [ -n "${V2W_CHECK:-}" ]; then
-  timeout 300 python3 benchmarks/video2world_encode.py --size 704x1280 --layers 28 --steps 2 --ahead 28 --tiles \
-    --repeats 1 --no-flops 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/video2world_encode.txt"
-fi
-# CFG_CHECK=1: guidance in one batch against unbatched and the plain pipeline, the DiT compiled in every
-# column (benchmarks/cfg_batch.py), Text2Image and Video2World 3 frames ahead.
-if [ -n "${CFG_CHECK:-}" ]; then
-  BENCH_STEPS=${BENCH_STEPS:-35} timeout 240 python3 benchmarks/cfg_batch.py --real-shapes --compile --repeats 2 \
-    --threads 8 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/cfg_batch.txt"
-fi
 BENCH_STEPS=${BENCH_STEPS:-35} timeout ${PLAN_TIMEOUT:-420} python3 benchmarks/visual_plan.py --real-shapes \
   --profile ${PROFILE_TOKENS:-128} --repeats ${REPEATS:-1} --variant-repeats ${VARIANT_REPEATS:-1} \
   ${VARIANTS:---compile-dit --compile-planner --offload} --threads 8 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/visual_plan.txt"
 echo "plan done: $(( $(date +%s) - T0 )) s" | tee -a "$OUT/visual_plan.txt"
+# The checks below run after the plan, each only if DEADLINE_S (seconds from the start, default 580: one
+# device call may run 600) leaves it a minute, and each cut off at the deadline, so the plan's figures come
+# first and a late check cannot lose them.
+left() { echo $(( ${DEADLINE_S:-580} - ($(date +%s) - T0) )); }
+cap() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo "$l"; }
+# V2W_CHECK=1: one Video2World draw at real shapes, 28 frames ahead, the VAE in tiles, 2 steps:
+# ours (conditioning frames encoded only) against diffusers' pipeline, time, peak beyond the weights, and
+# whether the latents are the same on this GPU (about a minute).
+if [ -n "${V2W_CHECK:-}" ] && [ "$(left)" -gt 60 ]; then
+  timeout $(cap 300) python3 benchmarks/video2world_encode.py --size 704x1280 --layers 28 --steps 2 --ahead 28 --tiles \
+    --repeats 1 --no-flops 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/video2world_encode.txt"
+fi
+# CFG_CHECK=1: then guidance in one batch against unbatched and the plain pipeline, the DiT compiled in every
+# column (benchmarks/cfg_batch.py), Text2Image and Video2World 3 frames ahead.
+if [ -n "${CFG_CHECK:-}" ] && [ "$(left)" -gt 60 ]; then
+  BENCH_STEPS=${BENCH_STEPS:-35} timeout $(cap 240) python3 benchmarks/cfg_batch.py --real-shapes --compile --repeats 2 \
+    --threads 8 2>&1 | grep --line-buffered -v -i warn | tee "$OUT/cfg_batch.txt"
+fi
 LEFT=$(( ${BUDGET_S:-540} - ($(date +%s) - T0) ))
 if [ "$LEFT" -gt 60 ]; then
   timeout $(( LEFT - 10 )) python3 -m pytest -q -p no:cacheprovider tests/test_prefix_cache.py 2>&1 | tail -4 | tee "$OUT/prefix_tests.txt"
