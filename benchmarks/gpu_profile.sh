@@ -5,28 +5,23 @@
 # the plain baseline, then offloaded (the 24 GB preset's mode), then compiled (DiT regional + planner
 # CUDA-graph decode) with every model resident again; last, the prefix-cache tests on the GPU if time is
 # left. Each part's output is kept in $OUT as it comes. Usage: bash benchmarks/gpu_profile.sh
-# The last run (2026-11-27, H200, README "Speed and memory"), one call of about 6.5 minutes: the offloaded
-# plan first, then every model resident again, compiled, then with the DiT's first-block cache:
+# Runs so far (H200; README "Speed and memory"): 2026-11-27, the offloaded plan (3 frames ahead, before the
+# arena), then every model resident, compiled, then with the DiT's first-block cache:
 #   VARIANTS="--offload --compile-dit --compile-planner --first-block-cache 0.1" PROFILE_TOKENS=0 REPEATS=0 \
 #     VARIANT_REPEATS=0 BENCH_STEPS=20 BUDGET_S=0 bash benchmarks/gpu_profile.sh
-# (building the random models takes about 2 minutes of it). Add --no-jump for the compiled plan without
-# jump forward, about a minute more. The offloaded run now draws as the 24 GB preset does (the VAE in tiles,
-# Video2World 28 frames ahead, not yet timed: each such draw costs several text-to-image draws); add
-# --offload-horizon 3 to repeat the run above. The next call, for the 24 GB preset as shipped (its peak, with
-# the weights in one arena since 2026-11-27; benchmarks/memory_estimate.py estimates 17.9 GiB, and came out
-# 1.1 GiB under the measured run) and the Video2World encode check:
-#   V2W_CHECK=1 VARIANTS="--offload" PROFILE_TOKENS=0 REPEATS=0 VARIANT_REPEATS=0 BENCH_STEPS=20 BUDGET_S=0 \
-#     bash benchmarks/gpu_profile.sh
-# then, if the device time allows, the preset offloaded with both compile switches (the arena keeps the
-# planner's addresses for its CUDA graphs; peak and time decide whether the preset turns them on):
+# 2026-11-28, the 24 GB preset as shipped (28 frames ahead, the VAE in tiles, one arena: 17.73 GiB allocated
+# at peak), the Video2World encode check and guidance in one batch, one call of 552 s (building the random
+# models takes about 2 minutes of it; the offloaded plan, its own warm-up at 28 ahead, 164 s):
+#   V2W_CHECK=1 CFG_CHECK=1 VARIANTS="--offload" PROFILE_TOKENS=0 REPEATS=0 VARIANT_REPEATS=0 BENCH_STEPS=20 \
+#     BUDGET_S=0 PLAN_TIMEOUT=500 bash benchmarks/gpu_profile.sh
+# The next call: the 24 GB preset offloaded with both compile switches (the arena keeps the planner's
+# addresses for its CUDA graphs; peak and time decide whether the preset turns them on). --offload-compile
+# alone skips the eager offloaded run; with it the call would pass 10 minutes at 28 ahead:
 #   VARIANTS="--offload-compile" PROFILE_TOKENS=0 REPEATS=0 VARIANT_REPEATS=0 BENCH_STEPS=20 BUDGET_S=0 \
-#     bash benchmarks/gpu_profile.sh
-# Both variants in one call ("--offload --offload-compile") is estimated at about 10 minutes, the most one
-# call may run: PLAN_TIMEOUT=540 and no V2W_CHECK if tried. CFG_CHECK=1 adds, first, image.cfg_batch
-# against the same tool unbatched and the plain pipeline, compiled (benchmarks/cfg_batch.py: building the
-# T5-XXL, two DiTs and the VAE, then 3 columns x 3 draws x 2 pictures at 20 steps; about 2 minutes):
-#   CFG_CHECK=1 VARIANTS="--offload" PROFILE_TOKENS=0 REPEATS=0 VARIANT_REPEATS=0 BENCH_STEPS=20 BUDGET_S=0 \
-#     bash benchmarks/gpu_profile.sh
+#     PLAN_TIMEOUT=560 bash benchmarks/gpu_profile.sh
+# V2W_CHECK=1 (about 40 s) and CFG_CHECK=1 (about 2 minutes: benchmarks/cfg_batch.py builds the T5-XXL, two
+# DiTs and the VAE, then 3 columns x 3 draws x 2 pictures at 20 steps, compiled) run after the plan, in
+# what DEADLINE_S leaves.
 set -uo pipefail
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

@@ -202,8 +202,9 @@ def real_shape_components(home: Path, tokenizer: Any = None) -> tuple[Transforme
     preset = load_preset("qwen2.5-vl-7b+cosmos2-2b")
     preset.image.steps = int(os.environ.get("BENCH_STEPS", "20"))
     preset.image.safety_checker = "none"
-    # Eager first; benchmarks/visual_plan.py measures the compiled switches as a variant.
-    preset.planner.compile = preset.image.compile = False
+    # Eager first, guidance unbatched; benchmarks/visual_plan.py measures the compiled switches as a
+    # variant, benchmarks/cfg_batch.py guidance in one batch.
+    preset.planner.compile = preset.image.compile = preset.image.cfg_batch = False
     dev, dt = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
     # BENCH_SHRINK=1: one layer per stack and a small picture, to dry-run this path on a CPU.
     shrink = os.environ.get("BENCH_SHRINK") == "1"

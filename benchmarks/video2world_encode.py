@@ -9,7 +9,8 @@ Two tables:
 - Wall time of one whole draw through each pipeline, alternating, with random weights: the real Wan
   VAE (base_dim 96) and a Cosmos DiT of ``--layers`` blocks at the 2B width, at ``--size``; and
   whether the two pictures are the same (on this project's CPU they are, and so are the latents:
-  ``tests/test_image_families.py``; a GPU's convolutions may round the shorter encode differently).
+  ``tests/test_image_families.py``; on an H200, 28 ahead with the VAE in tiles, the latents came out the
+  same too, largest difference 0: README, "H200, 2026-11-28").
 
     python benchmarks/video2world_encode.py                         # CPU: 128x224, 2 blocks, 2 steps
     python benchmarks/video2world_encode.py --size 704x1280 --layers 28 --steps 2 --tiles   # GPU, real shapes

@@ -511,22 +511,27 @@ BUILTIN: dict[str, Preset] = {
     **_shipped("shapes"),  # trained on this world on a CPU (README, "Training"); absent until shipped
     # compile: the planner's decode step (static cache, CUDA graphs) and the DiT's blocks, on a GPU
     # (ignored elsewhere). Measured faster on an H200 at these shapes (README "Speed and memory"), so on
-    # for the presets of the measured classes: Qwen2.5-VL planners, Cosmos-Predict2 DiTs.
+    # for the presets of the measured classes: Qwen2.5-VL planners, Cosmos-Predict2 DiTs. cfg_batch
+    # (guidance's two DiT calls as one batch) measured faster on the H200 with the DiT compiled (0.93 of
+    # unbatched for a text-to-image draw, 0.98 for Video2World) at the same peak, so on where the DiT is.
     "qwen2.5-vl-7b+cosmos2-2b": Preset(
         name="qwen2.5-vl-7b+cosmos2-2b",
         description="Qwen2.5-VL-7B-Instruct planner, Cosmos-Predict2-2B image tool (704x1280)",
         planner=PlannerSpec(
             model="Qwen/Qwen2.5-VL-7B-Instruct", dtype="bfloat16", max_pixels=512 * 28 * 28, compile=True
         ),
-        image=ImageSpec(text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16", compile=True),
+        image=ImageSpec(
+            text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16", compile=True, cfg_batch=True
+        ),
         gpu_memory_gb=44,
     ),
     # The same models on a 24 GB card: only the running model's weights on the GPU (see
-    # models/residency.py). Peak measured with benchmarks/visual_plan.py --offload on an H200 (random
-    # weights at these shapes, but 3 frames ahead, the VAE whole, before the arena): 22.34 GiB allocated
-    # (24.0 GB), 26.55 GiB reserved. As below (28 frames ahead, the VAE in tiles), not measured on a GPU;
-    # estimated at 17.9 GiB (benchmarks/memory_estimate.py). planner.compile may go with offload (the
-    # arena keeps the weights' addresses) but stays off until the two have been measured together.
+    # models/residency.py). Peak as below (28 frames ahead, the VAE in tiles, one arena), measured with
+    # benchmarks/visual_plan.py --offload on an H200 (random weights at these shapes, 2026-11-28): 17.73
+    # GiB allocated (19.0 GB), 19.59 GiB reserved, CUDA context not included (estimated on the CPU at
+    # 17.66 for that plan's draws, benchmarks/memory_estimate.py). planner.compile may go with offload (the
+    # arena keeps the weights' addresses) but stays off until the two have been measured together; so
+    # does cfg_batch (measured only at 3 frames ahead, every model resident).
     "qwen2.5-vl-7b+cosmos2-2b-24gb": Preset(
         name="qwen2.5-vl-7b+cosmos2-2b-24gb",
         description="Qwen2.5-VL-7B planner, Cosmos-Predict2-2B (704x1280), idle model offloaded: one 24 GB card",
@@ -540,7 +545,9 @@ BUILTIN: dict[str, Preset] = {
         name="qwen3-vl-8b+cosmos2-2b",
         description="Qwen3-VL-8B-Instruct planner, Cosmos-Predict2-2B image tool (704x1280)",
         planner=PlannerSpec(model="Qwen/Qwen3-VL-8B-Instruct", dtype="bfloat16", max_pixels=512 * 32 * 32),
-        image=ImageSpec(text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16", compile=True),
+        image=ImageSpec(
+            text2image=_COSMOS_T2I, video2world=_COSMOS_V2W, dtype="bfloat16", compile=True, cfg_batch=True
+        ),
         gpu_memory_gb=46,
     ),
     "qwen2.5-vl-3b+cosmos2-2b-fast": Preset(
@@ -557,6 +564,7 @@ BUILTIN: dict[str, Preset] = {
             width=848,
             steps=20,
             compile=True,
+            cfg_batch=True,
         ),
         gpu_memory_gb=34,
     ),
@@ -614,6 +622,17 @@ def _switches_backend(base: dict[str, Any], override: dict[str, Any]) -> bool:
     return "backend" in override and override["backend"] != base.get("backend")
 
 
+# A section's switches that one family alone takes (ImageSpec refuses them elsewhere): a file that moves
+# its base to another family leaves them at their defaults unless it sets them itself.
+_FAMILY_SWITCHES = ("cfg_batch",)
+
+
+def _family_free(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    if "family" not in override or override["family"] == base.get("family"):
+        return base
+    return {k: v for k, v in base.items() if k not in _FAMILY_SWITCHES}
+
+
 def _beside(data: dict[str, Any], folder: Path) -> None:
     """Model folders named relative to the preset file, whatever the working directory: a path that
     starts with ``./`` or ``../`` (as ``duogen train`` writes them) always, so a missing folder is
@@ -668,7 +687,7 @@ def load_preset(name_or_path: str | Path | Preset) -> Preset:
         merged = BUILTIN[str(base)].model_dump()
         for k, v in data.items():
             if isinstance(v, dict) and isinstance(merged.get(k), dict) and not _switches_backend(merged[k], v):
-                merged[k] = {**merged[k], **v}
+                merged[k] = {**_family_free(merged[k], v), **v}
             else:
                 merged[k] = v
         data = merged

@@ -39,6 +39,22 @@ def test_toml_preset_with_base(tmp_path) -> None:
     assert p.planner.model == "tiny:qwen2_5_vl"
 
 
+def test_a_file_that_moves_a_base_to_another_family_drops_that_familys_switches(tmp_path) -> None:
+    # The compiled Cosmos presets turn on image.cfg_batch, which only the cosmos2 family takes: a file
+    # that keeps the family keeps it, one that moves to FLUX.2 klein loads without it, and one that asks
+    # for it on FLUX.2 klein is refused.
+    base = 'base = "qwen2.5-vl-7b+cosmos2-2b"\n[image]\n'
+    f = tmp_path / "p.toml"
+    f.write_text(base + "steps = 20\n")
+    assert load_preset(f).image.cfg_batch is True
+    f.write_text(base + 'family = "flux2-klein"\nmodel = "black-forest-labs/FLUX.2-klein-4B"\n')
+    p = load_preset(f)
+    assert p.image.family == "flux2-klein" and p.image.cfg_batch is False and p.image.steps == 35
+    f.write_text(base + 'family = "flux2-klein"\nmodel = "black-forest-labs/FLUX.2-klein-4B"\ncfg_batch = true\n')
+    with pytest.raises(ConfigError, match="cfg_batch applies to the local cosmos2 family only"):
+        load_preset(f)
+
+
 def test_json_preset(tmp_path) -> None:
     f = tmp_path / "p.json"
     f.write_text(BUILTIN["tiny"].model_dump_json())
