@@ -153,6 +153,11 @@ def baseline(planner: TransformersPlanner, tool: CosmosImageTool, rec: Recorder,
     return {"planner": t_plan, "image": t_img, "draws": draws}
 
 
+def _draws(run: dict[str, Any]) -> str:
+    """Each draw of a run, in order: a first draw at a new shape (the warm-up's) shows apart."""
+    return ", ".join(f"{kind} {sec:.2f}" for kind, sec in run["draws"])
+
+
 def per_kind(draws: list[tuple[str, float]]) -> dict[str, float]:
     kinds: dict[str, list[float]] = {}
     for kind, sec in draws:
@@ -389,6 +394,7 @@ def run_plan(args: argparse.Namespace) -> None:
     print(f"prefill tokens per call: ours {last['prefill']}; baseline = prompt tokens")
     print(f"new tokens per call:     {last['new']}")
     print(f"of which forced (entered by jump forward, no decode step each): {last['forced']}")
+    print(f"seconds per draw, in order: ours {_draws(last)}; baseline {_draws(base[-1])}")
     print(f"peak memory: {_peak_gb():.2f} GiB ({'GPU, allocated' if torch.cuda.is_available() else 'process RSS'})")
     base_kinds = per_kind([d for b in base for d in b["draws"]])
 
@@ -417,6 +423,7 @@ def run_plan(args: argparse.Namespace) -> None:
             print(f"{label:28s} {o:10.2f} {b:13.2f} {o / b:7.2f}", flush=True)
         by_kind(rows)
         print(f"new tokens per call: {rows[-1]['new']}; forced: {rows[-1]['forced']}")
+        print(f"seconds per draw, in order: {_draws(rows[-1])}")
         # The same planner calls done plainly (plain generate is not compiled by the variants).
         same = baseline(planner, tool, rec, images=False)["planner"]
         o = rows[-1]["planner"]
