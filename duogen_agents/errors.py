@@ -78,6 +78,7 @@ class SessionBusyError(DuogenError):
 
 class SessionNotFoundError(DuogenError):
     code = "session_not_found"
+    session_id: str | None = None
 
 
 class SessionStateError(DuogenError):

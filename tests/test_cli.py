@@ -123,6 +123,24 @@ def test_checkpoint_that_fails_to_load(capsys, home, tmp_path, out_dir) -> None:
     _one_error_line(err, "cannot load the image model from")
 
 
+def test_a_canvas_larger_than_the_dit_holds_is_refused_before_a_turn(capsys, home, tmp_path, out_dir) -> None:
+    """A preset whose canvas the tiny DiT cannot hold (at most 256x256: max_size 32 latents of 8 pixels)
+    loaded, then every image failed on a tensor size mismatch and left the turn interrupted. It is
+    refused when the image model loads, in one line, and the session keeps what it had."""
+    db = ("--db", f"sqlite:///{tmp_path / 'd.db'}")
+    code, _, err = _run(capsys, "run", "Draw a pot", "--session", "s", "--no-preview", *db)
+    assert code == 0, err
+    f = tmp_path / "big.toml"
+    f.write_text('base = "tiny"\n[image]\nheight = 2048\nwidth = 2048\n')
+    code, _, err = _run(capsys, "run", "Draw a cup", "--preset", str(f), "--session", "s", "--out", str(out_dir), *db)
+    assert code == 1
+    _one_error_line(
+        err, "image.height x image.width 2048x2048 is more than the DiT of tiny:text2image holds: at most 256x256"
+    )
+    code, out, err = _run(capsys, "sessions", "show", "s", *db)
+    assert code == 0 and "(1 turns," in out and "interrupted" not in out, out
+
+
 def test_out_of_memory(capsys, home, out_dir, monkeypatch) -> None:
     import torch
     from diffusers import Cosmos2TextToImagePipeline

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from duogen_agents import Agent
-from duogen_agents.errors import GenerationError
+from duogen_agents.errors import ConfigError, GenerationError
 from duogen_agents.models.images import build_image_tool
-from duogen_agents.models.images.cosmos2 import CosmosImageTool, conditioning_frames
+from duogen_agents.models.images.cosmos2 import CosmosImageTool, conditioning_frames, dit_limits
 from duogen_agents.models.protocols import letterbox, refusal
 from duogen_agents.presets import ImageSpec, load_preset
 from duogen_agents.storage.images import ImageStore
@@ -208,6 +208,29 @@ def test_a_family_without_references_is_never_offered_them_and_refuses_them(mode
         renderer.render("p", [ref], kind="edit")
     with pytest.raises(GenerationError, match="at most 5"):
         renderer.render("p", [ref] * 6, kind="continue")
+
+
+def test_a_canvas_or_horizon_the_dit_cannot_hold_is_refused_when_it_loads(models_dir, spies) -> None:
+    """Past its config's ``max_size`` (latent frames, height, width) the Cosmos DiT fails at every call
+    (a tensor size mismatch); a preset asking for more was accepted and then failed at every image.
+    The limit comes from the loaded DiT's config and the VAE's factors: the tiny DiT's max_size
+    (8, 32, 32) in patches of (1, 2, 2), through Wan's x8 and x4, holds 256x256 and clips of 29 frames."""
+    spec = load_preset("tiny").image.model_copy(update={"references": None, "steps": 1})
+    tool = CosmosImageTool.from_spec(spec.model_copy(update={"height": 256, "width": 256}), models_dir)
+    assert dit_limits(tool.text2image) == dit_limits(tool.video2world) == (29, 256, 256)
+    assert tool.draw("a pot", seed=1).image.size == (256, 256)  # the limit itself draws
+    for height, width in ((2048, 2048), (272, 64), (64, 272)):
+        with pytest.raises(ConfigError, match=r"at most 256x256 \(its max_size \(8, 32, 32\)") as caught:
+            CosmosImageTool.from_spec(spec.model_copy(update={"height": height, "width": width}), models_dir)
+        assert f"{height}x{width}" in str(caught.value) and "\n" not in str(caught.value)
+    # Video2World's clip: five conditioning frames and the horizon, 29 frames at most
+    far = CosmosImageTool.from_spec(spec.model_copy(update={"horizon_frames": 25}), models_dir)
+    refs = [Image.new("RGB", (64, 64))] * 5
+    with pytest.raises(ConfigError, match=r"image.horizon_frames 25 .* at most 24 \(a clip of 29 frames"):
+        far.draw("later", kind="continue", references=refs)
+    assert len(spies["text2image"].calls) == 1 and not spies["video2world"].calls  # refused before the DiT ran
+    near = CosmosImageTool.from_spec(spec.model_copy(update={"horizon_frames": 24}), models_dir)
+    assert near.draw("later", kind="continue", references=refs).details["num_frames"] == 29
 
 
 def test_refusal_rules() -> None:

@@ -404,3 +404,19 @@ def test_a_busy_session_reads_as_a_server_says_it() -> None:
     error.session_id = "s"  # as Database.lock raises it
     line = duogen_mcp._one_line(error, "test")
     assert line == "session 's' is busy: another turn is writing it; try again when it finishes"
+
+
+def test_an_unknown_session_reads_as_an_mcp_client_needs_it(tmp_path: Path) -> None:
+    """A session gone between a tool's check and its read (deleted by another process) reached the
+    client with the CLI's advice (`duogen sessions list`); the client is told the tool that lists them."""
+    from duogen_agents.errors import SessionNotFoundError
+    from duogen_agents.sessions import Sessions
+
+    sessions = Sessions.open(f"sqlite:///{tmp_path / 'd.db'}", home=tmp_path)
+    try:
+        with pytest.raises(SessionNotFoundError) as caught:
+            sessions.turns("ghost")  # what a turn's result reads back, after it checked the session exists
+        assert "`duogen sessions list`" in str(caught.value)  # the CLI's line
+    finally:
+        sessions.close()
+    assert duogen_mcp._one_line(caught.value, "test") == "no session 'ghost'; list_sessions shows the sessions"

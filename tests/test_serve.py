@@ -592,7 +592,10 @@ def test_refused_requests(server: Running) -> None:
             r = h.get(f"/v1/images/{bad}")
             assert r.status_code in (400, 404), (bad, r.status_code)
         assert h.get("/v1/images/" + "0" * 64).status_code == 404
-        assert h.get("/v1/sessions/no-such").status_code == 404
+        r = h.get("/v1/sessions/no-such")
+        assert r.status_code == 404 and r.json()["error"]["message"] == (
+            "no session 'no-such'; GET /v1/sessions lists the sessions"  # not the CLI's advice
+        )
         assert h.get("/v1/sessions/bad id!").status_code == 400
         r = h.post("/v1/sessions/s2/turns", json={"prompt": "x", "images": ["/etc/passwd"]})
         assert r.status_code == 400 and "data: URL" in r.json()["error"]["message"]
@@ -983,6 +986,26 @@ def test_a_busy_session_is_worded_for_http_clients(tmp_path: Path) -> None:
         assert answer.message == "session 's1' is busy: another turn is writing it; try again when it finishes"
     finally:
         db.close()
+
+
+def test_an_unknown_session_is_worded_for_http_clients(tmp_path: Path) -> None:
+    """An unknown session's 404 gave the CLI's advice (`duogen sessions list`); an HTTP client is told
+    the route that lists them. The CLI keeps its line."""
+    from duogen_agents.errors import SessionNotFoundError
+    from duogen_agents.serve.app import api_error
+    from duogen_agents.sessions import Sessions
+
+    sessions = Sessions.open(f"sqlite:///{tmp_path / 'd.db'}", home=tmp_path)
+    try:
+        for read in (sessions.get, sessions.delete, sessions.fork):  # the repository's and the archive's error
+            with pytest.raises(SessionNotFoundError) as caught:
+                read("ghost")
+            assert "`duogen sessions list`" in str(caught.value)  # the CLI's line
+            answer = api_error(caught.value)
+            assert answer.status == 404 and answer.code == "session_not_found"
+            assert answer.message == "no session 'ghost'; GET /v1/sessions lists the sessions"
+    finally:
+        sessions.close()
 
 
 def test_the_servers_reading_of_cut_and_odd_answers_matches_the_chat_models() -> None:

@@ -96,6 +96,8 @@ def api_error(e: BaseException) -> ApiError:
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     message = for_clients(message, log)  # the operator's log reads where; the client does not
     if isinstance(e, SessionNotFoundError):
+        if (missing := getattr(e, "session_id", None)) is not None:  # the CLI's advice (`duogen sessions list`)
+            message = f"no session {missing!r}; GET /v1/sessions lists the sessions"
         return ApiError(404, message, "not_found_error", "session_not_found")
     if isinstance(e, SessionBusyError):
         if (busy := getattr(e, "session_id", None)) is not None:  # the CLI's advice and the holder's pid

@@ -154,6 +154,8 @@ def _full_line(e: BaseException, where: str) -> str:
     if isinstance(e, SessionBusyError) and (busy := getattr(e, "session_id", None)) is not None:
         # as duogen serve says it: not the CLI's advice, nor the pid of the process that writes it
         return f"session {busy!r} is busy: another turn is writing it; try again when it finishes"
+    if isinstance(e, SessionNotFoundError) and (missing := getattr(e, "session_id", None)) is not None:
+        return f"no session {missing!r}; list_sessions shows the sessions"  # the tool, not the CLI's command
     if isinstance(e, DuogenError):
         return str(e)
     from duogen_agents.storage.database import describe_failure

@@ -251,7 +251,9 @@ def _session_exists(sessions: Sessions, session_id: str) -> bool:
 
 
 def _not_found(session_id: str) -> SessionNotFoundError:
-    return SessionNotFoundError(f"no session {session_id!r}; `duogen sessions list` shows the sessions")
+    error = SessionNotFoundError(f"no session {session_id!r}; `duogen sessions list` shows the sessions")
+    error.session_id = session_id  # a server words it for its clients (no CLI command)
+    return error
 
 
 def gc(sessions: Sessions, *, grace_seconds: float = 3600.0) -> GcReport:

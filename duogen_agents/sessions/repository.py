@@ -21,7 +21,6 @@ from sqlalchemy import String, func, select, type_coerce
 
 from duogen_agents.document import ImageRef, InterleavedDocument, TextBlock
 from duogen_agents.errors import (
-    SessionNotFoundError,
     StorageError,
     UnsafeCheckpointError,
 )
@@ -206,7 +205,7 @@ class Sessions:
                 updated_at=_EPOCH,
             )  # fmt: skip
         if rec is None:
-            raise SessionNotFoundError(f"no session {session_id!r}; `duogen sessions list` shows the sessions")
+            raise archive._not_found(session_id)
         turns = s.scalar(select(func.count()).select_from(TurnRecord).where(TurnRecord.session_id == rec.id)) or 0
         images = (  # the pictures its answers show (not uploads, nor the ones a check rejected), as `show` does
             s.scalar(

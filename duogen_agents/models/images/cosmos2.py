@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from duogen_agents.errors import GenerationError, ModelLoadError
+from duogen_agents.errors import ConfigError, GenerationError, ModelLoadError
 from duogen_agents.models.images import (
     cache_counts,
     compile_dit,
@@ -71,6 +71,37 @@ def conditioning_frames(
     wanted = cond + horizon
     num_frames = 1 + math.ceil((wanted - 1) / temporal_factor) * temporal_factor
     return frames, num_frames, cond - 1 + horizon
+
+
+def dit_limits(pipe: Any) -> tuple[int, int, int]:
+    """The largest clip the pipeline's DiT holds, as (frames, height, width) in pixels: its config's
+    ``max_size`` (latent frames, height, width; the positional embeddings cover that many patches and
+    no more) through the VAE's factors. Past it every DiT call fails on a tensor size mismatch."""
+    config = pipe.transformer.config
+    frames, height, width = (
+        size // patch * patch for size, patch in zip(config.max_size, config.patch_size, strict=True)
+    )
+    spatial = pipe.vae_scale_factor_spatial
+    return 1 + (frames - 1) * pipe.vae_scale_factor_temporal, height * spatial, width * spatial
+
+
+def check_fits(spec: ImageSpec, pipe: Any, source: str, *, clip: bool = False) -> None:
+    """Refuse, before any draw, a canvas (and with ``clip``, Video2World's longest clip: five
+    conditioning frames and ``horizon_frames``) larger than the pipeline's DiT holds."""
+    frames, height, width = dit_limits(pipe)
+    max_size = tuple(pipe.transformer.config.max_size)
+    if spec.height > height or spec.width > width:
+        raise ConfigError(
+            f"image.height x image.width {spec.height}x{spec.width} is more than the DiT of {source} holds: at most "
+            f"{height}x{width} (its max_size {max_size} in latent frames, height and width, "
+            f"{pipe.vae_scale_factor_spatial} pixels a latent); make the canvas smaller in the preset file"
+        )
+    if clip and CONDITIONING_FRAMES[-1] + spec.horizon_frames > frames:
+        raise ConfigError(
+            f"image.horizon_frames {spec.horizon_frames} is more than the DiT of {source} holds: at most "
+            f"{frames - CONDITIONING_FRAMES[-1]} (a clip of {frames} frames, its max_size {max_size}, less "
+            f"{CONDITIONING_FRAMES[-1]} conditioning frames); lower it in the preset file"
+        )
 
 
 class CosmosImageTool:
@@ -130,6 +161,7 @@ class CosmosImageTool:
             if spec.compile:
                 compile_dit(pipe.transformer)
             first_block_cache(pipe.transformer, spec.first_block_cache)
+        check_fits(spec, pipe, spec.text2image)  # a canvas its DiT cannot hold fails here, not at every draw
         return cls(pipe, spec, v2w_source, checker)
 
     @property
@@ -154,6 +186,7 @@ class CosmosImageTool:
                 if self.spec.compile:
                     compile_dit(pipe.transformer)
                 first_block_cache(pipe.transformer, self.spec.first_block_cache)
+            check_fits(self.spec, pipe, self.spec.video2world, clip=True)  # before its first draw
             self._video2world = pipe
         return self._video2world
 
