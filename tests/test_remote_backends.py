@@ -94,7 +94,7 @@ class Fake:
         self.retry_after: str | None = None  # their Retry-After (else retry-after-ms: 10)
         self.fail_after = 0.0  # seconds before each of those
         # ok | invalid_json | mismatch | hang, or a misbehaviour: keepalive | empty_deltas | drip | bad_event |
-        # not_utf8 | html | no_message | cut | echo_key
+        # not_utf8 | html | no_message | cut | echo_key | endless
         self.chat = "ok"
         self.image = "ok"  # ok | drip
         self.models: tuple[str, bytes] | None = None  # (content type, body) of /v1/models, else the list
@@ -158,6 +158,11 @@ def make_app(fake: Fake) -> Any:
         if fake.chat == "empty_deltas" and stream:
             chunk = {**base, "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]}
             return StreamingResponse(dawdle(f"data: {json.dumps(chunk)}\n\n".encode()), media_type="text/event-stream")
+        if fake.chat == "endless" and stream:  # text that flows and never finishes (max_tokens ignored)
+            chunk = {**base, "choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": None}]}
+            return StreamingResponse(
+                dawdle(f"data: {json.dumps(chunk)}\n\n".encode(), every=0.005), media_type="text/event-stream"
+            )
         if fake.chat == "drip" and not stream:
             return StreamingResponse(dawdle(b" "), media_type="application/json")
         if fake.chat == "bad_event" and stream:
@@ -713,6 +718,23 @@ def test_a_stream_that_does_not_move_fails_within_timeout_s(fake: Fake, chat: st
     assert str(err.value) == (
         f"the planner at {fake.url} did not answer within 0.5 s; check the server, or raise timeout_s in the preset"  # type: ignore[attr-defined]
     )
+
+
+def test_a_stream_that_flows_past_max_tokens_is_ended(fake: Fake) -> None:
+    """A flowing stream is held to its quiet time, not the deadline; one that keeps flowing past
+    max_tokens (a server that ignores it, or loops) is ended there, not after the server's 6 s."""
+    planner = OpenAIPlanner.from_spec(planner_spec(fake.url, model=MODEL, timeout_s=0.5, max_retries=0))  # type: ignore[attr-defined]
+    fake.chat = "endless"
+    seen: list[str] = []
+    start = time.monotonic()
+    with pytest.raises(GenerationError) as err:
+        planner.generate(conversation(), None, max_new_tokens=20, on_token=seen.append)
+    assert time.monotonic() - start < 3
+    assert str(err.value) == (
+        f"the planner at {fake.url} went on streaming past max_tokens = 20 (more than 56 text deltas); "  # type: ignore[attr-defined]
+        "check that the server honours max_tokens"
+    )
+    assert len(seen) == 56
 
 
 def test_a_dripping_body_fails_at_the_calls_deadline(fake: Fake) -> None:

@@ -197,7 +197,8 @@ class Call:
     A streamed answer must also move: from its headers, each step (text, a finish reason, the usage:
     ``progress``) must come within ``timeout_s`` of the one before, or the call fails there. Once its
     text flows, only this rule holds: a long answer that keeps coming is not cut at the deadline (its
-    length is ``max_tokens``' and the server's speed, which the deadline cannot know)."""
+    length is ``max_tokens``' and the server's speed, which the deadline cannot know). Its length is
+    held instead: more text deltas than ``max_tokens`` allows (``_most_deltas``) end the call."""
 
     def __init__(self, spec: PlannerSpec | ImageSpec, *, stream: bool = False) -> None:
         self.timeout = float(spec.timeout_s)
@@ -685,7 +686,7 @@ class OpenAIPlanner:
                 if on_token is None:
                     text, finish, usage, deltas = self._complete(kwargs)
                 else:
-                    text, finish, usage, deltas = self._stream(kwargs, on_token, call)
+                    text, finish, usage, deltas = self._stream(kwargs, on_token, call, limit)
             except (openai.APIError, OSError) as e:
                 if _context_exceeded(e):  # a 400, or an error event in the stream: the graph leaves out old turns
                     raise PromptTooLongError(redact(f"the {self.role} at {self.url}: {first_line(e)}")) from None
@@ -726,11 +727,15 @@ class OpenAIPlanner:
             )
         return content or "", _finish_reason(choices[0]), getattr(response, "usage", None), 0
 
-    def _stream(self, kwargs: dict[str, Any], on_token: TokenCallback, call: Call) -> tuple[str, str | None, Any, int]:
+    def _stream(
+        self, kwargs: dict[str, Any], on_token: TokenCallback, call: Call, limit: int
+    ) -> tuple[str, str | None, Any, int]:
         """The answer as it streams, each text delta handed to ``on_token``. Only a stream that says how
         it finished (``finish_reason``) is a whole answer, or one the caller ended (``on_token``
         returned True): one cut off without it (a server that died, a proxy that closed the
-        connection) is an error, not a shorter answer."""
+        connection) is an error, not a shorter answer. Nor is one that goes on past ``limit`` tokens:
+        a server that ignores ``max_tokens`` (or loops) would hold the call for as long as it flows."""
+        most = _most_deltas(limit)
         raw = self.client.chat.completions.with_raw_response.create(
             **kwargs, stream=True, stream_options={"include_usage": True}
         )
@@ -760,6 +765,11 @@ class OpenAIPlanner:
                 finish = chunk_finish or finish
                 for delta in texts:
                     pieces.append(delta)
+                    if len(pieces) > most:
+                        raise GenerationError(
+                            f"the {self.role} at {self.url} went on streaming past max_tokens = {limit} (more than "
+                            f"{most} text deltas); check that the server honours max_tokens"
+                        )
                     if on_token(delta) is True:
                         # The caller has what it wants (a stop sequence): closing the stream ends the
                         # server's decoding. Its usage never comes, so each delta counts as a token.
@@ -795,6 +805,12 @@ class OpenAIPlanner:
                 f"{where}: it does not match the action schema ({problem}); does the server honour "
                 f"{self.role}.structured_output = {self.spec.structured_output!r}?"
             )
+
+
+def _most_deltas(limit: int) -> int:
+    """The text deltas a stream of at most ``limit`` tokens may send: a server sends one per token or
+    fewer (several tokens a delta), but allow twice as many, for one that splits a token's characters."""
+    return 2 * limit + 16
 
 
 def _count(value: Any) -> int | None:
