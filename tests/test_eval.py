@@ -349,6 +349,25 @@ def test_training_data_has_answers_and_images(tmp_path) -> None:
                     assert (tmp_path / "train" / block["path"]).is_file()
 
 
+def test_training_data_scores_as_the_bench_does(tmp_path) -> None:
+    """A file of write_dataset is a bench: its expect.answer (the blocks a correct answer has, per
+    turn) is not the yes/no of a draft's question, and its ground truth scores as the built-in
+    bench's does (text 0.00 on all but one of the first four tasks, before)."""
+    store = ImageStore(tmp_path / "store")
+    tasks, errors = load_jsonl(W.write_dataset(tmp_path / "ds", 6, split="eval", seed=0))
+    assert not errors and any(t.mode == "draft" for t in tasks)
+    builtin = {t.id: t for t in load_bench("shapes", limit=6)[1]}
+    for task in tasks:
+        scores = score(task, reference_answer(task, store), store, None)["scores"]
+        assert scores == score(builtin[task.id], reference_answer(builtin[task.id], store), store, None)["scores"]
+        assert scores["text"] == 1.0, task.id
+    draft = next(t for t in tasks if t.mode == "draft")
+    (doc,) = reference_answer(draft, store)
+    truth = W.yes_no(doc.text)
+    wrong = doc.model_copy(update={"blocks": [*doc.blocks, TextBlock(text="no" if truth == "yes" else "yes")]})
+    assert score(draft, [wrong], store, None)["scores"]["text"] == 0.0
+
+
 def test_paraphrased_requests_ask_for_the_same_scenes_in_other_words(tmp_path) -> None:
     rng = random.Random(0)
     originals = list(W.tasks(40, split="train", seed=3))
@@ -426,13 +445,14 @@ def test_bad_expectations_are_line_errors(tmp_path) -> None:
             "turns": [{"prompt": "p"}],
             "expect": {"world": "shapes", "scenes": [{}, {}], "changes": [None]},  # one per scene
         },
+        {"id": "f", "turns": [{"prompt": "p"}], "expect": {"world": "shapes", "answer": "maybe"}},  # never scored 1
         {"id": "ok", "turns": [{"prompt": "p"}]},
     ]
     bench.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     tasks, errors = load_jsonl(bench)
-    assert [t.id for t in tasks] == ["ok"] and [e.line for e in errors] == [1, 2, 3, 4, 5]
+    assert [t.id for t in tasks] == ["ok"] and [e.line for e in errors] == [1, 2, 3, 4, 5, 6]
     assert "pink" in errors[0].message and "expect.images" in errors[1].message and "middle" in errors[3].message
-    assert "expect.changes" in errors[4].message
+    assert "expect.changes" in errors[4].message and "expect.answer" in errors[5].message
 
 
 @pytest.mark.parametrize(

@@ -92,9 +92,12 @@ def shapes_scores(task: Task, docs: Sequence[InterleavedDocument], store: ImageS
             value = score_consistency(images[k - 1], images[k], scenes[k - 1], scenes[k]) if k < len(images) else 0.0
             if value is not None:
                 consistency.append(value)
-        if "answer" in exp:  # a yes/no question: the first yes or no of the answer text counts
+        answer = exp.get("answer")
+        if isinstance(answer, list):  # write_dataset's (training) answer: its blocks per turn, not a yes/no
+            answer = _truth_yes_no(answer, turn) if task.mode == "draft" else None
+        if isinstance(answer, str):  # a yes/no question: the first yes or no of the answer text counts
             texts = [b.text for b in doc.blocks if b.type == "text"]
-            text.append(1.0 if texts and yes_no(texts[-1]) == exp["answer"] else 0.0)
+            text.append(1.0 if texts and yes_no(texts[-1]) == answer else 0.0)
         elif exp.get("facts"):
             text.append(score_text(doc.text, list(exp["facts"])))
     if scenes_expected(task) and not fidelity:
@@ -108,6 +111,19 @@ def shapes_scores(task: Task, docs: Sequence[InterleavedDocument], store: ImageS
         if xs:
             out[axis] = mean(xs)
     return out
+
+
+def _truth_yes_no(answer: list[Any], turn: int) -> str | None:
+    """The yes or no of a draft's ground-truth answer in the training format (``expect.answer``, per
+    turn the blocks a correct answer has, as ``write_dataset`` writes them): that of its last text,
+    where a correct answer states it. None when it has none (its ``facts`` are scored instead)."""
+    from duogen_agents.worlds.shapes import yes_no
+
+    blocks = answer[turn] if turn < len(answer) and isinstance(answer[turn], list) else []
+    texts = [
+        b["text"] for b in blocks if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+    ]
+    return yes_no(texts[-1]) if texts else None
 
 
 def scenes_expected(task: Task) -> bool:

@@ -12,7 +12,9 @@ bench from elsewhere cannot make the planner, or a remote planner or judge, read
 the machine); ``expect`` is optional
 and task-specific: ``images`` (how many the answer should have), ``steps`` (of a plan), and for the
 shapes world ``world: "shapes"`` with ``scenes`` (the ground truth of each expected image), ``facts``
-(what the text must state) and, for follow-ups, ``turns`` with the same per turn.
+(what the text must state), ``answer`` (the yes or no of a draft's question; in a training file of
+``write_dataset``, the blocks of a correct answer per turn) and, for follow-ups, ``turns`` with the
+same per turn.
 """
 
 from __future__ import annotations
@@ -110,6 +112,9 @@ def check_expect(task: Task) -> None:
                 check_scene(scene)
             if not isinstance(part.get("facts", []), list):
                 raise ValueError("expect.facts must be a list")
+            answer = part.get("answer")
+            if answer is not None and not isinstance(answer, list) and answer not in ("yes", "no"):
+                raise ValueError("expect.answer must be yes or no (a question's), or a list of blocks per turn")
             changes = part.get("changes")
             if changes is not None and (
                 not isinstance(changes, list)
