@@ -446,13 +446,24 @@ def test_bad_expectations_are_line_errors(tmp_path) -> None:
             "expect": {"world": "shapes", "scenes": [{}, {}], "changes": [None]},  # one per scene
         },
         {"id": "f", "turns": [{"prompt": "p"}], "expect": {"world": "shapes", "answer": "maybe"}},  # never scored 1
+        # The bench's mistakes, not the model's: they were answered, then a task error (a missing
+        # picture, int("two")) or a score outside [0, 1] (-3 images: structure -0.25; -2 steps).
+        {"id": "g", "turns": [{"prompt": "p", "images": ["nothere.png"]}]},
+        {"id": "h", "turns": [{"prompt": "p"}], "expect": {"turns": [{"images": "two"}]}},
+        {"id": "i", "turns": [{"prompt": "p"}], "expect": {"turns": [{"images": -3}]}},
+        {"id": "j", "mode": "visual-plan", "turns": [{"prompt": "p"}], "expect": {"turns": [{"steps": -2}]}},
+        {"id": "k", "turns": [{"prompt": "p"}, {"prompt": "q"}], "expect": {"turns": [{}, {"steps": True}]}},
         {"id": "ok", "turns": [{"prompt": "p"}]},
     ]
     bench.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     tasks, errors = load_jsonl(bench)
-    assert [t.id for t in tasks] == ["ok"] and [e.line for e in errors] == [1, 2, 3, 4, 5, 6]
+    assert [t.id for t in tasks] == ["ok"] and [e.line for e in errors] == list(range(1, 12))
     assert "pink" in errors[0].message and "expect.images" in errors[1].message and "middle" in errors[3].message
     assert "expect.changes" in errors[4].message and "expect.answer" in errors[5].message
+    assert "'nothere.png' is not a file" in errors[6].message
+    assert [e.message.split(" must")[0] for e in errors[7:]] == [
+        "expect.turns[0].images", "expect.turns[0].images", "expect.turns[0].steps", "expect.turns[1].steps"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -82,25 +82,32 @@ def parse_lines(lines: list[str], base: Path | None = None) -> tuple[list[Task],
 
 def inside(base: Path, path: str) -> str:
     """``path`` (relative to ``base``) resolved, or ``ValueError`` when it leaves ``base``'s folder
-    (an absolute path, ``..``, a link out of it)."""
+    (an absolute path, ``..``, a link out of it) or is not a file there (a missing picture is the
+    bench's mistake, said when it loads, not the model's error at answer time)."""
     root = base.resolve()
     full = (root / path).resolve()
     if Path(path).is_absolute() or not full.is_relative_to(root):
         raise ValueError(
             f"image {path[:80]!r} is outside the bench's folder {root}; name images relative to it, inside it"
         )
+    if not full.is_file():
+        raise ValueError(f"image {path[:80]!r} is not a file in {root}")
     return str(full)
 
 
 def check_expect(task: Task) -> None:
-    """``expect`` is checked when the bench loads, so a bad one is a line's error, not a crash later."""
+    """``expect`` is checked when the bench loads, so a bad one is a line's error, not a crash later
+    (or a score outside [0, 1]); each of ``expect.turns`` is checked as ``expect`` is."""
     exp = task.expect
-    for key in ("images", "steps"):
-        if key in exp and (isinstance(exp[key], bool) or not isinstance(exp[key], int) or exp[key] < 0):
-            raise ValueError(f"expect.{key} must be a whole number >= 0")
     turns = exp.get("turns")
     if turns is not None and (not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns)):
         raise ValueError("expect.turns must be a list of objects")
+    for k, part in enumerate([exp, *(turns or [])]):
+        where = "expect" if k == 0 else f"expect.turns[{k - 1}]"
+        for key in ("images", "steps"):
+            value = part.get(key)
+            if key in part and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{where}.{key} must be a whole number >= 0")
     if exp.get("world") == "shapes":
         from duogen_agents.worlds.shapes import check_scene
 
