@@ -630,6 +630,38 @@ def test_bench_images_stay_inside_the_bench_folder(tmp_path, capsys) -> None:
     assert not imported and "outside" in bad[0].message
 
 
+def test_import_a_missing_picture_is_its_records_error(tmp_path, capsys) -> None:
+    """An imported record whose picture is not there is that record's error: without --copy-images
+    its path was written (and the task failed at eval time), with it one missing picture aborted the
+    whole import and left a stray FILE-stem-images/ folder."""
+    src = tmp_path / "isg"
+    src.mkdir()
+    shutil.copy(DATA / "pot.png", src / "pot.png")
+    records = [
+        {"id": 1, "Category": "Edit", "Query": [{"type": "text", "content": "Make it blue"},
+         {"type": "image", "content": "pot.png"}], "Golden": [{"type": "image", "content": "g.png"}]},
+        {"id": 2, "Category": "Edit", "Query": [{"type": "text", "content": "Make it red"},
+         {"type": "image", "content": "nothere.png"}], "Golden": [{"type": "image", "content": "g.png"}]},
+    ]  # fmt: skip
+    (src / "isg.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for out, flags in ((src / "bench.jsonl", []), (tmp_path / "elsewhere" / "bench.jsonl", ["--copy-images"])):
+        assert main(["eval", "import", "isg", str(src / "isg.jsonl"), "--out", str(out), *flags]) == 0
+        assert "line 2: image 'nothere.png' is not a file" in capsys.readouterr().err
+        tasks, errors = load_jsonl(out)
+        assert [t.id for t in tasks] == ["isg-1-edit"] and not errors
+    # A picture that goes between the import and the copy: the copies made so far go with the folder.
+    from duogen_agents.errors import ConfigError
+    from duogen_agents.eval import Task
+    from duogen_agents.eval.importers import write_jsonl
+
+    (task,), _ = import_tasks("isg", src / "isg.jsonl")
+    gone = Task(id="gone", turns=[{"prompt": "p", "images": [str(src / "nothere.png")]}])
+    out = tmp_path / "third" / "bench.jsonl"
+    with pytest.raises(ConfigError, match="cannot read image"):
+        write_jsonl([task, gone], out, copy_images=True)
+    assert not out.exists() and not (out.parent / "bench-images").exists()
+
+
 def test_the_canvas_ceiling_scores_the_ground_truth_at_a_size() -> None:
     """benchmarks/shapes_canvas_ceiling.py: the held-out tasks' own pictures, scaled to a size and back
     as a drawn picture travels, scored by the evaluation's detectors. At the world's canvas they read

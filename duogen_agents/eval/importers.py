@@ -14,7 +14,8 @@
 
 Image paths are resolved against ``images_root`` (default: the task file's folder) and must stay inside
 it; the bench file names them relative to itself, so it is written in a folder that holds them (or,
-with ``copy_images``, they are copied beside it). A malformed line is reported with its number and the others are converted.
+with ``copy_images``, they are copied beside it). A malformed line, or one naming a picture that is
+not there, is reported with its number and the others are converted.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +147,8 @@ def write_jsonl(tasks: list[Task], out: Path | str, copy_images: bool = False) -
     """The tasks as a bench file at ``out``, their images named relative to it (a bench names its
     images inside its own folder: ``--out`` must be in a folder that holds them). With
     ``copy_images`` the images are copied into ``OUT``'s folder instead, under ``<stem>-images/``, each
-    named by its content (the same picture twice is one file), so the bench can live anywhere."""
+    named by its content (the same picture twice is one file), so the bench can live anywhere; if it
+    fails, the copies it made are removed."""
     import hashlib
 
     from duogen_agents.storage.images import write_atomic
@@ -153,31 +156,41 @@ def write_jsonl(tasks: list[Task], out: Path | str, copy_images: bool = False) -
     out = Path(out)
     folder = out.resolve().parent
     copies = folder / f"{out.stem}-images"
-    rows = []
-    copied: dict[Path, str] = {}
-    for t in tasks:
-        row = t.model_copy(deep=True)
-        for turn in row.turns:
-            for k, image in enumerate(turn.images):
-                full = Path(image).resolve()
-                if copy_images:
-                    if full not in copied:
-                        try:
-                            data = full.read_bytes()
-                        except OSError as e:
-                            raise ConfigError(f"cannot read image {full}: {e.strerror or e}") from None
-                        name = hashlib.sha256(data).hexdigest()[:32] + full.suffix.lower()
-                        copies.mkdir(parents=True, exist_ok=True)
-                        if not (copies / name).is_file():
-                            write_atomic(copies / name, data)
-                        copied[full] = f"{copies.name}/{name}"
-                    turn.images[k] = copied[full]
-                    continue
-                if not full.is_relative_to(folder):
-                    raise ConfigError(
-                        f"--out {out}: its folder {folder} does not hold the images ({full.parent}); a bench names its "
-                        "images inside its own folder, so write it beside or above them, or add --copy-images"
-                    )
-                turn.images[k] = full.relative_to(folder).as_posix()
-        rows.append(row.model_dump_json(exclude_none=True) + "\n")
-    return write_atomic(out, "".join(rows).encode())
+    made_folder = not copies.exists()
+    made: list[Path] = []  # the copies this call wrote: removed, with the folder it made, if it fails
+    try:
+        rows = []
+        copied: dict[Path, str] = {}
+        for t in tasks:
+            row = t.model_copy(deep=True)
+            for turn in row.turns:
+                for k, image in enumerate(turn.images):
+                    full = Path(image).resolve()
+                    if copy_images:
+                        if full not in copied:
+                            try:
+                                data = full.read_bytes()
+                            except OSError as e:
+                                raise ConfigError(f"cannot read image {full}: {e.strerror or e}") from None
+                            name = hashlib.sha256(data).hexdigest()[:32] + full.suffix.lower()
+                            copies.mkdir(parents=True, exist_ok=True)
+                            if not (copies / name).is_file():
+                                made.append(write_atomic(copies / name, data))
+                            copied[full] = f"{copies.name}/{name}"
+                        turn.images[k] = copied[full]
+                        continue
+                    if not full.is_relative_to(folder):
+                        raise ConfigError(
+                            f"--out {out}: its folder {folder} does not hold the images ({full.parent}); a bench names its "
+                            "images inside its own folder, so write it beside or above them, or add --copy-images"
+                        )
+                    turn.images[k] = full.relative_to(folder).as_posix()
+            rows.append(row.model_dump_json(exclude_none=True) + "\n")
+        return write_atomic(out, "".join(rows).encode())
+    except BaseException:
+        for path in made:
+            path.unlink(missing_ok=True)
+        with suppress(OSError):
+            if made_folder and not any(copies.iterdir()):
+                copies.rmdir()
+        raise
