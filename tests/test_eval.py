@@ -575,6 +575,22 @@ def test_extra_pictures_earn_no_fidelity_and_unmeasured_axes_stay_empty(home) ->
     assert _summary(tasks) == {"structure": 0.5, "text": None, "fidelity": None, "alignment": None, "consistency": None}
 
 
+def test_fidelity_covers_the_pictures_drawn_and_alignment_counts_the_missing_ones(tmp_path) -> None:
+    """The README's definition, pinned (the shipped numbers rest on it): drawing the first of two
+    expected scenes perfectly scores fidelity 1.00, drawing none 0.00; the missing picture is counted
+    by alignment (0.50), consistency (0 for the change to it) and structure (one image short)."""
+    store = ImageStore(tmp_path)
+    task = next(t for t in load_bench("shapes", limit=8)[1] if len(t.expect.get("scenes", [])) == 2)
+    (doc,) = reference_answer(task, store)
+    first = next(i for i, b in enumerate(doc.blocks) if b.type == "image")
+    one = score(task, [doc.model_copy(update={"blocks": doc.blocks[: first + 1]})], store, None)["scores"]
+    assert one["fidelity"] == 1.0 and one["alignment"] == 0.5 and one["consistency"] == 0.0
+    assert one["structure"] < 1.0 and one["text"] == 1.0
+    text_only = [b for b in doc.blocks if b.type == "text"]
+    none = score(task, [doc.model_copy(update={"blocks": text_only})], store, None)["scores"]
+    assert none["fidelity"] == 0.0 and none["alignment"] == 0.0 and none["structure"] < one["structure"]
+
+
 def test_resume_keeps_its_judge_key_and_files_from_any_folder(tmp_path, monkeypatch) -> None:
     import argparse
 

@@ -64,7 +64,9 @@ def shapes_scores(task: Task, docs: Sequence[InterleavedDocument], store: ImageS
     images are matched to the expected scenes in order (a draft task: its last sketch); images beyond
     them have no scene to be faithful to and are left out of fidelity (``structure`` counts them: a
     blank extra picture once scored a perfect fidelity); an axis the task gives nothing to check on is
-    left out."""
+    left out. Fidelity is the mean over the pictures drawn (none at all: 0), alignment over the
+    expected scenes and consistency over the changes between them: a picture the answer lacks counts
+    0 in these two (and in ``structure``), not in fidelity (the README's definition)."""
     from duogen_agents.worlds.shapes import (
         scene_from_json,
         score_alignment,
