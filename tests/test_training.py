@@ -75,6 +75,40 @@ def test_a_changed_picture_is_an_edit_of_the_one_before_whose_prompt_is_the_chan
     assert followups  # a follow-up's second turn edits the first turn's picture
 
 
+def test_the_users_pictures_are_in_the_planner_calls_as_inference_gives_them(data, tmp_path) -> None:
+    """A task's ``turns[].images`` reach the planner as in ``duogen eval``: the planner is trained on the
+    conversation it will see; a picture that is missing, outside the data's folder or not a picture is
+    one error naming the file and line."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(data.parent / "input.png")
+    raw = json.loads(data.read_text().splitlines()[0])
+    raw["turns"][0]["images"] = ["input.png"]
+    given = data.parent / "with-input.jsonl"  # beside the images its lines name
+    given.write_text(json.dumps(raw) + "\n")
+
+    def images(example) -> int:
+        return sum(part["type"] == "image" for turn in example.conversation for part in turn["content"])
+
+    first = planner_examples(load_tasks(given), load_preset("tiny"), tmp_path / "a")[0]
+    assert images(first) == 1
+    (user,) = [t for t in first.conversation if any(p.get("text") == raw["turns"][0]["prompt"] for p in t["content"])]
+    assert [p["type"] for p in user["content"]][:2] == ["text", "image"]  # the prompt's turn holds the picture
+    plain = planner_examples(load_tasks(data)[:1], load_preset("tiny"), tmp_path / "b")[0]
+    assert images(plain) == 0
+    (data.parent / "not-a-picture.png").write_text("hello\n")
+    for path, message in [
+        ("missing.png", "image not found"),
+        ("/etc/hostname", "outside the bench's folder"),
+        ("../input.png", "outside the bench's folder"),
+        ("not-a-picture.png", "not-a-picture.png"),
+    ]:
+        raw["turns"][0]["images"] = [path]
+        given.write_text("\n" + json.dumps(raw) + "\n")
+        with pytest.raises(DataError, match=f"^{given} line 2: turns\\[0\\].images\\[0\\]: .*{message}"):
+            load_tasks(given)
+
+
 def test_every_target_is_an_action_the_planners_grammar_accepts(data, tmp_path, monkeypatch) -> None:
     """Stage 1 trains on exactly what decoding can write: the grammar of each call's schema accepts the
     teacher's action, byte for byte (its property order included)."""

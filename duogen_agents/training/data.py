@@ -28,7 +28,8 @@ from typing import Any
 
 from PIL import Image
 
-from duogen_agents.errors import ConfigError
+from duogen_agents.errors import ConfigError, InputImageError
+from duogen_agents.inputs import load_input_image
 from duogen_agents.models.protocols import ChatTurn, PlannerOutput
 
 MAX_LINE_CHARS = 1_000_000
@@ -45,6 +46,7 @@ class TrainingTask:
     prompts: list[str]
     answer: list[list[dict[str, Any]]]  # per turn: blocks, image paths made absolute
     line: int
+    images: list[list[str]] = field(default_factory=list)  # per turn: the user's pictures, paths made absolute
 
 
 @dataclass
@@ -95,15 +97,32 @@ def load_tasks(path: Path | str) -> list[TrainingTask]:
                 f"{where}: task {task.id!r} needs expect.answer, a list of blocks for each of its "
                 f"{len(task.turns)} turn(s)"
             )
+        images = [
+            [_picture(base, p, f"{where}: turns[{t}].images[{i}]") for i, p in enumerate(turn.images)]
+            for t, turn in enumerate(task.turns)
+        ]
         turns: list[list[dict[str, Any]]] = []
         for t, blocks in enumerate(answer):
             if not isinstance(blocks, list) or not blocks:
                 raise DataError(f"{where}: expect.answer[{t}] must be a non-empty list of blocks")
             turns.append([_check_block(b, base, f"{where}: expect.answer[{t}][{i}]") for i, b in enumerate(blocks)])
-        out.append(TrainingTask(task.id, task.mode, [t.prompt for t in task.turns], turns, number))
+        out.append(TrainingTask(task.id, task.mode, [t.prompt for t in task.turns], turns, number, images))
     if not out:
         raise DataError(f"{path}: no tasks")
     return out
+
+
+def _picture(base: Path, path: str, where: str) -> str:
+    """``path`` (relative to the data file's folder, inside it, as a bench's images are) made absolute,
+    once it opens as a picture; else a ``DataError`` naming ``where``."""
+    from duogen_agents.eval.tasks import inside
+
+    try:
+        full = inside(base, path)
+        load_input_image(full)
+    except (ValueError, InputImageError) as e:
+        raise DataError(f"{where}: {e}") from None
+    return full
 
 
 def _check_block(block: Any, base: Path, where: str) -> dict[str, Any]:
@@ -332,10 +351,12 @@ def planner_examples(
     agent = Agent(preset, planner=teacher, image_tool=images, home=home)
     for task in tasks:
         thread = f"train-{uuid.uuid4().hex}"
-        for prompt, blocks in zip(task.prompts, task.answer, strict=True):
+        inputs = task.images or [[] for _ in task.prompts]
+        for prompt, given, blocks in zip(task.prompts, inputs, task.answer, strict=True):
             teacher.start_turn(blocks, task.id)
             images.queue = [b["path"] for b in blocks if b["type"] == "image"]
-            last_document(agent.stream(prompt, mode=task.mode, seed=0, thread_id=thread))
+            # the user's pictures, as `duogen eval` passes them: the planner sees the prompt it will see
+            last_document(agent.stream(prompt, mode=task.mode, images=given, seed=0, thread_id=thread))
             if teacher.blocks:
                 raise DataError(
                     f"line {task.line}: task {task.id}: the graph ended the turn before the answer did "
