@@ -231,6 +231,48 @@ def test_bad_runs_and_bad_data_are_one_line(data, tmp_path, capsys) -> None:
     assert not (tmp_path / "bad-out").exists()  # refused before anything was written
 
 
+def test_a_diverging_run_stops_at_the_first_non_finite_step_and_writes_no_planner(
+    data, tmp_path, capsys, monkeypatch
+) -> None:
+    """A loss (or gradients, or weights) no longer finite stops the run with one line naming the step and
+    --lr; metrics.jsonl stays JSON (no NaN) and no planner or preset is written."""
+    from duogen_agents.training.loop import TrainConfig, TrainingDivergedError, run
+
+    for lr in ("inf", "nan", "1e300"):
+        assert _train(tmp_path, data, tmp_path / "refused", "--steps", "2", "--lr", lr) == EXIT_ERROR
+        assert "--lr must be a finite number above 0" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+    clip, norms = torch.nn.utils.clip_grad_norm_, iter([1.0, float("inf")])
+
+    def overflowing(params, max_norm):  # the second step's gradients overflow, as a too-high --lr does
+        norm = clip(params, max_norm)
+        return norm * next(norms, 1.0)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflowing)
+    out = tmp_path / "diverged"
+    assert _train(tmp_path, data, out, "--steps", "4", "--save-every", "1") == EXIT_ERROR
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "at step 2: training diverged; lower --lr" in err and "checkpoints up to" in err and "step-1" in err
+    assert not (out / "preset.json").exists() and not (out / "planner").exists()
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for line in
+            (out / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert [r["step"] for r in rows] == [1]
+
+    weight = torch.nn.Parameter(torch.ones(3))
+
+    def loss_of(i: int) -> torch.Tensor:  # finite for two steps, then not
+        loss_of.calls += 1
+        return (weight**2).sum() * (1.0 if loss_of.calls <= 2 else float("nan"))
+
+    loss_of.calls = 0
+    cfg = TrainConfig(steps=5, batch=1, lr=1e-2, warmup=0, save_every=1)
+    with pytest.raises(TrainingDivergedError, match="stage: the loss is nan at step 3: .*/step-2 stay; no model"):
+        run(tmp_path / "unit", cfg, 4, [weight], loss_of, lambda p: None, lambda p: None, resume=False, label="stage")
+    assert len((tmp_path / "unit" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_pretrain_then_stage1_from_its_folder(tmp_path, capsys) -> None:
     """``duogen train pretrain``: next-token loss over whole documents falls, the result loads back as a
     planner, and stage 1 continues from its folder."""
