@@ -99,8 +99,8 @@ def test_the_users_pictures_are_in_the_planner_calls_as_inference_gives_them(dat
     (data.parent / "not-a-picture.png").write_text("hello\n")
     for path, message in [
         ("missing.png", "image not found"),
-        ("/etc/hostname", "outside the bench's folder"),
-        ("../input.png", "outside the bench's folder"),
+        ("/etc/hostname", "outside the data file's folder"),
+        ("../input.png", "outside the data file's folder"),
         ("not-a-picture.png", "not-a-picture.png"),
     ]:
         raw["turns"][0]["images"] = [path]
@@ -220,15 +220,34 @@ def test_bad_runs_and_bad_data_are_one_line(data, tmp_path, capsys) -> None:
         "not a task of the bench format": [lines[0], "{not json"],
         "needs expect.answer": [json.dumps({**json.loads(lines[0]), "expect": {}})],
         "image not found": [lines[0].replace(".png", "-missing.png")],
+        # a picture is opened when the data loads, and must lie inside the data file's folder, as a bench's
+        "corrupt or truncated": [_first_picture(lines[0], "truncated.png")],
+        "not an image file": [_first_picture(lines[0], "text.png")],
+        "outside the data file's folder": [_first_picture(lines[0], "/etc/hostname")],
+        "outside the data file's folder ": [_first_picture(lines[0], "../elsewhere.png")],
     }
+    picture = data.parent / _first_picture(lines[0])
+    (data.parent / "truncated.png").write_bytes(picture.read_bytes()[:100])
+    (data.parent / "text.png").write_text("hello\n")
+    shutil.copy(picture, data.parent.parent / "elsewhere.png")  # a picture, but outside
     for message, content in cases.items():
         bad.write_text("\n".join(content) + "\n")
         with pytest.raises(DataError, match=message):
             load_tasks(bad)
         assert _train(tmp_path, bad, tmp_path / "bad-out", "--steps", "2") == 1
         err = capsys.readouterr().err
-        assert message in err and len(err.strip().splitlines()) == 1
+        assert message.strip() in err and f"{bad} line {len(content)}: " in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad-out").exists()  # refused before anything was written
+
+
+def _first_picture(line: str, path: str | None = None) -> str:
+    """The path of the first picture of ``line``'s answer; with ``path``: ``line`` with it replaced."""
+    task = json.loads(line)
+    block = next(b for blocks in task["expect"]["answer"] for b in blocks if b["type"] == "image")
+    if path is None:
+        return block["path"]
+    block["path"] = path
+    return json.dumps(task)
 
 
 def test_a_diverging_run_stops_at_the_first_non_finite_step_and_writes_no_planner(

@@ -8,8 +8,9 @@ A data file is the evaluation format (``eval/tasks.py``), one task per JSONL lin
                             {"type": "image", "path": "images/t1-0.png", "prompt": "a 3x3 grid with ...",
                              "kind": "generate"}, ...]]}}
 
-Image paths are relative to the data file. ``duogen_agents.worlds.shapes.write_dataset`` writes such
-files. Stage 1 needs the *planner calls* of each answer: the conversation the graph hands the planner
+Image paths are relative to the data file, inside its folder (as a bench's are), and each must open
+as a picture: a bad one is an error naming the file and line when the data loads.
+``duogen_agents.worlds.shapes.write_dataset`` writes such files. Stage 1 needs the *planner calls* of each answer: the conversation the graph hands the planner
 at each call, and the action the planner should write. They are taken from the real graph: a
 ``Teacher`` stands in for the planner and plays the answer back action by action (each written for
 the schema of the call it answers: the plan, a step, a check, an interleaved action or a draft), and
@@ -119,8 +120,14 @@ def _picture(base: Path, path: str, where: str) -> str:
 
     try:
         full = inside(base, path)
+    except ValueError:  # an absolute path, `..`, a link out of it
+        raise DataError(
+            f"{where}: image {path[:80]!r} is outside the data file's folder {base.resolve()}; "
+            "name images relative to it, inside it"
+        ) from None
+    try:
         load_input_image(full)
-    except (ValueError, InputImageError) as e:
+    except InputImageError as e:
         raise DataError(f"{where}: {e}") from None
     return full
 
@@ -135,9 +142,7 @@ def _check_block(block: Any, base: Path, where: str) -> dict[str, Any]:
     path = block.get("path")
     if not isinstance(path, str):
         raise DataError(f"{where}: an image block needs a path")
-    full = (base / path).resolve()
-    if not full.is_file():
-        raise DataError(f"{where}: image not found: {full}")
+    full = _picture(base, path, where)
     kind = block.get("kind", "generate")
     if kind not in ("generate", "edit", "continue"):
         raise DataError(f"{where}: kind must be generate, edit or continue, not {kind!r}")
