@@ -292,6 +292,32 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step_and_writes_no_planne
     assert len((tmp_path / "unit" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes_it(data, tmp_path, capsys, monkeypatch) -> None:
+    import shlex
+
+    from duogen_agents.interrupts import EXIT_INTERRUPTED
+    from duogen_agents.training import loop, stage1
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "stopped"
+    monkeypatch.setattr(stage1, "planner_examples", ctrl_c)  # before anything is trained
+    assert _train(tmp_path, data, out, "--steps", "2", "--save-every", "1") == EXIT_INTERRUPTED
+    assert "interrupted before the run's first checkpoint" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(loop, "plot_losses", ctrl_c)  # once both steps' checkpoints are written
+    assert _train(tmp_path, data, out, "--steps", "2", "--save-every", "1") == EXIT_INTERRUPTED
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"the run is kept up to its last checkpoint, {out / 'checkpoints' / 'step-2'}: continue it with" in err
+    assert "no output was written" not in err
+    again = shlex.split(err.split("continue it with ")[1])
+    assert again[0] == "duogen" and again[-1] == "--resume"
+    monkeypatch.undo()
+    assert main(again[1:]) == 0  # the command it names continues the run
+    assert (out / "preset.json").is_file()
+
+
 def test_pretrain_then_stage1_from_its_folder(tmp_path, capsys) -> None:
     """``duogen train pretrain``: next-token loss over whole documents falls, the result loads back as a
     planner, and stage 1 continues from its folder."""
