@@ -290,6 +290,10 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step_and_writes_no_planne
     with pytest.raises(TrainingDivergedError, match="stage: the loss is nan at step 3: .*/step-2 stay; no model"):
         run(tmp_path / "unit", cfg, 4, [weight], loss_of, lambda p: None, lambda p: None, resume=False, label="stage")
     assert len((tmp_path / "unit" / "metrics.jsonl").read_text().splitlines()) == 2
+    loss_of.calls = 0  # stage 2's VAE phase names its own option
+    with pytest.raises(TrainingDivergedError, match="training diverged; lower --vae-lr"):
+        run(tmp_path / "vae", cfg, 4, [weight], loss_of, lambda p: None, lambda p: None, resume=False, label="VAE",
+            flags={"lr": "--vae-lr"})  # fmt: skip
 
 
 def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes_it(data, tmp_path, capsys, monkeypatch) -> None:
@@ -410,6 +414,12 @@ def test_stage2_refuses_before_writing_anything(stage1, data, tmp_path, capsys) 
     (vae / "config.json").write_text('{"_class_name": "AutoencoderKLWan"}')
     assert _stage2(tmp_path, stage1, data, own, "--vae-from", str(vae.parent.parent), "--resume") == EXIT_ERROR
     assert "trained its own VAE" in capsys.readouterr().err and not (own / "vae_from.json").exists()
+    # the VAE's options are named as given, not as the DiT's --steps, --batch, --lr
+    for option, message in [("--vae-steps", "--vae-steps must be at least 1"),
+                            ("--vae-batch", "--vae-batch must be at least 1"),
+                            ("--vae-lr", "--vae-lr must be a finite number above 0")]:  # fmt: skip
+        assert _stage2(tmp_path, stage1, data, fresh, "--steps", "2", option, "0") == EXIT_ERROR
+        assert capsys.readouterr().err.startswith(f"duogen: error: {message}") and not fresh.exists()
 
 
 def test_recorded_inputs_match_by_place() -> None:

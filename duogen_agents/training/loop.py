@@ -13,7 +13,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,14 +40,20 @@ class TrainConfig:
     save_every: int = 50
     log_every: int = 1
 
-    def check(self) -> None:
+    def check(self, flags: Mapping[str, str] | None = None) -> None:
+        """``flags``: the option that sets a field, where it is not ``--field`` (stage 2's VAE: ``--vae-lr``)."""
         for name in ("steps", "batch", "save_every", "log_every"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ConfigError(f"{flag(name, flags)} must be at least 1")
         if not 0 < self.lr <= MAX_LR:
-            raise ConfigError(f"--lr must be a finite number above 0 (at most {MAX_LR:g})")
+            raise ConfigError(f"{flag('lr', flags)} must be a finite number above 0 (at most {MAX_LR:g})")
         if self.warmup < 0:
-            raise ConfigError("--warmup must be 0 or more")
+            raise ConfigError(f"{flag('warmup', flags)} must be 0 or more")
+
+
+def flag(name: str, flags: Mapping[str, str] | None = None) -> str:
+    """The command-line option that sets ``TrainConfig.name``."""
+    return (flags or {}).get(name, f"--{name.replace('_', '-')}")
 
 
 def seed_everything(seed: int) -> None:
@@ -141,15 +147,17 @@ def run(
     label: str,
     extra: dict[str, Any] | None = None,
     batched: bool = False,
+    flags: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train: ``loss_of(i)`` is the loss of example ``i`` (``batched``: ``loss_of([i, ...])`` the
-    mean loss of a whole batch, in one forward); ``params`` are the trained parameters.
+    mean loss of a whole batch, in one forward); ``params`` are the trained parameters; ``flags``: the
+    options that set ``cfg``, where they are not ``--field`` (see ``TrainConfig.check``).
     Checkpoints go to ``out/checkpoints/step-N`` (``save_model`` writes the weights; the optimizer,
     schedule position and RNG states are saved beside them), metrics to ``out/metrics.jsonl``."""
     import torch
     from tqdm.auto import tqdm
 
-    cfg.check()
+    cfg.check(flags)
     metrics_path = out / "metrics.jsonl"
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
@@ -216,7 +224,7 @@ def run(
                     total += float(loss.detach())
             norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
             if not (math.isfinite(total) and math.isfinite(float(norm))):
-                _diverged(out, cfg, label, step + 1, f"the loss is {total}" if not math.isfinite(total) else
+                _diverged(out, cfg, flags, label, step + 1, f"the loss is {total}" if not math.isfinite(total) else
                           "the gradients are not finite")  # fmt: skip
             opt.step()
             last = {"step": step + 1, "loss": round(total, 6), "lr": cfg.lr * factor,
@@ -227,7 +235,7 @@ def run(
             bar.update(1)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 if not all(bool(torch.isfinite(p).all()) for p in params):  # a step that overflowed them
-                    _diverged(out, cfg, label, step + 1, "the weights are not finite")
+                    _diverged(out, cfg, flags, label, step + 1, "the weights are not finite")
                 ckpt = out / "checkpoints" / f"step-{step + 1}"
                 ckpt.mkdir(parents=True, exist_ok=True)
                 save_model(ckpt)
@@ -242,14 +250,14 @@ def run(
     return last
 
 
-def _diverged(out: Path, cfg: TrainConfig, label: str, step: int, what: str) -> None:
+def _diverged(out: Path, cfg: TrainConfig, flags: Mapping[str, str] | None, label: str, step: int, what: str) -> None:
     """Stop a run whose loss, gradients or weights are no longer finite: nothing is written of that
     step (no metrics row, no checkpoint, and the caller writes no model or preset)."""
     ckpt = latest_checkpoint(out)
     kept = f"its checkpoints up to {ckpt} stay" if ckpt is not None else "no checkpoint was written"
     raise TrainingDivergedError(
-        f"{label}: {what} at step {step}: training diverged; lower --lr (it was {cfg.lr:g}) and start again "
-        f"with another --out ({kept}; no model or preset was written)"
+        f"{label}: {what} at step {step}: training diverged; lower {flag('lr', flags)} (it was {cfg.lr:g}) and "
+        f"start again with another --out ({kept}; no model or preset was written)"
     )
 
 
