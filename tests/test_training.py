@@ -240,6 +240,19 @@ def test_bad_runs_and_bad_data_are_one_line(data, tmp_path, capsys) -> None:
     assert not (tmp_path / "bad-out").exists()  # refused before anything was written
 
 
+def test_an_answer_that_does_not_fit_the_graph_names_its_file_and_line(data, tmp_path) -> None:
+    lines = data.read_text().splitlines()
+    plan = next(t for t in map(json.loads, lines) if t["mode"] == "visual-plan" and len(t["turns"]) == 1)
+    no_pictures = {**plan, "id": "no-pictures", "expect": {"answer": [[{"type": "text", "text": "hello"}]]}}
+    image_first = {**plan, "id": "image-first", "expect": {"answer": [plan["expect"]["answer"][0][1:]]}}
+    bad = data.parent / "unfit.jsonl"  # beside the images its lines name
+    for task, message in [(no_pictures, "task no-pictures: a plan of 0 steps does not fit"),
+                          (image_first, "task image-first: the graph asked for text but the answer has image")]:  # fmt: skip
+        bad.write_text("\n".join([*lines[:2], json.dumps(task)]) + "\n")
+        with pytest.raises(DataError, match=f"^{bad} line 3: {message}"):
+            planner_examples(load_tasks(bad), load_preset("tiny"), tmp_path)
+
+
 def _first_picture(line: str, path: str | None = None) -> str:
     """The path of the first picture of ``line``'s answer; with ``path``: ``line`` with it replaced."""
     task = json.loads(line)

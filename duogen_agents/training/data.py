@@ -48,6 +48,7 @@ class TrainingTask:
     answer: list[list[dict[str, Any]]]  # per turn: blocks, image paths made absolute
     line: int
     images: list[list[str]] = field(default_factory=list)  # per turn: the user's pictures, paths made absolute
+    source: str = ""  # the data file, for errors: "{source} line {line}"
 
 
 @dataclass
@@ -107,7 +108,7 @@ def load_tasks(path: Path | str) -> list[TrainingTask]:
             if not isinstance(blocks, list) or not blocks:
                 raise DataError(f"{where}: expect.answer[{t}] must be a non-empty list of blocks")
             turns.append([_check_block(b, base, f"{where}: expect.answer[{t}][{i}]") for i, b in enumerate(blocks)])
-        out.append(TrainingTask(task.id, task.mode, [t.prompt for t in task.turns], turns, number, images))
+        out.append(TrainingTask(task.id, task.mode, [t.prompt for t in task.turns], turns, number, images, str(path)))
     if not out:
         raise DataError(f"{path}: no tasks")
     return out
@@ -350,29 +351,39 @@ def planner_examples(
 ) -> list[PlannerExample]:
     """Every planner call of every task's answer, played through the turn graph of ``preset``
     (its limits and sizes; no model is loaded). ``teacher``: a ``Teacher`` (or subclass) to play them."""
-    from duogen_agents.agent import Agent, last_document
+    from duogen_agents.agent import Agent
 
     teacher, images = teacher if teacher is not None else Teacher(), AnswerImages()
     agent = Agent(preset, planner=teacher, image_tool=images, home=home)
     for task in tasks:
-        thread = f"train-{uuid.uuid4().hex}"
-        inputs = task.images or [[] for _ in task.prompts]
-        for prompt, given, blocks in zip(task.prompts, inputs, task.answer, strict=True):
-            teacher.start_turn(blocks, task.id)
-            images.queue = [b["path"] for b in blocks if b["type"] == "image"]
-            # the user's pictures, as `duogen eval` passes them: the planner sees the prompt it will see
-            last_document(agent.stream(prompt, mode=task.mode, images=given, seed=0, thread_id=thread))
-            if teacher.blocks:
-                raise DataError(
-                    f"line {task.line}: task {task.id}: the graph ended the turn before the answer did "
-                    f"({len(teacher.blocks)} block(s) left; check the preset's limits)"
-                )
+        try:
+            _play(task, agent, teacher, images)
+        except ConfigError as e:  # an answer that does not fit the graph, or the preset: name its line
+            where = f"{task.source} line {task.line}" if task.source else f"line {task.line}"
+            raise DataError(f"{where}: {e}") from None
     requests = [ex for ex in teacher.records if _requests_image(ex.target)]
     if len(requests) != len(images.draws):
         raise DataError(f"{len(requests)} image requests but {len(images.draws)} pictures drawn")
     for ex, (refs, picture) in zip(requests, images.draws, strict=True):
         ex.references, ex.picture = refs, picture
     return teacher.records
+
+
+def _play(task: TrainingTask, agent: Any, teacher: Teacher, images: AnswerImages) -> None:
+    from duogen_agents.agent import last_document
+
+    thread = f"train-{uuid.uuid4().hex}"
+    inputs = task.images or [[] for _ in task.prompts]
+    for prompt, given, blocks in zip(task.prompts, inputs, task.answer, strict=True):
+        teacher.start_turn(blocks, task.id)
+        images.queue = [b["path"] for b in blocks if b["type"] == "image"]
+        # the user's pictures, as `duogen eval` passes them: the planner sees the prompt it will see
+        last_document(agent.stream(prompt, mode=task.mode, images=given, seed=0, thread_id=thread))
+        if teacher.blocks:
+            raise DataError(
+                f"task {task.id}: the graph ended the turn before the answer did "
+                f"({len(teacher.blocks)} block(s) left; check the preset's limits)"
+            )
 
 
 def _requests_image(target: str) -> bool:
