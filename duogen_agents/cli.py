@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -532,6 +533,25 @@ def _print_summary(results: dict[str, Any], console: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    try:
+        return _train(args)
+    except KeyboardInterrupt:
+        from duogen_agents.training.loop import latest_checkpoint
+
+        out = Path(args.out)
+        runs = [out / "dit", out / "vae"] if args.stage == "stage2" else [out]
+        ckpt = next((c for c in map(latest_checkpoint, runs) if c is not None), None)
+        if ckpt is None:
+            print("duogen: interrupted before the run's first checkpoint; run the same command to start again",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            again = shlex.join(["duogen", *args.argv, *([] if args.resume else ["--resume"])])
+            print(f"duogen: interrupted; the run is kept up to its last checkpoint, {ckpt}: continue it with {again}",
+                  file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+
+
+def _train(args: argparse.Namespace) -> int:
     from duogen_agents.errors import ConfigError
     from duogen_agents.training.loop import TrainConfig
     from duogen_agents.training.stage1 import train_stage1
@@ -709,6 +729,7 @@ def main(argv: Sequence[str] | None = None, *, process_exits: bool = False) -> i
     """Run one ``duogen`` command; returns its exit code (0, 1 on an error, 2 on usage, 130 on Ctrl-C)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given: `duogen train` repeats it for --resume
     if getattr(args, "preset", "unset") is None:
         args.preset = os.environ.get("DUOGEN_PRESET") or DEFAULT_PRESET
     if args.command is None:

@@ -75,6 +75,40 @@ def test_a_changed_picture_is_an_edit_of_the_one_before_whose_prompt_is_the_chan
     assert followups  # a follow-up's second turn edits the first turn's picture
 
 
+def test_the_users_pictures_are_in_the_planner_calls_as_inference_gives_them(data, tmp_path) -> None:
+    """A task's ``turns[].images`` reach the planner as in ``duogen eval``: the planner is trained on the
+    conversation it will see; a picture that is missing, outside the data's folder or not a picture is
+    one error naming the file and line."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(data.parent / "input.png")
+    raw = json.loads(data.read_text().splitlines()[0])
+    raw["turns"][0]["images"] = ["input.png"]
+    given = data.parent / "with-input.jsonl"  # beside the images its lines name
+    given.write_text(json.dumps(raw) + "\n")
+
+    def images(example) -> int:
+        return sum(part["type"] == "image" for turn in example.conversation for part in turn["content"])
+
+    first = planner_examples(load_tasks(given), load_preset("tiny"), tmp_path / "a")[0]
+    assert images(first) == 1
+    (user,) = [t for t in first.conversation if any(p.get("text") == raw["turns"][0]["prompt"] for p in t["content"])]
+    assert [p["type"] for p in user["content"]][:2] == ["text", "image"]  # the prompt's turn holds the picture
+    plain = planner_examples(load_tasks(data)[:1], load_preset("tiny"), tmp_path / "b")[0]
+    assert images(plain) == 0
+    (data.parent / "not-a-picture.png").write_text("hello\n")
+    for path, message in [
+        ("missing.png", "image not found"),
+        ("/etc/hostname", "outside the data file's folder"),
+        ("../input.png", "outside the data file's folder"),
+        ("not-a-picture.png", "not-a-picture.png"),
+    ]:
+        raw["turns"][0]["images"] = [path]
+        given.write_text("\n" + json.dumps(raw) + "\n")
+        with pytest.raises(DataError, match=f"^{given} line 2: turns\\[0\\].images\\[0\\]: .*{message}"):
+            load_tasks(given)
+
+
 def test_every_target_is_an_action_the_planners_grammar_accepts(data, tmp_path, monkeypatch) -> None:
     """Stage 1 trains on exactly what decoding can write: the grammar of each call's schema accepts the
     teacher's action, byte for byte (its property order included)."""
@@ -186,15 +220,119 @@ def test_bad_runs_and_bad_data_are_one_line(data, tmp_path, capsys) -> None:
         "not a task of the bench format": [lines[0], "{not json"],
         "needs expect.answer": [json.dumps({**json.loads(lines[0]), "expect": {}})],
         "image not found": [lines[0].replace(".png", "-missing.png")],
+        # a picture is opened when the data loads, and must lie inside the data file's folder, as a bench's
+        "corrupt or truncated": [_first_picture(lines[0], "truncated.png")],
+        "not an image file": [_first_picture(lines[0], "text.png")],
+        "outside the data file's folder": [_first_picture(lines[0], "/etc/hostname")],
+        "outside the data file's folder ": [_first_picture(lines[0], "../elsewhere.png")],
     }
+    picture = data.parent / _first_picture(lines[0])
+    (data.parent / "truncated.png").write_bytes(picture.read_bytes()[:100])
+    (data.parent / "text.png").write_text("hello\n")
+    shutil.copy(picture, data.parent.parent / "elsewhere.png")  # a picture, but outside
     for message, content in cases.items():
         bad.write_text("\n".join(content) + "\n")
         with pytest.raises(DataError, match=message):
             load_tasks(bad)
         assert _train(tmp_path, bad, tmp_path / "bad-out", "--steps", "2") == 1
         err = capsys.readouterr().err
-        assert message in err and len(err.strip().splitlines()) == 1
+        assert message.strip() in err and f"{bad} line {len(content)}: " in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad-out").exists()  # refused before anything was written
+
+
+def test_an_answer_that_does_not_fit_the_graph_names_its_file_and_line(data, tmp_path) -> None:
+    lines = data.read_text().splitlines()
+    plan = next(t for t in map(json.loads, lines) if t["mode"] == "visual-plan" and len(t["turns"]) == 1)
+    no_pictures = {**plan, "id": "no-pictures", "expect": {"answer": [[{"type": "text", "text": "hello"}]]}}
+    image_first = {**plan, "id": "image-first", "expect": {"answer": [plan["expect"]["answer"][0][1:]]}}
+    bad = data.parent / "unfit.jsonl"  # beside the images its lines name
+    for task, message in [(no_pictures, "task no-pictures: a plan of 0 steps does not fit"),
+                          (image_first, "task image-first: the graph asked for text but the answer has image")]:  # fmt: skip
+        bad.write_text("\n".join([*lines[:2], json.dumps(task)]) + "\n")
+        with pytest.raises(DataError, match=f"^{bad} line 3: {message}"):
+            planner_examples(load_tasks(bad), load_preset("tiny"), tmp_path)
+
+
+def _first_picture(line: str, path: str | None = None) -> str:
+    """The path of the first picture of ``line``'s answer; with ``path``: ``line`` with it replaced."""
+    task = json.loads(line)
+    block = next(b for blocks in task["expect"]["answer"] for b in blocks if b["type"] == "image")
+    if path is None:
+        return block["path"]
+    block["path"] = path
+    return json.dumps(task)
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_step_and_writes_no_planner(
+    data, tmp_path, capsys, monkeypatch
+) -> None:
+    """A loss (or gradients, or weights) no longer finite stops the run with one line naming the step and
+    --lr; metrics.jsonl stays JSON (no NaN) and no planner or preset is written."""
+    from duogen_agents.training.loop import TrainConfig, TrainingDivergedError, run
+
+    for lr in ("inf", "nan", "1e300"):
+        assert _train(tmp_path, data, tmp_path / "refused", "--steps", "2", "--lr", lr) == EXIT_ERROR
+        assert "--lr must be a finite number above 0" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+    clip, norms = torch.nn.utils.clip_grad_norm_, iter([1.0, float("inf")])
+
+    def overflowing(params, max_norm):  # the second step's gradients overflow, as a too-high --lr does
+        norm = clip(params, max_norm)
+        return norm * next(norms, 1.0)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", overflowing)
+    out = tmp_path / "diverged"
+    assert _train(tmp_path, data, out, "--steps", "4", "--save-every", "1") == EXIT_ERROR
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "at step 2: training diverged; lower --lr" in err and "checkpoints up to" in err and "step-1" in err
+    assert not (out / "preset.json").exists() and not (out / "planner").exists()
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for line in
+            (out / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert [r["step"] for r in rows] == [1]
+
+    weight = torch.nn.Parameter(torch.ones(3))
+
+    def loss_of(i: int) -> torch.Tensor:  # finite for two steps, then not
+        loss_of.calls += 1
+        return (weight**2).sum() * (1.0 if loss_of.calls <= 2 else float("nan"))
+
+    loss_of.calls = 0
+    cfg = TrainConfig(steps=5, batch=1, lr=1e-2, warmup=0, save_every=1)
+    with pytest.raises(TrainingDivergedError, match="stage: the loss is nan at step 3: .*/step-2 stay; no model"):
+        run(tmp_path / "unit", cfg, 4, [weight], loss_of, lambda p: None, lambda p: None, resume=False, label="stage")
+    assert len((tmp_path / "unit" / "metrics.jsonl").read_text().splitlines()) == 2
+    loss_of.calls = 0  # stage 2's VAE phase names its own option
+    with pytest.raises(TrainingDivergedError, match="training diverged; lower --vae-lr"):
+        run(tmp_path / "vae", cfg, 4, [weight], loss_of, lambda p: None, lambda p: None, resume=False, label="VAE",
+            flags={"lr": "--vae-lr"})  # fmt: skip
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes_it(data, tmp_path, capsys, monkeypatch) -> None:
+    import shlex
+
+    from duogen_agents.interrupts import EXIT_INTERRUPTED
+    from duogen_agents.training import loop, stage1
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "stopped"
+    monkeypatch.setattr(stage1, "planner_examples", ctrl_c)  # before anything is trained
+    assert _train(tmp_path, data, out, "--steps", "2", "--save-every", "1") == EXIT_INTERRUPTED
+    assert "interrupted before the run's first checkpoint" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(loop, "plot_losses", ctrl_c)  # once both steps' checkpoints are written
+    assert _train(tmp_path, data, out, "--steps", "2", "--save-every", "1") == EXIT_INTERRUPTED
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"the run is kept up to its last checkpoint, {out / 'checkpoints' / 'step-2'}: continue it with" in err
+    assert "no output was written" not in err
+    again = shlex.split(err.split("continue it with ")[1])
+    assert again[0] == "duogen" and again[-1] == "--resume"
+    monkeypatch.undo()
+    assert main(again[1:]) == 0  # the command it names continues the run
+    assert (out / "preset.json").is_file()
 
 
 def test_pretrain_then_stage1_from_its_folder(tmp_path, capsys) -> None:
@@ -289,6 +427,12 @@ def test_stage2_refuses_before_writing_anything(stage1, data, tmp_path, capsys) 
     (vae / "config.json").write_text('{"_class_name": "AutoencoderKLWan"}')
     assert _stage2(tmp_path, stage1, data, own, "--vae-from", str(vae.parent.parent), "--resume") == EXIT_ERROR
     assert "trained its own VAE" in capsys.readouterr().err and not (own / "vae_from.json").exists()
+    # the VAE's options are named as given, not as the DiT's --steps, --batch, --lr
+    for option, message in [("--vae-steps", "--vae-steps must be at least 1"),
+                            ("--vae-batch", "--vae-batch must be at least 1"),
+                            ("--vae-lr", "--vae-lr must be a finite number above 0")]:  # fmt: skip
+        assert _stage2(tmp_path, stage1, data, fresh, "--steps", "2", option, "0") == EXIT_ERROR
+        assert capsys.readouterr().err.startswith(f"duogen: error: {message}") and not fresh.exists()
 
 
 def test_recorded_inputs_match_by_place() -> None:

@@ -8,8 +8,9 @@ A data file is the evaluation format (``eval/tasks.py``), one task per JSONL lin
                             {"type": "image", "path": "images/t1-0.png", "prompt": "a 3x3 grid with ...",
                              "kind": "generate"}, ...]]}}
 
-Image paths are relative to the data file. ``duogen_agents.worlds.shapes.write_dataset`` writes such
-files. Stage 1 needs the *planner calls* of each answer: the conversation the graph hands the planner
+Image paths are relative to the data file, inside its folder (as a bench's are), and each must open
+as a picture: a bad one is an error naming the file and line when the data loads.
+``duogen_agents.worlds.shapes.write_dataset`` writes such files. Stage 1 needs the *planner calls* of each answer: the conversation the graph hands the planner
 at each call, and the action the planner should write. They are taken from the real graph: a
 ``Teacher`` stands in for the planner and plays the answer back action by action (each written for
 the schema of the call it answers: the plan, a step, a check, an interleaved action or a draft), and
@@ -28,7 +29,8 @@ from typing import Any
 
 from PIL import Image
 
-from duogen_agents.errors import ConfigError
+from duogen_agents.errors import ConfigError, InputImageError
+from duogen_agents.inputs import load_input_image
 from duogen_agents.models.protocols import ChatTurn, PlannerOutput
 
 MAX_LINE_CHARS = 1_000_000
@@ -45,6 +47,8 @@ class TrainingTask:
     prompts: list[str]
     answer: list[list[dict[str, Any]]]  # per turn: blocks, image paths made absolute
     line: int
+    images: list[list[str]] = field(default_factory=list)  # per turn: the user's pictures, paths made absolute
+    source: str = ""  # the data file, for errors: "{source} line {line}"
 
 
 @dataclass
@@ -95,15 +99,35 @@ def load_tasks(path: Path | str) -> list[TrainingTask]:
                 f"{where}: task {task.id!r} needs expect.answer, a list of blocks for each of its "
                 f"{len(task.turns)} turn(s)"
             )
+        images = [
+            [_picture(base, p, f"{where}: turns[{t}].images[{i}]") for i, p in enumerate(turn.images)]
+            for t, turn in enumerate(task.turns)
+        ]
         turns: list[list[dict[str, Any]]] = []
         for t, blocks in enumerate(answer):
             if not isinstance(blocks, list) or not blocks:
                 raise DataError(f"{where}: expect.answer[{t}] must be a non-empty list of blocks")
             turns.append([_check_block(b, base, f"{where}: expect.answer[{t}][{i}]") for i, b in enumerate(blocks)])
-        out.append(TrainingTask(task.id, task.mode, [t.prompt for t in task.turns], turns, number))
+        out.append(TrainingTask(task.id, task.mode, [t.prompt for t in task.turns], turns, number, images, str(path)))
     if not out:
         raise DataError(f"{path}: no tasks")
     return out
+
+
+def _picture(base: Path, path: str, where: str) -> str:
+    """``path`` (relative to the data file's folder, inside it, as a bench's images are) made absolute,
+    once it opens as a picture; else a ``DataError`` naming ``where``."""
+    root = base.resolve()
+    full = str((root / path).resolve())
+    if Path(path).is_absolute() or not Path(full).is_relative_to(root):  # `..`, a link out: eval.tasks.inside's rule
+        raise DataError(
+            f"{where}: image {path[:80]!r} is outside the data file's folder {root}; name images relative to it, inside it"
+        )
+    try:
+        load_input_image(full)
+    except InputImageError as e:
+        raise DataError(f"{where}: {e}") from None
+    return full
 
 
 def _check_block(block: Any, base: Path, where: str) -> dict[str, Any]:
@@ -116,9 +140,7 @@ def _check_block(block: Any, base: Path, where: str) -> dict[str, Any]:
     path = block.get("path")
     if not isinstance(path, str):
         raise DataError(f"{where}: an image block needs a path")
-    full = (base / path).resolve()
-    if not full.is_file():
-        raise DataError(f"{where}: image not found: {full}")
+    full = _picture(base, path, where)
     kind = block.get("kind", "generate")
     if kind not in ("generate", "edit", "continue"):
         raise DataError(f"{where}: kind must be generate, edit or continue, not {kind!r}")
@@ -326,27 +348,39 @@ def planner_examples(
 ) -> list[PlannerExample]:
     """Every planner call of every task's answer, played through the turn graph of ``preset``
     (its limits and sizes; no model is loaded). ``teacher``: a ``Teacher`` (or subclass) to play them."""
-    from duogen_agents.agent import Agent, last_document
+    from duogen_agents.agent import Agent
 
     teacher, images = teacher if teacher is not None else Teacher(), AnswerImages()
     agent = Agent(preset, planner=teacher, image_tool=images, home=home)
     for task in tasks:
-        thread = f"train-{uuid.uuid4().hex}"
-        for prompt, blocks in zip(task.prompts, task.answer, strict=True):
-            teacher.start_turn(blocks, task.id)
-            images.queue = [b["path"] for b in blocks if b["type"] == "image"]
-            last_document(agent.stream(prompt, mode=task.mode, seed=0, thread_id=thread))
-            if teacher.blocks:
-                raise DataError(
-                    f"line {task.line}: task {task.id}: the graph ended the turn before the answer did "
-                    f"({len(teacher.blocks)} block(s) left; check the preset's limits)"
-                )
+        try:
+            _play(task, agent, teacher, images)
+        except ConfigError as e:  # an answer that does not fit the graph, or the preset: name its line
+            where = f"{task.source} line {task.line}" if task.source else f"line {task.line}"
+            raise DataError(f"{where}: {e}") from None
     requests = [ex for ex in teacher.records if _requests_image(ex.target)]
     if len(requests) != len(images.draws):
         raise DataError(f"{len(requests)} image requests but {len(images.draws)} pictures drawn")
     for ex, (refs, picture) in zip(requests, images.draws, strict=True):
         ex.references, ex.picture = refs, picture
     return teacher.records
+
+
+def _play(task: TrainingTask, agent: Any, teacher: Teacher, images: AnswerImages) -> None:
+    from duogen_agents.agent import last_document
+
+    thread = f"train-{uuid.uuid4().hex}"
+    inputs = task.images or [[] for _ in task.prompts]
+    for prompt, given, blocks in zip(task.prompts, inputs, task.answer, strict=True):
+        teacher.start_turn(blocks, task.id)
+        images.queue = [b["path"] for b in blocks if b["type"] == "image"]
+        # the user's pictures, as `duogen eval` passes them: the planner sees the prompt it will see
+        last_document(agent.stream(prompt, mode=task.mode, images=given, seed=0, thread_id=thread))
+        if teacher.blocks:
+            raise DataError(
+                f"task {task.id}: the graph ended the turn before the answer did "
+                f"({len(teacher.blocks)} block(s) left; check the preset's limits)"
+            )
 
 
 def _requests_image(target: str) -> bool:

@@ -13,12 +13,20 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from duogen_agents.errors import ConfigError
+
+# AdamW moves each weight by about lr a step: far below this nothing trains any more, and near
+# float32's limit its step overflows (an internal error, not a loss that shows it).
+MAX_LR = 1e6
+
+
+class TrainingDivergedError(ConfigError):
+    """The loss (or the gradients, or the weights) stopped being finite: the learning rate is too high."""
 
 
 @dataclass
@@ -32,14 +40,20 @@ class TrainConfig:
     save_every: int = 50
     log_every: int = 1
 
-    def check(self) -> None:
+    def check(self, flags: Mapping[str, str] | None = None) -> None:
+        """``flags``: the option that sets a field, where it is not ``--field`` (stage 2's VAE: ``--vae-lr``)."""
         for name in ("steps", "batch", "save_every", "log_every"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if not self.lr > 0:
-            raise ConfigError("--lr must be positive")
+                raise ConfigError(f"{flag(name, flags)} must be at least 1")
+        if not 0 < self.lr <= MAX_LR:
+            raise ConfigError(f"{flag('lr', flags)} must be a finite number above 0 (at most {MAX_LR:g})")
         if self.warmup < 0:
-            raise ConfigError("--warmup must be 0 or more")
+            raise ConfigError(f"{flag('warmup', flags)} must be 0 or more")
+
+
+def flag(name: str, flags: Mapping[str, str] | None = None) -> str:
+    """The command-line option that sets ``TrainConfig.name``."""
+    return (flags or {}).get(name, f"--{name.replace('_', '-')}")
 
 
 def seed_everything(seed: int) -> None:
@@ -133,15 +147,17 @@ def run(
     label: str,
     extra: dict[str, Any] | None = None,
     batched: bool = False,
+    flags: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train: ``loss_of(i)`` is the loss of example ``i`` (``batched``: ``loss_of([i, ...])`` the
-    mean loss of a whole batch, in one forward); ``params`` are the trained parameters.
+    mean loss of a whole batch, in one forward); ``params`` are the trained parameters; ``flags``: the
+    options that set ``cfg``, where they are not ``--field`` (see ``TrainConfig.check``).
     Checkpoints go to ``out/checkpoints/step-N`` (``save_model`` writes the weights; the optimizer,
     schedule position and RNG states are saved beside them), metrics to ``out/metrics.jsonl``."""
     import torch
     from tqdm.auto import tqdm
 
-    cfg.check()
+    cfg.check(flags)
     metrics_path = out / "metrics.jsonl"
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
@@ -190,7 +206,7 @@ def run(
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, desc=label, unit="step", dynamic_ncols=True)
     last: dict[str, Any] = {}
-    with metrics_path.open("a") as metrics:
+    with metrics_path.open("a") as metrics, bar:  # the bar closes first: an error or Ctrl-C is a line of its own
         for step in range(start, cfg.steps):
             factor = schedule(step, cfg)
             for group in opt.param_groups:
@@ -206,7 +222,10 @@ def run(
                     loss = loss_of(next(indices)) / cfg.batch
                     loss.backward()
                     total += float(loss.detach())
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if not (math.isfinite(total) and math.isfinite(float(norm))):
+                _diverged(out, cfg, flags, label, step + 1, f"the loss is {total}" if not math.isfinite(total) else
+                          "the gradients are not finite")  # fmt: skip
             opt.step()
             last = {"step": step + 1, "loss": round(total, 6), "lr": cfg.lr * factor,
                     "elapsed_s": round(time.perf_counter() - t0, 3)}  # fmt: skip
@@ -215,6 +234,8 @@ def run(
             bar.set_postfix(loss=f"{total:.4f}")
             bar.update(1)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                if not all(bool(torch.isfinite(p).all()) for p in params):  # a step that overflowed them
+                    _diverged(out, cfg, flags, label, step + 1, "the weights are not finite")
                 ckpt = out / "checkpoints" / f"step-{step + 1}"
                 ckpt.mkdir(parents=True, exist_ok=True)
                 save_model(ckpt)
@@ -225,9 +246,19 @@ def run(
                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None},
                     ckpt / "trainer.pt",
                 )  # fmt: skip
-    bar.close()
     plot_losses(metrics_path, out / "loss.png", label)
     return last
+
+
+def _diverged(out: Path, cfg: TrainConfig, flags: Mapping[str, str] | None, label: str, step: int, what: str) -> None:
+    """Stop a run whose loss, gradients or weights are no longer finite: nothing is written of that
+    step (no metrics row, no checkpoint, and the caller writes no model or preset)."""
+    ckpt = latest_checkpoint(out)
+    kept = f"its checkpoints up to {ckpt} stay" if ckpt is not None else "no checkpoint was written"
+    raise TrainingDivergedError(
+        f"{label}: {what} at step {step}: training diverged; lower {flag('lr', flags)} (it was {cfg.lr:g}) and "
+        f"start again with another --out ({kept}; no model or preset was written)"
+    )
 
 
 def _numpy_state() -> Any:

@@ -468,6 +468,10 @@ def write_aligned(out: Path, preset: Any, planner: Path, *, size: int, tokens: i
     return preset_path
 
 
+# The options of the VAE's training (phase 1), where they are not the DiT's.
+VAE_FLAGS = {"steps": "--vae-steps", "batch": "--vae-batch", "lr": "--vae-lr"}
+
+
 def train_stage2(
     planner_dir: str | Path,
     data: str | Path,
@@ -506,7 +510,7 @@ def train_stage2(
         raise ConfigError("--regression must be a finite number, 0 or more")
     cfg, vae_cfg = cfg or TrainConfig(), vae_cfg or TrainConfig(steps=200, lr=1e-3)
     cfg.check()
-    vae_cfg.check()
+    vae_cfg.check(VAE_FLAGS)
     out = Path(out)
     check_out(out, resume, [out / "vae", out / "dit"])
     run1 = Path(planner_dir)
@@ -740,7 +744,7 @@ def _train_vae(vae: Any, clips: Any, run_dir: Path, cfg: TrainConfig, *, resume:
     vae.train()
     last = run(
         run_dir, cfg, len(pictures), list(vae.parameters()), vae_loss, vae_save, vae_load,
-        resume=resume, label="stage 2: VAE", batched=True,
+        resume=resume, label="stage 2: VAE", batched=True, flags=VAE_FLAGS,
     )  # fmt: skip
     (run_dir / "done.json").write_text(json.dumps(last))
 
