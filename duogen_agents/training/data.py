@@ -117,17 +117,19 @@ def load_tasks(path: Path | str) -> list[TrainingTask]:
 def _picture(base: Path, path: str, where: str) -> str:
     """``path`` (relative to the data file's folder, inside it, as a bench's images are) made absolute,
     once it opens as a picture; else a ``DataError`` naming ``where``."""
-    root = base.resolve()
-    full = str((root / path).resolve())
-    if Path(path).is_absolute() or not Path(full).is_relative_to(root):  # `..`, a link out: eval.tasks.inside's rule
+    from duogen_agents.eval.tasks import contained
+
+    full = contained(base, path)
+    if full is None:  # an absolute path, `..`, a link out of it
         raise DataError(
-            f"{where}: image {path[:80]!r} is outside the data file's folder {root}; name images relative to it, inside it"
+            f"{where}: image {path[:80]!r} is outside the data file's folder {base.resolve()}; "
+            "name images relative to it, inside it"
         )
     try:
         load_input_image(full)
     except InputImageError as e:
         raise DataError(f"{where}: {e}") from None
-    return full
+    return str(full)
 
 
 def _check_block(block: Any, base: Path, where: str) -> dict[str, Any]:
