@@ -485,6 +485,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return EXIT_INTERRUPTED
     _print_summary(results, Console())
+    from duogen_agents.eval.report import run_label
+
+    for run in results["runs"]:
+        if run.get("judge_errors"):
+            first = next(t["judge_error"] for t in run["tasks"] if t.get("judge_error"))
+            err.print(f"[yellow]warning[/]: the judge failed on {run['judge_errors']} task(s) of "
+                      f"{safe_text(run_label(run['preset']))}, whose judge axes are missing (the first: {safe_text(first)}); "
+                      f"`duogen eval --resume {out}` answers and judges them again", highlight=False, soft_wrap=True)  # fmt: skip
     err.print(f"wrote {out}/results.json and {out}/report.html")
     return 0
 
@@ -521,12 +529,15 @@ def _print_summary(results: dict[str, Any], console: Any) -> None:
     from duogen_agents.eval.scoring import AXES
     from duogen_agents.terminal.render import safe_text
 
-    t = Table(Column("run", no_wrap=True, min_width=12), *AXES, "tasks", "failed")
+    judged = any(run.get("judge_errors") for run in results["runs"])  # a column only when the judge failed
+    t = Table(
+        Column("run", no_wrap=True, min_width=12), *AXES, "tasks", "failed", *(["judge failed"] if judged else [])
+    )
     for run in results["runs"]:
         s = run.get("summary") or {}
         t.add_row(
             safe_text(run_label(run["preset"])), *("-" if s.get(a) is None else f"{s[a]:.2f}" for a in AXES),
-            str(len(run["tasks"])), str(run.get("errors", 0)),
+            str(len(run["tasks"])), str(run.get("errors", 0)), *([str(run.get("judge_errors") or 0)] if judged else []),
         )  # fmt: skip
     console.print(t)
 

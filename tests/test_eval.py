@@ -639,3 +639,81 @@ def test_skipped_bench_lines_are_said_before_the_run(home, tmp_path, capsys, mon
     code = main(["eval", "--bench", str(DATA / "bench.jsonl"), "--preset", "tiny", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 130 and "skipped line 3" in err and "skipped line 4" in err
+
+
+class _FakeAgent:
+    """Answers every turn with one white picture and a line of text: a run without loading a model."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.preset = type("P", (), {"name": "fake"})()
+
+    def stream(self, prompt, mode, images, seed, thread_id):
+        from PIL import Image
+
+        ref = self.store.put(Image.new("RGB", (64, 64), "white"))
+        blocks = [TextBlock(text="here"), ImageBlock(image=ref, prompt="a picture")]
+        yield {
+            "event": "document",
+            "document": InterleavedDocument(prompt=prompt, mode=mode, preset="fake", blocks=blocks),
+        }
+
+
+@pytest.fixture
+def fake_agent(home, monkeypatch):
+    from duogen_agents.agent import Agent
+
+    loaded: list[str] = []
+
+    def from_preset(name, home=None):
+        loaded.append(name)
+        return _FakeAgent(ImageStore(home))
+
+    monkeypatch.setattr(Agent, "from_preset", staticmethod(from_preset))
+    return loaded
+
+
+class _FailingJudgeServer(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(404)
+        self.end_headers()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(500)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_failed_judge_keeps_the_answers_own_scores_and_is_shown(home, fake_agent, tmp_path, capsys) -> None:
+    """The judge fails on every task: each answer keeps its structure score, the run's summary is the
+    mean of those (not 0), the judge's axes stay unmeasured, and the failures are counted and shown."""
+    server = HTTPServer(("127.0.0.1", 0), _FailingJudgeServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    bench = tmp_path / "b.jsonl"
+    lines = [{"id": i, "turns": [{"prompt": "Show a pot"}], "expect": {"images": n}} for i, n in (("a", 1), ("b", 2))]
+    bench.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "o"
+    try:
+        code = main(["eval", "--bench", str(bench), "--preset", "tiny", "--judge", url, "--judge-model", "m",
+                     "--out", str(out)])  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert [t["status"] for t in run["tasks"]] == ["ok", "ok"] and all("500" in t["judge_error"] for t in run["tasks"])
+    structure = [t["scores"]["structure"] for t in run["tasks"]]
+    assert run["summary"]["structure"] == pytest.approx(sum(structure) / 2) and sum(structure) > 0
+    assert run["summary"]["alignment"] is None and run["errors"] == 0 and run["judge_errors"] == 2
+    assert "the judge failed on 2 task(s) of tiny" in " ".join(cap.err.split())
+    assert "judge failed on 2" in (out / "report.html").read_text()
+    # An unreachable judge is refused before any model loads.
+    fake_agent.clear()
+    code = main(["eval", "--bench", str(bench), "--preset", "tiny", "--judge", "http://127.0.0.1:9/v1",
+                 "--judge-model", "m", "--out", str(tmp_path / "o2")])  # fmt: skip
+    assert code == 1 and "cannot be reached" in capsys.readouterr().err and not fake_agent

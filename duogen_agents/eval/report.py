@@ -66,6 +66,8 @@ def _table(runs: list[dict[str, Any]]) -> str:
     for r in runs:
         s = r.get("summary") or {}
         errors = f" <small class=err>({_esc(r.get('errors'))} failed)</small>" if r.get("errors") else ""
+        if r.get("judge_errors"):
+            errors += f" <small class=err>(judge failed on {_esc(r.get('judge_errors'))})</small>"
         partial = " <small class=err>(partial)</small>" if r.get("partial") else ""
         n = len(r.get("tasks", []))
         count = f"{n} of {_esc(r['of'])}" if r.get("of") not in (None, n) else str(n)
@@ -174,6 +176,8 @@ def _task_sections(runs: list[dict[str, Any]], out_dir: Path) -> str:
                 parts.append(_answer(t, images_dir))
             except (KeyError, TypeError, AttributeError):
                 parts.append("<p class=err>(this answer's record is malformed)</p>")
+            if t.get("judge_error"):
+                parts.append(f'<p class="err">the judge failed: {_esc(t["judge_error"])}</p>')
             rows = "".join(
                 f"<tr><td>{_esc(a)}</td><td>{_fmt(v)}</td><td style='text-align:left'>{_esc((t.get('reasons') or {}).get(a, ''))}</td></tr>"
                 for a, v in (t.get("scores") or {}).items()

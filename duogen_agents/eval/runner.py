@@ -104,16 +104,31 @@ def score(task: Task, docs: Sequence[InterleavedDocument], store: ImageStore, ju
         for axis, (value, reason) in shapes_scores(task, docs, store).items():
             scores[axis], reasons[axis] = value, f"detectors: {reason}"
     elif judge is not None:
-        request = "\n\n".join(t.prompt for t in task.turns)
-        for axis, (value, reason) in judge.judge(request, docs, store).items():
-            raw[axis] = value
-            scores[axis], reasons[axis] = (value - 1) / 9, f"judge {value}/10: {reason}"
+        raw = _judge(task, docs, store, judge, scores, reasons)
     return {"scores": scores, "reasons": reasons, "judge_raw": raw}
 
 
+def _judge(
+    task: Task,
+    docs: Sequence[InterleavedDocument],
+    store: ImageStore,
+    judge: Any,
+    scores: dict[str, float],
+    reasons: dict[str, str],
+) -> dict[str, int]:
+    """The judge's scores added to ``scores`` and ``reasons``; its raw 1-10 scores returned."""
+    request = "\n\n".join(t.prompt for t in task.turns)
+    raw: dict[str, int] = {}
+    for axis, (value, reason) in judge.judge(request, docs, store).items():
+        raw[axis] = value
+        scores[axis], reasons[axis] = (value - 1) / 9, f"judge {value}/10: {reason}"
+    return raw
+
+
 def _summary(tasks: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Mean per axis over the tasks it applies to; a failed task counts 0 on every axis that the run
-    measures (one no task could measure stays ``None``: no judge, no detectors)."""
+    """Mean per axis over the scores that exist; a failed task (no answer) counts 0 on every axis that
+    the run measures (one no task could measure stays ``None``: no judge, no detectors, or a judge that
+    always failed). A task whose judge failed counts on its own scores only."""
     out: dict[str, float | None] = {}
     for axis in AXES:
         values = [t["scores"][axis] for t in tasks if t["status"] == "ok" and axis in t["scores"]]
@@ -174,6 +189,8 @@ def run_eval(
     previous: dict[str, dict[str, Any]] = {}
     comparable = True  # the earlier runs were scored on the same bench, seed and judge as this one
     results_file = out_dir / "results.json"
+    if judge is not None and hasattr(judge, "probe") and any(t.expect.get("world") != "shapes" for t in tasks):
+        judge.probe()  # an unreachable judge: refused now, before any model loads
     if resume and results_file.exists():
         try:
             old = json.loads(results_file.read_text())
@@ -259,7 +276,7 @@ def _run_one(
     done = {
         t.get("fingerprint"): t
         for t in (previous or {}).get("tasks", [])
-        if isinstance(t, dict) and t.get("status") == "ok" and t.get("fingerprint")
+        if isinstance(t, dict) and t.get("status") == "ok" and t.get("fingerprint") and not t.get("judge_error")
     }
     run: dict[str, Any] = {"preset": run_name, "reference": run_name == REFERENCE, "tasks": [], "seconds": 0.0}
     agent = None
@@ -292,6 +309,7 @@ def _run_one(
     run["seconds"] = round(earlier + time.perf_counter() - started, 3)
     run["summary"] = _summary(run["tasks"])
     run["errors"] = sum(t["status"] != "ok" for t in run["tasks"])
+    run["judge_errors"] = sum(bool(t.get("judge_error")) for t in run["tasks"])
     run["of"] = len(tasks)
     return run
 
@@ -299,8 +317,9 @@ def _run_one(
 def _one_task(
     task: Task, mark: str, agent: Any, seed: int, judge: Any, store: ImageStore, out_dir: Path
 ) -> dict[str, Any]:
-    """Answer and score one task. Any failure is that task's error, never the run's: the answer
-    (if there is one) and its structure score are kept when only the judge failed."""
+    """Answer and score one task. Any failure is that task's error, never the run's. When only the
+    judge failed, the task is answered (``status`` ok) with its own scores (structure) and the judge's
+    failure in ``judge_error``: its judge axes are missing, not 0, and ``--resume`` answers and judges it again."""
     t0 = time.perf_counter()
     entry: dict[str, Any] = {
         "id": task.id,
@@ -315,14 +334,24 @@ def _one_task(
         docs = reference_answer(task, store) if agent is None else _answer(agent, task, seed)
         entry["documents"] = [d.model_dump(mode="json") for d in docs]
         _copy_images(docs, store, out_dir)
-        entry["scores"]["structure"], entry["reasons"]["structure"] = structure(task, docs)
-        entry.update(score(task, docs, store, judge))
+        entry.update(score(task, docs, store, None))  # the answer's own scores: structure, detectors
         entry["status"] = "ok"
-    except Exception as e:  # one task's failure (a model, the judge, a bad task): recorded, the run goes on
-        message = str(e) if isinstance(e, DuogenError) else f"{type(e).__name__}: {e}"
-        entry.update(status="error", error=" ".join(message.split())[:500])
+    except Exception as e:  # one task's failure (a model, a bad task): recorded, the run goes on
+        entry.update(status="error", error=_one_line(e))
+    if entry["status"] == "ok" and judge is not None and task.expect.get("world") != "shapes":
+        scores, reasons = dict(entry["scores"]), dict(entry["reasons"])
+        try:
+            entry["judge_raw"] = _judge(task, docs, store, judge, scores, reasons)
+            entry.update(scores=scores, reasons=reasons)
+        except Exception as e:  # the judge failed: the answer and its own scores stay, the judge's axes are missing
+            entry["judge_error"] = _one_line(e)
     entry["seconds"] = round(time.perf_counter() - t0, 3)
     return entry
+
+
+def _one_line(e: Exception) -> str:
+    message = str(e) if isinstance(e, DuogenError) else f"{type(e).__name__}: {e}"
+    return " ".join(message.split())[:500]
 
 
 def _free_models() -> None:
