@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from duogen_agents.errors import DuogenError
-from duogen_agents.interrupts import EXIT_INTERRUPTED, ctrl_c_twice_exits
+from duogen_agents.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, ctrl_c_twice_exits, sigterm_interrupts
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -474,16 +474,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         bars.update(ids[run], completed=done)
 
     try:
-        with bars:
+        with sigterm_interrupts() as signalled, bars:
             results = run_eval(
                 bench, presets, limit=args.limit, seed=seed, out=out, judge=judge,
                 reference=args.reference, resume=args.resume is not None, home=args.home, progress=progress,
                 on_skipped=skipped,
             )  # fmt: skip
     except KeyboardInterrupt:
-        print(f"duogen: interrupted; the finished tasks are in {out}/results.json and {out}/report.html (partial)",
-              file=sys.stderr)  # fmt: skip
-        return EXIT_INTERRUPTED
+        how = "terminated (SIGTERM)" if signalled["terminated"] else "interrupted"
+        print(f"duogen: {how}; the finished tasks are in {out}/results.json and {out}/report.html (partial; "
+              f"`duogen eval --resume {out}` continues)", file=sys.stderr)  # fmt: skip
+        return EXIT_TERMINATED if signalled["terminated"] else EXIT_INTERRUPTED
     _print_summary(results, Console())
     from duogen_agents.eval.report import run_label
 

@@ -717,3 +717,51 @@ def test_a_failed_judge_keeps_the_answers_own_scores_and_is_shown(home, fake_age
     code = main(["eval", "--bench", str(bench), "--preset", "tiny", "--judge", "http://127.0.0.1:9/v1",
                  "--judge-model", "m", "--out", str(tmp_path / "o2")])  # fmt: skip
     assert code == 1 and "cannot be reached" in capsys.readouterr().err and not fake_agent
+
+
+def test_results_are_written_after_every_task_and_sigterm_keeps_them(home, fake_agent, tmp_path, monkeypatch) -> None:
+    """A run ended by anything (here an error escaping the runner, as SIGKILL or running out of memory
+    would end it) loses at most the task in progress: results.json is written after every task, marked
+    partial, and --resume continues from it. SIGTERM is handled as Ctrl-C: a partial report, exit 143."""
+    import os
+    import signal
+
+    import duogen_agents.eval.runner as runner
+
+    out = tmp_path / "run"
+
+    def crash_at_third(run, done, total):
+        if done == 2:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        run_eval("shapes", [], limit=4, out=out, reference=True, home=home, progress=crash_at_third)
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["partial"] and [len(r["tasks"]) for r in partial["runs"]] == [2]
+    done = run_eval("shapes", [], limit=4, out=out, reference=True, home=home, resume=True)
+    assert done["runs"][0]["reused"] == 2 and len(done["runs"][0]["tasks"]) == 4 and not done["partial"]
+
+    one_task = runner._one_task
+    finished = []
+
+    def terminated_after_two(*args, **kwargs):
+        if len(finished) == 2:  # the third task begins
+            os.kill(os.getpid(), signal.SIGTERM)
+        finished.append(one_task(*args, **kwargs))
+        return finished[-1]
+
+    monkeypatch.setattr(runner, "_one_task", terminated_after_two)
+    out = tmp_path / "term"
+
+    def unhandled(signum, frame):  # what the test sees if duogen eval left SIGTERM alone
+        raise RuntimeError("SIGTERM reached the test's own handler")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        code = main(["eval", "--bench", "shapes", "--preset", "tiny", "--limit", "4", "--out", str(out)])
+        assert code == 143 and signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    data = json.loads((out / "results.json").read_text())
+    assert data["partial"] and len(data["runs"][0]["tasks"]) == 2
+    assert "Partial: the run was interrupted" in (out / "report.html").read_text()

@@ -5,8 +5,10 @@
 
 Results go to ``OUT/results.json`` (versions, preset, seed, timings, per task the answer, scores and
 reasons) and ``OUT/report.html``; images are copied to ``OUT/images``. One preset's models are loaded
-at a time. ``resume=True`` keeps the tasks ``OUT/results.json`` already holds. Ctrl-C keeps what
-finished and writes a partial report marked so, then raises ``KeyboardInterrupt``.
+at a time. ``resume=True`` keeps the tasks ``OUT/results.json`` already holds. ``results.json`` is
+written (atomically, marked partial) after every finished task, so a run ended any way loses at most
+the task in progress. Ctrl-C (and ``duogen eval``'s SIGTERM) keeps what finished and writes a partial
+report marked so, then raises ``KeyboardInterrupt``.
 """
 
 from __future__ import annotations
@@ -231,9 +233,17 @@ def run_eval(
     # and judge); a preset run again reuses only the tasks whose fingerprint is the same.
     kept = [r for name, r in previous.items() if name not in runs] if comparable else []
     results["options"]["presets"] += [str(_place(r["preset"])) for r in kept if r["preset"] != REFERENCE]
+
+    def checkpoint(current: dict[str, Any]) -> None:
+        """After each finished task: results.json as it stands (marked partial), so that a run ended any
+        way (SIGKILL, out of memory) loses at most the task in progress, and ``--resume`` continues it."""
+        _write_results({**results, "partial": True, "runs": [*results["runs"], current, *kept]}, out_dir)
+
     try:
         for run_name in runs:
-            run = _run_one(run_name, tasks, previous.get(run_name), seed, judge, store, root, out_dir, progress)
+            run = _run_one(
+                run_name, tasks, previous.get(run_name), seed, judge, store, root, out_dir, progress, checkpoint
+            )
             results["runs"].append(run)
             if run.get("partial"):
                 raise KeyboardInterrupt
@@ -272,6 +282,7 @@ def _run_one(
     root: Path,
     out_dir: Path,
     progress: Progress | None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     done = {
         t.get("fingerprint"): t
@@ -281,6 +292,18 @@ def _run_one(
     run: dict[str, Any] = {"preset": run_name, "reference": run_name == REFERENCE, "tasks": [], "seconds": 0.0}
     agent = None
     started = time.perf_counter()
+
+    def close() -> dict[str, Any]:
+        # A resumed run's time is the earlier invocations' (which made the reused tasks) and this one's.
+        earlier = (previous or {}).get("seconds", 0.0) if run.get("reused") else 0.0
+        earlier = earlier if isinstance(earlier, (int, float)) and earlier >= 0 else 0.0
+        run["seconds"] = round(earlier + time.perf_counter() - started, 3)
+        run["summary"] = _summary(run["tasks"])
+        run["errors"] = sum(t["status"] != "ok" for t in run["tasks"])
+        run["judge_errors"] = sum(bool(t.get("judge_error")) for t in run["tasks"])
+        run["of"] = len(tasks)
+        return run
+
     try:
         for i, task in enumerate(tasks):
             if progress:
@@ -296,6 +319,8 @@ def _run_one(
                 agent = Agent.from_preset(run_name, home=root)
                 run["preset_name"] = agent.preset.name
             run["tasks"].append(_one_task(task, mark, agent, seed, judge, store, out_dir))
+            if checkpoint is not None:
+                checkpoint(close())
         if progress:
             progress(run_name, len(tasks), len(tasks))
     except KeyboardInterrupt:
@@ -303,15 +328,7 @@ def _run_one(
     finally:
         del agent
         _free_models()
-    # A resumed run's time is the earlier invocations' (which made the reused tasks) and this one's.
-    earlier = (previous or {}).get("seconds", 0.0) if run.get("reused") else 0.0
-    earlier = earlier if isinstance(earlier, (int, float)) and earlier >= 0 else 0.0
-    run["seconds"] = round(earlier + time.perf_counter() - started, 3)
-    run["summary"] = _summary(run["tasks"])
-    run["errors"] = sum(t["status"] != "ok" for t in run["tasks"])
-    run["judge_errors"] = sum(bool(t.get("judge_error")) for t in run["tasks"])
-    run["of"] = len(tasks)
-    return run
+    return close()
 
 
 def _one_task(
@@ -362,8 +379,12 @@ def _free_models() -> None:
         torch.cuda.empty_cache()
 
 
-def _write(results: dict[str, Any], out_dir: Path, write_report: Callable[[dict[str, Any], Path], Path]) -> None:
+def _write_results(results: dict[str, Any], out_dir: Path) -> None:
     write_atomic(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+
+
+def _write(results: dict[str, Any], out_dir: Path, write_report: Callable[[dict[str, Any], Path], Path]) -> None:
+    _write_results(results, out_dir)
     write_report(results, out_dir)
 
 
