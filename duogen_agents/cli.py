@@ -440,6 +440,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     from duogen_agents.eval import run_eval
     from duogen_agents.eval.judge import make_judge
+    from duogen_agents.eval.runner import check_out
     from duogen_agents.presets import load_preset
     from duogen_agents.validation import check_out_dir, check_seed
 
@@ -453,6 +454,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     check_seed(seed)
     out = args.resume or args.out
     check_out_dir(out)
+    check_out(out, resume=args.resume is not None)
     presets = args.preset or [os.environ.get("DUOGEN_PRESET") or DEFAULT_PRESET]
     for p in presets:
         load_preset(p)

@@ -765,3 +765,15 @@ def test_results_are_written_after_every_task_and_sigterm_keeps_them(home, fake_
     data = json.loads((out / "results.json").read_text())
     assert data["partial"] and len(data["runs"][0]["tasks"]) == 2
     assert "Partial: the run was interrupted" in (out / "report.html").read_text()
+
+
+def test_a_new_run_refuses_an_out_holding_results(home, tmp_path, capsys) -> None:
+    """As duogen train: a fresh run into an OUT with results.json is refused (nothing replaced);
+    --resume continues it."""
+    out = tmp_path / "run"
+    run_eval("shapes", [], limit=1, out=out, reference=True, home=home)
+    before = (out / "results.json").read_bytes()
+    code = main(["eval", "--bench", "shapes", "--preset", "shapes", "--limit", "1", "--out", str(out)])
+    assert code == 1 and "holds an earlier evaluation" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+    assert run_eval("shapes", [], limit=2, out=out, reference=True, home=home, resume=True)["runs"][0]["reused"] == 1

@@ -191,6 +191,7 @@ def run_eval(
     previous: dict[str, dict[str, Any]] = {}
     comparable = True  # the earlier runs were scored on the same bench, seed and judge as this one
     results_file = out_dir / "results.json"
+    check_out(out_dir, resume)
     if judge is not None and hasattr(judge, "probe") and any(t.expect.get("world") != "shapes" for t in tasks):
         judge.probe()  # an unreachable judge: refused now, before any model loads
     if resume and results_file.exists():
@@ -255,6 +256,15 @@ def run_eval(
     results["runs"] += kept
     _write(results, out_dir, write_report)
     return results
+
+
+def check_out(out_dir: Path, resume: bool) -> None:
+    """As ``duogen train``: a new run never replaces the results of an earlier one in its OUT."""
+    if not resume and (out_dir / "results.json").exists():
+        raise ConfigError(
+            f"{out_dir} holds an earlier evaluation (results.json); pass --resume {out_dir} to continue it "
+            "(or to add presets to it), or choose another --out"
+        )
 
 
 def _place(value: str | None) -> str | None:
