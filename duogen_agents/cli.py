@@ -470,6 +470,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         for e in errors:
             err.print(f"[yellow]skipped[/] line {e.line}: {safe_text(e.message)}", highlight=False)
 
+    def note(line: str) -> None:
+        err.print(f"[yellow]note[/]: {safe_text(line)}", highlight=False, soft_wrap=True)
+
     def progress(run: str, done: int, total: int) -> None:
         if run not in ids:
             ids[run] = bars.add_task(run, total=total)
@@ -480,7 +483,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             results = run_eval(
                 bench, presets, limit=args.limit, seed=seed, out=out, judge=judge,
                 reference=args.reference, resume=args.resume is not None, home=args.home, progress=progress,
-                on_skipped=skipped,
+                on_skipped=skipped, on_note=note,
             )  # fmt: skip
     except KeyboardInterrupt:
         how = "terminated (SIGTERM)" if signalled["terminated"] else "interrupted"

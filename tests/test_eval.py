@@ -777,3 +777,29 @@ def test_a_new_run_refuses_an_out_holding_results(home, tmp_path, capsys) -> Non
     assert code == 1 and "holds an earlier evaluation" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before
     assert run_eval("shapes", [], limit=2, out=out, reference=True, home=home, resume=True)["runs"][0]["reused"] == 1
+
+
+def test_resume_answers_again_when_the_preset_or_its_weights_changed(home, fake_agent, tmp_path) -> None:
+    """A finished task is reused only if the preset is the same: its settings, and the files of a
+    model it reads from a local folder (a retrained run)."""
+    from duogen_agents.eval.runner import preset_digest
+
+    preset = tmp_path / "mine.toml"
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "model.safetensors").write_bytes(b"1")
+    preset.write_text('base = "tiny"\nname = "mine"\n[image]\nsteps = 1\n[planner]\nmodel = "./w"\n')
+    out = tmp_path / "run"
+    notes: list[str] = []
+    first = run_eval("shapes", [str(preset)], limit=2, out=out, home=home)
+    again = run_eval("shapes", [str(preset)], limit=2, out=out, home=home, resume=True, on_note=notes.append)
+    assert again["runs"][0]["reused"] == 2 and again["runs"][0]["tasks"] == first["runs"][0]["tasks"] and not notes
+    digest = preset_digest(str(preset))
+    preset.write_text(preset.read_text().replace("steps = 1", "steps = 4"))
+    assert preset_digest(str(preset)) != digest
+    changed = run_eval("shapes", [str(preset)], limit=2, out=out, home=home, resume=True, on_note=notes.append)
+    assert "reused" not in changed["runs"][0] and "has changed since its earlier run" in notes[0]
+    digest = preset_digest(str(preset))
+    (tmp_path / "w" / "model.safetensors").write_bytes(b"22")  # retrained into the same folder
+    assert preset_digest(str(preset)) != digest
+    retrained = run_eval("shapes", [str(preset)], limit=2, out=out, home=home, resume=True)
+    assert "reused" not in retrained["runs"][0]

@@ -170,6 +170,7 @@ def run_eval(
     home: Path | str | None = None,
     progress: Progress | None = None,
     on_skipped: Callable[[list[BenchError]], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``bench`` with each preset (and the ground truth with ``reference``); see the module doc."""
     from duogen_agents.eval.report import write_report
@@ -243,7 +244,17 @@ def run_eval(
     try:
         for run_name in runs:
             run = _run_one(
-                run_name, tasks, previous.get(run_name), seed, judge, store, root, out_dir, progress, checkpoint
+                run_name,
+                tasks,
+                previous.get(run_name),
+                seed,
+                judge,
+                store,
+                root,
+                out_dir,
+                progress,
+                checkpoint,
+                on_note,
             )
             results["runs"].append(run)
             if run.get("partial"):
@@ -276,10 +287,57 @@ def _place(value: str | None) -> str | None:
     return str(path.resolve()) if path.suffix.lower() in (".toml", ".json", ".jsonl") and path.is_file() else value
 
 
-def fingerprint(task: Task, seed: int, judge: Any) -> str:
-    """What a finished task's result depends on: resume reuses it only when this is the same."""
-    key = json.dumps([task.model_dump(mode="json"), seed, getattr(judge, "name", None)], sort_keys=True)
+def fingerprint(task: Task, seed: int, judge: Any, preset: str | None = None) -> str:
+    """What a finished task's result depends on: resume reuses it only when this is the same.
+    ``preset``: the run's ``preset_digest`` (none for the ground truth, which depends on no model)."""
+    parts: list[Any] = [task.model_dump(mode="json"), seed, getattr(judge, "name", None)]
+    key = json.dumps(parts + ([preset] if preset is not None else []), sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+MODEL_KEYS = ("model", "text2image", "video2world")  # a preset's fields that may name local model files
+
+
+def preset_digest(name: str) -> str:
+    """What a preset's answers depend on: its resolved settings and, for each model it reads from a
+    local file or folder (a trained run's), the names, sizes and modification times of those files.
+    Cheap: no weights are read. A hub id's files are not looked at (the id is in the settings)."""
+    from duogen_agents.presets import load_preset
+
+    spec = load_preset(name).model_dump(mode="json")
+    files: list[Any] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k in MODEL_KEYS and isinstance(v, str) and v and ":" not in v:
+                    files.append([v, _files_identity(Path(v).expanduser())])
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(spec)
+    key = json.dumps([spec, files], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _files_identity(path: Path) -> list[Any] | None:
+    """(relative name, size, mtime in ns) of a file or of every file in a folder; None if not local."""
+    try:
+        if path.is_file():
+            st = path.stat()
+            return [[path.name, st.st_size, st.st_mtime_ns]]
+        if not path.is_dir():
+            return None
+        out = []
+        for f in sorted(path.rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                out.append([str(f.relative_to(path)), st.st_size, st.st_mtime_ns])
+        return out
+    except OSError:
+        return None
 
 
 def _run_one(
@@ -293,13 +351,22 @@ def _run_one(
     out_dir: Path,
     progress: Progress | None,
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    digest = None if run_name == REFERENCE else preset_digest(run_name)
     done = {
         t.get("fingerprint"): t
         for t in (previous or {}).get("tasks", [])
         if isinstance(t, dict) and t.get("status") == "ok" and t.get("fingerprint") and not t.get("judge_error")
     }
     run: dict[str, Any] = {"preset": run_name, "reference": run_name == REFERENCE, "tasks": [], "seconds": 0.0}
+    if digest is not None:
+        run["preset_digest"] = digest
+        if done and (previous or {}).get("preset_digest") != digest and on_note is not None:
+            on_note(
+                f"{run_name} has changed since its earlier run here (its settings or model files): "
+                "its tasks are answered again"
+            )
     agent = None
     started = time.perf_counter()
 
@@ -318,7 +385,7 @@ def _run_one(
         for i, task in enumerate(tasks):
             if progress:
                 progress(run_name, i, len(tasks))
-            mark = fingerprint(task, seed, judge)
+            mark = fingerprint(task, seed, judge, digest)
             if mark in done:
                 run["tasks"].append(done[mark])
                 run["reused"] = run.get("reused", 0) + 1
