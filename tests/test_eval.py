@@ -803,3 +803,24 @@ def test_resume_answers_again_when_the_preset_or_its_weights_changed(home, fake_
     assert preset_digest(str(preset)) != digest
     retrained = run_eval("shapes", [str(preset)], limit=2, out=out, home=home, resume=True)
     assert "reused" not in retrained["runs"][0]
+
+
+def test_resume_keeps_other_presets_runs_only_on_the_same_bench_tasks(home, fake_agent, tmp_path) -> None:
+    """"The same bench" is the same tasks (after --limit), not the same file name: a bench edited in
+    place drops the earlier runs of other presets, and says so."""
+    bench = tmp_path / "tasks.jsonl"
+    easy = [{"id": f"easy-{i}", "turns": [{"prompt": "Show a pot"}], "expect": {"images": 2}} for i in (1, 2)]
+    bench.write_text("".join(json.dumps(x) + "\n" for x in easy))
+    out = tmp_path / "run"
+    notes: list[str] = []
+    run_eval(str(bench), ["tiny"], out=out, home=home)
+    same = run_eval(str(bench), ["tiny-flux2"], out=out, home=home, resume=True, on_note=notes.append)
+    assert [r["preset"] for r in same["runs"]] == ["tiny-flux2", "tiny"] and not notes
+    shorter = run_eval(str(bench), ["shapes"], limit=1, out=out, home=home, resume=True, on_note=notes.append)
+    assert [r["preset"] for r in shorter["runs"]] == ["shapes"] and "tiny-flux2, tiny" in notes[0]
+    hard = [{"id": "hard-1", "turns": [{"prompt": "Show five pots"}], "expect": {"images": 5}}]
+    run_eval(str(bench), ["tiny"], out=tmp_path / "b", home=home)
+    bench.write_text("".join(json.dumps(x) + "\n" for x in hard))
+    notes.clear()
+    edited = run_eval(str(bench), ["tiny-flux2"], out=tmp_path / "b", home=home, resume=True, on_note=notes.append)
+    assert [r["preset"] for r in edited["runs"]] == ["tiny-flux2"] and "bench tasks differ" in notes[0]

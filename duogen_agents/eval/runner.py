@@ -190,7 +190,9 @@ def run_eval(
     root = Path(home) if home is not None else default_home()
     store = ImageStore(root)
     previous: dict[str, dict[str, Any]] = {}
-    comparable = True  # the earlier runs were scored on the same bench, seed and judge as this one
+    comparable = True  # the earlier runs were scored on the same bench tasks, seed and judge as this one
+    differs: list[str] = []
+    digest = bench_digest(tasks)
     results_file = out_dir / "results.json"
     check_out(out_dir, resume)
     if judge is not None and hasattr(judge, "probe") and any(t.expect.get("world") != "shapes" for t in tasks):
@@ -202,16 +204,19 @@ def run_eval(
             previous = {
                 str(_place(r["preset"])): r for r in old.get("runs", []) if isinstance(r, dict) and "preset" in r
             }
-            then = {"bench": old.get("bench"), "seed": old.get("seed"), "judge": old.get("judge")}
+            # the bench by its tasks (after --limit), not its name: an edited file or another of that name differs
+            then = {"bench tasks": old.get("bench_digest"), "seed": old.get("seed"), "judge": old.get("judge")}
         except (ValueError, TypeError, AttributeError) as e:
             raise ConfigError(f"cannot resume from {results_file}: {e}") from None
-        now = {"bench": name, "seed": seed, "judge": getattr(judge, "name", None)}
-        comparable = all(then[k] == now[k] for k in now)
+        now = {"bench tasks": digest, "seed": seed, "judge": getattr(judge, "name", None)}
+        differs = [k for k in now if then[k] != now[k]]
+        comparable = not differs
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "bench": name,
+        "bench_digest": digest,
         "options": {  # what --resume continues with: files by absolute path, from any working directory
             "bench": _place(bench),
             "presets": [_place(p) for p in presets],
@@ -233,7 +238,15 @@ def run_eval(
     runs = ([REFERENCE] if reference else []) + [str(_place(p)) for p in presets]
     # Earlier runs of other presets stay, if their scores compare with this run's (the same bench, seed
     # and judge); a preset run again reuses only the tasks whose fingerprint is the same.
-    kept = [r for name, r in previous.items() if name not in runs] if comparable else []
+    others = [r for name, r in previous.items() if name not in runs]
+    kept = others if comparable else []
+    if others and not comparable and on_note is not None:
+        from duogen_agents.eval.report import run_label
+
+        on_note(
+            f"the earlier runs of {', '.join(run_label(str(r['preset'])) for r in others)} in {out_dir} are dropped: "
+            f"their {' and '.join(differs)} differ from this run's, so their scores would not compare"
+        )
     results["options"]["presets"] += [str(_place(r["preset"])) for r in kept if r["preset"] != REFERENCE]
 
     def checkpoint(current: dict[str, Any]) -> None:
@@ -276,6 +289,12 @@ def check_out(out_dir: Path, resume: bool) -> None:
             f"{out_dir} holds an earlier evaluation (results.json); pass --resume {out_dir} to continue it "
             "(or to add presets to it), or choose another --out"
         )
+
+
+def bench_digest(tasks: Sequence[Task]) -> str:
+    """The tasks a run was scored on (after ``limit``): runs compare only when this is the same."""
+    key = json.dumps([t.model_dump(mode="json") for t in tasks], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _place(value: str | None) -> str | None:
