@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--preset", action="append", default=[], help="a preset to run (repeatable; default: tiny)")
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="the first N tasks")
     ev.add_argument("--seed", type=int, default=None, help="default 0")
-    ev.add_argument("--out", type=Path, default=Path("eval-out"), metavar="DIR")
+    ev.add_argument("--out", type=Path, default=None, metavar="DIR", help="default eval-out (with --resume: its DIR)")
     ev.add_argument(
         "--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR (its options by default)"
     )
@@ -440,7 +440,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     from duogen_agents.eval import run_eval
     from duogen_agents.eval.judge import make_judge
-    from duogen_agents.eval.runner import check_out
+    from duogen_agents.eval.runner import check_out, check_reference
+    from duogen_agents.eval.tasks import load_bench
     from duogen_agents.presets import load_preset
     from duogen_agents.validation import check_out_dir, check_seed
 
@@ -452,12 +453,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be at least 1")
     check_seed(seed)
-    out = args.resume or args.out
+    if args.resume is not None and args.out is not None and args.out.resolve() != args.resume.resolve():
+        raise ConfigError(f"--resume {args.resume} writes to {args.resume}; leave out --out {args.out}")
+    out = args.resume or args.out or Path("eval-out")
     check_out_dir(out)
     check_out(out, resume=args.resume is not None)
     presets = args.preset or [os.environ.get("DUOGEN_PRESET") or DEFAULT_PRESET]
     for p in presets:
         load_preset(p)
+    if args.reference:  # before a judge's model loads
+        name, tasks, _ = load_bench(bench, limit=args.limit, seed=seed)
+        check_reference(name, tasks)
     judge = make_judge(args.judge, model=args.judge_model, api_key_env=args.judge_key_env, home=args.home)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -474,11 +474,13 @@ def test_resume_reuses_only_matching_results(home, tmp_path) -> None:
     fp_again = [t["fingerprint"] for t in again["runs"][0]["tasks"]]
     assert not set(fp_first) & set(fp_again)  # another seed: every task answered again
     other = tmp_path / "b.jsonl"
-    other.write_text(json.dumps({"id": "shapes-eval-0-0000", "turns": [{"prompt": "different"}]}) + "\n")
+    shapes_task = load_bench("shapes", limit=1)[1][0]
+    changed = {"id": shapes_task.id, "mode": shapes_task.mode, "turns": [{"prompt": "different"}]}
+    other.write_text(json.dumps({**changed, "expect": shapes_task.expect}) + "\n")
     run_eval(str(other), [], out=out, reference=True, home=home, resume=True)
     data = json.loads((out / "results.json").read_text())
     (task,) = data["runs"][0]["tasks"]
-    assert task["prompts"] == ["different"] and task["status"] == "error"  # not the shapes result
+    assert task["prompts"] == ["different"] and "reused" not in data["runs"][0]  # not the shapes result
     # another preset's run of another bench is not kept beside this one: its scores would not compare
     run_eval("shapes", ["tiny"], limit=1, out=out, home=home, resume=True)
     data = json.loads((out / "results.json").read_text())
@@ -806,7 +808,7 @@ def test_resume_answers_again_when_the_preset_or_its_weights_changed(home, fake_
 
 
 def test_resume_keeps_other_presets_runs_only_on_the_same_bench_tasks(home, fake_agent, tmp_path) -> None:
-    """"The same bench" is the same tasks (after --limit), not the same file name: a bench edited in
+    """ "The same bench" is the same tasks (after --limit), not the same file name: a bench edited in
     place drops the earlier runs of other presets, and says so."""
     bench = tmp_path / "tasks.jsonl"
     easy = [{"id": f"easy-{i}", "turns": [{"prompt": "Show a pot"}], "expect": {"images": 2}} for i in (1, 2)]
@@ -824,3 +826,19 @@ def test_resume_keeps_other_presets_runs_only_on_the_same_bench_tasks(home, fake
     notes.clear()
     edited = run_eval(str(bench), ["tiny-flux2"], out=tmp_path / "b", home=home, resume=True, on_note=notes.append)
     assert [r["preset"] for r in edited["runs"]] == ["tiny-flux2"] and "bench tasks differ" in notes[0]
+
+
+def test_reference_without_ground_truth_and_resume_with_another_out_are_refused(home, fake_agent, tmp_path, capsys):
+    """--reference on a bench whose tasks have no ground truth is refused before anything loads (it
+    was tabled as structure 0.00, every task failed); --resume A --out B is refused (it wrote to A)."""
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({"id": "pot", "turns": [{"prompt": "Show a pot"}], "expect": {"images": 1}}) + "\n")
+    code = main(["eval", "--bench", str(bench), "--preset", "tiny", "--reference", "--out", str(tmp_path / "a")])
+    assert code == 1 and "only shapes tasks have" in capsys.readouterr().err
+    assert not fake_agent and not (tmp_path / "a").exists()
+    assert main(["eval", "--bench", str(bench), "--preset", "tiny", "--out", str(tmp_path / "a")]) == 0
+    before = (tmp_path / "a" / "results.json").read_bytes()
+    code = main(["eval", "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+    assert code == 1 and "leave out --out" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and (tmp_path / "a" / "results.json").read_bytes() == before
+    assert main(["eval", "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "a")]) == 0

@@ -181,6 +181,8 @@ def run_eval(
         raise ConfigError(
             f"bench {bench!r} has no runnable task" + (f" ({len(errors)} malformed lines; {first})" if errors else "")
         )
+    if reference:
+        check_reference(name, tasks)
     if on_skipped is not None and errors:  # said before the run, not after it
         on_skipped(errors)
     out_dir = Path(out)
@@ -280,6 +282,15 @@ def run_eval(
     results["runs"] += kept
     _write(results, out_dir, write_report)
     return results
+
+
+def check_reference(name: str, tasks: Sequence[Task]) -> None:
+    """``--reference`` answers with the ground truth: refused up front unless every task has one."""
+    if bare := [t.id for t in tasks if t.expect.get("world") != "shapes"]:
+        raise ConfigError(
+            f"--reference answers with each task's ground truth, which only shapes tasks have: {len(bare)} of "
+            f"{len(tasks)} tasks of {name!r} have none (the first: {bare[0]!r}); run without --reference"
+        )
 
 
 def check_out(out_dir: Path, resume: bool) -> None:
