@@ -436,6 +436,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         merged = compare(args.dirs, args.out)
         _print_summary(merged, Console())
+        if merged["differ"]:
+            err.print(f"[yellow]warning[/]: these runs were scored on different {', '.join(merged['differ'])}: "
+                      "their scores do not compare", highlight=False, soft_wrap=True)  # fmt: skip
         err.print(f"wrote {args.out}/compare.html")
         return 0
     from duogen_agents.eval import run_eval
@@ -552,6 +555,13 @@ def _print_summary(results: dict[str, Any], console: Any) -> None:
             str(len(run["tasks"])), str(run.get("errors", 0)), *([str(run.get("judge_errors") or 0)] if judged else []),
         )  # fmt: skip
     console.print(t)
+    if results.get("compare"):  # what each run was scored on
+        on = Table(Column("run", no_wrap=True, min_width=12), "bench", "seed", "limit", "judge")
+        for run in results["runs"]:
+            o = run.get("scored_on") or {}
+            on.add_row(safe_text(run_label(run["preset"])),
+                       *(safe_text("-" if o.get(k) is None else str(o[k])) for k in ("bench", "seed", "limit", "judge")))  # fmt: skip
+        console.print(on)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -842,3 +842,17 @@ def test_reference_without_ground_truth_and_resume_with_another_out_are_refused(
     assert code == 1 and "leave out --out" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and (tmp_path / "a" / "results.json").read_bytes() == before
     assert main(["eval", "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "a")]) == 0
+
+
+def test_compare_shows_what_each_run_was_scored_on_and_warns_when_it_differs(home, tmp_path, capsys) -> None:
+    for name, limit, seed in (("a", 2, 0), ("b", 2, 0), ("c", 1, 7)):
+        run_eval("shapes", [], limit=limit, seed=seed, out=tmp_path / name, reference=True, home=home)
+    code = main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "same")])
+    cap = capsys.readouterr()
+    assert code == 0 and "warning" not in cap.err and "shapes" in cap.out
+    assert "do not compare" not in (tmp_path / "same" / "compare.html").read_text()
+    code = main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "mixed")])
+    cap = capsys.readouterr()
+    assert code == 0 and "scored on different bench tasks, seed, limit" in " ".join(cap.err.split())
+    page = (tmp_path / "mixed" / "compare.html").read_text()
+    assert "scored on different bench tasks, seed, limit" in page and "<th>seed</th>" in page and "<td>7</td>" in page

@@ -60,7 +60,11 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else _esc(v)
 
 
+SCORED_ON = ("bench", "seed", "limit", "judge")
+
+
 def _table(runs: list[dict[str, Any]]) -> str:
+    on = list(SCORED_ON) if any("scored_on" in r for r in runs) else []  # a comparison's runs
     head = "".join(f"<th>{a}</th>" for a in AXES)
     rows = []
     for r in runs:
@@ -74,9 +78,16 @@ def _table(runs: list[dict[str, Any]]) -> str:
         rows.append(
             f"<tr><td>{_esc(run_label(r['preset']))}{errors}{partial}</td>"
             + "".join(f"<td>{_fmt(s.get(a))}</td>" for a in AXES)
-            + f"<td>{count}</td><td>{_esc(r.get('seconds', 0))}</td></tr>"
+            + f"<td>{count}</td><td>{_esc(r.get('seconds', 0))}</td>"
+            + "".join(f"<td>{_fmt_on((r.get('scored_on') or {}).get(k))}</td>" for k in on)
+            + "</tr>"
         )
-    return f"<table><tr><th>run</th>{head}<th>tasks</th><th>seconds</th></tr>{''.join(rows)}</table>"
+    extra = "".join(f"<th>{k}</th>" for k in on)
+    return f"<table><tr><th>run</th>{head}<th>tasks</th><th>seconds</th>{extra}</tr>{''.join(rows)}</table>"
+
+
+def _fmt_on(v: Any) -> str:
+    return "-" if v is None else _esc(v)
 
 
 def _chart(runs: list[dict[str, Any]]) -> str:
@@ -200,6 +211,9 @@ def write_report(results: dict[str, Any], out_dir: Path, name: str = "report.htm
     if results.get("compare"):
         meta["runs from"] = ", ".join(results["compare"])
     head.append("<p>" + "<br>".join(f"<b>{_esc(k)}</b>: {_esc(v)}" for k, v in meta.items()) + "</p>")
+    if results.get("differ"):
+        head.append(f'<p class="partial">These runs were scored on different {_esc(", ".join(results["differ"]))}: '
+                    "their scores do not compare.</p>")  # fmt: skip
     head.append(_table(runs))
     head.append(_chart(runs))
     if results.get("bench_errors"):

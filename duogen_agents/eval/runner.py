@@ -495,8 +495,25 @@ def _write(results: dict[str, Any], out_dir: Path, write_report: Callable[[dict[
     write_report(results, out_dir)
 
 
+SCORED_ON = ("bench", "bench_digest", "seed", "limit", "judge")  # what a run's scores compare under
+
+
+def _differ(scored_on: list[dict[str, Any]]) -> list[str]:
+    """What differs between the runs of a comparison: bench (by name, or by its tasks where both runs
+    recorded them), seed, limit, judge."""
+    out = []
+    for key in ("bench", "seed", "limit", "judge"):
+        values = {json.dumps(o.get(key)) for o in scored_on}
+        if key == "bench" and len(values) == 1:
+            values = {o.get("bench_digest") for o in scored_on if o.get("bench_digest") is not None}
+        if len(values) > 1:
+            out.append(key if key != "bench" or len({o.get("bench") for o in scored_on}) > 1 else "bench tasks")
+    return out
+
+
 def compare(dirs: Sequence[Path | str], out: Path | str | None = None) -> dict[str, Any]:
-    """Runs from several result folders side by side (one report: table and chart)."""
+    """Runs from several result folders side by side (one report: table and chart), each with what it
+    was scored on (``scored_on``: bench, seed, limit, judge); ``differ`` names what is not the same."""
     from duogen_agents.eval.report import run_label, write_report
 
     runs = []
@@ -508,12 +525,14 @@ def compare(dirs: Sequence[Path | str], out: Path | str | None = None) -> dict[s
                 if not isinstance(run.get("tasks"), list) or not isinstance(run.get("summary"), dict):
                     raise ValueError("a run without tasks or summary")
                 label = f"{run_label(run['preset'])} ({Path(d).name})"
-                runs.append({**run, "preset": label, "images_dir": str(Path(d) / "images")})
+                on = {k: data.get(k) for k in SCORED_ON}
+                runs.append({**run, "preset": label, "images_dir": str(Path(d) / "images"), "scored_on": on})
         except OSError as e:
             raise ConfigError(f"cannot read {f}: {e.strerror or e}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{f} is not a duogen eval result ({type(e).__name__}: {e})") from None
     merged = {"format": RESULTS_FORMAT, "compare": [str(d) for d in dirs], "runs": runs, "partial": False}
+    merged["differ"] = _differ([r["scored_on"] for r in runs])
     if out is not None:
         try:
             write_report(merged, Path(out), name="compare.html")
