@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from duogen_agents.errors import DuogenError
-from duogen_agents.interrupts import EXIT_INTERRUPTED, ctrl_c_twice_exits
+from duogen_agents.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, ctrl_c_twice_exits, sigterm_interrupts
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--preset", action="append", default=[], help="a preset to run (repeatable; default: tiny)")
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="the first N tasks")
     ev.add_argument("--seed", type=int, default=None, help="default 0")
-    ev.add_argument("--out", type=Path, default=Path("eval-out"), metavar="DIR")
+    ev.add_argument("--out", type=Path, default=None, metavar="DIR", help="default eval-out (with --resume: its DIR)")
     ev.add_argument(
         "--resume", type=Path, default=None, metavar="DIR", help="continue the run in DIR (its options by default)"
     )
@@ -437,10 +437,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         merged = compare(args.dirs, args.out)
         _print_summary(merged, Console())
+        if merged["differ"]:
+            err.print(f"[yellow]warning[/]: these runs were scored on different {', '.join(merged['differ'])}: "
+                      "their scores do not compare", highlight=False, soft_wrap=True)  # fmt: skip
         err.print(f"wrote {args.out}/compare.html")
         return 0
     from duogen_agents.eval import run_eval
     from duogen_agents.eval.judge import make_judge
+    from duogen_agents.eval.runner import check_out, check_reference
+    from duogen_agents.eval.tasks import load_bench
     from duogen_agents.presets import load_preset
     from duogen_agents.validation import check_out_dir, check_seed
 
@@ -452,11 +457,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be at least 1")
     check_seed(seed)
-    out = args.resume or args.out
+    if args.resume is not None and args.out is not None and args.out.resolve() != args.resume.resolve():
+        raise ConfigError(f"--resume {args.resume} writes to {args.resume}; leave out --out {args.out}")
+    out = args.resume or args.out or Path("eval-out")
     check_out_dir(out)
+    check_out(out, resume=args.resume is not None)
     presets = args.preset or [os.environ.get("DUOGEN_PRESET") or DEFAULT_PRESET]
     for p in presets:
         load_preset(p)
+    if args.reference:  # before a judge's model loads
+        name, tasks, _ = load_bench(bench, limit=args.limit, seed=seed)
+        check_reference(name, tasks)
     judge = make_judge(args.judge, model=args.judge_model, api_key_env=args.judge_key_env, home=args.home)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -469,23 +480,35 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         for e in errors:
             err.print(f"[yellow]skipped[/] line {e.line}: {safe_text(e.message)}", highlight=False)
 
+    def note(line: str) -> None:
+        err.print(f"[yellow]note[/]: {safe_text(line)}", highlight=False, soft_wrap=True)
+
     def progress(run: str, done: int, total: int) -> None:
         if run not in ids:
             ids[run] = bars.add_task(run, total=total)
         bars.update(ids[run], completed=done)
 
     try:
-        with bars:
+        with sigterm_interrupts() as signalled, bars:
             results = run_eval(
                 bench, presets, limit=args.limit, seed=seed, out=out, judge=judge,
                 reference=args.reference, resume=args.resume is not None, home=args.home, progress=progress,
-                on_skipped=skipped,
+                on_skipped=skipped, on_note=note,
             )  # fmt: skip
     except KeyboardInterrupt:
-        print(f"duogen: interrupted; the finished tasks are in {out}/results.json and {out}/report.html (partial)",
-              file=sys.stderr)  # fmt: skip
-        return EXIT_INTERRUPTED
+        how = "terminated (SIGTERM)" if signalled["terminated"] else "interrupted"
+        print(f"duogen: {how}; the finished tasks are in {out}/results.json and {out}/report.html (partial; "
+              f"`duogen eval --resume {out}` continues)", file=sys.stderr)  # fmt: skip
+        return EXIT_TERMINATED if signalled["terminated"] else EXIT_INTERRUPTED
     _print_summary(results, Console())
+    from duogen_agents.eval.report import run_label
+
+    for run in results["runs"]:
+        if run.get("judge_errors"):
+            first = next(t["judge_error"] for t in run["tasks"] if t.get("judge_error"))
+            err.print(f"[yellow]warning[/]: the judge failed on {run['judge_errors']} task(s) of "
+                      f"{safe_text(run_label(run['preset']))}, whose judge axes are missing (the first: {safe_text(first)}); "
+                      f"`duogen eval --resume {out}` answers and judges them again", highlight=False, soft_wrap=True)  # fmt: skip
     err.print(f"wrote {out}/results.json and {out}/report.html")
     return 0
 
@@ -522,14 +545,24 @@ def _print_summary(results: dict[str, Any], console: Any) -> None:
     from duogen_agents.eval.scoring import AXES
     from duogen_agents.terminal.render import safe_text
 
-    t = Table(Column("run", no_wrap=True, min_width=12), *AXES, "tasks", "failed")
+    judged = any(run.get("judge_errors") for run in results["runs"])  # a column only when the judge failed
+    t = Table(
+        Column("run", no_wrap=True, min_width=12), *AXES, "tasks", "failed", *(["judge failed"] if judged else [])
+    )
     for run in results["runs"]:
         s = run.get("summary") or {}
         t.add_row(
             safe_text(run_label(run["preset"])), *("-" if s.get(a) is None else f"{s[a]:.2f}" for a in AXES),
-            str(len(run["tasks"])), str(run.get("errors", 0)),
+            str(len(run["tasks"])), str(run.get("errors", 0)), *([str(run.get("judge_errors") or 0)] if judged else []),
         )  # fmt: skip
     console.print(t)
+    if results.get("compare"):  # what each run was scored on
+        on = Table(Column("run", no_wrap=True, min_width=12), "bench", "seed", "limit", "judge")
+        for run in results["runs"]:
+            o = run.get("scored_on") or {}
+            on.add_row(safe_text(run_label(run["preset"])),
+                       *(safe_text("-" if o.get(k) is None else str(o[k])) for k in ("bench", "seed", "limit", "judge")))  # fmt: skip
+        console.print(on)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -60,3 +60,30 @@ def ctrl_c_twice_exits(*, process_exits: bool = False) -> Iterator[None]:
         # and the default kills the process with a signal instead of 130).
         signal.signal(signal.SIGINT, signal.SIG_IGN if _state["pending"] and process_exits else previous)
         _state["pending"] = False
+
+
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[dict[str, bool]]:
+    """SIGTERM (a job scheduler's time limit, ``timeout``, ``kill``) raises ``KeyboardInterrupt`` in the
+    ``with`` block as Ctrl-C does, so the command keeps what finished and says so; the yielded dict's
+    ``terminated`` tells the two apart. Main thread only (elsewhere a no-op); the previous handler is
+    restored after the block."""
+    state = {"terminated": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if state["terminated"]:  # a second one while the first is dealt with: leave at once
+            os._exit(EXIT_TERMINATED)
+        state["terminated"] = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, previous)

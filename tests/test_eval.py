@@ -505,11 +505,13 @@ def test_resume_reuses_only_matching_results(home, tmp_path) -> None:
     fp_again = [t["fingerprint"] for t in again["runs"][0]["tasks"]]
     assert not set(fp_first) & set(fp_again)  # another seed: every task answered again
     other = tmp_path / "b.jsonl"
-    other.write_text(json.dumps({"id": "shapes-eval-0-0000", "turns": [{"prompt": "different"}]}) + "\n")
+    shapes_task = load_bench("shapes", limit=1)[1][0]
+    changed = {"id": shapes_task.id, "mode": shapes_task.mode, "turns": [{"prompt": "different"}]}
+    other.write_text(json.dumps({**changed, "expect": shapes_task.expect}) + "\n")
     run_eval(str(other), [], out=out, reference=True, home=home, resume=True)
     data = json.loads((out / "results.json").read_text())
     (task,) = data["runs"][0]["tasks"]
-    assert task["prompts"] == ["different"] and task["status"] == "error"  # not the shapes result
+    assert task["prompts"] == ["different"] and "reused" not in data["runs"][0]  # not the shapes result
     # another preset's run of another bench is not kept beside this one: its scores would not compare
     run_eval("shapes", ["tiny"], limit=1, out=out, home=home, resume=True)
     data = json.loads((out / "results.json").read_text())
@@ -718,3 +720,218 @@ def test_skipped_bench_lines_are_said_before_the_run(home, tmp_path, capsys, mon
     code = main(["eval", "--bench", str(DATA / "bench.jsonl"), "--preset", "tiny", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 130 and "skipped line 3" in err and "skipped line 4" in err
+
+
+class _FakeAgent:
+    """Answers every turn with one white picture and a line of text: a run without loading a model."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.preset = type("P", (), {"name": "fake"})()
+
+    def stream(self, prompt, mode, images, seed, thread_id):
+        from PIL import Image
+
+        ref = self.store.put(Image.new("RGB", (64, 64), "white"))
+        blocks = [TextBlock(text="here"), ImageBlock(image=ref, prompt="a picture")]
+        yield {
+            "event": "document",
+            "document": InterleavedDocument(prompt=prompt, mode=mode, preset="fake", blocks=blocks),
+        }
+
+
+@pytest.fixture
+def fake_agent(home, monkeypatch):
+    from duogen_agents.agent import Agent
+
+    loaded: list[str] = []
+
+    def from_preset(name, home=None):
+        loaded.append(name)
+        return _FakeAgent(ImageStore(home))
+
+    monkeypatch.setattr(Agent, "from_preset", staticmethod(from_preset))
+    return loaded
+
+
+class _FailingJudgeServer(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(404)
+        self.end_headers()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(500)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_failed_judge_keeps_the_answers_own_scores_and_is_shown(home, fake_agent, tmp_path, capsys) -> None:
+    """The judge fails on every task: each answer keeps its structure score, the run's summary is the
+    mean of those (not 0), the judge's axes stay unmeasured, and the failures are counted and shown."""
+    server = HTTPServer(("127.0.0.1", 0), _FailingJudgeServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    bench = tmp_path / "b.jsonl"
+    lines = [{"id": i, "turns": [{"prompt": "Show a pot"}], "expect": {"images": n}} for i, n in (("a", 1), ("b", 2))]
+    bench.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "o"
+    try:
+        code = main(["eval", "--bench", str(bench), "--preset", "tiny", "--judge", url, "--judge-model", "m",
+                     "--out", str(out)])  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert [t["status"] for t in run["tasks"]] == ["ok", "ok"] and all("500" in t["judge_error"] for t in run["tasks"])
+    structure = [t["scores"]["structure"] for t in run["tasks"]]
+    assert run["summary"]["structure"] == pytest.approx(sum(structure) / 2) and sum(structure) > 0
+    assert run["summary"]["alignment"] is None and run["errors"] == 0 and run["judge_errors"] == 2
+    assert "the judge failed on 2 task(s) of tiny" in " ".join(cap.err.split())
+    assert "judge failed on 2" in (out / "report.html").read_text()
+    # An unreachable judge is refused before any model loads.
+    fake_agent.clear()
+    code = main(["eval", "--bench", str(bench), "--preset", "tiny", "--judge", "http://127.0.0.1:9/v1",
+                 "--judge-model", "m", "--out", str(tmp_path / "o2")])  # fmt: skip
+    assert code == 1 and "cannot be reached" in capsys.readouterr().err and not fake_agent
+
+
+def test_results_are_written_after_every_task_and_sigterm_keeps_them(home, fake_agent, tmp_path, monkeypatch) -> None:
+    """A run ended by anything (here an error escaping the runner, as SIGKILL or running out of memory
+    would end it) loses at most the task in progress: results.json is written after every task, marked
+    partial, and --resume continues from it. SIGTERM is handled as Ctrl-C: a partial report, exit 143."""
+    import os
+    import signal
+
+    import duogen_agents.eval.runner as runner
+
+    out = tmp_path / "run"
+
+    def crash_at_third(run, done, total):
+        if done == 2:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        run_eval("shapes", [], limit=4, out=out, reference=True, home=home, progress=crash_at_third)
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["partial"] and [len(r["tasks"]) for r in partial["runs"]] == [2]
+    done = run_eval("shapes", [], limit=4, out=out, reference=True, home=home, resume=True)
+    assert done["runs"][0]["reused"] == 2 and len(done["runs"][0]["tasks"]) == 4 and not done["partial"]
+
+    one_task = runner._one_task
+    finished = []
+
+    def terminated_after_two(*args, **kwargs):
+        if len(finished) == 2:  # the third task begins
+            os.kill(os.getpid(), signal.SIGTERM)
+        finished.append(one_task(*args, **kwargs))
+        return finished[-1]
+
+    monkeypatch.setattr(runner, "_one_task", terminated_after_two)
+    out = tmp_path / "term"
+
+    def unhandled(signum, frame):  # what the test sees if duogen eval left SIGTERM alone
+        raise RuntimeError("SIGTERM reached the test's own handler")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        code = main(["eval", "--bench", "shapes", "--preset", "tiny", "--limit", "4", "--out", str(out)])
+        assert code == 143 and signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    data = json.loads((out / "results.json").read_text())
+    assert data["partial"] and len(data["runs"][0]["tasks"]) == 2
+    assert "Partial: the run was interrupted" in (out / "report.html").read_text()
+
+
+def test_a_new_run_refuses_an_out_holding_results(home, tmp_path, capsys) -> None:
+    """As duogen train: a fresh run into an OUT with results.json is refused (nothing replaced);
+    --resume continues it."""
+    out = tmp_path / "run"
+    run_eval("shapes", [], limit=1, out=out, reference=True, home=home)
+    before = (out / "results.json").read_bytes()
+    code = main(["eval", "--bench", "shapes", "--preset", "shapes", "--limit", "1", "--out", str(out)])
+    assert code == 1 and "holds an earlier evaluation" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+    assert run_eval("shapes", [], limit=2, out=out, reference=True, home=home, resume=True)["runs"][0]["reused"] == 1
+
+
+def test_resume_answers_again_when_the_preset_or_its_weights_changed(home, fake_agent, tmp_path) -> None:
+    """A finished task is reused only if the preset is the same: its settings, and the files of a
+    model it reads from a local folder (a retrained run)."""
+    from duogen_agents.eval.runner import preset_digest
+
+    preset = tmp_path / "mine.toml"
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "model.safetensors").write_bytes(b"1")
+    preset.write_text('base = "tiny"\nname = "mine"\n[image]\nsteps = 1\n[planner]\nmodel = "./w"\n')
+    out = tmp_path / "run"
+    notes: list[str] = []
+    first = run_eval("shapes", [str(preset)], limit=2, out=out, home=home)
+    again = run_eval("shapes", [str(preset)], limit=2, out=out, home=home, resume=True, on_note=notes.append)
+    assert again["runs"][0]["reused"] == 2 and again["runs"][0]["tasks"] == first["runs"][0]["tasks"] and not notes
+    digest = preset_digest(str(preset))
+    preset.write_text(preset.read_text().replace("steps = 1", "steps = 4"))
+    assert preset_digest(str(preset)) != digest
+    changed = run_eval("shapes", [str(preset)], limit=2, out=out, home=home, resume=True, on_note=notes.append)
+    assert "reused" not in changed["runs"][0] and "has changed since its earlier run" in notes[0]
+    digest = preset_digest(str(preset))
+    (tmp_path / "w" / "model.safetensors").write_bytes(b"22")  # retrained into the same folder
+    assert preset_digest(str(preset)) != digest
+    retrained = run_eval("shapes", [str(preset)], limit=2, out=out, home=home, resume=True)
+    assert "reused" not in retrained["runs"][0]
+
+
+def test_resume_keeps_other_presets_runs_only_on_the_same_bench_tasks(home, fake_agent, tmp_path) -> None:
+    """ "The same bench" is the same tasks (after --limit), not the same file name: a bench edited in
+    place drops the earlier runs of other presets, and says so."""
+    bench = tmp_path / "tasks.jsonl"
+    easy = [{"id": f"easy-{i}", "turns": [{"prompt": "Show a pot"}], "expect": {"images": 2}} for i in (1, 2)]
+    bench.write_text("".join(json.dumps(x) + "\n" for x in easy))
+    out = tmp_path / "run"
+    notes: list[str] = []
+    run_eval(str(bench), ["tiny"], out=out, home=home)
+    same = run_eval(str(bench), ["tiny-flux2"], out=out, home=home, resume=True, on_note=notes.append)
+    assert [r["preset"] for r in same["runs"]] == ["tiny-flux2", "tiny"] and not notes
+    shorter = run_eval(str(bench), ["shapes"], limit=1, out=out, home=home, resume=True, on_note=notes.append)
+    assert [r["preset"] for r in shorter["runs"]] == ["shapes"] and "tiny-flux2, tiny" in notes[0]
+    hard = [{"id": "hard-1", "turns": [{"prompt": "Show five pots"}], "expect": {"images": 5}}]
+    run_eval(str(bench), ["tiny"], out=tmp_path / "b", home=home)
+    bench.write_text("".join(json.dumps(x) + "\n" for x in hard))
+    notes.clear()
+    edited = run_eval(str(bench), ["tiny-flux2"], out=tmp_path / "b", home=home, resume=True, on_note=notes.append)
+    assert [r["preset"] for r in edited["runs"]] == ["tiny-flux2"] and "bench tasks differ" in notes[0]
+
+
+def test_reference_without_ground_truth_and_resume_with_another_out_are_refused(home, fake_agent, tmp_path, capsys):
+    """--reference on a bench whose tasks have no ground truth is refused before anything loads (it
+    was tabled as structure 0.00, every task failed); --resume A --out B is refused (it wrote to A)."""
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({"id": "pot", "turns": [{"prompt": "Show a pot"}], "expect": {"images": 1}}) + "\n")
+    code = main(["eval", "--bench", str(bench), "--preset", "tiny", "--reference", "--out", str(tmp_path / "a")])
+    assert code == 1 and "only shapes tasks have" in capsys.readouterr().err
+    assert not fake_agent and not (tmp_path / "a").exists()
+    assert main(["eval", "--bench", str(bench), "--preset", "tiny", "--out", str(tmp_path / "a")]) == 0
+    before = (tmp_path / "a" / "results.json").read_bytes()
+    code = main(["eval", "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b")])
+    assert code == 1 and "leave out --out" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and (tmp_path / "a" / "results.json").read_bytes() == before
+    assert main(["eval", "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "a")]) == 0
+
+
+def test_compare_shows_what_each_run_was_scored_on_and_warns_when_it_differs(home, tmp_path, capsys) -> None:
+    for name, limit, seed in (("a", 2, 0), ("b", 2, 0), ("c", 1, 7)):
+        run_eval("shapes", [], limit=limit, seed=seed, out=tmp_path / name, reference=True, home=home)
+    code = main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "same")])
+    cap = capsys.readouterr()
+    assert code == 0 and "warning" not in cap.err and "shapes" in cap.out
+    assert "do not compare" not in (tmp_path / "same" / "compare.html").read_text()
+    code = main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "mixed")])
+    cap = capsys.readouterr()
+    assert code == 0 and "scored on different bench tasks, seed, limit" in " ".join(cap.err.split())
+    page = (tmp_path / "mixed" / "compare.html").read_text()
+    assert "scored on different bench tasks, seed, limit" in page and "<th>seed</th>" in page and "<td>7</td>" in page

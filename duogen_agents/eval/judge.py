@@ -24,6 +24,7 @@ from duogen_agents.graphs.actions import max_action_tokens
 from duogen_agents.storage.images import ImageStore
 
 HTTP_TIMEOUT_S = 120.0
+PROBE_TIMEOUT_S = 10.0
 
 
 class Judge(Protocol):
@@ -112,6 +113,16 @@ class OpenAIJudge:
         self.model = model
         self.name = f"{self.url} ({model})"
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=HTTP_TIMEOUT_S, transport=transport)
+
+    def probe(self) -> None:
+        """Before the first model loads: an endpoint that cannot be reached is refused in seconds, not
+        after every answer. Any HTTP answer (even 404 for ``/models``) counts as reachable."""
+        import httpx
+
+        try:
+            self.client.get("/models", timeout=PROBE_TIMEOUT_S)
+        except httpx.HTTPError as e:
+            raise ConfigError(f"the judge at {self.url} cannot be reached: {e}") from None
 
     def judge(self, request: str, docs: Sequence[InterleavedDocument], store: ImageStore) -> dict[str, tuple[int, str]]:
         import httpx

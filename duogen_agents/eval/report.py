@@ -60,21 +60,34 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else _esc(v)
 
 
+SCORED_ON = ("bench", "seed", "limit", "judge")
+
+
 def _table(runs: list[dict[str, Any]]) -> str:
+    on = list(SCORED_ON) if any("scored_on" in r for r in runs) else []  # a comparison's runs
     head = "".join(f"<th>{a}</th>" for a in AXES)
     rows = []
     for r in runs:
         s = r.get("summary") or {}
         errors = f" <small class=err>({_esc(r.get('errors'))} failed)</small>" if r.get("errors") else ""
+        if r.get("judge_errors"):
+            errors += f" <small class=err>(judge failed on {_esc(r.get('judge_errors'))})</small>"
         partial = " <small class=err>(partial)</small>" if r.get("partial") else ""
         n = len(r.get("tasks", []))
         count = f"{n} of {_esc(r['of'])}" if r.get("of") not in (None, n) else str(n)
         rows.append(
             f"<tr><td>{_esc(run_label(r['preset']))}{errors}{partial}</td>"
             + "".join(f"<td>{_fmt(s.get(a))}</td>" for a in AXES)
-            + f"<td>{count}</td><td>{_esc(r.get('seconds', 0))}</td></tr>"
+            + f"<td>{count}</td><td>{_esc(r.get('seconds', 0))}</td>"
+            + "".join(f"<td>{_fmt_on((r.get('scored_on') or {}).get(k))}</td>" for k in on)
+            + "</tr>"
         )
-    return f"<table><tr><th>run</th>{head}<th>tasks</th><th>seconds</th></tr>{''.join(rows)}</table>"
+    extra = "".join(f"<th>{k}</th>" for k in on)
+    return f"<table><tr><th>run</th>{head}<th>tasks</th><th>seconds</th>{extra}</tr>{''.join(rows)}</table>"
+
+
+def _fmt_on(v: Any) -> str:
+    return "-" if v is None else _esc(v)
 
 
 def _chart(runs: list[dict[str, Any]]) -> str:
@@ -174,6 +187,8 @@ def _task_sections(runs: list[dict[str, Any]], out_dir: Path) -> str:
                 parts.append(_answer(t, images_dir))
             except (KeyError, TypeError, AttributeError):
                 parts.append("<p class=err>(this answer's record is malformed)</p>")
+            if t.get("judge_error"):
+                parts.append(f'<p class="err">the judge failed: {_esc(t["judge_error"])}</p>')
             rows = "".join(
                 f"<tr><td>{_esc(a)}</td><td>{_fmt(v)}</td><td style='text-align:left'>{_esc((t.get('reasons') or {}).get(a, ''))}</td></tr>"
                 for a, v in (t.get("scores") or {}).items()
@@ -196,6 +211,9 @@ def write_report(results: dict[str, Any], out_dir: Path, name: str = "report.htm
     if results.get("compare"):
         meta["runs from"] = ", ".join(results["compare"])
     head.append("<p>" + "<br>".join(f"<b>{_esc(k)}</b>: {_esc(v)}" for k, v in meta.items()) + "</p>")
+    if results.get("differ"):
+        head.append(f'<p class="partial">These runs were scored on different {_esc(", ".join(results["differ"]))}: '
+                    "their scores do not compare.</p>")  # fmt: skip
     head.append(_table(runs))
     head.append(_chart(runs))
     if results.get("bench_errors"):

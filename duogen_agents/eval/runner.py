@@ -5,8 +5,10 @@
 
 Results go to ``OUT/results.json`` (versions, preset, seed, timings, per task the answer, scores and
 reasons) and ``OUT/report.html``; images are copied to ``OUT/images``. One preset's models are loaded
-at a time. ``resume=True`` keeps the tasks ``OUT/results.json`` already holds. Ctrl-C keeps what
-finished and writes a partial report marked so, then raises ``KeyboardInterrupt``.
+at a time. ``resume=True`` keeps the tasks ``OUT/results.json`` already holds. ``results.json`` is
+written (atomically, marked partial) after every finished task, so a run ended any way loses at most
+the task in progress. Ctrl-C (and ``duogen eval``'s SIGTERM) keeps what finished and writes a partial
+report marked so, then raises ``KeyboardInterrupt``.
 """
 
 from __future__ import annotations
@@ -104,16 +106,31 @@ def score(task: Task, docs: Sequence[InterleavedDocument], store: ImageStore, ju
         for axis, (value, reason) in shapes_scores(task, docs, store).items():
             scores[axis], reasons[axis] = value, f"detectors: {reason}"
     elif judge is not None:
-        request = "\n\n".join(t.prompt for t in task.turns)
-        for axis, (value, reason) in judge.judge(request, docs, store).items():
-            raw[axis] = value
-            scores[axis], reasons[axis] = (value - 1) / 9, f"judge {value}/10: {reason}"
+        raw = _judge(task, docs, store, judge, scores, reasons)
     return {"scores": scores, "reasons": reasons, "judge_raw": raw}
 
 
+def _judge(
+    task: Task,
+    docs: Sequence[InterleavedDocument],
+    store: ImageStore,
+    judge: Any,
+    scores: dict[str, float],
+    reasons: dict[str, str],
+) -> dict[str, int]:
+    """The judge's scores added to ``scores`` and ``reasons``; its raw 1-10 scores returned."""
+    request = "\n\n".join(t.prompt for t in task.turns)
+    raw: dict[str, int] = {}
+    for axis, (value, reason) in judge.judge(request, docs, store).items():
+        raw[axis] = value
+        scores[axis], reasons[axis] = (value - 1) / 9, f"judge {value}/10: {reason}"
+    return raw
+
+
 def _summary(tasks: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Mean per axis over the tasks it applies to; a failed task counts 0 on every axis that the run
-    measures (one no task could measure stays ``None``: no judge, no detectors)."""
+    """Mean per axis over the scores that exist; a failed task (no answer) counts 0 on every axis that
+    the run measures (one no task could measure stays ``None``: no judge, no detectors, or a judge that
+    always failed). A task whose judge failed counts on its own scores only."""
     out: dict[str, float | None] = {}
     for axis in AXES:
         values = [t["scores"][axis] for t in tasks if t["status"] == "ok" and axis in t["scores"]]
@@ -153,6 +170,7 @@ def run_eval(
     home: Path | str | None = None,
     progress: Progress | None = None,
     on_skipped: Callable[[list[BenchError]], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``bench`` with each preset (and the ground truth with ``reference``); see the module doc."""
     from duogen_agents.eval.report import write_report
@@ -163,6 +181,8 @@ def run_eval(
         raise ConfigError(
             f"bench {bench!r} has no runnable task" + (f" ({len(errors)} malformed lines; {first})" if errors else "")
         )
+    if reference:
+        check_reference(name, tasks)
     if on_skipped is not None and errors:  # said before the run, not after it
         on_skipped(errors)
     out_dir = Path(out)
@@ -172,8 +192,13 @@ def run_eval(
     root = Path(home) if home is not None else default_home()
     store = ImageStore(root)
     previous: dict[str, dict[str, Any]] = {}
-    comparable = True  # the earlier runs were scored on the same bench, seed and judge as this one
+    comparable = True  # the earlier runs were scored on the same bench tasks, seed and judge as this one
+    differs: list[str] = []
+    digest = bench_digest(tasks)
     results_file = out_dir / "results.json"
+    check_out(out_dir, resume)
+    if judge is not None and hasattr(judge, "probe") and any(t.expect.get("world") != "shapes" for t in tasks):
+        judge.probe()  # an unreachable judge: refused now, before any model loads
     if resume and results_file.exists():
         try:
             old = json.loads(results_file.read_text())
@@ -181,16 +206,19 @@ def run_eval(
             previous = {
                 str(_place(r["preset"])): r for r in old.get("runs", []) if isinstance(r, dict) and "preset" in r
             }
-            then = {"bench": old.get("bench"), "seed": old.get("seed"), "judge": old.get("judge")}
+            # the bench by its tasks (after --limit), not its name: an edited file or another of that name differs
+            then = {"bench tasks": old.get("bench_digest"), "seed": old.get("seed"), "judge": old.get("judge")}
         except (ValueError, TypeError, AttributeError) as e:
             raise ConfigError(f"cannot resume from {results_file}: {e}") from None
-        now = {"bench": name, "seed": seed, "judge": getattr(judge, "name", None)}
-        comparable = all(then[k] == now[k] for k in now)
+        now = {"bench tasks": digest, "seed": seed, "judge": getattr(judge, "name", None)}
+        differs = [k for k in now if then[k] != now[k]]
+        comparable = not differs
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "bench": name,
+        "bench_digest": digest,
         "options": {  # what --resume continues with: files by absolute path, from any working directory
             "bench": _place(bench),
             "presets": [_place(p) for p in presets],
@@ -212,11 +240,37 @@ def run_eval(
     runs = ([REFERENCE] if reference else []) + [str(_place(p)) for p in presets]
     # Earlier runs of other presets stay, if their scores compare with this run's (the same bench, seed
     # and judge); a preset run again reuses only the tasks whose fingerprint is the same.
-    kept = [r for name, r in previous.items() if name not in runs] if comparable else []
+    others = [r for name, r in previous.items() if name not in runs]
+    kept = others if comparable else []
+    if others and not comparable and on_note is not None:
+        from duogen_agents.eval.report import run_label
+
+        on_note(
+            f"the earlier runs of {', '.join(run_label(str(r['preset'])) for r in others)} in {out_dir} are dropped: "
+            f"their {' and '.join(differs)} differ from this run's, so their scores would not compare"
+        )
     results["options"]["presets"] += [str(_place(r["preset"])) for r in kept if r["preset"] != REFERENCE]
+
+    def checkpoint(current: dict[str, Any]) -> None:
+        """After each finished task: results.json as it stands (marked partial), so that a run ended any
+        way (SIGKILL, out of memory) loses at most the task in progress, and ``--resume`` continues it."""
+        _write_results({**results, "partial": True, "runs": [*results["runs"], current, *kept]}, out_dir)
+
     try:
         for run_name in runs:
-            run = _run_one(run_name, tasks, previous.get(run_name), seed, judge, store, root, out_dir, progress)
+            run = _run_one(
+                run_name,
+                tasks,
+                previous.get(run_name),
+                seed,
+                judge,
+                store,
+                root,
+                out_dir,
+                progress,
+                checkpoint,
+                on_note,
+            )
             results["runs"].append(run)
             if run.get("partial"):
                 raise KeyboardInterrupt
@@ -230,6 +284,30 @@ def run_eval(
     return results
 
 
+def check_reference(name: str, tasks: Sequence[Task]) -> None:
+    """``--reference`` answers with the ground truth: refused up front unless every task has one."""
+    if bare := [t.id for t in tasks if t.expect.get("world") != "shapes"]:
+        raise ConfigError(
+            f"--reference answers with each task's ground truth, which only shapes tasks have: {len(bare)} of "
+            f"{len(tasks)} tasks of {name!r} have none (the first: {bare[0]!r}); run without --reference"
+        )
+
+
+def check_out(out_dir: Path, resume: bool) -> None:
+    """As ``duogen train``: a new run never replaces the results of an earlier one in its OUT."""
+    if not resume and (out_dir / "results.json").exists():
+        raise ConfigError(
+            f"{out_dir} holds an earlier evaluation (results.json); pass --resume {out_dir} to continue it "
+            "(or to add presets to it), or choose another --out"
+        )
+
+
+def bench_digest(tasks: Sequence[Task]) -> str:
+    """The tasks a run was scored on (after ``limit``): runs compare only when this is the same."""
+    key = json.dumps([t.model_dump(mode="json") for t in tasks], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def _place(value: str | None) -> str | None:
     """A preset or bench file (``.toml``, ``.json``, ``.jsonl``) that exists: its absolute path;
     anything else (a built-in name such as ``tiny`` or ``shapes``, a URL) as given."""
@@ -239,10 +317,57 @@ def _place(value: str | None) -> str | None:
     return str(path.resolve()) if path.suffix.lower() in (".toml", ".json", ".jsonl") and path.is_file() else value
 
 
-def fingerprint(task: Task, seed: int, judge: Any) -> str:
-    """What a finished task's result depends on: resume reuses it only when this is the same."""
-    key = json.dumps([task.model_dump(mode="json"), seed, getattr(judge, "name", None)], sort_keys=True)
+def fingerprint(task: Task, seed: int, judge: Any, preset: str | None = None) -> str:
+    """What a finished task's result depends on: resume reuses it only when this is the same.
+    ``preset``: the run's ``preset_digest`` (none for the ground truth, which depends on no model)."""
+    parts: list[Any] = [task.model_dump(mode="json"), seed, getattr(judge, "name", None)]
+    key = json.dumps(parts + ([preset] if preset is not None else []), sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+MODEL_KEYS = ("model", "text2image", "video2world")  # a preset's fields that may name local model files
+
+
+def preset_digest(name: str) -> str:
+    """What a preset's answers depend on: its resolved settings and, for each model it reads from a
+    local file or folder (a trained run's), the names, sizes and modification times of those files.
+    Cheap: no weights are read. A hub id's files are not looked at (the id is in the settings)."""
+    from duogen_agents.presets import load_preset
+
+    spec = load_preset(name).model_dump(mode="json")
+    files: list[Any] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k in MODEL_KEYS and isinstance(v, str) and v and ":" not in v:
+                    files.append([v, _files_identity(Path(v).expanduser())])
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(spec)
+    key = json.dumps([spec, files], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _files_identity(path: Path) -> list[Any] | None:
+    """(relative name, size, mtime in ns) of a file or of every file in a folder; None if not local."""
+    try:
+        if path.is_file():
+            st = path.stat()
+            return [[path.name, st.st_size, st.st_mtime_ns]]
+        if not path.is_dir():
+            return None
+        out = []
+        for f in sorted(path.rglob("*")):
+            if f.is_file():
+                st = f.stat()
+                out.append([str(f.relative_to(path)), st.st_size, st.st_mtime_ns])
+        return out
+    except OSError:
+        return None
 
 
 def _run_one(
@@ -255,20 +380,42 @@ def _run_one(
     root: Path,
     out_dir: Path,
     progress: Progress | None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    digest = None if run_name == REFERENCE else preset_digest(run_name)
     done = {
         t.get("fingerprint"): t
         for t in (previous or {}).get("tasks", [])
-        if isinstance(t, dict) and t.get("status") == "ok" and t.get("fingerprint")
+        if isinstance(t, dict) and t.get("status") == "ok" and t.get("fingerprint") and not t.get("judge_error")
     }
     run: dict[str, Any] = {"preset": run_name, "reference": run_name == REFERENCE, "tasks": [], "seconds": 0.0}
+    if digest is not None:
+        run["preset_digest"] = digest
+        if done and (previous or {}).get("preset_digest") != digest and on_note is not None:
+            on_note(
+                f"{run_name} has changed since its earlier run here (its settings or model files): "
+                "its tasks are answered again"
+            )
     agent = None
     started = time.perf_counter()
+
+    def close() -> dict[str, Any]:
+        # A resumed run's time is the earlier invocations' (which made the reused tasks) and this one's.
+        earlier = (previous or {}).get("seconds", 0.0) if run.get("reused") else 0.0
+        earlier = earlier if isinstance(earlier, (int, float)) and earlier >= 0 else 0.0
+        run["seconds"] = round(earlier + time.perf_counter() - started, 3)
+        run["summary"] = _summary(run["tasks"])
+        run["errors"] = sum(t["status"] != "ok" for t in run["tasks"])
+        run["judge_errors"] = sum(bool(t.get("judge_error")) for t in run["tasks"])
+        run["of"] = len(tasks)
+        return run
+
     try:
         for i, task in enumerate(tasks):
             if progress:
                 progress(run_name, i, len(tasks))
-            mark = fingerprint(task, seed, judge)
+            mark = fingerprint(task, seed, judge, digest)
             if mark in done:
                 run["tasks"].append(done[mark])
                 run["reused"] = run.get("reused", 0) + 1
@@ -279,6 +426,8 @@ def _run_one(
                 agent = Agent.from_preset(run_name, home=root)
                 run["preset_name"] = agent.preset.name
             run["tasks"].append(_one_task(task, mark, agent, seed, judge, store, out_dir))
+            if checkpoint is not None:
+                checkpoint(close())
         if progress:
             progress(run_name, len(tasks), len(tasks))
     except KeyboardInterrupt:
@@ -286,21 +435,15 @@ def _run_one(
     finally:
         del agent
         _free_models()
-    # A resumed run's time is the earlier invocations' (which made the reused tasks) and this one's.
-    earlier = (previous or {}).get("seconds", 0.0) if run.get("reused") else 0.0
-    earlier = earlier if isinstance(earlier, (int, float)) and earlier >= 0 else 0.0
-    run["seconds"] = round(earlier + time.perf_counter() - started, 3)
-    run["summary"] = _summary(run["tasks"])
-    run["errors"] = sum(t["status"] != "ok" for t in run["tasks"])
-    run["of"] = len(tasks)
-    return run
+    return close()
 
 
 def _one_task(
     task: Task, mark: str, agent: Any, seed: int, judge: Any, store: ImageStore, out_dir: Path
 ) -> dict[str, Any]:
-    """Answer and score one task. Any failure is that task's error, never the run's: the answer
-    (if there is one) and its structure score are kept when only the judge failed."""
+    """Answer and score one task. Any failure is that task's error, never the run's. When only the
+    judge failed, the task is answered (``status`` ok) with its own scores (structure) and the judge's
+    failure in ``judge_error``: its judge axes are missing, not 0, and ``--resume`` answers and judges it again."""
     t0 = time.perf_counter()
     entry: dict[str, Any] = {
         "id": task.id,
@@ -315,14 +458,24 @@ def _one_task(
         docs = reference_answer(task, store) if agent is None else _answer(agent, task, seed)
         entry["documents"] = [d.model_dump(mode="json") for d in docs]
         _copy_images(docs, store, out_dir)
-        entry["scores"]["structure"], entry["reasons"]["structure"] = structure(task, docs)
-        entry.update(score(task, docs, store, judge))
+        entry.update(score(task, docs, store, None))  # the answer's own scores: structure, detectors
         entry["status"] = "ok"
-    except Exception as e:  # one task's failure (a model, the judge, a bad task): recorded, the run goes on
-        message = str(e) if isinstance(e, DuogenError) else f"{type(e).__name__}: {e}"
-        entry.update(status="error", error=" ".join(message.split())[:500])
+    except Exception as e:  # one task's failure (a model, a bad task): recorded, the run goes on
+        entry.update(status="error", error=_one_line(e))
+    if entry["status"] == "ok" and judge is not None and task.expect.get("world") != "shapes":
+        scores, reasons = dict(entry["scores"]), dict(entry["reasons"])
+        try:
+            entry["judge_raw"] = _judge(task, docs, store, judge, scores, reasons)
+            entry.update(scores=scores, reasons=reasons)
+        except Exception as e:  # the judge failed: the answer and its own scores stay, the judge's axes are missing
+            entry["judge_error"] = _one_line(e)
     entry["seconds"] = round(time.perf_counter() - t0, 3)
     return entry
+
+
+def _one_line(e: Exception) -> str:
+    message = str(e) if isinstance(e, DuogenError) else f"{type(e).__name__}: {e}"
+    return " ".join(message.split())[:500]
 
 
 def _free_models() -> None:
@@ -333,13 +486,34 @@ def _free_models() -> None:
         torch.cuda.empty_cache()
 
 
-def _write(results: dict[str, Any], out_dir: Path, write_report: Callable[[dict[str, Any], Path], Path]) -> None:
+def _write_results(results: dict[str, Any], out_dir: Path) -> None:
     write_atomic(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+
+
+def _write(results: dict[str, Any], out_dir: Path, write_report: Callable[[dict[str, Any], Path], Path]) -> None:
+    _write_results(results, out_dir)
     write_report(results, out_dir)
 
 
+SCORED_ON = ("bench", "bench_digest", "seed", "limit", "judge")  # what a run's scores compare under
+
+
+def _differ(scored_on: list[dict[str, Any]]) -> list[str]:
+    """What differs between the runs of a comparison: bench (by name, or by its tasks where both runs
+    recorded them), seed, limit, judge."""
+    out = []
+    for key in ("bench", "seed", "limit", "judge"):
+        values = {json.dumps(o.get(key)) for o in scored_on}
+        if key == "bench" and len(values) == 1:
+            values = {o.get("bench_digest") for o in scored_on if o.get("bench_digest") is not None}
+        if len(values) > 1:
+            out.append(key if key != "bench" or len({o.get("bench") for o in scored_on}) > 1 else "bench tasks")
+    return out
+
+
 def compare(dirs: Sequence[Path | str], out: Path | str | None = None) -> dict[str, Any]:
-    """Runs from several result folders side by side (one report: table and chart)."""
+    """Runs from several result folders side by side (one report: table and chart), each with what it
+    was scored on (``scored_on``: bench, seed, limit, judge); ``differ`` names what is not the same."""
     from duogen_agents.eval.report import run_label, write_report
 
     runs = []
@@ -351,12 +525,14 @@ def compare(dirs: Sequence[Path | str], out: Path | str | None = None) -> dict[s
                 if not isinstance(run.get("tasks"), list) or not isinstance(run.get("summary"), dict):
                     raise ValueError("a run without tasks or summary")
                 label = f"{run_label(run['preset'])} ({Path(d).name})"
-                runs.append({**run, "preset": label, "images_dir": str(Path(d) / "images")})
+                on = {k: data.get(k) for k in SCORED_ON}
+                runs.append({**run, "preset": label, "images_dir": str(Path(d) / "images"), "scored_on": on})
         except OSError as e:
             raise ConfigError(f"cannot read {f}: {e.strerror or e}") from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{f} is not a duogen eval result ({type(e).__name__}: {e})") from None
     merged = {"format": RESULTS_FORMAT, "compare": [str(d) for d in dirs], "runs": runs, "partial": False}
+    merged["differ"] = _differ([r["scored_on"] for r in runs])
     if out is not None:
         try:
             write_report(merged, Path(out), name="compare.html")
