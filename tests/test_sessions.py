@@ -175,10 +175,10 @@ def test_a_cancel_cut_short_after_its_revert_never_answers_with_the_previous_tur
             sb.send("turn two: draw a blue square")
         write_status = sb.sessions.set_turn_status
 
-        def killed(turn_id, status, error=None, write_status=write_status):
+        def killed(session_id, turn_id, status, error=None, write_status=write_status):
             if status == "cancelled":
                 raise SystemExit(130)  # os._exit(130) between the revert and the status write
-            write_status(turn_id, status, error)
+            write_status(session_id, turn_id, status, error)
 
         monkeypatch.setattr(sb.sessions, "set_turn_status", killed)
         with pytest.raises(SystemExit):
@@ -219,10 +219,10 @@ def test_a_redraw_cut_short_is_drawn_again_on_resume_and_a_forks_turn_can_be_dro
         list(sb.redraw(1, seed=7))
     write_status = sb.sessions.set_turn_status
 
-    def killed(turn_id, status, error=None):
+    def killed(session_id, turn_id, status, error=None):
         if status == "cancelled":
             raise SystemExit(130)
-        write_status(turn_id, status, error)
+        write_status(session_id, turn_id, status, error)
 
     monkeypatch.setattr(sb.sessions, "set_turn_status", killed)
     with pytest.raises(SystemExit):

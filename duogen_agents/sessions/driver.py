@@ -173,13 +173,13 @@ class Session:
             if graph_input is not None or state.next or state.tasks:
                 yield from self.agent.graph_events(self.graph, graph_input, self._config(), events=events, stop=stop)
             values = dict(self.graph.get_state(self._config()).values)
-            self.db.check_lock(self.id)  # each checkpoint write checked it (PostgreSQL); so does the commit
-            self.sessions.commit_turn(turn_id, values)
+            # Each checkpoint write checked the lock (PostgreSQL); the commit checks it in its own transaction.
+            self.sessions.commit_turn(self.id, turn_id, values)
         except BaseException as e:  # Ctrl-C, an error, or the caller closing the stream
             if not self.db.holds_lock(self.id):
                 raise  # the lock died with its connection: the turn may be another writer's now
             error = None if isinstance(e, (KeyboardInterrupt, GeneratorExit)) else f"{type(e).__name__}: {e}"
-            self.sessions.set_turn_status(turn_id, "interrupted", error)
+            self.sessions.set_turn_status(self.id, turn_id, "interrupted", error)
             raise
         doc = self.agent.document(values, prompt, mode, refs)
         yield {"event": "document", "document": doc, "thread_id": self.id, "session_id": self.id}
@@ -233,7 +233,7 @@ class Session:
             turn = self.sessions.unfinished_turn(self.id)
             if turn is None:
                 raise SessionStateError(f"session {self.id!r} has no unfinished turn; nothing to resume")
-            self.sessions.set_turn_status(turn.id, "running")
+            self.sessions.set_turn_status(self.id, turn.id, "running")
             try:
                 refs = [ImageRef.model_validate(r) for r in turn.inputs or []]
             except ValidationError:
@@ -292,7 +292,7 @@ class Session:
                         f"though earlier turns were answered); {advice}"
                     )
                 self.db.saver.delete_thread(self.id)
-            self.sessions.set_turn_status(turn.id, "cancelled")
+            self.sessions.set_turn_status(self.id, turn.id, "cancelled")
             self.agent.forget(self.id)
             return True
 
