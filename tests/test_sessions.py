@@ -175,10 +175,10 @@ def test_a_cancel_cut_short_after_its_revert_never_answers_with_the_previous_tur
             sb.send("turn two: draw a blue square")
         write_status = sb.sessions.set_turn_status
 
-        def killed(turn_id, status, error=None, write_status=write_status):
+        def killed(session_id, turn_id, status, error=None, write_status=write_status):
             if status == "cancelled":
                 raise SystemExit(130)  # os._exit(130) between the revert and the status write
-            write_status(turn_id, status, error)
+            write_status(session_id, turn_id, status, error)
 
         monkeypatch.setattr(sb.sessions, "set_turn_status", killed)
         with pytest.raises(SystemExit):
@@ -207,6 +207,41 @@ def test_a_cancel_cut_short_after_its_revert_never_answers_with_the_previous_tur
     assert any("turn one" in c for c in contents) and not any("turn two" in c for c in contents)
 
 
+def test_a_turn_started_again_over_a_cancels_copy_can_still_be_dropped(db, tmp_path, monkeypatch) -> None:
+    """``cancel`` goes back only to the checkpoint where the turn began, as the checkpoints show it.
+    A turn whose cancel was cut short after its revert starts again from its message on the copy the
+    revert made, not on that checkpoint itself; cut short once more, it is still dropped."""
+    a = _agent(tmp_path, [TEXT, _image("a red pot"), OK, DONE])
+    a.session("c", database=db).send("turn one")
+    broken = _agent(tmp_path, [_image("a blue square")], tool=FailingImageTool(fail_on=1))
+    sb = broken.session("c", database=db)
+    with pytest.raises(RuntimeError):
+        sb.send("turn two: draw a blue square")
+    write_status = sb.sessions.set_turn_status
+
+    def killed(session_id, turn_id, status, error=None):
+        if status == "cancelled":
+            raise SystemExit(130)
+        write_status(session_id, turn_id, status, error)
+
+    monkeypatch.setattr(sb.sessions, "set_turn_status", killed)
+    with pytest.raises(SystemExit):
+        sb.cancel()
+    again = _agent(tmp_path, [_image("a blue square")], tool=FailingImageTool(fail_on=1))
+    sa = again.session("c", database=db)
+    with pytest.raises(RuntimeError):
+        list(sa.resume())  # from its message again, over the copy; cut short again
+    base = sa.sessions.unfinished_turn("c").base_checkpoint_id
+    newest_input = next(t for t in db.saver.list(sa._config()) if t.metadata.get("source") == "input")
+    assert newest_input.parent_config["configurable"]["checkpoint_id"] != base  # it follows the copy
+
+    sd = _agent(tmp_path, []).session("c", database=db)
+    assert sd.cancel() is True
+    assert [t.status for t in sd.history()] == ["complete", "cancelled"]
+    contents = [str(m.content) for m in sd.graph.get_state(sd._config()).values["messages"]]
+    assert any("turn one" in c for c in contents) and not any("turn two" in c for c in contents)
+
+
 def test_a_redraw_cut_short_is_drawn_again_on_resume_and_a_forks_turn_can_be_dropped(db, tmp_path, monkeypatch) -> None:
     """A redraw whose cancel was cut short after its revert was resumed as a message to plan: nothing
     was drawn and the turn was stored complete without its image. And a failed turn of a fork could
@@ -219,10 +254,10 @@ def test_a_redraw_cut_short_is_drawn_again_on_resume_and_a_forks_turn_can_be_dro
         list(sb.redraw(1, seed=7))
     write_status = sb.sessions.set_turn_status
 
-    def killed(turn_id, status, error=None):
+    def killed(session_id, turn_id, status, error=None):
         if status == "cancelled":
             raise SystemExit(130)
-        write_status(turn_id, status, error)
+        write_status(session_id, turn_id, status, error)
 
     monkeypatch.setattr(sb.sessions, "set_turn_status", killed)
     with pytest.raises(SystemExit):

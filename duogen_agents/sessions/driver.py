@@ -173,13 +173,13 @@ class Session:
             if graph_input is not None or state.next or state.tasks:
                 yield from self.agent.graph_events(self.graph, graph_input, self._config(), events=events, stop=stop)
             values = dict(self.graph.get_state(self._config()).values)
-            self.db.check_lock(self.id)  # each checkpoint write checked it (PostgreSQL); so does the commit
-            self.sessions.commit_turn(turn_id, values)
+            # Each checkpoint write checked the lock (PostgreSQL); the commit checks it in its own transaction.
+            self.sessions.commit_turn(self.id, turn_id, values)
         except BaseException as e:  # Ctrl-C, an error, or the caller closing the stream
             if not self.db.holds_lock(self.id):
                 raise  # the lock died with its connection: the turn may be another writer's now
             error = None if isinstance(e, (KeyboardInterrupt, GeneratorExit)) else f"{type(e).__name__}: {e}"
-            self.sessions.set_turn_status(turn_id, "interrupted", error)
+            self.sessions.set_turn_status(self.id, turn_id, "interrupted", error)
             raise
         doc = self.agent.document(values, prompt, mode, refs)
         yield {"event": "document", "document": doc, "thread_id": self.id, "session_id": self.id}
@@ -233,7 +233,7 @@ class Session:
             turn = self.sessions.unfinished_turn(self.id)
             if turn is None:
                 raise SessionStateError(f"session {self.id!r} has no unfinished turn; nothing to resume")
-            self.sessions.set_turn_status(turn.id, "running")
+            self.sessions.set_turn_status(self.id, turn.id, "running")
             try:
                 refs = [ImageRef.model_validate(r) for r in turn.inputs or []]
             except ValidationError:
@@ -260,10 +260,43 @@ class Session:
         current = self.db.saver.get_tuple(self._config())
         if current is None or base is None:
             return current is None and base is None
-        if current.config["configurable"].get("checkpoint_id") == base:
-            return True
         start = self.db.saver.get_tuple(self._config(base))
-        return start is not None and start.checkpoint["channel_versions"] == current.checkpoint["channel_versions"]
+        # A base that is no turn's start (a tampered record naming the state itself, in the middle of
+        # this turn) is not where it began: the turn goes on from its state, not from its message again.
+        return start is not None and _same_state(current, start) and self._finished(start)
+
+    def _finished(self, checkpoint: Any) -> bool:
+        """Whether the graph had finished at ``checkpoint`` (nothing left to run): where a turn begins."""
+        return not self.graph.get_state(self._config(checkpoint.config["configurable"]["checkpoint_id"])).next
+
+    def _began_at(self, start: Any) -> bool:
+        """Whether checkpoint ``start`` (one of this session's) is where its unfinished turn began, as
+        far as the checkpoints tell. A turn begins at the session's last checkpoint, where the graph had
+        finished (the previous turn's end, a fork's copy, the copy a cancel made of a turn's start), and
+        its message writes the first checkpoint of its own on top of it (``source`` "input"). So
+        ``start`` is a finished state, and the state is still there (or at a copy of it: same channel
+        versions), or the first "input" checkpoint on the way back from the state comes right after it
+        (or after a copy of it: a cancel cut short, then the turn started again). A record naming an
+        earlier turn's start, or a checkpoint inside a turn, fails; going back there would drop
+        answered turns from the state, or leave half a turn in it."""
+        if not self._finished(start):
+            return False
+        current = self.db.saver.get_tuple(self._config())
+        if current is not None and _same_state(current, start):
+            return True
+        # The walk reads the turn's own checkpoints only: it stops at the turn's first one, whatever
+        # the record names.
+        seen: set[str] = set()
+        while current is not None:
+            checkpoint_id = current.config["configurable"]["checkpoint_id"]
+            if checkpoint_id in seen:  # parents that go round: changed outside duogen
+                return False
+            seen.add(checkpoint_id)
+            parent = self.db.saver.get_tuple(current.parent_config) if current.parent_config else None
+            if current.metadata.get("source") == "input":
+                return parent is not None and _same_state(parent, start)
+            current = parent
+        return False
 
     def cancel(self) -> bool:
         """Drop the unfinished last turn: the graph state goes back to where the turn began and the
@@ -277,10 +310,16 @@ class Session:
             advice = "it was changed outside duogen; resume the turn, or export or delete the session"
             base = turn.base_checkpoint_id or None
             if base is not None:
-                if not isinstance(base, str) or self.db.saver.get_tuple(self._config(base)) is None:
+                start = self.db.saver.get_tuple(self._config(base)) if isinstance(base, str) else None
+                if start is None:
                     raise StorageError(
                         f"{where}: the stored record is malformed (the checkpoint it started from, "
                         f"{str(base)[:64]!r}, does not exist); {advice}"
+                    )
+                if not self._began_at(start):
+                    raise StorageError(
+                        f"{where}: the stored record is malformed (the checkpoint it started from, {base[:64]!r}, "
+                        f"is not where the turn began; going back to it would undo other turns); {advice}"
                     )
                 self.graph.update_state(self._config(base), None, as_node="__copy__")
             else:
@@ -292,9 +331,17 @@ class Session:
                         f"though earlier turns were answered); {advice}"
                     )
                 self.db.saver.delete_thread(self.id)
-            self.sessions.set_turn_status(turn.id, "cancelled")
+            self.sessions.set_turn_status(self.id, turn.id, "cancelled")
             self.agent.forget(self.id)
             return True
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    """Whether checkpoint tuples ``a`` and ``b`` hold one state: the same checkpoint, or a copy of it
+    (``update_state(..., as_node="__copy__")`` keeps the channel versions)."""
+    if a.config["configurable"].get("checkpoint_id") == b.config["configurable"].get("checkpoint_id"):
+        return True
+    return a.checkpoint["channel_versions"] == b.checkpoint["channel_versions"]
 
 
 def _redraw(number: int, old: Any) -> tuple[str, dict[str, Any]]:

@@ -365,9 +365,9 @@ class Sessions:
 
         A new session starts from no state: checkpoints left under its id (a delete cut short by an
         older duogen, a saver used outside a session) are cleared in the same transaction, so it never
-        inherits another conversation."""
+        inherits another conversation. The caller holds the session's write lock (see ``commit_turn``)."""
         self.db.saver  # noqa: B018 -- its tables exist before the transaction (see archive.clear_checkpoints)
-        with self.db.transaction() as s:
+        with self.db.writing(session_id) as s:
             with _decoding(session_id):
                 rec = s.get(SessionRecord, session_id)
             now = utcnow()
@@ -429,11 +429,13 @@ class Sessions:
         )
         s.flush()
 
-    def commit_turn(self, turn_id: int, values: dict[str, Any]) -> None:
-        """Write the finished turn's blocks and images and mark it complete, in one transaction."""
-        with self.db.transaction() as s:
+    def commit_turn(self, session_id: str, turn_id: int, values: dict[str, Any]) -> None:
+        """Write the finished turn's blocks and images and mark it complete, in one transaction. The
+        caller holds the session's write lock: on PostgreSQL the transaction checks it, on the lock's
+        own connection, and fails with the lock lost (``Database.writing``)."""
+        with self.db.writing(session_id) as s:
             turn = s.get(TurnRecord, turn_id)
-            assert turn is not None
+            assert turn is not None and turn.session_id == session_id
             for b in list(turn.blocks):
                 s.delete(b)
             s.flush()
@@ -475,8 +477,9 @@ class Sessions:
             if rec.title is None:
                 rec.title = turn.title or turn.prompt.strip().splitlines()[0][:80]
 
-    def set_turn_status(self, turn_id: int, status: str, error: str | None = None) -> None:
-        with self.db.transaction() as s:
+    def set_turn_status(self, session_id: str, turn_id: int, status: str, error: str | None = None) -> None:
+        """Set the status of a turn of ``session_id``, whose write lock the caller holds (see ``commit_turn``)."""
+        with self.db.writing(session_id) as s:
             turn = s.get(TurnRecord, turn_id)
             if turn is None:
                 return

@@ -11,8 +11,9 @@ database is refused, never written) and applies pending migrations.
 Locks are per session and die with their process: ``flock`` on a file beside the SQLite database,
 a session-level advisory lock on PostgreSQL. A second writer gets ``SessionBusyError`` or waits.
 A PostgreSQL lock also dies with its connection (a server restart, ``idle_session_timeout``, a proxy):
-the holder checks it before each checkpoint write and before it commits a turn (``check_lock``), so it
-fails its turn rather than write over the writer that took the lock next.
+the holder checks it before each checkpoint write (``check_lock``), and writes a turn's records
+(``writing``) in a transaction on the lock's own connection that checks it first, so it fails its turn
+rather than write over the writer that took the lock next.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
@@ -285,6 +286,29 @@ class Database:
                 raise StorageError(f"{self._where()} is damaged ({_first_line(e)}); nothing was changed") from None
             raise
 
+    @contextlib.contextmanager
+    def writing(self, session_id: str) -> Iterator[OrmSession]:
+        """``transaction()`` for records that only the holder of ``session_id``'s write lock may write.
+
+        On PostgreSQL, while this object holds that lock, the transaction runs on the lock's own
+        connection and first checks that its backend still holds the lock: the check and the write are
+        one transaction of the backend that holds the lock, and a connection that drops before the
+        commit takes the write with it. (Checked first on another connection, the lock could die, and
+        the next writer take it and write, between the check and the commit.) Elsewhere (SQLite: a
+        ``flock`` lives as long as its process; a session not locked here) it is ``transaction()``."""
+        held = self._held.get(session_id)
+        if held is None:
+            with self.transaction() as s:
+                yield s
+            return
+        try:
+            with held.transaction(self.sessionmaker) as s:
+                yield s
+        except DatabaseError as e:
+            if is_disk_full(e):
+                raise StorageError(self.no_space()) from None
+            raise
+
     @property
     def saver(self) -> Any:
         """The LangGraph checkpoint saver for this database (tables created on first use)."""
@@ -456,28 +480,62 @@ class _HeldLock:
 
     def __init__(self, session_id: str, conn: Connection, key: int) -> None:
         self.session_id, self.conn, self.key = session_id, conn, key
-        self.mutex = threading.Lock()
+        self.mutex = threading.RLock()
         self.lost = False
+
+    def _held_here(self, conn: Connection | OrmSession) -> bool:
+        """Whether the backend of ``conn`` (the lock's connection, or an ORM session on it) holds the lock."""
+        return bool(
+            conn.execute(
+                text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND pid = pg_backend_pid() AND objsubid = 1 AND classid::bigint = :hi "
+                    "AND objid::bigint = :lo)"
+                ),
+                {"hi": (self.key >> 32) & 0xFFFFFFFF, "lo": self.key & 0xFFFFFFFF},
+            ).scalar()
+        )
+
+    def _lost(self) -> StorageError:
+        return StorageError(
+            f"session {self.session_id!r}: the session's lock was lost (the database connection dropped); the "
+            f"turn was not committed; resume it (duogen run --session {self.session_id} --resume)"
+        )
 
     def check(self) -> None:
         with self.mutex:
             if not self.lost:
                 try:
-                    self.lost = not self.conn.execute(
-                        text(
-                            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                            "AND pid = pg_backend_pid() AND objsubid = 1 AND classid::bigint = :hi "
-                            "AND objid::bigint = :lo)"
-                        ),
-                        {"hi": (self.key >> 32) & 0xFFFFFFFF, "lo": self.key & 0xFFFFFFFF},
-                    ).scalar()
+                    self.lost = not self._held_here(self.conn)
                 except SQLAlchemyError:  # a dropped connection, or one SQLAlchemy invalidated already
                     self.lost = True
         if self.lost:
-            raise StorageError(
-                f"session {self.session_id!r}: the session's lock was lost (the database connection dropped); the "
-                f"turn was not committed; resume it (duogen run --session {self.session_id} --resume)"
-            )
+            raise self._lost()
+
+    @contextlib.contextmanager
+    def transaction(self, sessionmaker: Any) -> Iterator[OrmSession]:
+        """An ORM session in one transaction on the lock's connection, which checks the lock first
+        (see ``Database.writing``); the connection is back in autocommit mode afterwards (idle for the
+        rest of the turn, it must not sit in an open transaction)."""
+        with self.mutex:
+            try:
+                if self.lost:
+                    raise self._lost()
+                self.conn.commit()  # ends SQLAlchemy's record of the autocommit queries; sends nothing
+                self.conn.execution_options(isolation_level=self.conn.default_isolation_level)
+                with sessionmaker(bind=self.conn) as s, s.begin():
+                    if not self._held_here(s):  # through the session: its transaction begins with it
+                        self.lost = True
+                        raise self._lost()  # rolls back: nothing was written
+                    yield s
+            except DBAPIError as e:
+                if not (e.connection_invalidated or self.conn.invalidated):
+                    raise
+                self.lost = True  # the connection dropped: with it the lock, and the uncommitted write
+                raise self._lost() from None
+            finally:
+                with contextlib.suppress(SQLAlchemyError):
+                    self.conn.execution_options(isolation_level="AUTOCOMMIT")
 
     def release(self) -> None:
         """Unlock. On a dead connection there is nothing to unlock (the lock died with it): that is

@@ -425,11 +425,30 @@ def test_malformed_session_mode_is_one_line(db_url, home, capsys) -> None:
     assert code == 1 and "session 'm'" in line and "malformed" in line
 
 
-@pytest.mark.parametrize("base", [None, "not-a-checkpoint"], ids=["null", "unknown"])
-def test_discard_of_a_turn_with_a_tampered_start_deletes_nothing(db_url, home, base) -> None:
+def _tampered_start(db: Database, config: dict, tamper: str) -> str | None:
+    """What a tampered turn 3 of session 't' names as its start: none, an id no checkpoint has, or a
+    real checkpoint of the session that is not its start: turn 2's start (turn one's end), one inside
+    turn 2, or the state itself (inside turn 3)."""
+    if tamper in ("null", "unknown"):
+        return None if tamper == "null" else "not-a-checkpoint"
+    engine = create_engine(db.url)
+    with engine.connect() as c:
+        starts = dict(c.execute(text("SELECT number, base_checkpoint_id FROM duogen_turns WHERE session_id='t'")).all())
+    engine.dispose()
+    ids = [t.config["configurable"]["checkpoint_id"] for t in db.saver.list(config)]  # newest first
+    inside_two = [i for i in ids if starts[2] < i < starts[3]]
+    assert starts[2] in ids and len(inside_two) > 2
+    return {"earlier-start": starts[2], "earlier-middle": inside_two[len(inside_two) // 2], "own-state": ids[0]}[tamper]
+
+
+@pytest.mark.parametrize("tamper", ["null", "unknown", "earlier-start", "earlier-middle", "own-state"])
+def test_discard_of_a_turn_with_a_tampered_start_deletes_nothing(db_url, home, tamper) -> None:
     """A turn's record names the checkpoint it started from; ``cancel`` (``--discard``) goes back to
-    it. Named as none (only a session's first answer starts from no state) or as one that does not
-    exist, the turn is refused in one line: the earlier turns' state stays, and the turn resumes."""
+    it. Named as none (only a session's first answer starts from no state), as one that does not
+    exist, or as a real checkpoint of the session that is not where the turn began (an earlier turn's
+    start, a checkpoint inside a turn), the turn is refused in one line: the earlier turns' state
+    stays, and the turn resumes (before, a real checkpoint was gone back to: the discard dropped turn
+    two's answer from the state while its record still said complete, or left half a turn in it)."""
     with Database.open(db_url, home=home) as db:
         a = scripted_agent(home, [TEXT, image("a terracotta pot"), OK, DONE, TEXT, DONE])
         s = a.session("t", database=db)
@@ -440,6 +459,7 @@ def test_discard_of_a_turn_with_a_tampered_start_deletes_nothing(db_url, home, b
         with pytest.raises(RuntimeError):
             sb.send("turn three")
         before = sb.graph.get_state(sb._config())
+        base = _tampered_start(db, sb._config(), tamper)
         _sql(db_url, "UPDATE duogen_turns SET base_checkpoint_id=:b WHERE session_id='t' AND number=3", b=base)
 
         with pytest.raises(StorageError, match=r"^session 't' turn 3: the stored record is malformed") as e:
