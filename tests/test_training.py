@@ -107,6 +107,16 @@ def test_the_users_pictures_are_in_the_planner_calls_as_inference_gives_them(dat
         given.write_text("\n" + json.dumps(raw) + "\n")
         with pytest.raises(DataError, match=f"^{given} line 2: turns\\[0\\].images\\[0\\]: .*{message}"):
             load_tasks(given)
+    # A dataset's pictures on another disk, behind a link below the data file's folder, are followed
+    # (a bench's are not: it may come from elsewhere and go to a judge; training sends nothing out).
+    elsewhere = tmp_path / "other-disk"
+    elsewhere.mkdir()
+    (elsewhere / "input.png").write_bytes((data.parent / "input.png").read_bytes())
+    (data.parent / "linked").symlink_to(elsewhere, target_is_directory=True)
+    raw["turns"][0]["images"] = ["linked/input.png"]
+    given.write_text(json.dumps(raw) + "\n")
+    (task,) = load_tasks(given)
+    assert task.images[0] == [str(data.parent.resolve() / "linked" / "input.png")]
 
 
 def test_every_target_is_an_action_the_planners_grammar_accepts(data, tmp_path, monkeypatch) -> None:

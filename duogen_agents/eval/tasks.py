@@ -80,21 +80,13 @@ def parse_lines(lines: list[str], base: Path | None = None) -> tuple[list[Task],
     return tasks, errors
 
 
-def contained(base: Path, path: str) -> Path | None:
-    """``path`` (relative to ``base``) resolved, or None when it leaves ``base``'s folder (an absolute
-    path, ``..``, a link out of it): the rule for the pictures a bench or a training file names."""
-    root = base.resolve()
-    full = (root / path).resolve()
-    return None if Path(path).is_absolute() or not full.is_relative_to(root) else full
-
-
 def inside(base: Path, path: str) -> str:
     """``path`` (relative to ``base``) resolved, or ``ValueError`` when it leaves ``base``'s folder
-    (``contained``) or is not a file there (a missing picture is the bench's mistake, said when it
-    loads, not the model's error at answer time)."""
+    (an absolute path, ``..``, a link out of it) or is not a file there (a missing picture is the
+    bench's mistake, said when it loads, not the model's error at answer time)."""
     root = base.resolve()
-    full = contained(root, path)
-    if full is None:
+    full = (root / path).resolve()
+    if Path(path).is_absolute() or not full.is_relative_to(root):
         raise ValueError(
             f"image {path[:80]!r} is outside the bench's folder {root}; name images relative to it, inside it"
         )

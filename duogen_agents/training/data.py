@@ -115,16 +115,16 @@ def load_tasks(path: Path | str) -> list[TrainingTask]:
 
 
 def _picture(base: Path, path: str, where: str) -> str:
-    """``path`` (relative to the data file's folder, inside it, as a bench's images are) made absolute,
-    once it opens as a picture; else a ``DataError`` naming ``where``."""
-    from duogen_agents.eval.tasks import contained
-
-    full = contained(base, path)
-    if full is None:  # an absolute path, `..`, a link out of it
+    """``path`` (relative to the data file's folder, below it as written: no absolute path, no ``..``)
+    made absolute, once it opens as a picture; else a ``DataError`` naming ``where``. Unlike a bench's
+    pictures, a link out of the folder is followed: a dataset's pictures often live on another disk
+    behind one, and training sends nothing it reads to a server."""
+    if Path(path).is_absolute() or ".." in Path(path).parts:
         raise DataError(
             f"{where}: image {path[:80]!r} is outside the data file's folder {base.resolve()}; "
             "name images relative to it, inside it"
         )
+    full = base.resolve() / path
     try:
         load_input_image(full)
     except InputImageError as e:
