@@ -12,6 +12,7 @@ from PIL import Image
 from duogen_agents import Agent
 from duogen_agents.errors import ConfigError, GenerationError
 from duogen_agents.models.images import build_image_tool
+from duogen_agents.models.images import video2world as video2world_module
 from duogen_agents.models.images.cosmos2 import CosmosImageTool, conditioning_frames, dit_limits
 from duogen_agents.models.protocols import letterbox, refusal
 from duogen_agents.presets import ImageSpec, load_preset
@@ -210,7 +211,7 @@ def test_a_family_without_references_is_never_offered_them_and_refuses_them(mode
         renderer.render("p", [ref] * 6, kind="continue")
 
 
-def test_a_canvas_or_horizon_the_dit_cannot_hold_is_refused_when_it_loads(models_dir, spies) -> None:
+def test_a_canvas_or_horizon_the_dit_cannot_hold_is_refused_when_it_loads(models_dir, spies, monkeypatch) -> None:
     """Past its config's ``max_size`` (latent frames, height, width) the Cosmos DiT fails at every call
     (a tensor size mismatch); a preset asking for more was accepted and then failed at every image.
     The limit comes from the loaded DiT's config and the VAE's factors: the tiny DiT's max_size
@@ -229,6 +230,17 @@ def test_a_canvas_or_horizon_the_dit_cannot_hold_is_refused_when_it_loads(models
     with pytest.raises(ConfigError, match=r"image.horizon_frames 25 .* at most 24 \(a clip of 29 frames"):
         far.draw("later", kind="continue", references=refs)
     assert len(spies["text2image"].calls) == 1 and not spies["video2world"].calls  # refused before the DiT ran
+    loads = []
+    real = video2world_module.ConditioningVideo2World.from_pretrained
+    monkeypatch.setattr(
+        video2world_module.ConditioningVideo2World,
+        "from_pretrained",
+        lambda *a, **k: loads.append(1) or real(*a, **k),
+    )
+    for _ in range(2):  # refused again without loading the pipeline again (a server's every request)
+        with pytest.raises(ConfigError, match=r"image.horizon_frames 25 .* at most 24"):
+            far.draw("later", kind="continue", references=refs)
+    assert loads == []
     near = CosmosImageTool.from_spec(spec.model_copy(update={"horizon_frames": 24}), models_dir)
     assert near.draw("later", kind="continue", references=refs).details["num_frames"] == 29
 

@@ -114,6 +114,7 @@ class CosmosImageTool:
         self.text2image = text2image
         self.spec = spec
         self._video2world: Any = None
+        self._video2world_refused: str | None = None  # check_fits' refusal of the loaded Video2World
         self._video2world_source = video2world_source
         self._safety_checker = safety_checker
         self.residency: Any = None  # set by residency.offload_image_tool (preset offload)
@@ -168,6 +169,8 @@ class CosmosImageTool:
     def video2world(self) -> Any:
         """Loaded on first use, sharing the VAE and text encoder with Text2Image; its VAE encodes the
         conditioning frames only (``video2world``: the same result as diffusers' pipeline)."""
+        if self._video2world_refused is not None:  # not loaded again (2B of weights) only to refuse again
+            raise ConfigError(self._video2world_refused)
         if self._video2world is None:
             from duogen_agents.models.images.video2world import ConditioningVideo2World
 
@@ -186,7 +189,11 @@ class CosmosImageTool:
                 if self.spec.compile:
                     compile_dit(pipe.transformer)
                 first_block_cache(pipe.transformer, self.spec.first_block_cache)
-            check_fits(self.spec, pipe, self.spec.video2world, clip=True)  # before its first draw
+            try:
+                check_fits(self.spec, pipe, self.spec.video2world, clip=True)  # before its first draw
+            except ConfigError as e:
+                self._video2world_refused = str(e)
+                raise
             self._video2world = pipe
         return self._video2world
 
