@@ -162,6 +162,20 @@ def test_cancel_restores_the_state_before_the_turn(db, tmp_path) -> None:
     assert [t.status for t in se.history()] == ["cancelled", "cancelled"]
 
 
+def _cancel_killed_after_its_revert(session, monkeypatch) -> None:
+    """``session.cancel()`` killed (a second Ctrl-C) between its state revert and its status write."""
+    write_status = session.sessions.set_turn_status
+
+    def killed(session_id, turn_id, status, error=None):
+        if status == "cancelled":
+            raise SystemExit(130)  # os._exit(130) between the revert and the status write
+        write_status(session_id, turn_id, status, error)
+
+    monkeypatch.setattr(session.sessions, "set_turn_status", killed)
+    with pytest.raises(SystemExit):
+        session.cancel()
+
+
 def test_a_cancel_cut_short_after_its_revert_never_answers_with_the_previous_turn(db, tmp_path, monkeypatch) -> None:
     """``cancel`` reverts the state, then marks the turn cancelled in a second transaction. A process
     killed between the two (the chat's second Ctrl-C) leaves the turn unfinished over the reverted
@@ -173,16 +187,7 @@ def test_a_cancel_cut_short_after_its_revert_never_answers_with_the_previous_tur
         sb = broken.session(sid, database=db)
         with pytest.raises(RuntimeError):
             sb.send("turn two: draw a blue square")
-        write_status = sb.sessions.set_turn_status
-
-        def killed(session_id, turn_id, status, error=None, write_status=write_status):
-            if status == "cancelled":
-                raise SystemExit(130)  # os._exit(130) between the revert and the status write
-            write_status(session_id, turn_id, status, error)
-
-        monkeypatch.setattr(sb.sessions, "set_turn_status", killed)
-        with pytest.raises(SystemExit):
-            sb.cancel()
+        _cancel_killed_after_its_revert(sb, monkeypatch)
         assert [t.status for t in sb.history()] == ["complete", "interrupted"]
 
     # Resumed (a new process): the turn runs again from its message, and its answer is its own.
@@ -217,16 +222,7 @@ def test_a_turn_started_again_over_a_cancels_copy_can_still_be_dropped(db, tmp_p
     sb = broken.session("c", database=db)
     with pytest.raises(RuntimeError):
         sb.send("turn two: draw a blue square")
-    write_status = sb.sessions.set_turn_status
-
-    def killed(session_id, turn_id, status, error=None):
-        if status == "cancelled":
-            raise SystemExit(130)
-        write_status(session_id, turn_id, status, error)
-
-    monkeypatch.setattr(sb.sessions, "set_turn_status", killed)
-    with pytest.raises(SystemExit):
-        sb.cancel()
+    _cancel_killed_after_its_revert(sb, monkeypatch)
     again = _agent(tmp_path, [_image("a blue square")], tool=FailingImageTool(fail_on=1))
     sa = again.session("c", database=db)
     with pytest.raises(RuntimeError):
@@ -252,16 +248,7 @@ def test_a_redraw_cut_short_is_drawn_again_on_resume_and_a_forks_turn_can_be_dro
     sb = broken.session("s", database=db)
     with pytest.raises(RuntimeError):
         list(sb.redraw(1, seed=7))
-    write_status = sb.sessions.set_turn_status
-
-    def killed(session_id, turn_id, status, error=None):
-        if status == "cancelled":
-            raise SystemExit(130)
-        write_status(session_id, turn_id, status, error)
-
-    monkeypatch.setattr(sb.sessions, "set_turn_status", killed)
-    with pytest.raises(SystemExit):
-        sb.cancel()
+    _cancel_killed_after_its_revert(sb, monkeypatch)
     tool = SolidImageTool()
     c = _agent(tmp_path, [OK, DONE], tool=tool)
     list(c.session("s", database=db).resume())
