@@ -935,3 +935,34 @@ def test_compare_shows_what_each_run_was_scored_on_and_warns_when_it_differs(hom
     assert code == 0 and "scored on different bench tasks, seed, limit" in " ".join(cap.err.split())
     page = (tmp_path / "mixed" / "compare.html").read_text()
     assert "scored on different bench tasks, seed, limit" in page and "<th>seed</th>" in page and "<td>7</td>" in page
+
+
+def test_resume_of_results_written_before_the_digests_reuses_their_tasks(home, fake_agent, tmp_path) -> None:
+    """A results.json written by an earlier version (no bench_digest; runs without preset_digest, their
+    tasks fingerprinted by task, seed and judge only) resumes as that version did: its finished tasks
+    are reused and the other presets' runs kept, with no false note of a changed preset or bench."""
+    from duogen_agents.eval.runner import fingerprint
+
+    bench = tmp_path / "tasks.jsonl"
+    lines = [{"id": f"t{i}", "turns": [{"prompt": "Show a pot"}], "expect": {"images": 1}} for i in (1, 2)]
+    bench.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "run"
+    run_eval(str(bench), ["tiny", "tiny-flux2"], limit=2, out=out, home=home)
+    data = json.loads((out / "results.json").read_text())
+    _, tasks, _ = load_bench(str(bench), limit=2, seed=0)
+    old_marks = {t.id: fingerprint(t, 0, None) for t in tasks}  # the earlier version's formula
+    del data["bench_digest"]
+    for run in data["runs"]:
+        del run["preset_digest"]
+        for t in run["tasks"]:
+            t["fingerprint"] = old_marks[t["id"]]
+    (out / "results.json").write_text(json.dumps(data))
+    fake_agent.clear()
+    notes: list[str] = []
+    again = run_eval(str(bench), ["tiny"], limit=2, out=out, home=home, resume=True, on_note=notes.append)
+    assert [r["preset"] for r in again["runs"]] == ["tiny", "tiny-flux2"]
+    assert again["runs"][0]["reused"] == 2 and not fake_agent  # nothing answered again
+    assert not any("changed" in n or "differ" in n for n in notes) and "earlier version" in notes[0]
+    notes.clear()  # the reused tasks now carry this version's fingerprints: reused again, no note
+    third = run_eval(str(bench), ["tiny"], limit=2, out=out, home=home, resume=True, on_note=notes.append)
+    assert third["runs"][0]["reused"] == 2 and not fake_agent and not notes
