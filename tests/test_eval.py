@@ -966,3 +966,21 @@ def test_resume_of_results_written_before_the_digests_reuses_their_tasks(home, f
     notes.clear()  # the reused tasks now carry this version's fingerprints: reused again, no note
     third = run_eval(str(bench), ["tiny"], limit=2, out=out, home=home, resume=True, on_note=notes.append)
     assert third["runs"][0]["reused"] == 2 and not fake_agent and not notes
+
+
+def test_bench_digest_is_by_content_not_by_folder(tmp_path) -> None:
+    """The same bench (its tasks and pictures) in two folders has one digest; another picture differs."""
+    from duogen_agents.eval.runner import bench_digest
+
+    line = {"id": "pot", "turns": [{"prompt": "Show this pot", "images": ["pot.png"]}], "expect": {"images": 1}}
+    digests = []
+    for folder in ("m1", "m2", "m3"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(DATA / "pot.png", tmp_path / folder / "pot.png")
+        (tmp_path / folder / "bench.jsonl").write_text(json.dumps(line) + "\n")
+    (tmp_path / "m3" / "pot.png").write_bytes((DATA / "pot.png").read_bytes() + b"\0")
+    for folder in ("m1", "m2", "m3"):
+        _, tasks, _ = load_bench(str(tmp_path / folder / "bench.jsonl"))
+        digests.append(bench_digest(tasks))
+    assert digests[0] == digests[1] != digests[2]
+

@@ -311,9 +311,25 @@ def check_out(out_dir: Path, resume: bool) -> None:
 
 
 def bench_digest(tasks: Sequence[Task]) -> str:
-    """The tasks a run was scored on (after ``limit``): runs compare only when this is the same."""
-    key = json.dumps([t.model_dump(mode="json") for t in tasks], sort_keys=True)
+    """The tasks a run was scored on (after ``limit``): runs compare only when this is the same. By
+    content: a task's pictures by their bytes, not their (absolute) paths, so the same bench in another
+    folder or on another machine is the same."""
+    dumps = []
+    for t in tasks:
+        dump = t.model_dump(mode="json")
+        for turn in dump["turns"]:
+            turn["images"] = [_image_digest(p) for p in turn.get("images", [])]
+        dumps.append(dump)
+    key = json.dumps(dumps, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _image_digest(path: str) -> str:
+    """A bench picture by its bytes (checked to be a file when the bench loaded); its path if unreadable."""
+    try:
+        return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return path
 
 
 def _place(value: str | None) -> str | None:
