@@ -984,3 +984,16 @@ def test_bench_digest_is_by_content_not_by_folder(tmp_path) -> None:
         digests.append(bench_digest(tasks))
     assert digests[0] == digests[1] != digests[2]
 
+
+def test_compare_does_not_warn_of_a_limit_that_left_the_same_tasks(home, fake_agent, tmp_path, capsys) -> None:
+    bench = tmp_path / "two.jsonl"
+    lines = [{"id": f"t{i}", "turns": [{"prompt": "Show a pot"}], "expect": {"images": 1}} for i in (1, 2)]
+    bench.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run_eval(str(bench), ["tiny"], out=tmp_path / "a", home=home)
+    run_eval(str(bench), ["tiny"], limit=5, out=tmp_path / "b", home=home)
+    run_eval(str(bench), ["tiny"], limit=1, out=tmp_path / "c", home=home)
+    capsys.readouterr()
+    code = main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "same")])
+    assert code == 0 and "warning" not in capsys.readouterr().err
+    code = main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "fewer")])
+    assert code == 0 and "scored on different bench tasks, limit" in " ".join(capsys.readouterr().err.split())

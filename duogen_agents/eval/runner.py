@@ -534,9 +534,14 @@ SCORED_ON = ("bench", "bench_digest", "seed", "limit", "judge")  # what a run's 
 
 def _differ(scored_on: list[dict[str, Any]]) -> list[str]:
     """What differs between the runs of a comparison: bench (by name, or by its tasks where both runs
-    recorded them), seed, limit, judge."""
+    recorded them), seed, limit (not where every run recorded the same tasks: a --limit above the bench's
+    size, or none), judge."""
     out = []
+    digests = [o.get("bench_digest") for o in scored_on]
+    same_tasks = None not in digests and len(set(digests)) == 1  # --limit made no difference to the tasks
     for key in ("bench", "seed", "limit", "judge"):
+        if key == "limit" and same_tasks:
+            continue
         values = {json.dumps(o.get(key)) for o in scored_on}
         if key == "bench" and len(values) == 1:
             values = {o.get("bench_digest") for o in scored_on if o.get("bench_digest") is not None}
