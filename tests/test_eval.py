@@ -997,3 +997,21 @@ def test_compare_does_not_warn_of_a_limit_that_left_the_same_tasks(home, fake_ag
     assert code == 0 and "warning" not in capsys.readouterr().err
     code = main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "fewer")])
     assert code == 0 and "scored on different bench tasks, limit" in " ".join(capsys.readouterr().err.split())
+
+
+def test_interrupted_before_any_task_finished_says_nothing_was_written(home, fake_agent, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (or SIGTERM) while the judge is probed: no results.json exists, so none is named or resumed."""
+    from duogen_agents.eval.judge import OpenAIJudge
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OpenAIJudge, "probe", interrupted)
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({"id": "pot", "turns": [{"prompt": "Show a pot"}], "expect": {"images": 1}}) + "\n")
+    out = tmp_path / "o"
+    code = main(["eval", "--bench", str(bench), "--preset", "tiny", "--judge", "http://127.0.0.1:9/v1",
+                 "--judge-model", "m", "--out", str(out)])  # fmt: skip
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 130 and not (out / "results.json").exists()
+    assert "nothing was written" in err and "--resume" not in err and "finished tasks are in" not in err
