@@ -497,8 +497,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             )  # fmt: skip
     except KeyboardInterrupt:
         how = "terminated (SIGTERM)" if signalled["terminated"] else "interrupted"
-        print(f"duogen: {how}; the finished tasks are in {out}/results.json and {out}/report.html (partial; "
-              f"`duogen eval --resume {out}` continues)", file=sys.stderr)  # fmt: skip
+        if (out / "results.json").exists():
+            print(f"duogen: {how}; the finished tasks are in {out}/results.json and {out}/report.html (partial; "
+                  f"`duogen eval --resume {out}` continues)", file=sys.stderr)  # fmt: skip
+        else:  # before any task finished (a judge probed, a bench or preset loading): nothing to continue
+            print(f"duogen: {how} before any task finished; nothing was written to {out}", file=sys.stderr)
         return EXIT_TERMINATED if signalled["terminated"] else EXIT_INTERRUPTED
     _print_summary(results, Console())
     from duogen_agents.eval.report import run_label

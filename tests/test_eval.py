@@ -935,3 +935,83 @@ def test_compare_shows_what_each_run_was_scored_on_and_warns_when_it_differs(hom
     assert code == 0 and "scored on different bench tasks, seed, limit" in " ".join(cap.err.split())
     page = (tmp_path / "mixed" / "compare.html").read_text()
     assert "scored on different bench tasks, seed, limit" in page and "<th>seed</th>" in page and "<td>7</td>" in page
+
+
+def test_resume_of_results_written_before_the_digests_reuses_their_tasks(home, fake_agent, tmp_path) -> None:
+    """A results.json written by an earlier version (no bench_digest; runs without preset_digest, their
+    tasks fingerprinted by task, seed and judge only) resumes as that version did: its finished tasks
+    are reused and the other presets' runs kept, with no false note of a changed preset or bench."""
+    from duogen_agents.eval.runner import fingerprint
+
+    bench = tmp_path / "tasks.jsonl"
+    lines = [{"id": f"t{i}", "turns": [{"prompt": "Show a pot"}], "expect": {"images": 1}} for i in (1, 2)]
+    bench.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "run"
+    run_eval(str(bench), ["tiny", "tiny-flux2"], limit=2, out=out, home=home)
+    data = json.loads((out / "results.json").read_text())
+    _, tasks, _ = load_bench(str(bench), limit=2, seed=0)
+    old_marks = {t.id: fingerprint(t, 0, None) for t in tasks}  # the earlier version's formula
+    del data["bench_digest"]
+    for run in data["runs"]:
+        del run["preset_digest"]
+        for t in run["tasks"]:
+            t["fingerprint"] = old_marks[t["id"]]
+    (out / "results.json").write_text(json.dumps(data))
+    fake_agent.clear()
+    notes: list[str] = []
+    again = run_eval(str(bench), ["tiny"], limit=2, out=out, home=home, resume=True, on_note=notes.append)
+    assert [r["preset"] for r in again["runs"]] == ["tiny", "tiny-flux2"]
+    assert again["runs"][0]["reused"] == 2 and not fake_agent  # nothing answered again
+    assert not any("changed" in n or "differ" in n for n in notes) and "earlier version" in notes[0]
+    notes.clear()  # the reused tasks now carry this version's fingerprints: reused again, no note
+    third = run_eval(str(bench), ["tiny"], limit=2, out=out, home=home, resume=True, on_note=notes.append)
+    assert third["runs"][0]["reused"] == 2 and not fake_agent and not notes
+
+
+def test_bench_digest_is_by_content_not_by_folder(tmp_path) -> None:
+    """The same bench (its tasks and pictures) in two folders has one digest; another picture differs."""
+    from duogen_agents.eval.runner import bench_digest
+
+    line = {"id": "pot", "turns": [{"prompt": "Show this pot", "images": ["pot.png"]}], "expect": {"images": 1}}
+    digests = []
+    for folder in ("m1", "m2", "m3"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(DATA / "pot.png", tmp_path / folder / "pot.png")
+        (tmp_path / folder / "bench.jsonl").write_text(json.dumps(line) + "\n")
+    (tmp_path / "m3" / "pot.png").write_bytes((DATA / "pot.png").read_bytes() + b"\0")
+    for folder in ("m1", "m2", "m3"):
+        _, tasks, _ = load_bench(str(tmp_path / folder / "bench.jsonl"))
+        digests.append(bench_digest(tasks))
+    assert digests[0] == digests[1] != digests[2]
+
+
+def test_compare_does_not_warn_of_a_limit_that_left_the_same_tasks(home, fake_agent, tmp_path, capsys) -> None:
+    bench = tmp_path / "two.jsonl"
+    lines = [{"id": f"t{i}", "turns": [{"prompt": "Show a pot"}], "expect": {"images": 1}} for i in (1, 2)]
+    bench.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run_eval(str(bench), ["tiny"], out=tmp_path / "a", home=home)
+    run_eval(str(bench), ["tiny"], limit=5, out=tmp_path / "b", home=home)
+    run_eval(str(bench), ["tiny"], limit=1, out=tmp_path / "c", home=home)
+    capsys.readouterr()
+    code = main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "same")])
+    assert code == 0 and "warning" not in capsys.readouterr().err
+    code = main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "fewer")])
+    assert code == 0 and "scored on different bench tasks, limit" in " ".join(capsys.readouterr().err.split())
+
+
+def test_interrupted_before_any_task_finished_says_nothing_was_written(home, fake_agent, tmp_path, capsys, monkeypatch):
+    """Ctrl-C (or SIGTERM) while the judge is probed: no results.json exists, so none is named or resumed."""
+    from duogen_agents.eval.judge import OpenAIJudge
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OpenAIJudge, "probe", interrupted)
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({"id": "pot", "turns": [{"prompt": "Show a pot"}], "expect": {"images": 1}}) + "\n")
+    out = tmp_path / "o"
+    code = main(["eval", "--bench", str(bench), "--preset", "tiny", "--judge", "http://127.0.0.1:9/v1",
+                 "--judge-model", "m", "--out", str(out)])  # fmt: skip
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 130 and not (out / "results.json").exists()
+    assert "nothing was written" in err and "--resume" not in err and "finished tasks are in" not in err

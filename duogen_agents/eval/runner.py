@@ -206,11 +206,19 @@ def run_eval(
             previous = {
                 str(_place(r["preset"])): r for r in old.get("runs", []) if isinstance(r, dict) and "preset" in r
             }
-            # the bench by its tasks (after --limit), not its name: an edited file or another of that name differs
-            then = {"bench tasks": old.get("bench_digest"), "seed": old.get("seed"), "judge": old.get("judge")}
+            # the bench by its tasks (after --limit), not its name: an edited file or another of that name
+            # differs. Results written before bench_digest was recorded: the earlier rule (the bench's name
+            # and --limit), as they cannot say more
+            if old.get("bench_digest") is not None:
+                then = {"bench tasks": old.get("bench_digest")}
+                now = {"bench tasks": digest}
+            else:
+                then = {"bench": old.get("bench"), "limit": old.get("limit")}
+                now = {"bench": name, "limit": limit}
+            then.update(seed=old.get("seed"), judge=old.get("judge"))
         except (ValueError, TypeError, AttributeError) as e:
             raise ConfigError(f"cannot resume from {results_file}: {e}") from None
-        now = {"bench tasks": digest, "seed": seed, "judge": getattr(judge, "name", None)}
+        now.update(seed=seed, judge=getattr(judge, "name", None))
         differs = [k for k in now if then[k] != now[k]]
         comparable = not differs
     results: dict[str, Any] = {
@@ -303,9 +311,25 @@ def check_out(out_dir: Path, resume: bool) -> None:
 
 
 def bench_digest(tasks: Sequence[Task]) -> str:
-    """The tasks a run was scored on (after ``limit``): runs compare only when this is the same."""
-    key = json.dumps([t.model_dump(mode="json") for t in tasks], sort_keys=True)
+    """The tasks a run was scored on (after ``limit``): runs compare only when this is the same. By
+    content: a task's pictures by their bytes, not their (absolute) paths, so the same bench in another
+    folder or on another machine is the same."""
+    dumps = []
+    for t in tasks:
+        dump = t.model_dump(mode="json")
+        for turn in dump["turns"]:
+            turn["images"] = [_image_digest(p) for p in turn.get("images", [])]
+        dumps.append(dump)
+    key = json.dumps(dumps, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _image_digest(path: str) -> str:
+    """A bench picture by its bytes (checked to be a file when the bench loaded); its path if unreadable."""
+    try:
+        return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return path
 
 
 def _place(value: str | None) -> str | None:
@@ -389,13 +413,22 @@ def _run_one(
         for t in (previous or {}).get("tasks", [])
         if isinstance(t, dict) and t.get("status") == "ok" and t.get("fingerprint") and not t.get("judge_error")
     }
+    # An earlier run recorded before preset_digest was (results of an earlier version): its tasks were
+    # fingerprinted without the preset, so they are matched that way (what that version reused them by).
+    legacy = digest is not None and previous is not None and previous.get("preset_digest") is None
     run: dict[str, Any] = {"preset": run_name, "reference": run_name == REFERENCE, "tasks": [], "seconds": 0.0}
     if digest is not None:
         run["preset_digest"] = digest
-        if done and (previous or {}).get("preset_digest") != digest and on_note is not None:
+        earlier = (previous or {}).get("preset_digest")
+        if done and earlier is not None and earlier != digest and on_note is not None:
             on_note(
                 f"{run_name} has changed since its earlier run here (its settings or model files): "
                 "its tasks are answered again"
+            )
+        elif done and legacy and on_note is not None:
+            on_note(
+                f"the earlier run of {run_name} here was recorded by an earlier version, without its settings: "
+                "its finished tasks are reused as they are (a change to the preset since would not show)"
             )
     agent = None
     started = time.perf_counter()
@@ -416,8 +449,9 @@ def _run_one(
             if progress:
                 progress(run_name, i, len(tasks))
             mark = fingerprint(task, seed, judge, digest)
-            if mark in done:
-                run["tasks"].append(done[mark])
+            reuse = done.get(mark) or (done.get(fingerprint(task, seed, judge)) if legacy else None)
+            if reuse is not None:
+                run["tasks"].append({**reuse, "fingerprint": mark})  # the next --resume matches it as now
                 run["reused"] = run.get("reused", 0) + 1
                 continue
             if agent is None and run_name != REFERENCE:
@@ -500,9 +534,14 @@ SCORED_ON = ("bench", "bench_digest", "seed", "limit", "judge")  # what a run's 
 
 def _differ(scored_on: list[dict[str, Any]]) -> list[str]:
     """What differs between the runs of a comparison: bench (by name, or by its tasks where both runs
-    recorded them), seed, limit, judge."""
+    recorded them), seed, limit (not where every run recorded the same tasks: a --limit above the bench's
+    size, or none), judge."""
     out = []
+    digests = [o.get("bench_digest") for o in scored_on]
+    same_tasks = None not in digests and len(set(digests)) == 1  # --limit made no difference to the tasks
     for key in ("bench", "seed", "limit", "judge"):
+        if key == "limit" and same_tasks:
+            continue
         values = {json.dumps(o.get(key)) for o in scored_on}
         if key == "bench" and len(values) == 1:
             values = {o.get("bench_digest") for o in scored_on if o.get("bench_digest") is not None}
