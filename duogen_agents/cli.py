@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from duogen_agents.errors import DuogenError
-from duogen_agents.interrupts import EXIT_INTERRUPTED, EXIT_TERMINATED, ctrl_c_twice_exits, sigterm_interrupts
+from duogen_agents.interrupts import EXIT_INTERRUPTED, ctrl_c_twice_exits, sigterm_interrupts
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -496,13 +496,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 on_skipped=skipped, on_note=note,
             )  # fmt: skip
     except KeyboardInterrupt:
-        how = "terminated (SIGTERM)" if signalled["terminated"] else "interrupted"
+        how = f"terminated ({signalled['signal']})" if signalled["terminated"] else "interrupted"
         if (out / "results.json").exists():
             print(f"duogen: {how}; the finished tasks are in {out}/results.json and {out}/report.html (partial; "
                   f"`duogen eval --resume {out}` continues)", file=sys.stderr)  # fmt: skip
         else:  # before any task finished (a judge probed, a bench or preset loading): nothing to continue
             print(f"duogen: {how} before any task finished; nothing was written to {out}", file=sys.stderr)
-        return EXIT_TERMINATED if signalled["terminated"] else EXIT_INTERRUPTED
+        return signalled["code"] if signalled["terminated"] else EXIT_INTERRUPTED
     _print_summary(results, Console())
     from duogen_agents.eval.report import run_label
 

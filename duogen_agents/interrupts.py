@@ -66,24 +66,27 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 @contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[dict[str, bool]]:
-    """SIGTERM (a job scheduler's time limit, ``timeout``, ``kill``) raises ``KeyboardInterrupt`` in the
-    ``with`` block as Ctrl-C does, so the command keeps what finished and says so; the yielded dict's
-    ``terminated`` tells the two apart. Main thread only (elsewhere a no-op); the previous handler is
-    restored after the block."""
-    state = {"terminated": False}
+def sigterm_interrupts() -> Iterator[dict[str, Any]]:
+    """SIGTERM (a job scheduler's time limit, ``timeout``, ``kill``) and SIGHUP (the terminal or the SSH
+    session closed) raise ``KeyboardInterrupt`` in the ``with`` block as Ctrl-C does, so the command
+    keeps what finished and says so; the yielded dict's ``terminated`` tells them from Ctrl-C, with
+    the ``signal``'s name and the shell's exit ``code`` for it (128 + its number: 143, 129). Main
+    thread only (elsewhere a no-op); the previous handlers are restored after the block."""
+    state: dict[str, Any] = {"terminated": False, "signal": None, "code": EXIT_TERMINATED}
     if threading.current_thread() is not threading.main_thread():
         yield state
         return
 
-    def on_sigterm(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
         if state["terminated"]:  # a second one while the first is dealt with: leave at once
-            os._exit(EXIT_TERMINATED)
-        state["terminated"] = True
+            os._exit(128 + signum)
+        state.update(terminated=True, signal=signal.Signals(signum).name, code=128 + signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    handled = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    previous = {s: signal.signal(s, on_signal) for s in handled}
     try:
         yield state
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -848,6 +848,44 @@ def test_results_are_written_after_every_task_and_sigterm_keeps_them(home, fake_
     assert "Partial: the run was interrupted" in (out / "report.html").read_text()
 
 
+def test_a_closed_terminal_sighup_keeps_the_finished_tasks_as_sigterm_does(
+    home, fake_agent, tmp_path, monkeypatch, capsys
+) -> None:
+    """SIGHUP (the terminal or SSH session closed under a long eval) ended the process and its
+    finished tasks were only in the per-task results.json; it is handled as SIGTERM is: a partial
+    report, the message saying which signal, exit 129, and the previous handler back afterwards."""
+    import os
+    import signal
+
+    import duogen_agents.eval.runner as runner
+
+    one_task = runner._one_task
+    finished = []
+
+    def hung_up_after_one(*args, **kwargs):
+        if len(finished) == 1:
+            os.kill(os.getpid(), signal.SIGHUP)
+        finished.append(one_task(*args, **kwargs))
+        return finished[-1]
+
+    monkeypatch.setattr(runner, "_one_task", hung_up_after_one)
+
+    def unhandled(signum, frame):
+        raise RuntimeError("SIGHUP reached the test's own handler")
+
+    previous = signal.signal(signal.SIGHUP, unhandled)
+    out = tmp_path / "hup"
+    try:
+        code = main(["eval", "--bench", "shapes", "--preset", "tiny", "--limit", "3", "--out", str(out)])
+        assert code == 129 and signal.getsignal(signal.SIGHUP) is unhandled
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert "duogen: terminated (SIGHUP); the finished tasks are in" in capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    assert data["partial"] and len(data["runs"][0]["tasks"]) == 1
+    assert "Partial: the run was interrupted" in (out / "report.html").read_text()
+
+
 def test_a_new_run_refuses_an_out_holding_results(home, tmp_path, capsys) -> None:
     """As duogen train: a fresh run into an OUT with results.json is refused (nothing replaced);
     --resume continues it."""
