@@ -498,8 +498,9 @@ class _HeldLock:
 
     def _lost(self) -> StorageError:
         return StorageError(
-            f"session {self.session_id!r}: the session's lock was lost (the database connection dropped); the "
-            f"turn was not committed; resume it (duogen run --session {self.session_id} --resume)"
+            f"session {self.session_id!r}: the session's lock was lost (the database connection dropped); nothing "
+            f"more of the turn was written (`duogen run --session {self.session_id} --resume` finishes it, "
+            "--discard drops it)"
         )
 
     def check(self) -> None:
